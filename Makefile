@@ -1,0 +1,37 @@
+# gru-lm: `make test` and `make train` each work as the first command on a fresh clone.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+CONFIG ?= configs/gru.yaml
+PREFIX ?= time traveller
+
+.PHONY: install test lint train predict bench clean
+
+install: $(STAMP)
+
+# Re-installs only when pyproject.toml or constraints.txt change.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+lint: install
+	$(PY) -m ruff check .
+
+test: install lint
+	$(PY) -m pytest
+
+train: install
+	$(VENV)/bin/gru-lm train --config $(CONFIG)
+
+predict: install
+	$(VENV)/bin/gru-lm predict "$(PREFIX)"
+
+bench: install
+	$(PY) benchmarks/throughput.py
+	$(PY) benchmarks/cli_latency.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info gru_lm/__pycache__ tests/__pycache__

@@ -1,0 +1,3 @@
+"""gru-lm: character-level recurrent language models, trained and compared honestly."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from gru_lm.cli import main
+
+main()

@@ -1,0 +1,201 @@
+"""Whole-sequence recurrences with hand-written BPTT (torch.autograd.Function).
+
+Every function takes the input projections of all steps at once, P = X W_x + b with shape
+(num_steps, batch_size, G * num_hiddens), so only the recurrent product is left in the
+step loop. Forward keeps the gate activations; backward walks the steps in reverse with
+a handful of fused ops each, and computes the recurrent weight gradient with one large
+matmul over all steps. Gate blocks along the last axis:
+
+    GRU  [z | r | h]          LSTM  [i | f | g | o]  (torch.nn's order)     RNN  [h]
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _prev_states(H0: Tensor, Y: Tensor) -> Tensor:
+    """H_{t-1} for every step: (num_steps, batch_size, num_hiddens)."""
+    return torch.cat([H0.unsqueeze(0), Y[:-1]], dim=0)
+
+
+class GRUFunction(torch.autograd.Function):
+    """The book's GRU: the reset gate acts on H before W_hh.
+
+    Z = σ(P_z + H W_hz), R = σ(P_r + H W_hr), H~ = tanh(P_h + (R ⊙ H) W_hh),
+    H' = Z ⊙ H + (1 - Z) ⊙ H~.  W_hzr = [W_hz | W_hr] is one (H, 2H) matrix.
+    """
+
+    @staticmethod
+    def forward(ctx, P: Tensor, H0: Tensor, W_hzr: Tensor, W_hh: Tensor) -> Tensor:
+        T, B, H3 = P.shape
+        nh = H3 // 3
+        Y = P.new_empty(T, B, nh)  # (num_steps, batch_size, num_hiddens)
+        ZR = P.new_empty(T, B, 2 * nh)
+        Ht = P.new_empty(T, B, nh)
+        S = P.new_empty(T, B, nh)
+        H = H0
+        for t in range(T):
+            zr = torch.addmm(P[t, :, : 2 * nh], H, W_hzr, out=ZR[t]).sigmoid_()
+            s = torch.mul(zr[:, nh:], H, out=S[t])
+            ht = torch.addmm(P[t, :, 2 * nh:], s, W_hh, out=Ht[t]).tanh_()
+            # H' = H~ + Z ⊙ (H - H~)
+            H = torch.addcmul(ht, zr[:, :nh], H - ht, out=Y[t])
+        ctx.save_for_backward(H0, W_hzr, W_hh, Y, ZR, Ht, S)
+        return Y
+
+    @staticmethod
+    def backward(ctx, dY: Tensor):
+        H0, W_hzr, W_hh, Y, ZR, Ht, S = ctx.saved_tensors
+        T, B, nh = Y.shape
+        Hprev = _prev_states(H0, Y)
+        Z, R = ZR[..., :nh], ZR[..., nh:]
+        # Coefficients that do not depend on the incoming gradient, for all steps at once.
+        c_h = (1 - Z) * (1 - Ht * Ht)  # dH -> dA_h
+        c_z = (Hprev - Ht) * Z * (1 - Z)  # dH -> dA_z
+        c_r = Hprev * R * (1 - R)  # dS -> dA_r
+        dA = dY.new_empty(T, B, 3 * nh)  # gradients of the pre-activations = dP
+        W_hzr_T, W_hh_T = W_hzr.t(), W_hh.t()
+        dY = dY.contiguous()
+        carry = torch.zeros_like(H0)
+        for t in range(T - 1, -1, -1):
+            dh = dY[t] + carry
+            dah = torch.mul(dh, c_h[t], out=dA[t, :, 2 * nh:])
+            dS = dah @ W_hh_T
+            torch.mul(dh, c_z[t], out=dA[t, :, :nh])
+            torch.mul(dS, c_r[t], out=dA[t, :, nh:2 * nh])
+            carry = torch.addmm(torch.addcmul(dh * Z[t], dS, R[t]), dA[t, :, :2 * nh], W_hzr_T)
+        flat = T * B
+        dW_hzr = Hprev.reshape(flat, nh).t() @ dA[..., :2 * nh].reshape(flat, 2 * nh)
+        dW_hh = S.reshape(flat, nh).t() @ dA[..., 2 * nh:].reshape(flat, nh)
+        return dA, carry, dW_hzr, dW_hh
+
+
+class GRUResetAfterFunction(torch.autograd.Function):
+    """torch.nn.GRU's formula: H~ = tanh(P_h + R ⊙ (H W_hh + b_hh)); W_h = [W_hz|W_hr|W_hh]."""
+
+    @staticmethod
+    def forward(ctx, P: Tensor, H0: Tensor, W_h: Tensor, b_hh: Tensor) -> Tensor:
+        T, B, H3 = P.shape
+        nh = H3 // 3
+        Y = P.new_empty(T, B, nh)
+        ZR = P.new_empty(T, B, 2 * nh)
+        Nt = P.new_empty(T, B, nh)
+        M = P.new_empty(T, B, nh)  # H W_hh + b_hh
+        H = H0
+        for t in range(T):
+            A = H @ W_h  # (batch_size, 3 * num_hiddens)
+            zr = torch.add(P[t, :, : 2 * nh], A[:, : 2 * nh], out=ZR[t]).sigmoid_()
+            m = torch.add(A[:, 2 * nh:], b_hh, out=M[t])
+            n = torch.addcmul(P[t, :, 2 * nh:], zr[:, nh:], m, out=Nt[t]).tanh_()
+            H = torch.addcmul(n, zr[:, :nh], H - n, out=Y[t])
+        ctx.save_for_backward(H0, W_h, Y, ZR, Nt, M)
+        return Y
+
+    @staticmethod
+    def backward(ctx, dY: Tensor):
+        H0, W_h, Y, ZR, Nt, M = ctx.saved_tensors
+        T, B, nh = Y.shape
+        Hprev = _prev_states(H0, Y)
+        Z, R = ZR[..., :nh], ZR[..., nh:]
+        c_n = (1 - Z) * (1 - Nt * Nt)
+        # Every recurrent pre-activation gradient is dH times a precomputed coefficient.
+        C = torch.cat([(Hprev - Nt) * Z * (1 - Z), c_n * M * R * (1 - R), c_n * R], dim=-1)
+        C = C.view(T, B, 3, nh)
+        dA = dY.new_empty(T, B, 3, nh)  # d(H W_h) pre-activations: [z | r | m]
+        dH_all = dY.new_empty(T, B, nh)
+        W_h_T = W_h.t()
+        dY = dY.contiguous()
+        carry = torch.zeros_like(H0)
+        for t in range(T - 1, -1, -1):
+            dh = torch.add(dY[t], carry, out=dH_all[t])
+            da = torch.mul(dh.unsqueeze(1), C[t], out=dA[t]).view(B, 3 * nh)
+            carry = torch.addmm(dh * Z[t], da, W_h_T)
+        dA = dA.view(T, B, 3 * nh)
+        dP = torch.cat([dA[..., : 2 * nh], dH_all * c_n], dim=-1)
+        flat = T * B
+        dW_h = Hprev.reshape(flat, nh).t() @ dA.reshape(flat, 3 * nh)
+        db_hh = dA[..., 2 * nh:].sum(dim=(0, 1))
+        return dP, carry, dW_h, db_hh
+
+
+class LSTMFunction(torch.autograd.Function):
+    """I, F, O = σ(.), G = tanh(.), C' = F ⊙ C + I ⊙ G, H' = O ⊙ tanh(C'). Returns (Y, C_T)."""
+
+    @staticmethod
+    def forward(ctx, P: Tensor, H0: Tensor, C0: Tensor, W_h: Tensor):
+        T, B, H4 = P.shape
+        nh = H4 // 4
+        Y = P.new_empty(T, B, nh)
+        G = P.new_empty(T, B, 4 * nh)  # activated gates [i | f | g | o]
+        Cs = P.new_empty(T, B, nh)
+        Tc = P.new_empty(T, B, nh)
+        H, C = H0, C0
+        for t in range(T):
+            g = torch.addmm(P[t], H, W_h, out=G[t])
+            g[:, : 2 * nh].sigmoid_()
+            g[:, 2 * nh: 3 * nh].tanh_()
+            g[:, 3 * nh:].sigmoid_()
+            C = torch.addcmul(C * g[:, nh: 2 * nh], g[:, :nh], g[:, 2 * nh: 3 * nh], out=Cs[t])
+            tc = torch.tanh(C, out=Tc[t])
+            H = torch.mul(g[:, 3 * nh:], tc, out=Y[t])
+        ctx.save_for_backward(H0, C0, W_h, Y, G, Cs, Tc)
+        return Y, Cs[-1].clone()
+
+    @staticmethod
+    def backward(ctx, dY: Tensor, dC_T: Tensor | None):
+        H0, C0, W_h, Y, G, Cs, Tc = ctx.saved_tensors
+        T, B, nh = Y.shape
+        Hprev = _prev_states(H0, Y)
+        Cprev = _prev_states(C0, Cs)
+        I, F, Gc, O = (G[..., k * nh:(k + 1) * nh] for k in range(4))
+        k_c = O * (1 - Tc * Tc)  # dH -> dC
+        Cc = torch.cat([Gc * I * (1 - I), Cprev * F * (1 - F), I * (1 - Gc * Gc)], dim=-1)
+        Cc = Cc.view(T, B, 3, nh)  # dC -> [dA_i | dA_f | dA_g]
+        c_o = Tc * O * (1 - O)  # dH -> dA_o
+        dA = dY.new_empty(T, B, 4 * nh)
+        W_h_T = W_h.t()
+        dY = dY.contiguous()
+        carry_h = torch.zeros_like(H0)
+        carry_c = dC_T.contiguous() if dC_T is not None else torch.zeros_like(C0)
+        for t in range(T - 1, -1, -1):
+            dh = dY[t] + carry_h
+            dc = torch.addcmul(carry_c, dh, k_c[t])
+            torch.mul(dc.unsqueeze(1), Cc[t], out=dA[t, :, : 3 * nh].view(B, 3, nh))
+            torch.mul(dh, c_o[t], out=dA[t, :, 3 * nh:])
+            carry_c = dc * F[t]
+            carry_h = dA[t] @ W_h_T
+        flat = T * B
+        dW_h = Hprev.reshape(flat, nh).t() @ dA.reshape(flat, 4 * nh)
+        return dA, carry_h, carry_c, dW_h
+
+
+class RNNFunction(torch.autograd.Function):
+    """H' = tanh(P + H W_hh)."""
+
+    @staticmethod
+    def forward(ctx, P: Tensor, H0: Tensor, W_hh: Tensor) -> Tensor:
+        T, B, nh = P.shape
+        Y = P.new_empty(T, B, nh)
+        H = H0
+        for t in range(T):
+            H = torch.addmm(P[t], H, W_hh, out=Y[t]).tanh_()
+        ctx.save_for_backward(H0, W_hh, Y)
+        return Y
+
+    @staticmethod
+    def backward(ctx, dY: Tensor):
+        H0, W_hh, Y = ctx.saved_tensors
+        T, B, nh = Y.shape
+        c = 1 - Y * Y
+        dA = dY.new_empty(T, B, nh)
+        W_T = W_hh.t()
+        dY = dY.contiguous()
+        carry = torch.zeros_like(H0)
+        for t in range(T - 1, -1, -1):
+            da = torch.mul(dY[t] + carry, c[t], out=dA[t])
+            carry = da @ W_T
+        flat = T * B
+        dW = _prev_states(H0, Y).reshape(flat, nh).t() @ dA.reshape(flat, nh)
+        return dA, carry, dW

@@ -1,0 +1,129 @@
+"""Checkpoints as plain data: atomic writes, a SHA-256 beside each file, weights_only loads."""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from gru_lm.errors import CheckpointError
+from gru_lm.utils import atomic_write_text, atomic_writer, file_digest
+
+FORMAT = "gru-lm-checkpoint"
+VERSION = 1
+
+
+def digest_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _read_digests(path: Path) -> list[str]:
+    side = digest_path(path)
+    if not side.is_file():
+        return []
+    return [line.split()[0] for line in side.read_text().splitlines() if line.strip()]
+
+
+def save_checkpoint(payload: dict[str, Any], path: Path) -> None:
+    """Write `payload` atomically; the sidecar lists the hash(es) valid at every instant.
+
+    Order: sidecar lists old + new hash -> checkpoint replaced -> sidecar lists new only,
+    so a kill at any point leaves a checkpoint whose hash the sidecar accepts.
+    """
+    import io
+
+    import torch
+
+    path = Path(path)
+    buf = io.BytesIO()
+    torch.save({"format": FORMAT, "version": VERSION, **payload}, buf)
+    data = buf.getvalue()
+    new = hashlib.sha256(data).hexdigest()
+    old = _read_digests(path)[:1] if path.is_file() else []
+    atomic_write_text(digest_path(path), "".join(f"{d}  {path.name}\n" for d in [new, *old]))
+    with atomic_writer(path, "wb") as f:
+        f.write(data)
+    atomic_write_text(digest_path(path), f"{new}  {path.name}\n")
+
+
+def load_checkpoint(path: Path, map_location: str = "cpu") -> dict[str, Any]:
+    """Load a checkpoint safely: hash-checked, weights_only, with errors naming the file."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; train a run first or pass "
+                              "--checkpoint / --run pointing at one")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes); use another checkpoint "
+                              "(e.g. checkpoints/best.pt) or retrain")
+    digests = _read_digests(path)
+    if not digests:
+        raise CheckpointError(f"checkpoint {path} has no {digest_path(path).name} beside it, so "
+                              "its integrity cannot be checked; only load checkpoints that "
+                              "gru-lm wrote")
+    if file_digest(path, "sha256") not in digests:
+        raise CheckpointError(f"checkpoint {path} is damaged: its SHA-256 does not match "
+                              f"{digest_path(path).name}; use another checkpoint "
+                              "(e.g. checkpoints/best.pt) or retrain")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint {path} was refused: it holds objects that are not "
+                              f"plain data ({first[:160]}); never load untrusted pickles") from None
+    except (EOFError, RuntimeError, zipfile.BadZipFile, ValueError, OSError) as e:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}); it is "
+                              "truncated or not a gru-lm checkpoint") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a gru-lm checkpoint (no '{FORMAT}' marker)")
+    for key in ("model", "config", "vocab", "step"):
+        if key not in payload:
+            raise CheckpointError(f"checkpoint {path} lacks the field '{key}'; retrain")
+    return payload
+
+
+def restore_model(payload: dict[str, Any], path: Path):
+    """Rebuild config, vocab and model from a checkpoint, naming any field that disagrees."""
+    from gru_lm.config import validate
+    from gru_lm.data import Vocab
+    from gru_lm.errors import ConfigError, DataError
+    from gru_lm.models import build_model
+
+    try:
+        cfg = validate(payload["config"], source=f"{path} (field 'config')")
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    try:
+        vocab = Vocab.from_dict(payload["vocab"])
+    except DataError as e:
+        raise CheckpointError(f"checkpoint {path} field 'vocab': {e}") from None
+    try:
+        model = build_model(cfg.model, len(vocab))
+    except ConfigError as e:
+        raise CheckpointError(f"checkpoint {path} field 'config': {e}") from None
+    load_state(model, payload["model"], path)
+    return cfg, vocab, model
+
+
+def load_state(model, state: Any, path: Path) -> None:
+    """load_state_dict, with a one-line error naming the first mismatching tensor."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} field 'model' is not a state dict")
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    extra = [k for k in state if k not in expected]
+    if missing or extra:
+        raise CheckpointError(
+            f"checkpoint {path}: weights do not fit model '{model.registry_name}' "
+            f"(missing {missing[:3]}, unexpected {extra[:3]}); the checkpoint was written for "
+            "another model or config")
+    for k, v in expected.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise CheckpointError(
+                f"checkpoint {path}: weight '{k}' has shape {tuple(state[k].shape)} but the "
+                f"config/vocab give {tuple(v.shape)}; field 'config' or 'vocab' does not "
+                "match the weights")
+    model.load_state_dict(state)

@@ -1,0 +1,248 @@
+"""The gru-lm command line: thin commands that parse arguments and hand off.
+
+Heavy modules (torch, pydantic, matplotlib) are imported inside the commands so that
+`gru-lm --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from gru_lm import __version__
+
+app = typer.Typer(
+    name="gru-lm",
+    help="Train, sample and honestly compare character-level recurrent language models.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Download and inspect corpora.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True)
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
+Overrides = Annotated[list[str] | None, typer.Argument(
+    help="Overrides like train.lr=0.5 model.num_hiddens=512.", show_default=False)]
+OfflineOpt = Annotated[bool, typer.Option("--offline", help="Never touch the network.")]
+RunOpt = Annotated[Path | None, typer.Option("--run", help="Run directory (default: newest).")]
+CkptOpt = Annotated[Path | None, typer.Option("--checkpoint", help="Checkpoint file.")]
+RunsDirOpt = Annotated[Path, typer.Option("--runs-dir", help="Where runs live.")]
+
+
+def handle_errors(fn):
+    """Turn domain errors into one red line and a non-zero exit; never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from gru_lm.errors import GruLmError
+
+        try:
+            return fn(*args, **kwargs)
+        except GruLmError as e:
+            err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            err_console.print("[red]interrupted[/red]")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"gru-lm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Train, sample and honestly compare character-level recurrent language models."""
+
+
+def _offline(flag: bool) -> bool | None:
+    return True if flag else None
+
+
+# ---------------------------------------------------------------- data
+
+
+@data_app.command("download")
+@handle_errors
+def data_download(
+    dataset: Annotated[str, typer.Option(help="Registered dataset name.")] = "timemachine",
+    cache_dir: Annotated[Path, typer.Option(help="Download cache folder.")] = Path("data"),
+    offline: OfflineOpt = False,
+) -> None:
+    """Download a dataset into the cache (verified by SHA-1)."""
+    from gru_lm.download import fetch, get_dataset
+
+    path = fetch(get_dataset(dataset), cache_dir, offline=_offline(offline))
+    console.print(f"{dataset}: {path} (sha1 verified)", highlight=False)
+
+
+@data_app.command("info")
+@handle_errors
+def data_info(config: ConfigOpt = None, overrides: Overrides = None,
+              offline: OfflineOpt = False,
+              top: Annotated[int, typer.Option(help="How many frequent tokens to show.")] = 10,
+              ) -> None:
+    """Show corpus statistics: characters, tokens, vocabulary, splits."""
+    from rich.table import Table
+
+    from gru_lm.config import load_config
+    from gru_lm.data import load_corpus
+
+    cfg = load_config(config, overrides)
+    corpus = load_corpus(cfg.data, offline=_offline(offline))
+    v = corpus.vocab
+    table = Table(title=f"corpus: {cfg.data.dataset or cfg.data.path or cfg.data.url}")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    table.add_row("file", corpus.source)
+    table.add_row("raw characters", f"{corpus.raw_chars:,}")
+    table.add_row(f"tokens ({cfg.data.preset} preset)", f"{corpus.num_tokens:,}")
+    table.add_row("vocabulary size", str(len(v)))
+    freqs = ", ".join(f"{t!r} {f:,}" for t, f in v.token_freqs[:top])
+    table.add_row(f"top {top} tokens", freqs)
+    table.add_row("train / val / test tokens",
+                  f"{len(corpus.train):,} / {len(corpus.val):,} / {len(corpus.test):,}")
+    console.print(table)
+
+
+# ---------------------------------------------------------------- models
+
+
+@app.command("models")
+@handle_errors
+def models_cmd(
+    num_hiddens: Annotated[int, typer.Option(help="Hidden units for the count.")] = 256,
+    vocab_size: Annotated[int, typer.Option(help="Vocabulary size for the count.")] = 28,
+) -> None:
+    """List the registered models with their parameter counts."""
+    from rich.table import Table
+
+    from gru_lm.config import ModelConfig
+    from gru_lm.models import build_model, count_parameters, list_models, model_class
+
+    table = Table(title=f"models ({num_hiddens} hiddens, 1 layer, vocab {vocab_size})")
+    for col in ("name", "description", "parameters"):
+        table.add_column(col, justify="right" if col == "parameters" else "left")
+    for name in list_models():
+        model = build_model(ModelConfig(name=name, num_hiddens=num_hiddens), vocab_size)
+        table.add_row(name, model_class(name).description, f"{count_parameters(model):,}")
+    console.print(table)
+
+
+# ---------------------------------------------------------------- train
+
+
+@app.command("train")
+@handle_errors
+def train_cmd(
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+    name: Annotated[str | None, typer.Option(help="Run folder name.")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue this run directory.")] = None,
+    offline: OfflineOpt = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No live display.")] = False,
+) -> None:
+    """Train a model from a YAML config (or continue one with --resume)."""
+    from gru_lm.runs import train_run
+
+    summary = train_run(config, overrides or [], name=name, resume=resume,
+                        offline=_offline(offline), console=console, show_progress=not quiet)
+    _print_summary(summary)
+
+
+def _print_summary(summary: dict) -> None:
+    parts = [f"[bold green]done[/bold green] {summary['run']}: {summary['steps']} steps",
+             f"stop: {summary['stop_reason']}"]
+    for key, label in (("best_val_ppl", "best val ppl"), ("best_test_ppl", "test ppl"),
+                       ("final_train_ppl", "train ppl")):
+        if key in summary:
+            parts.append(f"{label} {summary[key]:.3f}")
+    parts.append(f"{summary['tokens_per_s']:,.0f} tok/s")
+    console.print(" | ".join(parts), highlight=False)
+
+
+# ---------------------------------------------------------------- predict / evaluate
+
+
+@app.command("predict")
+@handle_errors
+def predict_cmd(
+    prefix: Annotated[str, typer.Argument(help="Text to continue.")],
+    run: RunOpt = None,
+    checkpoint: CkptOpt = None,
+    num_chars: Annotated[int, typer.Option("--num-chars", "-n", help="Characters to add.")] = 50,
+    temperature: Annotated[float | None, typer.Option(
+        help="Sample with this temperature (default: greedy).")] = None,
+    top_k: Annotated[int | None, typer.Option(help="Sample from the k likeliest.")] = None,
+    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass.")] = None,
+    num_samples: Annotated[int, typer.Option(help="Continuations to draw.")] = 1,
+    seed: Annotated[int | None, typer.Option(help="Seed for sampling.")] = None,
+    runs_dir: RunsDirOpt = Path("runs"),
+) -> None:
+    """Continue a prefix with a trained model (greedy by default, as the book)."""
+    from gru_lm.sampling import check_sampling_args
+
+    check_sampling_args(num_chars, temperature, top_k, top_p, num_samples)
+    if not prefix.strip():
+        from gru_lm.errors import GruLmError
+
+        raise GruLmError("the prefix is empty; give some text to continue, e.g. "
+                         "\"time traveller\"")
+    from gru_lm.runs import predict
+
+    prompt, outputs = predict(prefix, run=run, checkpoint=checkpoint, runs_dir=runs_dir,
+                              num_chars=num_chars, temperature=temperature, top_k=top_k,
+                              top_p=top_p, num_samples=num_samples, seed=seed)
+    pretty = console.is_terminal
+    for text in outputs:
+        if pretty:
+            console.print(f"[bold cyan]{prompt}[/bold cyan]{text}", highlight=False,
+                          markup=True)
+        else:
+            sys.stdout.write(prompt + text + "\n")
+
+
+@app.command("evaluate")
+@handle_errors
+def evaluate_cmd(
+    run: RunOpt = None,
+    checkpoint: CkptOpt = None,
+    split: Annotated[str, typer.Option(help="val or test.")] = "test",
+    text: Annotated[Path | None, typer.Option(help="Score this text file instead.")] = None,
+    offline: OfflineOpt = False,
+    runs_dir: RunsDirOpt = Path("runs"),
+) -> None:
+    """Report loss, perplexity and bits/char of a trained model on held-out text."""
+    from gru_lm.errors import GruLmError
+    from gru_lm.runs import evaluate_run
+
+    if split not in ("val", "test", "train"):
+        raise GruLmError(f"--split {split!r} is invalid; choose val, test or train")
+    r = evaluate_run(run=run, checkpoint=checkpoint, split=split, text=text,
+                     runs_dir=runs_dir, offline=_offline(offline))
+    console.print(f"{r['what']}: {r['tokens']:,} tokens | loss {r['loss']:.4f} | "
+                  f"ppl {r['ppl']:.3f} | {r['bpc']:.3f} bits/char", highlight=False)
+    if r.get("unknown"):
+        console.print(f"[yellow]note:[/yellow] {r['unknown']} token(s) outside the vocabulary "
+                      "were scored as <unk>", highlight=False)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,272 @@
+"""Typed run configuration: YAML file + `key.sub=value` overrides, validated once by pydantic."""
+
+from __future__ import annotations
+
+import difflib
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from gru_lm.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    dataset: str | None = Field("timemachine", description="registered dataset name")
+    path: Path | None = Field(None, description="a local UTF-8 text file instead of a dataset")
+    url: str | None = Field(None, description="download URL of a custom corpus (needs sha1)")
+    sha1: str | None = Field(None, description="SHA-1 of the file behind `url`")
+    cache_dir: Path = Field(Path("data"), description="where downloads are cached")
+    preset: Literal["d2l", "raw"] = Field("d2l", description="preprocessing preset")
+    lowercase: bool = Field(False, description="lowercase the text (raw preset)")
+    min_freq: int = Field(0, ge=0, description="tokens rarer than this map to <unk>")
+    reserved_tokens: list[str] = Field(default_factory=list, description="extra special tokens")
+    max_tokens: int | None = Field(None, ge=2, description="keep only the first N tokens")
+    train_fraction: float = Field(0.9, gt=0, le=1, description="share of tokens for training")
+    val_fraction: float = Field(0.05, ge=0, lt=1, description="share for validation")
+    test_fraction: float = Field(0.05, ge=0, lt=1, description="share for the test split")
+
+    @field_validator("sha1")
+    @classmethod
+    def _sha1_hex(cls, v: str | None) -> str | None:
+        if v is not None and (len(v) != 40 or any(c not in "0123456789abcdefABCDEF" for c in v)):
+            raise ValueError("must be 40 hexadecimal characters")
+        return v.lower() if v else v
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        total = self.train_fraction + self.val_fraction + self.test_fraction
+        if total > 1 + 1e-9:
+            raise ValueError(
+                f"train_fraction + val_fraction + test_fraction = {total:g} must be <= 1"
+            )
+        if self.url is not None and self.sha1 is None:
+            raise ValueError("`url` needs `sha1` so the download can be verified")
+        return self
+
+
+class ModelConfig(_Section):
+    name: str = Field("gru", description="registered model name (see `gru-lm models`)")
+    num_hiddens: int = Field(256, ge=1, le=16384, description="hidden units per layer")
+    num_layers: int = Field(1, ge=1, le=16, description="stacked recurrent layers")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout between layers and on output")
+    embed_dim: int | None = Field(
+        None, ge=1, description="input embedding size of torch.nn models (default num_hiddens)"
+    )
+    bidirectional: bool = Field(False, description="refused: a language model must not peek")
+    init: Literal["auto", "torch", "d2l", "xavier", "orthogonal"] = Field(
+        "auto", description="weight init; auto = d2l for scratch models, torch for nn models"
+    )
+    forget_bias: float | None = Field(None, description="initial LSTM forget-gate bias")
+    reset_after: bool = Field(False, description="gru-scratch: reset gate after W_hh (nn.GRU)")
+
+    @field_validator("bidirectional")
+    @classmethod
+    def _no_bidirectional(cls, v: bool) -> bool:
+        if v:
+            raise ValueError(
+                "bidirectional models are refused: the backward direction reads the characters "
+                "the model must predict, so its perplexity is meaningless and its samples are "
+                "garbage; set model.bidirectional=false"
+            )
+        return v
+
+
+class TrainConfig(_Section):
+    optimizer: Literal["sgd", "adam", "adamw"] = Field("adam", description="optimizer")
+    lr: float = Field(0.003, gt=0, description="learning rate")
+    momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum")
+    weight_decay: float = Field(0.0, ge=0, description="weight decay")
+    epochs: int | None = Field(None, ge=1, description="stop after this many epochs")
+    max_steps: int | None = Field(None, ge=1, description="stop after this many steps")
+    time_budget_s: float | None = Field(None, gt=0, description="stop after this many seconds")
+    batch_size: int = Field(32, ge=1, description="sequences per batch")
+    num_steps: int = Field(35, ge=1, description="time steps per window (TBPTT length)")
+    sampler: Literal["random", "sequential"] = Field("sequential", description="batching")
+    grad_clip: float | None = Field(1.0, gt=0, description="clip the global grad norm; null=off")
+    lr_schedule: Literal["none", "cosine", "plateau"] = Field("none", description="lr schedule")
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine floor as a share of lr")
+    plateau_factor: float = Field(0.5, gt=0, lt=1, description="plateau: lr multiplier")
+    plateau_patience: int = Field(2, ge=0, description="plateau: evals without gain")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="stop after this many evals without a better val ppl"
+    )
+    eval_interval: int = Field(100, ge=1, description="steps between evaluations")
+    eval_batch_size: int = Field(32, ge=1, description="parallel streams when evaluating")
+    log_interval: int = Field(10, ge=1, description="steps between display updates")
+    sample_interval: int = Field(500, ge=1, description="steps between samples")
+    sample_prefixes: list[str] = Field(
+        default_factory=lambda: ["time traveller", "traveller"], description="sample prefixes"
+    )
+    sample_length: int = Field(50, ge=1, le=10000, description="characters per sample")
+    seed: int = Field(0, ge=0, description="seed of every random number generator")
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="device")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 = autocast")
+    threads: int | None = Field(None, ge=1, le=1024, description="torch CPU threads")
+
+    @model_validator(mode="after")
+    def _needs_a_stop(self) -> TrainConfig:
+        if self.epochs is None and self.max_steps is None and self.time_budget_s is None:
+            raise ValueError("set at least one of epochs, max_steps or time_budget_s")
+        return self
+
+
+class RunConfig(_Section):
+    name: str | None = Field(None, description="run folder name (default <config>-<time>)")
+    runs_dir: Path = Field(Path("runs"), description="parent folder of run directories")
+    checkpoint_interval: int | None = Field(
+        None, ge=1, description="steps between last.pt saves (default: every eval)"
+    )
+
+
+class Config(_Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=1))
+    run: RunConfig = Field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "run": RunConfig}
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    cls: type[BaseModel] | None = Config
+    for part in loc:
+        if cls is None or not isinstance(part, str) or part not in cls.model_fields:
+            return None
+        ann = cls.model_fields[part].annotation
+        cls = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return cls
+
+
+def _format_errors(err: ValidationError) -> list[str]:
+    problems = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if p not in ("function-after",))
+        key = ".".join(str(p) for p in loc) or "<top>"
+        if e["type"] == "extra_forbidden":
+            parent = _model_at(loc[:-1])
+            hint = ""
+            if parent is not None:
+                close = difflib.get_close_matches(str(loc[-1]), list(parent.model_fields), n=1)
+                if close:
+                    hint = f"; did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?"
+                allowed = ", ".join(parent.model_fields)
+                hint += f" (allowed: {allowed})"
+            problems.append(f"{key}: unknown key{hint}")
+            continue
+        msg = e["msg"].removeprefix("Value error, ")
+        if "input" in e and e["type"] != "missing" and not isinstance(e["input"], dict):
+            problems.append(f"{key}: {e['input']!r} is invalid: {msg}")
+        else:
+            problems.append(f"{key}: {msg}")
+    return problems
+
+
+def validate(raw: dict[str, Any], source: str = "config") -> Config:
+    """Validate a raw config dict, raising one ConfigError that lists every problem."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping with sections "
+                          f"{', '.join(SECTIONS)}; got {type(raw).__name__}")
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as err:
+        problems = _format_errors(err)
+        raise ConfigError(
+            f"{source}: {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems)
+        ) from None
+    return cfg
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Read a YAML config file into a dict, with file:line:column on syntax errors."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist; pass an existing YAML file, "
+                          "e.g. --config configs/gru.yaml")
+    if path.is_dir():
+        raise ConfigError(f"config path {path} is a directory; pass a YAML file inside it")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: YAML syntax error: {exc.problem or exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: YAML error: {exc}") from None
+    if raw is None:
+        raise ConfigError(f"config file {path} is empty; start from configs/tiny.yaml")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping with sections "
+                          f"{', '.join(SECTIONS)}; got {type(raw).__name__}")
+    return raw
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `key.sub=value` overrides (values parsed as YAML) to a copy of `raw`."""
+    out = _deep_copy(raw)
+    problems = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not p for p in key.split(".")):
+            problems.append(f"{item!r}: an override has the form key.sub=value, "
+                            "e.g. train.lr=0.5")
+            continue
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError:
+            parsed = value
+        if isinstance(parsed, float) and not math.isfinite(parsed):
+            problems.append(f"{key}: {value!r} is not a finite number")
+            continue
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                problems.append(f"{key}: '{part}' is a value, not a section")
+                break
+            node = child
+        else:
+            node[parts[-1]] = parsed
+    if problems:
+        raise ConfigError("bad override(s):\n" + "\n".join(f"  - {p}" for p in problems))
+    return out
+
+
+def _deep_copy(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _deep_copy(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_deep_copy(v) for v in d]
+    return d
+
+
+def load_config(path: Path | None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or the defaults when `path` is None) and apply overrides."""
+    raw = read_yaml(path) if path is not None else {}
+    raw = apply_overrides(raw, overrides or [])
+    return validate(raw, source=str(path) if path is not None else "config")
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    from gru_lm.utils import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

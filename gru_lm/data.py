@@ -1,0 +1,240 @@
+"""Corpus -> tokens -> vocabulary -> splits -> batched windows (d2l's two samplers)."""
+
+from __future__ import annotations
+
+import collections
+import re
+import unicodedata
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from gru_lm.errors import DataError
+
+if TYPE_CHECKING:
+    import torch
+
+    from gru_lm.config import DataConfig
+
+UNK = "<unk>"
+_NON_LETTERS = re.compile(r"[^A-Za-z]+")
+
+
+def preprocess(text: str, preset: str = "d2l", lowercase: bool = False) -> list[str]:
+    """Turn raw text into a list of character tokens."""
+    if preset == "d2l":
+        # As the book: per line, non-letters -> one space, strip, lowercase, no separator.
+        lines = (_NON_LETTERS.sub(" ", line).strip().lower() for line in text.split("\n"))
+        return list("".join(lines))
+    if preset == "raw":
+        text = unicodedata.normalize("NFC", text)
+        return list(text.lower() if lowercase else text)
+    raise DataError(f"unknown preprocessing preset '{preset}'; choose d2l or raw")
+
+
+class Vocab:
+    """Token <-> index map: <unk> at 0, reserved tokens, then by frequency (ties A-Z)."""
+
+    def __init__(self, tokens: list[str] | None = None, min_freq: int = 0,
+                 reserved_tokens: list[str] | None = None):
+        counter = collections.Counter(tokens or [])
+        self.token_freqs = sorted(counter.items(), key=lambda kv: (-kv[1], kv[0]))
+        specials = [UNK] + [t for t in (reserved_tokens or []) if t != UNK]
+        self.idx_to_token = list(dict.fromkeys(
+            specials + [t for t, f in self.token_freqs if f >= min_freq and t not in specials]
+        ))
+        self.token_to_idx = {t: i for i, t in enumerate(self.idx_to_token)}
+
+    def __len__(self) -> int:
+        return len(self.idx_to_token)
+
+    @property
+    def unk(self) -> int:
+        return 0
+
+    def encode(self, tokens: list[str] | str) -> list[int]:
+        return [self.token_to_idx.get(t, 0) for t in tokens]
+
+    def decode(self, indices) -> str:
+        return "".join(self.idx_to_token[int(i)] for i in indices)
+
+    def unknown(self, tokens: list[str] | str) -> list[str]:
+        """The distinct tokens of `tokens` not in the vocabulary, in order of appearance."""
+        return list(dict.fromkeys(t for t in tokens if t not in self.token_to_idx))
+
+    def to_dict(self) -> dict:
+        return {"idx_to_token": list(self.idx_to_token)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Vocab:
+        tokens = d.get("idx_to_token") if isinstance(d, dict) else None
+        if (not isinstance(tokens, list) or not tokens or tokens[0] != UNK
+                or not all(isinstance(t, str) for t in tokens) or len(set(tokens)) != len(tokens)):
+            raise DataError("vocabulary is malformed: expected {'idx_to_token': ['<unk>', ...]} "
+                            "with unique string tokens")
+        v = cls()
+        v.idx_to_token = list(tokens)
+        v.token_to_idx = {t: i for i, t in enumerate(tokens)}
+        return v
+
+
+@dataclass
+class Corpus:
+    """A tokenized corpus and its contiguous splits, as int64 tensors of token ids."""
+
+    vocab: Vocab
+    raw_chars: int
+    source: str
+    train: torch.Tensor
+    val: torch.Tensor
+    test: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.train) + len(self.val) + len(self.test)
+
+
+def corpus_path(cfg: DataConfig, offline: bool | None = None, progress: bool = True) -> Path:
+    """Resolve the configured corpus to a local, verified file."""
+    from gru_lm.download import DatasetSpec, fetch, get_dataset
+
+    if cfg.path is not None:
+        if not cfg.path.is_file():
+            raise DataError(f"data.path {cfg.path} is not a file; point it at a UTF-8 text file")
+        return cfg.path
+    if cfg.url is not None:
+        name = Path(cfg.url.split("?")[0]).name or "corpus.txt"
+        spec = DatasetSpec(name=name, url=cfg.url, sha1=cfg.sha1 or "", filename=name)
+    elif cfg.dataset is not None:
+        spec = get_dataset(cfg.dataset)
+    else:
+        raise DataError("no corpus configured: set data.dataset, data.path or data.url")
+    return fetch(spec, cfg.cache_dir, offline=offline, progress=progress)
+
+
+def read_text(path: Path) -> str:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read corpus {path}: {e.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"corpus {path} is not UTF-8 (byte {e.start}); convert it with "
+                        "`iconv -t utf-8`") from None
+    if not text.strip():
+        raise DataError(f"corpus {path} is empty; give a file with text in it")
+    return text
+
+
+def load_corpus(cfg: DataConfig, vocab: Vocab | None = None, offline: bool | None = None,
+                progress: bool = True) -> Corpus:
+    """Load, preprocess and split the configured corpus (reusing `vocab` if given)."""
+    import torch
+
+    path = corpus_path(cfg, offline=offline, progress=progress)
+    text = read_text(path)
+    tokens = preprocess(text, cfg.preset, cfg.lowercase)
+    if cfg.max_tokens is not None:
+        tokens = tokens[: cfg.max_tokens]
+    if len(tokens) < 2:
+        raise DataError(f"corpus {path} has {len(tokens)} token(s) after the '{cfg.preset}' "
+                        "preprocessing; it needs at least 2")
+    if vocab is None:
+        vocab = Vocab(tokens, min_freq=cfg.min_freq, reserved_tokens=cfg.reserved_tokens)
+    ids = torch.tensor(vocab.encode(tokens), dtype=torch.long)
+    n = len(ids)
+    n_train = int(n * cfg.train_fraction)
+    n_val = int(n * cfg.val_fraction)
+    n_test = int(n * cfg.test_fraction)
+    return Corpus(vocab=vocab, raw_chars=len(text), source=str(path),
+                  train=ids[:n_train], val=ids[n_train:n_train + n_val],
+                  test=ids[n_train + n_val:n_train + n_val + n_test])
+
+
+class BatchLoader:
+    """d2l's random sampling and sequential partitioning, vectorized, with its own generator.
+
+    Sequential partitioning (batch_size=2, num_steps=3, offset o):
+
+        corpus[o:] -> stream 0: a b c | d e f | ...      X of batch 0 = [[a b c],
+                      stream 1: m n o | p q r | ...                       [m n o]]
+    Batch i+1 continues each stream where batch i stopped, so the state can be carried.
+    Random sampling cuts non-overlapping windows at a random offset and shuffles them.
+    """
+
+    def __init__(self, tokens: torch.Tensor, batch_size: int, num_steps: int,
+                 sampler: str = "sequential", seed: int = 0, split: str = "train"):
+        import torch
+
+        self.tokens = tokens
+        self.batch_size = batch_size
+        self.num_steps = num_steps
+        self.sampler = sampler
+        self.generator = torch.Generator().manual_seed(seed)
+        # The smallest offset must still leave one full batch.
+        needed = batch_size * num_steps + 1
+        if len(tokens) < needed + (num_steps - 1):
+            raise DataError(
+                f"the {split} split has {len(tokens)} tokens, too few for one batch of "
+                f"train.batch_size={batch_size} x train.num_steps={num_steps} (needs "
+                f"{needed + num_steps - 1}); lower batch_size or num_steps, or use more data"
+            )
+
+    @property
+    def carries_state(self) -> bool:
+        return self.sampler == "sequential"
+
+    def num_batches(self) -> int:
+        """Batches per epoch (for the largest offset, so it is the same every epoch)."""
+        usable = len(self.tokens) - (self.num_steps - 1) - 1
+        if self.sampler == "random":
+            return (usable // self.num_steps) // self.batch_size
+        return (usable // self.batch_size) // self.num_steps
+
+    def epoch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All batches of one epoch: X, Y of shape (num_batches, batch_size, num_steps)."""
+        import torch
+
+        g, T, B = self.generator, self.num_steps, self.batch_size
+        nb = self.num_batches()
+        offset = int(torch.randint(0, T, (1,), generator=g))
+        corpus = self.tokens[offset:]
+        if self.sampler == "random":
+            num_windows = (len(corpus) - 1) // T
+            starts = torch.randperm(num_windows, generator=g)[: nb * B] * T  # (nb*B,)
+            idx = starts.view(nb, B, 1) + torch.arange(T)  # (nb, B, T)
+            return corpus[idx], corpus[idx + 1]
+        n = nb * T * B
+        Xs = corpus[:n].view(B, nb, T).transpose(0, 1)  # (nb, B, T)
+        Ys = corpus[1:n + 1].view(B, nb, T).transpose(0, 1)
+        return Xs, Ys
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        X, Y = self.epoch()
+        for i in range(len(X)):
+            yield X[i], Y[i]
+
+
+def eval_batches(tokens: torch.Tensor, batch_size: int, num_steps: int
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Score every token of a split exactly once, in order, with state carried.
+
+    The split is cut into `batch_size` contiguous streams of equal length; the tail of the
+    last stream is padded with target -100 (ignored by the loss).
+    """
+    import torch
+
+    n = len(tokens) - 1
+    if n < 1:
+        return
+    B = max(1, min(batch_size, n))
+    L = -(-n // B)  # ceil
+    X = torch.zeros(B * L, dtype=torch.long)
+    Y = torch.full((B * L,), -100, dtype=torch.long)
+    X[:n] = tokens[:-1]
+    Y[:n] = tokens[1:]
+    X, Y = X.view(B, L), Y.view(B, L)  # (B, L)
+    for i in range(0, L, num_steps):
+        yield X[:, i:i + num_steps], Y[:, i:i + num_steps]

@@ -1,0 +1,326 @@
+"""Model registry: from-scratch GRU/LSTM/RNN (the book's equations) and torch.nn wrappers.
+
+Every model: forward(X, state) -> (logits, state), X (batch_size, num_steps) int64,
+logits (batch_size, num_steps, vocab_size); begin_state(batch_size, device).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gru_lm.cells import GRUFunction, GRUResetAfterFunction, LSTMFunction, RNNFunction
+from gru_lm.config import ModelConfig
+from gru_lm.errors import ConfigError
+
+State = Tensor | tuple[Tensor, ...]
+
+_REGISTRY: dict[str, type[RecurrentLM]] = {}
+
+
+def register_model(name: str) -> Callable[[type[RecurrentLM]], type[RecurrentLM]]:
+    """Class decorator: make a model buildable by its stable config name."""
+
+    def deco(cls: type[RecurrentLM]) -> type[RecurrentLM]:
+        if name in _REGISTRY:
+            raise ValueError(f"model '{name}' is registered twice")
+        cls.registry_name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def list_models() -> list[str]:
+    return list(_REGISTRY)
+
+
+def model_class(name: str) -> type[RecurrentLM]:
+    if name not in _REGISTRY:
+        raise ConfigError(f"model.name: unknown model '{name}'; choose one of "
+                          f"{', '.join(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def build_model(cfg: ModelConfig, vocab_size: int) -> RecurrentLM:
+    """Build the registered model named by `cfg.name` for a vocabulary of `vocab_size`."""
+    cls = model_class(cfg.name)
+    problems = cls.check_config(cfg)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return cls(cfg, vocab_size)
+
+
+def detach_state(state: State) -> State:
+    """Cut the graph between TBPTT windows, for a tensor or a tuple of tensors."""
+    if isinstance(state, tuple):
+        return tuple(s.detach() for s in state)
+    return state.detach()
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+class RecurrentLM(nn.Module):
+    """The one interface: token ids -> recurrent layers -> dropout -> vocabulary logits."""
+
+    registry_name: str = ""
+    description: str = ""
+    num_states: int = 1  # 2 for LSTMs: (H, C)
+    scratch: bool = False
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int):
+        super().__init__()
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        self.num_hiddens = cfg.num_hiddens
+        self.num_layers = cfg.num_layers
+        self.dropout = cfg.dropout
+
+    @classmethod
+    def check_config(cls, cfg: ModelConfig) -> list[str]:
+        problems = []
+        if cfg.reset_after and cls.registry_name != "gru-scratch":
+            problems.append(f"model.reset_after: only gru-scratch has it, not "
+                            f"'{cls.registry_name}'; remove the key")
+        if cfg.forget_bias is not None and cls.num_states != 2:
+            problems.append(f"model.forget_bias: only LSTMs have a forget gate, not "
+                            f"'{cls.registry_name}'; remove the key")
+        return problems
+
+    def begin_state(self, batch_size: int, device: torch.device | str = "cpu") -> State:
+        shape = (self.num_layers, batch_size, self.num_hiddens)
+        dtype = next(self.parameters()).dtype
+        zeros = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(self.num_states)]
+        return zeros[0] if self.num_states == 1 else tuple(zeros)
+
+    def forward(self, X: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------- scratch models
+
+
+def _init_weight(w: Tensor, scheme: str, recurrent: bool, fan_in: int) -> None:
+    if scheme == "d2l":
+        nn.init.normal_(w, std=0.01)
+    elif scheme == "xavier":
+        nn.init.xavier_uniform_(w)
+    elif scheme == "orthogonal":
+        nn.init.orthogonal_(w) if recurrent else nn.init.xavier_uniform_(w)
+    else:  # torch's default for its RNNs
+        bound = 1 / math.sqrt(fan_in)
+        nn.init.uniform_(w, -bound, bound)
+
+
+class _ScratchLayer(nn.Module):
+    """One layer's parameters, named as the book names them; `gates` lists the blocks."""
+
+    gates: tuple[str, ...] = ()
+
+    def __init__(self, num_inputs: int, num_hiddens: int, init: str):
+        super().__init__()
+        self.num_inputs, self.num_hiddens = num_inputs, num_hiddens
+        for g in self.gates:
+            W_x = nn.Parameter(torch.empty(num_inputs, num_hiddens))
+            W_h = nn.Parameter(torch.empty(num_hiddens, num_hiddens))
+            _init_weight(W_x.data, init, False, num_hiddens)
+            _init_weight(W_h.data, init, True, num_hiddens)
+            setattr(self, f"W_x{g}", W_x)
+            setattr(self, f"W_h{g}", W_h)
+            setattr(self, f"b_{g}", nn.Parameter(torch.zeros(num_hiddens)))
+        if init == "torch":
+            bound = 1 / math.sqrt(num_hiddens)
+            for g in self.gates:
+                nn.init.uniform_(getattr(self, f"b_{g}"), -bound, bound)
+
+    def _fused(self, prefix: str) -> Tensor:
+        parts = [getattr(self, f"{prefix}{g}") for g in self.gates]
+        return torch.cat(parts, dim=-1)
+
+    def project(self, inputs: Tensor) -> Tensor:
+        """X W_x + b for all steps: a row lookup for token ids, one matmul otherwise."""
+        W_x, b = self._fused("W_x"), self._fused("b_")
+        if inputs.dtype == torch.long:
+            return F.embedding(inputs, W_x) + b  # (num_steps, batch_size, G * num_hiddens)
+        T, B, _ = inputs.shape
+        return torch.addmm(b, inputs.reshape(T * B, -1), W_x).view(T, B, -1)
+
+
+class GRULayer(_ScratchLayer):
+    gates = ("z", "r", "h")
+
+    def __init__(self, num_inputs: int, num_hiddens: int, init: str, reset_after: bool):
+        super().__init__(num_inputs, num_hiddens, init)
+        self.reset_after = reset_after
+        if reset_after:  # b_h acts as b_xh; b_hh sits inside the reset gate
+            self.b_hh = nn.Parameter(torch.zeros(num_hiddens))
+            if init == "torch":
+                bound = 1 / math.sqrt(num_hiddens)
+                nn.init.uniform_(self.b_hh, -bound, bound)
+
+    def forward(self, inputs: Tensor, H: Tensor) -> tuple[Tensor, Tensor]:
+        P = self.project(inputs)
+        if self.reset_after:
+            Y = GRUResetAfterFunction.apply(P, H, self._fused("W_h"), self.b_hh)
+        else:
+            W_hzr = torch.cat([self.W_hz, self.W_hr], dim=1)  # (num_hiddens, 2 * num_hiddens)
+            Y = GRUFunction.apply(P, H, W_hzr, self.W_hh)
+        return Y, Y[-1]
+
+
+class LSTMLayer(_ScratchLayer):
+    gates = ("i", "f", "c", "o")  # the candidate C~ is torch.nn's "g" block
+
+    def __init__(self, num_inputs: int, num_hiddens: int, init: str, forget_bias: float | None):
+        super().__init__(num_inputs, num_hiddens, init)
+        if forget_bias is not None:
+            nn.init.constant_(self.b_f, forget_bias)
+
+    def forward(self, inputs: Tensor, state: tuple[Tensor, Tensor]):
+        H, C = state
+        Y, C_T = LSTMFunction.apply(self.project(inputs), H, C, self._fused("W_h"))
+        return Y, (Y[-1], C_T)
+
+
+class RNNLayer(_ScratchLayer):
+    gates = ("h",)
+
+    def forward(self, inputs: Tensor, H: Tensor) -> tuple[Tensor, Tensor]:
+        Y = RNNFunction.apply(self.project(inputs), H, self.W_hh)
+        return Y, Y[-1]
+
+
+class ScratchLM(RecurrentLM):
+    """Stacked scratch layers + output layer W_hq, b_q."""
+
+    scratch = True
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int):
+        super().__init__(cfg, vocab_size)
+        init = "d2l" if cfg.init == "auto" else cfg.init
+        self.layers = nn.ModuleList(
+            self.make_layer(vocab_size if i == 0 else cfg.num_hiddens, cfg, init)
+            for i in range(cfg.num_layers)
+        )
+        self.W_hq = nn.Parameter(torch.empty(cfg.num_hiddens, vocab_size))
+        _init_weight(self.W_hq.data, init, False, cfg.num_hiddens)
+        self.b_q = nn.Parameter(torch.zeros(vocab_size))
+
+    def make_layer(self, num_inputs: int, cfg: ModelConfig, init: str) -> nn.Module:
+        raise NotImplementedError
+
+    def layer_states(self, state: State) -> list:
+        if isinstance(state, tuple):
+            return [tuple(s[i] for s in state) for i in range(self.num_layers)]
+        return [state[i] for i in range(self.num_layers)]
+
+    def stack_states(self, states: list) -> State:
+        if isinstance(states[0], tuple):
+            return tuple(torch.stack(s) for s in zip(*states, strict=True))
+        return torch.stack(states)
+
+    def forward(self, X: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        if state is None:
+            state = self.begin_state(X.shape[0], X.device)
+        inputs = X.t()  # (num_steps, batch_size) token ids
+        new_states = []
+        for i, (layer, s) in enumerate(zip(self.layers, self.layer_states(state), strict=True)):
+            inputs, s = layer(inputs, s)  # (num_steps, batch_size, num_hiddens)
+            new_states.append(s)
+            if self.dropout and (i < self.num_layers - 1):
+                inputs = F.dropout(inputs, self.dropout, self.training)
+        out = F.dropout(inputs, self.dropout, self.training) if self.dropout else inputs
+        logits = (out @ self.W_hq + self.b_q).transpose(0, 1)  # (batch_size, num_steps, vocab)
+        return logits, self.stack_states(new_states)
+
+
+@register_model("gru-scratch")
+class GRUScratch(ScratchLM):
+    description = "the book's GRU from its equations (reset_after: nn.GRU's formula)"
+
+    def make_layer(self, num_inputs, cfg, init):
+        return GRULayer(num_inputs, cfg.num_hiddens, init, cfg.reset_after)
+
+
+@register_model("lstm-scratch")
+class LSTMScratch(ScratchLM):
+    description = "LSTM from its equations: I, F, O gates, candidate C~"
+    num_states = 2
+
+    def make_layer(self, num_inputs, cfg, init):
+        return LSTMLayer(num_inputs, cfg.num_hiddens, init, cfg.forget_bias)
+
+
+@register_model("rnn-scratch")
+class RNNScratch(ScratchLM):
+    description = "vanilla RNN from its equation: H = tanh(X W_xh + H W_hh + b_h)"
+
+    def make_layer(self, num_inputs, cfg, init):
+        return RNNLayer(num_inputs, cfg.num_hiddens, init)
+
+
+# ---------------------------------------------------------------- torch.nn models
+
+
+class TorchLM(RecurrentLM):
+    """Embedding lookup -> torch.nn recurrent layers -> dropout -> nn.Linear."""
+
+    rnn_cls: type[nn.RNNBase] = nn.GRU
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int):
+        super().__init__(cfg, vocab_size)
+        embed_dim = cfg.embed_dim or cfg.num_hiddens
+        self.embedding = nn.Embedding(vocab_size, embed_dim)
+        # The one place where d2l's names meet torch.nn's: num_hiddens -> hidden_size.
+        self.rnn = self.rnn_cls(
+            input_size=embed_dim,
+            hidden_size=cfg.num_hiddens,
+            num_layers=cfg.num_layers,
+            dropout=cfg.dropout if cfg.num_layers > 1 else 0.0,
+        )
+        self.output = nn.Linear(cfg.num_hiddens, vocab_size)
+        if cfg.init not in ("auto", "torch"):
+            for name, p in self.named_parameters():
+                if p.dim() == 2 and name != "embedding.weight":
+                    _init_weight(p.data, cfg.init, "weight_hh" in name, cfg.num_hiddens)
+                elif p.dim() == 1:
+                    nn.init.zeros_(p.data)
+        if cfg.forget_bias is not None:
+            nh = cfg.num_hiddens
+            for layer in range(cfg.num_layers):
+                getattr(self.rnn, f"bias_ih_l{layer}").data[nh:2 * nh] = cfg.forget_bias
+                getattr(self.rnn, f"bias_hh_l{layer}").data[nh:2 * nh] = 0.0
+
+    def forward(self, X: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        if state is None:
+            state = self.begin_state(X.shape[0], X.device)
+        emb = self.embedding(X.t())  # (num_steps, batch_size, embed_dim)
+        Y, state = self.rnn(emb, state)  # (num_steps, batch_size, num_hiddens)
+        if self.dropout:
+            Y = F.dropout(Y, self.dropout, self.training)
+        return self.output(Y).transpose(0, 1), state  # (batch_size, num_steps, vocab_size)
+
+
+@register_model("gru")
+class TorchGRU(TorchLM):
+    description = "torch.nn.GRU with an input embedding"
+    rnn_cls = nn.GRU
+
+
+@register_model("lstm")
+class TorchLSTM(TorchLM):
+    description = "torch.nn.LSTM with an input embedding"
+    rnn_cls = nn.LSTM
+    num_states = 2
+
+
+@register_model("rnn")
+class TorchRNN(TorchLM):
+    description = "torch.nn.RNN (tanh) with an input embedding"
+    rnn_cls = nn.RNN

@@ -1,0 +1,87 @@
+"""Continue a prefix: greedy (as the book) or sampled with temperature / top-k / top-p."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from gru_lm.data import Vocab, preprocess
+from gru_lm.errors import GruLmError
+
+MAX_CHARS = 10_000
+MAX_SAMPLES = 1_000
+
+
+def check_sampling_args(num_chars: int, temperature: float | None, top_k: int | None,
+                        top_p: float | None, num_samples: int) -> None:
+    """Validate generation arguments before any model is loaded."""
+    if not 1 <= num_chars <= MAX_CHARS:
+        raise GruLmError(f"--num-chars {num_chars} is out of range; give 1..{MAX_CHARS}")
+    if temperature is not None and (not math.isfinite(temperature) or temperature <= 0):
+        raise GruLmError(f"--temperature {temperature} is invalid; give a finite number > 0 "
+                         "(omit it for greedy decoding)")
+    if top_k is not None and top_k < 1:
+        raise GruLmError(f"--top-k {top_k} is invalid; give an integer >= 1")
+    if top_p is not None and not (math.isfinite(top_p) and 0 < top_p <= 1):
+        raise GruLmError(f"--top-p {top_p} is invalid; give a number in (0, 1]")
+    if not 1 <= num_samples <= MAX_SAMPLES:
+        raise GruLmError(f"--num-samples {num_samples} is out of range; give 1..{MAX_SAMPLES}")
+
+
+def encode_prefix(prefix: str, vocab: Vocab, preset: str, lowercase: bool) -> list[int]:
+    """Preprocess a prefix like the run's corpus and encode it; unknown characters are errors."""
+    if not prefix or not prefix.strip():
+        raise GruLmError("the prefix is empty; give some text to continue, e.g. "
+                         "\"time traveller\"")
+    tokens = preprocess(prefix, preset, lowercase)
+    if not tokens:
+        raise GruLmError(f"the prefix {prefix!r} is empty after the '{preset}' preprocessing; "
+                         "give letters")
+    unknown = vocab.unknown(tokens)
+    if unknown:
+        raise GruLmError(f"the prefix has characters outside the vocabulary: "
+                         f"{''.join(unknown)!r}; use only {''.join(vocab.idx_to_token[1:])!r}")
+    return vocab.encode(tokens)
+
+
+def _pick(logits: Tensor, temperature: float | None, top_k: int | None, top_p: float | None,
+          generator: torch.Generator | None) -> Tensor:
+    logits = logits.float().clone()
+    logits[:, 0] = -math.inf  # never emit <unk>
+    if temperature is None and top_k is None and top_p is None:
+        return logits.argmax(dim=-1)
+    logits = logits / (temperature or 1.0)
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest set reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, -math.inf)
+        logits = torch.full_like(logits, -math.inf).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+
+
+@torch.no_grad()
+def generate(model, prefix_ids: list[int], num_chars: int, *, temperature: float | None = None,
+             top_k: int | None = None, top_p: float | None = None, num_samples: int = 1,
+             seed: int | None = None, device: torch.device | str = "cpu") -> list[list[int]]:
+    """Warm the state up on the prefix, then emit `num_chars` tokens per sample."""
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    try:
+        X = torch.tensor(prefix_ids, device=device).repeat(num_samples, 1)  # (num_samples, P)
+        logits, state = model(X, model.begin_state(num_samples, device))
+        out = torch.empty(num_samples, num_chars, dtype=torch.long, device=device)
+        for i in range(num_chars):
+            nxt = _pick(logits[:, -1], temperature, top_k, top_p, generator)  # (num_samples,)
+            out[:, i] = nxt
+            logits, state = model(nxt.unsqueeze(1), state)
+        return out.tolist()
+    finally:
+        model.train(was_training)

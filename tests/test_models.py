@@ -1,0 +1,213 @@
+"""Models: equivalence with torch.nn, a literal reference, gradchecks, one interface."""
+
+import pytest
+import torch
+from torch import nn
+
+from gru_lm.cells import GRUFunction, GRUResetAfterFunction, LSTMFunction, RNNFunction
+from gru_lm.config import ModelConfig
+from gru_lm.errors import ConfigError
+from gru_lm.models import build_model, count_parameters, detach_state, list_models
+
+V, B, T, NH = 11, 3, 7, 8
+
+
+def _ids(seed=0, b=B, t=T):
+    return torch.randint(0, V, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+def _copy_lstm(scratch, ref: nn.LSTM):
+    """nn.LSTM (i, f, g, o) rows -> scratch W_x*/W_h*/b_* columns."""
+    with torch.no_grad():
+        for li, layer in enumerate(scratch.layers):
+            w_ih, w_hh = getattr(ref, f"weight_ih_l{li}"), getattr(ref, f"weight_hh_l{li}")
+            b = getattr(ref, f"bias_ih_l{li}") + getattr(ref, f"bias_hh_l{li}")
+            for k, g in enumerate(("i", "f", "c", "o")):
+                rows = slice(k * NH, (k + 1) * NH)
+                getattr(layer, f"W_x{g}").copy_(w_ih[rows].t())
+                getattr(layer, f"W_h{g}").copy_(w_hh[rows].t())
+                getattr(layer, f"b_{g}").copy_(b[rows])
+
+
+def _copy_gru(scratch, ref: nn.GRU):
+    """nn.GRU (r, z, n) rows -> scratch (z, r, h) with b_hh inside the reset gate."""
+    with torch.no_grad():
+        for li, layer in enumerate(scratch.layers):
+            w_ih, w_hh = getattr(ref, f"weight_ih_l{li}"), getattr(ref, f"weight_hh_l{li}")
+            b_ih, b_hh = getattr(ref, f"bias_ih_l{li}"), getattr(ref, f"bias_hh_l{li}")
+            for k, g in ((0, "r"), (1, "z"), (2, "h")):
+                rows = slice(k * NH, (k + 1) * NH)
+                getattr(layer, f"W_x{g}").copy_(w_ih[rows].t())
+                getattr(layer, f"W_h{g}").copy_(w_hh[rows].t())
+                getattr(layer, f"b_{g}").copy_(b_ih[rows] + (b_hh[rows] if g != "h" else 0))
+            layer.b_hh.copy_(b_hh[2 * NH:])
+
+
+def _run_reference(ref, X, state, W_out):
+    """One-hot into a torch.nn RNN (the book's concise way), then the output layer."""
+    onehot = nn.functional.one_hot(X.t(), V).float()
+    Y, state = ref(onehot, state)
+    return (Y @ W_out).transpose(0, 1), state
+
+
+@pytest.mark.parametrize("num_layers", [1, 2])
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_scratch_matches_torch_nn(kind, num_layers):
+    torch.manual_seed(0)
+    cfg = ModelConfig(name=f"{kind}-scratch", num_hiddens=NH, num_layers=num_layers,
+                      init="torch", reset_after=(kind == "gru"))
+    scratch = build_model(cfg, V)
+    ref = (nn.LSTM if kind == "lstm" else nn.GRU)(V, NH, num_layers)
+    (_copy_lstm if kind == "lstm" else _copy_gru)(scratch, ref)
+    with torch.no_grad():
+        scratch.b_q.zero_()
+    X = _ids()
+    state = scratch.begin_state(B)
+    state = tuple(torch.randn_like(s) for s in state) if kind == "lstm" else torch.randn_like(state)
+    logits, new_state = scratch(X, state)
+    ref_logits, ref_state = _run_reference(ref, X, state, scratch.W_hq)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+    for a, b in zip(torch.atleast_1d(new_state) if kind == "gru" else new_state,
+                    torch.atleast_1d(ref_state) if kind == "gru" else ref_state, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # Gradients of every weight, through outputs and final states.
+    w = torch.randn_like(logits)
+    final = new_state if kind == "gru" else new_state[1]
+    ref_final = ref_state if kind == "gru" else ref_state[1]
+    ((logits * w).sum() + final.sum()).backward()
+    ((ref_logits * w).sum() + ref_final.sum()).backward()
+    for li, layer in enumerate(scratch.layers):
+        order = ("i", "f", "c", "o") if kind == "lstm" else ("r", "z", "h")
+        g_ih = getattr(ref, f"weight_ih_l{li}").grad
+        g_hh = getattr(ref, f"weight_hh_l{li}").grad
+        for k, g in enumerate(order):
+            rows = slice(k * NH, (k + 1) * NH)
+            torch.testing.assert_close(getattr(layer, f"W_x{g}").grad, g_ih[rows].t(), atol=1e-5,
+                                       rtol=1e-4)
+            torch.testing.assert_close(getattr(layer, f"W_h{g}").grad, g_hh[rows].t(), atol=1e-5,
+                                       rtol=1e-4)
+            torch.testing.assert_close(getattr(layer, f"b_{g}").grad,
+                                       getattr(ref, f"bias_ih_l{li}").grad[rows],
+                                       atol=1e-5, rtol=1e-4)
+
+
+def _literal_gru(X, H, p, W_hq, b_q):
+    """The book's four equations, one step at a time, with a one-hot input."""
+    outputs = []
+    for x in nn.functional.one_hot(X.t(), V).to(H.dtype):
+        Z = torch.sigmoid(x @ p["W_xz"] + H @ p["W_hz"] + p["b_z"])
+        R = torch.sigmoid(x @ p["W_xr"] + H @ p["W_hr"] + p["b_r"])
+        H_tilde = torch.tanh(x @ p["W_xh"] + (R * H) @ p["W_hh"] + p["b_h"])
+        H = Z * H + (1 - Z) * H_tilde
+        outputs.append(H @ W_hq + b_q)
+    return torch.stack(outputs, 1), H
+
+
+def test_gru_scratch_matches_literal_book_equations():
+    torch.manual_seed(1)
+    model = build_model(ModelConfig(name="gru-scratch", num_hiddens=NH, init="xavier"), V)
+    layer = model.layers[0]
+    params = dict(layer.named_parameters())
+    X = _ids(2)
+    H0 = torch.randn(B, NH)
+    logits, H = model(X, H0.unsqueeze(0))
+    w = torch.randn_like(logits)
+    (logits * w).sum().backward()
+    got = {k: v.grad.clone() for k, v in params.items()}
+    model.zero_grad()
+    ref_logits, ref_H = _literal_gru(X, H0, params, model.W_hq, model.b_q)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(H[0], ref_H, atol=1e-6, rtol=1e-5)
+    (ref_logits * w).sum().backward()
+    for k, v in params.items():
+        torch.testing.assert_close(got[k], v.grad, atol=1e-6, rtol=1e-5, msg=k)
+
+
+def _d(*shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g, dtype=torch.float64) * 0.5).requires_grad_()
+
+
+@pytest.mark.parametrize("fn, args", [
+    (GRUFunction.apply, lambda: (_d(4, 2, 9, seed=0), _d(2, 3, seed=1), _d(3, 6, seed=2),
+                                 _d(3, 3, seed=3))),
+    (GRUResetAfterFunction.apply, lambda: (_d(4, 2, 9, seed=0), _d(2, 3, seed=1),
+                                           _d(3, 9, seed=2), _d(3, seed=3))),
+    (LSTMFunction.apply, lambda: (_d(4, 2, 12, seed=0), _d(2, 3, seed=1), _d(2, 3, seed=4),
+                                  _d(3, 12, seed=2))),
+    (RNNFunction.apply, lambda: (_d(4, 2, 3, seed=0), _d(2, 3, seed=1), _d(3, 3, seed=2))),
+], ids=["gru", "gru-reset-after", "lstm", "rnn"])
+def test_gradcheck_scratch_cells(fn, args):
+    assert torch.autograd.gradcheck(fn, args(), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_interface_shapes_and_split_sequence(name):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name=name, num_hiddens=NH, num_layers=2), V).eval()
+    X = _ids(3, b=2, t=10)
+    logits, state = model(X, model.begin_state(2))
+    assert logits.shape == (2, 10, V)
+    states = state if isinstance(state, tuple) else (state,)
+    assert all(s.shape == (2, 2, NH) for s in states)
+    first, s1 = model(X[:, :4], model.begin_state(2))
+    second, s2 = model(X[:, 4:], detach_state(s1))
+    torch.testing.assert_close(torch.cat([first, second], 1), logits, atol=1e-6, rtol=1e-5)
+    for a, b in zip(s2 if isinstance(s2, tuple) else (s2,), states, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_model_learns_a_tiny_corpus(name):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name=name, num_hiddens=32, init="xavier"), V)
+    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    seq = torch.tensor([i % 5 + 1 for i in range(41)])  # "abcde" repeated
+    X, Y = seq[:-1].view(2, 20), seq[1:].view(2, 20)
+    losses = []
+    for _ in range(40):
+        logits, _ = model(X)
+        loss = nn.functional.cross_entropy(logits.reshape(-1, V), Y.reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.25 * losses[0], losses
+
+
+def test_parameter_counts_follow_the_equations():
+    cfg = ModelConfig(name="gru-scratch", num_hiddens=NH)
+    assert count_parameters(build_model(cfg, V)) == 3 * (V * NH + NH * NH + NH) + NH * V + V
+
+
+def test_unknown_model_lists_registered_names():
+    with pytest.raises(ConfigError, match="unknown model 'gruu'.*gru-scratch.*lstm"):
+        build_model(ModelConfig(name="gruu"), V)
+
+
+def test_bidirectional_is_refused_with_the_reason():
+    with pytest.raises(ValueError, match="reads the characters the model must predict"):
+        ModelConfig(name="gru", bidirectional=True)
+
+
+def test_options_for_other_models_are_refused():
+    with pytest.raises(ConfigError, match="model.reset_after: only gru-scratch"):
+        build_model(ModelConfig(name="lstm", reset_after=True), V)
+    with pytest.raises(ConfigError, match="model.forget_bias: only LSTMs"):
+        build_model(ModelConfig(name="gru", forget_bias=1.0), V)
+
+
+@pytest.mark.parametrize("name", ["lstm-scratch", "lstm"])
+def test_forget_bias_is_applied(name):
+    model = build_model(ModelConfig(name=name, num_hiddens=NH, forget_bias=1.0), V)
+    if name == "lstm-scratch":
+        assert torch.all(model.layers[0].b_f == 1.0)
+    else:
+        assert torch.all(model.rnn.bias_ih_l0[NH:2 * NH] == 1.0)
+
+
+def test_d2l_init_is_small_normal_with_zero_biases():
+    model = build_model(ModelConfig(name="gru-scratch", num_hiddens=64), V)
+    layer = model.layers[0]
+    assert 0.005 < layer.W_hz.std().item() < 0.015
+    assert torch.all(layer.b_z == 0)
