@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,9 @@ def load_checkpoint(path: Path, map_location: str = "cpu") -> dict[str, Any]:
                               f"{digest_path(path).name}; use another checkpoint "
                               "(e.g. checkpoints/best.pt) or retrain")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about foreign pickle protocols
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"checkpoint {path} was refused: it holds objects that are not "

@@ -51,6 +51,12 @@ def handle_errors(fn):
         except GruLmError as e:
             err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
+        except OSError as e:
+            where = f" ({e.filename})" if e.filename else ""
+            err_console.print(f"[red]error:[/red] {e.strerror or e}{where}; check the path, "
+                              "free disk space or fix permissions", highlight=False,
+                              soft_wrap=True)
+            raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err_console.print("[red]interrupted[/red]")
             raise typer.Exit(130) from None
@@ -157,13 +163,14 @@ def train_cmd(
     name: Annotated[str | None, typer.Option(help="Run folder name.")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue this run directory.")] = None,
     offline: OfflineOpt = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No live display.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q",
+                                        help="Print only the final summary.")] = False,
 ) -> None:
     """Train a model from a YAML config (or continue one with --resume)."""
     from gru_lm.runs import train_run
 
     summary = train_run(config, overrides or [], name=name, resume=resume,
-                        offline=_offline(offline), console=console, show_progress=not quiet)
+                        offline=_offline(offline), console=None if quiet else console)
     _print_summary(summary)
 
 

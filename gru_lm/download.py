@@ -197,6 +197,10 @@ def download(
         raise DataError(f"download of {url} timed out (connect {timeout[0]:g}s, read "
                         f"{timeout[1]:g}s); check the network or use GRU_LM_DATA_DIR") from None
     except (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError) as e:
+        if _is_timeout(e):
+            raise DataError(f"download of {url} timed out (connect {timeout[0]:g}s, read "
+                            f"{timeout[1]:g}s); check the network or use GRU_LM_DATA_DIR"
+                            ) from None
         raise DataError(f"download of {url} failed: connection error ({type(e).__name__}); "
                         "check the network or use GRU_LM_DATA_DIR") from None
     except requests.exceptions.RequestException as e:
@@ -204,6 +208,17 @@ def download(
     finally:
         session.close()
     return dest
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    """urllib3 reports a read timeout under retries as a ConnectionError; look inside."""
+    from urllib3.exceptions import TimeoutError as Urllib3Timeout
+
+    for arg in exc.args:
+        if isinstance(arg, Urllib3Timeout) or isinstance(getattr(arg, "reason", None),
+                                                          Urllib3Timeout):
+            return True
+    return False
 
 
 @contextlib.contextmanager

@@ -44,8 +44,8 @@ def resume_config(run_dir: Path, config: Path | None, overrides: list[str]) -> C
 
 
 def train_run(config: Path | None, overrides: list[str], *, name: str | None = None,
-              resume: Path | None = None, offline: bool | None = None, console=None,
-              show_progress: bool = True) -> dict[str, Any]:
+              resume: Path | None = None, offline: bool | None = None, console=None
+              ) -> dict[str, Any]:
     """Train a new run, or continue `resume`; returns the run's summary."""
     from gru_lm.data import Vocab, load_corpus
     from gru_lm.trainer import Trainer, prepare_run_dir, write_run_files
@@ -64,8 +64,7 @@ def train_run(config: Path | None, overrides: list[str], *, name: str | None = N
         corpus = load_corpus(cfg.data, vocab=vocab, offline=offline)
         from gru_lm.config import save_config
 
-        trainer = Trainer(cfg, corpus, run_dir, console=console, resume=True,
-                          show_progress=show_progress)
+        trainer = Trainer(cfg, corpus, run_dir, console=console, resume=True)
         save_config(cfg, run_dir / "config.yaml")
         if console is not None:
             console.print(f"resuming {run_dir} at step {trainer.p.step}", highlight=False)
@@ -76,7 +75,7 @@ def train_run(config: Path | None, overrides: list[str], *, name: str | None = N
     cfg = load_config(config, overrides)
     corpus = load_corpus(cfg.data, offline=offline)
     # Validate everything that can fail before the run directory exists.
-    trainer = Trainer(cfg, corpus, Path("."), console=console, show_progress=show_progress)
+    trainer = Trainer(cfg, corpus, Path("."), console=console)
     run_dir = prepare_run_dir(cfg, config, name)
     trainer.run_dir = run_dir
     trainer.ckpt_dir = run_dir / "checkpoints"

@@ -154,8 +154,7 @@ class Trainer:
     """Trains a model on a corpus into a run directory; callbacks see every record."""
 
     def __init__(self, cfg: Config, corpus: Corpus, run_dir: Path, *, console=None,
-                 callbacks: list[Callable[[dict], None]] | None = None, resume: bool = False,
-                 show_progress: bool = True):
+                 callbacks: list[Callable[[dict], None]] | None = None, resume: bool = False):
         self.cfg = cfg
         self.corpus = corpus
         self.vocab = corpus.vocab
@@ -163,7 +162,6 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.console = console
         self.callbacks = callbacks or []
-        self.show_progress = show_progress
         t = cfg.train
         if t.threads:
             torch.set_num_threads(t.threads)
@@ -455,7 +453,13 @@ class Trainer:
         }
 
     def save(self, name: str) -> None:
-        save_checkpoint(self.checkpoint_payload(), self.ckpt_dir / name)
+        path = self.ckpt_dir / name
+        try:
+            save_checkpoint(self.checkpoint_payload(), path)
+        except OSError as e:
+            raise GruLmError(f"cannot write checkpoint {path}: {e.strerror or e}; free disk "
+                             "space or fix permissions (the previous checkpoint is intact), "
+                             f"then `gru-lm train --resume {self.run_dir}`") from None
 
     def _restore(self, ck: dict[str, Any]) -> None:
         from gru_lm.checkpoint import load_state
@@ -534,7 +538,7 @@ class Trainer:
                 soft_wrap=True)
 
     def _display(self):
-        if self.console is None or not self.show_progress or not self.console.is_terminal:
+        if self.console is None or not self.console.is_terminal:
             return _NullDisplay()
         return _LiveDisplay(self.console, self.total_steps())
 

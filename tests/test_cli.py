@@ -1,0 +1,171 @@
+"""The CLI end to end: data info, models, train -> predict -> evaluate, resume, signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from gru_lm.cli import app
+
+runner = CliRunner()
+
+
+def cli(*args: str):
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+def train_tiny(name: str, *overrides: str):
+    r = cli("train", "--config", "configs/tiny.yaml", "--name", name, "--quiet", *overrides)
+    assert r.exit_code == 0, r.output
+    return Path("runs") / name
+
+
+def test_help_does_not_import_torch():
+    code = "import sys; from gru_lm.cli import app; sys.argv=['gru-lm','--help']\n" \
+           "try:\n    app()\nexcept SystemExit:\n    pass\n" \
+           "assert 'torch' not in sys.modules, 'torch imported'; print('OK')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr
+    assert "train" in out.stdout and "predict" in out.stdout
+
+
+def test_version():
+    r = cli("--version")
+    assert r.exit_code == 0 and r.output.startswith("gru-lm 0.")
+
+
+def test_data_info_table(workdir):
+    r = cli("data", "info")
+    assert r.exit_code == 0, r.output
+    assert "170,580" in r.output and "178,979" in r.output and "153,522" in r.output
+    assert "vocabulary size" in r.output and "28" in r.output
+
+
+def test_data_download_uses_the_ready_folder(workdir, data_dir):
+    r = cli("data", "download", "--offline")
+    assert r.exit_code == 0 and "sha1 verified" in r.output
+
+
+def test_models_lists_six_with_parameter_counts():
+    r = cli("models")
+    assert r.exit_code == 0
+    for name in ("gru-scratch", "lstm-scratch", "rnn-scratch", "gru", "lstm", "rnn"):
+        assert name in r.output
+    assert "226,076" in r.output  # gru-scratch: 3 * (28*256 + 256*256 + 256) + 256*28 + 28
+
+
+def test_train_predict_evaluate(workdir):
+    run = train_tiny("t")
+    for f in ("config.yaml", "vocab.json", "metrics.jsonl", "samples.txt", "summary.json",
+              "checkpoints/last.pt", "checkpoints/best.pt"):
+        assert (run / f).is_file(), f
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [10, 20, 30]
+    assert all(r["val_ppl"] < 28 and r["tokens_per_s"] > 0 for r in recs)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 30 and summary["best_test_ppl"] > 1
+    r = cli("predict", "Time Traveller!", "-n", "12")
+    assert r.exit_code == 0, r.output
+    line = r.output.rstrip("\n")
+    assert line.startswith("time traveller") and len(line) == len("time traveller") + 12
+    r = cli("predict", "the", "--temperature", "0.8", "--top-k", "5", "--top-p", "0.9",
+            "--num-samples", "3", "--seed", "1", "--run", str(run))
+    assert r.exit_code == 0 and len(r.output.strip().splitlines()) == 3
+    again = cli("predict", "the", "--temperature", "0.8", "--top-k", "5", "--top-p", "0.9",
+                "--num-samples", "3", "--seed", "1", "--run", str(run))
+    assert again.output == r.output
+    r = cli("evaluate", "--run", str(run))
+    assert r.exit_code == 0, r.output
+    assert "test split: 499 tokens" in r.output
+    assert f"ppl {summary['best_test_ppl']:.3f}" in r.output
+    (workdir / "t.txt").write_text("The time machine is a story.\n")
+    r = cli("evaluate", "--text", "t.txt")
+    assert r.exit_code == 0 and "t.txt: 26 tokens" in r.output
+
+
+def test_existing_run_is_never_overwritten(workdir):
+    run = train_tiny("same")
+    before = (run / "checkpoints" / "last.pt").read_bytes()
+    r = cli("train", "--config", "configs/tiny.yaml", "--name", "same", "--quiet")
+    assert r.exit_code == 1
+    assert "already exists" in r.output and "--resume runs/same" in r.output
+    assert (run / "checkpoints" / "last.pt").read_bytes() == before
+
+
+def _eval_losses(run: Path):
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["train_ppl"], r.get("val_ppl")) for r in recs]
+
+
+def _final_state(run: Path):
+    from gru_lm.checkpoint import load_checkpoint
+
+    return load_checkpoint(run / "checkpoints" / "last.pt")
+
+
+@pytest.mark.parametrize("extra", [
+    [],
+    ["model.dropout=0.3", "model.num_layers=2", "train.sampler=random"],
+], ids=["sequential", "dropout-random"])
+def test_resume_is_exact(workdir, extra):
+    straight = train_tiny("straight", "train.max_steps=40", *extra)
+    part = train_tiny("part", "train.max_steps=20", *extra)
+    r = cli("train", "--resume", str(part), "train.max_steps=40", "--quiet")
+    assert r.exit_code == 0, r.output
+    a, b = _final_state(straight), _final_state(part)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(),
+                      strict=True):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert _eval_losses(straight) == _eval_losses(part)
+
+
+def test_resume_refuses_architecture_change(workdir):
+    run = train_tiny("arch")
+    r = cli("train", "--resume", str(run), "model.num_hiddens=64", "--quiet")
+    assert r.exit_code == 1
+    assert "model.num_hiddens (32 in the run, 64 now)" in r.output
+
+
+def _start_training(name: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "gru_lm", "train", "--config", "configs/tiny.yaml", "--name",
+         name, "--quiet", "train.max_steps=1000000", "train.eval_interval=50"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _wait_for_first_checkpoint(run: Path, proc: subprocess.Popen, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while not (run / "checkpoints" / "last.pt").exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "training did not start"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_saves_checkpoint_and_prints_resume_command(workdir, sig, code):
+    run = Path("runs") / f"sig{code}"
+    proc = _start_training(run.name)
+    _wait_for_first_checkpoint(run, proc)
+    time.sleep(0.3)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, (out, err)
+    assert f"resume with: gru-lm train --resume {run}" in err
+    assert "Traceback" not in err
+    ck = _final_state(run)
+    assert ck["step"] > 50
+    r = cli("train", "--resume", str(run), f"train.max_steps={ck['step'] + 5}", "--quiet")
+    assert r.exit_code == 0, r.output
+    assert _final_state(run)["step"] == ck["step"] + 5

@@ -1,0 +1,91 @@
+"""Configs: every shipped YAML loads; errors name every bad key at once."""
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gru_lm.config import apply_overrides, load_config, validate
+from gru_lm.errors import ConfigError, GruLmError
+from gru_lm.models import build_model
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_loads_and_builds(path):
+    cfg = load_config(path)
+    build_model(cfg.model, 28)
+
+
+def test_expected_configs_are_shipped():
+    names = {p.name for p in CONFIGS}
+    assert {"gru.yaml", "lstm.yaml", "gru-scratch.yaml", "tiny.yaml", "d2l-gru-scratch.yaml",
+            "d2l-gru.yaml", "d2l-lstm.yaml"} <= names
+
+
+def test_overrides_go_through_validation():
+    cfg = load_config(None, ["train.lr=0.5", "model.num_hiddens=512", "train.max_steps=3",
+                             "train.sample_prefixes=[a, b]"])
+    assert cfg.train.lr == 0.5 and cfg.model.num_hiddens == 512
+    assert cfg.train.sample_prefixes == ["a", "b"]
+
+
+def test_all_problems_reported_at_once_with_dotted_keys():
+    with pytest.raises(ConfigError) as info:
+        validate({"train": {"lr": 0, "num_steps": 0, "optimzer": "sgd", "max_steps": 1},
+                  "model": {"dropout": 2}, "data": {"val_fraction": 0.6,
+                                                    "test_fraction": 0.5}})
+    msg = str(info.value)
+    for part in ("train.lr: 0 is invalid", "train.num_steps: 0 is invalid",
+                 "train.optimzer: unknown key; did you mean 'train.optimizer'?",
+                 "model.dropout: 2", "must be <= 1"):
+        assert part in msg, msg
+    assert "5 problem(s)" in msg
+
+
+def test_unknown_choice_names_the_allowed_values():
+    with pytest.raises(ConfigError, match="train.optimizer: 'lion' is invalid.*'sgd'"):
+        validate({"train": {"optimizer": "lion", "epochs": 1}})
+
+
+def test_unknown_section_suggests_a_near_miss():
+    with pytest.raises(ConfigError, match="did you mean 'train'"):
+        validate({"trian": {}})
+
+
+def test_yaml_syntax_error_names_line_and_column(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("train:\n  lr: [1, 2\n  epochs: 3\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:\d+:\d+: YAML syntax error"):
+        load_config(p)
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "does not exist"),
+    ("dir", "is a directory"),
+    ("", "is empty"),
+    ("- a\n- b\n", "top level must be a mapping"),
+])
+def test_bad_config_paths(tmp_path, content, message):
+    p = tmp_path / "c.yaml"
+    if content == "dir":
+        p.mkdir()
+    elif content is not None:
+        p.write_text(content)
+    with pytest.raises(ConfigError, match=message):
+        load_config(p)
+
+
+def test_stop_condition_required():
+    with pytest.raises(ConfigError, match="set at least one of epochs, max_steps"):
+        validate({"train": {"lr": 1}})
+
+
+@given(st.lists(st.text(max_size=30), max_size=4))
+def test_override_parsing_raises_only_config_errors(items):
+    try:
+        validate(apply_overrides({}, items))
+    except GruLmError:
+        pass

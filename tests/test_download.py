@@ -1,0 +1,170 @@
+"""Downloads against a local HTTP server on 127.0.0.1: verified, bounded, never half-written."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from gru_lm.download import DatasetSpec, download, fetch
+from gru_lm.errors import DataError
+
+BODY = b"the time machine\n" * 200
+SHA1 = hashlib.sha1(BODY).hexdigest()
+
+
+class Handler(BaseHTTPRequestHandler):
+    hits: dict[str, int] = {}
+
+    def log_message(self, *args):  # keep test output quiet
+        pass
+
+    def _send(self, code, body, ctype="text/plain", length=None):
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body) if length is None else length))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        Handler.hits[self.path] = Handler.hits.get(self.path, 0) + 1
+        if self.path == "/good.txt":
+            self._send(200, BODY)
+        elif self.path == "/wrong.txt":
+            self._send(200, BODY + b"x")
+        elif self.path == "/truncated.txt":
+            self._send(200, BODY[:100], length=len(BODY))
+            self.wfile.flush()
+            self.close_connection = True
+        elif self.path == "/reset.txt":
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(BODY)))
+            self.end_headers()
+            self.wfile.write(BODY[:50])
+            self.wfile.flush()
+            self.connection.shutdown(2)
+        elif self.path == "/missing.txt":
+            self._send(404, b"not found")
+        elif self.path == "/error.txt":
+            self._send(500, b"boom")
+        elif self.path == "/page.txt":
+            self._send(200, b"<html><body>hi</body></html>", ctype="text/html; charset=utf-8")
+        elif self.path == "/sneaky.txt":
+            self._send(200, b"  <!DOCTYPE html><html></html>")
+        elif self.path == "/stall.txt":
+            time.sleep(3)
+            self._send(200, BODY)
+        elif self.path == "/moved.txt":
+            self.send_response(302)
+            self.send_header("Location", "/good.txt")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        else:
+            self._send(404, b"")
+
+
+@pytest.fixture(scope="module")
+def server():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def _spec(base, path, sha1=SHA1):
+    return DatasetSpec(name="t", url=f"{base}{path}", sha1=sha1, filename="t.txt")
+
+
+def _only_final_or_nothing(folder: Path):
+    return sorted(p.name for p in folder.iterdir())
+
+
+@pytest.fixture(autouse=True)
+def _no_env(monkeypatch):
+    monkeypatch.delenv("GRU_LM_DATA_DIR", raising=False)
+    monkeypatch.delenv("GRU_LM_OFFLINE", raising=False)
+
+
+def test_good_download_is_verified_and_cached(server, tmp_path):
+    path = fetch(_spec(server, "/good.txt"), tmp_path, progress=False)
+    assert path == tmp_path / "t.txt" and path.read_bytes() == BODY
+    before = Handler.hits.get("/good.txt", 0)
+    assert fetch(_spec(server, "/good.txt"), tmp_path, progress=False) == path
+    assert Handler.hits.get("/good.txt", 0) == before  # cache hit: no request
+
+
+def test_redirect_is_followed(server, tmp_path):
+    assert download(f"{server}/moved.txt", SHA1, tmp_path / "m.txt", progress=False).is_file()
+
+
+@pytest.mark.parametrize("path, message", [
+    ("/wrong.txt", f"wrong SHA-1: expected {SHA1}, got "),
+    ("/truncated.txt", "connection error"),
+    ("/reset.txt", "connection error"),
+    ("/missing.txt", "HTTP 404"),
+    ("/error.txt", "HTTP 500"),
+    ("/page.txt", "HTML page"),
+    ("/sneaky.txt", "HTML page"),
+])
+def test_bad_downloads_leave_no_file(server, tmp_path, path, message):
+    with pytest.raises(DataError, match=message) as info:
+        download(f"{server}{path}", SHA1, tmp_path / "t.txt", retries=1, progress=False)
+    assert f"{server}{path}" in str(info.value)
+    assert _only_final_or_nothing(tmp_path) == []
+
+
+def test_server_errors_are_retried(server, tmp_path):
+    before = Handler.hits.get("/error.txt", 0)
+    with pytest.raises(DataError):
+        download(f"{server}/error.txt", SHA1, tmp_path / "t.txt", retries=2, progress=False)
+    assert Handler.hits["/error.txt"] - before == 3
+
+
+def test_stalling_server_times_out_within_the_bound(server, tmp_path):
+    t0 = time.monotonic()
+    with pytest.raises(DataError, match="timed out"):
+        download(f"{server}/stall.txt", SHA1, tmp_path / "t.txt", timeout=(1, 0.5), retries=0,
+                 progress=False)
+    assert time.monotonic() - t0 < 2.5
+    assert _only_final_or_nothing(tmp_path) == []
+
+
+def test_corrupted_cache_is_downloaded_again(server, tmp_path):
+    (tmp_path / "t.txt").write_bytes(b"garbage")
+    path = fetch(_spec(server, "/good.txt"), tmp_path, progress=False)
+    assert path.read_bytes() == BODY
+
+
+def test_offline_with_cache_makes_no_request(server, tmp_path, monkeypatch):
+    (tmp_path / "t.txt").write_bytes(BODY)
+    import requests
+
+    def boom(*a, **k):
+        raise AssertionError("network used while offline")
+
+    monkeypatch.setattr(requests.Session, "get", boom)
+    monkeypatch.setenv("GRU_LM_OFFLINE", "1")
+    assert fetch(_spec(server, "/good.txt"), tmp_path) == tmp_path / "t.txt"
+
+
+def test_offline_without_file_says_where_to_put_it(server, tmp_path, monkeypatch):
+    import requests
+
+    monkeypatch.setattr(requests.Session, "get", lambda *a, **k: pytest.fail("network used"))
+    with pytest.raises(DataError, match=f"put the file with SHA-1 {SHA1} into {tmp_path}"):
+        fetch(_spec(server, "/good.txt"), tmp_path, offline=True)
+
+
+def test_data_dir_is_searched_first(server, tmp_path, monkeypatch):
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    (ready / "t.txt").write_bytes(BODY)
+    monkeypatch.setenv("GRU_LM_DATA_DIR", str(ready))
+    assert fetch(_spec(server, "/good.txt"), tmp_path / "cache", offline=True) == ready / "t.txt"
