@@ -39,6 +39,11 @@ CkptOpt = Annotated[Path | None, typer.Option("--checkpoint", help="Checkpoint f
 RunsDirOpt = Annotated[Path, typer.Option("--runs-dir", help="Where runs live.")]
 
 
+def print_table(table) -> None:
+    """Tables keep their columns when piped: a wide console instead of the default 80."""
+    (console if console.is_terminal else Console(width=160)).print(table)
+
+
 def handle_errors(fn):
     """Turn domain errors into one red line and a non-zero exit; never a traceback."""
 
@@ -125,7 +130,7 @@ def data_info(config: ConfigOpt = None, overrides: Overrides = None,
     table.add_row(f"top {top} tokens", freqs)
     table.add_row("train / val / test tokens",
                   f"{len(corpus.train):,} / {len(corpus.val):,} / {len(corpus.test):,}")
-    console.print(table)
+    print_table(table)
 
 
 # ---------------------------------------------------------------- models
@@ -149,7 +154,7 @@ def models_cmd(
     for name in list_models():
         model = build_model(ModelConfig(name=name, num_hiddens=num_hiddens), vocab_size)
         table.add_row(name, model_class(name).description, f"{count_parameters(model):,}")
-    console.print(table)
+    print_table(table)
 
 
 # ---------------------------------------------------------------- train
@@ -253,3 +258,82 @@ def evaluate_cmd(
 
 def main() -> None:
     app()
+
+
+# ---------------------------------------------------------------- compare / plot
+
+
+@app.command("compare")
+@handle_errors
+def compare_cmd(
+    configs: Annotated[list[Path] | None, typer.Argument(
+        help="Configs to compare (same data section), or run folders with --runs.",
+        show_default=False)] = None,
+    seeds: Annotated[int, typer.Option(help="Seeds per config.")] = 1,
+    budget_s: Annotated[float | None, typer.Option(
+        "--budget-s", help="Same wall-clock budget for every run.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Same epochs for every run.")] = None,
+    tokens: Annotated[int | None, typer.Option(help="Same training tokens for every run.")
+                      ] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder.")] = None,
+    runs: Annotated[bool, typer.Option(
+        "--runs", help="The arguments are finished run folders: compare without training.")
+                    ] = False,
+    resume: Annotated[bool, typer.Option(help="Skip finished member runs, resume the rest.")
+                      ] = False,
+    offline: OfflineOpt = False,
+    runs_dir: RunsDirOpt = Path("runs"),
+) -> None:
+    """Train configs x seeds under one budget and report perplexity, speed, curves, samples."""
+    from gru_lm.compare import Budget, report, run_comparison, timestamped_out
+
+    if runs:
+        if not configs:
+            from gru_lm.errors import GruLmError
+
+            raise GruLmError("--runs needs run folders, e.g. gru-lm compare --runs runs/a runs/b")
+        dest = out or timestamped_out(runs_dir)
+        result = report(list(configs), dest)
+    else:
+        dest = out or timestamped_out(runs_dir)
+        result = run_comparison(list(configs or []), seeds=seeds,
+                                budget=Budget(budget_s, epochs, tokens), out=dest,
+                                resume=resume, offline=_offline(offline), console=console)
+    _print_comparison(result, dest)
+
+
+def _print_comparison(result: dict, out: Path) -> None:
+    from rich.table import Table
+
+    def f(x, fmt):
+        return "-" if x is None else format(x, fmt)
+
+    target = result["target_val_ppl"]
+    table = Table(title="comparison (mean over seeds)")
+    for col in ("model", "params", "seeds", "val ppl", "test ppl", "train ppl", "bits/char",
+                "tok/s", "wall s", f"s to val ppl {f(target, '.2f')}", "stopped by"):
+        table.add_column(col, justify="left" if col in ("model", "stopped by") else "right")
+    for r in result["rows"]:
+        table.add_row(r["model"], f(r["params"], ","), str(r["seeds"]),
+                      f"{f(r['val_ppl_mean'], '.3f')} ± {f(r['val_ppl_std'], '.3f')}",
+                      f(r["test_ppl_mean"], ".3f"), f(r["train_ppl_mean"], ".3f"),
+                      f(r["val_bpc_mean"], ".3f"), f(r["tokens_per_s_mean"], ",.0f"),
+                      f(r["wall_s_mean"], ".1f"), f(r["time_to_target_s_mean"], ".1f"),
+                      ", ".join(r["stopped_by"]))
+    print_table(table)
+    console.print(f"wrote {out}/results.csv, results.json, curves.png, samples.md",
+                  highlight=False)
+
+
+@app.command("plot")
+@handle_errors
+def plot_cmd(
+    run: Annotated[Path, typer.Argument(help="Run directory.")],
+    out: Annotated[Path | None, typer.Option(help="PNG file (default RUN/curves.png).")
+                   ] = None,
+) -> None:
+    """Plot the train and validation perplexity of one run as PNG."""
+    from gru_lm.compare import plot_run
+
+    path = plot_run(run, out or run / "curves.png")
+    console.print(f"wrote {path}", highlight=False)

@@ -57,7 +57,7 @@ class ModelConfig(_Section):
     num_layers: int = Field(1, ge=1, le=16, description="stacked recurrent layers")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout between layers and on output")
     embed_dim: int | None = Field(
-        None, ge=1, description="input embedding size of torch.nn models (default num_hiddens)"
+        None, ge=1, description="input embedding size of torch.nn models (default vocab_size)"
     )
     bidirectional: bool = Field(False, description="refused: a language model must not peek")
     init: Literal["auto", "torch", "d2l", "xavier", "orthogonal"] = Field(

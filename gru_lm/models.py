@@ -275,7 +275,8 @@ class TorchLM(RecurrentLM):
 
     def __init__(self, cfg: ModelConfig, vocab_size: int):
         super().__init__(cfg, vocab_size)
-        embed_dim = cfg.embed_dim or cfg.num_hiddens
+        # Default: a vocab_size-wide lookup, the same function class as the book's one-hot.
+        embed_dim = cfg.embed_dim or vocab_size
         self.embedding = nn.Embedding(vocab_size, embed_dim)
         # The one place where d2l's names meet torch.nn's: num_hiddens -> hidden_size.
         self.rnn = self.rnn_cls(

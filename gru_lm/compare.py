@@ -1,0 +1,289 @@
+"""Compare models honestly: same data, split, vocabulary and budget; seeds; table, CSV, plots."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gru_lm.config import load_config
+from gru_lm.errors import GruLmError
+from gru_lm.utils import atomic_write_text, atomic_write_with
+
+_SEEDED = re.compile(r"^(?P<label>.+)-s(?P<seed>\d+)$")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """One limit imposed on every member run, or None to keep each config's own."""
+
+    seconds: float | None = None
+    epochs: int | None = None
+    tokens: int | None = None
+
+    def overrides(self, batch_size: int, num_steps: int) -> list[str]:
+        given = [x for x in (self.seconds, self.epochs, self.tokens) if x is not None]
+        if len(given) > 1:
+            raise GruLmError("give at most one of --budget-s, --epochs, --tokens")
+        if not given:
+            return []
+        off = ["train.time_budget_s=null", "train.epochs=null", "train.max_steps=null",
+               "train.early_stopping_patience=null"]
+        if self.seconds is not None:
+            return off + [f"train.time_budget_s={self.seconds}"]
+        if self.epochs is not None:
+            return off + [f"train.epochs={self.epochs}"]
+        steps = max(1, math.ceil(self.tokens / (batch_size * num_steps)))
+        return off + [f"train.max_steps={steps}"]
+
+
+def _check_budget(budget: Budget) -> None:
+    for name, v in (("--budget-s", budget.seconds), ("--epochs", budget.epochs),
+                    ("--tokens", budget.tokens)):
+        if v is not None and not v > 0:
+            raise GruLmError(f"{name} {v} is invalid; give a number > 0")
+
+
+def run_comparison(configs: list[Path], *, seeds: int, budget: Budget, out: Path,
+                   resume: bool, offline: bool | None, console=None) -> dict[str, Any]:
+    """Train every config x seed into `out`, then write the report."""
+    from gru_lm.runs import train_run
+
+    if not configs:
+        raise GruLmError("give at least one config (e.g. configs/gru.yaml configs/lstm.yaml) "
+                         "or --runs DIR ...")
+    if not 1 <= seeds <= 100:
+        raise GruLmError(f"--seeds {seeds} is out of range; give 1..100")
+    _check_budget(budget)
+    stems = [Path(c).stem for c in configs]
+    if len(set(stems)) != len(stems):
+        raise GruLmError(f"config names must differ, got {', '.join(stems)}")
+    loaded = [load_config(c) for c in configs]
+    data0 = loaded[0].data.model_dump(mode="json")
+    for c, cfg in zip(configs[1:], loaded[1:], strict=True):
+        if cfg.data.model_dump(mode="json") != data0:
+            raise GruLmError(f"{c}: its data section differs from {configs[0]}'s; a fair "
+                             "comparison needs the same corpus, split and vocabulary")
+    if out.exists() and not resume and any(out.iterdir()):
+        raise GruLmError(f"{out} already exists; continue it with --resume or pick another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    for cfg_path, cfg in zip(configs, loaded, strict=True):
+        for seed in range(seeds):
+            name = f"{Path(cfg_path).stem}-s{seed}"
+            run_dir = out / name
+            if (run_dir / "summary.json").is_file():
+                if console is not None:
+                    console.print(f"[dim]{name}: finished earlier, kept[/dim]")
+                continue
+            overrides = [f"train.seed={seed}", f"run.runs_dir={out}",
+                         *budget.overrides(cfg.train.batch_size, cfg.train.num_steps)]
+            if console is not None:
+                console.rule(f"{name}")
+            if (run_dir / "checkpoints" / "last.pt").is_file():
+                train_run(None, [], resume=run_dir, offline=offline, console=console)
+            elif run_dir.exists():
+                raise GruLmError(f"{run_dir} exists without a checkpoint; remove that folder "
+                                 "and run again with --resume")
+            else:
+                train_run(Path(cfg_path), overrides, name=name, offline=offline,
+                          console=console)
+    return report([out / f"{Path(c).stem}-s{s}" for c in configs for s in range(seeds)], out)
+
+
+# ---------------------------------------------------------------- reading runs
+
+
+def _read_run(run_dir: Path) -> dict[str, Any]:
+    summary_path = run_dir / "summary.json"
+    if not summary_path.is_file():
+        raise GruLmError(f"{run_dir} is not a finished run (no summary.json); finish it with "
+                         f"`gru-lm train --resume {run_dir}`")
+    try:
+        summary = json.loads(summary_path.read_text())
+        evals = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()
+                 if x.strip()]
+    except (OSError, json.JSONDecodeError) as e:
+        raise GruLmError(f"{run_dir}: cannot read its summary or metrics ({e})") from None
+    m = _SEEDED.match(run_dir.name)
+    label = m.group("label") if m else run_dir.name
+    return {"dir": run_dir, "label": label, "summary": summary,
+            "evals": [e for e in evals if e.get("kind") == "eval"]}
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    return statistics.fmean(xs) if xs else None
+
+
+def _std(xs):
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    return statistics.stdev(xs) if len(xs) > 1 else 0.0 if xs else None
+
+
+def _time_to(evals: list[dict], target: float) -> float | None:
+    for e in evals:
+        if e.get("val_ppl") is not None and e["val_ppl"] <= target:
+            return e["elapsed_s"]
+    return None
+
+
+def report(run_dirs: list[Path], out: Path) -> dict[str, Any]:
+    """Aggregate finished runs by label; write results.csv/.json, curves.png, samples.md."""
+    runs = [_read_run(Path(d)) for d in run_dirs]
+    groups: dict[str, list[dict]] = {}
+    for r in runs:
+        groups.setdefault(r["label"], []).append(r)
+    best_vals = {k: _mean(r["summary"].get("best_val_ppl") for r in g) for k, g in groups.items()}
+    finite = [v for v in best_vals.values() if v is not None]
+    target = max(finite) if finite else None  # the worst model's mean best: all can reach it
+    rows = []
+    for label, g in groups.items():
+        s = [r["summary"] for r in g]
+        val = [x.get("best_val_ppl") for x in s]
+        rows.append({
+            "model": label,
+            "name": s[0].get("model"),
+            "seeds": len(g),
+            "params": s[0].get("params"),
+            "val_ppl_mean": _mean(val),
+            "val_ppl_std": _std(val),
+            "test_ppl_mean": _mean(x.get("best_test_ppl") for x in s),
+            "train_ppl_mean": _mean(x.get("final_train_ppl") for x in s),
+            "val_bpc_mean": _mean(x.get("best_val_bpc") for x in s),
+            "tokens_per_s_mean": _mean(x.get("tokens_per_s") for x in s),
+            "wall_s_mean": _mean(x.get("elapsed_s") for x in s),
+            "tokens_seen_mean": _mean(x.get("tokens_seen") for x in s),
+            "stopped_by": sorted({x.get("stop_reason", "") for x in s}),
+            "target_val_ppl": target,
+            "time_to_target_s_mean": _mean(_time_to(r["evals"], target) for r in g)
+            if target else None,
+        })
+    result = {"target_val_ppl": target, "rows": rows,
+              "members": [str(r["dir"]) for r in runs]}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "results.json", json.dumps(result, indent=2) + "\n")
+    buf = io.StringIO()
+    fields = [k for k in rows[0] if k != "stopped_by"] + ["stopped_by"]
+    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({**row, "stopped_by": "; ".join(row["stopped_by"])})
+    atomic_write_text(out / "results.csv", buf.getvalue())
+    plot_curves(groups, out / "curves.png")
+    write_samples(groups, out / "samples.md")
+    return result
+
+
+# ---------------------------------------------------------------- plots and samples
+
+
+def _band(evals_per_seed: list[list[dict]], x_key: str):
+    """Common x grid (the eval points of the shortest seed): mean, min and max of val ppl."""
+    series = [[(e[x_key], e["val_ppl"]) for e in ev if "val_ppl" in e] for ev in evals_per_seed]
+    series = [s for s in series if s]
+    if not series:
+        return [], [], [], []
+    n = min(len(s) for s in series)
+    xs = [statistics.fmean(s[i][0] for s in series) for i in range(n)]
+    ys = [[s[i][1] for s in series] for i in range(n)]
+    return xs, [statistics.fmean(y) for y in ys], [min(y) for y in ys], [max(y) for y in ys]
+
+
+def plot_curves(groups: dict[str, list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=80)
+    for label, g in groups.items():
+        for ax, key in zip(axes, ("tokens_seen", "elapsed_s"), strict=True):
+            xs, mean, lo, hi = _band([r["evals"] for r in g], key)
+            if xs:
+                (line,) = ax.plot(xs, mean, label=label)
+                ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2)
+    for ax, xlabel in zip(axes, ("tokens seen", "seconds"), strict=True):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("validation perplexity")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle("validation perplexity (mean over seeds, min-max band)")
+    fig.tight_layout()
+    atomic_write_with(path, lambda f: fig.savefig(f, format="png"))
+    plt.close(fig)
+
+
+def plot_run(run_dir: Path, path: Path) -> Path:
+    """Train and validation perplexity of one run against steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    r = _read_metrics_only(run_dir)
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=80)
+    steps = [e["step"] for e in r]
+    ax.plot(steps, [e["train_ppl"] for e in r], label="train")
+    if any("val_ppl" in e for e in r):
+        ax.plot([e["step"] for e in r if "val_ppl" in e], [e["val_ppl"] for e in r
+                                                          if "val_ppl" in e], label="val")
+    ax.set_xlabel("step")
+    ax.set_ylabel("perplexity")
+    ax.set_title(run_dir.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write_with(path, lambda f: fig.savefig(f, format="png"))
+    plt.close(fig)
+    return path
+
+
+def _read_metrics_only(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise GruLmError(f"{run_dir} has no metrics.jsonl; pass a run directory")
+    evals = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if rec.get("kind") == "eval":
+            evals.append(rec)
+    if not evals:
+        raise GruLmError(f"{run_dir}/metrics.jsonl has no evaluations yet; train longer")
+    return evals
+
+
+def write_samples(groups: dict[str, list[dict]], path: Path,
+                  prefixes: tuple[str, ...] = ("time traveller", "the")) -> None:
+    from gru_lm.runs import checkpoint_for, load_model
+    from gru_lm.sampling import encode_prefix, generate
+
+    lines = ["# Samples", "", "Greedy and sampled (temperature 0.8, seed 0) continuations of "
+             "the same prefixes, from each model's first seed's best checkpoint.", ""]
+    for label, g in groups.items():
+        try:
+            cfg, vocab, model = load_model(checkpoint_for(g[0]["dir"], None, Path(".")))
+        except GruLmError as e:
+            lines += [f"## {label}", "", f"(no sample: {e})", ""]
+            continue
+        lines += [f"## {label}", ""]
+        for prefix in prefixes:
+            ids = encode_prefix(prefix, vocab, cfg.data.preset, cfg.data.lowercase)
+            greedy = vocab.decode(generate(model, ids, 80)[0])
+            sampled = vocab.decode(generate(model, ids, 80, temperature=0.8, seed=0)[0])
+            lines += [f"- greedy: `{prefix}{greedy}`", f"- sampled: `{prefix}{sampled}`"]
+        lines.append("")
+    atomic_write_text(path, "\n".join(lines))
+
+
+def timestamped_out(runs_dir: Path) -> Path:
+    return Path(runs_dir) / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
