@@ -337,3 +337,63 @@ def plot_cmd(
 
     path = plot_run(run, out or run / "curves.png")
     console.print(f"wrote {path}", highlight=False)
+
+
+# ---------------------------------------------------------------- gates
+
+
+@app.command("gates")
+@handle_errors
+def gates_cmd(
+    text: Annotated[str, typer.Argument(help="Text to run through the model.")],
+    run: RunOpt = None,
+    checkpoint: CkptOpt = None,
+    layer: Annotated[int, typer.Option(help="Which layer's gates.")] = 0,
+    units: Annotated[int, typer.Option(help="How many of the most active units to plot.")
+                     ] = 16,
+    png: Annotated[Path | None, typer.Option(help="Write a heatmap PNG here.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the values as JSON.")
+                        ] = None,
+    runs_dir: RunsDirOpt = Path("runs"),
+) -> None:
+    """Show a trained GRU's update/reset gates (LSTM: input/forget/output) per character."""
+    import json
+
+    from rich.text import Text
+
+    from gru_lm.errors import GruLmError
+    from gru_lm.gates import heat_strip, save_heatmap, top_units, trace_gates
+    from gru_lm.runs import checkpoint_for, load_model
+    from gru_lm.sampling import encode_prefix
+    from gru_lm.utils import atomic_write_text
+
+    if units < 1:
+        raise GruLmError(f"--units {units} is invalid; give an integer >= 1")
+    path = checkpoint_for(run, checkpoint, runs_dir)
+    cfg, vocab, model = load_model(path)
+    weights = model.gate_weights()
+    ids = encode_prefix(text, vocab, cfg.data.preset, cfg.data.lowercase)
+    shown = vocab.decode(ids)
+    trace = trace_gates(weights, ids, layer)
+    chosen = top_units(trace, units)
+    console.print(f"{cfg.model.name} layer {layer}, {trace.H.shape[1]} units, from {path}",
+                  highlight=False)
+    for name, values in trace.gates.items():
+        console.print(heat_strip(shown, values.mean(dim=1), name))
+    dh = trace.delta_H / trace.delta_H.max().clamp_min(1e-12)
+    console.print(heat_strip(shown, dh, "ΔH"))
+    means = ", ".join(f"mean {k} {v.mean():.2f}" for k, v in trace.gates.items())
+    console.print(Text(f"colour: blue 0 → red 1 (ΔH scaled to its max); {means}. "
+                       + ("Z near 1 keeps the old state, R near 0 forgets it."
+                          if trace.kind == "gru" else
+                          "F near 1 keeps the cell state, I lets new input in.")))
+    if png is not None:
+        save_heatmap(shown, trace, chosen, png)
+        console.print(f"wrote {png}", highlight=False)
+    if json_out is not None:
+        data = {"text": shown, "layer": layer, "kind": trace.kind, "units": chosen,
+                "mean": {k: v.mean(dim=1).tolist() for k, v in trace.gates.items()},
+                "per_unit": {k: v[:, chosen].tolist() for k, v in trace.gates.items()},
+                "delta_H": trace.delta_H.tolist()}
+        atomic_write_text(json_out, json.dumps(data) + "\n")
+        console.print(f"wrote {json_out}", highlight=False)

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from gru_lm.cells import GRUFunction, GRUResetAfterFunction, LSTMFunction, RNNFunction
 from gru_lm.config import ModelConfig
-from gru_lm.errors import ConfigError
+from gru_lm.errors import ConfigError, GruLmError
 
 State = Tensor | tuple[Tensor, ...]
 
@@ -101,6 +101,11 @@ class RecurrentLM(nn.Module):
 
     def forward(self, X: Tensor, state: State | None = None) -> tuple[Tensor, State]:
         raise NotImplementedError
+
+    def gate_weights(self) -> list:
+        """Per-layer weights in the canonical layout of gru_lm.gates (gated models only)."""
+        raise GruLmError(f"model '{self.registry_name}' has no gates to show; `gru-lm gates` "
+                         "works with gru-scratch, gru, lstm-scratch and lstm runs")
 
 
 # ---------------------------------------------------------------- scratch models
@@ -247,6 +252,19 @@ class GRUScratch(ScratchLM):
     def make_layer(self, num_inputs, cfg, init):
         return GRULayer(num_inputs, cfg.num_hiddens, init, cfg.reset_after)
 
+    def gate_weights(self) -> list:
+        from gru_lm.gates import LayerWeights
+
+        out = []
+        for layer in self.layers:
+            b_h = torch.zeros(3 * self.num_hiddens)
+            if layer.reset_after:
+                b_h[2 * self.num_hiddens:] = layer.b_hh.detach()
+            out.append(LayerWeights("gru", layer._fused("W_x").detach(),
+                                    layer._fused("b_").detach(), layer._fused("W_h").detach(),
+                                    b_h, reset_after=layer.reset_after))
+        return out
+
 
 @register_model("lstm-scratch")
 class LSTMScratch(ScratchLM):
@@ -255,6 +273,13 @@ class LSTMScratch(ScratchLM):
 
     def make_layer(self, num_inputs, cfg, init):
         return LSTMLayer(num_inputs, cfg.num_hiddens, init, cfg.forget_bias)
+
+    def gate_weights(self) -> list:
+        from gru_lm.gates import LayerWeights
+
+        return [LayerWeights("lstm", layer._fused("W_x").detach(), layer._fused("b_").detach(),
+                             layer._fused("W_h").detach(), torch.zeros(4 * self.num_hiddens))
+                for layer in self.layers]
 
 
 @register_model("rnn-scratch")
@@ -308,10 +333,30 @@ class TorchLM(RecurrentLM):
         return self.output(Y).transpose(0, 1), state  # (batch_size, num_steps, vocab_size)
 
 
+    def _layer_tensors(self, k: int, order: tuple[int, ...]):
+        """torch.nn's stacked gate rows, reordered into our blocks and transposed."""
+        nh = self.num_hiddens
+
+        def blocks(t: Tensor) -> Tensor:
+            return torch.cat([t[i * nh:(i + 1) * nh] for i in order]).detach()
+
+        rnn = self.rnn
+        return (blocks(getattr(rnn, f"weight_ih_l{k}")).t(), blocks(getattr(rnn, f"bias_ih_l{k}")),
+                blocks(getattr(rnn, f"weight_hh_l{k}")).t(), blocks(getattr(rnn, f"bias_hh_l{k}")))
+
+
 @register_model("gru")
 class TorchGRU(TorchLM):
     description = "torch.nn.GRU with an input embedding"
     rnn_cls = nn.GRU
+
+    def gate_weights(self) -> list:
+        from gru_lm.gates import LayerWeights
+
+        emb = self.embedding.weight.detach()
+        return [LayerWeights("gru", *self._layer_tensors(k, (1, 0, 2)), reset_after=True,
+                             embedding=emb if k == 0 else None)
+                for k in range(self.num_layers)]  # torch.nn's (r, z, n) -> our (z, r, h)
 
 
 @register_model("lstm")
@@ -319,6 +364,14 @@ class TorchLSTM(TorchLM):
     description = "torch.nn.LSTM with an input embedding"
     rnn_cls = nn.LSTM
     num_states = 2
+
+    def gate_weights(self) -> list:
+        from gru_lm.gates import LayerWeights
+
+        emb = self.embedding.weight.detach()
+        return [LayerWeights("lstm", *self._layer_tensors(k, (0, 1, 2, 3)),
+                             embedding=emb if k == 0 else None)
+                for k in range(self.num_layers)]
 
 
 @register_model("rnn")

@@ -1,0 +1,133 @@
+"""Look inside gated cells: recompute update/reset (GRU) or input/forget/output (LSTM) gates.
+
+Each gated model exposes its weights per layer in one canonical layout (`gate_weights`);
+this module steps through a text with them, one character at a time, and records the
+gates, so the trainer and the models need no extra hooks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from gru_lm.errors import GruLmError
+
+GATE_NAMES = {"gru": ("Z", "R"), "lstm": ("I", "F", "O")}
+
+
+@dataclass
+class LayerWeights:
+    """x W_x + b_x and H W_h + b_h for every gate block, blocks along the last axis.
+
+    kind "gru": blocks [z | r | h]; reset_after says whether R multiplies (H W_hh + b_hh)
+    (torch.nn) or H before W_hh (the book). kind "lstm": blocks [i | f | g | o].
+    """
+
+    kind: str
+    W_x: Tensor  # (num_inputs, G * num_hiddens); for layer 0, rows are looked up by token id
+    b_x: Tensor  # (G * num_hiddens,)
+    W_h: Tensor  # (num_hiddens, G * num_hiddens)
+    b_h: Tensor  # (G * num_hiddens,)
+    reset_after: bool = False
+    embedding: Tensor | None = None  # torch.nn models: token id -> input vector
+
+
+@dataclass
+class GateTrace:
+    kind: str
+    gates: dict[str, Tensor]  # name -> (num_chars, num_hiddens)
+    H: Tensor  # (num_chars, num_hiddens)
+    delta_H: Tensor  # (num_chars,) ||H_t - H_{t-1}||
+
+
+@torch.no_grad()
+def trace_gates(layers: list[LayerWeights], ids: list[int], layer: int) -> GateTrace:
+    """Run `ids` through layers 0..layer from a zero state; return the gates of `layer`."""
+    if not 0 <= layer < len(layers):
+        raise GruLmError(f"--layer {layer} is out of range; the model has {len(layers)} "
+                         f"layer(s): 0..{len(layers) - 1}")
+    X = torch.tensor(ids)
+    inputs: Tensor | None = None
+    for k, w in enumerate(layers[: layer + 1]):
+        if k == 0:
+            x = w.embedding[X] @ w.W_x if w.embedding is not None else w.W_x[X]
+        else:
+            x = inputs @ w.W_x
+        P = x + w.b_x  # (num_chars, G * num_hiddens)
+        nh = w.W_h.shape[0]
+        H = torch.zeros(nh, dtype=P.dtype)
+        C = torch.zeros(nh, dtype=P.dtype)
+        outs, rec = [], {name: [] for name in GATE_NAMES[w.kind]}
+        for p in P:
+            if w.kind == "gru":
+                A = H @ w.W_h + w.b_h
+                Z = torch.sigmoid(p[:nh] + A[:nh])
+                R = torch.sigmoid(p[nh:2 * nh] + A[nh:2 * nh])
+                if w.reset_after:
+                    H_tilde = torch.tanh(p[2 * nh:] + R * A[2 * nh:])
+                else:
+                    H_tilde = torch.tanh(p[2 * nh:] + (R * H) @ w.W_h[:, 2 * nh:]
+                                         + w.b_h[2 * nh:])
+                H = Z * H + (1 - Z) * H_tilde
+                rec["Z"].append(Z)
+                rec["R"].append(R)
+            else:
+                A = p + H @ w.W_h + w.b_h
+                I, F = torch.sigmoid(A[:nh]), torch.sigmoid(A[nh:2 * nh])
+                G, O = torch.tanh(A[2 * nh:3 * nh]), torch.sigmoid(A[3 * nh:])
+                C = F * C + I * G
+                H = O * torch.tanh(C)
+                rec["I"].append(I)
+                rec["F"].append(F)
+                rec["O"].append(O)
+            outs.append(H)
+        inputs = torch.stack(outs)  # (num_chars, num_hiddens)
+    prev = torch.cat([torch.zeros_like(inputs[:1]), inputs[:-1]])
+    return GateTrace(kind=w.kind, gates={k: torch.stack(v) for k, v in rec.items()},
+                     H=inputs, delta_H=(inputs - prev).norm(dim=-1))
+
+
+def top_units(trace: GateTrace, n: int) -> list[int]:
+    """The units whose first gate moves most over the text (largest std over time)."""
+    first = next(iter(trace.gates.values()))
+    n = max(1, min(n, first.shape[1]))
+    return first.std(dim=0, unbiased=False).argsort(descending=True)[:n].tolist()
+
+
+def heat_strip(text: str, values: Tensor, label: str):
+    """A rich Text: each character on a background whose warmth is the value in [0, 1]."""
+    from rich.text import Text
+
+    strip = Text(f"{label:>3} ")
+    for ch, v in zip(text, values.tolist(), strict=True):
+        v = min(1.0, max(0.0, v))
+        r, g, b = int(255 * v), int(80 + 60 * (1 - v)), int(255 * (1 - v))
+        strip.append("·" if ch == " " else ch, style=f"bold white on rgb({r},{g},{b})")
+    return strip
+
+
+def save_heatmap(text: str, trace: GateTrace, units: list[int], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from gru_lm.utils import atomic_write_with
+
+    names = list(trace.gates)
+    fig, axes = plt.subplots(len(names), 1, figsize=(max(6, 0.28 * len(text) + 2),
+                                                      1.2 + 0.25 * len(units) * len(names)),
+                             dpi=90, squeeze=False)
+    for ax, name in zip(axes[:, 0], names, strict=True):
+        data = trace.gates[name][:, units].T.numpy()  # (units, chars)
+        im = ax.imshow(data, aspect="auto", cmap="coolwarm", vmin=0, vmax=1)
+        ax.set_xticks(range(len(text)), ["␣" if c == " " else c for c in text])
+        ax.set_yticks(range(len(units)), [str(u) for u in units], fontsize=6)
+        ax.set_ylabel(f"{name} unit")
+        fig.colorbar(im, ax=ax, fraction=0.02)
+    axes[0, 0].set_title("gate values per character (rows: the most active units)")
+    fig.tight_layout()
+    atomic_write_with(path, lambda f: fig.savefig(f, format="png"))
+    plt.close(fig)
