@@ -11,8 +11,36 @@ matmul over all steps. Gate blocks along the last axis:
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
+
+from gru_lm._ext import kernels
+
+_USE_KERNELS = True
+
+
+@contextlib.contextmanager
+def portable_loops():
+    """Run the PyTorch loops below even where the fused C++ kernels are available."""
+    global _USE_KERNELS
+    old, _USE_KERNELS = _USE_KERNELS, False
+    try:
+        yield
+    finally:
+        _USE_KERNELS = old
+
+
+def _fast(P: Tensor):
+    """The fused kernels for float32 CPU tensors, else None (the loops below run).
+
+    Training builds/loads them on first use; inference alone (predict, gates) never pays
+    that start-up cost and uses them only when they are already loaded.
+    """
+    if not _USE_KERNELS or P.dtype != torch.float32 or P.device.type != "cpu":
+        return None
+    return kernels(load=torch.is_grad_enabled())
 
 
 def _prev_states(H0: Tensor, Y: Tensor) -> Tensor:
@@ -29,6 +57,13 @@ class GRUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, P: Tensor, H0: Tensor, W_hzr: Tensor, W_hh: Tensor) -> Tensor:
+        ext = _fast(P)
+        ctx.ext = ext
+        if ext is not None:
+            Y, ZR, Ht, S = ext.gru_forward(P.contiguous(), H0, W_hzr.contiguous(),
+                                           W_hh.contiguous())
+            ctx.save_for_backward(H0, W_hzr, W_hh, Y, ZR, Ht, S)
+            return Y
         T, B, H3 = P.shape
         nh = H3 // 3
         Y = P.new_empty(T, B, nh)  # (num_steps, batch_size, num_hiddens)
@@ -48,6 +83,8 @@ class GRUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dY: Tensor):
         H0, W_hzr, W_hh, Y, ZR, Ht, S = ctx.saved_tensors
+        if ctx.ext is not None:
+            return tuple(ctx.ext.gru_backward(dY, H0, W_hzr, W_hh, Y, ZR, Ht, S))
         T, B, nh = Y.shape
         Hprev = _prev_states(H0, Y)
         Z, R = ZR[..., :nh], ZR[..., nh:]
@@ -77,6 +114,12 @@ class GRUResetAfterFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, P: Tensor, H0: Tensor, W_h: Tensor, b_hh: Tensor) -> Tensor:
+        ext = _fast(P)
+        ctx.ext = ext
+        if ext is not None:
+            Y, ZR, Nt, M = ext.gru_ra_forward(P.contiguous(), H0, W_h.contiguous(), b_hh)
+            ctx.save_for_backward(H0, W_h, Y, ZR, Nt, M)
+            return Y
         T, B, H3 = P.shape
         nh = H3 // 3
         Y = P.new_empty(T, B, nh)
@@ -96,6 +139,8 @@ class GRUResetAfterFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dY: Tensor):
         H0, W_h, Y, ZR, Nt, M = ctx.saved_tensors
+        if ctx.ext is not None:
+            return tuple(ctx.ext.gru_ra_backward(dY, H0, W_h, Y, ZR, Nt, M))
         T, B, nh = Y.shape
         Hprev = _prev_states(H0, Y)
         Z, R = ZR[..., :nh], ZR[..., nh:]
@@ -125,6 +170,12 @@ class LSTMFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, P: Tensor, H0: Tensor, C0: Tensor, W_h: Tensor):
+        ext = _fast(P)
+        ctx.ext = ext
+        if ext is not None:
+            Y, G, Cs, Tc = ext.lstm_forward(P.contiguous(), H0, C0, W_h.contiguous())
+            ctx.save_for_backward(H0, C0, W_h, Y, G, Cs, Tc)
+            return Y, Cs[-1].clone()
         T, B, H4 = P.shape
         nh = H4 // 4
         Y = P.new_empty(T, B, nh)
@@ -146,6 +197,8 @@ class LSTMFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dY: Tensor, dC_T: Tensor | None):
         H0, C0, W_h, Y, G, Cs, Tc = ctx.saved_tensors
+        if ctx.ext is not None:
+            return tuple(ctx.ext.lstm_backward(dY, dC_T, H0, C0, W_h, Y, G, Cs, Tc))
         T, B, nh = Y.shape
         Hprev = _prev_states(H0, Y)
         Cprev = _prev_states(C0, Cs)
@@ -176,6 +229,12 @@ class RNNFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, P: Tensor, H0: Tensor, W_hh: Tensor) -> Tensor:
+        ext = _fast(P)
+        ctx.ext = ext
+        if ext is not None:
+            (Y,) = ext.rnn_forward(P.contiguous(), H0, W_hh.contiguous())
+            ctx.save_for_backward(H0, W_hh, Y)
+            return Y
         T, B, nh = P.shape
         Y = P.new_empty(T, B, nh)
         H = H0
@@ -187,6 +246,8 @@ class RNNFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dY: Tensor):
         H0, W_hh, Y = ctx.saved_tensors
+        if ctx.ext is not None:
+            return tuple(ctx.ext.rnn_backward(dY, H0, W_hh, Y))
         T, B, nh = Y.shape
         c = 1 - Y * Y
         dA = dY.new_empty(T, B, nh)

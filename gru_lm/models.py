@@ -152,7 +152,9 @@ class _ScratchLayer(nn.Module):
         """X W_x + b for all steps: a row lookup for token ids, one matmul otherwise."""
         W_x, b = self._fused("W_x"), self._fused("b_")
         if inputs.dtype == torch.long:
-            return F.embedding(inputs, W_x) + b  # (num_steps, batch_size, G * num_hiddens)
+            # Adding b to the vocab_size-row table, not to every looked-up row, is the same
+            # sum and saves a pass over (num_steps, batch_size, G * num_hiddens).
+            return F.embedding(inputs, W_x + b)  # (num_steps, batch_size, G * num_hiddens)
         T, B, _ = inputs.shape
         return torch.addmm(b, inputs.reshape(T * B, -1), W_x).view(T, B, -1)
 

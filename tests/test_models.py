@@ -211,3 +211,48 @@ def test_d2l_init_is_small_normal_with_zero_biases():
     layer = model.layers[0]
     assert 0.005 < layer.W_hz.std().item() < 0.015
     assert torch.all(layer.b_z == 0)
+
+
+def test_fused_kernels_are_built():
+    import os
+
+    from gru_lm._ext import kernels, why_not
+
+    if os.environ.get("GRU_LM_NO_EXT") == "1":
+        assert kernels() is None
+    else:
+        assert kernels() is not None, f"the fused C++ kernels did not build: {why_not()}"
+
+
+def _f(*shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * 0.5).requires_grad_()
+
+
+@pytest.mark.parametrize("fn, args", [
+    (GRUFunction.apply, lambda: (_f(6, 3, 24, seed=0), _f(3, 8, seed=1), _f(8, 16, seed=2),
+                                 _f(8, 8, seed=3))),
+    (GRUResetAfterFunction.apply, lambda: (_f(6, 3, 24, seed=0), _f(3, 8, seed=1),
+                                           _f(8, 24, seed=2), _f(8, seed=3))),
+    (LSTMFunction.apply, lambda: (_f(6, 3, 32, seed=0), _f(3, 8, seed=1), _f(3, 8, seed=4),
+                                  _f(8, 32, seed=2))),
+    (RNNFunction.apply, lambda: (_f(6, 3, 8, seed=0), _f(3, 8, seed=1), _f(8, 8, seed=2))),
+], ids=["gru", "gru-reset-after", "lstm", "rnn"])
+def test_fused_kernels_match_the_portable_loops(fn, args):
+    from gru_lm.cells import portable_loops
+
+    def run():
+        inputs = args()
+        out = fn(*inputs)
+        outs = out if isinstance(out, tuple) else (out,)
+        weights = [torch.randn_like(o, generator=None) for o in outs]
+        sum((o * w).sum() for o, w in zip(outs, weights, strict=True)).backward()
+        return [o.detach() for o in outs], [x.grad for x in inputs]
+
+    torch.manual_seed(0)
+    fast_out, fast_grads = run()
+    torch.manual_seed(0)
+    with portable_loops():
+        ref_out, ref_grads = run()
+    for a, b in zip(fast_out + fast_grads, ref_out + ref_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
