@@ -36,11 +36,12 @@ def _fast(P: Tensor):
     """The fused kernels for float32 CPU tensors, else None (the loops below run).
 
     Training builds/loads them on first use; inference alone (predict, gates) never pays
-    that start-up cost and uses them only when they are already loaded.
+    that start-up cost and uses them only when they are already loaded. (Grad mode is off
+    inside Function.forward, so "training" is read from P, made under grad mode or not.)
     """
     if not _USE_KERNELS or P.dtype != torch.float32 or P.device.type != "cpu":
         return None
-    return kernels(load=torch.is_grad_enabled())
+    return kernels(load=P.requires_grad)
 
 
 def _prev_states(H0: Tensor, Y: Tensor) -> Tensor:
