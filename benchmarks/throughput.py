@@ -118,8 +118,10 @@ def d2l_grad_clipping(params, theta):
 
 
 def book_step_fn(model, params, lr, is_module):
-    """The book's train_epoch_ch8 inner step, with sequential-partition state carrying."""
+    """The book's train_epoch_ch8 inner step, with sequential-partition state carrying:
+    torch.optim.SGD for an nn.Module, the hand-written d2l.sgd for the scratch model."""
     holder = {"state": None}
+    updater = torch.optim.SGD(params, lr) if is_module else None
 
     def step(X, Y):
         state = holder["state"]
@@ -130,14 +132,17 @@ def book_step_fn(model, params, lr, is_module):
                 else state.detach()
         y_hat, state = model(X, state)
         loss = F.cross_entropy(y_hat, Y.T.reshape(-1))
-        if is_module:
-            model.zero_grad()
-        loss.backward()
-        d2l_grad_clipping(params, 1)
-        with torch.no_grad():
-            for p in params:
-                p -= lr * p.grad
-                if not is_module:
+        if updater is not None:
+            updater.zero_grad()
+            loss.backward()
+            d2l_grad_clipping(params, 1)
+            updater.step()
+        else:
+            loss.backward()
+            d2l_grad_clipping(params, 1)
+            with torch.no_grad():
+                for p in params:
+                    p -= lr * p.grad
                     p.grad.zero_()
         holder["state"] = state
         return loss

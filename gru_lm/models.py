@@ -146,7 +146,7 @@ class _ScratchLayer(nn.Module):
 
     def _fused(self, prefix: str) -> Tensor:
         parts = [getattr(self, f"{prefix}{g}") for g in self.gates]
-        return torch.cat(parts, dim=-1)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
     def project(self, inputs: Tensor) -> Tensor:
         """X W_x + b for all steps: a row lookup for token ids, one matmul otherwise."""
@@ -243,7 +243,10 @@ class ScratchLM(RecurrentLM):
             if self.dropout and (i < self.num_layers - 1):
                 inputs = F.dropout(inputs, self.dropout, self.training)
         out = F.dropout(inputs, self.dropout, self.training) if self.dropout else inputs
-        logits = (out @ self.W_hq + self.b_q).transpose(0, 1)  # (batch_size, num_steps, vocab)
+        # F.linear on W_hq^T: one addmm forward, and its weight gradient comes out as
+        # dlogits^T @ out, the faster GEMM orientation for a small vocabulary.
+        logits = F.linear(out, self.W_hq.t(), self.b_q)  # (num_steps, batch_size, vocab_size)
+        logits = logits.transpose(0, 1)  # (batch_size, num_steps, vocab_size)
         return logits, self.stack_states(new_states)
 
 

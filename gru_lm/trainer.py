@@ -46,6 +46,18 @@ def unigram_perplexity(train: torch.Tensor, target: torch.Tensor, vocab_size: in
     return math.exp(-logp[target].mean().item()) if len(target) else float("nan")
 
 
+def time_major_loss(logits: torch.Tensor, Y: torch.Tensor, reduction: str = "mean",
+                    ignore_index: int = -100) -> torch.Tensor:
+    """Cross-entropy over every token, read in (num_steps, batch_size) order.
+
+    The models compute time-major and hand back a transposed view, so reading it time-major
+    costs no copy of the logits (only of the small target tensor).
+    """
+    V = logits.shape[-1]
+    return F.cross_entropy(logits.transpose(0, 1).reshape(-1, V).float(), Y.t().reshape(-1),
+                           reduction=reduction, ignore_index=ignore_index)
+
+
 @torch.no_grad()
 def evaluate(model: RecurrentLM, tokens: torch.Tensor, batch_size: int, num_steps: int,
              device: torch.device, autocast=nullcontext) -> tuple[float, int]:
@@ -62,8 +74,7 @@ def evaluate(model: RecurrentLM, tokens: torch.Tensor, batch_size: int, num_step
                 state = model.begin_state(X.shape[0], device)
             with autocast():
                 logits, state = model(X, state)
-            nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), Y.reshape(-1),
-                                   ignore_index=-100, reduction="sum")
+            nll += time_major_loss(logits, Y, reduction="sum")
             count += int((Y != -100).sum())
     finally:
         model.train(was_training)
@@ -211,7 +222,7 @@ class Trainer:
             state = detach_state(self.state)
         with self.autocast():
             logits, state = self.model(X, state)  # (batch_size, num_steps, vocab_size)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), Y.reshape(-1))
+        loss = time_major_loss(logits, Y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg.train.grad_clip is not None:

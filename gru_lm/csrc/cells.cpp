@@ -1,7 +1,7 @@
-// Fused CPU kernels for the scratch cells (float32): the step loops of gru_lm/cells.py
-// with the elementwise work of each step in one vectorised pass between the GEMMs.
+// Fused CPU kernels for the scratch cells (float32): the step loops of gru_lm/cells.py,
+// with the elementwise work of each step in one vectorised pass between BLAS calls.
 // Same inputs, outputs and saved tensors as the Python loops, which remain the portable
-// fallback; tests check the two agree.
+// fallback; tests check the two agree. All tensors are contiguous, row-major.
 #include <torch/extension.h>
 
 #include <cmath>
@@ -9,51 +9,77 @@
 
 using at::Tensor;
 
+// BLAS as linked into libtorch_cpu (MKL in the CPU wheels): calling it directly skips the
+// dispatcher and the tensor views that at::mm needs at every step.
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n,
+                       const int* k, const float* alpha, const float* a, const int* lda,
+                       const float* b, const int* ldb, const float* beta, float* c,
+                       const int* ldc);
+
 namespace {
 
+// Row-major C[M x N] = op(A)[M x K] . op(B)[K x N] + beta C; lda/ldb/ldc are row strides.
+// BLAS is column-major, where a row-major matrix reads as its transpose: C^T = op(B)^T op(A)^T.
+inline void gemm(bool transA, bool transB, int64_t M, int64_t N, int64_t K, const float* A,
+                 int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  const char ta = transB ? 'T' : 'N', tb = transA ? 'T' : 'N';
+  const int m = N, n = M, k = K, la = ldb, lb = lda, lc = ldc;
+  const float one = 1.0f;
+  sgemm_(&ta, &tb, &m, &n, &k, &one, B, &la, A, &lb, &beta, C, &lc);
+}
+
 inline float sigm(float x) { return 1.0f / (1.0f + std::exp(-x)); }
+
+inline const float* cptr(const Tensor& t) { return t.data_ptr<float>(); }
+inline float* ptr(Tensor& t) { return t.data_ptr<float>(); }
+
+// Weight gradient sum_t Hprev_t^T dA_t with Hprev = [H0; Y_0 .. Y_{T-2}], as two GEMMs so
+// the shifted copy of Y is never built. dA has row stride ld_da, width n.
+Tensor weight_grad(const float* h0, const float* y, const float* da, int64_t T, int64_t B,
+                   int64_t nh, int64_t n, int64_t ld_da, const at::TensorOptions& opts) {
+  Tensor dW = at::empty({nh, n}, opts);
+  gemm(true, false, nh, n, B, h0, nh, da, ld_da, 0.0f, ptr(dW), n);
+  if (T > 1) gemm(true, false, nh, n, (T - 1) * B, y, nh, da + B * ld_da, ld_da, 1.0f,
+                  ptr(dW), n);
+  return dW;
+}
 
 // ---------------------------------------------------------------- GRU, the book's formula
 // Z = s(P_z + H W_hz), R = s(P_r + H W_hr), Ht = tanh(P_h + (R*H) W_hh), H' = Ht + Z (H - Ht)
 std::vector<Tensor> gru_forward(Tensor P, Tensor H0, Tensor W_hzr, Tensor W_hh) {
   const int64_t T = P.size(0), B = P.size(1), nh = H0.size(1);
-  auto Y = at::empty({T, B, nh}, P.options());
-  auto ZR = at::empty({T, B, 2 * nh}, P.options());
-  auto Ht = at::empty({T, B, nh}, P.options());
-  auto S = at::empty({T, B, nh}, P.options());
-  const float* p = P.data_ptr<float>();
-  Tensor H = H0.contiguous();
+  auto opts = P.options();
+  Tensor Y = at::empty({T, B, nh}, opts), ZR = at::empty({T, B, 2 * nh}, opts);
+  Tensor Ht = at::empty({T, B, nh}, opts), S = at::empty({T, B, nh}, opts);
+  Tensor H0c = H0.contiguous();
+  const float *p = cptr(P), *wzr = cptr(W_hzr), *whh = cptr(W_hh);
+  float *y = ptr(Y), *zr = ptr(ZR), *ht = ptr(Ht), *s = ptr(S);
   for (int64_t t = 0; t < T; ++t) {
-    Tensor zr_t = ZR[t];
-    at::mm_out(zr_t, H, W_hzr);
-    float* zr = zr_t.data_ptr<float>();
-    float* s = S[t].data_ptr<float>();
-    const float* h = H.data_ptr<float>();
-    const float* pt = p + t * B * 3 * nh;
+    const float* h = t ? y + (t - 1) * B * nh : cptr(H0c);
+    float *zr_t = zr + t * B * 2 * nh, *s_t = s + t * B * nh, *ht_t = ht + t * B * nh;
+    float* y_t = y + t * B * nh;
+    const float* p_t = p + t * B * 3 * nh;
+    gemm(false, false, B, 2 * nh, nh, h, nh, wzr, 2 * nh, 0.0f, zr_t, 2 * nh);
     for (int64_t b = 0; b < B; ++b) {
-      float* zrb = zr + b * 2 * nh;
-      const float* pb = pt + b * 3 * nh;
+      float* zrb = zr_t + b * 2 * nh;
+      const float* pb = p_t + b * 3 * nh;
 #pragma omp simd
       for (int64_t j = 0; j < 2 * nh; ++j) zrb[j] = sigm(zrb[j] + pb[j]);
 #pragma omp simd
-      for (int64_t j = 0; j < nh; ++j) s[b * nh + j] = zrb[nh + j] * h[b * nh + j];
+      for (int64_t j = 0; j < nh; ++j) s_t[b * nh + j] = zrb[nh + j] * h[b * nh + j];
     }
-    Tensor ht_t = Ht[t];
-    at::mm_out(ht_t, S[t], W_hh);
-    float* ht = ht_t.data_ptr<float>();
-    float* y = Y[t].data_ptr<float>();
+    gemm(false, false, B, nh, nh, s_t, nh, whh, nh, 0.0f, ht_t, nh);
     for (int64_t b = 0; b < B; ++b) {
-      const float* pb = pt + b * 3 * nh + 2 * nh;
-      const float* zb = zr + b * 2 * nh;
+      const float* pb = p_t + b * 3 * nh + 2 * nh;
+      const float* zb = zr_t + b * 2 * nh;
 #pragma omp simd
       for (int64_t j = 0; j < nh; ++j) {
         const int64_t i = b * nh + j;
-        const float c = std::tanh(ht[i] + pb[j]);
-        ht[i] = c;
-        y[i] = c + zb[j] * (h[i] - c);
+        const float c = std::tanh(ht_t[i] + pb[j]);
+        ht_t[i] = c;
+        y_t[i] = c + zb[j] * (h[i] - c);
       }
     }
-    H = Y[t];
   }
   return {Y, ZR, Ht, S};
 }
@@ -61,99 +87,85 @@ std::vector<Tensor> gru_forward(Tensor P, Tensor H0, Tensor W_hzr, Tensor W_hh) 
 std::vector<Tensor> gru_backward(Tensor dY, Tensor H0, Tensor W_hzr, Tensor W_hh, Tensor Y,
                                  Tensor ZR, Tensor Ht, Tensor S) {
   const int64_t T = Y.size(0), B = Y.size(1), nh = Y.size(2);
+  auto opts = Y.options();
   dY = dY.contiguous();
-  auto dA = at::empty({T, B, 3 * nh}, Y.options());
-  auto dAzr = at::empty({B, 2 * nh}, Y.options());
-  auto dAh = at::empty({B, nh}, Y.options());
-  auto dS = at::empty({B, nh}, Y.options());
-  auto base = at::empty({B, nh}, Y.options());
-  auto carry = at::zeros({B, nh}, Y.options());
-  const Tensor W_hzr_T = W_hzr.t().contiguous(), W_hh_T = W_hh.t().contiguous();
-  const Tensor H0c = H0.contiguous();
+  Tensor H0c = H0.contiguous();
+  Tensor dA = at::empty({T, B, 3 * nh}, opts);  // = dP: [z | r | h]
+  Tensor dS = at::empty({B, nh}, opts);
+  Tensor carry = at::zeros({B, nh}, opts), next = at::empty({B, nh}, opts);
+  const float *y = cptr(Y), *zr = cptr(ZR), *ht = cptr(Ht), *dy = cptr(dY), *h0 = cptr(H0c);
+  const float *wzr = cptr(W_hzr), *whh = cptr(W_hh);
+  float *da = ptr(dA), *ds = ptr(dS), *c = ptr(carry), *nx = ptr(next);
   for (int64_t t = T - 1; t >= 0; --t) {
-    const float* hp = (t ? Y[t - 1] : H0c).data_ptr<float>();
-    const float* zr = ZR[t].data_ptr<float>();
-    const float* ht = Ht[t].data_ptr<float>();
-    const float* dy = dY[t].data_ptr<float>();
-    float* c = carry.data_ptr<float>();
-    float* bs = base.data_ptr<float>();
-    float* da = dA[t].data_ptr<float>();
-    float* dazr = dAzr.data_ptr<float>();
-    float* dah = dAh.data_ptr<float>();
+    const float* hp = t ? y + (t - 1) * B * nh : h0;
+    const float *zr_t = zr + t * B * 2 * nh, *ht_t = ht + t * B * nh, *dy_t = dy + t * B * nh;
+    float* da_t = da + t * B * 3 * nh;
     for (int64_t b = 0; b < B; ++b) {
-      const float* zb = zr + b * 2 * nh;
+      const float* zb = zr_t + b * 2 * nh;
+      float* dab = da_t + b * 3 * nh;
 #pragma omp simd
       for (int64_t j = 0; j < nh; ++j) {
         const int64_t i = b * nh + j;
-        const float z = zb[j];
-        const float dh = dy[i] + c[i];
-        const float g = ht[i];
-        dah[i] = dh * (1.0f - z) * (1.0f - g * g);
-        dazr[b * 2 * nh + j] = dh * (hp[i] - g) * z * (1.0f - z);
-        bs[i] = dh * z;  // dH_{t-1} from H' = Ht + Z (H - Ht), direct term
+        const float z = zb[j], g = ht_t[i];
+        const float dh = dy_t[i] + c[i];
+        dab[2 * nh + j] = dh * (1.0f - z) * (1.0f - g * g);
+        dab[j] = dh * (hp[i] - g) * z * (1.0f - z);
+        nx[i] = dh * z;  // the direct path H' = ... + Z H
       }
     }
-    at::mm_out(dS, dAh, W_hh_T);
-    const float* ds = dS.data_ptr<float>();
+    gemm(false, true, B, nh, nh, da_t + 2 * nh, 3 * nh, whh, nh, 0.0f, ds, nh);  // dAh W_hh^T
     for (int64_t b = 0; b < B; ++b) {
-      const float* rb = zr + b * 2 * nh + nh;
+      const float* rb = zr_t + b * 2 * nh + nh;
+      float* dab = da_t + b * 3 * nh;
 #pragma omp simd
       for (int64_t j = 0; j < nh; ++j) {
         const int64_t i = b * nh + j;
         const float r = rb[j];
-        dazr[b * 2 * nh + nh + j] = ds[i] * hp[i] * r * (1.0f - r);
-        bs[i] += ds[i] * r;
-        da[b * 3 * nh + 2 * nh + j] = dah[i];
+        dab[nh + j] = ds[i] * hp[i] * r * (1.0f - r);
+        nx[i] += ds[i] * r;
       }
-      std::copy(dazr + b * 2 * nh, dazr + (b + 1) * 2 * nh, da + b * 3 * nh);
     }
-    at::addmm_out(carry, base, dAzr, W_hzr_T);
+    gemm(false, true, B, nh, 2 * nh, da_t, 3 * nh, wzr, 2 * nh, 1.0f, nx, nh);  // + dAzr W^T
+    std::swap(c, nx);
   }
-  const int64_t flat = T * B;
-  Tensor Hprev = at::cat({H0c.unsqueeze(0), Y.narrow(0, 0, T - 1)}, 0).reshape({flat, nh});
-  Tensor dA2 = dA.view({flat, 3 * nh});
-  Tensor dW_hzr = at::mm(Hprev.t(), dA2.narrow(1, 0, 2 * nh));
-  Tensor dW_hh = at::mm(S.view({flat, nh}).t(), dA2.narrow(1, 2 * nh, nh));
-  return {dA, carry, dW_hzr, dW_hh};
+  Tensor dH0 = at::empty({B, nh}, opts);
+  std::copy(c, c + B * nh, ptr(dH0));
+  Tensor dW_hzr = weight_grad(h0, y, da, T, B, nh, 2 * nh, 3 * nh, opts);
+  Tensor dW_hh = at::empty({nh, nh}, opts);
+  gemm(true, false, nh, nh, T * B, cptr(S), nh, da + 2 * nh, 3 * nh, 0.0f, ptr(dW_hh), nh);
+  return {dA, dH0, dW_hzr, dW_hh};
 }
 
 // ---------------------------------------------------------------- GRU, torch.nn's formula
 // A = H W_h; Z, R = s(P + A); M = A_h + b_hh; N = tanh(P_h + R M); H' = N + Z (H - N)
 std::vector<Tensor> gru_ra_forward(Tensor P, Tensor H0, Tensor W_h, Tensor b_hh) {
   const int64_t T = P.size(0), B = P.size(1), nh = H0.size(1);
-  auto Y = at::empty({T, B, nh}, P.options());
-  auto ZR = at::empty({T, B, 2 * nh}, P.options());
-  auto N = at::empty({T, B, nh}, P.options());
-  auto M = at::empty({T, B, nh}, P.options());
-  auto A = at::empty({B, 3 * nh}, P.options());
-  const float* p = P.data_ptr<float>();
-  const float* bh = b_hh.contiguous().data_ptr<float>();
-  Tensor H = H0.contiguous();
+  auto opts = P.options();
+  Tensor Y = at::empty({T, B, nh}, opts), ZR = at::empty({T, B, 2 * nh}, opts);
+  Tensor N = at::empty({T, B, nh}, opts), M = at::empty({T, B, nh}, opts);
+  Tensor A = at::empty({B, 3 * nh}, opts);
+  Tensor H0c = H0.contiguous(), bhc = b_hh.contiguous();
+  const float *p = cptr(P), *wh = cptr(W_h), *bh = cptr(bhc);
+  float *y = ptr(Y), *zr = ptr(ZR), *n = ptr(N), *m = ptr(M), *a = ptr(A);
   for (int64_t t = 0; t < T; ++t) {
-    at::mm_out(A, H, W_h);
-    const float* a = A.data_ptr<float>();
-    const float* h = H.data_ptr<float>();
-    float* zr = ZR[t].data_ptr<float>();
-    float* n = N[t].data_ptr<float>();
-    float* m = M[t].data_ptr<float>();
-    float* y = Y[t].data_ptr<float>();
+    const float* h = t ? y + (t - 1) * B * nh : cptr(H0c);
+    gemm(false, false, B, 3 * nh, nh, h, nh, wh, 3 * nh, 0.0f, a, 3 * nh);
     for (int64_t b = 0; b < B; ++b) {
       const float* pb = p + (t * B + b) * 3 * nh;
       const float* ab = a + b * 3 * nh;
-      float* zrb = zr + b * 2 * nh;
+      float* zrb = zr + (t * B + b) * 2 * nh;
+      const int64_t o = (t * B + b) * nh;
 #pragma omp simd
       for (int64_t j = 0; j < 2 * nh; ++j) zrb[j] = sigm(pb[j] + ab[j]);
 #pragma omp simd
       for (int64_t j = 0; j < nh; ++j) {
-        const int64_t i = b * nh + j;
         const float mm = ab[2 * nh + j] + bh[j];
-        m[i] = mm;
+        m[o + j] = mm;
         const float nn = std::tanh(pb[2 * nh + j] + zrb[nh + j] * mm);
-        n[i] = nn;
-        y[i] = nn + zrb[j] * (h[i] - nn);
+        n[o + j] = nn;
+        y[o + j] = nn + zrb[j] * (h[b * nh + j] - nn);
       }
     }
-    H = Y[t];
   }
   return {Y, ZR, N, M};
 }
@@ -161,90 +173,83 @@ std::vector<Tensor> gru_ra_forward(Tensor P, Tensor H0, Tensor W_h, Tensor b_hh)
 std::vector<Tensor> gru_ra_backward(Tensor dY, Tensor H0, Tensor W_h, Tensor Y, Tensor ZR,
                                     Tensor N, Tensor M) {
   const int64_t T = Y.size(0), B = Y.size(1), nh = Y.size(2);
+  auto opts = Y.options();
   dY = dY.contiguous();
-  auto dA = at::empty({T, B, 3 * nh}, Y.options());  // [z | r | m]
-  auto dP = at::empty({T, B, 3 * nh}, Y.options());
-  auto base = at::empty({B, nh}, Y.options());
-  auto carry = at::zeros({B, nh}, Y.options());
-  const Tensor W_h_T = W_h.t().contiguous();
-  const Tensor H0c = H0.contiguous();
+  Tensor H0c = H0.contiguous();
+  Tensor dA = at::empty({T, B, 3 * nh}, opts);  // d(H W_h): [z | r | m]
+  Tensor dP = at::empty({T, B, 3 * nh}, opts);
+  Tensor carry = at::zeros({B, nh}, opts), next = at::empty({B, nh}, opts);
+  const float *y = cptr(Y), *zr = cptr(ZR), *n = cptr(N), *m = cptr(M), *dy = cptr(dY);
+  const float *h0 = cptr(H0c), *wh = cptr(W_h);
+  float *da = ptr(dA), *dp = ptr(dP), *c = ptr(carry), *nx = ptr(next);
   for (int64_t t = T - 1; t >= 0; --t) {
-    const float* hp = (t ? Y[t - 1] : H0c).data_ptr<float>();
-    const float* zr = ZR[t].data_ptr<float>();
-    const float* n = N[t].data_ptr<float>();
-    const float* m = M[t].data_ptr<float>();
-    const float* dy = dY[t].data_ptr<float>();
-    const float* c = carry.data_ptr<float>();
-    float* bs = base.data_ptr<float>();
-    float* da = dA[t].data_ptr<float>();
-    float* dp = dP[t].data_ptr<float>();
+    const float* hp = t ? y + (t - 1) * B * nh : h0;
     for (int64_t b = 0; b < B; ++b) {
-      const float* zb = zr + b * 2 * nh;
-      float* dab = da + b * 3 * nh;
-      float* dpb = dp + b * 3 * nh;
+      const float* zb = zr + (t * B + b) * 2 * nh;
+      float* dab = da + (t * B + b) * 3 * nh;
+      float* dpb = dp + (t * B + b) * 3 * nh;
+      const int64_t o = (t * B + b) * nh;
 #pragma omp simd
       for (int64_t j = 0; j < nh; ++j) {
         const int64_t i = b * nh + j;
-        const float z = zb[j], r = zb[nh + j], nn = n[i];
-        const float dh = dy[i] + c[i];
+        const float z = zb[j], r = zb[nh + j], nn = n[o + j];
+        const float dh = dy[o + j] + c[i];
         const float dan = dh * (1.0f - z) * (1.0f - nn * nn);
         const float daz = dh * (hp[i] - nn) * z * (1.0f - z);
-        const float dar = dan * m[i] * r * (1.0f - r);
+        const float dar = dan * m[o + j] * r * (1.0f - r);
         dab[j] = daz;
         dab[nh + j] = dar;
         dab[2 * nh + j] = dan * r;
         dpb[j] = daz;
         dpb[nh + j] = dar;
         dpb[2 * nh + j] = dan;
-        bs[i] = dh * z;
+        nx[i] = dh * z;
       }
     }
-    at::addmm_out(carry, base, dA[t], W_h_T);
+    gemm(false, true, B, nh, 3 * nh, da + t * B * 3 * nh, 3 * nh, wh, 3 * nh, 1.0f, nx, nh);
+    std::swap(c, nx);
   }
-  const int64_t flat = T * B;
-  Tensor Hprev = at::cat({H0c.unsqueeze(0), Y.narrow(0, 0, T - 1)}, 0).reshape({flat, nh});
-  Tensor dA2 = dA.view({flat, 3 * nh});
-  Tensor dW_h = at::mm(Hprev.t(), dA2);
-  Tensor db_hh = dA2.narrow(1, 2 * nh, nh).sum(0);
-  return {dP, carry, dW_h, db_hh};
+  Tensor dH0 = at::empty({B, nh}, opts);
+  std::copy(c, c + B * nh, ptr(dH0));
+  Tensor dW_h = weight_grad(h0, y, da, T, B, nh, 3 * nh, 3 * nh, opts);
+  Tensor db_hh = dA.view({T * B, 3 * nh}).narrow(1, 2 * nh, nh).sum(0);
+  return {dP, dH0, dW_h, db_hh};
 }
 
 // ---------------------------------------------------------------- LSTM [i | f | g | o]
 std::vector<Tensor> lstm_forward(Tensor P, Tensor H0, Tensor C0, Tensor W_h) {
   const int64_t T = P.size(0), B = P.size(1), nh = H0.size(1);
-  auto Y = at::empty({T, B, nh}, P.options());
-  auto G = at::empty({T, B, 4 * nh}, P.options());
-  auto Cs = at::empty({T, B, nh}, P.options());
-  auto Tc = at::empty({T, B, nh}, P.options());
-  Tensor H = H0.contiguous();
-  const Tensor C0c = C0.contiguous();
+  auto opts = P.options();
+  Tensor Y = at::empty({T, B, nh}, opts), G = at::empty({T, B, 4 * nh}, opts);
+  Tensor Cs = at::empty({T, B, nh}, opts), Tc = at::empty({T, B, nh}, opts);
+  Tensor H0c = H0.contiguous(), C0c = C0.contiguous();
+  const float *p = cptr(P), *wh = cptr(W_h);
+  float *y = ptr(Y), *g = ptr(G), *cs = ptr(Cs), *tc = ptr(Tc);
   for (int64_t t = 0; t < T; ++t) {
-    Tensor g_t = G[t];
-    at::addmm_out(g_t, P[t], H, W_h);
-    float* g = g_t.data_ptr<float>();
-    const float* cp = (t ? Cs[t - 1] : C0c).data_ptr<float>();
-    float* cs = Cs[t].data_ptr<float>();
-    float* tc = Tc[t].data_ptr<float>();
-    float* y = Y[t].data_ptr<float>();
+    const float* h = t ? y + (t - 1) * B * nh : cptr(H0c);
+    const float* cp = t ? cs + (t - 1) * B * nh : cptr(C0c);
+    float* g_t = g + t * B * 4 * nh;
+    gemm(false, false, B, 4 * nh, nh, h, nh, wh, 4 * nh, 0.0f, g_t, 4 * nh);
     for (int64_t b = 0; b < B; ++b) {
-      float* gb = g + b * 4 * nh;
+      float* gb = g_t + b * 4 * nh;
+      const float* pb = p + (t * B + b) * 4 * nh;
+      const int64_t o = (t * B + b) * nh;
 #pragma omp simd
       for (int64_t j = 0; j < nh; ++j) {
-        const int64_t i = b * nh + j;
-        const float ig = sigm(gb[j]), fg = sigm(gb[nh + j]);
-        const float cg = std::tanh(gb[2 * nh + j]), og = sigm(gb[3 * nh + j]);
+        const float ig = sigm(gb[j] + pb[j]), fg = sigm(gb[nh + j] + pb[nh + j]);
+        const float cg = std::tanh(gb[2 * nh + j] + pb[2 * nh + j]);
+        const float og = sigm(gb[3 * nh + j] + pb[3 * nh + j]);
         gb[j] = ig;
         gb[nh + j] = fg;
         gb[2 * nh + j] = cg;
         gb[3 * nh + j] = og;
-        const float cn = fg * cp[i] + ig * cg;
-        cs[i] = cn;
+        const float cn = fg * cp[b * nh + j] + ig * cg;
+        cs[o + j] = cn;
         const float th = std::tanh(cn);
-        tc[i] = th;
-        y[i] = og * th;
+        tc[o + j] = th;
+        y[o + j] = og * th;
       }
     }
-    H = Y[t];
   }
   return {Y, G, Cs, Tc};
 }
@@ -252,29 +257,27 @@ std::vector<Tensor> lstm_forward(Tensor P, Tensor H0, Tensor C0, Tensor W_h) {
 std::vector<Tensor> lstm_backward(Tensor dY, Tensor dC_T, Tensor H0, Tensor C0, Tensor W_h,
                                   Tensor Y, Tensor G, Tensor Cs, Tensor Tc) {
   const int64_t T = Y.size(0), B = Y.size(1), nh = Y.size(2);
+  auto opts = Y.options();
   dY = dY.contiguous();
-  auto dA = at::empty({T, B, 4 * nh}, Y.options());
-  auto carry_h = at::zeros({B, nh}, Y.options());
-  Tensor carry_c = dC_T.defined() ? dC_T.contiguous().clone() : at::zeros({B, nh}, Y.options());
-  const Tensor W_h_T = W_h.t().contiguous();
-  const Tensor H0c = H0.contiguous(), C0c = C0.contiguous();
+  Tensor H0c = H0.contiguous(), C0c = C0.contiguous();
+  Tensor dA = at::empty({T, B, 4 * nh}, opts);
+  Tensor carry_h = at::zeros({B, nh}, opts);
+  Tensor carry_c = dC_T.defined() ? dC_T.contiguous().clone() : at::zeros({B, nh}, opts);
+  const float *g = cptr(G), *cs = cptr(Cs), *tc = cptr(Tc), *dy = cptr(dY), *wh = cptr(W_h);
+  const float *h0 = cptr(H0c), *c0 = cptr(C0c), *y = cptr(Y);
+  float *da = ptr(dA), *ch = ptr(carry_h), *cc = ptr(carry_c);
   for (int64_t t = T - 1; t >= 0; --t) {
-    const float* cp = (t ? Cs[t - 1] : C0c).data_ptr<float>();
-    const float* g = G[t].data_ptr<float>();
-    const float* tc = Tc[t].data_ptr<float>();
-    const float* dy = dY[t].data_ptr<float>();
-    const float* ch = carry_h.data_ptr<float>();
-    float* cc = carry_c.data_ptr<float>();
-    float* da = dA[t].data_ptr<float>();
+    const float* cp = t ? cs + (t - 1) * B * nh : c0;
     for (int64_t b = 0; b < B; ++b) {
-      const float* gb = g + b * 4 * nh;
-      float* dab = da + b * 4 * nh;
+      const float* gb = g + (t * B + b) * 4 * nh;
+      float* dab = da + (t * B + b) * 4 * nh;
+      const int64_t o = (t * B + b) * nh;
 #pragma omp simd
       for (int64_t j = 0; j < nh; ++j) {
         const int64_t i = b * nh + j;
         const float ig = gb[j], fg = gb[nh + j], cg = gb[2 * nh + j], og = gb[3 * nh + j];
-        const float dh = dy[i] + ch[i];
-        const float th = tc[i];
+        const float dh = dy[o + j] + ch[i];
+        const float th = tc[o + j];
         const float dc = cc[i] + dh * og * (1.0f - th * th);
         dab[j] = dc * cg * ig * (1.0f - ig);
         dab[nh + j] = dc * cp[i] * fg * (1.0f - fg);
@@ -283,49 +286,46 @@ std::vector<Tensor> lstm_backward(Tensor dY, Tensor dC_T, Tensor H0, Tensor C0, 
         cc[i] = dc * fg;
       }
     }
-    at::mm_out(carry_h, dA[t], W_h_T);
+    gemm(false, true, B, nh, 4 * nh, da + t * B * 4 * nh, 4 * nh, wh, 4 * nh, 0.0f, ch, nh);
   }
-  const int64_t flat = T * B;
-  Tensor Hprev = at::cat({H0c.unsqueeze(0), Y.narrow(0, 0, T - 1)}, 0).reshape({flat, nh});
-  Tensor dW_h = at::mm(Hprev.t(), dA.view({flat, 4 * nh}));
+  Tensor dW_h = weight_grad(h0, y, da, T, B, nh, 4 * nh, 4 * nh, opts);
   return {dA, carry_h, carry_c, dW_h};
 }
 
 // ---------------------------------------------------------------- RNN
 std::vector<Tensor> rnn_forward(Tensor P, Tensor H0, Tensor W_hh) {
   const int64_t T = P.size(0), B = P.size(1), nh = H0.size(1);
-  auto Y = at::empty({T, B, nh}, P.options());
-  Tensor H = H0.contiguous();
+  Tensor Y = at::empty({T, B, nh}, P.options());
+  Tensor H0c = H0.contiguous();
+  const float *w = cptr(W_hh), *p = cptr(P);
+  float* y = ptr(Y);
   for (int64_t t = 0; t < T; ++t) {
-    Tensor y_t = Y[t];
-    at::addmm_out(y_t, P[t], H, W_hh);
-    float* y = y_t.data_ptr<float>();
+    const float* h = t ? y + (t - 1) * B * nh : cptr(H0c);
+    float* y_t = y + t * B * nh;
+    const float* p_t = p + t * B * nh;
+    gemm(false, false, B, nh, nh, h, nh, w, nh, 0.0f, y_t, nh);
 #pragma omp simd
-    for (int64_t i = 0; i < B * nh; ++i) y[i] = std::tanh(y[i]);
-    H = y_t;
+    for (int64_t i = 0; i < B * nh; ++i) y_t[i] = std::tanh(y_t[i] + p_t[i]);
   }
   return {Y};
 }
 
 std::vector<Tensor> rnn_backward(Tensor dY, Tensor H0, Tensor W_hh, Tensor Y) {
   const int64_t T = Y.size(0), B = Y.size(1), nh = Y.size(2);
+  auto opts = Y.options();
   dY = dY.contiguous();
-  auto dA = at::empty({T, B, nh}, Y.options());
-  auto carry = at::zeros({B, nh}, Y.options());
-  const Tensor W_T = W_hh.t().contiguous();
+  Tensor H0c = H0.contiguous();
+  Tensor dA = at::empty({T, B, nh}, opts);
+  Tensor carry = at::zeros({B, nh}, opts);
+  const float *y = cptr(Y), *dy = cptr(dY), *w = cptr(W_hh);
+  float *da = ptr(dA), *c = ptr(carry);
   for (int64_t t = T - 1; t >= 0; --t) {
-    const float* y = Y[t].data_ptr<float>();
-    const float* dy = dY[t].data_ptr<float>();
-    const float* c = carry.data_ptr<float>();
-    float* da = dA[t].data_ptr<float>();
+    const int64_t o = t * B * nh;
 #pragma omp simd
-    for (int64_t i = 0; i < B * nh; ++i) da[i] = (dy[i] + c[i]) * (1.0f - y[i] * y[i]);
-    at::mm_out(carry, dA[t], W_T);
+    for (int64_t i = 0; i < B * nh; ++i) da[o + i] = (dy[o + i] + c[i]) * (1.0f - y[o + i] * y[o + i]);
+    gemm(false, true, B, nh, nh, da + o, nh, w, nh, 0.0f, c, nh);
   }
-  const int64_t flat = T * B;
-  Tensor Hprev = at::cat({H0.contiguous().unsqueeze(0), Y.narrow(0, 0, T - 1)}, 0)
-                     .reshape({flat, nh});
-  Tensor dW = at::mm(Hprev.t(), dA.view({flat, nh}));
+  Tensor dW = weight_grad(cptr(H0c), y, da, T, B, nh, nh, nh, opts);
   return {dA, carry, dW};
 }
 
