@@ -108,7 +108,7 @@ def data_download(
 @handle_errors
 def data_info(config: ConfigOpt = None, overrides: Overrides = None,
               offline: OfflineOpt = False,
-              top: Annotated[int, typer.Option(help="How many frequent tokens to show.")] = 10,
+              top: Annotated[int, typer.Option(help="How many frequent tokens to show.")] = 8,
               ) -> None:
     """Show corpus statistics: characters, tokens, vocabulary, splits."""
     from rich.table import Table
@@ -121,7 +121,7 @@ def data_info(config: ConfigOpt = None, overrides: Overrides = None,
     v = corpus.vocab
     table = Table(title=f"corpus: {cfg.data.dataset or cfg.data.path or cfg.data.url}")
     table.add_column("what")
-    table.add_column("value", justify="right")
+    table.add_column("value")
     table.add_row("file", corpus.source)
     table.add_row("raw characters", f"{corpus.raw_chars:,}")
     table.add_row(f"tokens ({cfg.data.preset} preset)", f"{corpus.num_tokens:,}")

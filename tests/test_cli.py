@@ -169,3 +169,18 @@ def test_signal_saves_checkpoint_and_prints_resume_command(workdir, sig, code):
     r = cli("train", "--resume", str(run), f"train.max_steps={ck['step'] + 5}", "--quiet")
     assert r.exit_code == 0, r.output
     assert _final_state(run)["step"] == ck["step"] + 5
+
+
+@pytest.mark.parametrize("model", ["gru-scratch", "gru"])
+def test_bf16_autocast_trains_on_cpu(workdir, model):
+    run = train_tiny(f"bf16-{model}", "train.precision=bf16", f"model.name={model}")
+    summary = json.loads((run / "summary.json").read_text())
+    assert 1 < summary["best_val_ppl"] < 28
+
+
+def test_unavailable_device_is_a_config_error(workdir):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")  # CI never has a GPU, so this runs there
+    r = cli("train", "--config", "configs/tiny.yaml", "-q", "train.device=cuda")
+    assert r.exit_code == 1
+    assert "train.device: 'cuda' is not available" in r.output

@@ -291,3 +291,14 @@ def test_same_seed_twice_gives_identical_runs(workdir):
 
     assert losses(a) == losses(b)
     assert (a / "samples.txt").read_text() == (b / "samples.txt").read_text()
+
+
+def test_written_files_get_the_usual_mode(tmp_path):
+    from gru_lm.utils import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "x.txt", "hi")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "x.txt").stat().st_mode & 0o777 == 0o644
