@@ -94,7 +94,9 @@ std::vector<Tensor> gru_backward(Tensor dY, Tensor H0, Tensor W_hzr, Tensor W_hh
   Tensor dS = at::empty({B, nh}, opts);
   Tensor carry = at::zeros({B, nh}, opts), next = at::empty({B, nh}, opts);
   const float *y = cptr(Y), *zr = cptr(ZR), *ht = cptr(Ht), *dy = cptr(dY), *h0 = cptr(H0c);
-  const float *wzr = cptr(W_hzr), *whh = cptr(W_hh);
+  // Transposed once here: BLAS is faster on a plain B than on a transposed one at these sizes.
+  Tensor W_hzr_T = W_hzr.t().contiguous(), W_hh_T = W_hh.t().contiguous();
+  const float *wzr_t = cptr(W_hzr_T), *whh_t = cptr(W_hh_T);
   float *da = ptr(dA), *ds = ptr(dS), *c = ptr(carry), *nx = ptr(next);
   for (int64_t t = T - 1; t >= 0; --t) {
     const float* hp = t ? y + (t - 1) * B * nh : h0;
@@ -113,7 +115,7 @@ std::vector<Tensor> gru_backward(Tensor dY, Tensor H0, Tensor W_hzr, Tensor W_hh
         nx[i] = dh * z;  // the direct path H' = ... + Z H
       }
     }
-    gemm(false, true, B, nh, nh, da_t + 2 * nh, 3 * nh, whh, nh, 0.0f, ds, nh);  // dAh W_hh^T
+    gemm(false, false, B, nh, nh, da_t + 2 * nh, 3 * nh, whh_t, nh, 0.0f, ds, nh);  // dAh W_hh^T
     for (int64_t b = 0; b < B; ++b) {
       const float* rb = zr_t + b * 2 * nh + nh;
       float* dab = da_t + b * 3 * nh;
@@ -125,7 +127,7 @@ std::vector<Tensor> gru_backward(Tensor dY, Tensor H0, Tensor W_hzr, Tensor W_hh
         nx[i] += ds[i] * r;
       }
     }
-    gemm(false, true, B, nh, 2 * nh, da_t, 3 * nh, wzr, 2 * nh, 1.0f, nx, nh);  // + dAzr W^T
+    gemm(false, false, B, nh, 2 * nh, da_t, 3 * nh, wzr_t, nh, 1.0f, nx, nh);  // + dAzr W^T
     std::swap(c, nx);
   }
   Tensor dH0 = at::empty({B, nh}, opts);
@@ -180,7 +182,8 @@ std::vector<Tensor> gru_ra_backward(Tensor dY, Tensor H0, Tensor W_h, Tensor Y, 
   Tensor dP = at::empty({T, B, 3 * nh}, opts);
   Tensor carry = at::zeros({B, nh}, opts), next = at::empty({B, nh}, opts);
   const float *y = cptr(Y), *zr = cptr(ZR), *n = cptr(N), *m = cptr(M), *dy = cptr(dY);
-  const float *h0 = cptr(H0c), *wh = cptr(W_h);
+  Tensor W_h_T = W_h.t().contiguous();
+  const float *h0 = cptr(H0c), *wh_t = cptr(W_h_T);
   float *da = ptr(dA), *dp = ptr(dP), *c = ptr(carry), *nx = ptr(next);
   for (int64_t t = T - 1; t >= 0; --t) {
     const float* hp = t ? y + (t - 1) * B * nh : h0;
@@ -206,7 +209,7 @@ std::vector<Tensor> gru_ra_backward(Tensor dY, Tensor H0, Tensor W_h, Tensor Y, 
         nx[i] = dh * z;
       }
     }
-    gemm(false, true, B, nh, 3 * nh, da + t * B * 3 * nh, 3 * nh, wh, 3 * nh, 1.0f, nx, nh);
+    gemm(false, false, B, nh, 3 * nh, da + t * B * 3 * nh, 3 * nh, wh_t, nh, 1.0f, nx, nh);
     std::swap(c, nx);
   }
   Tensor dH0 = at::empty({B, nh}, opts);
@@ -263,7 +266,8 @@ std::vector<Tensor> lstm_backward(Tensor dY, Tensor dC_T, Tensor H0, Tensor C0, 
   Tensor dA = at::empty({T, B, 4 * nh}, opts);
   Tensor carry_h = at::zeros({B, nh}, opts);
   Tensor carry_c = dC_T.defined() ? dC_T.contiguous().clone() : at::zeros({B, nh}, opts);
-  const float *g = cptr(G), *cs = cptr(Cs), *tc = cptr(Tc), *dy = cptr(dY), *wh = cptr(W_h);
+  Tensor W_h_T = W_h.t().contiguous();
+  const float *g = cptr(G), *cs = cptr(Cs), *tc = cptr(Tc), *dy = cptr(dY), *wh_t = cptr(W_h_T);
   const float *h0 = cptr(H0c), *c0 = cptr(C0c), *y = cptr(Y);
   float *da = ptr(dA), *ch = ptr(carry_h), *cc = ptr(carry_c);
   for (int64_t t = T - 1; t >= 0; --t) {
@@ -286,7 +290,7 @@ std::vector<Tensor> lstm_backward(Tensor dY, Tensor dC_T, Tensor H0, Tensor C0, 
         cc[i] = dc * fg;
       }
     }
-    gemm(false, true, B, nh, 4 * nh, da + t * B * 4 * nh, 4 * nh, wh, 4 * nh, 0.0f, ch, nh);
+    gemm(false, false, B, nh, 4 * nh, da + t * B * 4 * nh, 4 * nh, wh_t, nh, 0.0f, ch, nh);
   }
   Tensor dW_h = weight_grad(h0, y, da, T, B, nh, 4 * nh, 4 * nh, opts);
   return {dA, carry_h, carry_c, dW_h};
@@ -317,13 +321,14 @@ std::vector<Tensor> rnn_backward(Tensor dY, Tensor H0, Tensor W_hh, Tensor Y) {
   Tensor H0c = H0.contiguous();
   Tensor dA = at::empty({T, B, nh}, opts);
   Tensor carry = at::zeros({B, nh}, opts);
-  const float *y = cptr(Y), *dy = cptr(dY), *w = cptr(W_hh);
+  Tensor W_T = W_hh.t().contiguous();
+  const float *y = cptr(Y), *dy = cptr(dY), *w_t = cptr(W_T);
   float *da = ptr(dA), *c = ptr(carry);
   for (int64_t t = T - 1; t >= 0; --t) {
     const int64_t o = t * B * nh;
 #pragma omp simd
     for (int64_t i = 0; i < B * nh; ++i) da[o + i] = (dy[o + i] + c[i]) * (1.0f - y[o + i] * y[o + i]);
-    gemm(false, true, B, nh, nh, da + o, nh, w, nh, 0.0f, c, nh);
+    gemm(false, false, B, nh, nh, da + o, nh, w_t, nh, 0.0f, c, nh);
   }
   Tensor dW = weight_grad(cptr(H0c), y, da, T, B, nh, nh, nh, opts);
   return {dA, carry, dW};
