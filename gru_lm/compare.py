@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from gru_lm.config import load_config
-from gru_lm.errors import GruLmError
+from gru_lm.errors import GruLmError, TrainingInterrupted
 from gru_lm.utils import atomic_write_text, atomic_write_with
 
 _SEEDED = re.compile(r"^(?P<label>.+)-s(?P<seed>\d+)$")
@@ -86,14 +86,21 @@ def run_comparison(configs: list[Path], *, seeds: int, budget: Budget, out: Path
                          *budget.overrides(cfg.train.batch_size, cfg.train.num_steps)]
             if console is not None:
                 console.rule(f"{name}")
-            if (run_dir / "checkpoints" / "last.pt").is_file():
-                train_run(None, [], resume=run_dir, offline=offline, console=console)
-            elif run_dir.exists():
-                raise GruLmError(f"{run_dir} exists without a checkpoint; remove that folder "
-                                 "and run again with --resume")
-            else:
-                train_run(Path(cfg_path), overrides, name=name, offline=offline,
-                          console=console)
+            try:
+                if (run_dir / "checkpoints" / "last.pt").is_file():
+                    train_run(None, [], resume=run_dir, offline=offline, console=console)
+                elif run_dir.exists():
+                    raise GruLmError(f"{run_dir} exists without a checkpoint; remove that "
+                                     "folder and run again with --resume")
+                else:
+                    train_run(Path(cfg_path), overrides, name=name, offline=offline,
+                              console=console)
+            except TrainingInterrupted as e:
+                args = " ".join(str(c) for c in configs)
+                raise TrainingInterrupted(
+                    f"comparison interrupted in {name}; finished members are kept. Continue "
+                    f"with: gru-lm compare {args} --seeds {seeds} --out {out} --resume "
+                    "(and the same budget option)", exit_code=e.exit_code) from None
     return report([out / f"{Path(c).stem}-s{s}" for c in configs for s in range(seeds)], out)
 
 

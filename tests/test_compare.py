@@ -67,3 +67,21 @@ def test_plot_writes_a_png(workdir):
     assert r.exit_code == 0
     png = Path("runs/p/curves.png").read_bytes()
     assert png.startswith(PNG) and len(png) > 5_000
+
+
+def test_interrupted_comparison_keeps_members_and_says_how_to_resume(workdir, monkeypatch):
+    from gru_lm.errors import TrainingInterrupted
+    from gru_lm.trainer import Trainer
+
+    original = Trainer.fit
+
+    def fit_then_interrupt_second(self):
+        if self.run_dir.name == "tiny-s1":
+            raise TrainingInterrupted("SIGINT: stopped", exit_code=130)
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "fit", fit_then_interrupt_second)
+    r = cli("compare", "configs/tiny.yaml", "--seeds", "2", "--tokens", "1024", "--out", "ci")
+    assert r.exit_code == 130
+    assert "--out ci --resume" in r.output
+    assert Path("ci/tiny-s0/summary.json").is_file()
