@@ -48,7 +48,7 @@ def train_run(config: Path | None, overrides: list[str], *, name: str | None = N
               ) -> dict[str, Any]:
     """Train a new run, or continue `resume`; returns the run's summary."""
     from gru_lm.data import Vocab, load_corpus
-    from gru_lm.trainer import Trainer, prepare_run_dir, write_run_files
+    from gru_lm.trainer import Trainer, create_run_dir, new_run_dir, write_run_files
 
     if resume is not None:
         run_dir = Path(resume)
@@ -74,11 +74,10 @@ def train_run(config: Path | None, overrides: list[str], *, name: str | None = N
                          "for a quick try)")
     cfg = load_config(config, overrides)
     corpus = load_corpus(cfg.data, offline=offline)
-    # Validate everything that can fail before the run directory exists.
-    trainer = Trainer(cfg, corpus, Path("."), console=console)
-    run_dir = prepare_run_dir(cfg, config, name)
-    trainer.run_dir = run_dir
-    trainer.ckpt_dir = run_dir / "checkpoints"
+    run_dir = new_run_dir(cfg, config, name)
+    # Everything that can fail on bad input fails here, before the run directory exists.
+    trainer = Trainer(cfg, corpus, run_dir, console=console)
+    create_run_dir(run_dir)
     write_run_files(cfg, corpus, run_dir)
     if console is not None:
         console.print(f"run directory: {run_dir}", highlight=False)

@@ -651,22 +651,28 @@ def default_run_name(config_path: Path | None) -> str:
     return f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def prepare_run_dir(cfg: Config, config_path: Path | None, name: str | None) -> Path:
-    """Create a fresh run directory; an existing one is never reused without --resume."""
+def new_run_dir(cfg: Config, config_path: Path | None, name: str | None) -> Path:
+    """The folder for a new run; an existing one is never reused without --resume."""
     run_name = name or cfg.run.name or default_run_name(config_path)
     if "/" in run_name or run_name in (".", ".."):
         raise ConfigError(f"run.name: {run_name!r} is not a plain folder name")
     run_dir = cfg.run.runs_dir / run_name
     if run_dir.exists():
-        raise GruLmError(f"run directory {run_dir} already exists; continue it with "
-                         f"`gru-lm train --resume {run_dir}` or pick another --name")
+        raise _exists(run_dir)
+    return run_dir
+
+
+def create_run_dir(run_dir: Path) -> None:
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     try:
         run_dir.mkdir()
-    except FileExistsError:
-        raise GruLmError(f"run directory {run_dir} already exists; continue it with "
-                         f"`gru-lm train --resume {run_dir}` or pick another --name") from None
-    return run_dir
+    except FileExistsError:  # another process took the name since new_run_dir looked
+        raise _exists(run_dir) from None
+
+
+def _exists(run_dir: Path) -> GruLmError:
+    return GruLmError(f"run directory {run_dir} already exists; continue it with "
+                      f"`gru-lm train --resume {run_dir}` or pick another --name")
 
 
 def write_run_files(cfg: Config, corpus: Corpus, run_dir: Path) -> None:

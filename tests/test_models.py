@@ -123,22 +123,25 @@ def test_gru_scratch_matches_literal_book_equations():
         torch.testing.assert_close(got[k], v.grad, atol=1e-6, rtol=1e-5, msg=k)
 
 
-def _d(*shape, seed):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g, dtype=torch.float64) * 0.5).requires_grad_()
+# Input shapes of each cell function: P (T, B, G*H), H0 (B, H), [C0,] recurrent weights.
+CELLS = {
+    "gru": (GRUFunction.apply, [(5, 2, 12), (2, 4), (4, 8), (4, 4)]),
+    "gru-reset-after": (GRUResetAfterFunction.apply, [(5, 2, 12), (2, 4), (4, 12), (4,)]),
+    "lstm": (LSTMFunction.apply, [(5, 2, 16), (2, 4), (2, 4), (4, 16)]),
+    "rnn": (RNNFunction.apply, [(5, 2, 4), (2, 4), (4, 4)]),
+}
 
 
-@pytest.mark.parametrize("fn, args", [
-    (GRUFunction.apply, lambda: (_d(4, 2, 9, seed=0), _d(2, 3, seed=1), _d(3, 6, seed=2),
-                                 _d(3, 3, seed=3))),
-    (GRUResetAfterFunction.apply, lambda: (_d(4, 2, 9, seed=0), _d(2, 3, seed=1),
-                                           _d(3, 9, seed=2), _d(3, seed=3))),
-    (LSTMFunction.apply, lambda: (_d(4, 2, 12, seed=0), _d(2, 3, seed=1), _d(2, 3, seed=4),
-                                  _d(3, 12, seed=2))),
-    (RNNFunction.apply, lambda: (_d(4, 2, 3, seed=0), _d(2, 3, seed=1), _d(3, 3, seed=2))),
-], ids=["gru", "gru-reset-after", "lstm", "rnn"])
-def test_gradcheck_scratch_cells(fn, args):
-    assert torch.autograd.gradcheck(fn, args(), eps=1e-6, atol=1e-6)
+def _cell_inputs(shapes, dtype):
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(*s, generator=g, dtype=dtype) * 0.5).requires_grad_() for s in shapes]
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_gradcheck_scratch_cells(cell):
+    fn, shapes = CELLS[cell]
+    assert torch.autograd.gradcheck(fn, _cell_inputs(shapes, torch.float64), eps=1e-6,
+                                    atol=1e-6)
 
 
 @pytest.mark.parametrize("name", list_models())
@@ -224,34 +227,21 @@ def test_fused_kernels_are_built():
         assert kernels() is not None, f"the fused C++ kernels did not build: {why_not()}"
 
 
-def _f(*shape, seed):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g) * 0.5).requires_grad_()
-
-
-@pytest.mark.parametrize("fn, args", [
-    (GRUFunction.apply, lambda: (_f(6, 3, 24, seed=0), _f(3, 8, seed=1), _f(8, 16, seed=2),
-                                 _f(8, 8, seed=3))),
-    (GRUResetAfterFunction.apply, lambda: (_f(6, 3, 24, seed=0), _f(3, 8, seed=1),
-                                           _f(8, 24, seed=2), _f(8, seed=3))),
-    (LSTMFunction.apply, lambda: (_f(6, 3, 32, seed=0), _f(3, 8, seed=1), _f(3, 8, seed=4),
-                                  _f(8, 32, seed=2))),
-    (RNNFunction.apply, lambda: (_f(6, 3, 8, seed=0), _f(3, 8, seed=1), _f(8, 8, seed=2))),
-], ids=["gru", "gru-reset-after", "lstm", "rnn"])
-def test_fused_kernels_match_the_portable_loops(fn, args):
+@pytest.mark.parametrize("cell", CELLS)
+def test_fused_kernels_match_the_portable_loops(cell):
     from gru_lm.cells import portable_loops
 
+    fn, shapes = CELLS[cell]
+
     def run():
-        inputs = args()
+        inputs = _cell_inputs(shapes, torch.float32)
         out = fn(*inputs)
         outs = out if isinstance(out, tuple) else (out,)
-        weights = [torch.randn_like(o, generator=None) for o in outs]
-        sum((o * w).sum() for o, w in zip(outs, weights, strict=True)).backward()
+        g = torch.Generator().manual_seed(1)
+        sum((o * torch.randn(o.shape, generator=g)).sum() for o in outs).backward()
         return [o.detach() for o in outs], [x.grad for x in inputs]
 
-    torch.manual_seed(0)
     fast_out, fast_grads = run()
-    torch.manual_seed(0)
     with portable_loops():
         ref_out, ref_grads = run()
     for a, b in zip(fast_out + fast_grads, ref_out + ref_grads, strict=True):
