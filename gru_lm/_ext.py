@@ -30,10 +30,11 @@ def kernels(load: bool = True):
 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
+                # -fopenmp makes at::parallel_for parallel; libgomp is torch's own
+                # (same soname, already loaded), so there is one OpenMP runtime.
                 mod = load(name="gru_lm_cells_v1", sources=[str(SOURCE)],
-                           extra_cflags=["-O3", "-march=native", "-ffast-math",
-                                         "-fopenmp-simd"],
-                           verbose=False)
+                           extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
+                           extra_ldflags=["-fopenmp"], verbose=False)
         except Exception as e:  # no compiler, no ninja, no headers: fall back, say why
             _STATE["why"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:200]}" \
                 if str(e).strip() else type(e).__name__

@@ -2,8 +2,14 @@
 // with the elementwise work of each step in one vectorised pass between BLAS calls.
 // Same inputs, outputs and saved tensors as the Python loops, which remain the portable
 // fallback; tests check the two agree. All tensors are contiguous, row-major.
+//
+// Threads split the batch, not the GEMMs: the rows of a batch never interact inside the
+// recurrence, so each thread runs all steps for its own rows with single-threaded BLAS
+// calls (BLAS runs serially inside a parallel region). At batch 32 that beats two threads
+// meeting at every small GEMM. The all-step weight gradients run after, on all threads.
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -18,11 +24,11 @@ extern "C" void sgemm_(const char* transa, const char* transb, const int* m, con
 
 namespace {
 
-// Row-major C[M x N] = op(A)[M x K] . op(B)[K x N] + beta C; lda/ldb/ldc are row strides.
-// BLAS is column-major, where a row-major matrix reads as its transpose: C^T = op(B)^T op(A)^T.
-inline void gemm(bool transA, bool transB, int64_t M, int64_t N, int64_t K, const float* A,
-                 int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
-  const char ta = transB ? 'T' : 'N', tb = transA ? 'T' : 'N';
+// Row-major C[M x N] = op(A)[M x K] . B[K x N] + beta C; lda/ldb/ldc are row strides.
+// BLAS is column-major, where a row-major matrix reads as its transpose: C^T = B^T op(A)^T.
+inline void gemm(bool transA, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+                 const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  const char ta = 'N', tb = transA ? 'T' : 'N';
   const int m = N, n = M, k = K, la = ldb, lb = lda, lc = ldc;
   const float one = 1.0f;
   sgemm_(&ta, &tb, &m, &n, &k, &one, B, &la, A, &lb, &beta, C, &lc);
@@ -33,16 +39,25 @@ inline float sigm(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 inline const float* cptr(const Tensor& t) { return t.data_ptr<float>(); }
 inline float* ptr(Tensor& t) { return t.data_ptr<float>(); }
 
+// Run body(b0, b1) on row ranges that split the batch evenly over the threads.
+template <typename F>
+void over_rows(int64_t B, const F& body) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  at::parallel_for(0, B, (B + threads - 1) / threads, body);
+}
+
 // Weight gradient sum_t Hprev_t^T dA_t with Hprev = [H0; Y_0 .. Y_{T-2}], as two GEMMs so
 // the shifted copy of Y is never built. dA has row stride ld_da, width n.
 Tensor weight_grad(const float* h0, const float* y, const float* da, int64_t T, int64_t B,
                    int64_t nh, int64_t n, int64_t ld_da, const at::TensorOptions& opts) {
   Tensor dW = at::empty({nh, n}, opts);
-  gemm(true, false, nh, n, B, h0, nh, da, ld_da, 0.0f, ptr(dW), n);
-  if (T > 1) gemm(true, false, nh, n, (T - 1) * B, y, nh, da + B * ld_da, ld_da, 1.0f,
-                  ptr(dW), n);
+  gemm(true, nh, n, B, h0, nh, da, ld_da, 0.0f, ptr(dW), n);
+  if (T > 1) gemm(true, nh, n, (T - 1) * B, y, nh, da + B * ld_da, ld_da, 1.0f, ptr(dW), n);
   return dW;
 }
+
+// The carry buffers swap roles every step; after T steps this one holds the result.
+Tensor final_carry(Tensor& carry, Tensor& next, int64_t T) { return T % 2 ? next : carry; }
 
 // ---------------------------------------------------------------- GRU, the book's formula
 // Z = s(P_z + H W_hz), R = s(P_r + H W_hr), Ht = tanh(P_h + (R*H) W_hh), H' = Ht + Z (H - Ht)
@@ -52,35 +67,39 @@ std::vector<Tensor> gru_forward(Tensor P, Tensor H0, Tensor W_hzr, Tensor W_hh) 
   Tensor Y = at::empty({T, B, nh}, opts), ZR = at::empty({T, B, 2 * nh}, opts);
   Tensor Ht = at::empty({T, B, nh}, opts), S = at::empty({T, B, nh}, opts);
   Tensor H0c = H0.contiguous();
-  const float *p = cptr(P), *wzr = cptr(W_hzr), *whh = cptr(W_hh);
+  const float *p = cptr(P), *wzr = cptr(W_hzr), *whh = cptr(W_hh), *h0 = cptr(H0c);
   float *y = ptr(Y), *zr = ptr(ZR), *ht = ptr(Ht), *s = ptr(S);
-  for (int64_t t = 0; t < T; ++t) {
-    const float* h = t ? y + (t - 1) * B * nh : cptr(H0c);
-    float *zr_t = zr + t * B * 2 * nh, *s_t = s + t * B * nh, *ht_t = ht + t * B * nh;
-    float* y_t = y + t * B * nh;
-    const float* p_t = p + t * B * 3 * nh;
-    gemm(false, false, B, 2 * nh, nh, h, nh, wzr, 2 * nh, 0.0f, zr_t, 2 * nh);
-    for (int64_t b = 0; b < B; ++b) {
-      float* zrb = zr_t + b * 2 * nh;
-      const float* pb = p_t + b * 3 * nh;
+  over_rows(B, [&](int64_t b0, int64_t b1) {
+    const int64_t nb = b1 - b0;
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t r0 = t * B + b0;  // first row of this thread at step t
+      const float* h = t ? y + (r0 - B) * nh : h0 + b0 * nh;
+      float *zr_t = zr + r0 * 2 * nh, *s_t = s + r0 * nh, *ht_t = ht + r0 * nh;
+      float* y_t = y + r0 * nh;
+      const float* p_t = p + r0 * 3 * nh;
+      gemm(false, nb, 2 * nh, nh, h, nh, wzr, 2 * nh, 0.0f, zr_t, 2 * nh);
+      for (int64_t b = 0; b < nb; ++b) {
+        float* zrb = zr_t + b * 2 * nh;
+        const float* pb = p_t + b * 3 * nh;
 #pragma omp simd
-      for (int64_t j = 0; j < 2 * nh; ++j) zrb[j] = sigm(zrb[j] + pb[j]);
+        for (int64_t j = 0; j < 2 * nh; ++j) zrb[j] = sigm(zrb[j] + pb[j]);
 #pragma omp simd
-      for (int64_t j = 0; j < nh; ++j) s_t[b * nh + j] = zrb[nh + j] * h[b * nh + j];
-    }
-    gemm(false, false, B, nh, nh, s_t, nh, whh, nh, 0.0f, ht_t, nh);
-    for (int64_t b = 0; b < B; ++b) {
-      const float* pb = p_t + b * 3 * nh + 2 * nh;
-      const float* zb = zr_t + b * 2 * nh;
+        for (int64_t j = 0; j < nh; ++j) s_t[b * nh + j] = zrb[nh + j] * h[b * nh + j];
+      }
+      gemm(false, nb, nh, nh, s_t, nh, whh, nh, 0.0f, ht_t, nh);
+      for (int64_t b = 0; b < nb; ++b) {
+        const float* pb = p_t + b * 3 * nh + 2 * nh;
+        const float* zb = zr_t + b * 2 * nh;
 #pragma omp simd
-      for (int64_t j = 0; j < nh; ++j) {
-        const int64_t i = b * nh + j;
-        const float c = std::tanh(ht_t[i] + pb[j]);
-        ht_t[i] = c;
-        y_t[i] = c + zb[j] * (h[i] - c);
+        for (int64_t j = 0; j < nh; ++j) {
+          const int64_t i = b * nh + j;
+          const float c = std::tanh(ht_t[i] + pb[j]);
+          ht_t[i] = c;
+          y_t[i] = c + zb[j] * (h[i] - c);
+        }
       }
     }
-  }
+  });
   return {Y, ZR, Ht, S};
 }
 
@@ -93,48 +112,52 @@ std::vector<Tensor> gru_backward(Tensor dY, Tensor H0, Tensor W_hzr, Tensor W_hh
   Tensor dA = at::empty({T, B, 3 * nh}, opts);  // = dP: [z | r | h]
   Tensor dS = at::empty({B, nh}, opts);
   Tensor carry = at::zeros({B, nh}, opts), next = at::empty({B, nh}, opts);
-  const float *y = cptr(Y), *zr = cptr(ZR), *ht = cptr(Ht), *dy = cptr(dY), *h0 = cptr(H0c);
   // Transposed once here: BLAS is faster on a plain B than on a transposed one at these sizes.
   Tensor W_hzr_T = W_hzr.t().contiguous(), W_hh_T = W_hh.t().contiguous();
+  const float *y = cptr(Y), *zr = cptr(ZR), *ht = cptr(Ht), *dy = cptr(dY), *h0 = cptr(H0c);
   const float *wzr_t = cptr(W_hzr_T), *whh_t = cptr(W_hh_T);
-  float *da = ptr(dA), *ds = ptr(dS), *c = ptr(carry), *nx = ptr(next);
-  for (int64_t t = T - 1; t >= 0; --t) {
-    const float* hp = t ? y + (t - 1) * B * nh : h0;
-    const float *zr_t = zr + t * B * 2 * nh, *ht_t = ht + t * B * nh, *dy_t = dy + t * B * nh;
-    float* da_t = da + t * B * 3 * nh;
-    for (int64_t b = 0; b < B; ++b) {
-      const float* zb = zr_t + b * 2 * nh;
-      float* dab = da_t + b * 3 * nh;
+  float *da = ptr(dA), *ds_all = ptr(dS), *carry_p = ptr(carry), *next_p = ptr(next);
+  over_rows(B, [&](int64_t b0, int64_t b1) {
+    const int64_t nb = b1 - b0;
+    float *c = carry_p + b0 * nh, *nx = next_p + b0 * nh, *ds = ds_all + b0 * nh;
+    for (int64_t t = T - 1; t >= 0; --t) {
+      const int64_t r0 = t * B + b0;
+      const float* hp = t ? y + (r0 - B) * nh : h0 + b0 * nh;
+      const float *zr_t = zr + r0 * 2 * nh, *ht_t = ht + r0 * nh, *dy_t = dy + r0 * nh;
+      float* da_t = da + r0 * 3 * nh;
+      for (int64_t b = 0; b < nb; ++b) {
+        const float* zb = zr_t + b * 2 * nh;
+        float* dab = da_t + b * 3 * nh;
 #pragma omp simd
-      for (int64_t j = 0; j < nh; ++j) {
-        const int64_t i = b * nh + j;
-        const float z = zb[j], g = ht_t[i];
-        const float dh = dy_t[i] + c[i];
-        dab[2 * nh + j] = dh * (1.0f - z) * (1.0f - g * g);
-        dab[j] = dh * (hp[i] - g) * z * (1.0f - z);
-        nx[i] = dh * z;  // the direct path H' = ... + Z H
+        for (int64_t j = 0; j < nh; ++j) {
+          const int64_t i = b * nh + j;
+          const float z = zb[j], g = ht_t[i];
+          const float dh = dy_t[i] + c[i];
+          dab[2 * nh + j] = dh * (1.0f - z) * (1.0f - g * g);
+          dab[j] = dh * (hp[i] - g) * z * (1.0f - z);
+          nx[i] = dh * z;  // the direct path H' = ... + Z H
+        }
       }
-    }
-    gemm(false, false, B, nh, nh, da_t + 2 * nh, 3 * nh, whh_t, nh, 0.0f, ds, nh);  // dAh W_hh^T
-    for (int64_t b = 0; b < B; ++b) {
-      const float* rb = zr_t + b * 2 * nh + nh;
-      float* dab = da_t + b * 3 * nh;
+      gemm(false, nb, nh, nh, da_t + 2 * nh, 3 * nh, whh_t, nh, 0.0f, ds, nh);  // dAh W_hh^T
+      for (int64_t b = 0; b < nb; ++b) {
+        const float* rb = zr_t + b * 2 * nh + nh;
+        float* dab = da_t + b * 3 * nh;
 #pragma omp simd
-      for (int64_t j = 0; j < nh; ++j) {
-        const int64_t i = b * nh + j;
-        const float r = rb[j];
-        dab[nh + j] = ds[i] * hp[i] * r * (1.0f - r);
-        nx[i] += ds[i] * r;
+        for (int64_t j = 0; j < nh; ++j) {
+          const int64_t i = b * nh + j;
+          const float r = rb[j];
+          dab[nh + j] = ds[i] * hp[i] * r * (1.0f - r);
+          nx[i] += ds[i] * r;
+        }
       }
+      gemm(false, nb, nh, 2 * nh, da_t, 3 * nh, wzr_t, nh, 1.0f, nx, nh);  // + dAzr W_hzr^T
+      std::swap(c, nx);
     }
-    gemm(false, false, B, nh, 2 * nh, da_t, 3 * nh, wzr_t, nh, 1.0f, nx, nh);  // + dAzr W^T
-    std::swap(c, nx);
-  }
-  Tensor dH0 = at::empty({B, nh}, opts);
-  std::copy(c, c + B * nh, ptr(dH0));
+  });
+  Tensor dH0 = final_carry(carry, next, T);
   Tensor dW_hzr = weight_grad(h0, y, da, T, B, nh, 2 * nh, 3 * nh, opts);
   Tensor dW_hh = at::empty({nh, nh}, opts);
-  gemm(true, false, nh, nh, T * B, cptr(S), nh, da + 2 * nh, 3 * nh, 0.0f, ptr(dW_hh), nh);
+  gemm(true, nh, nh, T * B, cptr(S), nh, da + 2 * nh, 3 * nh, 0.0f, ptr(dW_hh), nh);
   return {dA, dH0, dW_hzr, dW_hh};
 }
 
@@ -147,28 +170,33 @@ std::vector<Tensor> gru_ra_forward(Tensor P, Tensor H0, Tensor W_h, Tensor b_hh)
   Tensor N = at::empty({T, B, nh}, opts), M = at::empty({T, B, nh}, opts);
   Tensor A = at::empty({B, 3 * nh}, opts);
   Tensor H0c = H0.contiguous(), bhc = b_hh.contiguous();
-  const float *p = cptr(P), *wh = cptr(W_h), *bh = cptr(bhc);
-  float *y = ptr(Y), *zr = ptr(ZR), *n = ptr(N), *m = ptr(M), *a = ptr(A);
-  for (int64_t t = 0; t < T; ++t) {
-    const float* h = t ? y + (t - 1) * B * nh : cptr(H0c);
-    gemm(false, false, B, 3 * nh, nh, h, nh, wh, 3 * nh, 0.0f, a, 3 * nh);
-    for (int64_t b = 0; b < B; ++b) {
-      const float* pb = p + (t * B + b) * 3 * nh;
-      const float* ab = a + b * 3 * nh;
-      float* zrb = zr + (t * B + b) * 2 * nh;
-      const int64_t o = (t * B + b) * nh;
+  const float *p = cptr(P), *wh = cptr(W_h), *bh = cptr(bhc), *h0 = cptr(H0c);
+  float *y = ptr(Y), *zr = ptr(ZR), *n = ptr(N), *m = ptr(M), *a_all = ptr(A);
+  over_rows(B, [&](int64_t b0, int64_t b1) {
+    const int64_t nb = b1 - b0;
+    float* a = a_all + b0 * 3 * nh;
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t r0 = t * B + b0;
+      const float* h = t ? y + (r0 - B) * nh : h0 + b0 * nh;
+      gemm(false, nb, 3 * nh, nh, h, nh, wh, 3 * nh, 0.0f, a, 3 * nh);
+      for (int64_t b = 0; b < nb; ++b) {
+        const int64_t r = r0 + b;
+        const float* pb = p + r * 3 * nh;
+        const float* ab = a + b * 3 * nh;
+        float* zrb = zr + r * 2 * nh;
 #pragma omp simd
-      for (int64_t j = 0; j < 2 * nh; ++j) zrb[j] = sigm(pb[j] + ab[j]);
+        for (int64_t j = 0; j < 2 * nh; ++j) zrb[j] = sigm(pb[j] + ab[j]);
 #pragma omp simd
-      for (int64_t j = 0; j < nh; ++j) {
-        const float mm = ab[2 * nh + j] + bh[j];
-        m[o + j] = mm;
-        const float nn = std::tanh(pb[2 * nh + j] + zrb[nh + j] * mm);
-        n[o + j] = nn;
-        y[o + j] = nn + zrb[j] * (h[b * nh + j] - nn);
+        for (int64_t j = 0; j < nh; ++j) {
+          const float mm = ab[2 * nh + j] + bh[j];
+          m[r * nh + j] = mm;
+          const float nn = std::tanh(pb[2 * nh + j] + zrb[nh + j] * mm);
+          n[r * nh + j] = nn;
+          y[r * nh + j] = nn + zrb[j] * (h[b * nh + j] - nn);
+        }
       }
     }
-  }
+  });
   return {Y, ZR, N, M};
 }
 
@@ -181,39 +209,43 @@ std::vector<Tensor> gru_ra_backward(Tensor dY, Tensor H0, Tensor W_h, Tensor Y, 
   Tensor dA = at::empty({T, B, 3 * nh}, opts);  // d(H W_h): [z | r | m]
   Tensor dP = at::empty({T, B, 3 * nh}, opts);
   Tensor carry = at::zeros({B, nh}, opts), next = at::empty({B, nh}, opts);
-  const float *y = cptr(Y), *zr = cptr(ZR), *n = cptr(N), *m = cptr(M), *dy = cptr(dY);
   Tensor W_h_T = W_h.t().contiguous();
+  const float *y = cptr(Y), *zr = cptr(ZR), *n = cptr(N), *m = cptr(M), *dy = cptr(dY);
   const float *h0 = cptr(H0c), *wh_t = cptr(W_h_T);
-  float *da = ptr(dA), *dp = ptr(dP), *c = ptr(carry), *nx = ptr(next);
-  for (int64_t t = T - 1; t >= 0; --t) {
-    const float* hp = t ? y + (t - 1) * B * nh : h0;
-    for (int64_t b = 0; b < B; ++b) {
-      const float* zb = zr + (t * B + b) * 2 * nh;
-      float* dab = da + (t * B + b) * 3 * nh;
-      float* dpb = dp + (t * B + b) * 3 * nh;
-      const int64_t o = (t * B + b) * nh;
+  float *da = ptr(dA), *dp = ptr(dP), *carry_p = ptr(carry), *next_p = ptr(next);
+  over_rows(B, [&](int64_t b0, int64_t b1) {
+    const int64_t nb = b1 - b0;
+    float *c = carry_p + b0 * nh, *nx = next_p + b0 * nh;
+    for (int64_t t = T - 1; t >= 0; --t) {
+      const int64_t r0 = t * B + b0;
+      const float* hp = t ? y + (r0 - B) * nh : h0 + b0 * nh;
+      for (int64_t b = 0; b < nb; ++b) {
+        const int64_t r = r0 + b;
+        const float* zb = zr + r * 2 * nh;
+        float* dab = da + r * 3 * nh;
+        float* dpb = dp + r * 3 * nh;
 #pragma omp simd
-      for (int64_t j = 0; j < nh; ++j) {
-        const int64_t i = b * nh + j;
-        const float z = zb[j], r = zb[nh + j], nn = n[o + j];
-        const float dh = dy[o + j] + c[i];
-        const float dan = dh * (1.0f - z) * (1.0f - nn * nn);
-        const float daz = dh * (hp[i] - nn) * z * (1.0f - z);
-        const float dar = dan * m[o + j] * r * (1.0f - r);
-        dab[j] = daz;
-        dab[nh + j] = dar;
-        dab[2 * nh + j] = dan * r;
-        dpb[j] = daz;
-        dpb[nh + j] = dar;
-        dpb[2 * nh + j] = dan;
-        nx[i] = dh * z;
+        for (int64_t j = 0; j < nh; ++j) {
+          const int64_t i = b * nh + j;
+          const float z = zb[j], rr = zb[nh + j], nn = n[r * nh + j];
+          const float dh = dy[r * nh + j] + c[i];
+          const float dan = dh * (1.0f - z) * (1.0f - nn * nn);
+          const float daz = dh * (hp[i] - nn) * z * (1.0f - z);
+          const float dar = dan * m[r * nh + j] * rr * (1.0f - rr);
+          dab[j] = daz;
+          dab[nh + j] = dar;
+          dab[2 * nh + j] = dan * rr;
+          dpb[j] = daz;
+          dpb[nh + j] = dar;
+          dpb[2 * nh + j] = dan;
+          nx[i] = dh * z;
+        }
       }
+      gemm(false, nb, nh, 3 * nh, da + r0 * 3 * nh, 3 * nh, wh_t, nh, 1.0f, nx, nh);
+      std::swap(c, nx);
     }
-    gemm(false, false, B, nh, 3 * nh, da + t * B * 3 * nh, 3 * nh, wh_t, nh, 1.0f, nx, nh);
-    std::swap(c, nx);
-  }
-  Tensor dH0 = at::empty({B, nh}, opts);
-  std::copy(c, c + B * nh, ptr(dH0));
+  });
+  Tensor dH0 = final_carry(carry, next, T);
   Tensor dW_h = weight_grad(h0, y, da, T, B, nh, 3 * nh, 3 * nh, opts);
   Tensor db_hh = dA.view({T * B, 3 * nh}).narrow(1, 2 * nh, nh).sum(0);
   return {dP, dH0, dW_h, db_hh};
@@ -226,34 +258,38 @@ std::vector<Tensor> lstm_forward(Tensor P, Tensor H0, Tensor C0, Tensor W_h) {
   Tensor Y = at::empty({T, B, nh}, opts), G = at::empty({T, B, 4 * nh}, opts);
   Tensor Cs = at::empty({T, B, nh}, opts), Tc = at::empty({T, B, nh}, opts);
   Tensor H0c = H0.contiguous(), C0c = C0.contiguous();
-  const float *p = cptr(P), *wh = cptr(W_h);
+  const float *p = cptr(P), *wh = cptr(W_h), *h0 = cptr(H0c), *c0 = cptr(C0c);
   float *y = ptr(Y), *g = ptr(G), *cs = ptr(Cs), *tc = ptr(Tc);
-  for (int64_t t = 0; t < T; ++t) {
-    const float* h = t ? y + (t - 1) * B * nh : cptr(H0c);
-    const float* cp = t ? cs + (t - 1) * B * nh : cptr(C0c);
-    float* g_t = g + t * B * 4 * nh;
-    gemm(false, false, B, 4 * nh, nh, h, nh, wh, 4 * nh, 0.0f, g_t, 4 * nh);
-    for (int64_t b = 0; b < B; ++b) {
-      float* gb = g_t + b * 4 * nh;
-      const float* pb = p + (t * B + b) * 4 * nh;
-      const int64_t o = (t * B + b) * nh;
+  over_rows(B, [&](int64_t b0, int64_t b1) {
+    const int64_t nb = b1 - b0;
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t r0 = t * B + b0;
+      const float* h = t ? y + (r0 - B) * nh : h0 + b0 * nh;
+      const float* cp = t ? cs + (r0 - B) * nh : c0 + b0 * nh;
+      float* g_t = g + r0 * 4 * nh;
+      gemm(false, nb, 4 * nh, nh, h, nh, wh, 4 * nh, 0.0f, g_t, 4 * nh);
+      for (int64_t b = 0; b < nb; ++b) {
+        const int64_t r = r0 + b;
+        float* gb = g_t + b * 4 * nh;
+        const float* pb = p + r * 4 * nh;
 #pragma omp simd
-      for (int64_t j = 0; j < nh; ++j) {
-        const float ig = sigm(gb[j] + pb[j]), fg = sigm(gb[nh + j] + pb[nh + j]);
-        const float cg = std::tanh(gb[2 * nh + j] + pb[2 * nh + j]);
-        const float og = sigm(gb[3 * nh + j] + pb[3 * nh + j]);
-        gb[j] = ig;
-        gb[nh + j] = fg;
-        gb[2 * nh + j] = cg;
-        gb[3 * nh + j] = og;
-        const float cn = fg * cp[b * nh + j] + ig * cg;
-        cs[o + j] = cn;
-        const float th = std::tanh(cn);
-        tc[o + j] = th;
-        y[o + j] = og * th;
+        for (int64_t j = 0; j < nh; ++j) {
+          const float ig = sigm(gb[j] + pb[j]), fg = sigm(gb[nh + j] + pb[nh + j]);
+          const float cg = std::tanh(gb[2 * nh + j] + pb[2 * nh + j]);
+          const float og = sigm(gb[3 * nh + j] + pb[3 * nh + j]);
+          gb[j] = ig;
+          gb[nh + j] = fg;
+          gb[2 * nh + j] = cg;
+          gb[3 * nh + j] = og;
+          const float cn = fg * cp[b * nh + j] + ig * cg;
+          cs[r * nh + j] = cn;
+          const float th = std::tanh(cn);
+          tc[r * nh + j] = th;
+          y[r * nh + j] = og * th;
+        }
       }
     }
-  }
+  });
   return {Y, G, Cs, Tc};
 }
 
@@ -269,29 +305,34 @@ std::vector<Tensor> lstm_backward(Tensor dY, Tensor dC_T, Tensor H0, Tensor C0, 
   Tensor W_h_T = W_h.t().contiguous();
   const float *g = cptr(G), *cs = cptr(Cs), *tc = cptr(Tc), *dy = cptr(dY), *wh_t = cptr(W_h_T);
   const float *h0 = cptr(H0c), *c0 = cptr(C0c), *y = cptr(Y);
-  float *da = ptr(dA), *ch = ptr(carry_h), *cc = ptr(carry_c);
-  for (int64_t t = T - 1; t >= 0; --t) {
-    const float* cp = t ? cs + (t - 1) * B * nh : c0;
-    for (int64_t b = 0; b < B; ++b) {
-      const float* gb = g + (t * B + b) * 4 * nh;
-      float* dab = da + (t * B + b) * 4 * nh;
-      const int64_t o = (t * B + b) * nh;
+  float *da = ptr(dA), *ch_all = ptr(carry_h), *cc_all = ptr(carry_c);
+  over_rows(B, [&](int64_t b0, int64_t b1) {
+    const int64_t nb = b1 - b0;
+    float *ch = ch_all + b0 * nh, *cc = cc_all + b0 * nh;
+    for (int64_t t = T - 1; t >= 0; --t) {
+      const int64_t r0 = t * B + b0;
+      const float* cp = t ? cs + (r0 - B) * nh : c0 + b0 * nh;
+      for (int64_t b = 0; b < nb; ++b) {
+        const int64_t r = r0 + b;
+        const float* gb = g + r * 4 * nh;
+        float* dab = da + r * 4 * nh;
 #pragma omp simd
-      for (int64_t j = 0; j < nh; ++j) {
-        const int64_t i = b * nh + j;
-        const float ig = gb[j], fg = gb[nh + j], cg = gb[2 * nh + j], og = gb[3 * nh + j];
-        const float dh = dy[o + j] + ch[i];
-        const float th = tc[o + j];
-        const float dc = cc[i] + dh * og * (1.0f - th * th);
-        dab[j] = dc * cg * ig * (1.0f - ig);
-        dab[nh + j] = dc * cp[i] * fg * (1.0f - fg);
-        dab[2 * nh + j] = dc * ig * (1.0f - cg * cg);
-        dab[3 * nh + j] = dh * th * og * (1.0f - og);
-        cc[i] = dc * fg;
+        for (int64_t j = 0; j < nh; ++j) {
+          const int64_t i = b * nh + j;
+          const float ig = gb[j], fg = gb[nh + j], cg = gb[2 * nh + j], og = gb[3 * nh + j];
+          const float dh = dy[r * nh + j] + ch[i];
+          const float th = tc[r * nh + j];
+          const float dc = cc[i] + dh * og * (1.0f - th * th);
+          dab[j] = dc * cg * ig * (1.0f - ig);
+          dab[nh + j] = dc * cp[i] * fg * (1.0f - fg);
+          dab[2 * nh + j] = dc * ig * (1.0f - cg * cg);
+          dab[3 * nh + j] = dh * th * og * (1.0f - og);
+          cc[i] = dc * fg;
+        }
       }
+      gemm(false, nb, nh, 4 * nh, da + r0 * 4 * nh, 4 * nh, wh_t, nh, 0.0f, ch, nh);
     }
-    gemm(false, false, B, nh, 4 * nh, da + t * B * 4 * nh, 4 * nh, wh_t, nh, 0.0f, ch, nh);
-  }
+  });
   Tensor dW_h = weight_grad(h0, y, da, T, B, nh, 4 * nh, 4 * nh, opts);
   return {dA, carry_h, carry_c, dW_h};
 }
@@ -301,16 +342,20 @@ std::vector<Tensor> rnn_forward(Tensor P, Tensor H0, Tensor W_hh) {
   const int64_t T = P.size(0), B = P.size(1), nh = H0.size(1);
   Tensor Y = at::empty({T, B, nh}, P.options());
   Tensor H0c = H0.contiguous();
-  const float *w = cptr(W_hh), *p = cptr(P);
+  const float *w = cptr(W_hh), *p = cptr(P), *h0 = cptr(H0c);
   float* y = ptr(Y);
-  for (int64_t t = 0; t < T; ++t) {
-    const float* h = t ? y + (t - 1) * B * nh : cptr(H0c);
-    float* y_t = y + t * B * nh;
-    const float* p_t = p + t * B * nh;
-    gemm(false, false, B, nh, nh, h, nh, w, nh, 0.0f, y_t, nh);
+  over_rows(B, [&](int64_t b0, int64_t b1) {
+    const int64_t nb = b1 - b0;
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t r0 = t * B + b0;
+      const float* h = t ? y + (r0 - B) * nh : h0 + b0 * nh;
+      float* y_t = y + r0 * nh;
+      const float* p_t = p + r0 * nh;
+      gemm(false, nb, nh, nh, h, nh, w, nh, 0.0f, y_t, nh);
 #pragma omp simd
-    for (int64_t i = 0; i < B * nh; ++i) y_t[i] = std::tanh(y_t[i] + p_t[i]);
-  }
+      for (int64_t i = 0; i < nb * nh; ++i) y_t[i] = std::tanh(y_t[i] + p_t[i]);
+    }
+  });
   return {Y};
 }
 
@@ -323,13 +368,18 @@ std::vector<Tensor> rnn_backward(Tensor dY, Tensor H0, Tensor W_hh, Tensor Y) {
   Tensor carry = at::zeros({B, nh}, opts);
   Tensor W_T = W_hh.t().contiguous();
   const float *y = cptr(Y), *dy = cptr(dY), *w_t = cptr(W_T);
-  float *da = ptr(dA), *c = ptr(carry);
-  for (int64_t t = T - 1; t >= 0; --t) {
-    const int64_t o = t * B * nh;
+  float *da = ptr(dA), *c_all = ptr(carry);
+  over_rows(B, [&](int64_t b0, int64_t b1) {
+    const int64_t nb = b1 - b0;
+    float* c = c_all + b0 * nh;
+    for (int64_t t = T - 1; t >= 0; --t) {
+      const int64_t o = (t * B + b0) * nh;
 #pragma omp simd
-    for (int64_t i = 0; i < B * nh; ++i) da[o + i] = (dy[o + i] + c[i]) * (1.0f - y[o + i] * y[o + i]);
-    gemm(false, false, B, nh, nh, da + o, nh, w_t, nh, 0.0f, c, nh);
-  }
+      for (int64_t i = 0; i < nb * nh; ++i)
+        da[o + i] = (dy[o + i] + c[i]) * (1.0f - y[o + i] * y[o + i]);
+      gemm(false, nb, nh, nh, da + o, nh, w_t, nh, 0.0f, c, nh);
+    }
+  });
   Tensor dW = weight_grad(cptr(H0c), y, da, T, B, nh, nh, nh, opts);
   return {dA, carry, dW};
 }
