@@ -2,7 +2,8 @@
 
 Every function takes the input projections of all steps at once, P = X W_x + b with shape
 (num_steps, batch_size, G * num_hiddens), so only the recurrent product is left in the
-step loop. Forward keeps the gate activations; backward walks the steps in reverse with
+step loop. A first layer fed token ids passes `ids` (num_steps, batch_size) and, as P, the
+(vocab_size, G * num_hiddens) table W_x + b whose rows the ids pick. Forward keeps the gate activations; backward walks the steps in reverse with
 a handful of fused ops each, and computes the recurrent weight gradient with one large
 matmul over all steps. Gate blocks along the last axis:
 
@@ -44,6 +45,24 @@ def _fast(P: Tensor):
     return kernels(load=P.requires_grad)
 
 
+def _dense(P: Tensor, ids: Tensor | None) -> Tensor:
+    """P for every step: the table rows the ids pick, or P itself."""
+    return P if ids is None else torch.nn.functional.embedding(ids, P)
+
+
+def _remember_input(ctx, P: Tensor, ids: Tensor | None) -> None:
+    ctx.ids, ctx.table_rows = ids, (P.shape[0] if ids is not None else 0)
+
+
+def _input_grad(ctx, dP: Tensor) -> Tensor:
+    """dP for a dense P; for a table, the sum of the dP rows of each id."""
+    if ctx.ids is None:
+        return dP
+    width = dP.shape[-1]
+    return dP.new_zeros(ctx.table_rows, width).index_add_(0, ctx.ids.reshape(-1),
+                                                         dP.reshape(-1, width))
+
+
 def _prev_states(H0: Tensor, Y: Tensor) -> Tensor:
     """H_{t-1} for every step: (num_steps, batch_size, num_hiddens)."""
     return torch.cat([H0.unsqueeze(0), Y[:-1]], dim=0)
@@ -57,14 +76,17 @@ class GRUFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, P: Tensor, H0: Tensor, W_hzr: Tensor, W_hh: Tensor) -> Tensor:
+    def forward(ctx, P: Tensor, ids: Tensor | None, H0: Tensor, W_hzr: Tensor,
+                W_hh: Tensor) -> Tensor:
         ext = _fast(P)
         ctx.ext = ext
+        _remember_input(ctx, P, ids)
         if ext is not None:
-            Y, ZR, Ht, S = ext.gru_forward(P.contiguous(), H0, W_hzr.contiguous(),
+            Y, ZR, Ht, S = ext.gru_forward(P.contiguous(), ids, H0, W_hzr.contiguous(),
                                            W_hh.contiguous())
             ctx.save_for_backward(H0, W_hzr, W_hh, Y, ZR, Ht, S)
             return Y
+        P = _dense(P, ids)
         T, B, H3 = P.shape
         nh = H3 // 3
         Y = P.new_empty(T, B, nh)  # (num_steps, batch_size, num_hiddens)
@@ -85,7 +107,9 @@ class GRUFunction(torch.autograd.Function):
     def backward(ctx, dY: Tensor):
         H0, W_hzr, W_hh, Y, ZR, Ht, S = ctx.saved_tensors
         if ctx.ext is not None:
-            return tuple(ctx.ext.gru_backward(dY, H0, W_hzr, W_hh, Y, ZR, Ht, S))
+            dP, dH0, dW_hzr, dW_hh = ctx.ext.gru_backward(dY, ctx.ids, ctx.table_rows, H0,
+                                                          W_hzr, W_hh, Y, ZR, Ht, S)
+            return dP, None, dH0, dW_hzr, dW_hh
         T, B, nh = Y.shape
         Hprev = _prev_states(H0, Y)
         Z, R = ZR[..., :nh], ZR[..., nh:]
@@ -107,20 +131,23 @@ class GRUFunction(torch.autograd.Function):
         flat = T * B
         dW_hzr = Hprev.reshape(flat, nh).t() @ dA[..., :2 * nh].reshape(flat, 2 * nh)
         dW_hh = S.reshape(flat, nh).t() @ dA[..., 2 * nh:].reshape(flat, nh)
-        return dA, carry, dW_hzr, dW_hh
+        return _input_grad(ctx, dA), None, carry, dW_hzr, dW_hh
 
 
 class GRUResetAfterFunction(torch.autograd.Function):
     """torch.nn.GRU's formula: H~ = tanh(P_h + R ⊙ (H W_hh + b_hh)); W_h = [W_hz|W_hr|W_hh]."""
 
     @staticmethod
-    def forward(ctx, P: Tensor, H0: Tensor, W_h: Tensor, b_hh: Tensor) -> Tensor:
+    def forward(ctx, P: Tensor, ids: Tensor | None, H0: Tensor, W_h: Tensor,
+                b_hh: Tensor) -> Tensor:
         ext = _fast(P)
         ctx.ext = ext
+        _remember_input(ctx, P, ids)
         if ext is not None:
-            Y, ZR, Nt, M = ext.gru_ra_forward(P.contiguous(), H0, W_h.contiguous(), b_hh)
+            Y, ZR, Nt, M = ext.gru_ra_forward(P.contiguous(), ids, H0, W_h.contiguous(), b_hh)
             ctx.save_for_backward(H0, W_h, Y, ZR, Nt, M)
             return Y
+        P = _dense(P, ids)
         T, B, H3 = P.shape
         nh = H3 // 3
         Y = P.new_empty(T, B, nh)
@@ -141,7 +168,9 @@ class GRUResetAfterFunction(torch.autograd.Function):
     def backward(ctx, dY: Tensor):
         H0, W_h, Y, ZR, Nt, M = ctx.saved_tensors
         if ctx.ext is not None:
-            return tuple(ctx.ext.gru_ra_backward(dY, H0, W_h, Y, ZR, Nt, M))
+            dP, dH0, dW_h, db_hh = ctx.ext.gru_ra_backward(dY, ctx.ids, ctx.table_rows, H0,
+                                                           W_h, Y, ZR, Nt, M)
+            return dP, None, dH0, dW_h, db_hh
         T, B, nh = Y.shape
         Hprev = _prev_states(H0, Y)
         Z, R = ZR[..., :nh], ZR[..., nh:]
@@ -163,20 +192,22 @@ class GRUResetAfterFunction(torch.autograd.Function):
         flat = T * B
         dW_h = Hprev.reshape(flat, nh).t() @ dA.reshape(flat, 3 * nh)
         db_hh = dA[..., 2 * nh:].sum(dim=(0, 1))
-        return dP, carry, dW_h, db_hh
+        return _input_grad(ctx, dP), None, carry, dW_h, db_hh
 
 
 class LSTMFunction(torch.autograd.Function):
     """I, F, O = σ(.), G = tanh(.), C' = F ⊙ C + I ⊙ G, H' = O ⊙ tanh(C'). Returns (Y, C_T)."""
 
     @staticmethod
-    def forward(ctx, P: Tensor, H0: Tensor, C0: Tensor, W_h: Tensor):
+    def forward(ctx, P: Tensor, ids: Tensor | None, H0: Tensor, C0: Tensor, W_h: Tensor):
         ext = _fast(P)
         ctx.ext = ext
+        _remember_input(ctx, P, ids)
         if ext is not None:
-            Y, G, Cs, Tc = ext.lstm_forward(P.contiguous(), H0, C0, W_h.contiguous())
+            Y, G, Cs, Tc = ext.lstm_forward(P.contiguous(), ids, H0, C0, W_h.contiguous())
             ctx.save_for_backward(H0, C0, W_h, Y, G, Cs, Tc)
             return Y, Cs[-1].clone()
+        P = _dense(P, ids)
         T, B, H4 = P.shape
         nh = H4 // 4
         Y = P.new_empty(T, B, nh)
@@ -199,7 +230,9 @@ class LSTMFunction(torch.autograd.Function):
     def backward(ctx, dY: Tensor, dC_T: Tensor | None):
         H0, C0, W_h, Y, G, Cs, Tc = ctx.saved_tensors
         if ctx.ext is not None:
-            return tuple(ctx.ext.lstm_backward(dY, dC_T, H0, C0, W_h, Y, G, Cs, Tc))
+            dP, dH0, dC0, dW_h = ctx.ext.lstm_backward(dY, dC_T, ctx.ids, ctx.table_rows, H0,
+                                                       C0, W_h, Y, G, Cs, Tc)
+            return dP, None, dH0, dC0, dW_h
         T, B, nh = Y.shape
         Hprev = _prev_states(H0, Y)
         Cprev = _prev_states(C0, Cs)
@@ -222,20 +255,22 @@ class LSTMFunction(torch.autograd.Function):
             carry_h = dA[t] @ W_h_T
         flat = T * B
         dW_h = Hprev.reshape(flat, nh).t() @ dA.reshape(flat, 4 * nh)
-        return dA, carry_h, carry_c, dW_h
+        return _input_grad(ctx, dA), None, carry_h, carry_c, dW_h
 
 
 class RNNFunction(torch.autograd.Function):
     """H' = tanh(P + H W_hh)."""
 
     @staticmethod
-    def forward(ctx, P: Tensor, H0: Tensor, W_hh: Tensor) -> Tensor:
+    def forward(ctx, P: Tensor, ids: Tensor | None, H0: Tensor, W_hh: Tensor) -> Tensor:
         ext = _fast(P)
         ctx.ext = ext
+        _remember_input(ctx, P, ids)
         if ext is not None:
-            (Y,) = ext.rnn_forward(P.contiguous(), H0, W_hh.contiguous())
+            (Y,) = ext.rnn_forward(P.contiguous(), ids, H0, W_hh.contiguous())
             ctx.save_for_backward(H0, W_hh, Y)
             return Y
+        P = _dense(P, ids)
         T, B, nh = P.shape
         Y = P.new_empty(T, B, nh)
         H = H0
@@ -248,7 +283,8 @@ class RNNFunction(torch.autograd.Function):
     def backward(ctx, dY: Tensor):
         H0, W_hh, Y = ctx.saved_tensors
         if ctx.ext is not None:
-            return tuple(ctx.ext.rnn_backward(dY, H0, W_hh, Y))
+            dP, dH0, dW = ctx.ext.rnn_backward(dY, ctx.ids, ctx.table_rows, H0, W_hh, Y)
+            return dP, None, dH0, dW
         T, B, nh = Y.shape
         c = 1 - Y * Y
         dA = dY.new_empty(T, B, nh)
@@ -260,4 +296,4 @@ class RNNFunction(torch.autograd.Function):
             carry = da @ W_T
         flat = T * B
         dW = _prev_states(H0, Y).reshape(flat, nh).t() @ dA.reshape(flat, nh)
-        return dA, carry, dW
+        return _input_grad(ctx, dA), None, carry, dW

@@ -148,15 +148,17 @@ class _ScratchLayer(nn.Module):
         parts = [getattr(self, f"{prefix}{g}") for g in self.gates]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
-    def project(self, inputs: Tensor) -> Tensor:
-        """X W_x + b for all steps: a row lookup for token ids, one matmul otherwise."""
+    def project(self, inputs: Tensor) -> tuple[Tensor, Tensor | None]:
+        """X W_x + b for all steps, as (P, ids) for the cell functions.
+
+        Token ids: P is the (vocab_size, G * num_hiddens) table W_x + b and the cell looks
+        up its rows (b added to vocab_size rows, not to every step). Vectors: one matmul.
+        """
         W_x, b = self._fused("W_x"), self._fused("b_")
         if inputs.dtype == torch.long:
-            # Adding b to the vocab_size-row table, not to every looked-up row, is the same
-            # sum and saves a pass over (num_steps, batch_size, G * num_hiddens).
-            return F.embedding(inputs, W_x + b)  # (num_steps, batch_size, G * num_hiddens)
+            return W_x + b, inputs.contiguous()
         T, B, _ = inputs.shape
-        return torch.addmm(b, inputs.reshape(T * B, -1), W_x).view(T, B, -1)
+        return torch.addmm(b, inputs.reshape(T * B, -1), W_x).view(T, B, -1), None
 
 
 class GRULayer(_ScratchLayer):
@@ -172,12 +174,12 @@ class GRULayer(_ScratchLayer):
                 nn.init.uniform_(self.b_hh, -bound, bound)
 
     def forward(self, inputs: Tensor, H: Tensor) -> tuple[Tensor, Tensor]:
-        P = self.project(inputs)
+        P, ids = self.project(inputs)
         if self.reset_after:
-            Y = GRUResetAfterFunction.apply(P, H, self._fused("W_h"), self.b_hh)
+            Y = GRUResetAfterFunction.apply(P, ids, H, self._fused("W_h"), self.b_hh)
         else:
             W_hzr = torch.cat([self.W_hz, self.W_hr], dim=1)  # (num_hiddens, 2 * num_hiddens)
-            Y = GRUFunction.apply(P, H, W_hzr, self.W_hh)
+            Y = GRUFunction.apply(P, ids, H, W_hzr, self.W_hh)
         return Y, Y[-1]
 
 
@@ -191,7 +193,7 @@ class LSTMLayer(_ScratchLayer):
 
     def forward(self, inputs: Tensor, state: tuple[Tensor, Tensor]):
         H, C = state
-        Y, C_T = LSTMFunction.apply(self.project(inputs), H, C, self._fused("W_h"))
+        Y, C_T = LSTMFunction.apply(*self.project(inputs), H, C, self._fused("W_h"))
         return Y, (Y[-1], C_T)
 
 
@@ -199,7 +201,7 @@ class RNNLayer(_ScratchLayer):
     gates = ("h",)
 
     def forward(self, inputs: Tensor, H: Tensor) -> tuple[Tensor, Tensor]:
-        Y = RNNFunction.apply(self.project(inputs), H, self.W_hh)
+        Y = RNNFunction.apply(*self.project(inputs), H, self.W_hh)
         return Y, Y[-1]
 
 

@@ -123,24 +123,33 @@ def test_gru_scratch_matches_literal_book_equations():
         torch.testing.assert_close(got[k], v.grad, atol=1e-6, rtol=1e-5, msg=k)
 
 
-# Input shapes of each cell function: P (T, B, G*H), H0 (B, H), [C0,] recurrent weights.
+# Each cell function and its input shapes: P (T, B, G*H) or, with token ids, the table
+# (V, G*H); then H0 (B, H), [C0,] and the recurrent weights.
 CELLS = {
-    "gru": (GRUFunction.apply, [(5, 2, 12), (2, 4), (4, 8), (4, 4)]),
-    "gru-reset-after": (GRUResetAfterFunction.apply, [(5, 2, 12), (2, 4), (4, 12), (4,)]),
-    "lstm": (LSTMFunction.apply, [(5, 2, 16), (2, 4), (2, 4), (4, 16)]),
-    "rnn": (RNNFunction.apply, [(5, 2, 4), (2, 4), (4, 4)]),
+    "gru": (GRUFunction.apply, [(12,), (2, 4), (4, 8), (4, 4)]),
+    "gru-reset-after": (GRUResetAfterFunction.apply, [(12,), (2, 4), (4, 12), (4,)]),
+    "lstm": (LSTMFunction.apply, [(16,), (2, 4), (2, 4), (4, 16)]),
+    "rnn": (RNNFunction.apply, [(4,), (2, 4), (4, 4)]),
 }
+T_, B_, V_ = 5, 2, 6
 
 
-def _cell_inputs(shapes, dtype):
+def _cell_inputs(shapes, dtype, table: bool):
+    """(P or table, ids, *rest) with fixed random values."""
     g = torch.Generator().manual_seed(0)
-    return [(torch.randn(*s, generator=g, dtype=dtype) * 0.5).requires_grad_() for s in shapes]
+    first = (V_, *shapes[0]) if table else (T_, B_, *shapes[0])
+    tensors = [(torch.randn(*s, generator=g, dtype=dtype) * 0.5).requires_grad_()
+               for s in [first, *shapes[1:]]]
+    ids = torch.randint(0, V_, (T_, B_), generator=g) if table else None
+    return tensors[0], ids, tensors[1:]
 
 
+@pytest.mark.parametrize("table", [False, True], ids=["dense", "ids"])
 @pytest.mark.parametrize("cell", CELLS)
-def test_gradcheck_scratch_cells(cell):
+def test_gradcheck_scratch_cells(cell, table):
     fn, shapes = CELLS[cell]
-    assert torch.autograd.gradcheck(fn, _cell_inputs(shapes, torch.float64), eps=1e-6,
+    P, ids, rest = _cell_inputs(shapes, torch.float64, table)
+    assert torch.autograd.gradcheck(lambda P, *r: fn(P, ids, *r), (P, *rest), eps=1e-6,
                                     atol=1e-6)
 
 
@@ -227,19 +236,20 @@ def test_fused_kernels_are_built():
         assert kernels() is not None, f"the fused C++ kernels did not build: {why_not()}"
 
 
+@pytest.mark.parametrize("table", [False, True], ids=["dense", "ids"])
 @pytest.mark.parametrize("cell", CELLS)
-def test_fused_kernels_match_the_portable_loops(cell):
+def test_fused_kernels_match_the_portable_loops(cell, table):
     from gru_lm.cells import portable_loops
 
     fn, shapes = CELLS[cell]
 
     def run():
-        inputs = _cell_inputs(shapes, torch.float32)
-        out = fn(*inputs)
+        P, ids, rest = _cell_inputs(shapes, torch.float32, table)
+        out = fn(P, ids, *rest)
         outs = out if isinstance(out, tuple) else (out,)
         g = torch.Generator().manual_seed(1)
         sum((o * torch.randn(o.shape, generator=g)).sum() for o in outs).backward()
-        return [o.detach() for o in outs], [x.grad for x in inputs]
+        return [o.detach() for o in outs], [x.grad for x in (P, *rest)]
 
     fast_out, fast_grads = run()
     with portable_loops():

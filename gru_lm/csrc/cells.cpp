@@ -39,6 +39,47 @@ inline float sigm(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 inline const float* cptr(const Tensor& t) { return t.data_ptr<float>(); }
 inline float* ptr(Tensor& t) { return t.data_ptr<float>(); }
 
+// Where the input projection of row r = t * B + b comes from: a dense P (T, B, width), or,
+// for a first layer fed token ids, the row ids[r] of a (vocab_size, width) table = W_x + b,
+// so the (T, B, width) lookup is never materialised.
+struct Rows {
+  const float* base;
+  const int64_t* ids;
+  int64_t width;
+  const float* operator()(int64_t r) const { return base + (ids ? ids[r] : r) * width; }
+};
+
+// The gradient of a table input: per-thread accumulators (no races), summed at the end.
+struct TableGrad {
+  Tensor acc;
+  const int64_t* ids = nullptr;
+  int64_t width = 0, rows = 0;
+  TableGrad(const c10::optional<Tensor>& ids_t, int64_t table_rows, int64_t w,
+            const at::TensorOptions& opts) {
+    if (!ids_t.has_value()) return;
+    ids = ids_t->data_ptr<int64_t>();
+    width = w;
+    rows = table_rows;
+    acc = at::zeros({at::get_num_threads(), table_rows, w}, opts);
+  }
+  // Add the dP rows [r0, r0 + nb) (row stride width) into this thread's table.
+  void add(int64_t r0, int64_t nb, const float* dp) {
+    if (!ids) return;
+    float* mine = acc.data_ptr<float>() + at::get_thread_num() * rows * width;
+    for (int64_t b = 0; b < nb; ++b) {
+      float* dst = mine + ids[r0 + b] * width;
+      const float* src = dp + b * width;
+#pragma omp simd
+      for (int64_t j = 0; j < width; ++j) dst[j] += src[j];
+    }
+  }
+  Tensor result() const { return acc.sum(0); }
+};
+
+Rows rows_of(const Tensor& P, const c10::optional<Tensor>& ids, int64_t width) {
+  return {P.data_ptr<float>(), ids.has_value() ? ids->data_ptr<int64_t>() : nullptr, width};
+}
+
 // Run body(b0, b1) on row ranges that split the batch evenly over the threads.
 template <typename F>
 void over_rows(int64_t B, const F& body) {
@@ -61,13 +102,16 @@ Tensor final_carry(Tensor& carry, Tensor& next, int64_t T) { return T % 2 ? next
 
 // ---------------------------------------------------------------- GRU, the book's formula
 // Z = s(P_z + H W_hz), R = s(P_r + H W_hr), Ht = tanh(P_h + (R*H) W_hh), H' = Ht + Z (H - Ht)
-std::vector<Tensor> gru_forward(Tensor P, Tensor H0, Tensor W_hzr, Tensor W_hh) {
-  const int64_t T = P.size(0), B = P.size(1), nh = H0.size(1);
+std::vector<Tensor> gru_forward(Tensor P, c10::optional<Tensor> ids, Tensor H0, Tensor W_hzr,
+                                Tensor W_hh) {
+  const int64_t nh = H0.size(1);
+  const int64_t T = ids ? ids->size(0) : P.size(0), B = H0.size(0);
+  const Rows prow = rows_of(P, ids, 3 * nh);
   auto opts = P.options();
   Tensor Y = at::empty({T, B, nh}, opts), ZR = at::empty({T, B, 2 * nh}, opts);
   Tensor Ht = at::empty({T, B, nh}, opts), S = at::empty({T, B, nh}, opts);
   Tensor H0c = H0.contiguous();
-  const float *p = cptr(P), *wzr = cptr(W_hzr), *whh = cptr(W_hh), *h0 = cptr(H0c);
+  const float *wzr = cptr(W_hzr), *whh = cptr(W_hh), *h0 = cptr(H0c);
   float *y = ptr(Y), *zr = ptr(ZR), *ht = ptr(Ht), *s = ptr(S);
   over_rows(B, [&](int64_t b0, int64_t b1) {
     const int64_t nb = b1 - b0;
@@ -76,11 +120,10 @@ std::vector<Tensor> gru_forward(Tensor P, Tensor H0, Tensor W_hzr, Tensor W_hh) 
       const float* h = t ? y + (r0 - B) * nh : h0 + b0 * nh;
       float *zr_t = zr + r0 * 2 * nh, *s_t = s + r0 * nh, *ht_t = ht + r0 * nh;
       float* y_t = y + r0 * nh;
-      const float* p_t = p + r0 * 3 * nh;
       gemm(false, nb, 2 * nh, nh, h, nh, wzr, 2 * nh, 0.0f, zr_t, 2 * nh);
       for (int64_t b = 0; b < nb; ++b) {
         float* zrb = zr_t + b * 2 * nh;
-        const float* pb = p_t + b * 3 * nh;
+        const float* pb = prow(r0 + b);
 #pragma omp simd
         for (int64_t j = 0; j < 2 * nh; ++j) zrb[j] = sigm(zrb[j] + pb[j]);
 #pragma omp simd
@@ -88,7 +131,7 @@ std::vector<Tensor> gru_forward(Tensor P, Tensor H0, Tensor W_hzr, Tensor W_hh) 
       }
       gemm(false, nb, nh, nh, s_t, nh, whh, nh, 0.0f, ht_t, nh);
       for (int64_t b = 0; b < nb; ++b) {
-        const float* pb = p_t + b * 3 * nh + 2 * nh;
+        const float* pb = prow(r0 + b) + 2 * nh;
         const float* zb = zr_t + b * 2 * nh;
 #pragma omp simd
         for (int64_t j = 0; j < nh; ++j) {
@@ -103,10 +146,12 @@ std::vector<Tensor> gru_forward(Tensor P, Tensor H0, Tensor W_hzr, Tensor W_hh) 
   return {Y, ZR, Ht, S};
 }
 
-std::vector<Tensor> gru_backward(Tensor dY, Tensor H0, Tensor W_hzr, Tensor W_hh, Tensor Y,
-                                 Tensor ZR, Tensor Ht, Tensor S) {
+std::vector<Tensor> gru_backward(Tensor dY, c10::optional<Tensor> ids, int64_t table_rows,
+                                 Tensor H0, Tensor W_hzr, Tensor W_hh, Tensor Y, Tensor ZR,
+                                 Tensor Ht, Tensor S) {
   const int64_t T = Y.size(0), B = Y.size(1), nh = Y.size(2);
   auto opts = Y.options();
+  TableGrad dtable(ids, table_rows, 3 * nh, opts);
   dY = dY.contiguous();
   Tensor H0c = H0.contiguous();
   Tensor dA = at::empty({T, B, 3 * nh}, opts);  // = dP: [z | r | h]
@@ -151,6 +196,7 @@ std::vector<Tensor> gru_backward(Tensor dY, Tensor H0, Tensor W_hzr, Tensor W_hh
         }
       }
       gemm(false, nb, nh, 2 * nh, da_t, 3 * nh, wzr_t, nh, 1.0f, nx, nh);  // + dAzr W_hzr^T
+      dtable.add(r0, nb, da_t);  // dP = dA
       std::swap(c, nx);
     }
   });
@@ -158,19 +204,22 @@ std::vector<Tensor> gru_backward(Tensor dY, Tensor H0, Tensor W_hzr, Tensor W_hh
   Tensor dW_hzr = weight_grad(h0, y, da, T, B, nh, 2 * nh, 3 * nh, opts);
   Tensor dW_hh = at::empty({nh, nh}, opts);
   gemm(true, nh, nh, T * B, cptr(S), nh, da + 2 * nh, 3 * nh, 0.0f, ptr(dW_hh), nh);
-  return {dA, dH0, dW_hzr, dW_hh};
+  return {ids ? dtable.result() : dA, dH0, dW_hzr, dW_hh};
 }
 
 // ---------------------------------------------------------------- GRU, torch.nn's formula
 // A = H W_h; Z, R = s(P + A); M = A_h + b_hh; N = tanh(P_h + R M); H' = N + Z (H - N)
-std::vector<Tensor> gru_ra_forward(Tensor P, Tensor H0, Tensor W_h, Tensor b_hh) {
-  const int64_t T = P.size(0), B = P.size(1), nh = H0.size(1);
+std::vector<Tensor> gru_ra_forward(Tensor P, c10::optional<Tensor> ids, Tensor H0, Tensor W_h,
+                                   Tensor b_hh) {
+  const int64_t nh = H0.size(1);
+  const int64_t T = ids ? ids->size(0) : P.size(0), B = H0.size(0);
+  const Rows prow = rows_of(P, ids, 3 * nh);
   auto opts = P.options();
   Tensor Y = at::empty({T, B, nh}, opts), ZR = at::empty({T, B, 2 * nh}, opts);
   Tensor N = at::empty({T, B, nh}, opts), M = at::empty({T, B, nh}, opts);
   Tensor A = at::empty({B, 3 * nh}, opts);
   Tensor H0c = H0.contiguous(), bhc = b_hh.contiguous();
-  const float *p = cptr(P), *wh = cptr(W_h), *bh = cptr(bhc), *h0 = cptr(H0c);
+  const float *wh = cptr(W_h), *bh = cptr(bhc), *h0 = cptr(H0c);
   float *y = ptr(Y), *zr = ptr(ZR), *n = ptr(N), *m = ptr(M), *a_all = ptr(A);
   over_rows(B, [&](int64_t b0, int64_t b1) {
     const int64_t nb = b1 - b0;
@@ -181,7 +230,7 @@ std::vector<Tensor> gru_ra_forward(Tensor P, Tensor H0, Tensor W_h, Tensor b_hh)
       gemm(false, nb, 3 * nh, nh, h, nh, wh, 3 * nh, 0.0f, a, 3 * nh);
       for (int64_t b = 0; b < nb; ++b) {
         const int64_t r = r0 + b;
-        const float* pb = p + r * 3 * nh;
+        const float* pb = prow(r);
         const float* ab = a + b * 3 * nh;
         float* zrb = zr + r * 2 * nh;
 #pragma omp simd
@@ -200,10 +249,12 @@ std::vector<Tensor> gru_ra_forward(Tensor P, Tensor H0, Tensor W_h, Tensor b_hh)
   return {Y, ZR, N, M};
 }
 
-std::vector<Tensor> gru_ra_backward(Tensor dY, Tensor H0, Tensor W_h, Tensor Y, Tensor ZR,
-                                    Tensor N, Tensor M) {
+std::vector<Tensor> gru_ra_backward(Tensor dY, c10::optional<Tensor> ids, int64_t table_rows,
+                                    Tensor H0, Tensor W_h, Tensor Y, Tensor ZR, Tensor N,
+                                    Tensor M) {
   const int64_t T = Y.size(0), B = Y.size(1), nh = Y.size(2);
   auto opts = Y.options();
+  TableGrad dtable(ids, table_rows, 3 * nh, opts);
   dY = dY.contiguous();
   Tensor H0c = H0.contiguous();
   Tensor dA = at::empty({T, B, 3 * nh}, opts);  // d(H W_h): [z | r | m]
@@ -242,23 +293,27 @@ std::vector<Tensor> gru_ra_backward(Tensor dY, Tensor H0, Tensor W_h, Tensor Y, 
         }
       }
       gemm(false, nb, nh, 3 * nh, da + r0 * 3 * nh, 3 * nh, wh_t, nh, 1.0f, nx, nh);
+      dtable.add(r0, nb, dp + r0 * 3 * nh);
       std::swap(c, nx);
     }
   });
   Tensor dH0 = final_carry(carry, next, T);
   Tensor dW_h = weight_grad(h0, y, da, T, B, nh, 3 * nh, 3 * nh, opts);
   Tensor db_hh = dA.view({T * B, 3 * nh}).narrow(1, 2 * nh, nh).sum(0);
-  return {dP, dH0, dW_h, db_hh};
+  return {ids ? dtable.result() : dP, dH0, dW_h, db_hh};
 }
 
 // ---------------------------------------------------------------- LSTM [i | f | g | o]
-std::vector<Tensor> lstm_forward(Tensor P, Tensor H0, Tensor C0, Tensor W_h) {
-  const int64_t T = P.size(0), B = P.size(1), nh = H0.size(1);
+std::vector<Tensor> lstm_forward(Tensor P, c10::optional<Tensor> ids, Tensor H0, Tensor C0,
+                                 Tensor W_h) {
+  const int64_t nh = H0.size(1);
+  const int64_t T = ids ? ids->size(0) : P.size(0), B = H0.size(0);
+  const Rows prow = rows_of(P, ids, 4 * nh);
   auto opts = P.options();
   Tensor Y = at::empty({T, B, nh}, opts), G = at::empty({T, B, 4 * nh}, opts);
   Tensor Cs = at::empty({T, B, nh}, opts), Tc = at::empty({T, B, nh}, opts);
   Tensor H0c = H0.contiguous(), C0c = C0.contiguous();
-  const float *p = cptr(P), *wh = cptr(W_h), *h0 = cptr(H0c), *c0 = cptr(C0c);
+  const float *wh = cptr(W_h), *h0 = cptr(H0c), *c0 = cptr(C0c);
   float *y = ptr(Y), *g = ptr(G), *cs = ptr(Cs), *tc = ptr(Tc);
   over_rows(B, [&](int64_t b0, int64_t b1) {
     const int64_t nb = b1 - b0;
@@ -271,7 +326,7 @@ std::vector<Tensor> lstm_forward(Tensor P, Tensor H0, Tensor C0, Tensor W_h) {
       for (int64_t b = 0; b < nb; ++b) {
         const int64_t r = r0 + b;
         float* gb = g_t + b * 4 * nh;
-        const float* pb = p + r * 4 * nh;
+        const float* pb = prow(r);
 #pragma omp simd
         for (int64_t j = 0; j < nh; ++j) {
           const float ig = sigm(gb[j] + pb[j]), fg = sigm(gb[nh + j] + pb[nh + j]);
@@ -293,10 +348,12 @@ std::vector<Tensor> lstm_forward(Tensor P, Tensor H0, Tensor C0, Tensor W_h) {
   return {Y, G, Cs, Tc};
 }
 
-std::vector<Tensor> lstm_backward(Tensor dY, Tensor dC_T, Tensor H0, Tensor C0, Tensor W_h,
-                                  Tensor Y, Tensor G, Tensor Cs, Tensor Tc) {
+std::vector<Tensor> lstm_backward(Tensor dY, Tensor dC_T, c10::optional<Tensor> ids,
+                                  int64_t table_rows, Tensor H0, Tensor C0, Tensor W_h, Tensor Y,
+                                  Tensor G, Tensor Cs, Tensor Tc) {
   const int64_t T = Y.size(0), B = Y.size(1), nh = Y.size(2);
   auto opts = Y.options();
+  TableGrad dtable(ids, table_rows, 4 * nh, opts);
   dY = dY.contiguous();
   Tensor H0c = H0.contiguous(), C0c = C0.contiguous();
   Tensor dA = at::empty({T, B, 4 * nh}, opts);
@@ -331,18 +388,21 @@ std::vector<Tensor> lstm_backward(Tensor dY, Tensor dC_T, Tensor H0, Tensor C0, 
         }
       }
       gemm(false, nb, nh, 4 * nh, da + r0 * 4 * nh, 4 * nh, wh_t, nh, 0.0f, ch, nh);
+      dtable.add(r0, nb, da + r0 * 4 * nh);
     }
   });
   Tensor dW_h = weight_grad(h0, y, da, T, B, nh, 4 * nh, 4 * nh, opts);
-  return {dA, carry_h, carry_c, dW_h};
+  return {ids ? dtable.result() : dA, carry_h, carry_c, dW_h};
 }
 
 // ---------------------------------------------------------------- RNN
-std::vector<Tensor> rnn_forward(Tensor P, Tensor H0, Tensor W_hh) {
-  const int64_t T = P.size(0), B = P.size(1), nh = H0.size(1);
+std::vector<Tensor> rnn_forward(Tensor P, c10::optional<Tensor> ids, Tensor H0, Tensor W_hh) {
+  const int64_t nh = H0.size(1);
+  const int64_t T = ids ? ids->size(0) : P.size(0), B = H0.size(0);
+  const Rows prow = rows_of(P, ids, nh);
   Tensor Y = at::empty({T, B, nh}, P.options());
   Tensor H0c = H0.contiguous();
-  const float *w = cptr(W_hh), *p = cptr(P), *h0 = cptr(H0c);
+  const float *w = cptr(W_hh), *h0 = cptr(H0c);
   float* y = ptr(Y);
   over_rows(B, [&](int64_t b0, int64_t b1) {
     const int64_t nb = b1 - b0;
@@ -350,18 +410,23 @@ std::vector<Tensor> rnn_forward(Tensor P, Tensor H0, Tensor W_hh) {
       const int64_t r0 = t * B + b0;
       const float* h = t ? y + (r0 - B) * nh : h0 + b0 * nh;
       float* y_t = y + r0 * nh;
-      const float* p_t = p + r0 * nh;
       gemm(false, nb, nh, nh, h, nh, w, nh, 0.0f, y_t, nh);
+      for (int64_t b = 0; b < nb; ++b) {
+        const float* pb = prow(r0 + b);
+        float* yb = y_t + b * nh;
 #pragma omp simd
-      for (int64_t i = 0; i < nb * nh; ++i) y_t[i] = std::tanh(y_t[i] + p_t[i]);
+        for (int64_t j = 0; j < nh; ++j) yb[j] = std::tanh(yb[j] + pb[j]);
+      }
     }
   });
   return {Y};
 }
 
-std::vector<Tensor> rnn_backward(Tensor dY, Tensor H0, Tensor W_hh, Tensor Y) {
+std::vector<Tensor> rnn_backward(Tensor dY, c10::optional<Tensor> ids, int64_t table_rows,
+                                 Tensor H0, Tensor W_hh, Tensor Y) {
   const int64_t T = Y.size(0), B = Y.size(1), nh = Y.size(2);
   auto opts = Y.options();
+  TableGrad dtable(ids, table_rows, nh, opts);
   dY = dY.contiguous();
   Tensor H0c = H0.contiguous();
   Tensor dA = at::empty({T, B, nh}, opts);
@@ -378,10 +443,11 @@ std::vector<Tensor> rnn_backward(Tensor dY, Tensor H0, Tensor W_hh, Tensor Y) {
       for (int64_t i = 0; i < nb * nh; ++i)
         da[o + i] = (dy[o + i] + c[i]) * (1.0f - y[o + i] * y[o + i]);
       gemm(false, nb, nh, nh, da + o, nh, w_t, nh, 0.0f, c, nh);
+      dtable.add(t * B + b0, nb, da + o);
     }
   });
   Tensor dW = weight_grad(cptr(H0c), y, da, T, B, nh, nh, nh, opts);
-  return {dA, carry, dW};
+  return {ids ? dtable.result() : dA, carry, dW};
 }
 
 }  // namespace
