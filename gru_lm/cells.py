@@ -3,9 +3,10 @@
 Every function takes the input projections of all steps at once, P = X W_x + b with shape
 (num_steps, batch_size, G * num_hiddens), so only the recurrent product is left in the
 step loop. A first layer fed token ids passes `ids` (num_steps, batch_size) and, as P, the
-(vocab_size, G * num_hiddens) table W_x + b whose rows the ids pick. Forward keeps the gate activations; backward walks the steps in reverse with
-a handful of fused ops each, and computes the recurrent weight gradient with one large
-matmul over all steps. Gate blocks along the last axis:
+(vocab_size, G * num_hiddens) table W_x + b whose rows the ids pick. Forward keeps the gate
+activations; backward walks the steps in reverse with a handful of fused ops each, and
+computes the recurrent weight gradient with one large matmul over all steps. Gate blocks
+along the last axis:
 
     GRU  [z | r | h]          LSTM  [i | f | g | o]  (torch.nn's order)     RNN  [h]
 """
