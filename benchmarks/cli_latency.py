@@ -39,8 +39,10 @@ def main() -> None:
         run = args.run
         if run is None:
             shutil.copytree(ROOT / "configs", work / "configs")
-            subprocess.run(cli + ["train", "--config", "configs/tiny.yaml", "--name", "lat",
-                                  "-q"], cwd=work, check=True, stdout=subprocess.DEVNULL)
+            done = subprocess.run(cli + ["train", "--config", "configs/tiny.yaml", "--name",
+                                         "lat", "-q"], cwd=work, capture_output=True, text=True)
+            if done.returncode:
+                sys.exit(f"cli_latency: training the tiny run failed: {done.stderr.strip()}")
             run = work / "runs" / "lat"
         contenders = {
             "python -c 'import torch'": [py, "-c", "import torch"],
