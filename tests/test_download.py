@@ -168,3 +168,26 @@ def test_data_dir_is_searched_first(server, tmp_path, monkeypatch):
     (ready / "t.txt").write_bytes(BODY)
     monkeypatch.setenv("GRU_LM_DATA_DIR", str(ready))
     assert fetch(_spec(server, "/good.txt"), tmp_path / "cache", offline=True) == ready / "t.txt"
+
+
+def test_https_to_http_redirect_is_refused(tmp_path, monkeypatch):
+    import requests
+
+    class Redirect:
+        is_redirect = True
+        headers = {"Location": "http://127.0.0.1:9/t.txt"}
+
+        def close(self):
+            pass
+
+    calls = []
+
+    def fake_get(self, url, **kwargs):
+        calls.append(url)
+        return Redirect()
+
+    monkeypatch.setattr(requests.Session, "get", fake_get)
+    with pytest.raises(DataError, match="redirect from https to http://127.0.0.1:9/t.txt"):
+        download("https://127.0.0.1:9/t.txt", SHA1, tmp_path / "t.txt", progress=False)
+    assert calls == ["https://127.0.0.1:9/t.txt"]  # the http URL was never requested
+    assert list(tmp_path.iterdir()) == []

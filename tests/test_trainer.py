@@ -1,0 +1,86 @@
+"""Trainer pieces users rely on: metrics, lr schedules, early stopping, budgets."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from gru_lm.config import validate
+from gru_lm.data import Corpus, Vocab
+from gru_lm.trainer import Trainer, bits_per_char, evaluate, perplexity, unigram_perplexity
+
+
+def _corpus(n=3000):
+    g = torch.Generator().manual_seed(0)
+    toks = torch.randint(1, 6, (n,), generator=g)
+    vocab = Vocab(list("abcde"))
+    return Corpus(vocab=vocab, raw_chars=n, source="", train=toks[: n - 400],
+                  val=toks[n - 400: n - 200], test=toks[n - 200:])
+
+
+def _trainer(tmp_path, **train):
+    cfg = validate({"model": {"name": "rnn-scratch", "num_hiddens": 8},
+                    "train": {"batch_size": 4, "num_steps": 5, "sample_prefixes": ["a"],
+                              "max_steps": 10, **train}})
+    return Trainer(cfg, _corpus(), tmp_path / "run")
+
+
+def test_perplexity_is_over_tokens_not_batches():
+    # two batches: 10 tokens at nll 1 and 30 tokens at nll 2 -> exp(70 / 40), not the mean
+    assert perplexity(10 * 1 + 30 * 2, 40) == pytest.approx(math.exp(70 / 40))
+    assert bits_per_char(math.log(2) * 8, 8) == pytest.approx(1.0)
+
+
+def test_uniform_model_scores_log_vocab():
+    class Uniform(torch.nn.Module):
+        def begin_state(self, batch_size, device):
+            return torch.zeros(1)
+
+        def forward(self, X, state):
+            return torch.zeros(*X.shape, 4), state
+
+    nll, n = evaluate(Uniform(), torch.arange(101) % 4, 3, 7, torch.device("cpu"))
+    assert n == 100 and perplexity(nll, n) == pytest.approx(4.0)
+
+
+def test_unigram_perplexity_of_a_constant_text_is_near_one():
+    train = torch.zeros(1000, dtype=torch.long)
+    assert unigram_perplexity(train, train[:10], vocab_size=3) < 1.01
+
+
+def test_warmup_then_cosine_to_the_floor(tmp_path):
+    tr = _trainer(tmp_path, lr=1.0, lr_schedule="cosine", warmup_steps=4, min_lr_ratio=0.1,
+                  max_steps=100)
+    lrs = []
+    for step in range(100):
+        tr.p.step = step
+        lrs.append(tr.lr_now())
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert lrs[50] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lrs[-1] == pytest.approx(0.1, abs=1e-3)
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:], strict=False))
+
+
+def test_plateau_halves_lr_after_patience(tmp_path):
+    tr = _trainer(tmp_path, lr=1.0, lr_schedule="plateau", plateau_patience=1,
+                  plateau_factor=0.5)
+    for metric in (5.0, 4.0, 4.0, 4.0):
+        tr._plateau(metric)
+    assert tr.lr_now() == pytest.approx(0.5)
+
+
+def test_early_stopping_and_budget_reasons(tmp_path):
+    tr = _trainer(tmp_path, lr=1e-9, max_steps=1000, eval_interval=5,
+                  early_stopping_patience=2)
+    summary = tr.fit()
+    assert summary["stop_reason"].startswith("early stopping")
+    assert summary["steps"] < 1000
+    evals = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text()
+             .splitlines()]
+    assert len(evals) >= 3
+    tr = _trainer(Path(tmp_path / "b"), max_steps=None, time_budget_s=0.5, eval_interval=50)
+    summary = tr.fit()
+    assert summary["stop_reason"] == "time_budget_s=0.5"
+    assert 0.5 <= summary["elapsed_s"] < 5
