@@ -9,7 +9,7 @@ import signal
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -154,11 +154,11 @@ class Progress:
     best_step: int = 0
     evals_since_best: int = 0
     lr_scale: float = 1.0  # plateau schedule's multiplier
+    plateau_best: float = math.inf
     plateau_bad: int = 0
     interval_nll: float = 0.0
     interval_tokens: int = 0
     stop_reason: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 class Trainer:
@@ -262,8 +262,8 @@ class Trainer:
         t = self.cfg.train
         if t.lr_schedule != "plateau":
             return
-        if metric < self.p.extra.get("plateau_best", math.inf) - 1e-4:
-            self.p.extra["plateau_best"] = metric
+        if metric < self.p.plateau_best - 1e-4:
+            self.p.plateau_best = metric
             self.p.plateau_bad = 0
         else:
             self.p.plateau_bad += 1
