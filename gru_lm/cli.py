@@ -209,14 +209,10 @@ def predict_cmd(
     runs_dir: RunsDirOpt = Path("runs"),
 ) -> None:
     """Continue a prefix with a trained model (greedy by default, as the book)."""
-    from gru_lm.sampling import check_sampling_args
+    from gru_lm.sampling import check_prefix, check_sampling_args
 
+    check_prefix(prefix)
     check_sampling_args(num_chars, temperature, top_k, top_p, num_samples)
-    if not prefix.strip():
-        from gru_lm.errors import GruLmError
-
-        raise GruLmError("the prefix is empty; give some text to continue, e.g. "
-                         "\"time traveller\"")
     from gru_lm.runs import predict
 
     prompt, outputs = predict(prefix, run=run, checkpoint=checkpoint, runs_dir=runs_dir,

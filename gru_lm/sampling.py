@@ -14,6 +14,12 @@ MAX_CHARS = 10_000
 MAX_SAMPLES = 1_000
 
 
+def check_prefix(prefix: str) -> None:
+    if not prefix or not prefix.strip():
+        raise GruLmError("the prefix is empty; give some text to continue, e.g. "
+                         "\"time traveller\"")
+
+
 def check_sampling_args(num_chars: int, temperature: float | None, top_k: int | None,
                         top_p: float | None, num_samples: int) -> None:
     """Validate generation arguments before any model is loaded."""
@@ -32,9 +38,7 @@ def check_sampling_args(num_chars: int, temperature: float | None, top_k: int | 
 
 def encode_prefix(prefix: str, vocab: Vocab, preset: str, lowercase: bool) -> list[int]:
     """Preprocess a prefix like the run's corpus and encode it; unknown characters are errors."""
-    if not prefix or not prefix.strip():
-        raise GruLmError("the prefix is empty; give some text to continue, e.g. "
-                         "\"time traveller\"")
+    check_prefix(prefix)
     tokens = preprocess(prefix, preset, lowercase)
     if not tokens:
         raise GruLmError(f"the prefix {prefix!r} is empty after the '{preset}' preprocessing; "
