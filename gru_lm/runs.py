@@ -47,7 +47,7 @@ def train_run(config: Path | None, overrides: list[str], *, name: str | None = N
               resume: Path | None = None, offline: bool | None = None, console=None
               ) -> dict[str, Any]:
     """Train a new run, or continue `resume`; returns the run's summary."""
-    from gru_lm.data import Vocab, load_corpus
+    from gru_lm.data import load_corpus
     from gru_lm.trainer import Trainer, create_run_dir, new_run_dir, write_run_files
 
     if resume is not None:
@@ -58,9 +58,7 @@ def train_run(config: Path | None, overrides: list[str], *, name: str | None = N
             raise GruLmError(f"--resume {run_dir}: the run has no checkpoint "
                              f"({run_dir}/checkpoints/last.pt); start it again without --resume")
         cfg = resume_config(run_dir, config, overrides)
-        import json
-
-        vocab = Vocab.from_dict(json.loads((run_dir / "vocab.json").read_text()))
+        vocab = _read_vocab(run_dir / "vocab.json")
         corpus = load_corpus(cfg.data, vocab=vocab, offline=offline)
         from gru_lm.config import save_config
 
@@ -82,6 +80,19 @@ def train_run(config: Path | None, overrides: list[str], *, name: str | None = N
     if console is not None:
         console.print(f"run directory: {run_dir}", highlight=False)
     return trainer.fit()
+
+
+def _read_vocab(path: Path):
+    import json
+
+    from gru_lm.data import Vocab
+    from gru_lm.errors import DataError
+
+    try:
+        return Vocab.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, DataError) as e:
+        raise GruLmError(f"cannot read the run's vocabulary {path} ({e}); the run folder is "
+                         "damaged, start a new run") from None
 
 
 def find_latest_run(runs_dir: Path) -> Path:

@@ -302,3 +302,13 @@ def test_written_files_get_the_usual_mode(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "x.txt").stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("damage", ["missing", "garbage"])
+def test_resume_with_damaged_vocab_file_is_one_line(workdir, damage):
+    run = train_tiny("vocab")
+    if damage == "missing":
+        (run / "vocab.json").unlink()
+    else:
+        (run / "vocab.json").write_text("{not json")
+    one_line_error(cli("train", "--resume", str(run)), "vocab.json", "damaged")
