@@ -51,8 +51,11 @@ def _dense(P: Tensor, ids: Tensor | None) -> Tensor:
     return P if ids is None else torch.nn.functional.embedding(ids, P)
 
 
-def _remember_input(ctx, P: Tensor, ids: Tensor | None) -> None:
+def _begin(ctx, P: Tensor, ids: Tensor | None):
+    """Record what backward needs about the input; return the fused kernels or None."""
     ctx.ids, ctx.table_rows = ids, (P.shape[0] if ids is not None else 0)
+    ctx.ext = _fast(P)
+    return ctx.ext
 
 
 def _input_grad(ctx, dP: Tensor) -> Tensor:
@@ -79,9 +82,7 @@ class GRUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, P: Tensor, ids: Tensor | None, H0: Tensor, W_hzr: Tensor,
                 W_hh: Tensor) -> Tensor:
-        ext = _fast(P)
-        ctx.ext = ext
-        _remember_input(ctx, P, ids)
+        ext = _begin(ctx, P, ids)
         if ext is not None:
             Y, ZR, Ht, S = ext.gru_forward(P.contiguous(), ids, H0, W_hzr.contiguous(),
                                            W_hh.contiguous())
@@ -141,9 +142,7 @@ class GRUResetAfterFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, P: Tensor, ids: Tensor | None, H0: Tensor, W_h: Tensor,
                 b_hh: Tensor) -> Tensor:
-        ext = _fast(P)
-        ctx.ext = ext
-        _remember_input(ctx, P, ids)
+        ext = _begin(ctx, P, ids)
         if ext is not None:
             Y, ZR, Nt, M = ext.gru_ra_forward(P.contiguous(), ids, H0, W_h.contiguous(), b_hh)
             ctx.save_for_backward(H0, W_h, Y, ZR, Nt, M)
@@ -201,9 +200,7 @@ class LSTMFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, P: Tensor, ids: Tensor | None, H0: Tensor, C0: Tensor, W_h: Tensor):
-        ext = _fast(P)
-        ctx.ext = ext
-        _remember_input(ctx, P, ids)
+        ext = _begin(ctx, P, ids)
         if ext is not None:
             Y, G, Cs, Tc = ext.lstm_forward(P.contiguous(), ids, H0, C0, W_h.contiguous())
             ctx.save_for_backward(H0, C0, W_h, Y, G, Cs, Tc)
@@ -264,9 +261,7 @@ class RNNFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, P: Tensor, ids: Tensor | None, H0: Tensor, W_hh: Tensor) -> Tensor:
-        ext = _fast(P)
-        ctx.ext = ext
-        _remember_input(ctx, P, ids)
+        ext = _begin(ctx, P, ids)
         if ext is not None:
             (Y,) = ext.rnn_forward(P.contiguous(), ids, H0, W_hh.contiguous())
             ctx.save_for_backward(H0, W_hh, Y)

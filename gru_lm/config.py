@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import difflib
 import math
 from pathlib import Path
@@ -218,7 +219,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `key.sub=value` overrides (values parsed as YAML) to a copy of `raw`."""
-    out = _deep_copy(raw)
+    out = copy.deepcopy(raw)
     problems = []
     for item in overrides:
         key, sep, value = item.partition("=")
@@ -249,14 +250,6 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     if problems:
         raise ConfigError("bad override(s):\n" + "\n".join(f"  - {p}" for p in problems))
     return out
-
-
-def _deep_copy(d: Any) -> Any:
-    if isinstance(d, dict):
-        return {k: _deep_copy(v) for k, v in d.items()}
-    if isinstance(d, list):
-        return [_deep_copy(v) for v in d]
-    return d
 
 
 def load_config(path: Path | None, overrides: list[str] | None = None) -> Config:

@@ -211,11 +211,6 @@ class BatchLoader:
         Ys = corpus[1:n + 1].view(B, nb, T).transpose(0, 1)
         return Xs, Ys
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        X, Y = self.epoch()
-        for i in range(len(X)):
-            yield X[i], Y[i]
-
 
 def eval_batches(tokens: torch.Tensor, batch_size: int, num_steps: int
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -74,17 +74,12 @@ def fetch(
     offline = offline_from_env() if offline is None else offline
     seen_bad = []
     env_dir = os.environ.get("GRU_LM_DATA_DIR")
-    for folder in [Path(env_dir)] if env_dir else []:
-        candidate = folder / spec.filename
+    cached = Path(cache_dir) / spec.filename
+    for candidate in ([Path(env_dir) / spec.filename] if env_dir else []) + [cached]:
         if candidate.is_file():
             if file_digest(candidate, "sha1") == spec.sha1:
                 return candidate
             seen_bad.append(str(candidate))
-    cached = Path(cache_dir) / spec.filename
-    if cached.is_file():
-        if file_digest(cached, "sha1") == spec.sha1:
-            return cached
-        seen_bad.append(str(cached))
     if offline:
         bad = f" ({', '.join(seen_bad)} has the wrong SHA-1)" if seen_bad else ""
         where = f"{env_dir}/ or {cache_dir}/" if env_dir else f"{cache_dir}/"

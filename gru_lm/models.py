@@ -72,7 +72,6 @@ class RecurrentLM(nn.Module):
     registry_name: str = ""
     description: str = ""
     num_states: int = 1  # 2 for LSTMs: (H, C)
-    scratch: bool = False
 
     def __init__(self, cfg: ModelConfig, vocab_size: int):
         super().__init__()
@@ -207,8 +206,6 @@ class RNNLayer(_ScratchLayer):
 
 class ScratchLM(RecurrentLM):
     """Stacked scratch layers + output layer W_hq, b_q."""
-
-    scratch = True
 
     def __init__(self, cfg: ModelConfig, vocab_size: int):
         super().__init__(cfg, vocab_size)

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
-from gru_lm.config import Config, load_config, read_yaml, validate
-from gru_lm.errors import CheckpointError, ConfigError, GruLmError
+from gru_lm.config import (
+    Config,
+    apply_overrides,
+    load_config,
+    read_yaml,
+    save_config,
+    validate,
+)
+from gru_lm.errors import CheckpointError, ConfigError, DataError, GruLmError
 
 
 def _diff_keys(a: Any, b: Any, prefix: str) -> list[str]:
@@ -27,8 +35,6 @@ def resume_config(run_dir: Path, config: Path | None, overrides: list[str]) -> C
     saved = validate(read_yaml(saved_path), source=str(saved_path))
     if config is None and not overrides:
         return saved
-    from gru_lm.config import apply_overrides
-
     raw = read_yaml(config) if config is not None else saved.to_dict()
     new = validate(apply_overrides(raw, overrides), source=str(config or saved_path))
     old_d, new_d = saved.to_dict(), new.to_dict()
@@ -60,8 +66,6 @@ def train_run(config: Path | None, overrides: list[str], *, name: str | None = N
         cfg = resume_config(run_dir, config, overrides)
         vocab = _read_vocab(run_dir / "vocab.json")
         corpus = load_corpus(cfg.data, vocab=vocab, offline=offline)
-        from gru_lm.config import save_config
-
         trainer = Trainer(cfg, corpus, run_dir, console=console, resume=True)
         save_config(cfg, run_dir / "config.yaml")
         if console is not None:
@@ -83,10 +87,7 @@ def train_run(config: Path | None, overrides: list[str], *, name: str | None = N
 
 
 def _read_vocab(path: Path):
-    import json
-
     from gru_lm.data import Vocab
-    from gru_lm.errors import DataError
 
     try:
         return Vocab.from_dict(json.loads(path.read_text(encoding="utf-8")))

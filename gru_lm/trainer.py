@@ -7,16 +7,15 @@ import math
 import random
 import signal
 import time
-from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from gru_lm.checkpoint import load_checkpoint, save_checkpoint
+from gru_lm.checkpoint import load_checkpoint, load_state, save_checkpoint
 from gru_lm.config import Config, save_config
 from gru_lm.data import BatchLoader, Corpus, eval_batches
 from gru_lm.errors import ConfigError, GruLmError, NonFiniteLoss, TrainingInterrupted
@@ -162,17 +161,16 @@ class Progress:
 
 
 class Trainer:
-    """Trains a model on a corpus into a run directory; callbacks see every record."""
+    """Trains a model on a corpus into a run directory."""
 
     def __init__(self, cfg: Config, corpus: Corpus, run_dir: Path, *, console=None,
-                 callbacks: list[Callable[[dict], None]] | None = None, resume: bool = False):
+                 resume: bool = False):
         self.cfg = cfg
         self.corpus = corpus
         self.vocab = corpus.vocab
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.console = console
-        self.callbacks = callbacks or []
         t = cfg.train
         if t.threads:
             torch.set_num_threads(t.threads)
@@ -378,8 +376,9 @@ class Trainer:
         self.p.elapsed_s = time.perf_counter() - start_wall
         self._sync_losses()
         if self.p.interval_tokens:
-            self._evaluate_and_log()
-        self.save("last.pt")
+            self._evaluate_and_log()  # saves last.pt
+        elif self.p.step:
+            self.save("last.pt")
         if self.p.step % self.cfg.train.sample_interval:
             self._write_samples()
 
@@ -423,8 +422,6 @@ class Trainer:
 
     def _log(self, rec: dict[str, Any]) -> None:
         append_line(self.metrics_path, json.dumps(rec))
-        for cb in self.callbacks:
-            cb(rec)
         if self.console is not None:
             parts = [f"step {rec['step']:>6}", f"epoch {rec['epoch']:>3}",
                      f"train ppl {rec['train_ppl']:7.3f}"]
@@ -456,7 +453,7 @@ class Trainer:
             "config": self.cfg.to_dict(),
             "vocab": self.vocab.to_dict(),
             "step": p.step,
-            "progress": {k: v for k, v in p.__dict__.items()},
+            "progress": asdict(p),
             "loader_epoch_state": self._epoch_gen_state if self._epoch_batches is not None
             else self.loader.generator.get_state(),
             "carry_state": self.state,
@@ -473,8 +470,6 @@ class Trainer:
                              f"then `gru-lm train --resume {self.run_dir}`") from None
 
     def _restore(self, ck: dict[str, Any]) -> None:
-        from gru_lm.checkpoint import load_state
-
         path = self.ckpt_dir / "last.pt"
         load_state(self.model, ck["model"], path)
         try:
@@ -577,8 +572,6 @@ class Trainer:
                 summary["final_val_ppl"] = last["val_ppl"]
         best_path = self.ckpt_dir / "best.pt"
         if best_path.exists():
-            from gru_lm.checkpoint import load_state
-
             load_state(self.model, load_checkpoint(best_path)["model"], best_path)
         for split in ("val", "test"):
             tokens = getattr(self.corpus, split)
