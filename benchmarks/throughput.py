@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gru_lm.config import validate  # noqa: E402
 from gru_lm.data import load_corpus  # noqa: E402
-from gru_lm.models import list_models  # noqa: E402
+from gru_lm.models import build_model, list_models  # noqa: E402
 from gru_lm.trainer import Trainer  # noqa: E402
 
 # ---------------------------------------------------------------- the book's way
@@ -200,7 +200,9 @@ def make_contenders(setting: dict, corpus):
                       "num_steps": T, "sampler": "sequential", "max_steps": 1, "device": "cpu",
                       "sample_prefixes": []},
         })
-        trainer = Trainer(cfg, corpus, Path("."))
+        torch.manual_seed(0)
+        model = build_model(cfg.model, V)
+        trainer = Trainer(cfg, model, torch.optim.SGD(model.parameters(), lr=1.0), corpus)
         out[f"ours {name}"] = trainer.train_step
     if L == 1:
         for kind in ("gru", "lstm", "rnn"):

@@ -1,18 +1,51 @@
 """Build (once, cached) and load the fused C++ step kernels; None when unavailable.
 
-The kernels need a C++ compiler and ninja at first use (about a minute, then cached under
-~/.cache/torch_extensions). Without them, or with GRU_LM_NO_EXT=1, the scratch cells run
-the portable PyTorch loops of gru_lm/cells.py: same results, slower.
+The kernels need a C++ compiler and ninja at first use (about 30 s, then cached under
+~/.cache/torch_extensions). They are compiled with -march=native, so the cache entry is
+named by a hash of the source, the flags, torch's version and this CPU's model and ISA: a
+home folder shared by machines with different CPUs never loads code built for another.
+Without a compiler, or with GRU_LM_NO_EXT=1, the scratch cells run the portable PyTorch
+loops of gru_lm/cells.py: same results, slower; `why_not()` says why.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import platform
+import sys
 import warnings
 from pathlib import Path
 
 _STATE: dict[str, object] = {}
 SOURCE = Path(__file__).with_name("csrc") / "cells.cpp"
+# -fopenmp makes at::parallel_for parallel; libgomp is torch's own (same soname, already
+# loaded), so there is one OpenMP runtime.
+CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
+
+
+def cpu_signature() -> str:
+    """This CPU's model name and instruction-set flags (what -march=native compiles for)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}"
+    wanted = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key in ("model name", "flags", "Features", "CPU part") and key not in wanted:
+            wanted[key] = value.strip()
+    return f"{platform.machine()} " + " | ".join(f"{k}: {v}" for k, v in sorted(wanted.items()))
+
+
+def build_name() -> str:
+    import torch
+
+    h = hashlib.sha1(SOURCE.read_bytes())
+    for part in (" ".join(CFLAGS), torch.__version__, cpu_signature()):
+        h.update(b"\0" + part.encode())
+    return f"gru_lm_cells_{h.hexdigest()[:12]}"
 
 
 def kernels(load: bool = True):
@@ -24,22 +57,32 @@ def kernels(load: bool = True):
         _STATE["why"] = "disabled by GRU_LM_NO_EXT"
     else:
         try:
-            from torch.utils.cpp_extension import load
+            from torch.utils import cpp_extension
 
             _put_ninja_on_path()
-
+            name = build_name()
+            _announce_build(cpp_extension, name)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                # -fopenmp makes at::parallel_for parallel; libgomp is torch's own
-                # (same soname, already loaded), so there is one OpenMP runtime.
-                mod = load(name="gru_lm_cells_v1", sources=[str(SOURCE)],
-                           extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
-                           extra_ldflags=["-fopenmp"], verbose=False)
+                mod = cpp_extension.load(name=name, sources=[str(SOURCE)],
+                                         extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+                                         verbose=False)
         except Exception as e:  # no compiler, no ninja, no headers: fall back, say why
-            _STATE["why"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:200]}" \
-                if str(e).strip() else type(e).__name__
+            last = str(e).strip().splitlines()[-1][:200] if str(e).strip() else ""
+            _STATE["why"] = f"{type(e).__name__}: {last}" if last else type(e).__name__
     _STATE["mod"] = mod
     return mod
+
+
+def _announce_build(cpp_extension, name: str) -> None:
+    """One line on stderr when this CPU has no cached build yet (the wait is ~30 s)."""
+    try:
+        folder = Path(cpp_extension._get_build_directory(name, verbose=False))
+    except Exception:  # a private torch helper: if it moves, build without the notice
+        return
+    if not any(folder.glob(f"{name}*.so")):
+        sys.stderr.write(f"building fused kernels, once, ~30 s (cached in {folder})\n")
+        sys.stderr.flush()
 
 
 def _put_ninja_on_path() -> None:

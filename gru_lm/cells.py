@@ -1,9 +1,9 @@
 """Whole-sequence recurrences with hand-written BPTT (torch.autograd.Function).
 
 Every function takes the input projections of all steps at once, P = X W_x + b with shape
-(num_steps, batch_size, G * num_hiddens), so only the recurrent product is left in the
+(num_steps, batch_size, num_gates * num_hiddens), so only the recurrent product is left in the
 step loop. A first layer fed token ids passes `ids` (num_steps, batch_size) and, as P, the
-(vocab_size, G * num_hiddens) table W_x + b whose rows the ids pick. Forward keeps the gate
+(vocab_size, num_gates * num_hiddens) table W_x + b whose rows the ids pick. Forward keeps the gate
 activations; backward walks the steps in reverse with a handful of fused ops each, and
 computes the recurrent weight gradient with one large matmul over all steps. Gate blocks
 along the last axis:
@@ -84,40 +84,40 @@ class GRUFunction(torch.autograd.Function):
                 W_hh: Tensor) -> Tensor:
         ext = _begin(ctx, P, ids)
         if ext is not None:
-            Y, ZR, Ht, S = ext.gru_forward(P.contiguous(), ids, H0, W_hzr.contiguous(),
+            Y, ZR, H_tilde, S = ext.gru_forward(P.contiguous(), ids, H0, W_hzr.contiguous(),
                                            W_hh.contiguous())
-            ctx.save_for_backward(H0, W_hzr, W_hh, Y, ZR, Ht, S)
+            ctx.save_for_backward(H0, W_hzr, W_hh, Y, ZR, H_tilde, S)
             return Y
         P = _dense(P, ids)
         T, B, H3 = P.shape
         nh = H3 // 3
         Y = P.new_empty(T, B, nh)  # (num_steps, batch_size, num_hiddens)
         ZR = P.new_empty(T, B, 2 * nh)
-        Ht = P.new_empty(T, B, nh)
+        H_tilde = P.new_empty(T, B, nh)
         S = P.new_empty(T, B, nh)
         H = H0
         for t in range(T):
             zr = torch.addmm(P[t, :, : 2 * nh], H, W_hzr, out=ZR[t]).sigmoid_()
             s = torch.mul(zr[:, nh:], H, out=S[t])
-            ht = torch.addmm(P[t, :, 2 * nh:], s, W_hh, out=Ht[t]).tanh_()
+            h_tilde = torch.addmm(P[t, :, 2 * nh:], s, W_hh, out=H_tilde[t]).tanh_()
             # H' = H~ + Z ⊙ (H - H~)
-            H = torch.addcmul(ht, zr[:, :nh], H - ht, out=Y[t])
-        ctx.save_for_backward(H0, W_hzr, W_hh, Y, ZR, Ht, S)
+            H = torch.addcmul(h_tilde, zr[:, :nh], H - h_tilde, out=Y[t])
+        ctx.save_for_backward(H0, W_hzr, W_hh, Y, ZR, H_tilde, S)
         return Y
 
     @staticmethod
     def backward(ctx, dY: Tensor):
-        H0, W_hzr, W_hh, Y, ZR, Ht, S = ctx.saved_tensors
+        H0, W_hzr, W_hh, Y, ZR, H_tilde, S = ctx.saved_tensors
         if ctx.ext is not None:
             dP, dH0, dW_hzr, dW_hh = ctx.ext.gru_backward(dY, ctx.ids, ctx.table_rows, H0,
-                                                          W_hzr, W_hh, Y, ZR, Ht, S)
+                                                          W_hzr, W_hh, Y, ZR, H_tilde, S)
             return dP, None, dH0, dW_hzr, dW_hh
         T, B, nh = Y.shape
         Hprev = _prev_states(H0, Y)
         Z, R = ZR[..., :nh], ZR[..., nh:]
         # Coefficients that do not depend on the incoming gradient, for all steps at once.
-        c_h = (1 - Z) * (1 - Ht * Ht)  # dH -> dA_h
-        c_z = (Hprev - Ht) * Z * (1 - Z)  # dH -> dA_z
+        c_h = (1 - Z) * (1 - H_tilde * H_tilde)  # dH -> dA_h
+        c_z = (Hprev - H_tilde) * Z * (1 - Z)  # dH -> dA_z
         c_r = Hprev * R * (1 - R)  # dS -> dA_r
         dA = dY.new_empty(T, B, 3 * nh)  # gradients of the pre-activations = dP
         W_hzr_T, W_hh_T = W_hzr.t(), W_hh.t()
@@ -196,47 +196,51 @@ class GRUResetAfterFunction(torch.autograd.Function):
 
 
 class LSTMFunction(torch.autograd.Function):
-    """I, F, O = σ(.), G = tanh(.), C' = F ⊙ C + I ⊙ G, H' = O ⊙ tanh(C'). Returns (Y, C_T)."""
+    """I, F, O = σ(.), C~ = tanh(.), C' = F ⊙ C + I ⊙ C~, H' = O ⊙ tanh(C').
+
+    Returns (Y, C_T). IFGO holds the activated gates [I | F | C~ | O] of every step.
+    """
 
     @staticmethod
     def forward(ctx, P: Tensor, ids: Tensor | None, H0: Tensor, C0: Tensor, W_h: Tensor):
         ext = _begin(ctx, P, ids)
         if ext is not None:
-            Y, G, Cs, Tc = ext.lstm_forward(P.contiguous(), ids, H0, C0, W_h.contiguous())
-            ctx.save_for_backward(H0, C0, W_h, Y, G, Cs, Tc)
+            Y, IFGO, Cs, Tc = ext.lstm_forward(P.contiguous(), ids, H0, C0, W_h.contiguous())
+            ctx.save_for_backward(H0, C0, W_h, Y, IFGO, Cs, Tc)
             return Y, Cs[-1].clone()
         P = _dense(P, ids)
         T, B, H4 = P.shape
         nh = H4 // 4
         Y = P.new_empty(T, B, nh)
-        G = P.new_empty(T, B, 4 * nh)  # activated gates [i | f | g | o]
+        IFGO = P.new_empty(T, B, 4 * nh)  # activated gates [i | f | g | o]
         Cs = P.new_empty(T, B, nh)
         Tc = P.new_empty(T, B, nh)
         H, C = H0, C0
         for t in range(T):
-            g = torch.addmm(P[t], H, W_h, out=G[t])
+            g = torch.addmm(P[t], H, W_h, out=IFGO[t])  # this step's gates
             g[:, : 2 * nh].sigmoid_()
             g[:, 2 * nh: 3 * nh].tanh_()
             g[:, 3 * nh:].sigmoid_()
             C = torch.addcmul(C * g[:, nh: 2 * nh], g[:, :nh], g[:, 2 * nh: 3 * nh], out=Cs[t])
             tc = torch.tanh(C, out=Tc[t])
             H = torch.mul(g[:, 3 * nh:], tc, out=Y[t])
-        ctx.save_for_backward(H0, C0, W_h, Y, G, Cs, Tc)
+        ctx.save_for_backward(H0, C0, W_h, Y, IFGO, Cs, Tc)
         return Y, Cs[-1].clone()
 
     @staticmethod
     def backward(ctx, dY: Tensor, dC_T: Tensor | None):
-        H0, C0, W_h, Y, G, Cs, Tc = ctx.saved_tensors
+        H0, C0, W_h, Y, IFGO, Cs, Tc = ctx.saved_tensors
         if ctx.ext is not None:
             dP, dH0, dC0, dW_h = ctx.ext.lstm_backward(dY, dC_T, ctx.ids, ctx.table_rows, H0,
-                                                       C0, W_h, Y, G, Cs, Tc)
+                                                       C0, W_h, Y, IFGO, Cs, Tc)
             return dP, None, dH0, dC0, dW_h
         T, B, nh = Y.shape
         Hprev = _prev_states(H0, Y)
         Cprev = _prev_states(C0, Cs)
-        I, F, Gc, O = (G[..., k * nh:(k + 1) * nh] for k in range(4))
+        I, F, C_tilde, O = (IFGO[..., k * nh:(k + 1) * nh] for k in range(4))
         k_c = O * (1 - Tc * Tc)  # dH -> dC
-        Cc = torch.cat([Gc * I * (1 - I), Cprev * F * (1 - F), I * (1 - Gc * Gc)], dim=-1)
+        Cc = torch.cat([C_tilde * I * (1 - I), Cprev * F * (1 - F), I * (1 - C_tilde * C_tilde)],
+                       dim=-1)
         Cc = Cc.view(T, B, 3, nh)  # dC -> [dA_i | dA_f | dA_g]
         c_o = Tc * O * (1 - O)  # dH -> dA_o
         dA = dY.new_empty(T, B, 4 * nh)

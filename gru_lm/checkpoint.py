@@ -130,3 +130,41 @@ def load_state(model, state: Any, path: Path) -> None:
                 f"config/vocab give {tuple(v.shape)}; field 'config' or 'vocab' does not "
                 "match the weights")
     model.load_state_dict(state)
+
+
+# ---------------------------------------------------------------- random number generators
+# Saved in every checkpoint so a resumed run draws the same numbers as an uninterrupted one.
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import torch
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """The global generators' states as plain data (lists and tensors, weights_only-safe)."""
+    import random
+
+    import torch
+
+    version, internal, gauss = random.getstate()
+    state = {"torch": torch.get_rng_state(), "python": [version, list(internal), gauss]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import random
+
+    import torch
+
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -353,43 +353,21 @@ def gates_cmd(
     runs_dir: RunsDirOpt = Path("runs"),
 ) -> None:
     """Show a trained GRU's update/reset gates (LSTM: input/forget/output) per character."""
-    import json
-
-    from rich.text import Text
-
-    from gru_lm.errors import GruLmError
-    from gru_lm.gates import heat_strip, save_heatmap, top_units, trace_gates
+    from gru_lm.gates import check_units, gate_report
     from gru_lm.runs import checkpoint_for, load_model
-    from gru_lm.sampling import encode_prefix
-    from gru_lm.utils import atomic_write_text
 
-    if units < 1:
-        raise GruLmError(f"--units {units} is invalid; give an integer >= 1")
+    check_units(units)
     path = checkpoint_for(run, checkpoint, runs_dir)
     cfg, vocab, model = load_model(path)
-    weights = model.gate_weights()
-    ids = encode_prefix(text, vocab, cfg.data.preset, cfg.data.lowercase)
-    shown = vocab.decode(ids)
-    trace = trace_gates(weights, ids, layer)
-    chosen = top_units(trace, units)
-    console.print(f"{cfg.model.name} layer {layer}, {trace.H.shape[1]} units, from {path}",
-                  highlight=False)
-    for name, values in trace.gates.items():
-        console.print(heat_strip(shown, values.mean(dim=1), name))
-    dh = trace.delta_H / trace.delta_H.max().clamp_min(1e-12)
-    console.print(heat_strip(shown, dh, "ΔH"))
-    means = ", ".join(f"mean {k} {v.mean():.2f}" for k, v in trace.gates.items())
-    console.print(Text(f"colour: blue 0 → red 1 (ΔH scaled to its max); {means}. "
-                       + ("Z near 1 keeps the old state, R near 0 forgets it."
-                          if trace.kind == "gru" else
-                          "F near 1 keeps the cell state, I lets new input in.")))
+    report = gate_report(model, vocab, cfg.data.preset, cfg.data.lowercase, text, layer, units)
+    console.print(f"{cfg.model.name} layer {layer}, {report.trace.H.shape[1]} units, from "
+                  f"{path}", highlight=False)
+    for strip in report.strips():
+        console.print(strip)
+    console.print(report.legend(), highlight=False, markup=False)
     if png is not None:
-        save_heatmap(shown, trace, chosen, png)
+        report.write_png(png)
         console.print(f"wrote {png}", highlight=False)
     if json_out is not None:
-        data = {"text": shown, "layer": layer, "kind": trace.kind, "units": chosen,
-                "mean": {k: v.mean(dim=1).tolist() for k, v in trace.gates.items()},
-                "per_unit": {k: v[:, chosen].tolist() for k, v in trace.gates.items()},
-                "delta_H": trace.delta_H.tolist()}
-        atomic_write_text(json_out, json.dumps(data) + "\n")
+        report.write_json(json_out)
         console.print(f"wrote {json_out}", highlight=False)

@@ -15,6 +15,7 @@ from typing import Any
 
 from gru_lm.config import load_config
 from gru_lm.errors import GruLmError, TrainingInterrupted
+from gru_lm.rundir import RunDir
 from gru_lm.utils import atomic_write_text, atomic_write_with
 
 _SEEDED = re.compile(r"^(?P<label>.+)-s(?P<seed>\d+)$")
@@ -108,20 +109,11 @@ def run_comparison(configs: list[Path], *, seeds: int, budget: Budget, out: Path
 
 
 def _read_run(run_dir: Path) -> dict[str, Any]:
-    summary_path = run_dir / "summary.json"
-    if not summary_path.is_file():
-        raise GruLmError(f"{run_dir} is not a finished run (no summary.json); finish it with "
-                         f"`gru-lm train --resume {run_dir}`")
-    try:
-        summary = json.loads(summary_path.read_text())
-        evals = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()
-                 if x.strip()]
-    except (OSError, json.JSONDecodeError) as e:
-        raise GruLmError(f"{run_dir}: cannot read its summary or metrics ({e})") from None
-    m = _SEEDED.match(run_dir.name)
-    label = m.group("label") if m else run_dir.name
-    return {"dir": run_dir, "label": label, "summary": summary,
-            "evals": [e for e in evals if e.get("kind") == "eval"]}
+    run = RunDir(run_dir)
+    summary = run.read_summary()
+    m = _SEEDED.match(run.name)
+    label = m.group("label") if m else run.name
+    return {"dir": run.path, "label": label, "summary": summary, "evals": run.evals()}
 
 
 def _mean(xs):
@@ -253,19 +245,12 @@ def plot_run(run_dir: Path, path: Path) -> Path:
 
 
 def _read_metrics_only(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
+    run = RunDir(run_dir)
+    if not run.metrics.is_file():
         raise GruLmError(f"{run_dir} has no metrics.jsonl; pass a run directory")
-    evals = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if rec.get("kind") == "eval":
-            evals.append(rec)
+    evals = [e for e in run.evals() if isinstance(e.get("train_ppl"), float | int)]
     if not evals:
-        raise GruLmError(f"{run_dir}/metrics.jsonl has no evaluations yet; train longer")
+        raise GruLmError(f"{run.metrics} has no evaluations yet; train longer")
     return evals
 
 

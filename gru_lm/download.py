@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urljoin, urlparse
 
 from gru_lm.errors import DataError
-from gru_lm.utils import file_digest
+from gru_lm.utils import atomic_writer, file_digest
 
 CONNECT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 30.0
@@ -160,34 +159,26 @@ def download(
                                 "not the text file; check the URL")
             total = int(resp.headers.get("Content-Length") or 0) or None
             h = hashlib.sha1()
-            fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-            try:
-                with os.fdopen(fd, "wb") as f, _progress(progress, dest.name, total) as advance:
-                    first = True
-                    for chunk in resp.iter_content(chunk_size=1 << 16):
-                        if first and chunk.lstrip()[:15].lower().startswith(
-                            (b"<!doctype html", b"<html")
-                        ):
-                            raise DataError(f"download of {url} failed: the server sent an "
-                                            "HTML page, not the text file; check the URL")
-                        first = False
-                        f.write(chunk)
-                        h.update(chunk)
-                        advance(len(chunk))
-                        if time.monotonic() > deadline:
-                            raise DataError(f"download of {url} took longer than "
-                                            f"{total_timeout_s:g}s; try again later")
-                    f.flush()
-                    os.fsync(f.fileno())
+            # The verified file replaces `dest` atomically; a bad or partial one never lands.
+            with atomic_writer(dest, "wb") as f, _progress(progress, dest.name, total) as advance:
+                first = True
+                for chunk in resp.iter_content(chunk_size=1 << 16):
+                    if first and chunk.lstrip()[:15].lower().startswith(
+                        (b"<!doctype html", b"<html")
+                    ):
+                        raise DataError(f"download of {url} failed: the server sent an "
+                                        "HTML page, not the text file; check the URL")
+                    first = False
+                    f.write(chunk)
+                    h.update(chunk)
+                    advance(len(chunk))
+                    if time.monotonic() > deadline:
+                        raise DataError(f"download of {url} took longer than "
+                                        f"{total_timeout_s:g}s; try again later")
                 actual = h.hexdigest()
                 if actual != sha1:
                     raise DataError(f"download of {url} has the wrong SHA-1: expected {sha1}, "
                                     f"got {actual}; the file was not saved")
-                os.replace(tmp, dest)
-            except BaseException:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
-                raise
     except requests.exceptions.Timeout:
         raise DataError(f"download of {url} timed out (connect {timeout[0]:g}s, read "
                         f"{timeout[1]:g}s); check the network or use GRU_LM_DATA_DIR") from None

@@ -1,37 +1,24 @@
 """Look inside gated cells: recompute update/reset (GRU) or input/forget/output (LSTM) gates.
 
-Each gated model exposes its weights per layer in one canonical layout (`gate_weights`);
-this module steps through a text with them, one character at a time, and records the
-gates, so the trainer and the models need no extra hooks.
+Each gated model exposes its weights per layer in one layout (`gate_weights`, a list of
+models.LayerWeights); this module steps through a text with them, one character at a time,
+records the gates, and builds what `gru-lm gates` shows and writes (strips, PNG, JSON), so
+the trainer and the models need no extra hooks.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from gru_lm.errors import GruLmError
+from gru_lm.models import LayerWeights
 
 GATE_NAMES = {"gru": ("Z", "R"), "lstm": ("I", "F", "O")}
-
-
-@dataclass
-class LayerWeights:
-    """x W_x + b_x and H W_h + b_h for every gate block, blocks along the last axis.
-
-    kind "gru": blocks [z | r | h]; reset_after says whether R multiplies (H W_hh + b_hh)
-    (torch.nn) or H before W_hh (the book). kind "lstm": blocks [i | f | g | o].
-    """
-
-    kind: str
-    W_x: Tensor  # (num_inputs, G * num_hiddens); for layer 0, rows are looked up by token id
-    b_x: Tensor  # (G * num_hiddens,)
-    W_h: Tensor  # (num_hiddens, G * num_hiddens)
-    b_h: Tensor  # (G * num_hiddens,)
-    reset_after: bool = False
-    embedding: Tensor | None = None  # torch.nn models: token id -> input vector
 
 
 @dataclass
@@ -131,3 +118,57 @@ def save_heatmap(text: str, trace: GateTrace, units: list[int], path) -> None:
     fig.tight_layout()
     atomic_write_with(path, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)
+
+
+@dataclass
+class GateReport:
+    """What `gru-lm gates` shows: the text as the model read it, its gates, the chosen units."""
+
+    text: str
+    layer: int
+    trace: GateTrace
+    units: list[int]
+
+    def strips(self) -> list:
+        """One rich heat strip per gate (mean over units) and one for ΔH."""
+        out = [heat_strip(self.text, v.mean(dim=1), name) for name, v in self.trace.gates.items()]
+        dh = self.trace.delta_H / self.trace.delta_H.max().clamp_min(1e-12)
+        return out + [heat_strip(self.text, dh, "ΔH")]
+
+    def legend(self) -> str:
+        means = ", ".join(f"mean {k} {v.mean():.2f}" for k, v in self.trace.gates.items())
+        how = ("Z near 1 keeps the old state, R near 0 forgets it." if self.trace.kind == "gru"
+               else "F near 1 keeps the cell state, I lets new input in.")
+        return f"colour: blue 0 → red 1 (ΔH scaled to its max); {means}. {how}"
+
+    def to_json(self) -> dict:
+        g = self.trace.gates
+        return {"text": self.text, "layer": self.layer, "kind": self.trace.kind,
+                "units": self.units, "mean": {k: v.mean(dim=1).tolist() for k, v in g.items()},
+                "per_unit": {k: v[:, self.units].tolist() for k, v in g.items()},
+                "delta_H": self.trace.delta_H.tolist()}
+
+    def write_json(self, path: Path) -> None:
+        from gru_lm.utils import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_json()) + "\n")
+
+    def write_png(self, path: Path) -> None:
+        save_heatmap(self.text, self.trace, self.units, path)
+
+
+def check_units(units: int) -> None:
+    if units < 1:
+        raise GruLmError(f"--units {units} is invalid; give an integer >= 1")
+
+
+def gate_report(model, vocab, preset: str, lowercase: bool, text: str, layer: int,
+                units: int) -> GateReport:
+    """Run `text` (preprocessed as the corpus was) through `model` and pick the busiest units."""
+    from gru_lm.sampling import encode_prefix
+
+    check_units(units)
+    weights = model.gate_weights()
+    ids = encode_prefix(text, vocab, preset, lowercase)
+    trace = trace_gates(weights, ids, layer)
+    return GateReport(vocab.decode(ids), layer, trace, top_units(trace, units))

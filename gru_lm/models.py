@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,9 @@ from gru_lm.config import ModelConfig
 from gru_lm.errors import ConfigError, GruLmError
 
 State = Tensor | tuple[Tensor, ...]
+
+# Config keys that only some models take; each model lists the ones it takes in `options`.
+OPTIONS = ("reset_after", "forget_bias", "embed_dim")
 
 _REGISTRY: dict[str, type[RecurrentLM]] = {}
 
@@ -62,8 +66,33 @@ def detach_state(state: State) -> State:
     return state.detach()
 
 
+def state_to(state: State, device: torch.device | str) -> State:
+    """Move a tensor or a tuple of tensors (an LSTM's (H, C)) to `device`."""
+    if isinstance(state, tuple):
+        return tuple(s.to(device) for s in state)
+    return state.to(device)
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+@dataclass
+class LayerWeights:
+    """One gated layer's weights in one layout, for recomputing its gates (gru_lm.gates).
+
+    x W_x + b_x and H W_h + b_h for every gate block, blocks along the last axis.
+    kind "gru": blocks [z | r | h]; reset_after says whether R multiplies (H W_hh + b_hh)
+    (torch.nn) or H before W_hh (the book). kind "lstm": blocks [i | f | g | o].
+    """
+
+    kind: str
+    W_x: Tensor  # (num_inputs, num_gates * num_hiddens); layer 0: rows looked up by token id
+    b_x: Tensor  # (num_gates * num_hiddens,)
+    W_h: Tensor  # (num_hiddens, num_gates * num_hiddens)
+    b_h: Tensor  # (num_gates * num_hiddens,)
+    reset_after: bool = False
+    embedding: Tensor | None = None  # torch.nn models: token id -> input vector
 
 
 class RecurrentLM(nn.Module):
@@ -72,6 +101,7 @@ class RecurrentLM(nn.Module):
     registry_name: str = ""
     description: str = ""
     num_states: int = 1  # 2 for LSTMs: (H, C)
+    options: frozenset[str] = frozenset()  # the keys of OPTIONS this model takes
 
     def __init__(self, cfg: ModelConfig, vocab_size: int):
         super().__init__()
@@ -83,14 +113,19 @@ class RecurrentLM(nn.Module):
 
     @classmethod
     def check_config(cls, cfg: ModelConfig) -> list[str]:
+        """Refuse every option set away from its default that this model does not take."""
         problems = []
-        if cfg.reset_after and cls.registry_name != "gru-scratch":
-            problems.append(f"model.reset_after: only gru-scratch has it, not "
-                            f"'{cls.registry_name}'; remove the key")
-        if cfg.forget_bias is not None and cls.num_states != 2:
-            problems.append(f"model.forget_bias: only LSTMs have a forget gate, not "
+        for key in OPTIONS:
+            if key in cls.options or getattr(cfg, key) == ModelConfig.model_fields[key].default:
+                continue
+            takers = [n for n, c in _REGISTRY.items() if key in c.options]
+            problems.append(f"model.{key}: only {', '.join(takers)} take(s) it, not "
                             f"'{cls.registry_name}'; remove the key")
         return problems
+
+    def kernel_path(self, device: torch.device | str) -> str:
+        """Which code runs the recurrence here, for the train header and summary.json."""
+        return "torch.nn"
 
     def begin_state(self, batch_size: int, device: torch.device | str = "cpu") -> State:
         shape = (self.num_layers, batch_size, self.num_hiddens)
@@ -207,6 +242,13 @@ class RNNLayer(_ScratchLayer):
 class ScratchLM(RecurrentLM):
     """Stacked scratch layers + output layer W_hq, b_q."""
 
+    def kernel_path(self, device: torch.device | str) -> str:
+        from gru_lm._ext import kernels, why_not
+
+        if torch.device(device).type != "cpu":
+            return f"portable loops: no fused kernels for {torch.device(device).type}"
+        return "fused kernels" if kernels() is not None else f"portable loops: {why_not()}"
+
     def __init__(self, cfg: ModelConfig, vocab_size: int):
         super().__init__(cfg, vocab_size)
         init = "d2l" if cfg.init == "auto" else cfg.init
@@ -252,13 +294,12 @@ class ScratchLM(RecurrentLM):
 @register_model("gru-scratch")
 class GRUScratch(ScratchLM):
     description = "the book's GRU from its equations (reset_after: nn.GRU's formula)"
+    options = frozenset({"reset_after"})
 
     def make_layer(self, num_inputs, cfg, init):
         return GRULayer(num_inputs, cfg.num_hiddens, init, cfg.reset_after)
 
     def gate_weights(self) -> list:
-        from gru_lm.gates import LayerWeights
-
         out = []
         for layer in self.layers:
             b_h = torch.zeros(3 * self.num_hiddens)
@@ -274,13 +315,12 @@ class GRUScratch(ScratchLM):
 class LSTMScratch(ScratchLM):
     description = "LSTM from its equations: I, F, O gates, candidate C~"
     num_states = 2
+    options = frozenset({"forget_bias"})
 
     def make_layer(self, num_inputs, cfg, init):
         return LSTMLayer(num_inputs, cfg.num_hiddens, init, cfg.forget_bias)
 
     def gate_weights(self) -> list:
-        from gru_lm.gates import LayerWeights
-
         return [LayerWeights("lstm", layer._fused("W_x").detach(), layer._fused("b_").detach(),
                              layer._fused("W_h").detach(), torch.zeros(4 * self.num_hiddens))
                 for layer in self.layers]
@@ -301,6 +341,7 @@ class TorchLM(RecurrentLM):
     """Embedding lookup -> torch.nn recurrent layers -> dropout -> nn.Linear."""
 
     rnn_cls: type[nn.RNNBase] = nn.GRU
+    options = frozenset({"embed_dim"})
 
     def __init__(self, cfg: ModelConfig, vocab_size: int):
         super().__init__(cfg, vocab_size)
@@ -336,7 +377,6 @@ class TorchLM(RecurrentLM):
             Y = F.dropout(Y, self.dropout, self.training)
         return self.output(Y).transpose(0, 1), state  # (batch_size, num_steps, vocab_size)
 
-
     def _layer_tensors(self, k: int, order: tuple[int, ...]):
         """torch.nn's stacked gate rows, reordered into our blocks and transposed."""
         nh = self.num_hiddens
@@ -355,8 +395,6 @@ class TorchGRU(TorchLM):
     rnn_cls = nn.GRU
 
     def gate_weights(self) -> list:
-        from gru_lm.gates import LayerWeights
-
         emb = self.embedding.weight.detach()
         return [LayerWeights("gru", *self._layer_tensors(k, (1, 0, 2)), reset_after=True,
                              embedding=emb if k == 0 else None)
@@ -368,10 +406,9 @@ class TorchLSTM(TorchLM):
     description = "torch.nn.LSTM with an input embedding"
     rnn_cls = nn.LSTM
     num_states = 2
+    options = frozenset({"embed_dim", "forget_bias"})
 
     def gate_weights(self) -> list:
-        from gru_lm.gates import LayerWeights
-
         emb = self.embedding.weight.detach()
         return [LayerWeights("lstm", *self._layer_tensors(k, (0, 1, 2, 3)),
                              embedding=emb if k == 0 else None)

@@ -1,20 +1,15 @@
-"""Run-level operations behind the CLI: train/resume, find runs, predict, evaluate."""
+"""Run-level operations behind the CLI: build and train or resume a run, find runs, predict,
+evaluate."""
 
 from __future__ import annotations
 
-import json
+import time
 from pathlib import Path
 from typing import Any
 
-from gru_lm.config import (
-    Config,
-    apply_overrides,
-    load_config,
-    read_yaml,
-    save_config,
-    validate,
-)
-from gru_lm.errors import CheckpointError, ConfigError, DataError, GruLmError
+from gru_lm.config import Config, apply_overrides, load_config, read_yaml, validate
+from gru_lm.errors import ConfigError, GruLmError
+from gru_lm.rundir import RunDir, find_latest
 
 
 def _diff_keys(a: Any, b: Any, prefix: str) -> list[str]:
@@ -26,100 +21,138 @@ def _diff_keys(a: Any, b: Any, prefix: str) -> list[str]:
     return [] if a == b else [f"{prefix} ({a!r} in the run, {b!r} now)"]
 
 
-def resume_config(run_dir: Path, config: Path | None, overrides: list[str]) -> Config:
+def resume_config(run: RunDir, config: Path | None, overrides: list[str]) -> Config:
     """The run's own config, updated by --config/overrides; model and data must not change."""
-    saved_path = run_dir / "config.yaml"
-    if not saved_path.is_file():
-        raise GruLmError(f"{run_dir} is not a gru-lm run (no config.yaml); pass a run directory "
-                         "to --resume")
-    saved = validate(read_yaml(saved_path), source=str(saved_path))
+    saved = run.read_config()
     if config is None and not overrides:
         return saved
     raw = read_yaml(config) if config is not None else saved.to_dict()
-    new = validate(apply_overrides(raw, overrides), source=str(config or saved_path))
+    new = validate(apply_overrides(raw, overrides), source=str(config or run.config))
     old_d, new_d = saved.to_dict(), new.to_dict()
     changed = _diff_keys(old_d["model"], new_d["model"], "model")
     changed += _diff_keys(old_d["data"], new_d["data"], "data")
     for key in ("batch_size", "num_steps", "sampler", "seed"):
         changed += _diff_keys(old_d["train"][key], new_d["train"][key], f"train.{key}")
     if changed:
-        raise ConfigError(f"--resume {run_dir}: the new config changes {', '.join(changed)}; "
+        raise ConfigError(f"--resume {run}: the new config changes {', '.join(changed)}; "
                           "a resumed run keeps its architecture and data; start a new run instead")
     new.run = saved.run
     return new
+
+
+# ---------------------------------------------------------------- building from a config
+
+
+def resolve_device(name: str):
+    import torch
+
+    mps = getattr(torch.backends, "mps", None)
+    available = {"cuda": torch.cuda.is_available(), "mps": bool(mps and mps.is_available())}
+    if name == "auto":
+        return torch.device(next((d for d in ("cuda", "mps") if available[d]), "cpu"))
+    if name in available and not available[name]:
+        raise ConfigError(f"train.device: '{name}' is not available on this machine; "
+                          "use train.device=auto or cpu")
+    return torch.device(name)
+
+
+def make_optimizer(cfg: Config, model):
+    import torch
+
+    t = cfg.train
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum,
+                               weight_decay=t.weight_decay)
+    cls = torch.optim.Adam if t.optimizer == "adam" else torch.optim.AdamW
+    return cls(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+
+
+def build_trainer(cfg: Config, corpus, run: RunDir | None = None, console=None):
+    """Threads, device, seed, model and optimizer from `cfg`, then the Trainer."""
+    import torch
+
+    from gru_lm.checkpoint import seed_everything
+    from gru_lm.models import build_model
+    from gru_lm.trainer import Trainer
+
+    t = cfg.train
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    device = resolve_device(t.device)
+    seed_everything(t.seed)
+    model = build_model(cfg.model, len(corpus.vocab)).to(device)
+    return Trainer(cfg, model, make_optimizer(cfg, model), corpus, device=device, run=run,
+                   console=console)
+
+
+# ---------------------------------------------------------------- train and resume
+
+
+def default_run_name(config_path: Path | None) -> str:
+    stem = config_path.stem if config_path else "run"
+    return f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def new_run(cfg: Config, config_path: Path | None, name: str | None) -> RunDir:
+    """The folder for a new run; an existing one is never reused without --resume."""
+    run_name = name or cfg.run.name or default_run_name(config_path)
+    if "/" in run_name or run_name in (".", ".."):
+        raise ConfigError(f"run.name: {run_name!r} is not a plain folder name")
+    run = RunDir(cfg.run.runs_dir / run_name)
+    if run.path.exists():
+        raise run.exists_error()
+    return run
 
 
 def train_run(config: Path | None, overrides: list[str], *, name: str | None = None,
               resume: Path | None = None, offline: bool | None = None, console=None
               ) -> dict[str, Any]:
     """Train a new run, or continue `resume`; returns the run's summary."""
+    from gru_lm.checkpoint import load_checkpoint
     from gru_lm.data import load_corpus
-    from gru_lm.trainer import Trainer, create_run_dir, new_run_dir, write_run_files
 
     if resume is not None:
-        run_dir = Path(resume)
-        if not run_dir.is_dir():
-            raise GruLmError(f"--resume {run_dir}: no such run directory")
-        if not (run_dir / "checkpoints" / "last.pt").is_file():
-            raise GruLmError(f"--resume {run_dir}: the run has no checkpoint "
-                             f"({run_dir}/checkpoints/last.pt); start it again without --resume")
-        cfg = resume_config(run_dir, config, overrides)
-        vocab = _read_vocab(run_dir / "vocab.json")
-        corpus = load_corpus(cfg.data, vocab=vocab, offline=offline)
-        trainer = Trainer(cfg, corpus, run_dir, console=console, resume=True)
-        save_config(cfg, run_dir / "config.yaml")
-        if console is not None:
-            console.print(f"resuming {run_dir} at step {trainer.p.step}", highlight=False)
-        return trainer.fit()
+        run = RunDir(resume)
+        if not run.path.is_dir():
+            raise GruLmError(f"--resume {run}: no such run directory")
+        last = run.checkpoint("last.pt")
+        if not last.is_file():
+            raise GruLmError(f"--resume {run}: the run has no checkpoint ({last}); start it "
+                             "again without --resume")
+        with run.lock():
+            cfg = resume_config(run, config, overrides)
+            corpus = load_corpus(cfg.data, vocab=run.read_vocab(), offline=offline)
+            trainer = build_trainer(cfg, corpus, run, console)
+            trainer.restore(load_checkpoint(last), last)
+            run.write_config(cfg)
+            if console is not None:
+                console.print(f"resuming {run} at step {trainer.progress.step}",
+                              highlight=False)
+            return trainer.fit()
     if config is None:
         raise GruLmError("no config given; pass --config configs/gru.yaml (or configs/tiny.yaml "
                          "for a quick try)")
     cfg = load_config(config, overrides)
     corpus = load_corpus(cfg.data, offline=offline)
-    run_dir = new_run_dir(cfg, config, name)
+    run = new_run(cfg, config, name)
     # Everything that can fail on bad input fails here, before the run directory exists.
-    trainer = Trainer(cfg, corpus, run_dir, console=console)
-    create_run_dir(run_dir)
-    write_run_files(cfg, corpus, run_dir)
-    if console is not None:
-        console.print(f"run directory: {run_dir}", highlight=False)
-    return trainer.fit()
+    trainer = build_trainer(cfg, corpus, run, console)
+    run.create()
+    with run.lock():
+        run.write_start(cfg, corpus.vocab)
+        if console is not None:
+            console.print(f"run directory: {run}", highlight=False)
+        return trainer.fit()
 
 
-def _read_vocab(path: Path):
-    from gru_lm.data import Vocab
-
-    try:
-        return Vocab.from_dict(json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, ValueError, DataError) as e:
-        raise GruLmError(f"cannot read the run's vocabulary {path} ({e}); the run folder is "
-                         "damaged, start a new run") from None
-
-
-def find_latest_run(runs_dir: Path) -> Path:
-    runs_dir = Path(runs_dir)
-    candidates = [d for d in runs_dir.glob("*/") if (d / "checkpoints").is_dir()
-                  and any((d / "checkpoints").glob("*.pt"))] if runs_dir.is_dir() else []
-    if not candidates:
-        raise GruLmError(f"no trained run found under {runs_dir}/; train one with "
-                         "`gru-lm train --config configs/gru.yaml` or pass --run / --checkpoint")
-    return max(candidates, key=lambda d: max(p.stat().st_mtime
-                                             for p in (d / "checkpoints").glob("*.pt")))
+# ---------------------------------------------------------------- trained runs
 
 
 def checkpoint_for(run: Path | None, checkpoint: Path | None, runs_dir: Path) -> Path:
     """--checkpoint, else best.pt (or last.pt) of --run, else of the newest run."""
     if checkpoint is not None:
         return Path(checkpoint)
-    run_dir = Path(run) if run is not None else find_latest_run(runs_dir)
-    if not run_dir.is_dir():
-        raise GruLmError(f"--run {run_dir}: no such run directory")
-    for name in ("best.pt", "last.pt"):
-        path = run_dir / "checkpoints" / name
-        if path.is_file():
-            return path
-    raise CheckpointError(f"run {run_dir} has no checkpoint in {run_dir}/checkpoints/; "
-                          "train it first")
+    return (RunDir(run) if run is not None else find_latest(runs_dir)).best_or_last()
 
 
 def load_model(path: Path):
@@ -150,7 +183,7 @@ def evaluate_run(*, run: Path | None, checkpoint: Path | None, split: str, text:
     import torch
 
     from gru_lm.data import load_corpus, preprocess, read_text
-    from gru_lm.trainer import bits_per_char, evaluate, perplexity
+    from gru_lm.metrics import bits_per_char, evaluate, perplexity
 
     path = checkpoint_for(run, checkpoint, runs_dir)
     cfg, vocab, model = load_model(path)

@@ -1,13 +1,39 @@
-"""Shared fixtures: the real corpus folder, a tiny run, a local HTTP server."""
+"""Shared helpers and fixtures: the real corpus, the CLI, one tiny run trained once per session."""
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
+
+from gru_lm.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+def cli(*args: str):
+    """Run `gru-lm ARGS` in this process; output holds stdout and stderr."""
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def train_tiny(name: str, *overrides: str) -> Path:
+    """Train configs/tiny.yaml (30 steps) into runs/NAME; use `tiny_run` when any run will do."""
+    r = cli("train", "--config", "configs/tiny.yaml", "--name", name, "--quiet", *overrides)
+    assert r.exit_code == 0, r.output
+    return Path("runs") / name
+
+
+def one_line_error(r, *parts: str) -> None:
+    """A failed command printed one `error:` line holding every part, and no traceback."""
+    assert r.exit_code != 0
+    assert "Traceback" not in r.output
+    assert r.output.startswith("error: "), r.output
+    for p in parts:
+        assert p in r.output, r.output
 
 
 def real_data_dir() -> Path:
@@ -21,6 +47,15 @@ def real_data_dir() -> Path:
                 "timemachine.txt (CI sets it to ../shared/data)")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _kernels_ready():
+    """Build or load the fused kernels before any test, so no test's output holds the
+    one-time build notice and no test pays the build."""
+    from gru_lm._ext import kernels
+
+    kernels()
+
+
 @pytest.fixture
 def data_dir(monkeypatch) -> Path:
     d = real_data_dir()
@@ -32,8 +67,30 @@ def data_dir(monkeypatch) -> Path:
 @pytest.fixture
 def workdir(tmp_path, monkeypatch, data_dir) -> Path:
     """A fresh working directory with configs/ copied in and the corpus available offline."""
-    import shutil
-
     shutil.copytree(ROOT / "configs", tmp_path / "configs")
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def _tiny_template(tmp_path_factory) -> Path:
+    """configs/tiny.yaml trained once for the whole session."""
+    home = tmp_path_factory.mktemp("tiny")
+    shutil.copytree(ROOT / "configs", home / "configs")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GRU_LM_DATA_DIR", str(real_data_dir()))
+        mp.setenv("GRU_LM_OFFLINE", "1")
+        mp.chdir(home)
+        return home / train_tiny("tiny")
+
+
+@pytest.fixture
+def tiny_run(workdir, _tiny_template):
+    """copy(name) puts a finished tiny run at runs/NAME of the work directory."""
+
+    def copy(name: str = "tiny") -> Path:
+        dest = Path("runs") / name
+        shutil.copytree(_tiny_template, dest)
+        return dest
+
+    return copy

@@ -4,16 +4,9 @@ import csv
 import json
 from pathlib import Path
 
-from typer.testing import CliRunner
+from conftest import cli
 
-from gru_lm.cli import app
-
-runner = CliRunner()
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-def cli(*args):
-    return runner.invoke(app, list(args), catch_exceptions=False)
 
 
 def test_compare_two_configs_two_seeds(workdir):
@@ -61,8 +54,8 @@ def test_compare_refuses_different_data(workdir):
     assert r.exit_code == 1 and "data section differs" in r.output
 
 
-def test_plot_writes_a_png(workdir):
-    assert cli("train", "--config", "configs/tiny.yaml", "--name", "p", "-q").exit_code == 0
+def test_plot_writes_a_png(workdir, tiny_run):
+    tiny_run("p")
     r = cli("plot", "runs/p")
     assert r.exit_code == 0
     png = Path("runs/p/curves.png").read_bytes()
@@ -76,7 +69,7 @@ def test_interrupted_comparison_keeps_members_and_says_how_to_resume(workdir, mo
     original = Trainer.fit
 
     def fit_then_interrupt_second(self):
-        if self.run_dir.name == "tiny-s1":
+        if self.run.name == "tiny-s1":
             raise TrainingInterrupted("SIGINT: stopped", exit_code=130)
         return original(self)
 

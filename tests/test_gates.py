@@ -5,20 +5,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
+from conftest import cli
 
-from gru_lm.cli import app
 from gru_lm.config import ModelConfig
 from gru_lm.gates import trace_gates
 from gru_lm.models import build_model
 from gru_lm.runs import load_model
 
-runner = CliRunner()
 TEXT = "the time traveller smiled"
-
-
-def cli(*args):
-    return runner.invoke(app, list(args), catch_exceptions=False)
 
 
 def _independent_gru_gates(model, ids):
@@ -37,8 +31,8 @@ def _independent_gru_gates(model, ids):
     return torch.stack(Zs), torch.stack(Rs)
 
 
-def test_gates_command_reports_the_equations_values(workdir):
-    assert cli("train", "--config", "configs/tiny.yaml", "--name", "g", "-q").exit_code == 0
+def test_gates_command_reports_the_equations_values(workdir, tiny_run):
+    tiny_run("g")
     r = cli("gates", TEXT, "--run", "runs/g", "--png", "g.png", "--json", "g.json",
             "--units", "8")
     assert r.exit_code == 0, r.output
@@ -87,7 +81,7 @@ def test_models_without_gates_say_so(workdir):
     assert "model 'rnn' has no gates to show" in r.output
 
 
-def test_layer_out_of_range(workdir):
-    assert cli("train", "--config", "configs/tiny.yaml", "--name", "g", "-q").exit_code == 0
+def test_layer_out_of_range(workdir, tiny_run):
+    tiny_run("g")
     r = cli("gates", TEXT, "--run", "runs/g", "--layer", "3")
     assert r.exit_code == 1 and "--layer 3 is out of range" in r.output

@@ -205,8 +205,21 @@ def test_bidirectional_is_refused_with_the_reason():
 def test_options_for_other_models_are_refused():
     with pytest.raises(ConfigError, match="model.reset_after: only gru-scratch"):
         build_model(ModelConfig(name="lstm", reset_after=True), V)
-    with pytest.raises(ConfigError, match="model.forget_bias: only LSTMs"):
+    with pytest.raises(ConfigError, match="model.forget_bias: only lstm-scratch, lstm take"):
         build_model(ModelConfig(name="gru", forget_bias=1.0), V)
+    # Scratch models read one-hot ids through W_x: an embedding size would be ignored.
+    with pytest.raises(ConfigError, match="model.embed_dim: only gru, lstm, rnn take.*'gru-sc"):
+        build_model(ModelConfig(name="gru-scratch", embed_dim=16), V)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_model_declares_only_known_options(name):
+    from gru_lm.models import OPTIONS, model_class
+
+    assert model_class(name).options <= set(OPTIONS)
+    for key in model_class(name).options:  # and each declared option is accepted
+        value = {"reset_after": True, "forget_bias": 1.0, "embed_dim": 16}[key]
+        build_model(ModelConfig(name=name, num_hiddens=NH, **{key: value}), V)
 
 
 @pytest.mark.parametrize("name", ["lstm-scratch", "lstm"])
@@ -225,13 +238,21 @@ def test_d2l_init_is_small_normal_with_zero_biases():
     assert torch.all(layer.b_z == 0)
 
 
-def test_fused_kernels_are_built():
+def _need_kernels():
+    from gru_lm._ext import kernels, why_not
+
+    if kernels() is None:
+        pytest.skip(f"no fused kernels on this machine ({why_not()}); the portable loops ran")
+    return kernels()
+
+
+def test_fused_kernels_are_built_unless_disabled():
     import os
 
     from gru_lm._ext import kernels, why_not
 
     if os.environ.get("GRU_LM_NO_EXT") == "1":
-        assert kernels() is None
+        assert kernels() is None and why_not() == "disabled by GRU_LM_NO_EXT"
     else:
         assert kernels() is not None, f"the fused C++ kernels did not build: {why_not()}"
 
@@ -240,6 +261,8 @@ def test_fused_kernels_are_built():
 @pytest.mark.parametrize("cell", CELLS)
 def test_fused_kernels_match_the_portable_loops(cell, table):
     from gru_lm.cells import portable_loops
+
+    _need_kernels()
 
     fn, shapes = CELLS[cell]
 
@@ -256,3 +279,20 @@ def test_fused_kernels_match_the_portable_loops(cell, table):
         ref_out, ref_grads = run()
     for a, b in zip(fast_out + fast_grads, ref_out + ref_grads, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_kernels_refuse_bad_ids_and_shapes():
+    ext = _need_kernels()
+    table, H0 = torch.randn(V_, 12), torch.zeros(B_, 4)
+    W_hzr, W_hh = torch.randn(4, 8), torch.randn(4, 4)
+    good = torch.randint(0, V_, (T_, B_))
+    ext.gru_forward(table, good, H0, W_hzr, W_hh)  # fits: runs
+    for bad_id in (V_, -1, 10**9):
+        ids = good.clone()
+        ids[2, 1] = bad_id
+        with pytest.raises(RuntimeError, match=f"token id {bad_id} is outside the input table"):
+            ext.gru_forward(table, ids, H0, W_hzr, W_hh)
+    with pytest.raises(RuntimeError, match="W_hh must be a contiguous float32 CPU"):
+        ext.gru_forward(table, good, H0, W_hzr, torch.randn(4, 5))
+    with pytest.raises(RuntimeError, match="P must be"):
+        ext.rnn_forward(torch.randn(T_, B_ + 1, 4), None, H0, W_hh)

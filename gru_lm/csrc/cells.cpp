@@ -116,25 +116,89 @@ Tensor weight_grad(const float* h0, const float* y, const float* da, int64_t T, 
 // The carry buffers swap roles every step; after T steps this one holds the result.
 Tensor final_carry(Tensor& carry, Tensor& next, int64_t T) { return T % 2 ? next : carry; }
 
+// ---------------------------------------------------------------- entry-point checks
+// The loops read raw pointers, so a wrong shape or a token id outside the table would read
+// or write out of bounds: every entry point checks first and raises a RuntimeError instead.
+
+void check_matrix(const Tensor& W, int64_t rows, int64_t cols, const char* name) {
+  TORCH_CHECK(W.scalar_type() == at::kFloat && W.device().is_cpu() && W.dim() == 2 &&
+                  W.size(0) == rows && W.size(1) == cols && W.is_contiguous(),
+              "fused kernels: ", name, " must be a contiguous float32 CPU (", rows, ", ", cols,
+              ") matrix, got ", W.scalar_type(), " ", W.sizes());
+}
+
+void check_ids(const c10::optional<Tensor>& ids, int64_t table_rows, int64_t T, int64_t B) {
+  if (!ids) return;
+  TORCH_CHECK(ids->scalar_type() == at::kLong && ids->dim() == 2 && ids->size(0) == T &&
+                  ids->size(1) == B && ids->is_contiguous(),
+              "fused kernels: ids must be contiguous int64 (", T, ", ", B, "), got ",
+              ids->scalar_type(), " ", ids->sizes());
+  if (ids->numel() == 0) return;
+  const int64_t lo = ids->min().item<int64_t>(), hi = ids->max().item<int64_t>();
+  TORCH_CHECK(lo >= 0 && hi < table_rows, "fused kernels: token id ", lo < 0 ? lo : hi,
+              " is outside the input table of ", table_rows, " rows");
+}
+
+// P is (T, B, width), or with ids the (table_rows, width) table; H0 (B, nh). Returns T.
+int64_t check_input(const Tensor& P, const c10::optional<Tensor>& ids, const Tensor& H0,
+                    int64_t num_gates) {
+  TORCH_CHECK(H0.scalar_type() == at::kFloat && H0.dim() == 2,
+              "fused kernels: H0 must be a float32 (batch_size, num_hiddens) matrix, got ",
+              H0.sizes());
+  const int64_t B = H0.size(0), width = num_gates * H0.size(1);
+  TORCH_CHECK(P.scalar_type() == at::kFloat && P.device().is_cpu() && P.is_contiguous(),
+              "fused kernels: P must be a contiguous float32 CPU tensor");
+  if (ids) {
+    TORCH_CHECK(P.dim() == 2 && P.size(1) == width, "fused kernels: the input table must be (",
+                "vocab_size, ", width, "), got ", P.sizes());
+    TORCH_CHECK(ids->dim() == 2, "fused kernels: ids must be (num_steps, batch_size)");
+    check_ids(ids, P.size(0), ids->size(0), B);
+    return ids->size(0);
+  }
+  TORCH_CHECK(P.dim() == 3 && P.size(1) == B && P.size(2) == width, "fused kernels: P must be ",
+              "(num_steps, ", B, ", ", width, "), got ", P.sizes());
+  return P.size(0);
+}
+
+// Backward: dY and the saved states agree with Y; ids still index the table.
+void check_backward(const Tensor& dY, const Tensor& Y, const c10::optional<Tensor>& ids,
+                    int64_t table_rows) {
+  TORCH_CHECK(Y.scalar_type() == at::kFloat && Y.dim() == 3 && Y.is_contiguous(),
+              "fused kernels: Y must be a contiguous float32 (T, B, num_hiddens) tensor");
+  TORCH_CHECK(dY.scalar_type() == at::kFloat && dY.sizes() == Y.sizes(),
+              "fused kernels: dY must have Y's shape ", Y.sizes(), ", got ", dY.sizes());
+  check_ids(ids, table_rows, Y.size(0), Y.size(1));
+}
+
+void check_saved(const Tensor& X, const Tensor& Y, int64_t width, const char* name) {
+  TORCH_CHECK(X.scalar_type() == at::kFloat && X.is_contiguous() && X.dim() == 3 &&
+                  X.size(0) == Y.size(0) && X.size(1) == Y.size(1) && X.size(2) == width,
+              "fused kernels: saved tensor ", name, " does not match Y");
+}
+
 // ---------------------------------------------------------------- GRU, the book's formula
-// Z = s(P_z + H W_hz), R = s(P_r + H W_hr), Ht = tanh(P_h + (R*H) W_hh), H' = Ht + Z (H - Ht)
+// Z = s(P_z + H W_hz), R = s(P_r + H W_hr), H_tilde = tanh(P_h + (R*H) W_hh),
+// H' = H_tilde + Z (H - H_tilde)
 std::vector<Tensor> gru_forward(Tensor P, c10::optional<Tensor> ids, Tensor H0, Tensor W_hzr,
                                 Tensor W_hh) {
+  check_input(P, ids, H0, 3);
+  check_matrix(W_hzr, H0.size(1), 2 * H0.size(1), "W_hzr");
+  check_matrix(W_hh, H0.size(1), H0.size(1), "W_hh");
   const int64_t nh = H0.size(1);
   const int64_t T = ids ? ids->size(0) : P.size(0), B = H0.size(0);
   const Rows prow = rows_of(P, ids, 3 * nh);
   auto opts = P.options();
   Tensor Y = at::empty({T, B, nh}, opts), ZR = at::empty({T, B, 2 * nh}, opts);
-  Tensor Ht = at::empty({T, B, nh}, opts), S = at::empty({T, B, nh}, opts);
+  Tensor H_tilde = at::empty({T, B, nh}, opts), S = at::empty({T, B, nh}, opts);
   Tensor H0c = H0.contiguous();
   const float *wzr = cptr(W_hzr), *whh = cptr(W_hh), *h0 = cptr(H0c);
-  float *y = ptr(Y), *zr = ptr(ZR), *ht = ptr(Ht), *s = ptr(S);
+  float *y = ptr(Y), *zr = ptr(ZR), *h_tilde = ptr(H_tilde), *s = ptr(S);
   over_rows(B, [&](int64_t b0, int64_t b1) {
     const int64_t nb = b1 - b0;
     for (int64_t t = 0; t < T; ++t) {
       const int64_t r0 = t * B + b0;  // first row of this thread at step t
       const float* h = t ? y + (r0 - B) * nh : h0 + b0 * nh;
-      float *zr_t = zr + r0 * 2 * nh, *s_t = s + r0 * nh, *ht_t = ht + r0 * nh;
+      float *zr_t = zr + r0 * 2 * nh, *s_t = s + r0 * nh, *h_tilde_t = h_tilde + r0 * nh;
       float* y_t = y + r0 * nh;
       gemm(false, nb, 2 * nh, nh, h, nh, wzr, 2 * nh, 0.0f, zr_t, 2 * nh);
       for (int64_t b = 0; b < nb; ++b) {
@@ -145,26 +209,32 @@ std::vector<Tensor> gru_forward(Tensor P, c10::optional<Tensor> ids, Tensor H0, 
 #pragma omp simd
         for (int64_t j = 0; j < nh; ++j) s_t[b * nh + j] = zrb[nh + j] * h[b * nh + j];
       }
-      gemm(false, nb, nh, nh, s_t, nh, whh, nh, 0.0f, ht_t, nh);
+      gemm(false, nb, nh, nh, s_t, nh, whh, nh, 0.0f, h_tilde_t, nh);
       for (int64_t b = 0; b < nb; ++b) {
         const float* pb = prow(r0 + b) + 2 * nh;
         const float* zb = zr_t + b * 2 * nh;
 #pragma omp simd
         for (int64_t j = 0; j < nh; ++j) {
           const int64_t i = b * nh + j;
-          const float c = std::tanh(ht_t[i] + pb[j]);
-          ht_t[i] = c;
+          const float c = std::tanh(h_tilde_t[i] + pb[j]);
+          h_tilde_t[i] = c;
           y_t[i] = c + zb[j] * (h[i] - c);
         }
       }
     }
   });
-  return {Y, ZR, Ht, S};
+  return {Y, ZR, H_tilde, S};
 }
 
 std::vector<Tensor> gru_backward(Tensor dY, c10::optional<Tensor> ids, int64_t table_rows,
                                  Tensor H0, Tensor W_hzr, Tensor W_hh, Tensor Y, Tensor ZR,
-                                 Tensor Ht, Tensor S) {
+                                 Tensor H_tilde, Tensor S) {
+  check_backward(dY, Y, ids, table_rows);
+  check_matrix(W_hzr, Y.size(2), 2 * Y.size(2), "W_hzr");
+  check_matrix(W_hh, Y.size(2), Y.size(2), "W_hh");
+  check_saved(ZR, Y, 2 * Y.size(2), "ZR");
+  check_saved(H_tilde, Y, Y.size(2), "H_tilde");
+  check_saved(S, Y, Y.size(2), "S");
   const int64_t T = Y.size(0), B = Y.size(1), nh = Y.size(2);
   auto opts = Y.options();
   TableGrad dtable(ids, table_rows, 3 * nh, opts);
@@ -175,7 +245,8 @@ std::vector<Tensor> gru_backward(Tensor dY, c10::optional<Tensor> ids, int64_t t
   Tensor carry = at::zeros({B, nh}, opts), next = at::empty({B, nh}, opts);
   // Transposed once here: BLAS is faster on a plain B than on a transposed one at these sizes.
   Tensor W_hzr_T = transposed(W_hzr), W_hh_T = transposed(W_hh);
-  const float *y = cptr(Y), *zr = cptr(ZR), *ht = cptr(Ht), *dy = cptr(dY), *h0 = cptr(H0c);
+  const float *y = cptr(Y), *zr = cptr(ZR), *h_tilde = cptr(H_tilde), *dy = cptr(dY);
+  const float* h0 = cptr(H0c);
   const float *wzr_t = cptr(W_hzr_T), *whh_t = cptr(W_hh_T);
   float *da = ptr(dA), *ds_all = ptr(dS), *carry_p = ptr(carry), *next_p = ptr(next);
   over_rows(B, [&](int64_t b0, int64_t b1) {
@@ -184,7 +255,8 @@ std::vector<Tensor> gru_backward(Tensor dY, c10::optional<Tensor> ids, int64_t t
     for (int64_t t = T - 1; t >= 0; --t) {
       const int64_t r0 = t * B + b0;
       const float* hp = t ? y + (r0 - B) * nh : h0 + b0 * nh;
-      const float *zr_t = zr + r0 * 2 * nh, *ht_t = ht + r0 * nh, *dy_t = dy + r0 * nh;
+      const float *zr_t = zr + r0 * 2 * nh, *h_tilde_t = h_tilde + r0 * nh;
+      const float* dy_t = dy + r0 * nh;
       float* da_t = da + r0 * 3 * nh;
       for (int64_t b = 0; b < nb; ++b) {
         const float* zb = zr_t + b * 2 * nh;
@@ -192,10 +264,10 @@ std::vector<Tensor> gru_backward(Tensor dY, c10::optional<Tensor> ids, int64_t t
 #pragma omp simd
         for (int64_t j = 0; j < nh; ++j) {
           const int64_t i = b * nh + j;
-          const float z = zb[j], g = ht_t[i];
+          const float z = zb[j], cand = h_tilde_t[i];
           const float dh = dy_t[i] + c[i];
-          dab[2 * nh + j] = dh * (1.0f - z) * (1.0f - g * g);
-          dab[j] = dh * (hp[i] - g) * z * (1.0f - z);
+          dab[2 * nh + j] = dh * (1.0f - z) * (1.0f - cand * cand);
+          dab[j] = dh * (hp[i] - cand) * z * (1.0f - z);
           nx[i] = dh * z;  // the direct path H' = ... + Z H
         }
       }
@@ -227,6 +299,9 @@ std::vector<Tensor> gru_backward(Tensor dY, c10::optional<Tensor> ids, int64_t t
 // A = H W_h; Z, R = s(P + A); M = A_h + b_hh; N = tanh(P_h + R M); H' = N + Z (H - N)
 std::vector<Tensor> gru_ra_forward(Tensor P, c10::optional<Tensor> ids, Tensor H0, Tensor W_h,
                                    Tensor b_hh) {
+  check_input(P, ids, H0, 3);
+  check_matrix(W_h, H0.size(1), 3 * H0.size(1), "W_h");
+  TORCH_CHECK(b_hh.numel() == H0.size(1), "fused kernels: b_hh must have num_hiddens entries");
   const int64_t nh = H0.size(1);
   const int64_t T = ids ? ids->size(0) : P.size(0), B = H0.size(0);
   const Rows prow = rows_of(P, ids, 3 * nh);
@@ -268,6 +343,11 @@ std::vector<Tensor> gru_ra_forward(Tensor P, c10::optional<Tensor> ids, Tensor H
 std::vector<Tensor> gru_ra_backward(Tensor dY, c10::optional<Tensor> ids, int64_t table_rows,
                                     Tensor H0, Tensor W_h, Tensor Y, Tensor ZR, Tensor N,
                                     Tensor M) {
+  check_backward(dY, Y, ids, table_rows);
+  check_matrix(W_h, Y.size(2), 3 * Y.size(2), "W_h");
+  check_saved(ZR, Y, 2 * Y.size(2), "ZR");
+  check_saved(N, Y, Y.size(2), "N");
+  check_saved(M, Y, Y.size(2), "M");
   const int64_t T = Y.size(0), B = Y.size(1), nh = Y.size(2);
   auto opts = Y.options();
   TableGrad dtable(ids, table_rows, 3 * nh, opts);
@@ -322,26 +402,29 @@ std::vector<Tensor> gru_ra_backward(Tensor dY, c10::optional<Tensor> ids, int64_
 // ---------------------------------------------------------------- LSTM [i | f | g | o]
 std::vector<Tensor> lstm_forward(Tensor P, c10::optional<Tensor> ids, Tensor H0, Tensor C0,
                                  Tensor W_h) {
+  check_input(P, ids, H0, 4);
+  TORCH_CHECK(C0.sizes() == H0.sizes(), "fused kernels: C0 must have H0's shape");
+  check_matrix(W_h, H0.size(1), 4 * H0.size(1), "W_h");
   const int64_t nh = H0.size(1);
   const int64_t T = ids ? ids->size(0) : P.size(0), B = H0.size(0);
   const Rows prow = rows_of(P, ids, 4 * nh);
   auto opts = P.options();
-  Tensor Y = at::empty({T, B, nh}, opts), G = at::empty({T, B, 4 * nh}, opts);
+  Tensor Y = at::empty({T, B, nh}, opts), IFGO = at::empty({T, B, 4 * nh}, opts);
   Tensor Cs = at::empty({T, B, nh}, opts), Tc = at::empty({T, B, nh}, opts);
   Tensor H0c = H0.contiguous(), C0c = C0.contiguous();
   const float *wh = cptr(W_h), *h0 = cptr(H0c), *c0 = cptr(C0c);
-  float *y = ptr(Y), *g = ptr(G), *cs = ptr(Cs), *tc = ptr(Tc);
+  float *y = ptr(Y), *ifgo = ptr(IFGO), *cs = ptr(Cs), *tc = ptr(Tc);
   over_rows(B, [&](int64_t b0, int64_t b1) {
     const int64_t nb = b1 - b0;
     for (int64_t t = 0; t < T; ++t) {
       const int64_t r0 = t * B + b0;
       const float* h = t ? y + (r0 - B) * nh : h0 + b0 * nh;
       const float* cp = t ? cs + (r0 - B) * nh : c0 + b0 * nh;
-      float* g_t = g + r0 * 4 * nh;
-      gemm(false, nb, 4 * nh, nh, h, nh, wh, 4 * nh, 0.0f, g_t, 4 * nh);
+      float* ifgo_t = ifgo + r0 * 4 * nh;
+      gemm(false, nb, 4 * nh, nh, h, nh, wh, 4 * nh, 0.0f, ifgo_t, 4 * nh);
       for (int64_t b = 0; b < nb; ++b) {
         const int64_t r = r0 + b;
-        float* gb = g_t + b * 4 * nh;
+        float* gb = ifgo_t + b * 4 * nh;
         const float* pb = prow(r);
 #pragma omp simd
         for (int64_t j = 0; j < nh; ++j) {
@@ -361,12 +444,19 @@ std::vector<Tensor> lstm_forward(Tensor P, c10::optional<Tensor> ids, Tensor H0,
       }
     }
   });
-  return {Y, G, Cs, Tc};
+  return {Y, IFGO, Cs, Tc};
 }
 
 std::vector<Tensor> lstm_backward(Tensor dY, Tensor dC_T, c10::optional<Tensor> ids,
                                   int64_t table_rows, Tensor H0, Tensor C0, Tensor W_h, Tensor Y,
-                                  Tensor G, Tensor Cs, Tensor Tc) {
+                                  Tensor IFGO, Tensor Cs, Tensor Tc) {
+  check_backward(dY, Y, ids, table_rows);
+  check_matrix(W_h, Y.size(2), 4 * Y.size(2), "W_h");
+  check_saved(IFGO, Y, 4 * Y.size(2), "IFGO");
+  check_saved(Cs, Y, Y.size(2), "Cs");
+  check_saved(Tc, Y, Y.size(2), "Tc");
+  TORCH_CHECK(!dC_T.defined() || dC_T.numel() == Y.size(1) * Y.size(2),
+              "fused kernels: dC_T must be (batch_size, num_hiddens)");
   const int64_t T = Y.size(0), B = Y.size(1), nh = Y.size(2);
   auto opts = Y.options();
   TableGrad dtable(ids, table_rows, 4 * nh, opts);
@@ -376,7 +466,8 @@ std::vector<Tensor> lstm_backward(Tensor dY, Tensor dC_T, c10::optional<Tensor> 
   Tensor carry_h = at::zeros({B, nh}, opts);
   Tensor carry_c = dC_T.defined() ? dC_T.contiguous().clone() : at::zeros({B, nh}, opts);
   Tensor W_h_T = transposed(W_h);
-  const float *g = cptr(G), *cs = cptr(Cs), *tc = cptr(Tc), *dy = cptr(dY), *wh_t = cptr(W_h_T);
+  const float *ifgo = cptr(IFGO), *cs = cptr(Cs), *tc = cptr(Tc), *dy = cptr(dY);
+  const float* wh_t = cptr(W_h_T);
   const float *h0 = cptr(H0c), *c0 = cptr(C0c), *y = cptr(Y);
   float *da = ptr(dA), *ch_all = ptr(carry_h), *cc_all = ptr(carry_c);
   over_rows(B, [&](int64_t b0, int64_t b1) {
@@ -387,7 +478,7 @@ std::vector<Tensor> lstm_backward(Tensor dY, Tensor dC_T, c10::optional<Tensor> 
       const float* cp = t ? cs + (r0 - B) * nh : c0 + b0 * nh;
       for (int64_t b = 0; b < nb; ++b) {
         const int64_t r = r0 + b;
-        const float* gb = g + r * 4 * nh;
+        const float* gb = ifgo + r * 4 * nh;
         float* dab = da + r * 4 * nh;
 #pragma omp simd
         for (int64_t j = 0; j < nh; ++j) {
@@ -413,6 +504,8 @@ std::vector<Tensor> lstm_backward(Tensor dY, Tensor dC_T, c10::optional<Tensor> 
 
 // ---------------------------------------------------------------- RNN
 std::vector<Tensor> rnn_forward(Tensor P, c10::optional<Tensor> ids, Tensor H0, Tensor W_hh) {
+  check_input(P, ids, H0, 1);
+  check_matrix(W_hh, H0.size(1), H0.size(1), "W_hh");
   const int64_t nh = H0.size(1);
   const int64_t T = ids ? ids->size(0) : P.size(0), B = H0.size(0);
   const Rows prow = rows_of(P, ids, nh);
@@ -440,6 +533,8 @@ std::vector<Tensor> rnn_forward(Tensor P, c10::optional<Tensor> ids, Tensor H0, 
 
 std::vector<Tensor> rnn_backward(Tensor dY, c10::optional<Tensor> ids, int64_t table_rows,
                                  Tensor H0, Tensor W_hh, Tensor Y) {
+  check_backward(dY, Y, ids, table_rows);
+  check_matrix(W_hh, Y.size(2), Y.size(2), "W_hh");
   const int64_t T = Y.size(0), B = Y.size(1), nh = Y.size(2);
   auto opts = Y.options();
   TableGrad dtable(ids, table_rows, nh, opts);

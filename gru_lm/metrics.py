@@ -1,0 +1,73 @@
+"""Metrics as pure functions over tokens: loss, perplexity, bits/char, reference baselines."""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+
+from gru_lm.data import Corpus, eval_batches
+
+LN2 = math.log(2)
+
+
+def perplexity(nll_sum: float, num_tokens: int) -> float:
+    """exp(total NLL / total tokens), never a mean of per-batch perplexities."""
+    return math.exp(nll_sum / num_tokens) if num_tokens else float("nan")
+
+
+def bits_per_char(nll_sum: float, num_tokens: int) -> float:
+    return nll_sum / num_tokens / LN2 if num_tokens else float("nan")
+
+
+def unigram_perplexity(train: torch.Tensor, target: torch.Tensor, vocab_size: int) -> float:
+    """Perplexity of `target` under add-one smoothed unigram frequencies of `train`."""
+    counts = torch.bincount(train, minlength=vocab_size).double() + 1
+    logp = (counts / counts.sum()).log()
+    return math.exp(-logp[target].mean().item()) if len(target) else float("nan")
+
+
+def reference_baselines(corpus: Corpus) -> dict[str, float]:
+    """Uniform and unigram perplexity on the val split (the train split when there is none)."""
+    v = len(corpus.vocab)
+    target = corpus.val if len(corpus.val) > 1 else corpus.train
+    # <unk> never occurs in a corpus built with its own vocabulary, so uniform is over v - 1.
+    return {"uniform_ppl": float(v - 1),
+            "unigram_ppl": unigram_perplexity(corpus.train, target, v)}
+
+
+def time_major_loss(logits: torch.Tensor, Y: torch.Tensor, reduction: str = "mean",
+                    ignore_index: int = -100) -> torch.Tensor:
+    """Cross-entropy over every token, read in (num_steps, batch_size) order.
+
+    The models compute time-major and hand back a transposed view, so reading it time-major
+    costs no copy of the logits (only of the small target tensor).
+    """
+    V = logits.shape[-1]
+    return F.cross_entropy(logits.transpose(0, 1).reshape(-1, V).float(), Y.t().reshape(-1),
+                           reduction=reduction, ignore_index=ignore_index)
+
+
+@torch.no_grad()
+def evaluate(model, tokens: torch.Tensor, batch_size: int, num_steps: int,
+             device: torch.device, autocast=nullcontext) -> tuple[float, int]:
+    """Total NLL (nats) and token count over a split, every token scored once."""
+    was_training = model.training
+    model.eval()
+    nll = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    state = None
+    try:
+        for X, Y in eval_batches(tokens, batch_size, num_steps):
+            X, Y = X.to(device), Y.to(device)
+            if state is None:
+                state = model.begin_state(X.shape[0], device)
+            with autocast():
+                logits, state = model(X, state)
+            nll += time_major_loss(logits, Y, reduction="sum")
+            count += int((Y != -100).sum())
+    finally:
+        model.train(was_training)
+    return float(nll), count

@@ -1,0 +1,198 @@
+"""One run folder: its layout, its readers and writers, and the lock that allows one writer.
+
+    runs/<name>/
+        config.yaml          the resolved config (validated when read back)
+        vocab.json           the vocabulary, so resume and evaluation rebuild the same ids
+        metrics.jsonl        one JSON record per evaluation, appended
+        samples.txt          greedy samples from the configured prefixes
+        summary.json         written once training stops
+        checkpoints/         last.pt and best.pt, each with a .sha256 beside it
+        .lock                held (flock) by the process training the run
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gru_lm.errors import CheckpointError, GruLmError
+from gru_lm.utils import append_line, atomic_write_text
+
+if TYPE_CHECKING:
+    from gru_lm.config import Config
+    from gru_lm.data import Vocab
+
+
+class RunDir:
+    """The files of one run; every reader tolerates or names a damaged file."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        self.config = self.path / "config.yaml"
+        self.vocab = self.path / "vocab.json"
+        self.metrics = self.path / "metrics.jsonl"
+        self.samples = self.path / "samples.txt"
+        self.summary = self.path / "summary.json"
+        self.checkpoints = self.path / "checkpoints"
+        self.lock_file = self.path / ".lock"
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def checkpoint(self, name: str = "last.pt") -> Path:
+        return self.checkpoints / name
+
+    # -------------------------------------------------------------- creation
+
+    def create(self) -> None:
+        """Make the folder; an existing one is never reused (that is what --resume is for)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir()
+        except FileExistsError:  # another process took the name since the caller looked
+            raise self.exists_error() from None
+        self.checkpoints.mkdir()
+
+    def exists_error(self) -> GruLmError:
+        return GruLmError(f"run directory {self.path} already exists; continue it with "
+                          f"`gru-lm train --resume {self.path}` or pick another --name")
+
+    def write_start(self, cfg: Config, vocab: Vocab) -> None:
+        self.write_config(cfg)
+        atomic_write_text(self.vocab, json.dumps(vocab.to_dict()) + "\n")
+
+    # -------------------------------------------------------------- config and vocabulary
+
+    def read_config(self) -> Config:
+        from gru_lm.config import read_yaml, validate
+
+        if not self.config.is_file():
+            raise GruLmError(f"{self.path} is not a gru-lm run (no config.yaml); pass a run "
+                             "directory")
+        return validate(read_yaml(self.config), source=str(self.config))
+
+    def write_config(self, cfg: Config) -> None:
+        from gru_lm.config import save_config
+
+        save_config(cfg, self.config)
+
+    def read_vocab(self) -> Vocab:
+        from gru_lm.data import Vocab
+        from gru_lm.errors import DataError
+
+        try:
+            return Vocab.from_dict(json.loads(self.vocab.read_text(encoding="utf-8")))
+        except (OSError, ValueError, DataError) as e:
+            raise GruLmError(f"cannot read the run's vocabulary {self.vocab} ({e}); the run "
+                             "folder is damaged, start a new run") from None
+
+    # -------------------------------------------------------------- metrics
+
+    def records(self) -> list[dict[str, Any]]:
+        """Every well-formed record of metrics.jsonl; torn or foreign lines are skipped."""
+        try:
+            text = self.metrics.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return []
+        out = []
+        for line in text.splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("step"), int):
+                out.append(rec)
+        return out
+
+    def evals(self) -> list[dict[str, Any]]:
+        return [r for r in self.records() if r.get("kind") == "eval"]
+
+    def append_record(self, rec: dict[str, Any]) -> None:
+        append_line(self.metrics, json.dumps(rec))
+
+    def truncate_records(self, step: int) -> None:
+        """Drop records written after `step` (and any torn line) before a resume."""
+        if self.metrics.exists():
+            keep = [json.dumps(r) + "\n" for r in self.records() if r["step"] <= step]
+            atomic_write_text(self.metrics, "".join(keep))
+
+    # -------------------------------------------------------------- samples and summary
+
+    def append_samples(self, lines: list[str]) -> None:
+        with open(self.samples, "a", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+
+    def read_summary(self) -> dict[str, Any]:
+        if not self.summary.is_file():
+            raise GruLmError(f"{self.path} is not a finished run (no summary.json); finish it "
+                             f"with `gru-lm train --resume {self.path}`")
+        try:
+            summary = json.loads(self.summary.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise GruLmError(f"{self.summary} cannot be read ({type(e).__name__}); the run "
+                             "folder is damaged, retrain or drop that run") from None
+        if not isinstance(summary, dict):
+            raise GruLmError(f"{self.summary} is not a JSON object; the run folder is damaged")
+        return summary
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        atomic_write_text(self.summary, json.dumps(summary, indent=2) + "\n")
+
+    # -------------------------------------------------------------- checkpoints
+
+    def has_checkpoint(self) -> bool:
+        return self.checkpoints.is_dir() and any(self.checkpoints.glob("*.pt"))
+
+    def best_or_last(self) -> Path:
+        """best.pt, else last.pt: what predict, evaluate and gates load."""
+        if not self.path.is_dir():
+            raise GruLmError(f"--run {self.path}: no such run directory")
+        for name in ("best.pt", "last.pt"):
+            if self.checkpoint(name).is_file():
+                return self.checkpoint(name)
+        raise CheckpointError(f"run {self.path} has no checkpoint in {self.checkpoints}/; "
+                              "train it first")
+
+    # -------------------------------------------------------------- one writer
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold an advisory lock for the whole training; released on any exit, kill included."""
+        try:
+            import fcntl
+        except ImportError:  # no flock on this platform: run unlocked
+            yield
+            return
+        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                raise GruLmError(f"run {self.path} is being trained by another process (pid "
+                                 f"{holder}); wait for it to finish or stop it first") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock
+
+
+def find_latest(runs_dir: Path) -> RunDir:
+    """The run under `runs_dir` whose checkpoint was written last."""
+    runs_dir = Path(runs_dir)
+    candidates = [RunDir(d) for d in runs_dir.glob("*/")] if runs_dir.is_dir() else []
+    candidates = [r for r in candidates if r.has_checkpoint()]
+    if not candidates:
+        raise GruLmError(f"no trained run found under {runs_dir}/; train one with "
+                         "`gru-lm train --config configs/gru.yaml` or pass --run / --checkpoint")
+    return max(candidates, key=lambda r: max(p.stat().st_mtime
+                                             for p in r.checkpoints.glob("*.pt")))

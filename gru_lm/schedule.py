@@ -1,0 +1,57 @@
+"""When to stop and which learning rate: pure functions of the config and the progress.
+
+As nanoGPT's get_lr(it): nothing here reads the clock or touches an optimizer, so tests call
+these directly and the trainer only applies what they return.
+"""
+
+from __future__ import annotations
+
+import math
+
+from gru_lm.config import TrainConfig
+
+
+def total_steps(t: TrainConfig, batches_per_epoch: int) -> int | None:
+    limits = [x for x in (t.max_steps, t.epochs and t.epochs * batches_per_epoch) if x]
+    return min(limits) if limits else None
+
+
+def fraction_done(t: TrainConfig, step: int, elapsed_s: float, total: int | None) -> float:
+    """The share of the run behind us, by whichever limit is closest."""
+    fracs = [step / total] if total else []
+    if t.time_budget_s:
+        fracs.append(elapsed_s / t.time_budget_s)
+    return min(1.0, max(fracs)) if fracs else 0.0
+
+
+def learning_rate(t: TrainConfig, step: int, frac: float, lr_scale: float = 1.0) -> float:
+    """Linear warm-up, then constant or cosine down to min_lr_ratio; times the plateau scale."""
+    lr = t.lr * lr_scale
+    if t.warmup_steps and step < t.warmup_steps:
+        return lr * (step + 1) / t.warmup_steps
+    if t.lr_schedule == "cosine":
+        return lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+    return lr
+
+
+def plateau(t: TrainConfig, metric: float, best: float, bad: int, scale: float
+            ) -> tuple[float, int, float]:
+    """The plateau schedule after one evaluation: (best metric, evals without gain, scale)."""
+    if t.lr_schedule != "plateau":
+        return best, bad, scale
+    if metric < best - 1e-4:
+        return metric, 0, scale
+    if bad + 1 > t.plateau_patience:
+        return best, 0, scale * t.plateau_factor
+    return best, bad + 1, scale
+
+
+def stop_reason(t: TrainConfig, step: int, epoch: int, elapsed_s: float) -> str:
+    """Which limit the run has reached, or "" to go on."""
+    if t.max_steps and step >= t.max_steps:
+        return f"max_steps={t.max_steps}"
+    if t.epochs and epoch >= t.epochs:
+        return f"epochs={t.epochs}"
+    if t.time_budget_s and elapsed_s >= t.time_budget_s:
+        return f"time_budget_s={t.time_budget_s:g}"
+    return ""
