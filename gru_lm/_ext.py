@@ -1,6 +1,6 @@
 """Build (once, cached) and load the fused C++ step kernels; None when unavailable.
 
-The kernels need a C++ compiler and ninja at first use (about 30 s, then cached under
+The kernels need a C++ compiler and ninja at first use (about 40 s, then cached under
 ~/.cache/torch_extensions). They are compiled with -march=native, so the cache entry is
 named by a hash of the source, the flags, torch's version and this CPU's model and ISA: a
 home folder shared by machines with different CPUs never loads code built for another.
@@ -75,13 +75,13 @@ def kernels(load: bool = True):
 
 
 def _announce_build(cpp_extension, name: str) -> None:
-    """One line on stderr when this CPU has no cached build yet (the wait is ~30 s)."""
+    """One line on stderr when this CPU has no cached build yet (the wait is ~40 s)."""
     try:
         folder = Path(cpp_extension._get_build_directory(name, verbose=False))
     except Exception:  # a private torch helper: if it moves, build without the notice
         return
     if not any(folder.glob(f"{name}*.so")):
-        sys.stderr.write(f"building fused kernels, once, ~30 s (cached in {folder})\n")
+        sys.stderr.write(f"building fused kernels, once, ~40 s (cached in {folder})\n")
         sys.stderr.flush()
 
 

@@ -78,8 +78,8 @@ def run_comparison(configs: list[Path], *, seeds: int, budget: Budget, out: Path
     for cfg_path, cfg in zip(configs, loaded, strict=True):
         for seed in range(seeds):
             name = f"{Path(cfg_path).stem}-s{seed}"
-            run_dir = out / name
-            if (run_dir / "summary.json").is_file():
+            run = RunDir(out / name)
+            if run.summary.is_file():
                 if console is not None:
                     console.print(f"[dim]{name}: finished earlier, kept[/dim]")
                 continue
@@ -88,10 +88,10 @@ def run_comparison(configs: list[Path], *, seeds: int, budget: Budget, out: Path
             if console is not None:
                 console.rule(f"{name}")
             try:
-                if (run_dir / "checkpoints" / "last.pt").is_file():
-                    train_run(None, [], resume=run_dir, offline=offline, console=console)
-                elif run_dir.exists():
-                    raise GruLmError(f"{run_dir} exists without a checkpoint; remove that "
+                if run.checkpoint().is_file():
+                    train_run(None, [], resume=run.path, offline=offline, console=console)
+                elif run.path.exists():
+                    raise GruLmError(f"{run} exists without a checkpoint; remove that "
                                      "folder and run again with --resume")
                 else:
                     train_run(Path(cfg_path), overrides, name=name, offline=offline,

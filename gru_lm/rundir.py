@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     from gru_lm.config import Config
     from gru_lm.data import Vocab
 
+LAST, BEST = "last.pt", "best.pt"  # checkpoint names: the latest state, the best val ppl
+
 
 class RunDir:
     """The files of one run; every reader tolerates or names a damaged file."""
@@ -47,7 +49,7 @@ class RunDir:
     def name(self) -> str:
         return self.path.name
 
-    def checkpoint(self, name: str = "last.pt") -> Path:
+    def checkpoint(self, name: str = LAST) -> Path:
         return self.checkpoints / name
 
     # -------------------------------------------------------------- creation
@@ -155,7 +157,7 @@ class RunDir:
         """best.pt, else last.pt: what predict, evaluate and gates load."""
         if not self.path.is_dir():
             raise GruLmError(f"--run {self.path}: no such run directory")
-        for name in ("best.pt", "last.pt"):
+        for name in (BEST, LAST):
             if self.checkpoint(name).is_file():
                 return self.checkpoint(name)
         raise CheckpointError(f"run {self.path} has no checkpoint in {self.checkpoints}/; "

@@ -9,7 +9,7 @@ from typing import Any
 
 from gru_lm.config import Config, apply_overrides, load_config, read_yaml, validate
 from gru_lm.errors import ConfigError, GruLmError
-from gru_lm.rundir import RunDir, find_latest
+from gru_lm.rundir import LAST, RunDir, find_latest
 
 
 def _diff_keys(a: Any, b: Any, prefix: str) -> list[str]:
@@ -115,7 +115,7 @@ def train_run(config: Path | None, overrides: list[str], *, name: str | None = N
         run = RunDir(resume)
         if not run.path.is_dir():
             raise GruLmError(f"--resume {run}: no such run directory")
-        last = run.checkpoint("last.pt")
+        last = run.checkpoint(LAST)
         if not last.is_file():
             raise GruLmError(f"--resume {run}: the run has no checkpoint ({last}); start it "
                              "again without --resume")

@@ -29,7 +29,7 @@ from gru_lm.metrics import (
     time_major_loss,
 )
 from gru_lm.models import RecurrentLM, count_parameters, detach_state, state_to
-from gru_lm.rundir import RunDir
+from gru_lm.rundir import BEST, LAST, RunDir
 from gru_lm.sampling import encode_prefix, generate
 from gru_lm.schedule import fraction_done, learning_rate, plateau, stop_reason, total_steps
 
@@ -224,7 +224,7 @@ class Trainer:
             elif self.cfg.run.checkpoint_interval and \
                     p.step % self.cfg.run.checkpoint_interval == 0:
                 self._sync_losses()
-                self.save("last.pt")
+                self.save(LAST)
             if p.step % t.sample_interval == 0:
                 self._write_samples()
         p.elapsed_s = time.perf_counter() - start_wall
@@ -232,7 +232,7 @@ class Trainer:
         if p.interval_tokens:
             self._evaluate_and_log()  # saves last.pt
         elif p.step:
-            self.save("last.pt")
+            self.save(LAST)
         if p.step % t.sample_interval:
             self._write_samples()
 
@@ -268,9 +268,9 @@ class Trainer:
             t, metric, p.plateau_best, p.plateau_bad, p.lr_scale)
         self.run.append_record(rec)
         self.out.eval_line(rec)
-        self.save("last.pt")
+        self.save(LAST)
         if improved:
-            self.save("best.pt")
+            self.save(BEST)
         patience = t.early_stopping_patience
         return bool(patience and p.evals_since_best >= patience)
 
@@ -344,12 +344,12 @@ class Trainer:
 
     def _interrupt(self) -> None:
         self._sync_losses()
-        self.save("last.pt")
+        self.save(LAST)
         code = 130 if self._signal == signal.SIGINT else 143
         name = "SIGINT" if code == 130 else "SIGTERM"
         raise TrainingInterrupted(
             f"{name}: stopped at step {self.progress.step}, checkpoint saved to "
-            f"{self.run.checkpoint('last.pt')}; resume with: gru-lm train --resume {self.run}",
+            f"{self.run.checkpoint(LAST)}; resume with: gru-lm train --resume {self.run}",
             exit_code=code)
 
     # -------------------------------------------------------------- the end
@@ -377,7 +377,7 @@ class Trainer:
             summary["final_train_ppl"] = evals[-1]["train_ppl"]
             if "val_ppl" in evals[-1]:
                 summary["final_val_ppl"] = evals[-1]["val_ppl"]
-        best_path = self.run.checkpoint("best.pt")
+        best_path = self.run.checkpoint(BEST)
         if best_path.exists():
             load_state(self.model, load_checkpoint(best_path)["model"], best_path)
         for split in ("val", "test"):

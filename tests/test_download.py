@@ -191,3 +191,16 @@ def test_https_to_http_redirect_is_refused(tmp_path, monkeypatch):
         download("https://127.0.0.1:9/t.txt", SHA1, tmp_path / "t.txt", progress=False)
     assert calls == ["https://127.0.0.1:9/t.txt"]  # the http URL was never requested
     assert list(tmp_path.iterdir()) == []
+
+
+def test_downloaded_corpus_gets_the_usual_file_mode(server, tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        path = download(f"{server}/good.txt", SHA1, tmp_path / "c.txt", progress=False)
+    finally:
+        os.umask(old)
+    assert path.read_bytes() == BODY
+    assert path.stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
+    assert [p.name for p in tmp_path.iterdir()] == ["c.txt"]  # no temp file left behind

@@ -1,0 +1,132 @@
+"""The house rules that keep gru-lm easy to change: layering, visible kernels, one run owner."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+from pathlib import Path
+
+import pytest
+from conftest import cli, one_line_error
+
+from gru_lm.rundir import RunDir
+
+PACKAGE = Path(__file__).resolve().parents[1] / "gru_lm"
+# Bottom to top: a module may import only from modules listed before it (lazy imports too).
+LAYERS = ["__init__", "errors", "utils", "config", "download", "data", "_ext", "cells",
+          "models", "metrics", "sampling", "checkpoint", "rundir", "schedule", "display",
+          "trainer", "runs", "compare", "gates", "cli", "__main__"]
+
+
+def _imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("gru_lm"):
+            name = node.module.removeprefix("gru_lm").lstrip(".") or "__init__"
+            if name == "__init__":  # `from gru_lm import x`: x may be a module
+                found |= {a.name for a in node.names if a.name in LAYERS} or {"__init__"}
+            else:
+                found.add(name)
+        elif isinstance(node, ast.Import):
+            found |= {a.name.removeprefix("gru_lm.") for a in node.names
+                      if a.name.startswith("gru_lm.")}
+    return found
+
+
+def test_every_module_has_a_layer():
+    assert {p.stem for p in PACKAGE.glob("*.py")} == set(LAYERS)
+
+
+@pytest.mark.parametrize("module", LAYERS)
+def test_no_module_imports_from_a_module_above_it(module):
+    rank = LAYERS.index(module)
+    above = sorted(m for m in _imports(PACKAGE / f"{module}.py") if LAYERS.index(m) >= rank
+                   and m != module)
+    assert not above, f"gru_lm/{module}.py imports from {above}, which sit above it"
+
+
+# ---------------------------------------------------------------- kernels say what runs
+
+
+def test_training_without_a_compiler_uses_the_loops_and_says_why(workdir, monkeypatch):
+    from torch.utils import cpp_extension
+
+    from gru_lm import _ext
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Error building extension 'gru_lm_cells': c++: command not found")
+
+    monkeypatch.setattr(_ext, "_STATE", {})  # forget the kernels loaded for this session
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    r = cli("train", "--config", "configs/tiny.yaml", "--name", "nocc")
+    assert r.exit_code == 0, r.output
+    assert "portable loops: RuntimeError: Error building extension" in r.output
+    summary = json.loads(Path("runs/nocc/summary.json").read_text())
+    assert summary["kernels"].startswith("portable loops: RuntimeError: Error building")
+    assert 1 < summary["best_val_ppl"] < 28
+
+
+def test_summary_names_the_code_that_ran(tiny_run):
+    from gru_lm._ext import kernels, why_not
+
+    summary = json.loads((tiny_run() / "summary.json").read_text())
+    expected = "fused kernels" if kernels() is not None else f"portable loops: {why_not()}"
+    assert summary["kernels"] == expected and summary["device"] == "cpu"
+
+
+def test_the_first_build_says_so_once(tmp_path, monkeypatch, capsys):
+    from torch.utils import cpp_extension
+
+    from gru_lm import _ext
+
+    monkeypatch.setattr(cpp_extension, "_get_build_directory", lambda name, verbose: tmp_path)
+    _ext._announce_build(cpp_extension, "gru_lm_cells_abc")
+    assert capsys.readouterr().err == (f"building fused kernels, once, ~40 s (cached in "
+                                       f"{tmp_path})\n")
+    (tmp_path / "gru_lm_cells_abc.so").write_bytes(b"")
+    _ext._announce_build(cpp_extension, "gru_lm_cells_abc")
+    assert capsys.readouterr().err == ""  # built: nothing to say
+
+
+def test_the_kernel_cache_is_keyed_by_the_cpu(monkeypatch):
+    from gru_lm import _ext
+
+    names = set()
+    for cpu in ("x86_64 model name: Intel Xeon | flags: avx2", "x86_64 model name: AMD EPYC | "
+                "flags: avx2 avx512f avx512_bf16"):
+        monkeypatch.setattr(_ext, "cpu_signature", lambda cpu=cpu: cpu)
+        names.add(_ext.build_name())
+    assert len(names) == 2 and all(n.startswith("gru_lm_cells_") for n in names)
+    assert "flags" in _ext.cpu_signature() or "model name" in _ext.cpu_signature() \
+        or not Path("/proc/cpuinfo").exists()
+
+
+# ---------------------------------------------------------------- one owner of a run folder
+
+
+def test_a_second_writer_is_refused_naming_the_holder(tiny_run):
+    run = tiny_run("locked")
+    with RunDir(run).lock():
+        r = cli("train", "--resume", run, "train.max_steps=32", "-q")
+        one_line_error(r, "is being trained by another process", f"pid {os.getpid()}")
+    r = cli("train", "--resume", run, "train.max_steps=32", "-q")  # released: resumes
+    assert r.exit_code == 0, r.output
+
+
+def test_metrics_reader_skips_torn_and_foreign_lines(tmp_path):
+    run = RunDir(tmp_path)
+    good = {"kind": "eval", "step": 10, "train_ppl": 5.0}
+    run.metrics.write_bytes(json.dumps(good).encode() + b'\n{"kind": "eval", "st\n'
+                            b"\xff\xfe binary\n[1, 2]\n" + b'{"kind": "eval", "step": "x"}\n'
+                            + json.dumps({**good, "step": 20}).encode() + b"\n")
+    assert [r["step"] for r in run.evals()] == [10, 20]
+    run.truncate_records(10)
+    assert run.records() == [good]
+
+
+def test_damaged_summary_is_named(tmp_path):
+    run = RunDir(tmp_path)
+    run.summary.write_bytes(b"\x00\x01 not json")
+    with pytest.raises(Exception, match=r"summary.json cannot be read"):
+        run.read_summary()
