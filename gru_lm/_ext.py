@@ -2,8 +2,9 @@
 
 The kernels need a C++ compiler and ninja at first use (about 40 s, then cached under
 ~/.cache/torch_extensions). They are compiled with -march=native, so the cache entry is
-named by a hash of the source, the flags, torch's version and this CPU's model and ISA: a
-home folder shared by machines with different CPUs never loads code built for another.
+named by a hash of the source (text and path), the flags, torch's version and this CPU's
+model and ISA: a home folder shared by machines with different CPUs never loads code built
+for another.
 Without a compiler, or with GRU_LM_NO_EXT=1, the scratch cells run the portable PyTorch
 loops of gru_lm/cells.py: same results, slower; `why_not()` says why.
 """
@@ -43,7 +44,9 @@ def build_name() -> str:
     import torch
 
     h = hashlib.sha1(SOURCE.read_bytes())
-    for part in (" ".join(CFLAGS), torch.__version__, cpu_signature()):
+    # The source's path too: torch's build files name it, so two checkouts sharing one cache
+    # would otherwise rebuild each other's entry (silently, ~40 s) on every switch.
+    for part in (str(SOURCE.resolve()), " ".join(CFLAGS), torch.__version__, cpu_signature()):
         h.update(b"\0" + part.encode())
     return f"gru_lm_cells_{h.hexdigest()[:12]}"
 
