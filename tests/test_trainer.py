@@ -72,10 +72,14 @@ def test_warmup_then_cosine_to_the_floor():
     assert all(a >= b for a, b in zip(lrs[4:], lrs[5:], strict=False))
 
 
-def test_trainer_applies_the_schedule_of_its_progress(tmp_path):
-    tr = _trainer(tmp_path, lr=1.0, lr_schedule="cosine", warmup_steps=4, max_steps=100)
-    tr.progress.step = 50
-    assert tr.lr_now() == pytest.approx(learning_rate(tr.cfg.train, 50, 0.5))
+def test_trainer_applies_the_scheduled_lr(tmp_path):
+    tr = _trainer(tmp_path, lr=1.0, lr_schedule="cosine", warmup_steps=4, max_steps=20,
+                  eval_interval=10)
+    tr.fit()
+    # The lr logged at step s is the one the optimizer used for the step that ended there.
+    logged = [(r["step"], r["lr"]) for r in tr.run.evals()]
+    assert logged == [(s, pytest.approx(learning_rate(tr.cfg.train, s - 1, (s - 1) / 20)))
+                      for s in (10, 20)]
 
 
 def test_plateau_halves_lr_after_patience():
