@@ -234,6 +234,9 @@ def evaluate_cmd(
     checkpoint: CkptOpt = None,
     split: Annotated[str, typer.Option(help="val or test.")] = "test",
     text: Annotated[Path | None, typer.Option(help="Score this text file instead.")] = None,
+    dynamic: Annotated[bool, typer.Option(
+        "--dynamic", help="Also score with dynamic evaluation (settings chosen on val).")
+                       ] = False,
     offline: OfflineOpt = False,
     runs_dir: RunsDirOpt = Path("runs"),
 ) -> None:
@@ -243,10 +246,21 @@ def evaluate_cmd(
 
     if split not in ("val", "test", "train"):
         raise GruLmError(f"--split {split!r} is invalid; choose val, test or train")
+    from gru_lm.display import references_text
+
     r = evaluate_run(run=run, checkpoint=checkpoint, split=split, text=text,
-                     runs_dir=runs_dir, offline=_offline(offline))
+                     runs_dir=runs_dir, offline=_offline(offline), dynamic=dynamic)
     console.print(f"{r['what']}: {r['tokens']:,} tokens | loss {r['loss']:.4f} | "
                   f"ppl {r['ppl']:.3f} | {r['bpc']:.3f} bits/char", highlight=False)
+    console.print(f"references (counted on the training split): "
+                  f"{references_text(r['references'])}", highlight=False)
+    if dynamic:
+        d = r["dynamic"]
+        note = (" (the val split also chose the settings: an optimistic figure; report "
+                "--split test)" if d["tuned_on_target"] else "")
+        console.print(f"dynamic evaluation: ppl {d['ppl']:.3f} | {d['bpc']:.3f} bits/char | "
+                      f"lr {d['lr']:g}, decay {d['decay']:g}, segment {d['segment']}, chosen "
+                      f"on val (val ppl {d['val_ppl']:.3f}){note}", highlight=False)
     if r.get("unknown"):
         console.print(f"[yellow]note:[/yellow] {r['unknown']} token(s) outside the vocabulary "
                       "were scored as <unk>", highlight=False)
@@ -317,6 +331,12 @@ def _print_comparison(result: dict, out: Path) -> None:
                       f(r["wall_s_mean"], ".1f"), f(r["time_to_target_s_mean"], ".1f"),
                       ", ".join(r["stopped_by"]))
     print_table(table)
+    refs = result.get("references", {})
+    if "ngram_ppl" in refs:
+        from gru_lm.display import references_text
+
+        console.print(f"references on the val split: {references_text(refs)}",
+                      highlight=False)
     console.print(f"wrote {out}/results.csv, results.json, curves.png, samples.md",
                   highlight=False)
 

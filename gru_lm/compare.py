@@ -164,7 +164,10 @@ def report(run_dirs: list[Path], out: Path) -> dict[str, Any]:
             "time_to_target_s_mean": _mean(_time_to(r["evals"], target) for r in g)
             if target else None,
         })
-    result = {"target_val_ppl": target, "rows": rows,
+    first = runs[0]["summary"]
+    references = {k: first[k] for k in ("uniform_ppl", "unigram_ppl", "ngram_order",
+                                         "ngram_ppl") if k in first}
+    result = {"target_val_ppl": target, "rows": rows, "references": references,
               "members": [str(r["dir"]) for r in runs]}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "results.json", json.dumps(result, indent=2) + "\n")

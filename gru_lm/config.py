@@ -57,6 +57,15 @@ class ModelConfig(_Section):
     num_hiddens: int = Field(256, ge=1, le=16384, description="hidden units per layer")
     num_layers: int = Field(1, ge=1, le=16, description="stacked recurrent layers")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout between layers and on output")
+    locked_dropout: bool = Field(
+        False, description="one dropout mask per sequence, shared by all steps (variational)"
+    )
+    weight_drop: float = Field(
+        0.0, ge=0, lt=1, description="DropConnect on the recurrent weights W_h* (AWD-LSTM)"
+    )
+    embed_dropout: float = Field(
+        0.0, ge=0, lt=1, description="drop whole characters from the embedding (torch.nn models)"
+    )
     embed_dim: int | None = Field(
         None, ge=1, description="input embedding size of torch.nn models (default vocab_size)"
     )
@@ -96,10 +105,14 @@ class TrainConfig(_Section):
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine floor as a share of lr")
     plateau_factor: float = Field(0.5, gt=0, lt=1, description="plateau: lr multiplier")
     plateau_patience: int = Field(2, ge=0, description="plateau: evals without gain")
+    ema_decay: float | None = Field(
+        None, gt=0, lt=1, description="keep an EMA of the weights (e.g. 0.999); evaluated too"
+    )
     early_stopping_patience: int | None = Field(
         None, ge=1, description="stop after this many evals without a better val ppl"
     )
     eval_interval: int = Field(100, ge=1, description="steps between evaluations")
+    ngram_order: int = Field(5, ge=1, le=8, description="order of the Kneser-Ney reference")
     eval_batch_size: int = Field(32, ge=1, description="parallel streams when evaluating")
     log_interval: int = Field(10, ge=1, description="steps between display updates")
     sample_interval: int = Field(500, ge=1, description="steps between samples")

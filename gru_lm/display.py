@@ -12,6 +12,12 @@ from typing import Any
 from gru_lm.metrics import perplexity
 
 
+def references_text(ref: dict) -> str:
+    """The baselines a model should beat, in one phrase."""
+    return (f"uniform ppl {ref['uniform_ppl']:.1f}, unigram ppl {ref['unigram_ppl']:.2f}, "
+            f"{ref['ngram_order']}-gram Kneser-Ney ppl {ref['ngram_ppl']:.3f}")
+
+
 class Reporter:
     """Prints to a rich console, or nothing when the console is None (--quiet)."""
 
@@ -30,8 +36,7 @@ class Reporter:
             f"[bold]{model}[/bold] {params:,} params | train {train:,} / val {val:,} / "
             f"test {test:,} tokens | {batches_per_epoch} batches/epoch | device {device} | "
             f"{kernels}\n"
-            f"reference on the {reference_split} split: uniform ppl "
-            f"{reference['uniform_ppl']:.1f}, unigram ppl {reference['unigram_ppl']:.2f}")
+            f"reference on the {reference_split} split: {references_text(reference)}")
 
     def message(self, text: str) -> None:
         self._print(text)

@@ -29,13 +29,22 @@ def unigram_perplexity(train: torch.Tensor, target: torch.Tensor, vocab_size: in
     return math.exp(-logp[target].mean().item()) if len(target) else float("nan")
 
 
-def reference_baselines(corpus: Corpus) -> dict[str, float]:
-    """Uniform and unigram perplexity on the val split (the train split when there is none)."""
-    v = len(corpus.vocab)
-    target = corpus.val if len(corpus.val) > 1 else corpus.train
+def reference_baselines(train: torch.Tensor, target: torch.Tensor, vocab_size: int,
+                        ngram_order: int = 5) -> dict[str, float]:
+    """Uniform, unigram and Kneser-Ney n-gram perplexity of `target`, counted on `train`."""
+    from gru_lm.ngram import KneserNey
+
+    nll, n = KneserNey(train.tolist(), vocab_size, ngram_order).nll(target.tolist())
     # <unk> never occurs in a corpus built with its own vocabulary, so uniform is over v - 1.
-    return {"uniform_ppl": float(v - 1),
-            "unigram_ppl": unigram_perplexity(corpus.train, target, v)}
+    return {"uniform_ppl": float(vocab_size - 1),
+            "unigram_ppl": unigram_perplexity(train, target, vocab_size),
+            "ngram_order": ngram_order, "ngram_ppl": perplexity(nll, n)}
+
+
+def corpus_baselines(corpus: Corpus, ngram_order: int = 5) -> dict[str, float]:
+    """reference_baselines on the val split (the train split when there is none)."""
+    target = corpus.val if len(corpus.val) > 1 else corpus.train
+    return reference_baselines(corpus.train, target, len(corpus.vocab), ngram_order)
 
 
 def time_major_loss(logits: torch.Tensor, Y: torch.Tensor, reduction: str = "mean",

@@ -21,7 +21,7 @@ from gru_lm.errors import ConfigError, GruLmError
 State = Tensor | tuple[Tensor, ...]
 
 # Config keys that only some models take; each model lists the ones it takes in `options`.
-OPTIONS = ("reset_after", "forget_bias", "embed_dim")
+OPTIONS = ("reset_after", "forget_bias", "embed_dim", "embed_dropout")
 
 _REGISTRY: dict[str, type[RecurrentLM]] = {}
 
@@ -64,6 +64,31 @@ def detach_state(state: State) -> State:
     if isinstance(state, tuple):
         return tuple(s.detach() for s in state)
     return state.detach()
+
+
+def sequence_dropout(x: Tensor, p: float, training: bool, locked: bool) -> Tensor:
+    """Dropout on (num_steps, batch_size, features); locked: one mask per sequence for all
+    steps (Gal & Ghahramani's variational dropout), so a unit is either on or off for the
+    whole window instead of flickering from step to step."""
+    if not p or not training:
+        return x
+    if not locked:
+        return F.dropout(x, p, True)
+    mask = x.new_empty(1, x.shape[1], x.shape[2]).bernoulli_(1 - p).div_(1 - p)  # (1, B, F)
+    return x * mask
+
+
+def embedding_dropout(E: Tensor, p: float, training: bool) -> Tensor:
+    """Drop whole rows of an embedding (a character, wherever it occurs), training only."""
+    if not p or not training:
+        return E
+    keep = E.new_empty(E.shape[0], 1).bernoulli_(1 - p)  # (vocab_size, 1)
+    return E * keep / (1 - p)
+
+
+def drop_weight(W: Tensor, p: float, training: bool) -> Tensor:
+    """DropConnect (AWD-LSTM's weight drop): zero entries of a weight matrix, training only."""
+    return F.dropout(W, p, True) if p and training else W
 
 
 def state_to(state: State, device: torch.device | str) -> State:
@@ -110,6 +135,8 @@ class RecurrentLM(nn.Module):
         self.num_hiddens = cfg.num_hiddens
         self.num_layers = cfg.num_layers
         self.dropout = cfg.dropout
+        self.locked_dropout = cfg.locked_dropout
+        self.weight_drop = cfg.weight_drop
 
     @classmethod
     def check_config(cls, cfg: ModelConfig) -> list[str]:
@@ -162,9 +189,10 @@ class _ScratchLayer(nn.Module):
 
     gates: tuple[str, ...] = ()
 
-    def __init__(self, num_inputs: int, num_hiddens: int, init: str):
+    def __init__(self, num_inputs: int, num_hiddens: int, init: str, weight_drop: float = 0.0):
         super().__init__()
         self.num_inputs, self.num_hiddens = num_inputs, num_hiddens
+        self.weight_drop = weight_drop
         for g in self.gates:
             W_x = nn.Parameter(torch.empty(num_inputs, num_hiddens))
             W_h = nn.Parameter(torch.empty(num_hiddens, num_hiddens))
@@ -182,6 +210,11 @@ class _ScratchLayer(nn.Module):
         parts = [getattr(self, f"{prefix}{g}") for g in self.gates]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
+    def recurrent(self, W: Tensor) -> Tensor:
+        """A recurrent weight as this step sees it: DropConnect'ed while training. The cells
+        (fused kernels or loops) just receive another matrix; gradients reach W through it."""
+        return drop_weight(W, self.weight_drop, self.training)
+
     def project(self, inputs: Tensor) -> tuple[Tensor, Tensor | None]:
         """X W_x + b for all steps, as (P, ids) for the cell functions.
 
@@ -198,8 +231,9 @@ class _ScratchLayer(nn.Module):
 class GRULayer(_ScratchLayer):
     gates = ("z", "r", "h")
 
-    def __init__(self, num_inputs: int, num_hiddens: int, init: str, reset_after: bool):
-        super().__init__(num_inputs, num_hiddens, init)
+    def __init__(self, num_inputs: int, num_hiddens: int, init: str, reset_after: bool,
+                 weight_drop: float = 0.0):
+        super().__init__(num_inputs, num_hiddens, init, weight_drop)
         self.reset_after = reset_after
         if reset_after:  # b_h acts as b_xh; b_hh sits inside the reset gate
             self.b_hh = nn.Parameter(torch.zeros(num_hiddens))
@@ -210,24 +244,27 @@ class GRULayer(_ScratchLayer):
     def forward(self, inputs: Tensor, H: Tensor) -> tuple[Tensor, Tensor]:
         P, ids = self.project(inputs)
         if self.reset_after:
-            Y = GRUResetAfterFunction.apply(P, ids, H, self._fused("W_h"), self.b_hh)
+            Y = GRUResetAfterFunction.apply(P, ids, H, self.recurrent(self._fused("W_h")),
+                                            self.b_hh)
         else:
             W_hzr = torch.cat([self.W_hz, self.W_hr], dim=1)  # (num_hiddens, 2 * num_hiddens)
-            Y = GRUFunction.apply(P, ids, H, W_hzr, self.W_hh)
+            Y = GRUFunction.apply(P, ids, H, self.recurrent(W_hzr), self.recurrent(self.W_hh))
         return Y, Y[-1]
 
 
 class LSTMLayer(_ScratchLayer):
     gates = ("i", "f", "c", "o")  # the candidate C~ is torch.nn's "g" block
 
-    def __init__(self, num_inputs: int, num_hiddens: int, init: str, forget_bias: float | None):
-        super().__init__(num_inputs, num_hiddens, init)
+    def __init__(self, num_inputs: int, num_hiddens: int, init: str, forget_bias: float | None,
+                 weight_drop: float = 0.0):
+        super().__init__(num_inputs, num_hiddens, init, weight_drop)
         if forget_bias is not None:
             nn.init.constant_(self.b_f, forget_bias)
 
     def forward(self, inputs: Tensor, state: tuple[Tensor, Tensor]):
         H, C = state
-        Y, C_T = LSTMFunction.apply(*self.project(inputs), H, C, self._fused("W_h"))
+        Y, C_T = LSTMFunction.apply(*self.project(inputs), H, C,
+                                    self.recurrent(self._fused("W_h")))
         return Y, (Y[-1], C_T)
 
 
@@ -235,7 +272,7 @@ class RNNLayer(_ScratchLayer):
     gates = ("h",)
 
     def forward(self, inputs: Tensor, H: Tensor) -> tuple[Tensor, Tensor]:
-        Y = RNNFunction.apply(*self.project(inputs), H, self.W_hh)
+        Y = RNNFunction.apply(*self.project(inputs), H, self.recurrent(self.W_hh))
         return Y, Y[-1]
 
 
@@ -281,9 +318,10 @@ class ScratchLM(RecurrentLM):
         for i, (layer, s) in enumerate(zip(self.layers, self.layer_states(state), strict=True)):
             inputs, s = layer(inputs, s)  # (num_steps, batch_size, num_hiddens)
             new_states.append(s)
-            if self.dropout and (i < self.num_layers - 1):
-                inputs = F.dropout(inputs, self.dropout, self.training)
-        out = F.dropout(inputs, self.dropout, self.training) if self.dropout else inputs
+            if i < self.num_layers - 1:
+                inputs = sequence_dropout(inputs, self.dropout, self.training,
+                                          self.locked_dropout)
+        out = sequence_dropout(inputs, self.dropout, self.training, self.locked_dropout)
         # F.linear on W_hq^T: one addmm forward, and its weight gradient comes out as
         # dlogits^T @ out, the faster GEMM orientation for a small vocabulary.
         logits = F.linear(out, self.W_hq.t(), self.b_q)  # (num_steps, batch_size, vocab_size)
@@ -297,7 +335,7 @@ class GRUScratch(ScratchLM):
     options = frozenset({"reset_after"})
 
     def make_layer(self, num_inputs, cfg, init):
-        return GRULayer(num_inputs, cfg.num_hiddens, init, cfg.reset_after)
+        return GRULayer(num_inputs, cfg.num_hiddens, init, cfg.reset_after, cfg.weight_drop)
 
     def gate_weights(self) -> list:
         out = []
@@ -318,7 +356,7 @@ class LSTMScratch(ScratchLM):
     options = frozenset({"forget_bias"})
 
     def make_layer(self, num_inputs, cfg, init):
-        return LSTMLayer(num_inputs, cfg.num_hiddens, init, cfg.forget_bias)
+        return LSTMLayer(num_inputs, cfg.num_hiddens, init, cfg.forget_bias, cfg.weight_drop)
 
     def gate_weights(self) -> list:
         return [LayerWeights("lstm", layer._fused("W_x").detach(), layer._fused("b_").detach(),
@@ -331,7 +369,7 @@ class RNNScratch(ScratchLM):
     description = "vanilla RNN from its equation: H = tanh(X W_xh + H W_hh + b_h)"
 
     def make_layer(self, num_inputs, cfg, init):
-        return RNNLayer(num_inputs, cfg.num_hiddens, init)
+        return RNNLayer(num_inputs, cfg.num_hiddens, init, cfg.weight_drop)
 
 
 # ---------------------------------------------------------------- torch.nn models
@@ -341,7 +379,7 @@ class TorchLM(RecurrentLM):
     """Embedding lookup -> torch.nn recurrent layers -> dropout -> nn.Linear."""
 
     rnn_cls: type[nn.RNNBase] = nn.GRU
-    options = frozenset({"embed_dim"})
+    options = frozenset({"embed_dim", "embed_dropout"})
 
     def __init__(self, cfg: ModelConfig, vocab_size: int):
         super().__init__(cfg, vocab_size)
@@ -371,10 +409,17 @@ class TorchLM(RecurrentLM):
     def forward(self, X: Tensor, state: State | None = None) -> tuple[Tensor, State]:
         if state is None:
             state = self.begin_state(X.shape[0], X.device)
-        emb = self.embedding(X.t())  # (num_steps, batch_size, embed_dim)
-        Y, state = self.rnn(emb, state)  # (num_steps, batch_size, num_hiddens)
-        if self.dropout:
-            Y = F.dropout(Y, self.dropout, self.training)
+        E = embedding_dropout(self.embedding.weight, self.cfg.embed_dropout, self.training)
+        emb = F.embedding(X.t(), E)  # (num_steps, batch_size, embed_dim)
+        if self.weight_drop and self.training:
+            # DropConnect on W_hh through functional_call: torch.nn's fused RNN still runs,
+            # on the dropped matrices, and the stored weights stay untouched.
+            dropped = {n: drop_weight(getattr(self.rnn, n), self.weight_drop, True)
+                       for n, _ in self.rnn.named_parameters() if n.startswith("weight_hh")}
+            Y, state = torch.func.functional_call(self.rnn, dropped, (emb, state))
+        else:
+            Y, state = self.rnn(emb, state)  # (num_steps, batch_size, num_hiddens)
+        Y = sequence_dropout(Y, self.dropout, self.training, self.locked_dropout)
         return self.output(Y).transpose(0, 1), state  # (batch_size, num_steps, vocab_size)
 
     def _layer_tensors(self, k: int, order: tuple[int, ...]):
@@ -406,7 +451,7 @@ class TorchLSTM(TorchLM):
     description = "torch.nn.LSTM with an input embedding"
     rnn_cls = nn.LSTM
     num_states = 2
-    options = frozenset({"embed_dim", "forget_bias"})
+    options = frozenset({"embed_dim", "embed_dropout", "forget_bias"})
 
     def gate_weights(self) -> list:
         emb = self.embedding.weight.detach()

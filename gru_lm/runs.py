@@ -3,6 +3,7 @@ evaluate."""
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -179,14 +180,18 @@ def predict(prefix: str, *, run: Path | None, checkpoint: Path | None, runs_dir:
 
 
 def evaluate_run(*, run: Path | None, checkpoint: Path | None, split: str, text: Path | None,
-                 runs_dir: Path, offline: bool | None = None) -> dict[str, Any]:
+                 runs_dir: Path, offline: bool | None = None, dynamic: bool = False
+                 ) -> dict[str, Any]:
+    """Score a split or a text file, beside the references counted on the training split;
+    `dynamic`: also with dynamic evaluation, its settings chosen on the val split."""
     import torch
 
     from gru_lm.data import load_corpus, preprocess, read_text
-    from gru_lm.metrics import bits_per_char, evaluate, perplexity
+    from gru_lm.metrics import bits_per_char, evaluate, perplexity, reference_baselines
 
     path = checkpoint_for(run, checkpoint, runs_dir)
     cfg, vocab, model = load_model(path)
+    corpus = load_corpus(cfg.data, vocab=vocab, offline=offline, progress=False)
     unknown = 0
     if text is not None:
         tokens = preprocess(read_text(text), cfg.data.preset, cfg.data.lowercase)
@@ -196,13 +201,25 @@ def evaluate_run(*, run: Path | None, checkpoint: Path | None, split: str, text:
         ids = torch.tensor(vocab.encode(tokens), dtype=torch.long)
         what = str(text)
     else:
-        corpus = load_corpus(cfg.data, vocab=vocab, offline=offline, progress=False)
         ids = getattr(corpus, split)
         if len(ids) < 2:
             raise GruLmError(f"the run's data has no {split} split (data.{split}_fraction = 0); "
                              "evaluate with --text FILE or another --split")
         what = f"{split} split"
+    if dynamic and len(corpus.val) < 2:
+        raise GruLmError("--dynamic chooses its settings on the val split, and this run has "
+                         "none (data.val_fraction = 0); evaluate without --dynamic")
     nll, n = evaluate(model, ids, cfg.train.eval_batch_size, cfg.train.num_steps,
                       torch.device("cpu"))
-    return {"what": what, "checkpoint": str(path), "tokens": n, "loss": nll / n,
-            "ppl": perplexity(nll, n), "bpc": bits_per_char(nll, n), "unknown": unknown}
+    out = {"what": what, "checkpoint": str(path), "tokens": n, "loss": nll / n,
+           "ppl": perplexity(nll, n), "bpc": bits_per_char(nll, n), "unknown": unknown,
+           "references": reference_baselines(corpus.train, ids, len(vocab),
+                                             cfg.train.ngram_order)}
+    if dynamic:
+        from gru_lm.dynamic import tune_and_score
+
+        d = tune_and_score(model, corpus.val, ids, corpus.train, cfg.train.num_steps)
+        out["dynamic"] = {**d, "ppl": d["test_ppl"],
+                          "bpc": math.log2(d["test_ppl"]), "tuned_on_target": split == "val"
+                          and text is None}
+    return out

@@ -20,12 +20,13 @@ from gru_lm.checkpoint import load_checkpoint, load_state, rng_state, save_check
 from gru_lm.config import Config
 from gru_lm.data import BatchLoader, Corpus
 from gru_lm.display import Reporter
+from gru_lm.ema import EMA
 from gru_lm.errors import ConfigError, GruLmError, NonFiniteLoss, TrainingInterrupted
 from gru_lm.metrics import (
     bits_per_char,
+    corpus_baselines,
     evaluate,
     perplexity,
-    reference_baselines,
     time_major_loss,
 )
 from gru_lm.models import RecurrentLM, count_parameters, detach_state, state_to
@@ -53,6 +54,7 @@ class TrainProgress:
     interval_nll: float = 0.0
     interval_tokens: int = 0
     stop_reason: str = ""
+    best_weights: str = "raw"  # or "ema": which weights scored the best val ppl
 
 
 def autocast_for(device: torch.device, precision: str):
@@ -79,6 +81,7 @@ class Trainer:
                                   seed=t.seed, split="train")
         self.batches_per_epoch = self.loader.num_batches()
         self.progress = TrainProgress()
+        self.ema = EMA(model, t.ema_decay) if t.ema_decay else None
         self.state = None  # carried hidden state (sequential sampler)
         self._epoch_gen_state: torch.Tensor | None = None
         self._epoch_batches: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -115,6 +118,8 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip,
                                            foreach=True)
         self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
         self.state = state if carries else None
         return loss.detach()
 
@@ -173,7 +178,7 @@ class Trainer:
         if self.run is None:
             raise ValueError("Trainer.fit needs a run directory (Trainer(..., run=RunDir(...)))")
         self.run.checkpoints.mkdir(parents=True, exist_ok=True)
-        self.reference = reference_baselines(self.corpus)
+        self.reference = corpus_baselines(self.corpus, self.cfg.train.ngram_order)
         self.out.header(
             model=self.cfg.model.name, params=count_parameters(self.model),
             splits=(len(self.corpus.train), len(self.corpus.val), len(self.corpus.test)),
@@ -246,12 +251,14 @@ class Trainer:
                                "train_ppl": perplexity(p.interval_nll, p.interval_tokens),
                                "train_bpc": bits_per_char(p.interval_nll, p.interval_tokens)}
         p.interval_nll, p.interval_tokens = 0.0, 0
+        weights = "raw"
         if len(self.corpus.val) > 1:
-            nll, n = evaluate(self.model, self.corpus.val, t.eval_batch_size, t.num_steps,
-                              self.device, self.autocast)
-            rec["val_ppl"] = perplexity(nll, n)
-            rec["val_bpc"] = bits_per_char(nll, n)
-        metric = rec.get("val_ppl", rec["train_ppl"])
+            rec["val_ppl"], rec["val_bpc"] = self._val()
+            if self.ema is not None:
+                with self.ema.swapped_in(self.model):
+                    rec["ema_val_ppl"], rec["ema_val_bpc"] = self._val()
+                weights = "ema" if rec["ema_val_ppl"] < rec["val_ppl"] else "raw"
+        metric = rec.get("ema_val_ppl" if weights == "ema" else "val_ppl", rec["train_ppl"])
         frac = self.fraction_done()
         rec.update({
             "tokens_per_s": p.tokens_seen / p.train_time_s if p.train_time_s else 0.0,
@@ -262,6 +269,7 @@ class Trainer:
         improved = math.isfinite(metric) and metric < p.best_metric
         if improved:
             p.best_metric, p.best_step, p.evals_since_best = metric, p.step, 0
+            p.best_weights = weights
         else:
             p.evals_since_best += 1
         p.plateau_best, p.plateau_bad, p.lr_scale = plateau(
@@ -270,9 +278,15 @@ class Trainer:
         self.out.eval_line(rec)
         self.save(LAST)
         if improved:
-            self.save(BEST)
+            self.save(BEST, ema=weights == "ema")
         patience = t.early_stopping_patience
         return bool(patience and p.evals_since_best >= patience)
+
+    def _val(self) -> tuple[float, float]:
+        t = self.cfg.train
+        nll, n = evaluate(self.model, self.corpus.val, t.eval_batch_size, t.num_steps,
+                          self.device, self.autocast)
+        return perplexity(nll, n), bits_per_char(nll, n)
 
     def _write_samples(self) -> None:
         lines = []
@@ -284,9 +298,12 @@ class Trainer:
 
     # -------------------------------------------------------------- checkpoints
 
-    def checkpoint_payload(self) -> dict[str, Any]:
+    def checkpoint_payload(self, ema: bool = False) -> dict[str, Any]:
+        """Everything a resume needs; `ema`: "model" holds the averaged weights (best.pt)."""
         return {
-            "model": self.model.state_dict(),
+            "model": self.ema.averaged_state(self.model) if ema else self.model.state_dict(),
+            "weights": "ema" if ema else "raw",
+            "ema": self.ema.state_dict() if self.ema is not None else None,
             "optimizer": self.optimizer.state_dict(),
             "config": self.cfg.to_dict(),
             "vocab": self.vocab.to_dict(),
@@ -298,10 +315,10 @@ class Trainer:
             "rng": rng_state(),
         }
 
-    def save(self, name: str) -> None:
+    def save(self, name: str, ema: bool = False) -> None:
         path = self.run.checkpoint(name)
         try:
-            save_checkpoint(self.checkpoint_payload(), path)
+            save_checkpoint(self.checkpoint_payload(ema), path)
         except OSError as e:
             raise GruLmError(f"cannot write checkpoint {path}: {e.strerror or e}; free disk "
                              "space or fix permissions (the previous checkpoint is intact), "
@@ -315,6 +332,8 @@ class Trainer:
             self.progress = TrainProgress(**ck["progress"])
             self.loader.generator.set_state(ck["loader_epoch_state"])
             set_rng_state(ck["rng"])
+            if self.ema is not None and ck.get("ema") is not None:
+                self.ema.load_state_dict(ck["ema"])
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise GruLmError(f"checkpoint {path} cannot be resumed ({type(e).__name__}: "
                              f"{str(e)[:120]}); start a new run") from None
@@ -370,6 +389,7 @@ class Trainer:
             "tokens_per_s": p.tokens_seen / p.train_time_s if p.train_time_s else 0.0,
             "stop_reason": p.stop_reason,
             "best_step": p.best_step,
+            "best_weights": p.best_weights,
             **self.reference,
         }
         evals = self.run.evals()

@@ -89,7 +89,7 @@ def test_existing_run_is_never_overwritten(workdir, tiny_run):
 
 def _eval_losses(run: Path):
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["train_ppl"], r.get("val_ppl")) for r in recs]
+    return [(r["step"], r["train_ppl"], r.get("val_ppl"), r.get("ema_val_ppl")) for r in recs]
 
 
 def _final_state(run: Path):
@@ -101,7 +101,9 @@ def _final_state(run: Path):
 @pytest.mark.parametrize("extra", [
     [],
     ["model.dropout=0.3", "model.num_layers=2", "train.sampler=random"],
-], ids=["sequential", "dropout-random"])
+    ["model.dropout=0.3", "model.locked_dropout=true", "model.weight_drop=0.3",
+     "train.ema_decay=0.9"],
+], ids=["sequential", "dropout-random", "regularized-ema"])
 def test_resume_is_exact(workdir, extra):
     straight = train_tiny("straight", "train.max_steps=40", *extra)
     part = train_tiny("part", "train.max_steps=20", *extra)

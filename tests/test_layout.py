@@ -14,9 +14,10 @@ from gru_lm.rundir import RunDir
 
 PACKAGE = Path(__file__).resolve().parents[1] / "gru_lm"
 # Bottom to top: a module may import only from modules listed before it (lazy imports too).
-LAYERS = ["__init__", "errors", "utils", "config", "download", "data", "_ext", "cells",
-          "models", "metrics", "sampling", "checkpoint", "rundir", "schedule", "display",
-          "trainer", "runs", "compare", "gates", "cli", "__main__"]
+LAYERS = ["__init__", "errors", "utils", "config", "download", "data", "ngram", "_ext",
+          "cells", "models", "metrics", "dynamic", "sampling", "checkpoint", "rundir",
+          "schedule", "ema", "display", "trainer", "runs", "compare", "gates", "cli",
+          "__main__"]
 
 
 def _imports(path: Path) -> set[str]:

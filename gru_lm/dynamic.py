@@ -1,0 +1,140 @@
+"""Dynamic evaluation (Krause et al. 2018): the model keeps learning from the text it scores.
+
+The held-out text is read as one stream, in segments of `segment` tokens. Each segment is
+scored first, with the weights as they are, and only then used for one gradient step:
+
+    theta <- theta - lr * g / (sqrt(MS) + eps) + decay_i * (theta_0 - theta)
+
+where MS is the mean squared gradient of each weight over batches of the training split
+(measured once, with the trained weights), and the decay towards the trained weights
+theta_0 is RMS-normalised: decay_i = decay * sqrt(MS_i) / mean(sqrt(MS)), capped at 1, so
+weights whose gradients are usually large are pulled back hardest. Every token is scored
+exactly once, before the model has seen it. The model's own weights are restored at the end.
+
+Hyper-parameters (lr, decay) are chosen on the validation split and then applied, unchanged,
+to the test split (`tune_and_score`): tuning on test would report a number nobody can get.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from gru_lm.data import eval_batches
+from gru_lm.metrics import time_major_loss
+from gru_lm.models import detach_state
+
+EPS = 1e-4
+# A small grid around what scored best on The Time Machine (lr 2e-5..4e-5, segments of 10).
+LR_GRID = (1e-5, 2e-5, 4e-5, 8e-5)
+DECAY_GRID = (0.0, 2e-3)
+
+
+@dataclass(frozen=True)
+class DynamicSettings:
+    lr: float
+    decay: float
+    segment: int = 10
+
+
+def _no_cudnn():
+    """cuDNN runs an RNN's backward only in training mode; adaptation needs gradients with
+    dropout off (eval mode), which torch's own RNN code allows. A no-op on the CPU."""
+    return torch.backends.cudnn.flags(enabled=False)
+
+
+def _params(model) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def gradient_ms(model, train: torch.Tensor, num_steps: int, batch_size: int = 32,
+                max_batches: int = 40, device: torch.device | str = "cpu"
+                ) -> dict[str, torch.Tensor]:
+    """Mean squared gradient of every weight over up to `max_batches` training batches."""
+    was_training = model.training
+    model.eval()  # dropout off: the statistics of the model that will be adapted
+    ms = {n: torch.zeros_like(p) for n, p in _params(model)}
+    state, count = None, 0
+    try:
+        for X, Y in eval_batches(train, batch_size, num_steps):
+            if count == max_batches:
+                break
+            X, Y = X.to(device), Y.to(device)
+            state = model.begin_state(X.shape[0], device) if state is None else \
+                detach_state(state)
+            model.zero_grad(set_to_none=True)
+            with torch.enable_grad(), _no_cudnn():
+                logits, state = model(X, state)
+                time_major_loss(logits, Y).backward()
+            for n, p in _params(model):
+                if p.grad is not None:
+                    ms[n] += p.grad.detach() ** 2
+            count += 1
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return {n: v / max(1, count) for n, v in ms.items()}
+
+
+def dynamic_nll(model, tokens: torch.Tensor, ms: dict[str, torch.Tensor],
+                settings: DynamicSettings, device: torch.device | str = "cpu"
+                ) -> tuple[float, int]:
+    """Total NLL (nats) and token count of `tokens`, adapting after each scored segment."""
+    params = _params(model)
+    theta0 = {n: p.detach().clone() for n, p in params}
+    scale = {n: ms[n].sqrt() + EPS for n, _ in params}
+    mean_rms = torch.cat([ms[n].sqrt().flatten() for n, _ in params]).mean().clamp_min(1e-12)
+    pull = {n: (settings.decay * ms[n].sqrt() / mean_rms).clamp(max=1.0) for n, _ in params}
+    was_training = model.training
+    model.eval()
+    nll, count = 0.0, 0
+    try:
+        X_all, Y_all = tokens[:-1].to(device), tokens[1:].to(device)
+        state = model.begin_state(1, device)
+        for i in range(0, len(X_all), settings.segment):
+            X = X_all[i:i + settings.segment].unsqueeze(0)  # (1, segment)
+            Y = Y_all[i:i + settings.segment].unsqueeze(0)
+            model.zero_grad(set_to_none=True)
+            with torch.enable_grad(), _no_cudnn():
+                logits, new_state = model(X, detach_state(state))
+                loss = time_major_loss(logits, Y, reduction="sum")
+                nll += float(loss.detach())  # scored before the update below
+                count += Y.numel()
+                (loss / Y.numel()).backward()
+            with torch.no_grad():
+                for n, p in params:
+                    if p.grad is not None:
+                        p.sub_(settings.lr * p.grad / scale[n])
+                    p.add_(pull[n] * (theta0[n] - p))
+            state = new_state
+    finally:
+        with torch.no_grad():
+            for n, p in params:
+                p.copy_(theta0[n])
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return nll, count
+
+
+def tune_and_score(model, val: torch.Tensor, test: torch.Tensor, train: torch.Tensor,
+                   num_steps: int, device: torch.device | str = "cpu",
+                   lr_grid=LR_GRID, decay_grid=DECAY_GRID, segment: int = 10
+                   ) -> dict:
+    """Choose (lr, decay) by val perplexity, then score test with them once."""
+    ms = gradient_ms(model, train, num_steps, device=device)
+    trials = []
+    for lr in lr_grid:
+        for decay in decay_grid:
+            s = DynamicSettings(lr, decay, segment)
+            nll, n = dynamic_nll(model, val, ms, s, device)
+            trials.append((math.exp(nll / n), s))
+    best_val, best = min(trials, key=lambda t: t[0])
+    out = {"lr": best.lr, "decay": best.decay, "segment": best.segment, "val_ppl": best_val,
+           "trials": [{"lr": s.lr, "decay": s.decay, "val_ppl": v} for v, s in trials]}
+    if len(test) > 1:
+        nll, n = dynamic_nll(model, test, ms, best, device)
+        out["test_ppl"] = math.exp(nll / n)
+        out["test_tokens"] = n
+    return out
