@@ -252,8 +252,9 @@ def evaluate_cmd(
                      runs_dir=runs_dir, offline=_offline(offline), dynamic=dynamic)
     console.print(f"{r['what']}: {r['tokens']:,} tokens | loss {r['loss']:.4f} | "
                   f"ppl {r['ppl']:.3f} | {r['bpc']:.3f} bits/char", highlight=False)
-    console.print(f"references (counted on the training split): "
-                  f"{references_text(r['references'])}", highlight=False)
+    if r["references"] is not None:
+        console.print(f"references (counted on the training split): "
+                      f"{references_text(r['references'])}", highlight=False)
     if dynamic:
         d = r["dynamic"]
         note = (" (the val split also chose the settings: an optimistic figure; report "

@@ -187,11 +187,17 @@ def evaluate_run(*, run: Path | None, checkpoint: Path | None, split: str, text:
     import torch
 
     from gru_lm.data import load_corpus, preprocess, read_text
+    from gru_lm.errors import DataError
     from gru_lm.metrics import bits_per_char, evaluate, perplexity, reference_baselines
 
     path = checkpoint_for(run, checkpoint, runs_dir)
     cfg, vocab, model = load_model(path)
-    corpus = load_corpus(cfg.data, vocab=vocab, offline=offline, progress=False)
+    try:
+        corpus = load_corpus(cfg.data, vocab=vocab, offline=offline, progress=False)
+    except DataError:
+        if text is None or dynamic:
+            raise
+        corpus = None  # scoring a text needs only the model; the references are skipped
     unknown = 0
     if text is not None:
         tokens = preprocess(read_text(text), cfg.data.preset, cfg.data.lowercase)
@@ -206,15 +212,15 @@ def evaluate_run(*, run: Path | None, checkpoint: Path | None, split: str, text:
             raise GruLmError(f"the run's data has no {split} split (data.{split}_fraction = 0); "
                              "evaluate with --text FILE or another --split")
         what = f"{split} split"
-    if dynamic and len(corpus.val) < 2:
+    if dynamic and len(corpus.val) < 2:  # (corpus is loaded whenever dynamic is set)
         raise GruLmError("--dynamic chooses its settings on the val split, and this run has "
                          "none (data.val_fraction = 0); evaluate without --dynamic")
     nll, n = evaluate(model, ids, cfg.train.eval_batch_size, cfg.train.num_steps,
                       torch.device("cpu"))
     out = {"what": what, "checkpoint": str(path), "tokens": n, "loss": nll / n,
            "ppl": perplexity(nll, n), "bpc": bits_per_char(nll, n), "unknown": unknown,
-           "references": reference_baselines(corpus.train, ids, len(vocab),
-                                             cfg.train.ngram_order)}
+           "references": None if corpus is None else reference_baselines(
+               corpus.train, ids, len(vocab), cfg.train.ngram_order)}
     if dynamic:
         from gru_lm.dynamic import tune_and_score
 

@@ -33,6 +33,7 @@ from gru_lm.models import RecurrentLM, count_parameters, detach_state, state_to
 from gru_lm.rundir import BEST, LAST, RunDir
 from gru_lm.sampling import encode_prefix, generate
 from gru_lm.schedule import fraction_done, learning_rate, plateau, stop_reason, total_steps
+from gru_lm.utils import caught_signals
 
 
 @dataclass
@@ -88,7 +89,7 @@ class Trainer:
         self._interval_losses = torch.zeros(t.log_interval, dtype=torch.float64,
                                             device=self.device)
         self._interval_count = 0
-        self._signal: int | None = None
+        self._signals: list[int] = []  # SIGINT/SIGTERM caught while fit() runs
 
     def _check_prefixes(self) -> list[list[int]]:
         out = []
@@ -185,13 +186,9 @@ class Trainer:
             batches_per_epoch=self.batches_per_epoch, device=str(self.device),
             kernels=self.model.kernel_path(self.device), reference=self.reference,
             reference_split="val" if len(self.corpus.val) > 1 else "train")
-        old_handlers = self._install_signals()
-        try:
-            with self.out.live(total_steps(self.cfg.train, self.batches_per_epoch)) as bar:
-                self._loop(bar)
-        finally:
-            for sig, h in old_handlers.items():
-                signal.signal(sig, h)
+        total = total_steps(self.cfg.train, self.batches_per_epoch)
+        with caught_signals() as self._signals, self.out.live(total) as bar:
+            self._loop(bar)
         return self._finish()
 
     def _loop(self, bar) -> None:
@@ -204,7 +201,7 @@ class Trainer:
             p.stop_reason = stop_reason(t, p.step, p.epoch, p.elapsed_s)
             if p.stop_reason:
                 break
-            if self._signal is not None:
+            if self._signals:
                 self._interrupt()
             lr = self.lr_now()
             for g in self.optimizer.param_groups:
@@ -346,25 +343,11 @@ class Trainer:
         if self.run is not None:
             self.run.truncate_records(self.progress.step)
 
-    # -------------------------------------------------------------- signals
-
-    def _install_signals(self) -> dict:
-        old = {}
-
-        def handler(signum, frame):
-            self._signal = signum
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                old[sig] = signal.signal(sig, handler)
-            except ValueError:  # not the main thread
-                pass
-        return old
-
     def _interrupt(self) -> None:
+        """Ctrl-C or SIGTERM arrived: save at this step boundary and say how to resume."""
         self._sync_losses()
         self.save(LAST)
-        code = 130 if self._signal == signal.SIGINT else 143
+        code = 130 if self._signals[0] == signal.SIGINT else 143
         name = "SIGINT" if code == 130 else "SIGTERM"
         raise TrainingInterrupted(
             f"{name}: stopped at step {self.progress.step}, checkpoint saved to "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import signal
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -62,3 +63,21 @@ def append_line(path: Path, line: str) -> None:
         os.write(fd, data)
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def caught_signals(signals=(signal.SIGINT, signal.SIGTERM)) -> Iterator[list[int]]:
+    """Record SIGINT/SIGTERM in the yielded list instead of stopping at once, so a loop can
+    stop at a safe point; the previous handlers come back on exit."""
+    caught: list[int] = []
+    old = {}
+    for sig in signals:
+        try:
+            old[sig] = signal.signal(sig, lambda signum, frame: caught.append(signum))
+        except ValueError:  # not the main thread: signals stay with their owner
+            pass
+    try:
+        yield caught
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)

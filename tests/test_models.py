@@ -218,7 +218,8 @@ def test_every_model_declares_only_known_options(name):
 
     assert model_class(name).options <= set(OPTIONS)
     for key in model_class(name).options:  # and each declared option is accepted
-        value = {"reset_after": True, "forget_bias": 1.0, "embed_dim": 16}[key]
+        value = {"reset_after": True, "forget_bias": 1.0, "embed_dim": 16,
+                 "embed_dropout": 0.1}[key]
         build_model(ModelConfig(name=name, num_hiddens=NH, **{key: value}), V)
 
 
