@@ -38,9 +38,6 @@ class Reporter:
             f"{kernels}\n"
             f"reference on the {reference_split} split: {references_text(reference)}")
 
-    def message(self, text: str) -> None:
-        self._print(text)
-
     def eval_line(self, rec: dict[str, Any]) -> None:
         parts = [f"step {rec['step']:>6}", f"epoch {rec['epoch']:>3}",
                  f"train ppl {rec['train_ppl']:7.3f}"]

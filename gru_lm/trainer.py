@@ -1,8 +1,8 @@
 """One training loop for every model: TBPTT, evaluation, samples, checkpoints, exact resume.
 
 The caller builds the model, the optimizer and the corpus (runs.build_trainer does it from a
-config), as minGPT's Trainer(config, model, dataset); the trainer only trains. The learning
-rate is a pure function of the step and the progress, as nanoGPT's get_lr(it).
+config), as minGPT's Trainer(config, model, dataset); the trainer only trains. When to stop
+and which learning rate to use come from the pure functions of gru_lm/schedule.py.
 """
 
 from __future__ import annotations
