@@ -21,10 +21,18 @@ def digest_path(path: Path) -> Path:
 
 
 def _read_digests(path: Path) -> list[str]:
+    """The SHA-256 values listed in the sidecar; anything else in it (a damaged or edited
+    file) is ignored, so such a sidecar accepts no checkpoint."""
     side = digest_path(path)
-    if not side.is_file():
+    try:
+        text = side.read_bytes()[:4096].decode("ascii", errors="replace")
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         return []
-    return [line.split()[0] for line in side.read_text().splitlines() if line.strip()]
+    words = (line.split()[0] for line in text.splitlines() if line.split())
+    return [w.lower() for w in words if len(w) == 64 and all(c in HEX for c in w.lower())]
+
+
+HEX = set("0123456789abcdef")
 
 
 def save_checkpoint(payload: dict[str, Any], path: Path) -> None:
@@ -61,6 +69,10 @@ def load_checkpoint(path: Path, map_location: str = "cpu") -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes); use another checkpoint "
                               "(e.g. checkpoints/best.pt) or retrain")
     digests = _read_digests(path)
+    if not digests and digest_path(path).exists():
+        raise CheckpointError(f"checkpoint {path}: {digest_path(path).name} beside it is damaged "
+                              "(no SHA-256 in it), so its integrity cannot be checked; use "
+                              "another checkpoint (e.g. checkpoints/best.pt) or retrain")
     if not digests:
         raise CheckpointError(f"checkpoint {path} has no {digest_path(path).name} beside it, so "
                               "its integrity cannot be checked; only load checkpoints that "

@@ -7,6 +7,8 @@ Heavy modules (torch, pydantic, matplotlib) are imported inside the commands so 
 from __future__ import annotations
 
 import functools
+import io
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -27,7 +29,47 @@ app = typer.Typer(
 data_app = typer.Typer(help="Download and inspect corpora.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
-console = Console(soft_wrap=True)
+class Stdout:
+    """sys.stdout (looked up at each write, so tests can swap it) that survives its reader
+    leaving: after `gru-lm train ... | head -2` output is dropped and training goes on."""
+
+    gone = False
+
+    def write(self, text: str) -> int:
+        if not self.gone:
+            try:
+                sys.stdout.write(text)
+            except BrokenPipeError:
+                self._reader_left()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.gone:
+            try:
+                sys.stdout.flush()
+            except BrokenPipeError:
+                self._reader_left()
+
+    def _reader_left(self) -> None:
+        self.gone = True
+        try:  # the interpreter's own flush at exit must not fail on the closed pipe either
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+            pass
+
+    def isatty(self) -> bool:
+        return not self.gone and sys.stdout.isatty()
+
+    def fileno(self) -> int:
+        return sys.stdout.fileno()
+
+    @property
+    def encoding(self) -> str:
+        return getattr(sys.stdout, "encoding", None) or "utf-8"
+
+
+stdout = Stdout()
+console = Console(file=stdout, soft_wrap=True)
 err_console = Console(stderr=True)
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
@@ -41,7 +83,7 @@ RunsDirOpt = Annotated[Path, typer.Option("--runs-dir", help="Where runs live.")
 
 def print_table(table) -> None:
     """Tables keep their columns when piped: a wide console instead of the default 80."""
-    (console if console.is_terminal else Console(width=160)).print(table)
+    (console if console.is_terminal else Console(file=stdout, width=160)).print(table)
 
 
 def handle_errors(fn):
@@ -87,6 +129,14 @@ def _offline(flag: bool) -> bool | None:
     return True if flag else None
 
 
+def in_range(flag: str, value: int | None, lo: int, hi: int) -> None:
+    """Refuse an integer option outside lo..hi before anything is built from it."""
+    if value is not None and not lo <= value <= hi:
+        from gru_lm.errors import GruLmError
+
+        raise GruLmError(f"{flag} {value} is out of range; give {lo:,}..{hi:,}")
+
+
 # ---------------------------------------------------------------- data
 
 
@@ -116,6 +166,7 @@ def data_info(config: ConfigOpt = None, overrides: Overrides = None,
     from gru_lm.config import load_config
     from gru_lm.data import load_corpus
 
+    in_range("--top", top, 1, 1000)
     cfg = load_config(config, overrides)
     corpus = load_corpus(cfg.data, offline=_offline(offline))
     v = corpus.vocab
@@ -145,9 +196,11 @@ def models_cmd(
     """List the registered models with their parameter counts."""
     from rich.table import Table
 
-    from gru_lm.config import ModelConfig
-    from gru_lm.models import build_model, count_parameters, list_models, model_class
+    from gru_lm.config import MAX_HIDDENS, ModelConfig
+    from gru_lm.models import MAX_VOCAB, build_model, count_parameters, list_models, model_class
 
+    in_range("--num-hiddens", num_hiddens, 1, MAX_HIDDENS)
+    in_range("--vocab-size", vocab_size, 1, MAX_VOCAB)
     table = Table(title=f"models ({num_hiddens} hiddens, 1 layer, vocab {vocab_size})")
     for col in ("name", "description", "parameters"):
         table.add_column(col, justify="right" if col == "parameters" else "left")
@@ -212,7 +265,7 @@ def predict_cmd(
     from gru_lm.sampling import check_prefix, check_sampling_args
 
     check_prefix(prefix)
-    check_sampling_args(num_chars, temperature, top_k, top_p, num_samples)
+    check_sampling_args(num_chars, temperature, top_k, top_p, num_samples, seed)
     from gru_lm.runs import predict
 
     prompt, outputs = predict(prefix, run=run, checkpoint=checkpoint, runs_dir=runs_dir,
@@ -224,7 +277,7 @@ def predict_cmd(
             console.print(f"[bold cyan]{prompt}[/bold cyan]{text}", highlight=False,
                           markup=True)
         else:
-            sys.stdout.write(prompt + text + "\n")
+            stdout.write(prompt + text + "\n")
 
 
 @app.command("evaluate")
@@ -268,6 +321,11 @@ def evaluate_cmd(
 
 
 def main() -> None:
+    # A terminal or pipe that cannot encode a character (LANG=C, PYTHONIOENCODING=ascii)
+    # gets "?" in its place rather than a UnicodeEncodeError.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
     app()
 
 

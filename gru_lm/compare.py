@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import math
+import os
 import re
 import statistics
 import time
@@ -16,7 +17,7 @@ from typing import Any
 from gru_lm.config import load_config
 from gru_lm.errors import GruLmError, TrainingInterrupted
 from gru_lm.rundir import RunDir
-from gru_lm.utils import atomic_write_text, atomic_write_with
+from gru_lm.utils import write_output
 
 _SEEDED = re.compile(r"^(?P<label>.+)-s(?P<seed>\d+)$")
 
@@ -48,15 +49,13 @@ class Budget:
 def _check_budget(budget: Budget) -> None:
     for name, v in (("--budget-s", budget.seconds), ("--epochs", budget.epochs),
                     ("--tokens", budget.tokens)):
-        if v is not None and not v > 0:
-            raise GruLmError(f"{name} {v} is invalid; give a number > 0")
+        if v is not None and not (v > 0 and math.isfinite(v)):
+            raise GruLmError(f"{name} {v} is invalid; give a finite number > 0")
 
 
 def run_comparison(configs: list[Path], *, seeds: int, budget: Budget, out: Path,
                    resume: bool, offline: bool | None, console=None) -> dict[str, Any]:
     """Train every config x seed into `out`, then write the report."""
-    from gru_lm.runs import train_run
-
     if not configs:
         raise GruLmError("give at least one config (e.g. configs/gru.yaml configs/lstm.yaml) "
                          "or --runs DIR ...")
@@ -74,7 +73,21 @@ def run_comparison(configs: list[Path], *, seeds: int, budget: Budget, out: Path
                              "comparison needs the same corpus, split and vocabulary")
     if out.exists() and not resume and any(out.iterdir()):
         raise GruLmError(f"{out} already exists; continue it with --resume or pick another --out")
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        _train_members(configs, loaded, seeds, budget, out, offline, console)
+    except BaseException:
+        if created and not any(out.iterdir()):
+            out.rmdir()  # a comparison that failed to start leaves no empty folder
+        raise
+    return report([out / f"{Path(c).stem}-s{s}" for c in configs for s in range(seeds)], out)
+
+
+def _train_members(configs: list[Path], loaded: list, seeds: int, budget: Budget, out: Path,
+                   offline: bool | None, console) -> None:
+    from gru_lm.runs import train_run
+
     for cfg_path, cfg in zip(configs, loaded, strict=True):
         for seed in range(seeds):
             name = f"{Path(cfg_path).stem}-s{seed}"
@@ -102,7 +115,6 @@ def run_comparison(configs: list[Path], *, seeds: int, budget: Budget, out: Path
                     f"comparison interrupted in {name}; finished members are kept. Continue "
                     f"with: gru-lm compare {args} --seeds {seeds} --out {out} --resume "
                     "(and the same budget option)", exit_code=e.exit_code) from None
-    return report([out / f"{Path(c).stem}-s{s}" for c in configs for s in range(seeds)], out)
 
 
 # ---------------------------------------------------------------- reading runs
@@ -129,12 +141,19 @@ def _std(xs):
 def _time_to(evals: list[dict], target: float) -> float | None:
     for e in evals:
         if e.get("val_ppl") is not None and e["val_ppl"] <= target:
-            return e["elapsed_s"]
+            return e.get("elapsed_s")
     return None
 
 
 def report(run_dirs: list[Path], out: Path) -> dict[str, Any]:
     """Aggregate finished runs by label; write results.csv/.json, curves.png, samples.md."""
+    seen: dict[str, Path] = {}
+    for d in run_dirs:
+        key = os.path.realpath(d)
+        if key in seen:
+            raise GruLmError(f"{d} is given twice (also as {seen[key]}); each run counts once, "
+                             "so give every run folder once")
+        seen[key] = Path(d)
     runs = [_read_run(Path(d)) for d in run_dirs]
     groups: dict[str, list[dict]] = {}
     for r in runs:
@@ -170,14 +189,15 @@ def report(run_dirs: list[Path], out: Path) -> dict[str, Any]:
     result = {"target_val_ppl": target, "rows": rows, "references": references,
               "members": [str(r["dir"]) for r in runs]}
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "results.json", json.dumps(result, indent=2) + "\n")
+    write_output(out / "results.json", lambda f: f.write(json.dumps(result, indent=2) + "\n"),
+                 "w")
     buf = io.StringIO()
     fields = [k for k in rows[0] if k != "stopped_by"] + ["stopped_by"]
     writer = csv.DictWriter(buf, fieldnames=fields)
     writer.writeheader()
     for row in rows:
         writer.writerow({**row, "stopped_by": "; ".join(row["stopped_by"])})
-    atomic_write_text(out / "results.csv", buf.getvalue())
+    write_output(out / "results.csv", lambda f: f.write(buf.getvalue()), "w")
     plot_curves(groups, out / "curves.png")
     write_samples(groups, out / "samples.md")
     return result
@@ -188,7 +208,8 @@ def report(run_dirs: list[Path], out: Path) -> dict[str, Any]:
 
 def _band(evals_per_seed: list[list[dict]], x_key: str):
     """Common x grid (the eval points of the shortest seed): mean, min and max of val ppl."""
-    series = [[(e[x_key], e["val_ppl"]) for e in ev if "val_ppl" in e] for ev in evals_per_seed]
+    series = [[(e[x_key], e["val_ppl"]) for e in ev if "val_ppl" in e and x_key in e]
+              for ev in evals_per_seed]
     series = [s for s in series if s]
     if not series:
         return [], [], [], []
@@ -218,7 +239,7 @@ def plot_curves(groups: dict[str, list[dict]], path: Path) -> None:
     axes[0].legend()
     fig.suptitle("validation perplexity (mean over seeds, min-max band)")
     fig.tight_layout()
-    atomic_write_with(path, lambda f: fig.savefig(f, format="png"))
+    write_output(path, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)
 
 
@@ -242,7 +263,7 @@ def plot_run(run_dir: Path, path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    atomic_write_with(path, lambda f: fig.savefig(f, format="png"))
+    write_output(path, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)
     return path
 
@@ -251,19 +272,24 @@ def _read_metrics_only(run_dir: Path) -> list[dict]:
     run = RunDir(run_dir)
     if not run.metrics.is_file():
         raise GruLmError(f"{run_dir} has no metrics.jsonl; pass a run directory")
-    evals = [e for e in run.evals() if isinstance(e.get("train_ppl"), float | int)]
+    evals = run.evals()
     if not evals:
         raise GruLmError(f"{run.metrics} has no evaluations yet; train longer")
-    return evals
+    usable = [e for e in evals if "train_ppl" in e]
+    if not usable:
+        raise GruLmError(f"{run.metrics}: no evaluation has a numeric train_ppl (the file was "
+                         "edited or damaged); nothing to plot")
+    return usable
 
 
-def write_samples(groups: dict[str, list[dict]], path: Path,
-                  prefixes: tuple[str, ...] = ("time traveller", "the")) -> None:
+def write_samples(groups: dict[str, list[dict]], path: Path) -> None:
+    """Continuations of each member's own train.sample_prefixes (the config says which
+    prefixes suit its corpus), greedy and sampled."""
     from gru_lm.runs import checkpoint_for, load_model
     from gru_lm.sampling import encode_prefix, generate
 
     lines = ["# Samples", "", "Greedy and sampled (temperature 0.8, seed 0) continuations of "
-             "the same prefixes, from each model's first seed's best checkpoint.", ""]
+             "each model's train.sample_prefixes, from its first seed's best checkpoint.", ""]
     for label, g in groups.items():
         try:
             cfg, vocab, model = load_model(checkpoint_for(g[0]["dir"], None, Path(".")))
@@ -271,13 +297,18 @@ def write_samples(groups: dict[str, list[dict]], path: Path,
             lines += [f"## {label}", "", f"(no sample: {e})", ""]
             continue
         lines += [f"## {label}", ""]
-        for prefix in prefixes:
-            ids = encode_prefix(prefix, vocab, cfg.data.preset, cfg.data.lowercase)
+        for prefix in cfg.train.sample_prefixes:
+            try:
+                ids = encode_prefix(prefix, vocab, cfg.data.preset, cfg.data.lowercase)
+            except GruLmError as e:
+                lines.append(f"- `{prefix}`: (no sample: {e})")
+                continue
+            text = vocab.decode(ids)
             greedy = vocab.decode(generate(model, ids, 80)[0])
             sampled = vocab.decode(generate(model, ids, 80, temperature=0.8, seed=0)[0])
-            lines += [f"- greedy: `{prefix}{greedy}`", f"- sampled: `{prefix}{sampled}`"]
+            lines += [f"- greedy: `{text}{greedy}`", f"- sampled: `{text}{sampled}`"]
         lines.append("")
-    atomic_write_text(path, "\n".join(lines))
+    write_output(path, lambda f: f.write("\n".join(lines)), "w")
 
 
 def timestamped_out(runs_dir: Path) -> Path:

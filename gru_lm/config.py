@@ -13,9 +13,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from gru_lm.errors import ConfigError
 
+# Every number has a range: floats are finite (pydantic refuses inf/nan), counts fit a 64-bit
+# integer, and sizes stop where a run could no longer start (memory is checked by the models).
+BIG = 10**12  # steps, epochs, intervals: far beyond any run, far below int64
+MAX_SEED = 2**63 - 1  # what torch.manual_seed takes
+MAX_NODES = 100_000  # YAML nodes after expanding aliases
+ECHO = 80  # characters of user input quoted in an error
+MAX_HIDDENS = 16384
+
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataConfig(_Section):
@@ -26,9 +34,10 @@ class DataConfig(_Section):
     cache_dir: Path = Field(Path("data"), description="where downloads are cached")
     preset: Literal["d2l", "raw"] = Field("d2l", description="preprocessing preset")
     lowercase: bool = Field(False, description="lowercase the text (raw preset)")
-    min_freq: int = Field(0, ge=0, description="tokens rarer than this map to <unk>")
-    reserved_tokens: list[str] = Field(default_factory=list, description="extra special tokens")
-    max_tokens: int | None = Field(None, ge=2, description="keep only the first N tokens")
+    min_freq: int = Field(0, ge=0, le=BIG, description="tokens rarer than this map to <unk>")
+    reserved_tokens: list[str] = Field(default_factory=list, max_length=1000,
+                                       description="extra special tokens")
+    max_tokens: int | None = Field(None, ge=2, le=2**62, description="keep only the first N tokens")
     train_fraction: float = Field(0.9, gt=0, le=1, description="share of tokens for training")
     val_fraction: float = Field(0.05, ge=0, lt=1, description="share for validation")
     test_fraction: float = Field(0.05, ge=0, lt=1, description="share for the test split")
@@ -54,7 +63,7 @@ class DataConfig(_Section):
 
 class ModelConfig(_Section):
     name: str = Field("gru", description="registered model name (see `gru-lm models`)")
-    num_hiddens: int = Field(256, ge=1, le=16384, description="hidden units per layer")
+    num_hiddens: int = Field(256, ge=1, le=MAX_HIDDENS, description="hidden units per layer")
     num_layers: int = Field(1, ge=1, le=16, description="stacked recurrent layers")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout between layers and on output")
     locked_dropout: bool = Field(
@@ -67,13 +76,15 @@ class ModelConfig(_Section):
         0.0, ge=0, lt=1, description="drop whole characters from the embedding (torch.nn models)"
     )
     embed_dim: int | None = Field(
-        None, ge=1, description="input embedding size of torch.nn models (default vocab_size)"
+        None, ge=1, le=65536,
+        description="input embedding size of torch.nn models (default vocab_size)"
     )
     bidirectional: bool = Field(False, description="refused: a language model must not peek")
     init: Literal["auto", "torch", "d2l", "xavier", "orthogonal"] = Field(
         "auto", description="weight init; auto = d2l for scratch models, torch for nn models"
     )
-    forget_bias: float | None = Field(None, description="initial LSTM forget-gate bias")
+    forget_bias: float | None = Field(None, ge=-100, le=100,
+                                      description="initial LSTM forget-gate bias")
     reset_after: bool = Field(False, description="gru-scratch: reset gate after W_hh (nn.GRU)")
 
     @field_validator("bidirectional")
@@ -90,37 +101,40 @@ class ModelConfig(_Section):
 
 class TrainConfig(_Section):
     optimizer: Literal["sgd", "adam", "adamw"] = Field("adam", description="optimizer")
-    lr: float = Field(0.003, gt=0, description="learning rate")
+    lr: float = Field(0.003, gt=0, le=1000, description="learning rate")
     momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum")
-    weight_decay: float = Field(0.0, ge=0, description="weight decay")
-    epochs: int | None = Field(None, ge=1, description="stop after this many epochs")
-    max_steps: int | None = Field(None, ge=1, description="stop after this many steps")
-    time_budget_s: float | None = Field(None, gt=0, description="stop after this many seconds")
-    batch_size: int = Field(32, ge=1, description="sequences per batch")
-    num_steps: int = Field(35, ge=1, description="time steps per window (TBPTT length)")
+    weight_decay: float = Field(0.0, ge=0, le=1000, description="weight decay")
+    epochs: int | None = Field(None, ge=1, le=BIG, description="stop after this many epochs")
+    max_steps: int | None = Field(None, ge=1, le=BIG, description="stop after this many steps")
+    time_budget_s: float | None = Field(None, gt=0, le=1e8,
+                                        description="stop after this many seconds")
+    batch_size: int = Field(32, ge=1, le=2**20, description="sequences per batch")
+    num_steps: int = Field(35, ge=1, le=2**20, description="time steps per window (TBPTT length)")
     sampler: Literal["random", "sequential"] = Field("sequential", description="batching")
-    grad_clip: float | None = Field(1.0, gt=0, description="clip the global grad norm; null=off")
+    grad_clip: float | None = Field(1.0, gt=0, le=1e6,
+                                    description="clip the global grad norm; null=off")
     lr_schedule: Literal["none", "cosine", "plateau"] = Field("none", description="lr schedule")
-    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps")
+    warmup_steps: int = Field(0, ge=0, le=BIG, description="linear warm-up steps")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine floor as a share of lr")
     plateau_factor: float = Field(0.5, gt=0, lt=1, description="plateau: lr multiplier")
-    plateau_patience: int = Field(2, ge=0, description="plateau: evals without gain")
+    plateau_patience: int = Field(2, ge=0, le=10**6, description="plateau: evals without gain")
     ema_decay: float | None = Field(
         None, gt=0, lt=1, description="keep an EMA of the weights (e.g. 0.999); evaluated too"
     )
     early_stopping_patience: int | None = Field(
-        None, ge=1, description="stop after this many evals without a better val ppl"
+        None, ge=1, le=10**6, description="stop after this many evals without a better val ppl"
     )
-    eval_interval: int = Field(100, ge=1, description="steps between evaluations")
+    eval_interval: int = Field(100, ge=1, le=BIG, description="steps between evaluations")
     ngram_order: int = Field(5, ge=1, le=8, description="order of the Kneser-Ney reference")
-    eval_batch_size: int = Field(32, ge=1, description="parallel streams when evaluating")
-    log_interval: int = Field(10, ge=1, description="steps between display updates")
-    sample_interval: int = Field(500, ge=1, description="steps between samples")
+    eval_batch_size: int = Field(32, ge=1, le=2**20, description="parallel streams when evaluating")
+    log_interval: int = Field(10, ge=1, le=10**6, description="steps between display updates")
+    sample_interval: int = Field(500, ge=1, le=BIG, description="steps between samples")
     sample_prefixes: list[str] = Field(
-        default_factory=lambda: ["time traveller", "traveller"], description="sample prefixes"
+        default_factory=lambda: ["time traveller", "traveller"], max_length=64,
+        description="sample prefixes"
     )
     sample_length: int = Field(50, ge=1, le=10000, description="characters per sample")
-    seed: int = Field(0, ge=0, description="seed of every random number generator")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of every random number generator")
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="device")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 = autocast")
     threads: int | None = Field(None, ge=1, le=1024, description="torch CPU threads")
@@ -136,7 +150,7 @@ class RunConfig(_Section):
     name: str | None = Field(None, description="run folder name (default <config>-<time>)")
     runs_dir: Path = Field(Path("runs"), description="parent folder of run directories")
     checkpoint_interval: int | None = Field(
-        None, ge=1, description="steps between last.pt saves (default: every eval)"
+        None, ge=1, le=BIG, description="steps between last.pt saves (default: every eval)"
     )
 
 
@@ -153,6 +167,14 @@ class Config(_Section):
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "run": RunConfig}
 
 
+def short(value: Any, limit: int = ECHO) -> str:
+    """repr() of user input, cut to `limit` characters so an error stays one readable line."""
+    text = value if isinstance(value, str) else repr(value)
+    if isinstance(value, str):
+        text = repr(value[:limit + 1])
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 def _model_at(loc: tuple) -> type[BaseModel] | None:
     cls: type[BaseModel] | None = Config
     for part in loc:
@@ -167,12 +189,13 @@ def _format_errors(err: ValidationError) -> list[str]:
     problems = []
     for e in err.errors():
         loc = tuple(p for p in e["loc"] if p not in ("function-after",))
-        key = ".".join(str(p) for p in loc) or "<top>"
+        key = ".".join(str(p)[:ECHO] for p in loc) or "<top>"
         if e["type"] == "extra_forbidden":
             parent = _model_at(loc[:-1])
             hint = ""
             if parent is not None:
-                close = difflib.get_close_matches(str(loc[-1]), list(parent.model_fields), n=1)
+                close = difflib.get_close_matches(str(loc[-1])[:ECHO], list(parent.model_fields),
+                                                  n=1)
                 if close:
                     hint = f"; did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?"
                 allowed = ", ".join(parent.model_fields)
@@ -181,7 +204,7 @@ def _format_errors(err: ValidationError) -> list[str]:
             continue
         msg = e["msg"].removeprefix("Value error, ")
         if "input" in e and e["type"] != "missing" and not isinstance(e["input"], dict):
-            problems.append(f"{key}: {e['input']!r} is invalid: {msg}")
+            problems.append(f"{key}: {short(e['input'])} is invalid: {msg}")
         else:
             problems.append(f"{key}: {msg}")
     return problems
@@ -192,14 +215,43 @@ def validate(raw: dict[str, Any], source: str = "config") -> Config:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping with sections "
                           f"{', '.join(SECTIONS)}; got {type(raw).__name__}")
+    check_size(raw, source)
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as err:
-        problems = _format_errors(err)
-        raise ConfigError(
-            f"{source}: {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems)
-        ) from None
+        raise ConfigError(problem_text(source, _format_errors(err))) from None
     return cfg
+
+
+def problem_text(source: str, problems: list[str]) -> str:
+    """One line for one problem; a list for several."""
+    if len(problems) == 1:
+        return f"{source}: {problems[0]}"
+    return f"{source}: {len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems)
+
+
+def check_size(raw: Any, source: str) -> None:
+    """Refuse YAML whose aliases expand to more than MAX_NODES nodes ("billion laughs"),
+    counted without expanding: each shared node's size is computed once."""
+    sizes: dict[int, int] = {}
+
+    def size(node: Any) -> int:
+        if not isinstance(node, dict | list):
+            return 1
+        if id(node) not in sizes:
+            sizes[id(node)] = MAX_NODES + 1  # a node that contains itself counts as too big
+            items = list(node.items()) if isinstance(node, dict) else node
+            total = 1
+            for item in items:
+                total += size(item[1]) if isinstance(node, dict) else size(item)
+                if total > MAX_NODES:
+                    break
+            sizes[id(node)] = total
+        return sizes[id(node)]
+
+    if size(raw) > MAX_NODES:
+        raise ConfigError(f"{source}: the YAML expands to more than {MAX_NODES:,} values "
+                          "(aliases of aliases?); a config is a few dozen keys, write it out")
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -238,7 +290,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         key, sep, value = item.partition("=")
         key = key.strip()
         if not sep or not key or any(not p for p in key.split(".")):
-            problems.append(f"{item!r}: an override has the form key.sub=value, "
+            problems.append(f"{short(item)}: an override has the form key.sub=value, "
                             "e.g. train.lr=0.5")
             continue
         try:
@@ -246,7 +298,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         except yaml.YAMLError:
             parsed = value
         if isinstance(parsed, float) and not math.isfinite(parsed):
-            problems.append(f"{key}: {value!r} is not a finite number")
+            problems.append(f"{key[:ECHO]}: {short(value)} is not a finite number")
             continue
         node = out
         parts = key.split(".")
@@ -255,13 +307,14 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             if child is None:
                 child = node[part] = {}
             if not isinstance(child, dict):
-                problems.append(f"{key}: '{part}' is a value, not a section")
+                problems.append(f"{key[:ECHO]}: {short(part)} is a value, not a section")
                 break
             node = child
         else:
             node[parts[-1]] = parsed
     if problems:
-        raise ConfigError("bad override(s):\n" + "\n".join(f"  - {p}" for p in problems))
+        raise ConfigError(problem_text("bad override", problems))
+    check_size(out, "overrides")
     return out
 
 

@@ -94,6 +94,19 @@ class Corpus:
     def num_tokens(self) -> int:
         return len(self.train) + len(self.val) + len(self.test)
 
+    def fingerprint(self) -> str:
+        """SHA-256 of the token ids of each split: changes with the file, the preprocessing,
+        data.max_tokens or the split, so a resume can tell it is reading other data."""
+        import hashlib
+
+        import torch
+
+        h = hashlib.sha256()
+        for split in (self.train, self.val, self.test):
+            h.update(len(split).to_bytes(8, "little"))
+            h.update(split.to(torch.int64).numpy().tobytes())
+        return h.hexdigest()
+
 
 def corpus_path(cfg: DataConfig, offline: bool | None = None, progress: bool = True) -> Path:
     """Resolve the configured corpus to a local, verified file."""

@@ -71,25 +71,54 @@ def fetch(
 ) -> Path:
     """Return a local path to `spec`'s file whose SHA-1 matches, downloading if needed."""
     offline = offline_from_env() if offline is None else offline
-    seen_bad = []
     env_dir = os.environ.get("GRU_LM_DATA_DIR")
-    cached = Path(cache_dir) / spec.filename
-    for candidate in ([Path(env_dir) / spec.filename] if env_dir else []) + [cached]:
-        if candidate.is_file():
-            if file_digest(candidate, "sha1") == spec.sha1:
-                return candidate
-            seen_bad.append(str(candidate))
+    if env_dir:
+        local = _from_data_dir(Path(env_dir), spec)
+        if local is not None:
+            return local
+    cached = cache_path(spec, cache_dir)
+    # Files cached before the name held the hash are still used when they verify.
+    for candidate in (cached, Path(cache_dir) / spec.filename):
+        if candidate.is_file() and file_digest(candidate, "sha1") == spec.sha1:
+            return candidate
     if offline:
-        bad = f" ({', '.join(seen_bad)} has the wrong SHA-1)" if seen_bad else ""
         where = f"{env_dir}/ or {cache_dir}/" if env_dir else f"{cache_dir}/"
         raise DataError(
-            f"offline and {spec.filename} is not available{bad}: put the file with SHA-1 "
+            f"offline and {spec.filename} is not available: put the file with SHA-1 "
             f"{spec.sha1} into {where} (or set GRU_LM_DATA_DIR to a folder holding it), "
             "or unset GRU_LM_OFFLINE to download it"
         )
     download(spec.url, spec.sha1, cached, timeout=timeout, total_timeout_s=total_timeout_s,
              retries=retries, progress=progress)
     return cached
+
+
+def cache_path(spec: DatasetSpec, cache_dir: Path) -> Path:
+    """The cache file of `spec`, named by its hash too: a download for one URL or hash never
+    replaces the verified file of another dataset that has the same file name."""
+    name = Path(spec.filename)
+    return Path(cache_dir) / f"{name.stem}-{spec.sha1[:8]}{name.suffix}"
+
+
+def _from_data_dir(data_dir: Path, spec: DatasetSpec) -> Path | None:
+    """$GRU_LM_DATA_DIR/<file> when it verifies; None when the folder lacks the file. A
+    folder that is not one, or a file that does not verify, is an error at once: the user
+    pointed there on purpose, so a download must not hide the mistake."""
+    if not data_dir.is_dir():
+        what = "is a file, not a folder" if data_dir.exists() else "does not exist"
+        raise DataError(f"GRU_LM_DATA_DIR={data_dir} {what}; point it at a folder holding "
+                        f"{spec.filename} or unset it")
+    path = data_dir / spec.filename
+    if not path.exists():
+        return None
+    if not path.is_file() or path.stat().st_size == 0:
+        raise DataError(f"{path} (in GRU_LM_DATA_DIR) is empty or not a file; replace it with "
+                        f"the file whose SHA-1 is {spec.sha1}, or unset GRU_LM_DATA_DIR")
+    if file_digest(path, "sha1") != spec.sha1:
+        raise DataError(f"{path} (in GRU_LM_DATA_DIR) has the wrong SHA-1 (damaged or another "
+                        f"file); replace it with the file whose SHA-1 is {spec.sha1}, or unset "
+                        "GRU_LM_DATA_DIR")
+    return path
 
 
 def _session(retries: int):

@@ -101,7 +101,7 @@ def save_heatmap(text: str, trace: GateTrace, units: list[int], path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from gru_lm.utils import atomic_write_with
+    from gru_lm.utils import write_output
 
     names = list(trace.gates)
     fig, axes = plt.subplots(len(names), 1, figsize=(max(6, 0.28 * len(text) + 2),
@@ -116,7 +116,7 @@ def save_heatmap(text: str, trace: GateTrace, units: list[int], path) -> None:
         fig.colorbar(im, ax=ax, fraction=0.02)
     axes[0, 0].set_title("gate values per character (rows: the most active units)")
     fig.tight_layout()
-    atomic_write_with(path, lambda f: fig.savefig(f, format="png"))
+    write_output(path, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)
 
 
@@ -149,9 +149,9 @@ class GateReport:
                 "delta_H": self.trace.delta_H.tolist()}
 
     def write_json(self, path: Path) -> None:
-        from gru_lm.utils import atomic_write_text
+        from gru_lm.utils import write_output
 
-        atomic_write_text(path, json.dumps(self.to_json()) + "\n")
+        write_output(path, lambda f: f.write(json.dumps(self.to_json()) + "\n"), "w")
 
     def write_png(self, path: Path) -> None:
         save_heatmap(self.text, self.trace, self.units, path)

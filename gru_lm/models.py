@@ -56,7 +56,46 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> RecurrentLM:
     problems = cls.check_config(cfg)
     if problems:
         raise ConfigError("; ".join(problems))
+    if not 1 <= vocab_size <= MAX_VOCAB:
+        raise ConfigError(f"a vocabulary of {vocab_size:,} tokens is out of range; "
+                          f"1..{MAX_VOCAB:,} are supported")
+    check_memory(cfg, cls, vocab_size)
     return cls(cfg, vocab_size)
+
+
+MAX_VOCAB = 2**20
+TRAINING_COPIES = 5  # weights, gradients, two Adam moments, the EMA
+
+
+def available_memory() -> int:
+    """Bytes this machine can still give: MemAvailable on Linux, else all physical memory."""
+    import os
+
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62
+
+
+def check_memory(cfg: ModelConfig, cls: type[RecurrentLM], vocab_size: int) -> None:
+    """Count the parameters on the meta device (no memory) and refuse a model whose training
+    copies would not fit, before a single weight is allocated."""
+    with torch.device("meta"):
+        params = count_parameters(cls(cfg, vocab_size))
+    need, have = params * 4 * TRAINING_COPIES, available_memory()
+    if need > have:
+        raise ConfigError(
+            f"model.num_hiddens={cfg.num_hiddens} x model.num_layers={cfg.num_layers} with "
+            f"{vocab_size:,} tokens makes {params:,} parameters; training needs about "
+            f"{need / 2**30:,.1f} GiB but this machine has {have / 2**30:,.1f} GiB free; "
+            "lower model.num_hiddens or model.num_layers")
 
 
 def detach_state(state: State) -> State:

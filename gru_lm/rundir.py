@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
+import shlex
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -63,13 +65,26 @@ class RunDir:
             raise self.exists_error() from None
         self.checkpoints.mkdir()
 
+    def resume_command(self) -> str:
+        """The command that continues this run, quoted so that pasting it works."""
+        return f"gru-lm train --resume {shlex.quote(str(self.path))}"
+
     def exists_error(self) -> GruLmError:
         return GruLmError(f"run directory {self.path} already exists; continue it with "
-                          f"`gru-lm train --resume {self.path}` or pick another --name")
+                          f"`{self.resume_command()}` or pick another --name")
 
     def write_start(self, cfg: Config, vocab: Vocab) -> None:
         self.write_config(cfg)
+        self.write_vocab(vocab)
+
+    def write_vocab(self, vocab: Vocab) -> None:
         atomic_write_text(self.vocab, json.dumps(vocab.to_dict()) + "\n")
+
+    def clear(self) -> None:
+        """Forget the records of a run that saved no checkpoint, before it starts again."""
+        for path in (self.metrics, self.samples, self.summary):
+            path.unlink(missing_ok=True)
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
 
     # -------------------------------------------------------------- config and vocabulary
 
@@ -108,10 +123,10 @@ class RunDir:
         for line in text.splitlines():
             try:
                 rec = json.loads(line)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):
                 continue
-            if isinstance(rec, dict) and isinstance(rec.get("step"), int):
-                out.append(rec)
+            if isinstance(rec, dict) and _number(rec.get("step")) and isinstance(rec["step"], int):
+                out.append({k: v for k, v in rec.items() if _plain(k, v)})
         return out
 
     def evals(self) -> list[dict[str, Any]]:
@@ -135,7 +150,7 @@ class RunDir:
     def read_summary(self) -> dict[str, Any]:
         if not self.summary.is_file():
             raise GruLmError(f"{self.path} is not a finished run (no summary.json); finish it "
-                             f"with `gru-lm train --resume {self.path}`")
+                             f"with `{self.resume_command()}`")
         try:
             summary = json.loads(self.summary.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -143,7 +158,7 @@ class RunDir:
                              "folder is damaged, retrain or drop that run") from None
         if not isinstance(summary, dict):
             raise GruLmError(f"{self.summary} is not a JSON object; the run folder is damaged")
-        return summary
+        return {k: v for k, v in summary.items() if _plain(k, v)}
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         atomic_write_text(self.summary, json.dumps(summary, indent=2) + "\n")
@@ -186,6 +201,23 @@ class RunDir:
             yield
         finally:
             os.close(fd)  # closing the descriptor releases the lock
+
+
+# Run files may be edited by hand: a field of the wrong type is dropped, as if absent, so
+# that every reader can use .get() and trust the type of what it gets.
+TEXT_FIELDS = {"kind", "run", "model", "device", "kernels", "stop_reason", "best_weights"}
+
+
+def _number(v: Any) -> bool:
+    if isinstance(v, bool):
+        return False
+    if isinstance(v, int):
+        return abs(v) < 2**63
+    return isinstance(v, float) and math.isfinite(v)
+
+
+def _plain(key: str, value: Any) -> bool:
+    return isinstance(value, str) if key in TEXT_FIELDS else _number(value)
 
 
 def find_latest(runs_dir: Path) -> RunDir:

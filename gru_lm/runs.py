@@ -30,15 +30,25 @@ def resume_config(run: RunDir, config: Path | None, overrides: list[str]) -> Con
     raw = read_yaml(config) if config is not None else saved.to_dict()
     new = validate(apply_overrides(raw, overrides), source=str(config or run.config))
     old_d, new_d = saved.to_dict(), new.to_dict()
-    changed = _diff_keys(old_d["model"], new_d["model"], "model")
-    changed += _diff_keys(old_d["data"], new_d["data"], "data")
-    for key in ("batch_size", "num_steps", "sampler", "seed"):
-        changed += _diff_keys(old_d["train"][key], new_d["train"][key], f"train.{key}")
+    changed = fixed_keys_changed(old_d, new_d)
     if changed:
         raise ConfigError(f"--resume {run}: the new config changes {', '.join(changed)}; "
-                          "a resumed run keeps its architecture and data; start a new run instead")
+                          "a resumed run keeps its architecture, data and optimizer; start a "
+                          "new run instead")
     new.run = saved.run
     return new
+
+
+# What a resume cannot change: the weights, batches and optimizer state were built from them.
+FIXED_TRAIN_KEYS = ("batch_size", "num_steps", "sampler", "seed", "optimizer")
+
+
+def fixed_keys_changed(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    changed = _diff_keys(old["model"], new["model"], "model")
+    changed += _diff_keys(old["data"], new["data"], "data")
+    for key in FIXED_TRAIN_KEYS:
+        changed += _diff_keys(old["train"][key], new["train"][key], f"train.{key}")
+    return changed
 
 
 # ---------------------------------------------------------------- building from a config
@@ -113,19 +123,24 @@ def train_run(config: Path | None, overrides: list[str], *, name: str | None = N
     from gru_lm.data import load_corpus
 
     if resume is not None:
+        if name is not None:
+            raise GruLmError(f"--name cannot rename a resumed run; drop --name (the run stays in "
+                             f"{resume})")
         run = RunDir(resume)
         if not run.path.is_dir():
             raise GruLmError(f"--resume {run}: no such run directory")
-        last = run.checkpoint(LAST)
-        if not last.is_file():
-            raise GruLmError(f"--resume {run}: the run has no checkpoint ({last}); start it "
-                             "again without --resume")
         with run.lock():
+            # config.yaml is rewritten by the trainer with its first checkpoint: a refused or
+            # failed resume leaves it as it was.
             cfg = resume_config(run, config, overrides)
-            corpus = load_corpus(cfg.data, vocab=run.read_vocab(), offline=offline)
+            last = run.checkpoint(LAST)
+            if not last.is_file():
+                return _restart(run, cfg, offline, console)
+            ck = load_checkpoint(last)
+            corpus = load_corpus(cfg.data, vocab=_run_vocab(run, ck, last), offline=offline)
+            _check_same_data(run, ck, cfg, corpus)
             trainer = build_trainer(cfg, corpus, run, console)
-            trainer.restore(load_checkpoint(last), last)
-            run.write_config(cfg)
+            trainer.restore(ck, last)
             if console is not None:
                 console.print(f"resuming {run} at step {trainer.progress.step}",
                               highlight=False)
@@ -144,6 +159,48 @@ def train_run(config: Path | None, overrides: list[str], *, name: str | None = N
         if console is not None:
             console.print(f"run directory: {run}", highlight=False)
         return trainer.fit()
+
+
+def _restart(run: RunDir, cfg: Config, offline: bool | None, console) -> dict[str, Any]:
+    """A run stopped before its first checkpoint (NaN at step 1, kill, full disk): nothing
+    was learnt, so it starts again from step 0 in the same folder."""
+    from gru_lm.data import load_corpus
+
+    corpus = load_corpus(cfg.data, offline=offline)
+    trainer = build_trainer(cfg, corpus, run, console)
+    run.clear()
+    run.write_vocab(corpus.vocab)
+    if console is not None:
+        console.print(f"{run} has no checkpoint yet: starting it again from step 0",
+                      highlight=False)
+    return trainer.fit()
+
+
+def _run_vocab(run: RunDir, ck: dict[str, Any], path: Path):
+    """vocab.json, which must agree with the vocabulary stored in the checkpoint."""
+    vocab = run.read_vocab()
+    if vocab.to_dict() != ck["vocab"]:
+        raise GruLmError(f"--resume {run}: {run.vocab} does not match the vocabulary in {path} "
+                         "(was vocab.json edited?); restore it or start a new run")
+    return vocab
+
+
+def _check_same_data(run: RunDir, ck: dict[str, Any], cfg: Config, corpus) -> None:
+    """Refuse to continue on other data: config.yaml edited, or the corpus file changed."""
+    saved = ck["config"] if isinstance(ck.get("config"), dict) else {}
+    if {"model", "data", "train"} <= set(saved) and isinstance(saved["train"], dict):
+        try:
+            changed = fixed_keys_changed(saved, cfg.to_dict())
+        except KeyError:
+            changed = ["train"]
+        if changed:
+            raise GruLmError(f"--resume {run}: {run.config} disagrees with its checkpoint on "
+                             f"{', '.join(changed)}; restore config.yaml or start a new run")
+    recorded = ck.get("data_fingerprint")
+    if isinstance(recorded, str) and recorded != corpus.fingerprint():
+        raise GruLmError(f"--resume {run}: the corpus ({corpus.source}) is not the text this run "
+                         "was trained on: the file, data.max_tokens or the split changed; "
+                         "restore the original file or start a new run")
 
 
 # ---------------------------------------------------------------- trained runs

@@ -7,11 +7,15 @@ import math
 import torch
 from torch import Tensor
 
+from gru_lm.config import short
 from gru_lm.data import Vocab, preprocess
 from gru_lm.errors import GruLmError
 
 MAX_CHARS = 10_000
 MAX_SAMPLES = 1_000
+# Below this, logits / temperature overflow float32 and the softmax is NaN; sampling that
+# cold is greedy decoding anyway.
+MIN_TEMPERATURE = 1e-6
 
 
 def check_prefix(prefix: str) -> None:
@@ -20,20 +24,31 @@ def check_prefix(prefix: str) -> None:
                          "\"time traveller\"")
 
 
+def _float32(x: float) -> float:
+    """The value the model computes with: 1e-50 is 0 and 1e39 is inf in float32."""
+    return float(torch.tensor(x, dtype=torch.float32))
+
+
 def check_sampling_args(num_chars: int, temperature: float | None, top_k: int | None,
-                        top_p: float | None, num_samples: int) -> None:
+                        top_p: float | None, num_samples: int, seed: int | None = None) -> None:
     """Validate generation arguments before any model is loaded."""
+    from gru_lm.config import MAX_SEED
+
     if not 1 <= num_chars <= MAX_CHARS:
         raise GruLmError(f"--num-chars {num_chars} is out of range; give 1..{MAX_CHARS}")
-    if temperature is not None and (not math.isfinite(temperature) or temperature <= 0):
-        raise GruLmError(f"--temperature {temperature} is invalid; give a finite number > 0 "
-                         "(omit it for greedy decoding)")
+    if temperature is not None and not (math.isfinite(_float32(temperature))
+                                        and _float32(temperature) >= MIN_TEMPERATURE):
+        raise GruLmError(f"--temperature {temperature} is invalid; give a number from "
+                         f"{MIN_TEMPERATURE:g} to 3.4e38 (omit it for greedy decoding)")
     if top_k is not None and top_k < 1:
         raise GruLmError(f"--top-k {top_k} is invalid; give an integer >= 1")
-    if top_p is not None and not (math.isfinite(top_p) and 0 < top_p <= 1):
-        raise GruLmError(f"--top-p {top_p} is invalid; give a number in (0, 1]")
+    if top_p is not None and not (math.isfinite(top_p) and 0 < _float32(top_p) <= 1):
+        raise GruLmError(f"--top-p {top_p} is invalid; give a number in (0, 1] "
+                         "(at least 1.5e-45, the smallest float32)")
     if not 1 <= num_samples <= MAX_SAMPLES:
         raise GruLmError(f"--num-samples {num_samples} is out of range; give 1..{MAX_SAMPLES}")
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise GruLmError(f"--seed {seed} is out of range; give 0..{MAX_SEED}")
 
 
 def encode_prefix(prefix: str, vocab: Vocab, preset: str, lowercase: bool) -> list[int]:
@@ -41,12 +56,13 @@ def encode_prefix(prefix: str, vocab: Vocab, preset: str, lowercase: bool) -> li
     check_prefix(prefix)
     tokens = preprocess(prefix, preset, lowercase)
     if not tokens:
-        raise GruLmError(f"the prefix {prefix!r} is empty after the '{preset}' preprocessing; "
+        raise GruLmError(f"the prefix {short(prefix)} is empty after the '{preset}' preprocessing; "
                          "give letters")
     unknown = vocab.unknown(tokens)
     if unknown:
         raise GruLmError(f"the prefix has characters outside the vocabulary: "
-                         f"{''.join(unknown)!r}; use only {''.join(vocab.idx_to_token[1:])!r}")
+                         f"{short(''.join(unknown))}; use only "
+                         f"{short(''.join(vocab.idx_to_token[1:]), 200)}")
     return vocab.encode(tokens)
 
 
@@ -60,7 +76,7 @@ def _pick(logits: Tensor, temperature: float | None, top_k: int | None, top_p: f
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, -math.inf)
-    if top_p is not None and top_p < 1:
+    if top_p is not None and top_p < 1:  # (the top token is always kept: never an empty set)
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         cum = sorted_logits.softmax(-1).cumsum(-1)
         drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest set reaching top_p

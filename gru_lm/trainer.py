@@ -90,6 +90,8 @@ class Trainer:
                                             device=self.device)
         self._interval_count = 0
         self._signals: list[int] = []  # SIGINT/SIGTERM caught while fit() runs
+        self._fingerprint = corpus.fingerprint()
+        self._config_saved = False
 
     def _check_prefixes(self) -> list[list[int]]:
         out = []
@@ -161,10 +163,14 @@ class Trainer:
         bad = (~torch.isfinite(losses)).nonzero()
         if len(bad):
             k = p.step - n + int(bad[0]) + 1
+            t = self.cfg.train
+            last = self.run.checkpoint(LAST)
+            kept = (f"the last good checkpoint {last} was kept" if last.is_file() else
+                    "no checkpoint had been saved yet")
             raise NonFiniteLoss(
                 f"the training loss became {float(losses[int(bad[0])])} at step {k}; training "
-                f"stopped and the last good checkpoint in {self.run.checkpoints} was kept. "
-                "Lower train.lr or set train.grad_clip")
+                f"stopped and {kept}. Lower train.lr (now {t.lr:g}) or set train.grad_clip "
+                f"(now {t.grad_clip}), then `{self.run.resume_command()} train.lr=...`")
         tokens = self.cfg.train.batch_size * self.cfg.train.num_steps
         # Added one by one so a resume that syncs at another step sums the same floats.
         for x in losses.tolist():
@@ -304,6 +310,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "config": self.cfg.to_dict(),
             "vocab": self.vocab.to_dict(),
+            "data_fingerprint": self._fingerprint,
             "step": self.progress.step,
             "progress": asdict(self.progress),
             "loader_epoch_state": self._epoch_gen_state if self._epoch_batches is not None
@@ -315,17 +322,24 @@ class Trainer:
     def save(self, name: str, ema: bool = False) -> None:
         path = self.run.checkpoint(name)
         try:
+            if not self._config_saved:  # config.yaml describes the checkpoints beside it
+                self.run.write_config(self.cfg)
+                self._config_saved = True
             save_checkpoint(self.checkpoint_payload(ema), path)
         except OSError as e:
             raise GruLmError(f"cannot write checkpoint {path}: {e.strerror or e}; free disk "
                              "space or fix permissions (the previous checkpoint is intact), "
-                             f"then `gru-lm train --resume {self.run}`") from None
+                             f"then `{self.run.resume_command()}`") from None
 
     def restore(self, ck: dict[str, Any], path) -> None:
         """Continue from checkpoint `ck` (read from `path`) exactly where it stopped."""
         load_state(self.model, ck["model"], path)
         try:
             self.optimizer.load_state_dict(ck["optimizer"])
+            for group in self.optimizer.param_groups:  # settings a resume may change
+                group["weight_decay"] = self.cfg.train.weight_decay
+                if "momentum" in group:
+                    group["momentum"] = self.cfg.train.momentum
             self.progress = TrainProgress(**ck["progress"])
             self.loader.generator.set_state(ck["loader_epoch_state"])
             set_rng_state(ck["rng"])
@@ -351,7 +365,7 @@ class Trainer:
         name = "SIGINT" if code == 130 else "SIGTERM"
         raise TrainingInterrupted(
             f"{name}: stopped at step {self.progress.step}, checkpoint saved to "
-            f"{self.run.checkpoint(LAST)}; resume with: gru-lm train --resume {self.run}",
+            f"{self.run.checkpoint(LAST)}; resume with: {self.run.resume_command()}",
             exit_code=code)
 
     # -------------------------------------------------------------- the end
@@ -376,10 +390,9 @@ class Trainer:
             **self.reference,
         }
         evals = self.run.evals()
-        if evals:
-            summary["final_train_ppl"] = evals[-1]["train_ppl"]
-            if "val_ppl" in evals[-1]:
-                summary["final_val_ppl"] = evals[-1]["val_ppl"]
+        for key in ("train_ppl", "val_ppl"):
+            if evals and key in evals[-1]:
+                summary[f"final_{key}"] = evals[-1][key]
         best_path = self.run.checkpoint(BEST)
         if best_path.exists():
             load_state(self.model, load_checkpoint(best_path)["model"], best_path)

@@ -19,7 +19,7 @@ def atomic_writer(path: Path, mode: str = "wb") -> Iterator[IO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, mode) as f:
+        with os.fdopen(fd, mode, **_text(mode)) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -29,6 +29,10 @@ def atomic_writer(path: Path, mode: str = "wb") -> Iterator[IO]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _text(mode: str) -> dict:
+    return {} if "b" in mode else {"encoding": "utf-8"}
 
 
 def _umask() -> int:
@@ -42,9 +46,37 @@ def atomic_write_text(path: Path, text: str) -> None:
         f.write(text)
 
 
-def atomic_write_with(path: Path, write: Callable[[IO], None]) -> None:
-    with atomic_writer(path, "wb") as f:
-        write(f)
+def write_output(path: Path, write: Callable[[IO], None], mode: str = "wb") -> None:
+    """Write a file the user named (--out, --png, --json) without ever replacing something
+    that is not a plain file: a device or FIFO (/dev/stdout, a pipe) is written through, a
+    symlink's target is replaced (the link stays), and errors name `path`, not a temp file."""
+    import stat
+
+    from gru_lm.errors import GruLmError
+
+    path = Path(path)
+    try:
+        info = path.stat()  # follows links
+    except FileNotFoundError:
+        info = None
+    except OSError as e:
+        raise GruLmError(f"cannot write {path}: {e.strerror or e}") from None
+    if info is not None and stat.S_ISDIR(info.st_mode):
+        raise GruLmError(f"{path} is a folder; give a file name inside it")
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path
+    if info is None and not target.parent.is_dir():
+        raise GruLmError(f"cannot write {path}: the folder {target.parent} does not exist; "
+                         "create it first")
+    try:
+        if info is not None and not stat.S_ISREG(info.st_mode):
+            with open(path, mode, **_text(mode)) as f:  # device or FIFO: write through
+                write(f)
+        else:
+            with atomic_writer(target, mode) as f:
+                write(f)
+    except OSError as e:
+        raise GruLmError(f"cannot write {path}: {e.strerror or e}; check the folder's "
+                         "permissions and free space") from None
 
 
 def file_digest(path: Path, algorithm: str) -> str:

@@ -42,7 +42,7 @@ def test_all_problems_reported_at_once_with_dotted_keys():
                  "train.optimzer: unknown key; did you mean 'train.optimizer'?",
                  "model.dropout: 2", "must be <= 1"):
         assert part in msg, msg
-    assert "5 problem(s)" in msg
+    assert "5 problems:" in msg
 
 
 def test_unknown_choice_names_the_allowed_values():

@@ -9,12 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from gru_lm.download import DatasetSpec, download, fetch
+from gru_lm.download import DatasetSpec, cache_path, download, fetch
 from gru_lm.errors import DataError
 
 BODY = b"the time machine\n" * 200
 STALL = threading.Event()  # /stall.txt answers only once this is set
 SHA1 = hashlib.sha1(BODY).hexdigest()
+OTHER = b"another book\n" * 50
+OTHER_SHA1 = hashlib.sha1(OTHER).hexdigest()
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -34,6 +36,8 @@ class Handler(BaseHTTPRequestHandler):
         Handler.hits[self.path] = Handler.hits.get(self.path, 0) + 1
         if self.path == "/good.txt":
             self._send(200, BODY)
+        elif self.path == "/other.txt":
+            self._send(200, OTHER)
         elif self.path == "/wrong.txt":
             self._send(200, BODY + b"x")
         elif self.path == "/truncated.txt":
@@ -94,7 +98,7 @@ def _no_env(monkeypatch):
 
 def test_good_download_is_verified_and_cached(server, tmp_path):
     path = fetch(_spec(server, "/good.txt"), tmp_path, progress=False)
-    assert path == tmp_path / "t.txt" and path.read_bytes() == BODY
+    assert path == tmp_path / f"t-{SHA1[:8]}.txt" and path.read_bytes() == BODY
     before = Handler.hits.get("/good.txt", 0)
     assert fetch(_spec(server, "/good.txt"), tmp_path, progress=False) == path
     assert Handler.hits.get("/good.txt", 0) == before  # cache hit: no request
@@ -141,13 +145,13 @@ def test_stalling_server_times_out_within_the_bound(server, tmp_path):
 
 
 def test_corrupted_cache_is_downloaded_again(server, tmp_path):
-    (tmp_path / "t.txt").write_bytes(b"garbage")
+    cache_path(_spec(server, "/good.txt"), tmp_path).write_bytes(b"garbage")
     path = fetch(_spec(server, "/good.txt"), tmp_path, progress=False)
     assert path.read_bytes() == BODY
 
 
 def test_offline_with_cache_makes_no_request(server, tmp_path, monkeypatch):
-    (tmp_path / "t.txt").write_bytes(BODY)
+    (tmp_path / "t.txt").write_bytes(BODY)  # cached under the name used before the hash
     import requests
 
     def boom(*a, **k):
@@ -208,3 +212,36 @@ def test_downloaded_corpus_gets_the_usual_file_mode(server, tmp_path):
     assert path.read_bytes() == BODY
     assert path.stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
     assert [p.name for p in tmp_path.iterdir()] == ["c.txt"]  # no temp file left behind
+
+
+def test_same_file_name_of_another_dataset_never_replaces_a_verified_file(server, tmp_path):
+    ours = fetch(_spec(server, "/good.txt"), tmp_path, progress=False)
+    other = DatasetSpec(name="u", url=f"{server}/other.txt", sha1=OTHER_SHA1, filename="t.txt")
+    theirs = fetch(other, tmp_path, progress=False)
+    assert theirs != ours and ours.read_bytes() == BODY and theirs.read_bytes() == OTHER
+    assert fetch(_spec(server, "/good.txt"), tmp_path, offline=True) == ours
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: d.write_text("x"), "is a file, not a folder"),
+    (lambda d: None, "does not exist"),
+    (lambda d: (d.mkdir(), (d / "t.txt").write_bytes(b"")), "is empty or not a file"),
+    (lambda d: (d.mkdir(), (d / "t.txt").write_bytes(b"not it")), "has the wrong SHA-1"),
+])
+def test_a_bad_data_dir_is_named_before_any_download(server, tmp_path, monkeypatch, make,
+                                                     message):
+    import requests
+
+    data_dir = tmp_path / "data-dir"
+    make(data_dir)
+    monkeypatch.setattr(requests.Session, "get", lambda *a, **k: pytest.fail("network used"))
+    monkeypatch.setenv("GRU_LM_DATA_DIR", str(data_dir))
+    with pytest.raises(DataError, match=message) as info:
+        fetch(_spec(server, "/good.txt"), tmp_path / "cache", progress=False)
+    assert str(data_dir) in str(info.value) and not (tmp_path / "cache").exists()
+
+
+def test_data_dir_without_the_file_falls_back_to_the_cache(server, tmp_path, monkeypatch):
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("GRU_LM_DATA_DIR", str(tmp_path / "empty"))
+    assert fetch(_spec(server, "/good.txt"), tmp_path, progress=False).read_bytes() == BODY

@@ -92,10 +92,10 @@ def test_kill_9_at_many_moments_always_resumable(workdir):
     assert steps == sorted(steps) and len(steps) == len(set(steps))
 
 
-def test_resume_without_checkpoint_names_the_folder(workdir):
+def test_resume_of_a_folder_that_is_not_a_run_names_it(workdir):
     run = Path("runs") / "empty"
     (run / "checkpoints").mkdir(parents=True)
-    one_line_error(cli("train", "--resume", str(run)), "runs/empty", "has no checkpoint")
+    one_line_error(cli("train", "--resume", str(run)), "runs/empty", "is not a gru-lm run")
 
 
 @pytest.mark.parametrize("damage", ["empty", "truncated", "bitflip"])
