@@ -66,6 +66,8 @@ def run_comparison(configs: list[Path], *, seeds: int, budget: Budget, out: Path
     if len(set(stems)) != len(stems):
         raise GruLmError(f"config names must differ, got {', '.join(stems)}")
     loaded = [load_config(c) for c in configs]
+    for c, cfg in zip(configs, loaded, strict=True):  # the budget must suit every member
+        load_config(c, budget.overrides(cfg.train.batch_size, cfg.train.num_steps))
     data0 = loaded[0].data.model_dump(mode="json")
     for c, cfg in zip(configs[1:], loaded[1:], strict=True):
         if cfg.data.model_dump(mode="json") != data0:
@@ -236,7 +238,8 @@ def plot_curves(groups: dict[str, list[dict]], path: Path) -> None:
         ax.set_xlabel(xlabel)
         ax.set_ylabel("validation perplexity")
         ax.grid(alpha=0.3)
-    axes[0].legend()
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend()
     fig.suptitle("validation perplexity (mean over seeds, min-max band)")
     fig.tight_layout()
     write_output(path, lambda f: fig.savefig(f, format="png"))
