@@ -243,6 +243,63 @@ def _print_summary(summary: dict) -> None:
     console.print(" | ".join(parts), highlight=False)
 
 
+# ---------------------------------------------------------------- runs
+
+
+@app.command("runs")
+@handle_errors
+def runs_cmd(runs_dir: RunsDirOpt = Path("runs")) -> None:
+    """List the runs under --runs-dir, newest first: model, steps, perplexity, status."""
+    import time
+
+    from rich.table import Table
+
+    from gru_lm.rundir import list_runs
+
+    rows = list_runs(runs_dir)
+    if not rows:
+        console.print(f"no runs under {runs_dir}/; train one with `gru-lm train --config "
+                      "configs/gru.yaml`", highlight=False)
+        return
+    table = Table(title=f"runs in {runs_dir}/ (newest first)")
+    for col in ("name", "model", "steps", "best val ppl", "test ppl", "tok/s", "status", "age"):
+        table.add_column(col, justify="left" if col in ("name", "model", "status") else "right")
+
+    def f(x, fmt):
+        return "-" if x is None else format(x, fmt)
+
+    now = time.time()
+    for r in rows:
+        table.add_row(r["name"], r["model"] or "?", f(r["steps"], ","),
+                      f(r["best_val_ppl"], ".3f"), f(r["test_ppl"], ".3f"),
+                      f(r["tokens_per_s"], ",.0f"), r["status"],
+                      "-" if r["modified"] is None else _age(now - r["modified"]))
+    print_table(table)
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f} {unit}"
+    return f"{max(seconds, 0):.0f} s"
+
+
+def _which_checkpoint(run: Path | None, checkpoint: Path | None, runs_dir: Path) -> Path:
+    """--checkpoint, --run or the newest run; the last is said on stderr (stdout stays clean
+    for pipes), since after a smoke test the newest run may not be the one meant."""
+    from gru_lm.runs import checkpoint_for
+
+    if run is not None and checkpoint is not None:
+        from gru_lm.errors import GruLmError
+
+        raise GruLmError("give --run or --checkpoint, not both")
+    path = checkpoint_for(run, checkpoint, runs_dir)
+    if run is None and checkpoint is None:
+        err_console.print(f"using {path} (the newest run; choose with --run, see `gru-lm "
+                          "runs`)", highlight=False, style="dim", soft_wrap=True)
+    return path
+
+
 # ---------------------------------------------------------------- predict / evaluate
 
 
@@ -268,7 +325,8 @@ def predict_cmd(
     check_sampling_args(num_chars, temperature, top_k, top_p, num_samples, seed)
     from gru_lm.runs import predict
 
-    prompt, outputs = predict(prefix, run=run, checkpoint=checkpoint, runs_dir=runs_dir,
+    checkpoint = _which_checkpoint(run, checkpoint, runs_dir)
+    prompt, outputs = predict(prefix, run=None, checkpoint=checkpoint, runs_dir=runs_dir,
                               num_chars=num_chars, temperature=temperature, top_k=top_k,
                               top_p=top_p, num_samples=num_samples, seed=seed)
     pretty = console.is_terminal
@@ -290,6 +348,9 @@ def evaluate_cmd(
     dynamic: Annotated[bool, typer.Option(
         "--dynamic", help="Also score with dynamic evaluation (settings chosen on val).")
                        ] = False,
+    mix_ngram: Annotated[bool, typer.Option(
+        "--mix-ngram", help="Also score the model interpolated with the Kneser-Ney n-gram "
+        "model (weight chosen on val).")] = False,
     offline: OfflineOpt = False,
     runs_dir: RunsDirOpt = Path("runs"),
 ) -> None:
@@ -301,8 +362,10 @@ def evaluate_cmd(
         raise GruLmError(f"--split {split!r} is invalid; choose val, test or train")
     from gru_lm.display import references_text
 
-    r = evaluate_run(run=run, checkpoint=checkpoint, split=split, text=text,
-                     runs_dir=runs_dir, offline=_offline(offline), dynamic=dynamic)
+    checkpoint = _which_checkpoint(run, checkpoint, runs_dir)
+    r = evaluate_run(run=None, checkpoint=checkpoint, split=split, text=text,
+                     runs_dir=runs_dir, offline=_offline(offline), dynamic=dynamic,
+                     mix_ngram=mix_ngram)
     console.print(f"{r['what']}: {r['tokens']:,} tokens | loss {r['loss']:.4f} | "
                   f"ppl {r['ppl']:.3f} | {r['bpc']:.3f} bits/char", highlight=False)
     if r["references"] is not None:
@@ -315,6 +378,19 @@ def evaluate_cmd(
         console.print(f"dynamic evaluation: ppl {d['ppl']:.3f} | {d['bpc']:.3f} bits/char | "
                       f"lr {d['lr']:g}, decay {d['decay']:g}, segment {d['segment']}, chosen "
                       f"on val (val ppl {d['val_ppl']:.3f}){note}", highlight=False)
+    if mix_ngram:
+        m = r["mix"]
+        note = " (an optimistic figure: val also chose the weight)" if m["tuned_on_target"] \
+            else ""
+        console.print(f"mixed with the {r['references']['ngram_order']}-gram Kneser-Ney model: "
+                      f"ppl {m['ppl']:.3f} | {m['bpc']:.3f} bits/char | n-gram weight "
+                      f"{m['weight']:.3f}, chosen on val (val ppl {m['val_ppl']:.3f}){note}",
+                      highlight=False)
+        if dynamic:
+            m = r["dynamic_mix"]
+            console.print(f"dynamic evaluation mixed with it: ppl {m['ppl']:.3f} | "
+                          f"{m['bpc']:.3f} bits/char | n-gram weight {m['weight']:.3f}, chosen "
+                          f"on val (val ppl {m['val_ppl']:.3f}){note}", highlight=False)
     if r.get("unknown"):
         console.print(f"[yellow]note:[/yellow] {r['unknown']} token(s) outside the vocabulary "
                       "were scored as <unk>", highlight=False)
@@ -433,10 +509,10 @@ def gates_cmd(
 ) -> None:
     """Show a trained GRU's update/reset gates (LSTM: input/forget/output) per character."""
     from gru_lm.gates import check_units, gate_report
-    from gru_lm.runs import checkpoint_for, load_model
+    from gru_lm.runs import load_model
 
     check_units(units)
-    path = checkpoint_for(run, checkpoint, runs_dir)
+    path = _which_checkpoint(run, checkpoint, runs_dir)
     cfg, vocab, model = load_model(path)
     report = gate_report(model, vocab, cfg.data.preset, cfg.data.lowercase, text, layer, units)
     console.print(f"{cfg.model.name} layer {layer}, {report.trace.H.shape[1]} units, from "

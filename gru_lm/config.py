@@ -79,6 +79,10 @@ class ModelConfig(_Section):
         None, ge=1, le=65536,
         description="input embedding size of torch.nn models (default vocab_size)"
     )
+    tie_weights: bool = Field(
+        False, description="torch.nn models: the output layer reuses the input embedding "
+        "(needs embed_dim = num_hiddens)"
+    )
     bidirectional: bool = Field(False, description="refused: a language model must not peek")
     init: Literal["auto", "torch", "d2l", "xavier", "orthogonal"] = Field(
         "auto", description="weight init; auto = d2l for scratch models, torch for nn models"

@@ -79,10 +79,10 @@ def gradient_ms(model, train: torch.Tensor, num_steps: int, batch_size: int = 32
     return {n: v / max(1, count) for n, v in ms.items()}
 
 
-def dynamic_nll(model, tokens: torch.Tensor, ms: dict[str, torch.Tensor],
-                settings: DynamicSettings, device: torch.device | str = "cpu"
-                ) -> tuple[float, int]:
-    """Total NLL (nats) and token count of `tokens`, adapting after each scored segment."""
+def dynamic_log_probs(model, tokens: torch.Tensor, ms: dict[str, torch.Tensor],
+                      settings: DynamicSettings, device: torch.device | str = "cpu"
+                      ) -> torch.Tensor:
+    """log P of tokens[1:] (float64, text order), adapting after each scored segment."""
     params = _params(model)
     theta0 = {n: p.detach().clone() for n, p in params}
     scale = {n: ms[n].sqrt() + EPS for n, _ in params}
@@ -90,7 +90,7 @@ def dynamic_nll(model, tokens: torch.Tensor, ms: dict[str, torch.Tensor],
     pull = {n: (settings.decay * ms[n].sqrt() / mean_rms).clamp(max=1.0) for n, _ in params}
     was_training = model.training
     model.eval()
-    nll, count = 0.0, 0
+    scored = []
     try:
         X_all, Y_all = tokens[:-1].to(device), tokens[1:].to(device)
         state = model.begin_state(1, device)
@@ -100,10 +100,9 @@ def dynamic_nll(model, tokens: torch.Tensor, ms: dict[str, torch.Tensor],
             model.zero_grad(set_to_none=True)
             with torch.enable_grad(), _no_cudnn():
                 logits, new_state = model(X, detach_state(state))
-                loss = time_major_loss(logits, Y, reduction="sum")
-                nll += float(loss.detach())  # scored before the update below
-                count += Y.numel()
-                (loss / Y.numel()).backward()
+                logp = logits.float().log_softmax(-1).gather(-1, Y.unsqueeze(-1)).squeeze(-1)
+                scored.append(logp.detach().double().cpu().flatten())  # before the update
+                (-logp.mean()).backward()
             with torch.no_grad():
                 for n, p in params:
                     if p.grad is not None:
@@ -116,7 +115,15 @@ def dynamic_nll(model, tokens: torch.Tensor, ms: dict[str, torch.Tensor],
                 p.copy_(theta0[n])
         model.zero_grad(set_to_none=True)
         model.train(was_training)
-    return nll, count
+    return torch.cat(scored) if scored else torch.zeros(0, dtype=torch.float64)
+
+
+def dynamic_nll(model, tokens: torch.Tensor, ms: dict[str, torch.Tensor],
+                settings: DynamicSettings, device: torch.device | str = "cpu"
+                ) -> tuple[float, int]:
+    """Total NLL (nats) and token count of `tokens`, adapting after each scored segment."""
+    logp = dynamic_log_probs(model, tokens, ms, settings, device)
+    return -float(logp.sum()), len(logp)
 
 
 def tune_and_score(model, val: torch.Tensor, test: torch.Tensor, train: torch.Tensor,

@@ -30,11 +30,13 @@ def unigram_perplexity(train: torch.Tensor, target: torch.Tensor, vocab_size: in
 
 
 def reference_baselines(train: torch.Tensor, target: torch.Tensor, vocab_size: int,
-                        ngram_order: int = 5) -> dict[str, float]:
-    """Uniform, unigram and Kneser-Ney n-gram perplexity of `target`, counted on `train`."""
+                        ngram_order: int = 5, ngram=None) -> dict[str, float]:
+    """Uniform, unigram and Kneser-Ney n-gram perplexity of `target`, counted on `train`
+    (`ngram`: the KneserNey model of `train` when the caller has built it already)."""
     from gru_lm.ngram import KneserNey
 
-    nll, n = KneserNey(train.tolist(), vocab_size, ngram_order).nll(target.tolist())
+    ngram = ngram or KneserNey(train.tolist(), vocab_size, ngram_order)
+    nll, n = ngram.nll(target.tolist())
     # <unk> never occurs in a corpus built with its own vocabulary, so uniform is over v - 1.
     return {"uniform_ppl": float(vocab_size - 1),
             "unigram_ppl": unigram_perplexity(train, target, vocab_size),
@@ -80,3 +82,50 @@ def evaluate(model, tokens: torch.Tensor, batch_size: int, num_steps: int,
     finally:
         model.train(was_training)
     return float(nll), count
+
+
+@torch.no_grad()
+def token_log_probs(model, tokens: torch.Tensor, batch_size: int, num_steps: int,
+                    device: torch.device | str = "cpu") -> torch.Tensor:
+    """log P(tokens[j + 1] | tokens[:j + 1]) for every j, float64, in text order: the same
+    streams and state as evaluate(), so the sum is minus its NLL."""
+    was_training = model.training
+    model.eval()
+    parts, state = [], None
+    try:
+        for X, Y in eval_batches(tokens, batch_size, num_steps):
+            X, Y = X.to(device), Y.to(device)
+            if state is None:
+                state = model.begin_state(X.shape[0], device)
+            logits, state = model(X, state)
+            logp = logits.float().log_softmax(-1).gather(-1, Y.clamp(min=0).unsqueeze(-1))
+            parts.append(logp.squeeze(-1).double().cpu())  # (streams, window)
+    finally:
+        model.train(was_training)
+    if not parts:
+        return torch.zeros(0, dtype=torch.float64)
+    # Stream b holds text positions b * L ... b * L + L - 1 (eval_batches' layout).
+    return torch.cat(parts, dim=1).reshape(-1)[:len(tokens) - 1]
+
+
+def mixture_weight(logp_a: torch.Tensor, logp_b: torch.Tensor, iterations: int = 100) -> float:
+    """The weight w of b in w * P_b + (1 - w) * P_a that maximises the likelihood of the
+    tokens (EM for a two-component mixture: each step cannot lower the likelihood)."""
+    pa, pb = logp_a.exp(), logp_b.exp()
+    w = 0.5
+    for _ in range(iterations):
+        share = w * pb / (w * pb + (1 - w) * pa)
+        w_new = float(share.mean())
+        if abs(w_new - w) < 1e-7:
+            return w_new
+        w = w_new
+    return w
+
+
+def mixture_log_probs(logp_a: torch.Tensor, logp_b: torch.Tensor, w: float) -> torch.Tensor:
+    """log(w * P_b + (1 - w) * P_a), computed without underflow."""
+    if w <= 0:
+        return logp_a
+    if w >= 1:
+        return logp_b
+    return torch.logaddexp(logp_b + math.log(w), logp_a + math.log1p(-w))

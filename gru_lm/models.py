@@ -21,7 +21,7 @@ from gru_lm.errors import ConfigError, GruLmError
 State = Tensor | tuple[Tensor, ...]
 
 # Config keys that only some models take; each model lists the ones it takes in `options`.
-OPTIONS = ("reset_after", "forget_bias", "embed_dim", "embed_dropout")
+OPTIONS = ("reset_after", "forget_bias", "embed_dim", "embed_dropout", "tie_weights")
 
 _REGISTRY: dict[str, type[RecurrentLM]] = {}
 
@@ -418,7 +418,16 @@ class TorchLM(RecurrentLM):
     """Embedding lookup -> torch.nn recurrent layers -> dropout -> nn.Linear."""
 
     rnn_cls: type[nn.RNNBase] = nn.GRU
-    options = frozenset({"embed_dim", "embed_dropout"})
+    options = frozenset({"embed_dim", "embed_dropout", "tie_weights"})
+
+    @classmethod
+    def check_config(cls, cfg: ModelConfig) -> list[str]:
+        problems = super().check_config(cfg)
+        if cfg.tie_weights and cfg.embed_dim != cfg.num_hiddens:
+            problems.append(f"model.tie_weights: the output layer can reuse the embedding only "
+                            f"when model.embed_dim ({cfg.embed_dim}) = model.num_hiddens "
+                            f"({cfg.num_hiddens}); set model.embed_dim={cfg.num_hiddens}")
+        return problems
 
     def __init__(self, cfg: ModelConfig, vocab_size: int):
         super().__init__(cfg, vocab_size)
@@ -433,6 +442,8 @@ class TorchLM(RecurrentLM):
             dropout=cfg.dropout if cfg.num_layers > 1 else 0.0,
         )
         self.output = nn.Linear(cfg.num_hiddens, vocab_size)
+        if cfg.tie_weights:  # one matrix both reads characters in and scores them out
+            self.output.weight = self.embedding.weight
         if cfg.init not in ("auto", "torch"):
             for name, p in self.named_parameters():
                 if p.dim() == 2 and name != "embedding.weight":
@@ -490,7 +501,7 @@ class TorchLSTM(TorchLM):
     description = "torch.nn.LSTM with an input embedding"
     rnn_cls = nn.LSTM
     num_states = 2
-    options = frozenset({"embed_dim", "embed_dropout", "forget_bias"})
+    options = frozenset({"embed_dim", "embed_dropout", "tie_weights", "forget_bias"})
 
     def gate_weights(self) -> list:
         emb = self.embedding.weight.detach()

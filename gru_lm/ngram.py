@@ -66,12 +66,13 @@ class KneserNey:
     def distribution(self, context: Sequence[int]) -> list[float]:
         return [self.prob(context, w) for w in range(self.vocab_size)]
 
-    def nll(self, tokens: Sequence[int]) -> tuple[float, int]:
-        """Total NLL (nats) of tokens[1:], each given the tokens before it: the same tokens
-        a neural model's evaluation scores."""
+    def log_probs(self, tokens: Sequence[int]) -> list[float]:
+        """log P(tokens[i] | tokens before it) for i = 1.., the tokens a neural model's
+        evaluation scores, in the same order."""
         toks = [int(t) for t in tokens]
         k = self.order - 1
-        total = 0.0
-        for i in range(1, len(toks)):
-            total -= math.log(self.prob(toks[max(0, i - k):i], toks[i]))
-        return total, max(0, len(toks) - 1)
+        return [math.log(self.prob(toks[max(0, i - k):i], toks[i])) for i in range(1, len(toks))]
+
+    def nll(self, tokens: Sequence[int]) -> tuple[float, int]:
+        """Total NLL (nats) of tokens[1:], each given the tokens before it."""
+        return -math.fsum(self.log_probs(tokens)), max(0, len(tokens) - 1)

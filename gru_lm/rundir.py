@@ -220,6 +220,62 @@ def _plain(key: str, value: Any) -> bool:
     return isinstance(value, str) if key in TEXT_FIELDS else _number(value)
 
 
+def is_locked(run: RunDir) -> bool:
+    """True while another process trains `run` (holds its lock)."""
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    try:
+        fd = os.open(run.lock_file, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def run_row(run: RunDir) -> dict[str, Any]:
+    """One line of `gru-lm runs`: what a run is, how far it got and how well it scores."""
+    summary: dict[str, Any] = {}
+    if run.summary.is_file():
+        with contextlib.suppress(GruLmError):
+            summary = run.read_summary()
+    evals = run.evals()
+    vals = [e["val_ppl"] for e in evals if "val_ppl" in e]
+    model = summary.get("model")
+    if model is None:
+        with contextlib.suppress(GruLmError):
+            model = run.read_config().model.name
+    files = [p for p in (run.metrics, run.summary, run.config, *run.checkpoints.glob("*.pt"))
+             if p.is_file()]
+    status = ("running" if is_locked(run) else "finished" if summary else
+              "interrupted" if run.has_checkpoint() else "not started")
+    return {
+        "name": run.name, "path": str(run.path), "model": model,
+        "steps": summary.get("steps", evals[-1]["step"] if evals else 0),
+        "best_val_ppl": summary.get("best_val_ppl", min(vals) if vals else None),
+        "test_ppl": summary.get("best_test_ppl"),
+        "tokens_per_s": summary.get("tokens_per_s",
+                                    evals[-1].get("tokens_per_s") if evals else None),
+        "status": status,
+        "modified": max((p.stat().st_mtime for p in files), default=None),
+    }
+
+
+def list_runs(runs_dir: Path) -> list[dict[str, Any]]:
+    """Every run folder (one holding config.yaml) under `runs_dir`, newest first."""
+    runs_dir = Path(runs_dir)
+    dirs = sorted(d for d in runs_dir.iterdir() if (d / "config.yaml").is_file()) \
+        if runs_dir.is_dir() else []
+    rows = [run_row(RunDir(d)) for d in dirs]
+    return sorted(rows, key=lambda r: r["modified"] or 0, reverse=True)
+
+
 def find_latest(runs_dir: Path) -> RunDir:
     """The run under `runs_dir` whose checkpoint was written last."""
     runs_dir = Path(runs_dir)

@@ -203,6 +203,30 @@ def _check_same_data(run: RunDir, ck: dict[str, Any], cfg: Config, corpus) -> No
                          "restore the original file or start a new run")
 
 
+def mix_with_ngram(model, ngram, val, target, cfg: Config, score=None) -> dict[str, Any]:
+    """The model interpolated with the n-gram model token by token; the n-gram's weight is
+    the one that maximises the likelihood of the val split (EM), then `target` is scored.
+    `score(ids)`: the model's log-probabilities (default: static evaluation)."""
+    import torch
+
+    from gru_lm.metrics import bits_per_char, mixture_log_probs, mixture_weight, token_log_probs
+
+    def static(ids):
+        return token_log_probs(model, ids, cfg.train.eval_batch_size, cfg.train.num_steps)
+
+    def both(ids):
+        counted = torch.tensor(ngram.log_probs(ids.tolist()), dtype=torch.float64)
+        return (score or static)(ids), counted
+
+    val_neural, val_counted = both(val)
+    w = mixture_weight(val_neural, val_counted)
+    val_nll = -float(mixture_log_probs(val_neural, val_counted, w).sum())
+    nll = -float(mixture_log_probs(*both(target), w).sum())
+    n = len(target) - 1
+    return {"weight": w, "ppl": math.exp(nll / n), "bpc": bits_per_char(nll, n),
+            "val_ppl": math.exp(val_nll / (len(val) - 1))}
+
+
 # ---------------------------------------------------------------- trained runs
 
 
@@ -237,22 +261,24 @@ def predict(prefix: str, *, run: Path | None, checkpoint: Path | None, runs_dir:
 
 
 def evaluate_run(*, run: Path | None, checkpoint: Path | None, split: str, text: Path | None,
-                 runs_dir: Path, offline: bool | None = None, dynamic: bool = False
-                 ) -> dict[str, Any]:
+                 runs_dir: Path, offline: bool | None = None, dynamic: bool = False,
+                 mix_ngram: bool = False) -> dict[str, Any]:
     """Score a split or a text file, beside the references counted on the training split;
-    `dynamic`: also with dynamic evaluation, its settings chosen on the val split."""
+    `dynamic`: also with dynamic evaluation, its settings chosen on the val split;
+    `mix_ngram`: also interpolated with the Kneser-Ney model, its weight chosen on val."""
     import torch
 
     from gru_lm.data import load_corpus, preprocess, read_text
     from gru_lm.errors import DataError
     from gru_lm.metrics import bits_per_char, evaluate, perplexity, reference_baselines
+    from gru_lm.ngram import KneserNey
 
     path = checkpoint_for(run, checkpoint, runs_dir)
     cfg, vocab, model = load_model(path)
     try:
         corpus = load_corpus(cfg.data, vocab=vocab, offline=offline, progress=False)
     except DataError:
-        if text is None or dynamic:
+        if text is None or dynamic or mix_ngram:
             raise
         corpus = None  # scoring a text needs only the model; the references are skipped
     unknown = 0
@@ -269,15 +295,21 @@ def evaluate_run(*, run: Path | None, checkpoint: Path | None, split: str, text:
             raise GruLmError(f"the run's data has no {split} split (data.{split}_fraction = 0); "
                              "evaluate with --text FILE or another --split")
         what = f"{split} split"
-    if dynamic and len(corpus.val) < 2:  # (corpus is loaded whenever dynamic is set)
-        raise GruLmError("--dynamic chooses its settings on the val split, and this run has "
-                         "none (data.val_fraction = 0); evaluate without --dynamic")
+    for flag, wanted in (("--dynamic", dynamic), ("--mix-ngram", mix_ngram)):
+        if wanted and len(corpus.val) < 2:  # (corpus is loaded whenever either is set)
+            raise GruLmError(f"{flag} chooses its settings on the val split, and this run has "
+                             f"none (data.val_fraction = 0); evaluate without {flag}")
     nll, n = evaluate(model, ids, cfg.train.eval_batch_size, cfg.train.num_steps,
                       torch.device("cpu"))
+    ngram = None if corpus is None else KneserNey(corpus.train.tolist(), len(vocab),
+                                                  cfg.train.ngram_order)
     out = {"what": what, "checkpoint": str(path), "tokens": n, "loss": nll / n,
            "ppl": perplexity(nll, n), "bpc": bits_per_char(nll, n), "unknown": unknown,
            "references": None if corpus is None else reference_baselines(
-               corpus.train, ids, len(vocab), cfg.train.ngram_order)}
+               corpus.train, ids, len(vocab), cfg.train.ngram_order, ngram)}
+    if mix_ngram:
+        out["mix"] = mix_with_ngram(model, ngram, corpus.val, ids, cfg)
+        out["mix"]["tuned_on_target"] = split == "val" and text is None
     if dynamic:
         from gru_lm.dynamic import tune_and_score
 
@@ -285,4 +317,12 @@ def evaluate_run(*, run: Path | None, checkpoint: Path | None, split: str, text:
         out["dynamic"] = {**d, "ppl": d["test_ppl"],
                           "bpc": math.log2(d["test_ppl"]), "tuned_on_target": split == "val"
                           and text is None}
+        if mix_ngram:  # both: the adapting model, interpolated with the n-gram model
+            from gru_lm.dynamic import DynamicSettings, dynamic_log_probs, gradient_ms
+
+            ms = gradient_ms(model, corpus.train, cfg.train.num_steps)
+            chosen = DynamicSettings(d["lr"], d["decay"], d["segment"])
+            out["dynamic_mix"] = mix_with_ngram(
+                model, ngram, corpus.val, ids, cfg,
+                score=lambda t: dynamic_log_probs(model, t, ms, chosen))
     return out

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli, train_tiny
+from conftest import cli, one_line_error, train_tiny
 
 
 def test_help_does_not_import_torch():
@@ -61,8 +61,9 @@ def test_train_predict_evaluate(workdir):
     assert summary["steps"] == 30 and summary["best_test_ppl"] > 1
     r = cli("predict", "Time Traveller!", "-n", "12")
     assert r.exit_code == 0, r.output
-    line = r.output.rstrip("\n")
+    line = r.stdout.rstrip("\n")  # stdout holds the text alone; the run used is on stderr
     assert line.startswith("time traveller") and len(line) == len("time traveller") + 12
+    assert r.stderr.startswith("using runs/t/checkpoints/best.pt (the newest run")
     r = cli("predict", "the", "--temperature", "0.8", "--top-k", "5", "--top-p", "0.9",
             "--num-samples", "3", "--seed", "1", "--run", str(run))
     assert r.exit_code == 0 and len(r.output.strip().splitlines()) == 3
@@ -174,3 +175,25 @@ def test_unavailable_device_is_a_config_error(workdir):
     r = cli("train", "--config", "configs/tiny.yaml", "-q", "train.device=cuda")
     assert r.exit_code == 1
     assert "train.device: 'cuda' is not available" in r.output
+
+
+def test_runs_lists_every_run_newest_first_with_its_status(tiny_run):
+    old, new = tiny_run("old"), tiny_run("new")
+    for f in old.rglob("*"):
+        os.utime(f, (1_000_000, 1_000_000))
+    (new / "summary.json").unlink()  # stopped before the end: a checkpoint, no summary
+    Path("runs/empty").mkdir()  # not a run: no config.yaml
+    r = cli("runs")
+    assert r.exit_code == 0, r.output
+    lines = [x for x in r.output.splitlines() if "│ new" in x or "│ old" in x]
+    assert "│ new" in lines[0] and "interrupted" in lines[0]
+    assert "│ old" in lines[1] and "finished" in lines[1] and "gru-scratch" in lines[1]
+    summary = json.loads((old / "summary.json").read_text())
+    assert f"{summary['best_val_ppl']:.3f}" in lines[1] and "empty" not in r.output
+    assert "no runs under" in cli("runs", "--runs-dir", "nowhere").output
+
+
+def test_run_and_checkpoint_together_are_refused(tiny_run):
+    run = tiny_run()
+    one_line_error(cli("predict", "time", "--run", run, "--checkpoint",
+                       run / "checkpoints" / "last.pt"), "give --run or --checkpoint, not both")

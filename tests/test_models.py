@@ -218,9 +218,36 @@ def test_every_model_declares_only_known_options(name):
 
     assert model_class(name).options <= set(OPTIONS)
     for key in model_class(name).options:  # and each declared option is accepted
-        value = {"reset_after": True, "forget_bias": 1.0, "embed_dim": 16,
-                 "embed_dropout": 0.1}[key]
-        build_model(ModelConfig(name=name, num_hiddens=NH, **{key: value}), V)
+        kwargs = {"reset_after": {"reset_after": True}, "forget_bias": {"forget_bias": 1.0},
+                  "embed_dim": {"embed_dim": 16}, "embed_dropout": {"embed_dropout": 0.1},
+                  "tie_weights": {"tie_weights": True, "embed_dim": NH}}[key]
+        build_model(ModelConfig(name=name, num_hiddens=NH, **kwargs), V)
+
+
+@pytest.mark.parametrize("name", ["gru", "lstm", "rnn"])
+def test_tied_weights_share_one_matrix_and_stay_shared(name):
+    untied = build_model(ModelConfig(name=name, num_hiddens=NH, embed_dim=NH), V)
+    tied = build_model(ModelConfig(name=name, num_hiddens=NH, embed_dim=NH, tie_weights=True), V)
+    assert tied.output.weight is tied.embedding.weight
+    assert count_parameters(untied) - count_parameters(tied) == V * NH
+    opt = torch.optim.Adam(tied.parameters(), lr=0.1)
+    X = torch.randint(0, V, (3, 5))
+    logits, _ = tied(X)
+    logits.sum().backward()
+    opt.step()
+    assert tied.output.weight is tied.embedding.weight  # still one matrix after a step
+    state = tied.state_dict()  # a checkpoint round trip keeps the sharing
+    again = build_model(ModelConfig(name=name, num_hiddens=NH, embed_dim=NH, tie_weights=True), V)
+    again.load_state_dict(state)
+    assert again.output.weight is again.embedding.weight
+    assert torch.equal(again.output.weight, tied.embedding.weight)
+
+
+def test_tied_weights_need_matching_sizes():
+    with pytest.raises(ConfigError, match="model.tie_weights.*set model.embed_dim=32"):
+        build_model(ModelConfig(name="gru", num_hiddens=32, tie_weights=True), V)
+    with pytest.raises(ConfigError, match="model.tie_weights: only gru, lstm, rnn take"):
+        build_model(ModelConfig(name="gru-scratch", num_hiddens=32, tie_weights=True), V)
 
 
 @pytest.mark.parametrize("name", ["lstm-scratch", "lstm"])

@@ -16,6 +16,7 @@ from torch import nn
 from gru_lm.config import ModelConfig
 from gru_lm.dynamic import DynamicSettings, dynamic_nll, gradient_ms
 from gru_lm.ema import EMA
+from gru_lm.metrics import evaluate, mixture_log_probs, mixture_weight, token_log_probs
 from gru_lm.models import build_model, embedding_dropout, list_models, sequence_dropout
 from gru_lm.ngram import KneserNey
 
@@ -179,6 +180,49 @@ def test_dynamic_evaluation_adapts_to_a_repeating_text():
     static = math.exp(dynamic_nll(model, tokens, ms, DynamicSettings(0.0, 0.0))[0] / 299)
     adapted = math.exp(dynamic_nll(model, tokens, ms, DynamicSettings(1.0, 0.0))[0] / 299)
     assert static == pytest.approx(V) and adapted < 2.0
+
+
+# ---------------------------------------------------------------- mixing with the n-gram model
+
+
+@pytest.mark.parametrize("streams", [1, 3, 7])
+def test_token_log_probs_are_in_text_order_and_sum_to_the_nll(streams):
+    g = torch.Generator().manual_seed(1)
+    model = _Table()
+    with torch.no_grad():
+        model.W.copy_(torch.randn(V, V, generator=g))
+    tokens = torch.randint(0, V, (53,), generator=g)
+    logp = token_log_probs(model, tokens, batch_size=streams, num_steps=4)
+    # A stateless table: position j's score depends only on tokens[j] and tokens[j + 1].
+    expected = model.W.log_softmax(-1)[tokens[:-1], tokens[1:]].double()
+    assert logp.shape == (52,) and torch.allclose(logp, expected, atol=1e-6)
+    nll, n = evaluate(model, tokens, streams, 4, torch.device("cpu"))
+    assert n == 52 and -float(logp.sum()) == pytest.approx(nll, rel=1e-6)
+
+
+def test_the_mixture_weight_maximises_the_likelihood():
+    g = torch.Generator().manual_seed(2)
+    a = torch.rand(500, generator=g).log()  # two models' log-probabilities of 500 tokens
+    b = torch.rand(500, generator=g).log()
+    w = mixture_weight(a.double(), b.double())
+
+    def ll(weight):
+        return float(mixture_log_probs(a.double(), b.double(), weight).sum())
+
+    assert 0 < w < 1
+    assert all(ll(w) >= ll(x) - 1e-9 for x in (0.0, 1.0, w - 0.01, w + 0.01))
+    assert mixture_weight(a.double(), a.double() - 5) < 0.01  # b is worse everywhere
+
+
+def test_evaluate_mix_ngram_is_never_worse_on_val_than_either_model(tiny_run):
+    run = tiny_run()
+    r = cli("evaluate", "--run", run, "--split", "val", "--mix-ngram")
+    assert r.exit_code == 0, r.output
+    line = next(x for x in r.output.splitlines() if x.startswith("mixed with the 5-gram"))
+    mixed = float(line.split("ppl ")[1].split()[0])
+    alone = float(r.output.split("| ppl ")[1].split()[0])
+    ngram = float(r.output.split("Kneser-Ney ppl ")[1].split()[0])
+    assert mixed <= min(alone, ngram) + 1e-3 and "optimistic" in line
 
 
 # ---------------------------------------------------------------- Kneser-Ney
