@@ -351,6 +351,9 @@ def evaluate_cmd(
     mix_ngram: Annotated[bool, typer.Option(
         "--mix-ngram", help="Also score the model interpolated with the Kneser-Ney n-gram "
         "model (weight chosen on val).")] = False,
+    ngram_order: Annotated[int | None, typer.Option(
+        help="Order of the Kneser-Ney model, 1..8 (default: the run's train.ngram_order).")
+                           ] = None,
     offline: OfflineOpt = False,
     runs_dir: RunsDirOpt = Path("runs"),
 ) -> None:
@@ -362,10 +365,11 @@ def evaluate_cmd(
         raise GruLmError(f"--split {split!r} is invalid; choose val, test or train")
     from gru_lm.display import references_text
 
+    in_range("--ngram-order", ngram_order, 1, 8)
     checkpoint = _which_checkpoint(run, checkpoint, runs_dir)
     r = evaluate_run(run=None, checkpoint=checkpoint, split=split, text=text,
                      runs_dir=runs_dir, offline=_offline(offline), dynamic=dynamic,
-                     mix_ngram=mix_ngram)
+                     mix_ngram=mix_ngram, ngram_order=ngram_order)
     console.print(f"{r['what']}: {r['tokens']:,} tokens | loss {r['loss']:.4f} | "
                   f"ppl {r['ppl']:.3f} | {r['bpc']:.3f} bits/char", highlight=False)
     if r["references"] is not None:

@@ -262,7 +262,7 @@ def predict(prefix: str, *, run: Path | None, checkpoint: Path | None, runs_dir:
 
 def evaluate_run(*, run: Path | None, checkpoint: Path | None, split: str, text: Path | None,
                  runs_dir: Path, offline: bool | None = None, dynamic: bool = False,
-                 mix_ngram: bool = False) -> dict[str, Any]:
+                 mix_ngram: bool = False, ngram_order: int | None = None) -> dict[str, Any]:
     """Score a split or a text file, beside the references counted on the training split;
     `dynamic`: also with dynamic evaluation, its settings chosen on the val split;
     `mix_ngram`: also interpolated with the Kneser-Ney model, its weight chosen on val."""
@@ -301,12 +301,12 @@ def evaluate_run(*, run: Path | None, checkpoint: Path | None, split: str, text:
                              f"none (data.val_fraction = 0); evaluate without {flag}")
     nll, n = evaluate(model, ids, cfg.train.eval_batch_size, cfg.train.num_steps,
                       torch.device("cpu"))
-    ngram = None if corpus is None else KneserNey(corpus.train.tolist(), len(vocab),
-                                                  cfg.train.ngram_order)
+    order = ngram_order or cfg.train.ngram_order
+    ngram = None if corpus is None else KneserNey(corpus.train.tolist(), len(vocab), order)
     out = {"what": what, "checkpoint": str(path), "tokens": n, "loss": nll / n,
            "ppl": perplexity(nll, n), "bpc": bits_per_char(nll, n), "unknown": unknown,
            "references": None if corpus is None else reference_baselines(
-               corpus.train, ids, len(vocab), cfg.train.ngram_order, ngram)}
+               corpus.train, ids, len(vocab), order, ngram)}
     if mix_ngram:
         out["mix"] = mix_with_ngram(model, ngram, corpus.val, ids, cfg)
         out["mix"]["tuned_on_target"] = split == "val" and text is None

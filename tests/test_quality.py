@@ -225,6 +225,17 @@ def test_evaluate_mix_ngram_is_never_worse_on_val_than_either_model(tiny_run):
     assert mixed <= min(alone, ngram) + 1e-3 and "optimistic" in line
 
 
+def test_evaluate_ngram_order_sets_the_reference_and_the_mixture(tiny_run):
+    from conftest import one_line_error
+
+    run = tiny_run()
+    r = cli("evaluate", "--run", run, "--mix-ngram", "--ngram-order", "3")
+    assert r.exit_code == 0, r.output
+    assert "3-gram Kneser-Ney ppl" in r.output and "mixed with the 3-gram" in r.output
+    one_line_error(cli("evaluate", "--run", run, "--ngram-order", "9"),
+                   "--ngram-order 9 is out of range")
+
+
 # ---------------------------------------------------------------- Kneser-Ney
 
 
