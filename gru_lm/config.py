@@ -141,7 +141,10 @@ class TrainConfig(_Section):
     seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of every random number generator")
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="device")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 = autocast")
-    threads: int | None = Field(None, ge=1, le=1024, description="torch CPU threads")
+    threads: int | None = Field(
+        None, ge=1, le=1024,
+        description="torch CPU threads (default: the cores this process may use)"
+    )
 
     @model_validator(mode="after")
     def _needs_a_stop(self) -> TrainConfig:

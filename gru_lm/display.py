@@ -47,6 +47,9 @@ class Reporter:
                   f"{rec['elapsed_s']:.0f}s"]
         self._print(" | ".join(parts))
 
+    def warning(self, text: str) -> None:
+        self._print(f"[yellow]warning:[/yellow] {text}")
+
     def samples(self, lines: list[str]) -> None:
         for line in lines:
             self._print(f"[dim]{line}[/dim]")

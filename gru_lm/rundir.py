@@ -205,7 +205,8 @@ class RunDir:
 
 # Run files may be edited by hand: a field of the wrong type is dropped, as if absent, so
 # that every reader can use .get() and trust the type of what it gets.
-TEXT_FIELDS = {"kind", "run", "model", "device", "kernels", "stop_reason", "best_weights"}
+TEXT_FIELDS = {"kind", "run", "model", "device", "kernels", "stop_reason", "best_weights",
+               "speed_warning"}
 
 
 def _number(v: Any) -> bool:

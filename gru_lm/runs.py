@@ -67,6 +67,17 @@ def resolve_device(name: str):
     return torch.device(name)
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask: a container's or taskset's
+    limit), which can be fewer than the machine has."""
+    import os
+
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
 def make_optimizer(cfg: Config, model):
     import torch
 
@@ -87,8 +98,7 @@ def build_trainer(cfg: Config, corpus, run: RunDir | None = None, console=None):
     from gru_lm.trainer import Trainer
 
     t = cfg.train
-    if t.threads:
-        torch.set_num_threads(t.threads)
+    torch.set_num_threads(t.threads or usable_cores())
     device = resolve_device(t.device)
     seed_everything(t.seed)
     model = build_model(cfg.model, len(corpus.vocab)).to(device)

@@ -55,3 +55,17 @@ def stop_reason(t: TrainConfig, step: int, epoch: int, elapsed_s: float) -> str:
     if t.time_budget_s and elapsed_s >= t.time_budget_s:
         return f"time_budget_s={t.time_budget_s:g}"
     return ""
+
+
+SLOW_RATIO = 0.25  # a training this much slower than its own start is sharing the CPU
+EARLY_INTERVALS = 5
+
+
+def slowdown(rates: list[float]) -> float | None:
+    """The latest tokens/s as a share of the best of the first intervals, when it fell below
+    SLOW_RATIO of it (another process competing for the cores); None otherwise."""
+    if len(rates) <= EARLY_INTERVALS:
+        return None
+    early = max(rates[:EARLY_INTERVALS])
+    share = rates[-1] / early if early > 0 else 1.0
+    return share if share < SLOW_RATIO else None

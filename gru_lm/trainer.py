@@ -32,7 +32,14 @@ from gru_lm.metrics import (
 from gru_lm.models import RecurrentLM, count_parameters, detach_state, state_to
 from gru_lm.rundir import BEST, LAST, RunDir
 from gru_lm.sampling import encode_prefix, generate
-from gru_lm.schedule import fraction_done, learning_rate, plateau, stop_reason, total_steps
+from gru_lm.schedule import (
+    fraction_done,
+    learning_rate,
+    plateau,
+    slowdown,
+    stop_reason,
+    total_steps,
+)
 from gru_lm.utils import caught_signals
 
 
@@ -92,6 +99,9 @@ class Trainer:
         self._signals: list[int] = []  # SIGINT/SIGTERM caught while fit() runs
         self._fingerprint = corpus.fingerprint()
         self._config_saved = False
+        self._rates: list[float] = []  # tokens/s per log interval, for _watch_speed
+        self._speed_mark = (0, 0.0)
+        self.speed_warning = ""
 
     def _check_prefixes(self) -> list[list[int]]:
         out = []
@@ -222,6 +232,7 @@ class Trainer:
             p.train_time_s += time.perf_counter() - t0
             if p.step % t.log_interval == 0:
                 self._sync_losses()
+                self._watch_speed()
                 bar(p)
             if p.step % t.eval_interval == 0:
                 self._sync_losses()
@@ -243,6 +254,22 @@ class Trainer:
             self.save(LAST)
         if p.step % t.sample_interval:
             self._write_samples()
+
+    def _watch_speed(self) -> None:
+        """Warn once when tokens/s falls far below this run's own first intervals."""
+        p = self.progress
+        tokens, seconds = p.tokens_seen - self._speed_mark[0], p.train_time_s - self._speed_mark[1]
+        self._speed_mark = (p.tokens_seen, p.train_time_s)
+        if seconds <= 0 or self.speed_warning:
+            return
+        self._rates.append(tokens / seconds)
+        share = slowdown(self._rates)
+        if share is not None:
+            self.speed_warning = (
+                f"at step {p.step} training runs at {self._rates[-1]:,.0f} tokens/s, "
+                f"{share:.0%} of its first steps: another process is probably using these "
+                "cores; give each training fewer train.threads or run one at a time")
+            self.out.warning(self.speed_warning)
 
     # -------------------------------------------------------------- evaluation
 
@@ -387,8 +414,11 @@ class Trainer:
             "stop_reason": p.stop_reason,
             "best_step": p.best_step,
             "best_weights": p.best_weights,
+            "threads": torch.get_num_threads(),
             **self.reference,
         }
+        if self.speed_warning:
+            summary["speed_warning"] = self.speed_warning
         evals = self.run.evals()
         for key in ("train_ppl", "val_ppl"):
             if evals and key in evals[-1]:

@@ -6,13 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import cli
 
 from gru_lm.config import validate
 from gru_lm.data import Corpus, Vocab
 from gru_lm.metrics import bits_per_char, evaluate, perplexity, unigram_perplexity
 from gru_lm.models import build_model
 from gru_lm.rundir import RunDir
-from gru_lm.schedule import learning_rate, plateau
+from gru_lm.schedule import EARLY_INTERVALS, learning_rate, plateau, slowdown
 from gru_lm.trainer import Trainer
 
 
@@ -115,3 +116,24 @@ def test_early_stopping_and_budget_reasons(tmp_path):
     summary = tr.fit()
     assert summary["stop_reason"] == "time_budget_s=0.5"
     assert summary["elapsed_s"] >= 0.5
+
+
+def test_slowdown_is_judged_against_the_runs_own_first_intervals():
+    early = [10_000.0, 12_000.0, 11_000.0, 12_000.0, 11_500.0]
+    assert len(early) == EARLY_INTERVALS and slowdown(early) is None  # nothing to compare yet
+    assert slowdown([*early, 9_000.0]) is None  # a little slower: no warning
+    assert slowdown([*early, 2_400.0]) == pytest.approx(0.2)  # 2,400 / 12,000
+    assert slowdown([2_000.0] * 10) is None  # slow from the start: its own normal
+
+
+def test_threads_default_to_the_usable_cores(workdir):
+    import os
+
+    from gru_lm.runs import usable_cores
+
+    assert usable_cores() == len(os.sched_getaffinity(0))
+    r = cli("train", "-c", "configs/tiny.yaml", "--name", "thr", "train.threads=null", "-q")
+    assert r.exit_code == 0, r.output
+    summary = json.loads(Path("runs/thr/summary.json").read_text())
+    assert summary["threads"] == usable_cores()
+    assert os.environ["OMP_WAIT_POLICY"]  # set by gru_lm unless the user had chosen
