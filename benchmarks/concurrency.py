@@ -4,7 +4,7 @@ Target (issue 14): each of two concurrent trainings keeps >= 40% of the solo thr
 Every case trains configs/gru.yaml's model for the same wall-clock budget and reads
 tokens/s (training time only) from summary.json. Cases: gru-lm's defaults; OpenMP threads
 that spin while waiting (OMP_WAIT_POLICY=ACTIVE); and the pair pinned to one thread each.
-Solo is always measured with the defaults.
+Solo runs with the case's environment and the default threads.
 
 Run: python benchmarks/concurrency.py [--seconds 20] [--config configs/gru.yaml]
 """
