@@ -197,12 +197,12 @@ def _run_vocab(run: RunDir, ck: dict[str, Any], path: Path):
 
 def _check_same_data(run: RunDir, ck: dict[str, Any], cfg: Config, corpus) -> None:
     """Refuse to continue on other data: config.yaml edited, or the corpus file changed."""
-    saved = ck["config"] if isinstance(ck.get("config"), dict) else {}
-    if {"model", "data", "train"} <= set(saved) and isinstance(saved["train"], dict):
-        try:
-            changed = fixed_keys_changed(saved, cfg.to_dict())
-        except KeyError:
-            changed = ["train"]
+    try:  # validated, so a checkpoint written before a key existed gets its default
+        saved = validate(ck["config"], source="checkpoint").to_dict()
+    except ConfigError:
+        saved = None  # restore() names a checkpoint whose config is unusable
+    if saved is not None:
+        changed = fixed_keys_changed(saved, cfg.to_dict())
         if changed:
             raise GruLmError(f"--resume {run}: {run.config} disagrees with its checkpoint on "
                              f"{', '.join(changed)}; restore config.yaml or start a new run")

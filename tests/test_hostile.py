@@ -224,6 +224,18 @@ def test_an_edited_config_yaml_is_refused_on_resume(tiny_run):
                    "disagrees with its checkpoint on data.max_tokens")
 
 
+def test_a_checkpoint_from_before_a_config_key_existed_still_resumes(tiny_run):
+    from gru_lm.checkpoint import load_checkpoint, save_checkpoint
+
+    run = tiny_run()
+    last = run / "checkpoints" / "last.pt"
+    ck = load_checkpoint(last)
+    del ck["config"]["model"]["tie_weights"], ck["data_fingerprint"]  # as an older gru-lm
+    save_checkpoint(ck, last)
+    r = cli("train", "--resume", run, "train.max_steps=40", "-q")
+    assert r.exit_code == 0, r.output
+
+
 def test_a_changed_corpus_file_is_refused_on_resume(workdir):
     Path("book.txt").write_text("the quick brown fox jumps over the lazy dog " * 200)
     run = train_tiny("own", "data.dataset=null", "data.path=book.txt", "data.max_tokens=null")
