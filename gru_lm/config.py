@@ -73,11 +73,12 @@ class ModelConfig(_Section):
         0.0, ge=0, lt=1, description="DropConnect on the recurrent weights W_h* (AWD-LSTM)"
     )
     embed_dropout: float = Field(
-        0.0, ge=0, lt=1, description="drop whole characters from the embedding (torch.nn models)"
+        0.0, ge=0, lt=1, description="drop whole characters from the input embedding"
     )
     embed_dim: int | None = Field(
         None, ge=1, le=65536,
-        description="input embedding size of torch.nn models (default vocab_size)"
+        description="input embedding size (default: torch.nn models a vocab_size-wide "
+        "lookup, scratch models the book's one-hot ids)"
     )
     tie_weights: bool = Field(
         False, description="torch.nn models: the output layer reuses the input embedding "

@@ -316,7 +316,18 @@ class RNNLayer(_ScratchLayer):
 
 
 class ScratchLM(RecurrentLM):
-    """Stacked scratch layers + output layer W_hq, b_q."""
+    """[Embedding E ->] stacked scratch layers -> output layer W_hq, b_q. Without
+    model.embed_dim the first layer reads token ids (the book's one-hot inputs)."""
+
+    options = frozenset({"embed_dim", "embed_dropout"})
+
+    @classmethod
+    def check_config(cls, cfg: ModelConfig) -> list[str]:
+        problems = super().check_config(cfg)
+        if cfg.embed_dropout and not cfg.embed_dim:
+            problems.append(f"model.embed_dropout: '{cls.registry_name}' reads one-hot ids "
+                            "unless it has an embedding; set model.embed_dim (e.g. 64) too")
+        return problems
 
     def kernel_path(self, device: torch.device | str) -> str:
         from gru_lm._ext import kernels, why_not
@@ -328,8 +339,12 @@ class ScratchLM(RecurrentLM):
     def __init__(self, cfg: ModelConfig, vocab_size: int):
         super().__init__(cfg, vocab_size)
         init = "d2l" if cfg.init == "auto" else cfg.init
+        self.embedding: nn.Parameter | None = None
+        if cfg.embed_dim:  # token id -> a learnt vector, as nn.Embedding (N(0, 1) init)
+            self.embedding = nn.Parameter(torch.randn(vocab_size, cfg.embed_dim))
         self.layers = nn.ModuleList(
-            self.make_layer(vocab_size if i == 0 else cfg.num_hiddens, cfg, init)
+            self.make_layer((cfg.embed_dim or vocab_size) if i == 0 else cfg.num_hiddens, cfg,
+                            init)
             for i in range(cfg.num_layers)
         )
         self.W_hq = nn.Parameter(torch.empty(cfg.num_hiddens, vocab_size))
@@ -338,6 +353,10 @@ class ScratchLM(RecurrentLM):
 
     def make_layer(self, num_inputs: int, cfg: ModelConfig, init: str) -> nn.Module:
         raise NotImplementedError
+
+    def input_embedding(self, layer: int) -> Tensor | None:
+        """The embedding that turns ids into layer `layer`'s inputs (first layer only)."""
+        return self.embedding.detach() if layer == 0 and self.embedding is not None else None
 
     def layer_states(self, state: State) -> list:
         if isinstance(state, tuple):
@@ -353,6 +372,9 @@ class ScratchLM(RecurrentLM):
         if state is None:
             state = self.begin_state(X.shape[0], X.device)
         inputs = X.t()  # (num_steps, batch_size) token ids
+        if self.embedding is not None:
+            E = embedding_dropout(self.embedding, self.cfg.embed_dropout, self.training)
+            inputs = F.embedding(inputs, E)  # (num_steps, batch_size, embed_dim)
         new_states = []
         for i, (layer, s) in enumerate(zip(self.layers, self.layer_states(state), strict=True)):
             inputs, s = layer(inputs, s)  # (num_steps, batch_size, num_hiddens)
@@ -371,20 +393,21 @@ class ScratchLM(RecurrentLM):
 @register_model("gru-scratch")
 class GRUScratch(ScratchLM):
     description = "the book's GRU from its equations (reset_after: nn.GRU's formula)"
-    options = frozenset({"reset_after"})
+    options = ScratchLM.options | {"reset_after"}
 
     def make_layer(self, num_inputs, cfg, init):
         return GRULayer(num_inputs, cfg.num_hiddens, init, cfg.reset_after, cfg.weight_drop)
 
     def gate_weights(self) -> list:
         out = []
-        for layer in self.layers:
+        for k, layer in enumerate(self.layers):
             b_h = torch.zeros(3 * self.num_hiddens)
             if layer.reset_after:
                 b_h[2 * self.num_hiddens:] = layer.b_hh.detach()
             out.append(LayerWeights("gru", layer._fused("W_x").detach(),
                                     layer._fused("b_").detach(), layer._fused("W_h").detach(),
-                                    b_h, reset_after=layer.reset_after))
+                                    b_h, reset_after=layer.reset_after,
+                                    embedding=self.input_embedding(k)))
         return out
 
 
@@ -392,15 +415,16 @@ class GRUScratch(ScratchLM):
 class LSTMScratch(ScratchLM):
     description = "LSTM from its equations: I, F, O gates, candidate C~"
     num_states = 2
-    options = frozenset({"forget_bias"})
+    options = ScratchLM.options | {"forget_bias"}
 
     def make_layer(self, num_inputs, cfg, init):
         return LSTMLayer(num_inputs, cfg.num_hiddens, init, cfg.forget_bias, cfg.weight_drop)
 
     def gate_weights(self) -> list:
         return [LayerWeights("lstm", layer._fused("W_x").detach(), layer._fused("b_").detach(),
-                             layer._fused("W_h").detach(), torch.zeros(4 * self.num_hiddens))
-                for layer in self.layers]
+                             layer._fused("W_h").detach(), torch.zeros(4 * self.num_hiddens),
+                             embedding=self.input_embedding(k))
+                for k, layer in enumerate(self.layers)]
 
 
 @register_model("rnn-scratch")

@@ -48,11 +48,13 @@ def test_gates_command_reports_the_equations_values(workdir, tiny_run):
     assert len(data["units"]) == 8
 
 
-@pytest.mark.parametrize("name", ["gru", "lstm", "gru-scratch", "lstm-scratch"])
-def test_trace_reproduces_the_models_own_hidden_states(name):
+@pytest.mark.parametrize("name, embed_dim", [("gru", None), ("lstm", None),
+                                             ("gru-scratch", None), ("lstm-scratch", None),
+                                             ("gru-scratch", 5), ("lstm-scratch", 5)])
+def test_trace_reproduces_the_models_own_hidden_states(name, embed_dim):
     torch.manual_seed(0)
     model = build_model(ModelConfig(name=name, num_hiddens=8, num_layers=2,
-                                    reset_after=False), 11).eval()
+                                    reset_after=False, embed_dim=embed_dim), 11).eval()
     ids = [1, 4, 2, 7, 3, 3, 9]
     trace = trace_gates(model.gate_weights(), ids, layer=1)
     _, state = model(torch.tensor([ids]))

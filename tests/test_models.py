@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from gru_lm.cells import GRUFunction, GRUResetAfterFunction, LSTMFunction, RNNFunction
@@ -207,9 +208,9 @@ def test_options_for_other_models_are_refused():
         build_model(ModelConfig(name="lstm", reset_after=True), V)
     with pytest.raises(ConfigError, match="model.forget_bias: only lstm-scratch, lstm take"):
         build_model(ModelConfig(name="gru", forget_bias=1.0), V)
-    # Scratch models read one-hot ids through W_x: an embedding size would be ignored.
-    with pytest.raises(ConfigError, match="model.embed_dim: only gru, lstm, rnn take.*'gru-sc"):
-        build_model(ModelConfig(name="gru-scratch", embed_dim=16), V)
+    # Without an embedding a scratch model reads one-hot ids: embedding dropout needs one.
+    with pytest.raises(ConfigError, match="model.embed_dropout: 'gru-scratch' reads one-hot"):
+        build_model(ModelConfig(name="gru-scratch", embed_dropout=0.1), V)
 
 
 @pytest.mark.parametrize("name", list_models())
@@ -219,7 +220,8 @@ def test_every_model_declares_only_known_options(name):
     assert model_class(name).options <= set(OPTIONS)
     for key in model_class(name).options:  # and each declared option is accepted
         kwargs = {"reset_after": {"reset_after": True}, "forget_bias": {"forget_bias": 1.0},
-                  "embed_dim": {"embed_dim": 16}, "embed_dropout": {"embed_dropout": 0.1},
+                  "embed_dim": {"embed_dim": 16},
+                  "embed_dropout": {"embed_dropout": 0.1, "embed_dim": 16},
                   "tie_weights": {"tie_weights": True, "embed_dim": NH}}[key]
         build_model(ModelConfig(name=name, num_hiddens=NH, **kwargs), V)
 
@@ -324,3 +326,20 @@ def test_kernels_refuse_bad_ids_and_shapes():
         ext.gru_forward(table, good, H0, W_hzr, torch.randn(4, 5))
     with pytest.raises(RuntimeError, match="P must be"):
         ext.rnn_forward(torch.randn(T_, B_ + 1, 4), None, H0, W_hh)
+
+
+@pytest.mark.parametrize("name", ["gru-scratch", "lstm-scratch", "rnn-scratch"])
+def test_scratch_embedding_feeds_the_first_layer_vectors(name):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name=name, num_hiddens=NH, embed_dim=5), V)
+    assert model.embedding.shape == (V, 5)
+    X = torch.randint(1, V, (B, T))
+    logits, _ = model.eval()(X)
+    # By hand: look the ids up, then run the same layers on the vectors.
+    inputs = F.embedding(X.t(), model.embedding)  # (num_steps, batch_size, embed_dim)
+    inputs, _ = model.layers[0](inputs, model.layer_states(model.begin_state(B))[0])
+    by_hand = F.linear(inputs, model.W_hq.t(), model.b_q).transpose(0, 1)
+    torch.testing.assert_close(logits, by_hand)
+    model.train()
+    model(X)[0].sum().backward()
+    assert model.embedding.grad is not None and model.embedding.grad[X.unique()].abs().sum() > 0
