@@ -289,10 +289,6 @@ def _which_checkpoint(run: Path | None, checkpoint: Path | None, runs_dir: Path)
     for pipes), since after a smoke test the newest run may not be the one meant."""
     from gru_lm.runs import checkpoint_for
 
-    if run is not None and checkpoint is not None:
-        from gru_lm.errors import GruLmError
-
-        raise GruLmError("give --run or --checkpoint, not both")
     path = checkpoint_for(run, checkpoint, runs_dir)
     if run is None and checkpoint is None:
         err_console.print(f"using {path} (the newest run; choose with --run, see `gru-lm "
@@ -325,10 +321,9 @@ def predict_cmd(
     check_sampling_args(num_chars, temperature, top_k, top_p, num_samples, seed)
     from gru_lm.runs import predict
 
-    checkpoint = _which_checkpoint(run, checkpoint, runs_dir)
-    prompt, outputs = predict(prefix, run=None, checkpoint=checkpoint, runs_dir=runs_dir,
-                              num_chars=num_chars, temperature=temperature, top_k=top_k,
-                              top_p=top_p, num_samples=num_samples, seed=seed)
+    path = _which_checkpoint(run, checkpoint, runs_dir)
+    prompt, outputs = predict(prefix, path, num_chars=num_chars, temperature=temperature,
+                              top_k=top_k, top_p=top_p, num_samples=num_samples, seed=seed)
     pretty = console.is_terminal
     for text in outputs:
         if pretty:
@@ -366,9 +361,8 @@ def evaluate_cmd(
     from gru_lm.display import references_text
 
     in_range("--ngram-order", ngram_order, 1, 8)
-    checkpoint = _which_checkpoint(run, checkpoint, runs_dir)
-    r = evaluate_run(run=None, checkpoint=checkpoint, split=split, text=text,
-                     runs_dir=runs_dir, offline=_offline(offline), dynamic=dynamic,
+    path = _which_checkpoint(run, checkpoint, runs_dir)
+    r = evaluate_run(path, split=split, text=text, offline=_offline(offline), dynamic=dynamic,
                      mix_ngram=mix_ngram, ngram_order=ngram_order)
     console.print(f"{r['what']}: {r['tokens']:,} tokens | loss {r['loss']:.4f} | "
                   f"ppl {r['ppl']:.3f} | {r['bpc']:.3f} bits/char", highlight=False)

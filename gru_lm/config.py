@@ -177,9 +177,7 @@ SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "run
 
 def short(value: Any, limit: int = ECHO) -> str:
     """repr() of user input, cut to `limit` characters so an error stays one readable line."""
-    text = value if isinstance(value, str) else repr(value)
-    if isinstance(value, str):
-        text = repr(value[:limit + 1])
+    text = repr(value[:limit + 1] if isinstance(value, str) else value)
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 

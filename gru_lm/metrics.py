@@ -61,34 +61,19 @@ def time_major_loss(logits: torch.Tensor, Y: torch.Tensor, reduction: str = "mea
                            reduction=reduction, ignore_index=ignore_index)
 
 
-@torch.no_grad()
 def evaluate(model, tokens: torch.Tensor, batch_size: int, num_steps: int,
              device: torch.device, autocast=nullcontext) -> tuple[float, int]:
     """Total NLL (nats) and token count over a split, every token scored once."""
-    was_training = model.training
-    model.eval()
-    nll = torch.zeros((), dtype=torch.float64, device=device)
-    count = 0
-    state = None
-    try:
-        for X, Y in eval_batches(tokens, batch_size, num_steps):
-            X, Y = X.to(device), Y.to(device)
-            if state is None:
-                state = model.begin_state(X.shape[0], device)
-            with autocast():
-                logits, state = model(X, state)
-            nll += time_major_loss(logits, Y, reduction="sum")
-            count += int((Y != -100).sum())
-    finally:
-        model.train(was_training)
-    return float(nll), count
+    logp = token_log_probs(model, tokens, batch_size, num_steps, device, autocast)
+    return -float(logp.sum()), len(logp)
 
 
 @torch.no_grad()
 def token_log_probs(model, tokens: torch.Tensor, batch_size: int, num_steps: int,
-                    device: torch.device | str = "cpu") -> torch.Tensor:
-    """log P(tokens[j + 1] | tokens[:j + 1]) for every j, float64, in text order: the same
-    streams and state as evaluate(), so the sum is minus its NLL."""
+                    device: torch.device | str = "cpu", autocast=nullcontext) -> torch.Tensor:
+    """log P(tokens[j + 1] | tokens[:j + 1]) for every j, float64, in text order. The split
+    is read as eval_batches' parallel streams with the state carried; the scores stay on
+    `device` until the end, so a GPU is synchronised once, not per batch."""
     was_training = model.training
     model.eval()
     parts, state = [], None
@@ -97,15 +82,16 @@ def token_log_probs(model, tokens: torch.Tensor, batch_size: int, num_steps: int
             X, Y = X.to(device), Y.to(device)
             if state is None:
                 state = model.begin_state(X.shape[0], device)
-            logits, state = model(X, state)
+            with autocast():
+                logits, state = model(X, state)
             logp = logits.float().log_softmax(-1).gather(-1, Y.clamp(min=0).unsqueeze(-1))
-            parts.append(logp.squeeze(-1).double().cpu())  # (streams, window)
+            parts.append(logp.squeeze(-1).double())  # (streams, window)
     finally:
         model.train(was_training)
     if not parts:
         return torch.zeros(0, dtype=torch.float64)
-    # Stream b holds text positions b * L ... b * L + L - 1 (eval_batches' layout).
-    return torch.cat(parts, dim=1).reshape(-1)[:len(tokens) - 1]
+    # Stream b holds text positions b * L ... b * L + L - 1; the padded tail is cut off.
+    return torch.cat(parts, dim=1).reshape(-1)[:len(tokens) - 1].cpu()
 
 
 def mixture_weight(logp_a: torch.Tensor, logp_b: torch.Tensor, iterations: int = 100) -> float:

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from gru_lm.cells import GRUFunction, GRUResetAfterFunction, LSTMFunction, RNNFunction
 from gru_lm.config import ModelConfig
 from gru_lm.errors import ConfigError, GruLmError
+from gru_lm.utils import available_memory
 
 State = Tensor | tuple[Tensor, ...]
 
@@ -67,29 +68,12 @@ MAX_VOCAB = 2**20
 TRAINING_COPIES = 5  # weights, gradients, two Adam moments, the EMA
 
 
-def available_memory() -> int:
-    """Bytes this machine can still give: MemAvailable on Linux, else all physical memory."""
-    import os
-
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 1 << 62
-
-
 def check_memory(cfg: ModelConfig, cls: type[RecurrentLM], vocab_size: int) -> None:
     """Count the parameters on the meta device (no memory) and refuse a model whose training
     copies would not fit, before a single weight is allocated."""
     with torch.device("meta"):
         params = count_parameters(cls(cfg, vocab_size))
-    need, have = params * 4 * TRAINING_COPIES, available_memory()
+    need, have = params * 4 * TRAINING_COPIES, available_memory()  # fp32 copies
     if need > have:
         raise ConfigError(
             f"model.num_hiddens={cfg.num_hiddens} x model.num_layers={cfg.num_layers} with "

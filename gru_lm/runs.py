@@ -242,6 +242,8 @@ def mix_with_ngram(model, ngram, val, target, cfg: Config, score=None) -> dict[s
 
 def checkpoint_for(run: Path | None, checkpoint: Path | None, runs_dir: Path) -> Path:
     """--checkpoint, else best.pt (or last.pt) of --run, else of the newest run."""
+    if run is not None and checkpoint is not None:
+        raise GruLmError("give --run or --checkpoint, not both")
     if checkpoint is not None:
         return Path(checkpoint)
     return (RunDir(run) if run is not None else find_latest(runs_dir)).best_or_last()
@@ -255,14 +257,12 @@ def load_model(path: Path):
     return cfg, vocab, model
 
 
-def predict(prefix: str, *, run: Path | None, checkpoint: Path | None, runs_dir: Path,
-            num_chars: int, temperature: float | None = None, top_k: int | None = None,
-            top_p: float | None = None, num_samples: int = 1, seed: int | None = None
-            ) -> tuple[str, list[str]]:
-    """Returns the preprocessed prefix and one continuation per sample."""
+def predict(prefix: str, path: Path, *, num_chars: int, temperature: float | None = None,
+            top_k: int | None = None, top_p: float | None = None, num_samples: int = 1,
+            seed: int | None = None) -> tuple[str, list[str]]:
+    """The preprocessed prefix and one continuation per sample, from checkpoint `path`."""
     from gru_lm.sampling import encode_prefix, generate
 
-    path = checkpoint_for(run, checkpoint, runs_dir)
     cfg, vocab, model = load_model(path)
     ids = encode_prefix(prefix, vocab, cfg.data.preset, cfg.data.lowercase)
     outs = generate(model, ids, num_chars, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -270,10 +270,11 @@ def predict(prefix: str, *, run: Path | None, checkpoint: Path | None, runs_dir:
     return vocab.decode(ids), [vocab.decode(o) for o in outs]
 
 
-def evaluate_run(*, run: Path | None, checkpoint: Path | None, split: str, text: Path | None,
-                 runs_dir: Path, offline: bool | None = None, dynamic: bool = False,
-                 mix_ngram: bool = False, ngram_order: int | None = None) -> dict[str, Any]:
-    """Score a split or a text file, beside the references counted on the training split;
+def evaluate_run(path: Path, *, split: str, text: Path | None, offline: bool | None = None,
+                 dynamic: bool = False, mix_ngram: bool = False,
+                 ngram_order: int | None = None) -> dict[str, Any]:
+    """Score a split or a text file with checkpoint `path`, beside the references counted on
+    the training split;
     `dynamic`: also with dynamic evaluation, its settings chosen on the val split;
     `mix_ngram`: also interpolated with the Kneser-Ney model, its weight chosen on val."""
     import torch
@@ -283,7 +284,6 @@ def evaluate_run(*, run: Path | None, checkpoint: Path | None, split: str, text:
     from gru_lm.metrics import bits_per_char, evaluate, perplexity, reference_baselines
     from gru_lm.ngram import KneserNey
 
-    path = checkpoint_for(run, checkpoint, runs_dir)
     cfg, vocab, model = load_model(path)
     try:
         corpus = load_corpus(cfg.data, vocab=vocab, offline=offline, progress=False)

@@ -97,7 +97,7 @@ class Trainer:
                                             device=self.device)
         self._interval_count = 0
         self._signals: list[int] = []  # SIGINT/SIGTERM caught while fit() runs
-        self._fingerprint = corpus.fingerprint()
+        self._fingerprint: str | None = None  # of the corpus' tokens, at the first save
         self._config_saved = False
         self._rates: list[float] = []  # tokens/s per log interval, for _watch_speed
         self._speed_mark = (0, 0.0)
@@ -337,7 +337,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "config": self.cfg.to_dict(),
             "vocab": self.vocab.to_dict(),
-            "data_fingerprint": self._fingerprint,
+            "data_fingerprint": self._data_fingerprint(),
             "step": self.progress.step,
             "progress": asdict(self.progress),
             "loader_epoch_state": self._epoch_gen_state if self._epoch_batches is not None
@@ -345,6 +345,11 @@ class Trainer:
             "carry_state": self.state,
             "rng": rng_state(),
         }
+
+    def _data_fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = self.corpus.fingerprint()
+        return self._fingerprint
 
     def save(self, name: str, ema: bool = False) -> None:
         path = self.run.checkpoint(name)

@@ -79,6 +79,21 @@ def write_output(path: Path, write: Callable[[IO], None], mode: str = "wb") -> N
                          "permissions and free space") from None
 
 
+def available_memory() -> int:
+    """Bytes this machine can still give: MemAvailable on Linux, else all physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62
+
+
 def file_digest(path: Path, algorithm: str) -> str:
     h = hashlib.new(algorithm)
     with open(path, "rb") as f:
