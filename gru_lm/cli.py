@@ -10,24 +10,107 @@ import functools
 import io
 import os
 import sys
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from typer.core import TyperGroup
 
 from gru_lm import __version__
 
+
+def _plain_metavars(params) -> None:
+    """`--seeds INT`, `--run DIR`, nothing after a flag, where Typer would print `<int>`,
+    `<path>` and `<bool>`."""
+    for p in params:
+        if p.metavar is not None:
+            continue
+        desc = getattr(p, "type_descriptor", None)
+        if getattr(p, "is_flag", False):
+            p.metavar = ""
+        elif p.param_type_name == "argument":
+            p.metavar = p.name.upper()
+            p.display_type_rich = lambda ctx: None  # the name says it; no second column
+        elif getattr(desc, "choices", None):
+            p.metavar = "|".join(str(getattr(c, "value", c)) for c in desc.choices)
+        elif hasattr(p, "bare_type"):
+            bare = p.bare_type().removeprefix("list[").removesuffix("]")
+            p.metavar = {"int": "INT", "float": "FLOAT", "Path": "PATH"}.get(bare, "TEXT")
+
+
+class PlainGroup(TyperGroup):
+    """The root command: gives every command plain metavars (-h/--help and the completion
+    options are made later, so they are done as they are asked for)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+
+        def walk(cmd) -> None:
+            _plain_metavars(cmd.params)
+            make_help = cmd.get_help_option
+
+            def help_option(ctx):
+                option = make_help(ctx)
+                _plain_metavars([option] if option is not None else [])
+                return option
+
+            cmd.get_help_option = help_option
+            for sub in getattr(cmd, "commands", {}).values():
+                walk(sub)
+
+        walk(self)
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        _plain_metavars(params)
+        return params
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        """A usage error (unknown option, bad value) is one `error:` line too, like every
+        other error, instead of Typer's framed panel."""
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except typer.Abort:
+            err_console.print("[red]aborted[/red]")
+            sys.exit(1)
+        except Exception as e:  # click's ClickException, whose module Typer keeps private
+            if not hasattr(e, "format_message") or not hasattr(e, "exit_code"):
+                raise
+            if type(e).__name__ != "NoArgsIsHelpError":  # that one printed the help already
+                ctx = getattr(e, "ctx", None)
+                hint = f" (see {ctx.command_path} -h)" if ctx is not None else ""
+                message = e.format_message().replace("Value error, ", "").rstrip(".")
+                err_console.print(f"[red]error:[/red] {escape(message + hint)}",
+                                  highlight=False, soft_wrap=True)
+            sys.exit(e.exit_code)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
     name="gru-lm",
+    cls=PlainGroup,
     help="Train, sample and honestly compare character-level recurrent language models.",
     no_args_is_help=True,
     rich_markup_mode="rich",
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 data_app = typer.Typer(help="Download and inspect corpora.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+config_app = typer.Typer(help="Show the configuration keys and their values.",
+                         no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+
+def example(*lines: str) -> str:
+    """An epilog for --help: the command lines that show how a command is used."""
+    return "[bold]Examples[/bold]\n\n" + "\n\n".join(f"  $ {line}" for line in lines)
 
 class Stdout:
     """sys.stdout (looked up at each write, so tests can swap it) that survives its reader
@@ -72,18 +155,36 @@ stdout = Stdout()
 console = Console(file=stdout, soft_wrap=True)
 err_console = Console(stderr=True)
 
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", metavar="FILE",
+                                               help="YAML config file.")]
 Overrides = Annotated[list[str] | None, typer.Argument(
     help="Overrides like train.lr=0.5 model.num_hiddens=512.", show_default=False)]
 OfflineOpt = Annotated[bool, typer.Option("--offline", help="Never touch the network.")]
-RunOpt = Annotated[Path | None, typer.Option("--run", help="Run directory (default: newest).")]
-CkptOpt = Annotated[Path | None, typer.Option("--checkpoint", help="Checkpoint file.")]
-RunsDirOpt = Annotated[Path, typer.Option("--runs-dir", help="Where runs live.")]
+RunOpt = Annotated[Path | None, typer.Option("--run", metavar="DIR",
+                                            help="Run directory (default: the newest run).")]
+CkptOpt = Annotated[Path | None, typer.Option("--checkpoint", metavar="FILE",
+                                              help="Checkpoint file.")]
+RunsDirOpt = Annotated[Path, typer.Option("--runs-dir", metavar="DIR", help="Where runs live.")]
 
 
-def print_table(table) -> None:
-    """Tables keep their columns when piped: a wide console instead of the default 80."""
-    (console if console.is_terminal else Console(file=stdout, width=160)).print(table)
+class Split(StrEnum):
+    val = "val"
+    test = "test"
+    train = "train"
+
+
+def print_table(table, width: int | None = None) -> None:
+    """Tables fit the terminal; piped, they keep their columns (160 wide, or $COLUMNS);
+    `width` forces one (--wide: every column whole, however narrow the terminal)."""
+    if width is not None:
+        Console(file=stdout, width=width).print(table)
+        return
+    if console.is_terminal:
+        console.print(table)
+        return
+    columns = os.environ.get("COLUMNS", "")
+    Console(file=stdout, width=int(columns) if columns.isdigit() and int(columns) > 0 else 160
+            ).print(table)
 
 
 def handle_errors(fn):
@@ -91,16 +192,22 @@ def handle_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from gru_lm.errors import GruLmError
+        from gru_lm.errors import GruLmError, TrainingInterrupted
 
         try:
             return fn(*args, **kwargs)
+        except TrainingInterrupted as e:  # Ctrl-C or SIGTERM, saved: not an error
+            err_console.print(f"[yellow]interrupted:[/yellow] {escape(str(e))}", highlight=False,
+                              soft_wrap=True)
+            raise typer.Exit(e.exit_code) from None
         except GruLmError as e:
-            err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+            err_console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False,
+                              soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
         except OSError as e:
             where = f" ({e.filename})" if e.filename else ""
-            err_console.print(f"[red]error:[/red] {e.strerror or e}{where}; check the path, "
+            err_console.print(f"[red]error:[/red] {escape(str(e.strerror or e) + where)}; "
+                              "check the path, "
                               "free disk space or fix permissions", highlight=False,
                               soft_wrap=True)
             raise typer.Exit(1) from None
@@ -140,7 +247,8 @@ def in_range(flag: str, value: int | None, lo: int, hi: int) -> None:
 # ---------------------------------------------------------------- data
 
 
-@data_app.command("download")
+@data_app.command("download", epilog=example(
+    "gru-lm data download", "GRU_LM_DATA_DIR=/mnt/corpora gru-lm data download --offline"))
 @handle_errors
 def data_download(
     dataset: Annotated[str, typer.Option(help="Registered dataset name.")] = "timemachine",
@@ -148,13 +256,21 @@ def data_download(
     offline: OfflineOpt = False,
 ) -> None:
     """Download a dataset into the cache (verified by SHA-1)."""
-    from gru_lm.download import fetch, get_dataset
+    from gru_lm.download import fetch, find_local, get_dataset
 
-    path = fetch(get_dataset(dataset), cache_dir, offline=_offline(offline))
-    console.print(f"{dataset}: {path} (sha1 verified)", highlight=False)
+    spec = get_dataset(dataset)
+    found = find_local(spec, cache_dir)
+    if found is not None:
+        console.print(f"{dataset}: {found[0]} (found in {found[1]}, SHA-1 verified; nothing "
+                      "downloaded)", highlight=False)
+        return
+    path = fetch(spec, cache_dir, offline=_offline(offline))
+    console.print(f"{dataset}: downloaded to {path} (SHA-1 verified)", highlight=False)
 
 
-@data_app.command("info")
+@data_app.command("info", epilog=example(
+    "gru-lm data info", "gru-lm data info --config configs/gru.yaml data.path=my.txt "
+    "data.preset=raw"))
 @handle_errors
 def data_info(config: ConfigOpt = None, overrides: Overrides = None,
               offline: OfflineOpt = False,
@@ -170,12 +286,16 @@ def data_info(config: ConfigOpt = None, overrides: Overrides = None,
     cfg = load_config(config, overrides)
     corpus = load_corpus(cfg.data, offline=_offline(offline))
     v = corpus.vocab
-    table = Table(title=f"corpus: {cfg.data.dataset or cfg.data.path or cfg.data.url}")
+    table = Table(title=f"corpus: {corpus.source}")
     table.add_column("what")
     table.add_column("value")
-    table.add_row("file", corpus.source)
+    table.add_row("source", cfg.data.url if cfg.data.url else
+                  f"data.path {cfg.data.path}" if cfg.data.path else
+                  f"dataset {cfg.data.dataset}")
     table.add_row("raw characters", f"{corpus.raw_chars:,}")
     table.add_row(f"tokens ({cfg.data.preset} preset)", f"{corpus.num_tokens:,}")
+    if corpus.note:
+        table.add_row("preprocessing", corpus.note)
     table.add_row("vocabulary size", str(len(v)))
     freqs = ", ".join(f"{t!r} {f:,}" for t, f in v.token_freqs[:top])
     table.add_row(f"top {top} tokens", freqs)
@@ -184,10 +304,31 @@ def data_info(config: ConfigOpt = None, overrides: Overrides = None,
     print_table(table)
 
 
+# ---------------------------------------------------------------- config
+
+
+@config_app.command("show", epilog=example(
+    "gru-lm config show", "gru-lm config show --config configs/gru.yaml train.lr=0.005"))
+@handle_errors
+def config_show(config: ConfigOpt = None, overrides: Overrides = None) -> None:
+    """Print the resolved config as YAML, with what each key means.
+
+    Defaults, then the file, then the overrides; a value that differs from the default shows
+    the default too. The output is a valid config file."""
+    from gru_lm.config import described_yaml, load_config
+
+    cfg = load_config(config, overrides)
+    console.print(f"# resolved from {config or 'the defaults'}"
+                  f"{' + ' + ' '.join(overrides) if overrides else ''}", highlight=False,
+                  markup=False)
+    console.print(described_yaml(cfg), highlight=False, markup=False, end="")
+
+
 # ---------------------------------------------------------------- models
 
 
-@app.command("models")
+@app.command("models", epilog=example("gru-lm models",
+                                      "gru-lm models --num-hiddens 512"))
 @handle_errors
 def models_cmd(
     num_hiddens: Annotated[int, typer.Option(help="Hidden units for the count.")] = 256,
@@ -213,7 +354,10 @@ def models_cmd(
 # ---------------------------------------------------------------- train
 
 
-@app.command("train")
+@app.command("train", epilog=example(
+    "gru-lm train --config configs/gru.yaml",
+    "gru-lm train --config configs/tiny.yaml train.max_steps=100 model.name=lstm",
+    "gru-lm train --resume runs/gru-20261123-101500"))
 @handle_errors
 def train_cmd(
     config: ConfigOpt = None,
@@ -246,7 +390,7 @@ def _print_summary(summary: dict) -> None:
 # ---------------------------------------------------------------- runs
 
 
-@app.command("runs")
+@app.command("runs", epilog=example("gru-lm runs", "gru-lm runs --runs-dir runs/cmp"))
 @handle_errors
 def runs_cmd(runs_dir: RunsDirOpt = Path("runs")) -> None:
     """List the runs under --runs-dir, newest first: model, steps, perplexity, status."""
@@ -299,46 +443,74 @@ def _which_checkpoint(run: Path | None, checkpoint: Path | None, runs_dir: Path)
 # ---------------------------------------------------------------- predict / evaluate
 
 
-@app.command("predict")
+@app.command("predict", epilog=example(
+    'gru-lm predict "time traveller"',
+    'gru-lm predict "the machine" -n 200 --num-samples 3 --seed 1',
+    "gru-lm predict --prefix-file chapter1.txt --run runs/lstm-20261123-101500",
+    "echo 'the time' | gru-lm predict --prefix-file - --temperature 0.7"))
 @handle_errors
 def predict_cmd(
-    prefix: Annotated[str, typer.Argument(help="Text to continue.")],
+    prefix: Annotated[str | None, typer.Argument(
+        help="Text to continue (or use --prefix-file).", show_default=False)] = None,
+    prefix_file: Annotated[Path | None, typer.Option(
+        "--prefix-file", metavar="FILE|-", help="Read the prefix from a file (- : stdin).")
+                           ] = None,
     run: RunOpt = None,
     checkpoint: CkptOpt = None,
     num_chars: Annotated[int, typer.Option("--num-chars", "-n", help="Characters to add.")] = 50,
     temperature: Annotated[float | None, typer.Option(
-        help="Sample with this temperature (default: greedy).")] = None,
+        help="Sampling temperature (default 1 when sampling).")] = None,
     top_k: Annotated[int | None, typer.Option(help="Sample from the k likeliest.")] = None,
     top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass.")] = None,
     num_samples: Annotated[int, typer.Option(help="Continuations to draw.")] = 1,
     seed: Annotated[int | None, typer.Option(help="Seed for sampling.")] = None,
     runs_dir: RunsDirOpt = Path("runs"),
 ) -> None:
-    """Continue a prefix with a trained model (greedy by default, as the book)."""
-    from gru_lm.sampling import check_prefix, check_sampling_args
+    """Continue a prefix with a trained model (greedy by default, as the book).
 
+    Any of --temperature, --top-k, --top-p, --seed or --num-samples > 1 samples instead
+    (temperature 1 unless given)."""
+    from gru_lm.errors import GruLmError
+    from gru_lm.sampling import (
+        check_prefix,
+        check_sampling_args,
+        read_prefix_file,
+        sampling_temperature,
+    )
+
+    if (prefix is None) == (prefix_file is None):
+        raise GruLmError("give the prefix as an argument or with --prefix-file FILE (- for "
+                         "stdin), not both" if prefix is not None else
+                         "give a prefix to continue, e.g. gru-lm predict \"time traveller\"")
+    if prefix_file is not None:
+        prefix = read_prefix_file(prefix_file)
     check_prefix(prefix)
     check_sampling_args(num_chars, temperature, top_k, top_p, num_samples, seed)
     from gru_lm.runs import predict
 
     path = _which_checkpoint(run, checkpoint, runs_dir)
+    temperature = sampling_temperature(temperature, top_k, top_p, num_samples, seed)
     prompt, outputs = predict(prefix, path, num_chars=num_chars, temperature=temperature,
                               top_k=top_k, top_p=top_p, num_samples=num_samples, seed=seed)
     pretty = console.is_terminal
     for text in outputs:
         if pretty:
-            console.print(f"[bold cyan]{prompt}[/bold cyan]{text}", highlight=False,
+            console.print(f"[bold cyan]{escape(prompt)}[/bold cyan]{escape(text)}",
+                          highlight=False,
                           markup=True)
         else:
             stdout.write(prompt + text + "\n")
 
 
-@app.command("evaluate")
+@app.command("evaluate", epilog=example(
+    "gru-lm evaluate", "gru-lm evaluate --run runs/lstm-20261123-101500 --dynamic --mix-ngram",
+    "gru-lm evaluate --text my.txt"))
 @handle_errors
 def evaluate_cmd(
     run: RunOpt = None,
     checkpoint: CkptOpt = None,
-    split: Annotated[str, typer.Option(help="val or test.")] = "test",
+    split: Annotated[Split, typer.Option(help="Which split of the run's corpus to score.")
+                     ] = Split.test,
     text: Annotated[Path | None, typer.Option(help="Score this text file instead.")] = None,
     dynamic: Annotated[bool, typer.Option(
         "--dynamic", help="Also score with dynamic evaluation (settings chosen on val).")
@@ -353,16 +525,12 @@ def evaluate_cmd(
     runs_dir: RunsDirOpt = Path("runs"),
 ) -> None:
     """Report loss, perplexity and bits/char of a trained model on held-out text."""
-    from gru_lm.errors import GruLmError
-    from gru_lm.runs import evaluate_run
-
-    if split not in ("val", "test", "train"):
-        raise GruLmError(f"--split {split!r} is invalid; choose val, test or train")
     from gru_lm.display import references_text
+    from gru_lm.runs import evaluate_run
 
     in_range("--ngram-order", ngram_order, 1, 8)
     path = _which_checkpoint(run, checkpoint, runs_dir)
-    r = evaluate_run(path, split=split, text=text, offline=_offline(offline), dynamic=dynamic,
+    r = evaluate_run(path, split=split.value, text=text, offline=_offline(offline), dynamic=dynamic,
                      mix_ngram=mix_ngram, ngram_order=ngram_order)
     console.print(f"{r['what']}: {r['tokens']:,} tokens | loss {r['loss']:.4f} | "
                   f"ppl {r['ppl']:.3f} | {r['bpc']:.3f} bits/char", highlight=False)
@@ -406,7 +574,10 @@ def main() -> None:
 # ---------------------------------------------------------------- compare / plot
 
 
-@app.command("compare")
+@app.command("compare", epilog=example(
+    "gru-lm compare configs/gru.yaml configs/lstm.yaml --seeds 3",
+    "gru-lm compare configs/gru.yaml configs/gru-scratch.yaml --budget-s 60 -q",
+    "gru-lm compare --runs runs/cmp/gru-s0 runs/cmp/lstm-s0 --wide"))
 @handle_errors
 def compare_cmd(
     configs: Annotated[list[Path] | None, typer.Argument(
@@ -424,6 +595,12 @@ def compare_cmd(
                     ] = False,
     resume: Annotated[bool, typer.Option(help="Skip finished member runs, resume the rest.")
                       ] = False,
+    wide: Annotated[bool, typer.Option(
+        "--wide", help="All columns (params, train ppl, bits/char, time, time to target, stop "
+        "reason); results.csv and results.json always have them.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q",
+                                        help="Print only the table, not the training.")
+                     ] = False,
     offline: OfflineOpt = False,
     runs_dir: RunsDirOpt = Path("runs"),
 ) -> None:
@@ -441,29 +618,40 @@ def compare_cmd(
         dest = out or timestamped_out(runs_dir)
         result = run_comparison(list(configs or []), seeds=seeds,
                                 budget=Budget(budget_s, epochs, tokens), out=dest,
-                                resume=resume, offline=_offline(offline), console=console)
-    _print_comparison(result, dest)
+                                resume=resume, offline=_offline(offline),
+                                console=None if quiet else console)
+    _print_comparison(result, dest, wide)
 
 
-def _print_comparison(result: dict, out: Path) -> None:
+def _print_comparison(result: dict, out: Path, wide: bool = False) -> None:
+    """The table fits 80 columns: model, seeds, val ppl (± std over seeds), test ppl, tok/s;
+    --wide adds the rest."""
     from rich.table import Table
 
     def f(x, fmt):
         return "-" if x is None else format(x, fmt)
 
     target = result["target_val_ppl"]
+    columns = ["model", "seeds", "val ppl", "test ppl", "tok/s"]
+    if wide:
+        columns += ["params", "train ppl", "bits/char", "wall s",
+                    f"s to val ppl {f(target, '.2f')}", "stopped by"]
     table = Table(title="comparison (mean over seeds)")
-    for col in ("model", "params", "seeds", "val ppl", "test ppl", "train ppl", "bits/char",
-                "tok/s", "wall s", f"s to val ppl {f(target, '.2f')}", "stopped by"):
-        table.add_column(col, justify="left" if col in ("model", "stopped by") else "right")
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("model", "stopped by") else "right",
+                         no_wrap=col not in ("model", "stopped by"))
     for r in result["rows"]:
-        table.add_row(r["model"], f(r["params"], ","), str(r["seeds"]),
-                      f"{f(r['val_ppl_mean'], '.3f')} ± {f(r['val_ppl_std'], '.3f')}",
-                      f(r["test_ppl_mean"], ".3f"), f(r["train_ppl_mean"], ".3f"),
-                      f(r["val_bpc_mean"], ".3f"), f(r["tokens_per_s_mean"], ",.0f"),
-                      f(r["wall_s_mean"], ".1f"), f(r["time_to_target_s_mean"], ".1f"),
-                      ", ".join(r["stopped_by"]))
-    print_table(table)
+        val = f(r["val_ppl_mean"], ".3f")
+        if r["seeds"] > 1:
+            val += f" ± {f(r['val_ppl_std'], '.3f')}"
+        cells = [r["model"], str(r["seeds"]), val, f(r["test_ppl_mean"], ".3f"),
+                 f(r["tokens_per_s_mean"], ",.0f")]
+        if wide:
+            cells += [f(r["params"], ","), f(r["train_ppl_mean"], ".3f"),
+                      f(r["val_bpc_mean"], ".3f"), f(r["wall_s_mean"], ".1f"),
+                      f(r["time_to_target_s_mean"], ".1f"), ", ".join(r["stopped_by"])]
+        table.add_row(*cells)
+    print_table(table, width=200 if wide else None)
     refs = result.get("references", {})
     if "ngram_ppl" in refs:
         from gru_lm.display import references_text
@@ -474,24 +662,34 @@ def _print_comparison(result: dict, out: Path) -> None:
                   highlight=False)
 
 
-@app.command("plot")
+@app.command("plot", epilog=example(
+    "gru-lm plot runs/gru-20261123-101500",
+    "gru-lm plot runs/cmp/gru-s0 runs/cmp/lstm-s0 --out gru-vs-lstm.svg"))
 @handle_errors
 def plot_cmd(
-    run: Annotated[Path, typer.Argument(help="Run directory.")],
-    out: Annotated[Path | None, typer.Option(help="PNG file (default RUN/curves.png).")
-                   ] = None,
+    runs: Annotated[list[Path], typer.Argument(help="Run directories (one or more).",
+                                               show_default=False)],
+    out: Annotated[Path | None, typer.Option(
+        metavar="FILE", help="Figure file, .png, .svg or .pdf (default: RUN/curves.png for "
+        "one run, curves.png for several).")] = None,
 ) -> None:
-    """Plot the train and validation perplexity of one run as PNG."""
-    from gru_lm.compare import plot_run
+    """Plot train and validation perplexity of one or more runs.
 
-    path = plot_run(run, out or run / "curves.png")
+    The best evaluation is starred; the unigram and n-gram baselines are grey lines."""
+    from gru_lm.compare import plot_runs
+
+    path = out or (runs[0] / "curves.png" if len(runs) == 1 else Path("curves.png"))
+    for note in plot_runs(runs, path):
+        err_console.print(f"note: {note}", highlight=False, soft_wrap=True)
     console.print(f"wrote {path}", highlight=False)
 
 
 # ---------------------------------------------------------------- gates
 
 
-@app.command("gates")
+@app.command("gates", epilog=example(
+    'gru-lm gates "the time traveller smiled"',
+    'gru-lm gates "the time traveller" --units 32 --png gates.svg --json gates.json'))
 @handle_errors
 def gates_cmd(
     text: Annotated[str, typer.Argument(help="Text to run through the model.")],
@@ -500,7 +698,8 @@ def gates_cmd(
     layer: Annotated[int, typer.Option(help="Which layer's gates.")] = 0,
     units: Annotated[int, typer.Option(help="How many of the most active units to plot.")
                      ] = 16,
-    png: Annotated[Path | None, typer.Option(help="Write a heatmap PNG here.")] = None,
+    png: Annotated[Path | None, typer.Option(
+        metavar="FILE", help="Write a heatmap here (.png, .svg or .pdf).")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the values as JSON.")
                         ] = None,
     runs_dir: RunsDirOpt = Path("runs"),
@@ -510,6 +709,10 @@ def gates_cmd(
     from gru_lm.runs import load_model
 
     check_units(units)
+    if png is not None:
+        from gru_lm.utils import figure_format
+
+        figure_format(png)
     path = _which_checkpoint(run, checkpoint, runs_dir)
     cfg, vocab, model = load_model(path)
     report = gate_report(model, vocab, cfg.data.preset, cfg.data.lowercase, text, layer, units)
@@ -519,7 +722,8 @@ def gates_cmd(
         console.print(strip)
     console.print(report.legend(), highlight=False, markup=False)
     if png is not None:
-        report.write_png(png)
+        where = path.parent.parent if path.parent.name == "checkpoints" else path
+        report.write_png(png, title=f"{cfg.model.name} gates, layer {layer}, run {where.name}")
         console.print(f"wrote {png}", highlight=False)
     if json_out is not None:
         report.write_json(json_out)

@@ -14,10 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 from gru_lm.config import load_config
 from gru_lm.errors import GruLmError, TrainingInterrupted
 from gru_lm.rundir import RunDir
-from gru_lm.utils import write_output
+from gru_lm.utils import figure_format, pyplot, write_output
 
 _SEEDED = re.compile(r"^(?P<label>.+)-s(?P<seed>\d+)$")
 
@@ -90,18 +92,26 @@ def _train_members(configs: list[Path], loaded: list, seeds: int, budget: Budget
                    offline: bool | None, console) -> None:
     from gru_lm.runs import train_run
 
+    total = len(configs) * seeds
+    durations: list[float] = []  # wall seconds of the members trained in this call
+    member = 0
     for cfg_path, cfg in zip(configs, loaded, strict=True):
         for seed in range(seeds):
+            member += 1
             name = f"{Path(cfg_path).stem}-s{seed}"
             run = RunDir(out / name)
             if run.summary.is_file():
                 if console is not None:
-                    console.print(f"[dim]{name}: finished earlier, kept[/dim]")
+                    console.print(f"[dim]{escape(f'member {member}/{total} {name}')}: "
+                                  "finished earlier, kept[/dim]")
                 continue
             overrides = [f"train.seed={seed}", f"run.runs_dir={out}",
                          *budget.overrides(cfg.train.batch_size, cfg.train.num_steps)]
             if console is not None:
-                console.rule(f"{name}")
+                eta = (f", about {_duration(statistics.fmean(durations) * (total - member + 1))}"
+                       " left" if durations else "")
+                console.rule(escape(f"member {member}/{total}: {name}{eta}"))
+            started = time.perf_counter()
             try:
                 if run.checkpoint().is_file():
                     train_run(None, [], resume=run.path, offline=offline, console=console)
@@ -117,6 +127,11 @@ def _train_members(configs: list[Path], loaded: list, seeds: int, budget: Budget
                     f"comparison interrupted in {name}; finished members are kept. Continue "
                     f"with: gru-lm compare {args} --seeds {seeds} --out {out} --resume "
                     "(and the same budget option)", exit_code=e.exit_code) from None
+            durations.append(time.perf_counter() - started)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
 # ---------------------------------------------------------------- reading runs
@@ -222,10 +237,7 @@ def _band(evals_per_seed: list[list[dict]], x_key: str):
 
 
 def plot_curves(groups: dict[str, list[dict]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=80)
     for label, g in groups.items():
@@ -246,29 +258,59 @@ def plot_curves(groups: dict[str, list[dict]], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_run(run_dir: Path, path: Path) -> Path:
-    """Train and validation perplexity of one run against steps."""
-    import matplotlib
+def plot_runs(run_dirs: list[Path], path: Path) -> list[str]:
+    """Train (dashed) and validation (solid) perplexity of one or more runs against steps, the
+    best evaluation starred, and the baselines of the first finished run as grey lines. The
+    format follows the suffix of `path`. Returns notes for the user (runs drawn as points)."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    fmt = figure_format(path)
+    seen: set[str] = set()
+    for d in run_dirs:
+        if os.path.realpath(d) in seen:
+            raise GruLmError(f"{d} is given twice; give every run folder once")
+        seen.add(os.path.realpath(d))
+    series = [(Path(d), _read_metrics_only(Path(d))) for d in run_dirs]
 
-    r = _read_metrics_only(run_dir)
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=80)
-    steps = [e["step"] for e in r]
-    ax.plot(steps, [e["train_ppl"] for e in r], label="train")
-    if any("val_ppl" in e for e in r):
-        ax.plot([e["step"] for e in r if "val_ppl" in e], [e["val_ppl"] for e in r
-                                                          if "val_ppl" in e], label="val")
+    plt = pyplot()
+
+    notes = []
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=80)
+    for run_dir, evals in series:
+        marker = "o" if len(evals) < 3 else None
+        if len(evals) == 1:
+            notes.append(f"{run_dir} has one evaluation (step {evals[0]['step']}): drawn as "
+                         "points, not a curve")
+        steps = [e["step"] for e in evals]
+        (line,) = ax.plot(steps, [e["train_ppl"] for e in evals], linestyle="--",
+                          marker=marker, label=f"{run_dir.name} train")
+        val = [(e["step"], e["val_ppl"]) for e in evals if "val_ppl" in e]
+        if val:
+            ax.plot(*zip(*val, strict=True), color=line.get_color(), marker=marker,
+                    label=f"{run_dir.name} val")
+            best = min(val, key=lambda x: x[1])
+            ax.plot(*best, marker="*", markersize=14, color=line.get_color(),
+                    markeredgecolor="black", linestyle="none")
+            ax.annotate(f"best {best[1]:.3f}", best, textcoords="offset points",
+                        xytext=(4, -12), fontsize=7)
+    refs = next((RunDir(d).read_summary() for d in run_dirs
+                 if "ngram_ppl" in RunDir(d).read_summary()), {})
+    for key, label in (("unigram_ppl", "unigram"), ("ngram_ppl", f"{refs.get('ngram_order')}"
+                                                    "-gram Kneser-Ney")):
+        if key in refs:
+            ax.axhline(refs[key], color="grey", linewidth=0.8, linestyle=":")
+            ax.annotate(f"{label} {refs[key]:.2f}", (0, refs[key]), xycoords=("axes fraction",
+                        "data"), textcoords="offset points", xytext=(2, 2), fontsize=7,
+                        color="grey")
+    ax.set_yscale("log")
     ax.set_xlabel("step")
-    ax.set_ylabel("perplexity")
-    ax.set_title(run_dir.name)
+    ax.set_ylabel("perplexity (log scale)")
+    ax.set_title(series[0][0].name if len(series) == 1 else f"{len(series)} runs")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
-    write_output(path, lambda f: fig.savefig(f, format="png"))
+    write_output(path, lambda f: fig.savefig(f, format=fmt))
     plt.close(fig)
-    return path
+    return notes
 
 
 def _read_metrics_only(run_dir: Path) -> list[dict]:
@@ -292,7 +334,8 @@ def write_samples(groups: dict[str, list[dict]], path: Path) -> None:
     from gru_lm.sampling import encode_prefix, generate
 
     lines = ["# Samples", "", "Greedy and sampled (temperature 0.8, seed 0) continuations of "
-             "each model's train.sample_prefixes, from its first seed's best checkpoint.", ""]
+             "each model's train.sample_prefixes, from its first seed's best checkpoint; "
+             "each line holds the continuation only, after the prefix it continues.", ""]
     for label, g in groups.items():
         try:
             cfg, vocab, model = load_model(checkpoint_for(g[0]["dir"], None, Path(".")))
@@ -306,10 +349,10 @@ def write_samples(groups: dict[str, list[dict]], path: Path) -> None:
             except GruLmError as e:
                 lines.append(f"- `{prefix}`: (no sample: {e})")
                 continue
-            text = vocab.decode(ids)
             greedy = vocab.decode(generate(model, ids, 80)[0])
             sampled = vocab.decode(generate(model, ids, 80, temperature=0.8, seed=0)[0])
-            lines += [f"- greedy: `{text}{greedy}`", f"- sampled: `{text}{sampled}`"]
+            lines += [f"- prefix `{vocab.decode(ids)}`, continued:",
+                      f"  - greedy: `{greedy}`", f"  - sampled: `{sampled}`"]
         lines.append("")
     write_output(path, lambda f: f.write("\n".join(lines)), "w")
 

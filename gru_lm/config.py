@@ -133,6 +133,10 @@ class TrainConfig(_Section):
     ngram_order: int = Field(5, ge=1, le=8, description="order of the Kneser-Ney reference")
     eval_batch_size: int = Field(32, ge=1, le=2**20, description="parallel streams when evaluating")
     log_interval: int = Field(10, ge=1, le=10**6, description="steps between display updates")
+    tensorboard: bool = Field(
+        False, description="also write metrics as TensorBoard events in RUN/tensorboard "
+        "(needs the tensorboard extra)"
+    )
     sample_interval: int = Field(500, ge=1, le=BIG, description="steps between samples")
     sample_prefixes: list[str] = Field(
         default_factory=lambda: ["time traveller", "traveller"], max_length=64,
@@ -329,6 +333,31 @@ def load_config(path: Path | None, overrides: list[str] | None = None) -> Config
     raw = read_yaml(path) if path is not None else {}
     raw = apply_overrides(raw, overrides or [])
     return validate(raw, source=str(path) if path is not None else "config")
+
+
+def _flow(value: Any) -> str:
+    """One YAML scalar or flow list, as it would be written in a config file."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**6, sort_keys=False)
+    return text.removesuffix("\n...\n").strip()
+
+
+def described_yaml(cfg: Config) -> str:
+    """The config as YAML that loads back to `cfg`, each key followed by its description and,
+    where the value is not the default, the default."""
+    defaults = Config()
+    lines = []
+    for section, cls in SECTIONS.items():
+        lines.append(f"{section}:")
+        values = getattr(cfg, section).model_dump(mode="json")
+        default_values = getattr(defaults, section).model_dump(mode="json")
+        rows = [(f"  {key}: {_flow(value)}", key, value) for key, value in values.items()]
+        width = max(len(r[0]) for r in rows)
+        for text, key, value in rows:
+            note = cls.model_fields[key].description or ""
+            if value != default_values[key]:
+                note += f" [default: {_flow(default_values[key])}]"
+            lines.append(f"{text.ljust(width)}  # {note}" if note else text)
+    return "\n".join(lines) + "\n"
 
 
 def save_config(cfg: Config, path: Path) -> None:

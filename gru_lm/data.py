@@ -19,6 +19,9 @@ if TYPE_CHECKING:
 
 UNK = "<unk>"
 _NON_LETTERS = re.compile(r"[^A-Za-z]+")
+_NON_LETTER = re.compile(r"[^A-Za-z]")
+_CAPITAL = re.compile(r"[A-Z]")
+_NON_ASCII = re.compile(r"[^\x00-\x7f]")
 
 
 def preprocess(text: str, preset: str = "d2l", lowercase: bool = False) -> list[str]:
@@ -31,6 +34,22 @@ def preprocess(text: str, preset: str = "d2l", lowercase: bool = False) -> list[
         text = unicodedata.normalize("NFC", text)
         return list(text.lower() if lowercase else text)
     raise DataError(f"unknown preprocessing preset '{preset}'; choose d2l or raw")
+
+
+def preset_note(text: str, tokens: list[str], preset: str) -> str:
+    """What the d2l preset did to `text` (once per run, so a user whose text is not English
+    prose sees it and can switch to the raw preset); "" for the raw preset."""
+    if preset != "d2l":
+        return ""
+    non_letters = len(_NON_LETTER.findall(text))
+    non_ascii = len(_NON_ASCII.findall(text))
+    spaces = tokens.count(" ")
+    what = "digits, punctuation, line breaks"
+    if non_ascii:
+        what += f", {non_ascii:,} non-ASCII characters such as accented letters"
+    return (f"the d2l preset turned {non_letters:,} non-letters ({what}) into {spaces:,} "
+            f"spaces and lowercased {len(_CAPITAL.findall(text)):,} capitals; "
+            "data.preset=raw keeps the text as it is")
 
 
 class Vocab:
@@ -89,6 +108,7 @@ class Corpus:
     train: torch.Tensor
     val: torch.Tensor
     test: torch.Tensor
+    note: str = ""  # what the preprocessing changed (preset_note)
 
     @property
     def num_tokens(self) -> int:
@@ -163,7 +183,8 @@ def load_corpus(cfg: DataConfig, vocab: Vocab | None = None, offline: bool | Non
     n_test = int(n * cfg.test_fraction)
     return Corpus(vocab=vocab, raw_chars=len(text), source=str(path),
                   train=ids[:n_train], val=ids[n_train:n_train + n_val],
-                  test=ids[n_train + n_val:n_train + n_val + n_test])
+                  test=ids[n_train + n_val:n_train + n_val + n_test],
+                  note=preset_note(text, tokens, cfg.preset))
 
 
 class BatchLoader:

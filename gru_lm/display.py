@@ -9,7 +9,38 @@ import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from rich.markup import escape
+
 from gru_lm.metrics import perplexity
+
+
+class TensorBoard:
+    """The numbers of each metrics.jsonl record as TensorBoard scalars (train.tensorboard),
+    in RUN/tensorboard; a resume first drops the events after its checkpoint's step."""
+
+    def __init__(self, log_dir, purge_step: int | None = None):
+        self.writer = tensorboard_writer()(str(log_dir), purge_step=purge_step)
+
+    def scalars(self, rec: dict[str, Any]) -> None:
+        for key, value in rec.items():
+            if key != "step" and isinstance(value, int | float) and not isinstance(value, bool):
+                self.writer.add_scalar(key, value, rec["step"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def tensorboard_writer():
+    """torch's SummaryWriter, or a ConfigError saying how to get it."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        from gru_lm.errors import ConfigError
+
+        raise ConfigError("train.tensorboard needs the tensorboard package: pip install "
+                          "'gru-lm[tensorboard]' (or set train.tensorboard=false)") from None
+    return SummaryWriter
 
 
 def references_text(ref: dict) -> str:
@@ -28,10 +59,15 @@ class Reporter:
         if self.console is not None:
             self.console.print(text, highlight=False, soft_wrap=True, **kw)
 
-    def header(self, *, model: str, params: int, splits: tuple[int, int, int],
-               batches_per_epoch: int, device: str, kernels: str,
-               reference: dict[str, float], reference_split: str) -> None:
-        train, val, test = splits
+    def header(self, *, corpus, model: str, params: int, batches_per_epoch: int,
+               device: str, kernels: str, reference: dict[str, float],
+               reference_split: str) -> None:
+        train, val, test = len(corpus.train), len(corpus.val), len(corpus.test)
+        self._print(f"corpus {corpus.source}: {corpus.raw_chars:,} characters, "
+                    f"{corpus.num_tokens:,} tokens, vocabulary {len(corpus.vocab)}",
+                    markup=False)
+        if corpus.note:
+            self._print(f"[dim]{escape(corpus.note)}[/dim]")
         self._print(
             f"[bold]{model}[/bold] {params:,} params | train {train:,} / val {val:,} / "
             f"test {test:,} tokens | {batches_per_epoch} batches/epoch | device {device} | "
@@ -48,35 +84,48 @@ class Reporter:
         self._print(" | ".join(parts))
 
     def warning(self, text: str) -> None:
-        self._print(f"[yellow]warning:[/yellow] {text}")
+        self._print(f"[yellow]warning:[/yellow] {escape(text)}")
 
     def samples(self, lines: list[str]) -> None:
         for line in lines:
-            self._print(f"[dim]{line}[/dim]")
+            self._print(f"[dim]{escape(line)}[/dim]")
 
     @contextlib.contextmanager
-    def live(self, total_steps: int | None) -> Iterator[Callable[[Any], None]]:
-        """A progress bar on a terminal; yields update(progress), a no-op elsewhere."""
+    def live(self, train_cfg, total_steps: int | None) -> Iterator[Callable[[Any], None]]:
+        """A progress bar on a terminal; yields update(progress), a no-op elsewhere. The bar
+        follows whichever limit (steps, epochs, seconds) is closest, with an ETA."""
         if self.console is None or not self.console.is_terminal:
             yield lambda progress: None
             return
-        from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
+        from rich.progress import BarColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
         from rich.progress import Progress as Bar
 
-        bar = Bar(TextColumn("[bold blue]train"), BarColumn(),
-                  TextColumn("{task.completed}/{task.total} steps"),
-                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
-                  console=self.console, transient=True)
+        from gru_lm.schedule import fraction_done
+
+        bar = Bar(TextColumn("[bold blue]train"), BarColumn(), TextColumn("{task.fields[where]}"),
+                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"),
+                  TimeRemainingColumn(), console=self.console, transient=True)
         with bar:
-            task = bar.add_task("train", total=total_steps, info="")
+            task = bar.add_task("train", total=1.0, where="", info="")
 
             def update(progress) -> None:
                 info = ""
                 if progress.interval_tokens:
                     nll, n = progress.interval_nll, progress.interval_tokens
-                    info = f"loss ppl {perplexity(nll, n):.2f}"
+                    info = f"train ppl {perplexity(nll, n):.2f}"
                 if progress.train_time_s:
                     info += f" {progress.tokens_seen / progress.train_time_s:,.0f} tok/s"
-                bar.update(task, completed=progress.step, info=info)
+                bar.update(task, completed=fraction_done(train_cfg, progress.step,
+                                                         progress.elapsed_s, total_steps),
+                           where=progress_where(train_cfg, progress.step, progress.elapsed_s,
+                                                total_steps), info=info)
 
             yield update
+
+
+def progress_where(train_cfg, step: int, elapsed_s: float, total_steps: int | None) -> str:
+    """`step 1,250/2,500`, and the seconds when a time budget may stop the run first."""
+    where = f"step {step:,}/{total_steps:,}" if total_steps else f"step {step:,}"
+    if train_cfg.time_budget_s:
+        where += f" {elapsed_s:,.0f}/{train_cfg.time_budget_s:,.0f} s"
+    return where

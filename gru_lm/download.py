@@ -71,16 +71,11 @@ def fetch(
 ) -> Path:
     """Return a local path to `spec`'s file whose SHA-1 matches, downloading if needed."""
     offline = offline_from_env() if offline is None else offline
+    found = find_local(spec, cache_dir)
+    if found is not None:
+        return found[0]
     env_dir = os.environ.get("GRU_LM_DATA_DIR")
-    if env_dir:
-        local = _from_data_dir(Path(env_dir), spec)
-        if local is not None:
-            return local
     cached = cache_path(spec, cache_dir)
-    # Files cached before the name held the hash are still used when they verify.
-    for candidate in (cached, Path(cache_dir) / spec.filename):
-        if candidate.is_file() and file_digest(candidate, "sha1") == spec.sha1:
-            return candidate
     if offline:
         where = f"{env_dir}/ or {cache_dir}/" if env_dir else f"{cache_dir}/"
         raise DataError(
@@ -91,6 +86,21 @@ def fetch(
     download(spec.url, spec.sha1, cached, timeout=timeout, total_timeout_s=total_timeout_s,
              retries=retries, progress=progress)
     return cached
+
+
+def find_local(spec: DatasetSpec, cache_dir: Path) -> tuple[Path, str] | None:
+    """A verified copy that needs no download, and where it was found ("GRU_LM_DATA_DIR" or
+    "the cache"); None when there is none."""
+    env_dir = os.environ.get("GRU_LM_DATA_DIR")
+    if env_dir:
+        local = _from_data_dir(Path(env_dir), spec)
+        if local is not None:
+            return local, "GRU_LM_DATA_DIR"
+    # Files cached before the name held the hash are still used when they verify.
+    for candidate in (cache_path(spec, cache_dir), Path(cache_dir) / spec.filename):
+        if candidate.is_file() and file_digest(candidate, "sha1") == spec.sha1:
+            return candidate, "the cache"
+    return None
 
 
 def cache_path(spec: DatasetSpec, cache_dir: Path) -> Path:

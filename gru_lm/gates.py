@@ -19,6 +19,8 @@ from gru_lm.errors import GruLmError
 from gru_lm.models import LayerWeights
 
 GATE_NAMES = {"gru": ("Z", "R"), "lstm": ("I", "F", "O")}
+GATE_TITLES = {"Z": "update gate Z", "R": "reset gate R", "I": "input gate I",
+               "F": "forget gate F", "O": "output gate O"}
 
 
 @dataclass
@@ -95,28 +97,33 @@ def heat_strip(text: str, values: Tensor, label: str):
     return strip
 
 
-def save_heatmap(text: str, trace: GateTrace, units: list[int], path) -> None:
-    import matplotlib
+def save_heatmap(text: str, trace: GateTrace, units: list[int], path,
+                 title: str = "") -> None:
+    """One panel per gate: a row per chosen unit and, on top, the mean over all units; the
+    figure format follows the suffix of `path` (png, svg or pdf)."""
+    from gru_lm.utils import figure_format, pyplot, write_output
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from gru_lm.utils import write_output
-
+    fmt = figure_format(path)
+    plt = pyplot()
     names = list(trace.gates)
-    fig, axes = plt.subplots(len(names), 1, figsize=(max(6, 0.28 * len(text) + 2),
-                                                      1.2 + 0.25 * len(units) * len(names)),
+    rows = len(units) + 1
+    fig, axes = plt.subplots(len(names), 1, figsize=(max(6, 0.28 * len(text) + 3),
+                                                      1.4 + 0.3 * rows * len(names)),
                              dpi=90, squeeze=False)
     for ax, name in zip(axes[:, 0], names, strict=True):
-        data = trace.gates[name][:, units].T.numpy()  # (units, chars)
-        im = ax.imshow(data, aspect="auto", cmap="coolwarm", vmin=0, vmax=1)
+        values = trace.gates[name]
+        data = torch.cat([values.mean(dim=1, keepdim=True), values[:, units]], dim=1).T
+        im = ax.imshow(data.numpy(), aspect="auto", cmap="coolwarm", vmin=0, vmax=1)
+        ax.axhline(0.5, color="black", linewidth=1.5)
         ax.set_xticks(range(len(text)), ["␣" if c == " " else c for c in text])
-        ax.set_yticks(range(len(units)), [str(u) for u in units], fontsize=6)
-        ax.set_ylabel(f"{name} unit")
-        fig.colorbar(im, ax=ax, fraction=0.02)
-    axes[0, 0].set_title("gate values per character (rows: the most active units)")
+        ax.set_yticks(range(rows), ["mean of all"] + [f"unit {u}" for u in units],
+                      fontsize=6)
+        ax.set_title(GATE_TITLES.get(name, name), fontsize=9, loc="left")
+        bar = fig.colorbar(im, ax=ax, fraction=0.02)
+        bar.set_label(f"{name} (0 to 1)", fontsize=7)
+    fig.suptitle(title or "gate values per character", fontsize=10)
     fig.tight_layout()
-    write_output(path, lambda f: fig.savefig(f, format="png"))
+    write_output(path, lambda f: fig.savefig(f, format=fmt))
     plt.close(fig)
 
 
@@ -153,8 +160,8 @@ class GateReport:
 
         write_output(path, lambda f: f.write(json.dumps(self.to_json()) + "\n"), "w")
 
-    def write_png(self, path: Path) -> None:
-        save_heatmap(self.text, self.trace, self.units, path)
+    def write_png(self, path: Path, title: str = "") -> None:
+        save_heatmap(self.text, self.trace, self.units, path, title)
 
 
 def check_units(units: int) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -13,6 +14,7 @@ from gru_lm.errors import GruLmError
 
 MAX_CHARS = 10_000
 MAX_SAMPLES = 1_000
+MAX_PREFIX_BYTES = 10_000_000
 # Below this, logits / temperature overflow float32 and the softmax is NaN; sampling that
 # cold is greedy decoding anyway.
 MIN_TEMPERATURE = 1e-6
@@ -49,6 +51,47 @@ def check_sampling_args(num_chars: int, temperature: float | None, top_k: int | 
         raise GruLmError(f"--num-samples {num_samples} is out of range; give 1..{MAX_SAMPLES}")
     if seed is not None and not 0 <= seed <= MAX_SEED:
         raise GruLmError(f"--seed {seed} is out of range; give 0..{MAX_SEED}")
+
+
+def sampling_temperature(temperature: float | None, top_k: int | None, top_p: float | None,
+                         num_samples: int, seed: int | None) -> float | None:
+    """None (greedy, as the book) unless an option asks for sampling: --temperature, --top-k,
+    --top-p, --seed or more than one sample, each of which means nothing to greedy decoding
+    (N greedy samples are N copies). Sampling without --temperature uses 1.0."""
+    if temperature is not None:
+        return temperature
+    wants_sampling = (top_k is not None or top_p is not None or seed is not None
+                      or num_samples > 1)
+    return 1.0 if wants_sampling else None
+
+
+def read_prefix_file(path: Path | str, stdin=None) -> str:
+    """The text of --prefix-file (`-` reads stdin), with one trailing newline dropped."""
+    import sys
+
+    if str(path) == "-":
+        text = (stdin or sys.stdin).read()
+        where = "stdin"
+    else:
+        path = Path(path)
+        where = str(path)
+        if path.is_dir():
+            raise GruLmError(f"--prefix-file {path} is a directory; give a text file")
+        if not path.is_file():
+            raise GruLmError(f"--prefix-file {path} does not exist; give a text file or - for "
+                             "stdin")
+        if path.stat().st_size > MAX_PREFIX_BYTES:
+            raise GruLmError(f"--prefix-file {path} is over {MAX_PREFIX_BYTES:,} bytes; a "
+                             "prefix primes the state, give its last part")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise GruLmError(f"--prefix-file {path} is not UTF-8 text (byte {e.start}); "
+                             "save it as UTF-8") from None
+    if len(text) > MAX_PREFIX_BYTES:
+        raise GruLmError(f"the prefix from {where} is over {MAX_PREFIX_BYTES:,} characters; "
+                         "give its last part")
+    return text.removesuffix("\n").removesuffix("\r")
 
 
 def encode_prefix(prefix: str, vocab: Vocab, preset: str, lowercase: bool) -> list[int]:

@@ -19,9 +19,9 @@ import torch
 from gru_lm.checkpoint import load_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
 from gru_lm.config import Config
 from gru_lm.data import BatchLoader, Corpus
-from gru_lm.display import Reporter
+from gru_lm.display import Reporter, TensorBoard, tensorboard_writer
 from gru_lm.ema import EMA
-from gru_lm.errors import ConfigError, GruLmError, NonFiniteLoss, TrainingInterrupted
+from gru_lm.errors import GruLmError, NonFiniteLoss, TrainingInterrupted
 from gru_lm.metrics import (
     bits_per_char,
     corpus_baselines,
@@ -84,6 +84,10 @@ class Trainer:
         self.out = Reporter(console)
         t = cfg.train
         self.autocast = autocast_for(self.device, t.precision)
+        if t.tensorboard:
+            tensorboard_writer()  # missing package: refused before anything is written
+        self.tensorboard: TensorBoard | None = None
+        self.notes: list[str] = []  # said once, under the header
         self.prefix_ids = self._check_prefixes()
         self.loader = BatchLoader(corpus.train, t.batch_size, t.num_steps, t.sampler,
                                   seed=t.seed, split="train")
@@ -104,13 +108,19 @@ class Trainer:
         self.speed_warning = ""
 
     def _check_prefixes(self) -> list[list[int]]:
+        """The sample prefixes as ids; one that this corpus cannot encode (the default "time
+        traveller" on a French text, say) becomes the corpus' first characters, with a note."""
         out = []
         for i, prefix in enumerate(self.cfg.train.sample_prefixes):
             try:
                 out.append(encode_prefix(prefix, self.vocab, self.cfg.data.preset,
                                          self.cfg.data.lowercase))
             except GruLmError as e:
-                raise ConfigError(f"train.sample_prefixes[{i}]: {e}") from None
+                ids = self.corpus.train[:max(1, min(len(prefix), 20))].tolist()
+                out.append(ids)
+                self.notes.append(f"train.sample_prefixes[{i}] does not fit this corpus "
+                                  f"({str(e).split(';')[0]}); sampling from its first "
+                                  f"characters {self.vocab.decode(ids)!r} instead")
         return out
 
     # -------------------------------------------------------------- the step
@@ -197,14 +207,22 @@ class Trainer:
         self.run.checkpoints.mkdir(parents=True, exist_ok=True)
         self.reference = corpus_baselines(self.corpus, self.cfg.train.ngram_order)
         self.out.header(
-            model=self.cfg.model.name, params=count_parameters(self.model),
-            splits=(len(self.corpus.train), len(self.corpus.val), len(self.corpus.test)),
+            corpus=self.corpus, model=self.cfg.model.name, params=count_parameters(self.model),
             batches_per_epoch=self.batches_per_epoch, device=str(self.device),
             kernels=self.model.kernel_path(self.device), reference=self.reference,
             reference_split="val" if len(self.corpus.val) > 1 else "train")
+        for note in self.notes:
+            self.out.warning(note)
         total = total_steps(self.cfg.train, self.batches_per_epoch)
-        with caught_signals() as self._signals, self.out.live(total) as bar:
-            self._loop(bar)
+        if self.cfg.train.tensorboard:
+            self.tensorboard = TensorBoard(self.run.path / "tensorboard",
+                                           purge_step=self.progress.step or None)
+        try:
+            with caught_signals() as self._signals, self.out.live(self.cfg.train, total) as bar:
+                self._loop(bar)
+        finally:
+            if self.tensorboard is not None:
+                self.tensorboard.close()
         return self._finish()
 
     def _loop(self, bar) -> None:
@@ -305,6 +323,8 @@ class Trainer:
         p.plateau_best, p.plateau_bad, p.lr_scale = plateau(
             t, metric, p.plateau_best, p.plateau_bad, p.lr_scale)
         self.run.append_record(rec)
+        if self.tensorboard is not None:
+            self.tensorboard.scalars(rec)
         self.out.eval_line(rec)
         self.save(LAST)
         if improved:

@@ -128,3 +128,30 @@ def caught_signals(signals=(signal.SIGINT, signal.SIGTERM)) -> Iterator[list[int
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
+
+
+FIGURE_FORMATS = ("png", "svg", "pdf")
+
+
+def figure_format(path) -> str:
+    """The image format that the suffix of `path` names; refused before anything is drawn."""
+    from gru_lm.errors import GruLmError
+
+    if Path(path).is_dir():
+        raise GruLmError(f"{path} is a folder; give a file name ending in .png, .svg or .pdf")
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix not in FIGURE_FORMATS:
+        raise GruLmError(f"{path}: a figure is written as .png, .svg or .pdf; end the file "
+                         "name with one of them")
+    return suffix
+
+
+def pyplot():
+    """matplotlib.pyplot without a display; SVG keeps its text as text (searchable, editable)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    matplotlib.rcParams["svg.fonttype"] = "none"
+    import matplotlib.pyplot as plt
+
+    return plt

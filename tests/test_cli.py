@@ -38,7 +38,9 @@ def test_data_info_table(workdir):
 
 def test_data_download_uses_the_ready_folder(workdir, data_dir):
     r = cli("data", "download", "--offline")
-    assert r.exit_code == 0 and "sha1 verified" in r.output
+    assert r.exit_code == 0, r.output
+    assert f"{data_dir / 'timemachine.txt'} (found in GRU_LM_DATA_DIR, SHA-1 verified; " \
+        "nothing downloaded)" in r.output
 
 
 def test_models_lists_six_with_parameter_counts():
@@ -154,6 +156,7 @@ def test_signal_saves_checkpoint_and_prints_resume_command(workdir, sig, code):
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == code, (out, err)
     assert f"resume with: gru-lm train --resume {run}" in err
+    assert "interrupted: " in err and "error:" not in err  # a stop the user asked for
     assert "Traceback" not in err
     ck = _final_state(run)
     assert ck["step"] >= 50

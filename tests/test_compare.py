@@ -21,7 +21,8 @@ def test_compare_two_configs_two_seeds(workdir):
     png = (out / "curves.png").read_bytes()
     assert png.startswith(PNG) and len(png) > 10_000
     samples = (out / "samples.md").read_text()
-    assert "## tiny-lstm" in samples and "greedy: `time traveller" in samples
+    assert "## tiny-lstm" in samples
+    assert "- prefix `time traveller`, continued:\n  - greedy: `" in samples
     result = json.loads((out / "results.json").read_text())
     for row in result["rows"]:
         members = [json.loads((out / f"{row['model']}-s{s}" / "summary.json").read_text())

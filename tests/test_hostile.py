@@ -263,12 +263,14 @@ def test_resume_refuses_another_optimizer_and_keeps_config_yaml(tiny_run):
     assert (run / "config.yaml").read_bytes() == before
 
 
-def test_a_failed_resume_leaves_config_yaml_as_it_was(tiny_run):
+def test_a_failed_resume_leaves_config_yaml_as_it_was(tiny_run, monkeypatch):
     run = tiny_run()
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if not installed
     before = (run / "config.yaml").read_bytes()
     one_line_error(cli("train", "--resume", run, "train.max_steps=40",
-                       "train.sample_prefixes=[ÿ]"), "train.sample_prefixes[0]")
+                       "train.tensorboard=true"), "train.tensorboard needs the tensorboard")
     assert (run / "config.yaml").read_bytes() == before
+    monkeypatch.delitem(sys.modules, "torch.utils.tensorboard")
     assert cli("train", "--resume", run, "train.max_steps=40", "-q").exit_code == 0
 
 
@@ -364,7 +366,7 @@ def test_compare_samples_use_the_members_prefixes(workdir, tmp_path):
     run = train_tiny("pref", "train.sample_prefixes=[the]")
     assert cli("compare", "--runs", run, "--out", tmp_path / "c").exit_code == 0
     samples = (tmp_path / "c" / "samples.md").read_text()
-    assert "- greedy: `the" in samples and "time traveller" not in samples
+    assert "- prefix `the`, continued:" in samples and "time traveller" not in samples
 
 
 # ---------------------------------------------------------------- 10. encodings and terminals

@@ -1,0 +1,295 @@
+"""The CLI as people expect it (issue 15): help, completion, config show, sampling flags,
+prefix files, compare's table, the progress bar, own text, plots, gates figures, TensorBoard."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import cli, one_line_error, train_tiny
+
+from gru_lm.config import described_yaml, load_config, validate
+
+COMMANDS = [["models"], ["train"], ["runs"], ["predict"], ["evaluate"], ["compare"], ["plot"],
+            ["gates"], ["data", "download"], ["data", "info"], ["config", "show"]]
+
+
+# ---------------------------------------------------------------- help and completion
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_every_command_has_short_help_with_examples_and_plain_metavars(command):
+    r = cli(*command, "-h")
+    assert r.exit_code == 0, r.output
+    assert "Examples" in r.output and f"$ gru-lm {' '.join(command)}" in r.output
+    assert not re.search(r"<(bool|int|float|path|str|list)", r.output), r.output
+
+
+def test_metavars_name_what_to_give():
+    out = cli("evaluate", "-h").output
+    assert re.search(r"--split\s+val\|test\|train", out)
+    assert re.search(r"--run\s+DIR", out) and re.search(r"--ngram-order\s+INT", out)
+    assert re.search(r"--dynamic\s+Also", out)  # a flag takes no value, so shows none
+
+
+def test_root_help_offers_completion_and_completion_works():
+    assert "--install-completion" in cli("-h").output
+    from typer.testing import CliRunner
+
+    from gru_lm.cli import app
+
+    env = {"_GRU_LM_COMPLETE": "complete_bash", "COMP_WORDS": "gru-lm evaluate --split ",
+           "COMP_CWORD": "3"}
+    r = CliRunner().invoke(app, [], env=env, prog_name="gru-lm")
+    assert r.output.split() == ["val", "test", "train"]
+    env.update(COMP_WORDS="gru-lm tr", COMP_CWORD="1")
+    assert CliRunner().invoke(app, [], env=env, prog_name="gru-lm").output.split() == ["train"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["evaluate", "--split", "dev"], "error: Invalid value for '--split': 'dev' is not one of "
+     "'val', 'test', 'train' (see gru-lm evaluate -h)"),
+    (["compare", "--seeds", "x"], "error: Invalid value for '--seeds'"),
+    (["trian"], "error: No such command 'trian'. Did you mean 'train'? (see gru-lm -h)"),
+    (["train", "--bogus"], "error: No such option: --bogus (see gru-lm train -h)"),
+])
+def test_usage_errors_are_one_line(args, message):
+    r = cli(*args)
+    assert r.exit_code == 2 and r.output.startswith(message) and r.output.count("\n") == 1
+
+
+# ---------------------------------------------------------------- config show
+
+
+def test_config_show_prints_a_valid_config_with_descriptions_and_defaults():
+    r = cli("config", "show", "--config", "configs/gru.yaml", "train.lr=0.005")
+    assert r.exit_code == 0, r.output
+    assert r.output.startswith("# resolved from configs/gru.yaml + train.lr=0.005\n")
+    assert re.search(r"num_hiddens: 512 +# hidden units per layer \[default: 256\]", r.output)
+    assert re.search(r"num_layers: 1 +# stacked recurrent layers\n", r.output)  # a default
+    shown = validate(yaml.safe_load(r.output))
+    assert shown == load_config(Path("configs/gru.yaml"), ["train.lr=0.005"])
+
+
+def test_described_yaml_round_trips_every_default():
+    cfg = load_config(None)
+    assert validate(yaml.safe_load(described_yaml(cfg))) == cfg
+
+
+def test_config_show_errors_are_one_line(tmp_path):
+    one_line_error(cli("config", "show", "train.lr=-1"), "train.lr")
+
+
+# ---------------------------------------------------------------- predict
+
+
+def test_sampling_options_imply_sampling():
+    from gru_lm.sampling import sampling_temperature
+
+    assert sampling_temperature(None, None, None, 1, None) is None  # greedy, as the book
+    assert sampling_temperature(0.5, None, None, 1, None) == 0.5
+    for args in ((None, 5, None, 1, None), (None, None, 0.9, 1, None),
+                 (None, None, None, 3, None), (None, None, None, 1, 7)):
+        assert sampling_temperature(*args) == 1.0
+
+
+def test_several_samples_differ_and_a_seed_repeats_them(tiny_run):
+    tiny_run()
+    r = cli("predict", "time traveller", "--num-samples", "3", "--seed", "0")
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    assert len(lines) == 3 and len(set(lines)) == 3
+    assert cli("predict", "time traveller", "--num-samples", "3", "--seed", "0"
+               ).stdout.splitlines() == lines
+    greedy = cli("predict", "time traveller").stdout
+    seeded = cli("predict", "time traveller", "--seed", "0").stdout
+    assert seeded != greedy and len(seeded.splitlines()) == 1
+    assert cli("predict", "time traveller", "--seed", "0").stdout == seeded
+
+
+def test_prefix_from_a_file_or_stdin(tiny_run, tmp_path):
+    tiny_run()
+    expected = cli("predict", "the time machine").stdout
+    f = tmp_path / "prefix.txt"
+    f.write_text("the time machine\n")
+    assert cli("predict", "--prefix-file", f).stdout == expected
+    from typer.testing import CliRunner
+
+    from gru_lm.cli import app
+
+    r = CliRunner().invoke(app, ["predict", "--prefix-file", "-"], input="the time machine\n")
+    assert r.exit_code == 0 and r.stdout == expected
+    one_line_error(cli("predict", "x", "--prefix-file", f), "not both")
+    one_line_error(cli("predict"), "give a prefix to continue")
+    one_line_error(cli("predict", "--prefix-file", tmp_path / "nope.txt"), "does not exist")
+    (tmp_path / "bin").write_bytes(b"\xff\xfe\x00abc")
+    one_line_error(cli("predict", "--prefix-file", tmp_path / "bin"), "is not UTF-8")
+
+
+# ---------------------------------------------------------------- compare
+
+
+def _members(names: list[str], template: Path) -> list[Path]:
+    out = []
+    for name in names:
+        dest = Path("runs/cmp") / name
+        shutil.copytree(template, dest)
+        out.append(dest)
+    return out
+
+
+def test_compare_table_fits_80_columns(tiny_run, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    template = tiny_run()
+    runs = _members(["a-much-longer-config-name-s0", "a-much-longer-config-name-s1", "b-s0"],
+                    template)
+    r = cli("compare", "--runs", *runs, "--out", "runs/cmp-out")
+    assert r.exit_code == 0, r.output
+    table = [line for line in r.stdout.splitlines() if line[:1] in "┏┃┡│└"]
+    assert len(table) == 6 and all(len(line) <= 80 for line in table), r.stdout
+    assert "…" not in r.stdout
+    row_b = next(line for line in table if "│ b " in line)
+    assert "±" not in row_b  # one seed: no spread to show
+    assert re.search(r"\d\.\d{3} ± \d\.\d{3}", r.stdout)  # two seeds: mean ± std
+    assert "params" not in r.stdout and "stopped by" not in r.stdout
+    wide = cli("compare", "--runs", *runs, "--out", "runs/cmp-wide", "--wide").stdout
+    assert "params" in wide and "stopped by" in wide
+
+
+def test_compare_counts_members_and_quiet_hides_training(workdir):
+    r = cli("compare", "configs/tiny.yaml", "--seeds", "2", "--out", "runs/c1")
+    assert r.exit_code == 0, r.output
+    assert "member 1/2: tiny-s0" in r.output
+    assert re.search(r"member 2/2: tiny-s1, about \d+ s left", r.output)
+    q = cli("compare", "configs/tiny.yaml", "--out", "runs/c2", "-q")
+    assert q.exit_code == 0 and "member" not in q.output and "step " not in q.output
+    assert "comparison (mean over seeds)" in q.output
+
+
+# ---------------------------------------------------------------- the progress bar
+
+
+def test_progress_bar_shows_total_eta_and_train_ppl():
+    from rich.console import Console
+
+    from gru_lm.config import TrainConfig
+    from gru_lm.display import Reporter, progress_where
+    from gru_lm.trainer import TrainProgress
+
+    t = TrainConfig(max_steps=2500, time_budget_s=600)
+    assert progress_where(t, 1250, 93.4, 2500) == "step 1,250/2,500 93/600 s"
+    assert progress_where(TrainConfig(epochs=1), 7, 1.0, None) == "step 7"
+    buf = io.StringIO()
+    console = Console(file=buf, force_terminal=True, width=150)
+    with Reporter(console).live(t, 2500) as update:
+        update(TrainProgress(step=1250, elapsed_s=93.0, train_time_s=90.0, tokens_seen=10**6,
+                             interval_nll=100.0, interval_tokens=100))
+    out = buf.getvalue()
+    assert "step 1,250/2,500" in out and "train ppl 2.72" in out and "eta" in out
+    assert "loss ppl" not in out
+
+
+# ---------------------------------------------------------------- your own text
+
+
+def test_own_text_is_named_and_described(workdir):
+    Path("mine.txt").write_text("Le café est très bon. Ça va? " * 300, encoding="utf-8")
+    r = cli("data", "info", "data.path=mine.txt")
+    assert r.exit_code == 0, r.output
+    assert "corpus: mine.txt" in r.output and "data.path mine.txt" in r.output
+    assert "non-ASCII characters such as accented letters" in r.output
+    assert "data.preset=raw keeps the text" in r.output
+    assert "preprocessing" not in cli("data", "info", "data.path=mine.txt",
+                                      "data.preset=raw").output
+
+
+def test_prefixes_that_do_not_fit_the_corpus_become_its_first_characters(workdir):
+    Path("cats.txt").write_text("the cat sat on the mat. " * 400)  # no 'v' for "traveller"
+    run = train_tiny("cats", "data.path=cats.txt")
+    samples = (run / "samples.txt").read_text()
+    assert "traveller" not in samples
+    assert samples.splitlines()[:2] == [  # as long as the prefixes they replace
+        "step 30: the cat sat on" + samples.splitlines()[0][23:],
+        "step 30: the cat " + samples.splitlines()[1][17:]]
+    assert samples.splitlines()[1].startswith("step 30: the cat s")
+    r = cli("train", "--config", "configs/tiny.yaml", "--name", "cats2", "data.path=cats.txt",
+            "train.max_steps=10")
+    assert r.exit_code == 0, r.output
+    assert "corpus cats.txt: 9,600 characters" in r.output
+    assert "train.sample_prefixes[0] does not fit this corpus" in r.output
+    assert "'the cat sat on' instead" in r.output
+
+
+# ---------------------------------------------------------------- plots and gates
+
+
+def test_plot_overlays_runs_in_the_format_of_the_suffix(tiny_run):
+    a, b = tiny_run("a"), tiny_run("b")
+    r = cli("plot", a, b, "--out", "both.svg")
+    assert r.exit_code == 0 and "wrote both.svg" in r.output
+    svg = Path("both.svg").read_text()
+    for text in ("a val", "b train", "best ", "unigram ", "5-gram Kneser-Ney"):
+        assert text in svg, text
+    assert cli("plot", a, "--out", "a.pdf").exit_code == 0
+    assert Path("a.pdf").read_bytes().startswith(b"%PDF")
+    assert cli("plot", a).exit_code == 0 and (a / "curves.png").is_file()
+    one_line_error(cli("plot", a, "--out", "a.jpg"), "a.jpg", ".png, .svg or .pdf")
+    one_line_error(cli("plot", a, a, "--out", "x.png"), "given twice")
+
+
+def test_plot_says_when_a_run_has_one_evaluation(tiny_run):
+    run = tiny_run()
+    metrics = run / "metrics.jsonl"
+    metrics.write_text(metrics.read_text().splitlines()[0] + "\n")
+    r = cli("plot", run, "--out", "one.png")
+    assert r.exit_code == 0
+    assert "has one evaluation (step 10): drawn as points" in r.stderr
+
+
+def test_gates_figure_names_gates_model_run_and_mean_row(tiny_run):
+    run = tiny_run("gated")
+    r = cli("gates", "time traveller", "--run", run, "--png", "g.svg", "--units", "3")
+    assert r.exit_code == 0, r.output
+    svg = Path("g.svg").read_text()
+    for text in ("update gate Z", "reset gate R", "mean of all", "gru-scratch gates, layer 0, "
+                 "run gated", "Z (0 to 1)"):
+        assert text in svg, text
+    one_line_error(cli("gates", "time", "--run", run, "--png", "g.gif"), ".png, .svg or .pdf")
+
+
+# ---------------------------------------------------------------- TensorBoard
+
+
+def test_tensorboard_events_hold_the_metrics(workdir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = train_tiny("tb", "train.tensorboard=true")
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    events = acc.Scalars("val_ppl")
+    assert [e.step for e in events] == [r["step"] for r in records] == [10, 20, 30]
+    assert [e.value for e in events] == pytest.approx([r["val_ppl"] for r in records])
+    assert {"train_ppl", "tokens_per_s", "lr"} <= set(acc.Tags()["scalars"])
+
+
+def test_tensorboard_without_the_package_is_refused_before_training(workdir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    r = cli("train", "--config", "configs/tiny.yaml", "-q", "train.tensorboard=true")
+    one_line_error(r, "train.tensorboard needs the tensorboard package",
+                   "pip install 'gru-lm[tensorboard]'")
+
+
+def test_brackets_in_errors_and_samples_are_printed_as_they_are(workdir):
+    one_line_error(cli("train", "--config", "[bold]x.yaml"), "config file [bold]x.yaml does not")
+    Path("br.txt").write_text("[a] [b] [/c] " * 500)
+    r = cli("train", "--config", "configs/tiny.yaml", "--name", "br", "data.path=br.txt",
+            "data.preset=raw", "train.max_steps=10", "train.sample_prefixes=['[a] ']")
+    assert r.exit_code == 0, r.output
+    assert "step 10: [a] " in r.output
