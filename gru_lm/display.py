@@ -104,7 +104,10 @@ class Reporter:
 
         bar = Bar(TextColumn("[bold blue]train"), BarColumn(), TextColumn("{task.fields[where]}"),
                   TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"),
-                  TimeRemainingColumn(), console=self.console, transient=True)
+                  TimeRemainingColumn(), console=self.console, transient=True,
+                  # everything prints through self.console already; a redirect would send the
+                  # console's own writes (cli.Stdout writes to sys.stdout) round in a loop
+                  redirect_stdout=False, redirect_stderr=False)
         with bar:
             task = bar.add_task("train", total=1.0, where="", info="")
 

@@ -293,3 +293,40 @@ def test_brackets_in_errors_and_samples_are_printed_as_they_are(workdir):
             "data.preset=raw", "train.max_steps=10", "train.sample_prefixes=['[a] ']")
     assert r.exit_code == 0, r.output
     assert "step 10: [a] " in r.output
+
+
+def test_training_on_a_terminal_shows_the_bar_and_finishes(workdir):
+    """On a terminal the live bar runs (and must not loop on its own output, as it did when
+    rich redirected sys.stdout into the console that writes to sys.stdout)."""
+    import os
+    import pty
+    import select
+    import subprocess
+    import time
+
+    main, child = pty.openpty()
+    env = {**os.environ, "COLUMNS": "150", "TERM": "xterm"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gru_lm", "train", "--config", "configs/tiny.yaml",
+         "train.max_steps=200", "train.eval_interval=100", "train.log_interval=5",
+         "train.threads=1"], stdin=child, stdout=child, stderr=child, env=env)
+    os.close(child)
+    out, deadline = b"", time.monotonic() + 120  # the run takes a few seconds
+    while time.monotonic() < deadline:
+        if not select.select([main], [], [], 1.0)[0]:
+            continue
+        try:
+            chunk = os.read(main, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    else:
+        proc.kill()
+    proc.wait(timeout=30)
+    os.close(main)
+    text = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", out.decode("utf-8", "replace"))
+    assert proc.returncode == 0, text[-2000:]
+    assert re.search(r"step \d+/200 train ppl \d", text) and "eta" in text
+    assert "done " in text and "200 steps" in text
