@@ -14,7 +14,7 @@ from gru_lm.errors import GruLmError
 
 MAX_CHARS = 10_000
 MAX_SAMPLES = 1_000
-MAX_PREFIX_BYTES = 10_000_000
+MAX_PREFIX_CHARS = 10_000_000
 # Below this, logits / temperature overflow float32 and the softmax is NaN; sampling that
 # cold is greedy decoding anyway.
 MIN_TEMPERATURE = 1e-6
@@ -66,31 +66,29 @@ def sampling_temperature(temperature: float | None, top_k: int | None, top_p: fl
 
 
 def read_prefix_file(path: Path | str, stdin=None) -> str:
-    """The text of --prefix-file (`-` reads stdin), with one trailing newline dropped."""
+    """The text of --prefix-file (`-` reads stdin; pipes such as `<(cmd)` work too), with
+    one trailing newline dropped."""
     import sys
 
-    if str(path) == "-":
-        text = (stdin or sys.stdin).read()
-        where = "stdin"
-    else:
-        path = Path(path)
-        where = str(path)
-        if path.is_dir():
-            raise GruLmError(f"--prefix-file {path} is a directory; give a text file")
-        if not path.is_file():
-            raise GruLmError(f"--prefix-file {path} does not exist; give a text file or - for "
-                             "stdin")
-        if path.stat().st_size > MAX_PREFIX_BYTES:
-            raise GruLmError(f"--prefix-file {path} is over {MAX_PREFIX_BYTES:,} bytes; a "
-                             "prefix primes the state, give its last part")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise GruLmError(f"--prefix-file {path} is not UTF-8 text (byte {e.start}); "
-                             "save it as UTF-8") from None
-    if len(text) > MAX_PREFIX_BYTES:
-        raise GruLmError(f"the prefix from {where} is over {MAX_PREFIX_BYTES:,} characters; "
-                         "give its last part")
+    try:
+        if str(path) == "-":
+            where, text = "stdin", (stdin or sys.stdin).read(MAX_PREFIX_CHARS + 1)
+        else:
+            path = Path(path)
+            where = str(path)
+            if path.is_dir():
+                raise GruLmError(f"--prefix-file {path} is a directory; give a text file")
+            if not path.exists():
+                raise GruLmError(f"--prefix-file {path} does not exist; give a text file or - "
+                                 "for stdin")
+            with open(path, encoding="utf-8") as f:
+                text = f.read(MAX_PREFIX_CHARS + 1)
+    except UnicodeDecodeError as e:
+        raise GruLmError(f"--prefix-file {where}: not UTF-8 text (byte {e.start} of a "
+                         "block); save it as UTF-8") from None
+    if len(text) > MAX_PREFIX_CHARS:
+        raise GruLmError(f"the prefix from {where} is over {MAX_PREFIX_CHARS:,} characters; "
+                         "give its last part (it only primes the state)")
     return text.removesuffix("\n").removesuffix("\r")
 
 

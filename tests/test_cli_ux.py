@@ -129,7 +129,8 @@ def test_prefix_from_a_file_or_stdin(tiny_run, tmp_path):
     one_line_error(cli("predict"), "give a prefix to continue")
     one_line_error(cli("predict", "--prefix-file", tmp_path / "nope.txt"), "does not exist")
     (tmp_path / "bin").write_bytes(b"\xff\xfe\x00abc")
-    one_line_error(cli("predict", "--prefix-file", tmp_path / "bin"), "is not UTF-8")
+    one_line_error(cli("predict", "--prefix-file", tmp_path / "bin"), "not UTF-8 text")
+    one_line_error(cli("predict", "--prefix-file", "/dev/null"), "the prefix is empty")
 
 
 # ---------------------------------------------------------------- compare
