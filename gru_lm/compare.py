@@ -294,8 +294,8 @@ def plot_runs(run_dirs: list[Path], path: Path) -> list[str]:
                         xytext=(4, -12), fontsize=7)
     refs = next((RunDir(d).read_summary() for d in run_dirs
                  if "ngram_ppl" in RunDir(d).read_summary()), {})
-    for key, label in (("unigram_ppl", "unigram"), ("ngram_ppl", f"{refs.get('ngram_order')}"
-                                                    "-gram Kneser-Ney")):
+    for key, label in (("uniform_ppl", "uniform"), ("unigram_ppl", "unigram"),
+                       ("ngram_ppl", f"{refs.get('ngram_order')}-gram Kneser-Ney")):
         if key in refs:
             ax.axhline(refs[key], color="grey", linewidth=0.8, linestyle=":")
             ax.annotate(f"{label} {refs[key]:.2f}", (0, refs[key]), xycoords=("axes fraction",

@@ -48,8 +48,8 @@ def preset_note(text: str, tokens: list[str], preset: str) -> str:
     if non_ascii:
         what += f", {non_ascii:,} non-ASCII characters such as accented letters"
     return (f"the d2l preset turned {non_letters:,} non-letters ({what}) into {spaces:,} "
-            f"spaces and lowercased {len(_CAPITAL.findall(text)):,} capitals; "
-            "data.preset=raw keeps the text as it is")
+            f"spaces, dropping {non_letters - spaces:,}, and lowercased "
+            f"{len(_CAPITAL.findall(text)):,} capitals; data.preset=raw keeps the text as it is")
 
 
 class Vocab:

@@ -206,6 +206,7 @@ def test_own_text_is_named_and_described(workdir):
     assert "corpus: mine.txt" in r.output and "data.path mine.txt" in r.output
     assert "non-ASCII characters such as accented letters" in r.output
     assert "data.preset=raw keeps the text" in r.output
+    assert re.search(r"into [\d,]+ spaces, dropping [\d,]+, and lowercased", r.output)
     assert "preprocessing" not in cli("data", "info", "data.path=mine.txt",
                                       "data.preset=raw").output
 
@@ -235,7 +236,7 @@ def test_plot_overlays_runs_in_the_format_of_the_suffix(tiny_run):
     r = cli("plot", a, b, "--out", "both.svg")
     assert r.exit_code == 0 and "wrote both.svg" in r.output
     svg = Path("both.svg").read_text()
-    for text in ("a val", "b train", "best ", "unigram ", "5-gram Kneser-Ney"):
+    for text in ("a val", "b train", "best ", "uniform 27", "unigram ", "5-gram Kneser-Ney"):
         assert text in svg, text
     assert cli("plot", a, "--out", "a.pdf").exit_code == 0
     assert Path("a.pdf").read_bytes().startswith(b"%PDF")
