@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -22,16 +21,9 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from gru_lm._ext import cpu_line, cpu_summary  # noqa: E402
 
 
 def train(work: Path, names: list[str], config: Path, seconds: float, env: dict,
@@ -64,10 +56,9 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="gru-lm-concurrency-"))
-    results = {"cpu": cpu_name(), "cores": len(os.sched_getaffinity(0)),
+    results = {"cpu": cpu_summary(), "cores": len(os.sched_getaffinity(0)),
                "config": str(args.config), "seconds": args.seconds, "cases": {}}
-    print(f"{results['cpu']}, {results['cores']} cores usable; {args.config.name} for "
-          f"{args.seconds:g} s per training")
+    print(f"CPU: {cpu_line()}; {args.config.name} for {args.seconds:g} s per training")
     try:
         cases = (("gru-lm defaults", None, []),
                  ("OMP_WAIT_POLICY=ACTIVE", "ACTIVE", []),

@@ -26,6 +26,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from gru_lm._ext import cpu_line, cpu_summary  # noqa: E402
 from gru_lm.config import validate  # noqa: E402
 from gru_lm.data import load_corpus  # noqa: E402
 from gru_lm.models import build_model, list_models  # noqa: E402
@@ -301,6 +302,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    print(f"CPU: {cpu_line()}; torch {torch.__version__}, {torch.get_num_threads()} threads")
     cfg = validate({"data": {"max_tokens": 10_000, "train_fraction": 1, "val_fraction": 0,
                              "test_fraction": 0}, "train": {"max_steps": 1}})
     corpus = load_corpus(cfg.data, progress=False)
@@ -311,7 +313,7 @@ def main() -> None:
         print_table(result)
         results.append(result)
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"torch": torch.__version__,
+    args.json.write_text(json.dumps({"torch": torch.__version__, "cpu": cpu_summary(),
                                      "threads": torch.get_num_threads(),
                                      "results": results}, indent=1) + "\n")
     print(f"json: {args.json}")

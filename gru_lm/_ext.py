@@ -40,6 +40,28 @@ def cpu_signature() -> str:
     return f"{platform.machine()} " + " | ".join(f"{k}: {v}" for k, v in sorted(wanted.items()))
 
 
+# The instruction sets that decide which GEMM and kernel code is fastest on a CPU.
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16",
+             "asimd", "sve", "bf16")
+
+
+def cpu_summary() -> dict[str, object]:
+    """The CPU's model name and which of ISA_FLAGS it has, for benchmark headers and JSON:
+    a speed figure means little without the chip it came from."""
+    sig = cpu_signature()
+    fields = dict(part.split(": ", 1) for part in sig.split(" ", 1)[-1].split(" | ")
+                  if ": " in part)
+    flags = set((fields.get("flags") or fields.get("Features") or "").split())
+    return {"model": fields.get("model name") or fields.get("CPU part") or platform.machine(),
+            "isa": [f for f in ISA_FLAGS if f in flags], "cores": len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity") else os.cpu_count()}
+
+
+def cpu_line() -> str:
+    c = cpu_summary()
+    return f"{c['model']}, {c['cores']} usable cores, ISA: {', '.join(c['isa']) or 'baseline'}"
+
+
 def build_name() -> str:
     import torch
 

@@ -103,6 +103,20 @@ def test_the_kernel_cache_is_keyed_by_the_cpu(monkeypatch):
         or not Path("/proc/cpuinfo").exists()
 
 
+def test_benchmarks_name_the_cpu_and_its_isa(monkeypatch):
+    from gru_lm import _ext
+
+    monkeypatch.setattr(_ext, "cpu_signature", lambda: "x86_64 flags: fpu avx2 fma avx512f "
+                        "avx512_bf16 | model name: AMD EPYC 9B45")
+    c = _ext.cpu_summary()
+    assert c["model"] == "AMD EPYC 9B45" and c["isa"] == ["avx2", "fma", "avx512f", "avx512_bf16"]
+    assert _ext.cpu_line().startswith("AMD EPYC 9B45, ") and _ext.cpu_line().endswith(
+        "ISA: avx2, fma, avx512f, avx512_bf16")
+    monkeypatch.setattr(_ext, "cpu_signature", lambda: "aarch64 CPU part: 0xd40 | Features: "
+                        "fp asimd sve bf16")
+    assert _ext.cpu_summary()["isa"] == ["asimd", "sve", "bf16"]
+
+
 # ---------------------------------------------------------------- one owner of a run folder
 
 
