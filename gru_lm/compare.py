@@ -275,7 +275,7 @@ def plot_runs(run_dirs: list[Path], path: Path) -> list[str]:
 
     notes = []
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=80)
-    for run_dir, evals in series:
+    for i, (run_dir, evals) in enumerate(series):
         marker = "o" if len(evals) < 3 else None
         if len(evals) == 1:
             notes.append(f"{run_dir} has one evaluation (step {evals[0]['step']}): drawn as "
@@ -287,11 +287,16 @@ def plot_runs(run_dirs: list[Path], path: Path) -> list[str]:
         if val:
             ax.plot(*zip(*val, strict=True), color=line.get_color(), marker=marker,
                     label=f"{run_dir.name} val")
-            best = min(val, key=lambda x: x[1])
+            # the best evaluation as the trainer kept it: raw or EMA weights, whichever won
+            scored = [(e["step"], min(e["val_ppl"], e.get("ema_val_ppl", math.inf)),
+                       " (EMA)" if e.get("ema_val_ppl", math.inf) < e["val_ppl"] else "")
+                      for e in evals if "val_ppl" in e]
+            step, ppl, which = min(scored, key=lambda x: x[1])
+            best = (step, ppl)
             ax.plot(*best, marker="*", markersize=14, color=line.get_color(),
                     markeredgecolor="black", linestyle="none")
-            ax.annotate(f"best {best[1]:.3f}", best, textcoords="offset points",
-                        xytext=(4, -12), fontsize=7)
+            ax.annotate(f"best {ppl:.3f}{which}", best, textcoords="offset points",
+                        xytext=(-80, 10 + 10 * i), fontsize=7, color=line.get_color())
     refs = next((RunDir(d).read_summary() for d in run_dirs
                  if "ngram_ppl" in RunDir(d).read_summary()), {})
     for key, label in (("uniform_ppl", "uniform"), ("unigram_ppl", "unigram"),
@@ -302,6 +307,10 @@ def plot_runs(run_dirs: list[Path], path: Path) -> list[str]:
                         "data"), textcoords="offset points", xytext=(2, 2), fontsize=7,
                         color="grey")
     ax.set_yscale("log")
+    from matplotlib.ticker import ScalarFormatter
+
+    for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+        axis(ScalarFormatter())
     ax.set_xlabel("step")
     ax.set_ylabel("perplexity (log scale)")
     ax.set_title(series[0][0].name if len(series) == 1 else f"{len(series)} runs")
