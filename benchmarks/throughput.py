@@ -222,7 +222,7 @@ def batches(corpus, B, T, n):
     from gru_lm.data import BatchLoader
 
     loader = BatchLoader(corpus.train, B, T, "sequential", seed=0)
-    X, Y = loader.epoch()
+    X, Y = loader.epoch().stacked()
     return [(X[i % len(X)], Y[i % len(X)]) for i in range(n)]
 
 

@@ -132,6 +132,10 @@ class TrainConfig(_Section):
     eval_interval: int = Field(100, ge=1, le=BIG, description="steps between evaluations")
     ngram_order: int = Field(5, ge=1, le=8, description="order of the Kneser-Ney reference")
     eval_batch_size: int = Field(32, ge=1, le=2**20, description="parallel streams when evaluating")
+    eval_max_tokens: int | None = Field(
+        None, ge=2, le=2**62,
+        description="score only the first N tokens of val and test (big corpora); null=all"
+    )
     log_interval: int = Field(10, ge=1, le=10**6, description="steps between display updates")
     tensorboard: bool = Field(
         False, description="also write metrics as TensorBoard events in RUN/tensorboard "

@@ -41,23 +41,27 @@ def preset_note(text: str, tokens: list[str], preset: str) -> str:
     prose sees it and can switch to the raw preset); "" for the raw preset."""
     if preset != "d2l":
         return ""
-    non_letters = len(_NON_LETTER.findall(text))
-    non_ascii = len(_NON_ASCII.findall(text))
-    spaces = tokens.count(" ")
+    return describe_preset(len(_NON_LETTER.findall(text)), len(_NON_ASCII.findall(text)),
+                           tokens.count(" "), len(_CAPITAL.findall(text)))
+
+
+def describe_preset(non_letters: int, non_ascii: int, spaces: int, capitals: int) -> str:
+    """preset_note's sentence from its counts."""
     what = "digits, punctuation, line breaks"
     if non_ascii:
         what += f", {non_ascii:,} non-ASCII characters such as accented letters"
     return (f"the d2l preset turned {non_letters:,} non-letters ({what}) into {spaces:,} "
             f"spaces, dropping {non_letters - spaces:,}, and lowercased "
-            f"{len(_CAPITAL.findall(text)):,} capitals; data.preset=raw keeps the text as it is")
+            f"{capitals:,} capitals; data.preset=raw keeps the text as it is")
 
 
 class Vocab:
     """Token <-> index map: <unk> at 0, reserved tokens, then by frequency (ties A-Z)."""
 
     def __init__(self, tokens: list[str] | None = None, min_freq: int = 0,
-                 reserved_tokens: list[str] | None = None):
-        counter = collections.Counter(tokens or [])
+                 reserved_tokens: list[str] | None = None,
+                 counts: dict[str, int] | None = None):
+        counter = collections.Counter(tokens or []) if counts is None else counts
         self.token_freqs = sorted(counter.items(), key=lambda kv: (-kv[1], kv[0]))
         specials = [UNK] + [t for t in (reserved_tokens or []) if t != UNK]
         self.idx_to_token = list(dict.fromkeys(
@@ -68,6 +72,12 @@ class Vocab:
     def __len__(self) -> int:
         return len(self.idx_to_token)
 
+    @classmethod
+    def from_counts(cls, counts: dict[str, int], min_freq: int = 0,
+                    reserved_tokens: list[str] | None = None) -> Vocab:
+        """The vocabulary of a text whose token counts are `counts`."""
+        return cls(min_freq=min_freq, reserved_tokens=reserved_tokens, counts=counts)
+
     @property
     def unk(self) -> int:
         return 0
@@ -77,6 +87,10 @@ class Vocab:
 
     def decode(self, indices) -> str:
         return "".join(self.idx_to_token[int(i)] for i in indices)
+
+    def token_freq(self, token: str) -> int:
+        """How often `token` occurs in the text the vocabulary was built from."""
+        return dict(self.token_freqs).get(token, 0)
 
     def unknown(self, tokens: list[str] | str) -> list[str]:
         """The distinct tokens of `tokens` not in the vocabulary, in order of appearance."""
@@ -100,7 +114,8 @@ class Vocab:
 
 @dataclass
 class Corpus:
-    """A tokenized corpus and its contiguous splits, as int64 tensors of token ids."""
+    """A tokenized corpus and its contiguous splits: 1-D tensors of token ids, views of the
+    memory-mapped token store (uint8, or uint16 for a vocabulary of more than 256)."""
 
     vocab: Vocab
     raw_chars: int
@@ -109,14 +124,17 @@ class Corpus:
     val: torch.Tensor
     test: torch.Tensor
     note: str = ""  # what the preprocessing changed (preset_note)
+    store: str = ""  # the token store's file
+    store_reused: bool = False
 
     @property
     def num_tokens(self) -> int:
         return len(self.train) + len(self.val) + len(self.test)
 
     def fingerprint(self) -> str:
-        """SHA-256 of the token ids of each split: changes with the file, the preprocessing,
-        data.max_tokens or the split, so a resume can tell it is reading other data."""
+        """SHA-256 of the token ids of each split (as int64, read in chunks): changes with the
+        file, the preprocessing, data.max_tokens or the split, so a resume can tell it is
+        reading other data."""
         import hashlib
 
         import torch
@@ -124,8 +142,12 @@ class Corpus:
         h = hashlib.sha256()
         for split in (self.train, self.val, self.test):
             h.update(len(split).to_bytes(8, "little"))
-            h.update(split.to(torch.int64).numpy().tobytes())
+            for i in range(0, len(split), FINGERPRINT_CHUNK):
+                h.update(split[i:i + FINGERPRINT_CHUNK].to(torch.int64).numpy().tobytes())
         return h.hexdigest()
+
+
+FINGERPRINT_CHUNK = 1 << 22
 
 
 def corpus_path(cfg: DataConfig, offline: bool | None = None, progress: bool = True) -> Path:
@@ -163,32 +185,37 @@ def read_text(path: Path) -> str:
 
 def load_corpus(cfg: DataConfig, vocab: Vocab | None = None, offline: bool | None = None,
                 progress: bool = True) -> Corpus:
-    """Load, preprocess and split the configured corpus (reusing `vocab` if given)."""
+    """Load the configured corpus through its token store (prepared on first use), split it,
+    and re-map its ids when `vocab` (a run's vocabulary) is given and differs."""
+    import numpy as np
     import torch
 
+    from gru_lm.tokenstore import open_store
+
     path = corpus_path(cfg, offline=offline, progress=progress)
-    text = read_text(path)
-    tokens = preprocess(text, cfg.preset, cfg.lowercase)
-    if cfg.max_tokens is not None:
-        tokens = tokens[: cfg.max_tokens]
-    if len(tokens) < 2:
-        raise DataError(f"corpus {path} has {len(tokens)} token(s) after the '{cfg.preset}' "
-                        "preprocessing; it needs at least 2")
-    if vocab is None:
-        vocab = Vocab(tokens, min_freq=cfg.min_freq, reserved_tokens=cfg.reserved_tokens)
-    ids = torch.tensor(vocab.encode(tokens), dtype=torch.long)
+    store = open_store(path, cfg, cfg.cache_dir)
+    ids = store.ids
+    if vocab is not None and vocab.idx_to_token != store.vocab.idx_to_token:
+        remap = np.array([vocab.token_to_idx.get(t, 0) for t in store.vocab.idx_to_token],
+                         dtype=np.uint8 if len(vocab) <= 256 else np.int32)
+        ids = remap[ids]
+    vocab = vocab or store.vocab
+    ids = torch.from_numpy(ids)  # (num_tokens,)
     n = len(ids)
     n_train = int(n * cfg.train_fraction)
     n_val = int(n * cfg.val_fraction)
     n_test = int(n * cfg.test_fraction)
-    return Corpus(vocab=vocab, raw_chars=len(text), source=str(path),
+    s = store.stats
+    note = "" if cfg.preset != "d2l" else describe_preset(
+        s.non_letters, s.non_ascii, store.vocab.token_freq(" "), s.capitals)
+    return Corpus(vocab=vocab, raw_chars=s.raw_chars, source=str(path),
                   train=ids[:n_train], val=ids[n_train:n_train + n_val],
                   test=ids[n_train + n_val:n_train + n_val + n_test],
-                  note=preset_note(text, tokens, cfg.preset))
+                  note=note, store=str(store.path), store_reused=store.reused)
 
 
 class BatchLoader:
-    """d2l's random sampling and sequential partitioning, vectorized, with its own generator.
+    """d2l's random sampling and sequential partitioning, with its own generator.
 
     Sequential partitioning (batch_size=2, num_steps=3, offset o):
 
@@ -196,23 +223,32 @@ class BatchLoader:
                       stream 1: m n o | p q r | ...                       [m n o]]
     Batch i+1 continues each stream where batch i stopped, so the state can be carried.
     Random sampling cuts non-overlapping windows at a random offset and shuffles them.
+
+    With `part=(rank, world)` (distributed training) the loader cuts the batches of
+    `world * batch_size` sequences that one process would use, and this rank takes rows
+    `rank * batch_size ...` of each: its own contiguous streams, or its share of the windows.
+    Batches are cut when asked for, so an epoch costs no copy of the corpus.
     """
 
     def __init__(self, tokens: torch.Tensor, batch_size: int, num_steps: int,
-                 sampler: str = "sequential", seed: int = 0, split: str = "train"):
+                 sampler: str = "sequential", seed: int = 0, split: str = "train",
+                 part: tuple[int, int] = (0, 1)):
         import torch
 
         self.tokens = tokens
         self.batch_size = batch_size
         self.num_steps = num_steps
         self.sampler = sampler
+        self.rank, self.world = part
         self.generator = torch.Generator().manual_seed(seed)
         # The smallest offset must still leave one full batch.
-        needed = batch_size * num_steps + 1
+        total = batch_size * self.world
+        needed = total * num_steps + 1
         if len(tokens) < needed + (num_steps - 1):
+            ranks = f" x {self.world} processes" if self.world > 1 else ""
             raise DataError(
                 f"the {split} split has {len(tokens)} tokens, too few for one batch of "
-                f"train.batch_size={batch_size} x train.num_steps={num_steps} (needs "
+                f"train.batch_size={batch_size}{ranks} x train.num_steps={num_steps} (needs "
                 f"{needed + num_steps - 1}); lower batch_size or num_steps, or use more data"
             )
 
@@ -223,35 +259,64 @@ class BatchLoader:
     def num_batches(self) -> int:
         """Batches per epoch (for the largest offset, so it is the same every epoch)."""
         usable = len(self.tokens) - (self.num_steps - 1) - 1
+        total = self.batch_size * self.world
         if self.sampler == "random":
-            return (usable // self.num_steps) // self.batch_size
-        return (usable // self.batch_size) // self.num_steps
+            return (usable // self.num_steps) // total
+        return (usable // total) // self.num_steps
 
-    def epoch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """All batches of one epoch: X, Y of shape (num_batches, batch_size, num_steps)."""
+    def epoch(self) -> Epoch:
+        """The batches of one epoch (draws the epoch's offset and, random, its order)."""
         import torch
 
-        g, T, B = self.generator, self.num_steps, self.batch_size
+        g, T = self.generator, self.num_steps
+        total = self.batch_size * self.world
         nb = self.num_batches()
         offset = int(torch.randint(0, T, (1,), generator=g))
-        corpus = self.tokens[offset:]
         if self.sampler == "random":
-            num_windows = (len(corpus) - 1) // T
-            starts = torch.randperm(num_windows, generator=g)[: nb * B] * T  # (nb*B,)
-            idx = starts.view(nb, B, 1) + torch.arange(T)  # (nb, B, T)
-            return corpus[idx], corpus[idx + 1]
-        n = nb * T * B
-        Xs = corpus[:n].view(B, nb, T).transpose(0, 1)  # (nb, B, T)
-        Ys = corpus[1:n + 1].view(B, nb, T).transpose(0, 1)
-        return Xs, Ys
+            num_windows = (len(self.tokens) - offset - 1) // T
+            starts = torch.randperm(num_windows, generator=g)[: nb * total] * T + offset
+        else:  # stream b starts at offset + b * nb * T; batch i reads i * T further on
+            starts = offset + torch.arange(total) * (nb * T)
+        return Epoch(self, starts.view(-1 if self.sampler == "random" else 1, total), nb)
+
+
+class Epoch:
+    """One epoch's batches: batch(i) -> X, Y of shape (batch_size, num_steps), int64."""
+
+    def __init__(self, loader: BatchLoader, starts: torch.Tensor, num_batches: int):
+        self.loader, self.starts, self.num_batches = loader, starts, num_batches
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
+        ld = self.loader
+        B, T = ld.batch_size, ld.num_steps
+        if ld.sampler == "random":
+            row = self.starts[i]
+        else:
+            row = self.starts[0] + i * T
+        first = row[ld.rank * B:(ld.rank + 1) * B]  # (batch_size,)
+        idx = first.unsqueeze(1) + torch.arange(T)  # (batch_size, num_steps)
+        return ld.tokens[idx].long(), ld.tokens[idx + 1].long()
+
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every batch at once: X, Y of shape (num_batches, batch_size, num_steps)."""
+        import torch
+
+        pairs = [self.batch(i) for i in range(len(self))]
+        return (torch.stack([x for x, _ in pairs]), torch.stack([y for _, y in pairs]))
 
 
 def eval_batches(tokens: torch.Tensor, batch_size: int, num_steps: int
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Score every token of a split exactly once, in order, with state carried.
 
-    The split is cut into `batch_size` contiguous streams of equal length; the tail of the
-    last stream is padded with target -100 (ignored by the loss).
+    The split is cut into `batch_size` contiguous streams of equal length L; the tail of the
+    last stream is padded with target -100 (ignored by the loss). Batches are cut as they
+    are read: X, Y of shape (streams, num_steps), int64.
     """
     import torch
 
@@ -260,10 +325,11 @@ def eval_batches(tokens: torch.Tensor, batch_size: int, num_steps: int
         return
     B = max(1, min(batch_size, n))
     L = -(-n // B)  # ceil
-    X = torch.zeros(B * L, dtype=torch.long)
-    Y = torch.full((B * L,), -100, dtype=torch.long)
-    X[:n] = tokens[:-1]
-    Y[:n] = tokens[1:]
-    X, Y = X.view(B, L), Y.view(B, L)  # (B, L)
+    base = torch.arange(B).unsqueeze(1) * L  # (streams, 1): where each stream starts
     for i in range(0, L, num_steps):
-        yield X[:, i:i + num_steps], Y[:, i:i + num_steps]
+        pos = base + torch.arange(i, min(i + num_steps, L))  # (streams, window)
+        inside = pos < n
+        pos = pos.clamp(max=n - 1)
+        X = torch.where(inside, tokens[pos].long(), 0)
+        Y = torch.where(inside, tokens[pos + 1].long(), -100)
+        yield X, Y

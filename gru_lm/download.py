@@ -20,11 +20,18 @@ MAX_REDIRECTS = 5
 
 @dataclass(frozen=True)
 class DatasetSpec:
+    """A corpus file; `member` set: the file is that member of the zip archive at `url`
+    (saved as `archive`, verified by `archive_sha1` when given), and `sha1` is the
+    extracted file's."""
+
     name: str
     url: str
     sha1: str
     filename: str
     description: str = ""
+    member: str | None = None
+    archive: str | None = None
+    archive_sha1: str | None = None
 
 
 DATASETS: dict[str, DatasetSpec] = {}
@@ -42,6 +49,34 @@ register_dataset(
         sha1="090b5e7e70c295757f55df93cb0a180b9691891a",
         filename="timemachine.txt",
         description="H. G. Wells, The Time Machine (d2l's copy)",
+    )
+)
+
+
+# Matt Mahoney's Large Text Compression Benchmark files (mattmahoney.net/dc/textdata.html):
+# 10**8 bytes each. The extracted files' SHA-1s are the ones the benchmark publishes.
+register_dataset(
+    DatasetSpec(
+        name="text8",
+        url="http://mattmahoney.net/dc/text8.zip",
+        sha1="0dc3edebc970dcc96137e7deda4d9995af9d93de",
+        filename="text8",
+        description="text8: 10**8 characters of cleaned English Wikipedia (a-z and space)",
+        member="text8",
+        archive="text8.zip",
+        archive_sha1="6c70299b93b7e1f927b42cd8f6ac1a31547c7a2e",
+    )
+)
+register_dataset(
+    DatasetSpec(
+        name="enwik8",
+        url="http://mattmahoney.net/dc/enwik8.zip",
+        sha1="57b8363b814821dc9d47aa4d41f58733519076b2",
+        filename="enwik8",
+        description="enwik8: the first 10**8 bytes of an English Wikipedia XML dump "
+                    "(use data.preset=raw)",
+        member="enwik8",
+        archive="enwik8.zip",
     )
 )
 
@@ -78,14 +113,53 @@ def fetch(
     cached = cache_path(spec, cache_dir)
     if offline:
         where = f"{env_dir}/ or {cache_dir}/" if env_dir else f"{cache_dir}/"
+        zipped = f" (or its archive {spec.archive})" if spec.member else ""
         raise DataError(
             f"offline and {spec.filename} is not available: put the file with SHA-1 "
-            f"{spec.sha1} into {where} (or set GRU_LM_DATA_DIR to a folder holding it), "
-            "or unset GRU_LM_OFFLINE to download it"
+            f"{spec.sha1}{zipped} into {where} (or set GRU_LM_DATA_DIR to a folder holding "
+            "it), or unset GRU_LM_OFFLINE to download it"
         )
-    download(spec.url, spec.sha1, cached, timeout=timeout, total_timeout_s=total_timeout_s,
-             retries=retries, progress=progress)
-    return cached
+    if spec.member is None:
+        download(spec.url, spec.sha1, cached, timeout=timeout, total_timeout_s=total_timeout_s,
+                 retries=retries, progress=progress)
+        return cached
+    archive = Path(cache_dir) / (spec.archive or Path(spec.url).name)
+    download(spec.url, spec.archive_sha1, archive, timeout=timeout,
+             total_timeout_s=total_timeout_s, retries=retries, progress=progress)
+    try:
+        return extract(spec, archive, cached, label=spec.url)
+    finally:
+        archive.unlink(missing_ok=True)  # the verified member is what is kept
+
+
+def extract(spec: DatasetSpec, archive: Path, dest: Path, label: str | None = None) -> Path:
+    """Stream `spec.member` out of the zip `archive` into `dest`, verified by `spec.sha1`
+    (`label`: how errors name the archive, its URL when it was just downloaded)."""
+    import hashlib
+    import zipfile
+    import zlib
+
+    h = hashlib.sha1()
+    label = label or str(archive)
+    try:
+        with zipfile.ZipFile(archive) as z, z.open(spec.member) as src, \
+                atomic_writer(dest, "wb") as out:
+            while chunk := src.read(1 << 20):
+                out.write(chunk)
+                h.update(chunk)
+            if h.hexdigest() != spec.sha1:
+                raise DataError(f"{spec.member} in {label} has the wrong SHA-1: expected "
+                                f"{spec.sha1}, got {h.hexdigest()}; the file was not saved")
+    except KeyError:
+        raise DataError(f"{label} holds no {spec.member}; it is not the {spec.name} "
+                        "archive") from None
+    except (zipfile.BadZipFile, EOFError, zlib.error) as e:
+        raise DataError(f"{label} is not a readable zip archive ({e}); replace it or "
+                        "download it again") from None
+    except OSError as e:
+        raise DataError(f"cannot extract {spec.member} to {dest}: {e.strerror or e}; free "
+                        "disk space or set data.cache_dir") from None
+    return dest
 
 
 def find_local(spec: DatasetSpec, cache_dir: Path) -> tuple[Path, str] | None:
@@ -96,11 +170,22 @@ def find_local(spec: DatasetSpec, cache_dir: Path) -> tuple[Path, str] | None:
         local = _from_data_dir(Path(env_dir), spec)
         if local is not None:
             return local, "GRU_LM_DATA_DIR"
+        zipped = _archive_in(Path(env_dir), spec)
+        if zipped is not None:  # the archive only: extracted once into the cache
+            return extract(spec, zipped, cache_path(spec, cache_dir)), "GRU_LM_DATA_DIR"
     # Files cached before the name held the hash are still used when they verify.
     for candidate in (cache_path(spec, cache_dir), Path(cache_dir) / spec.filename):
         if candidate.is_file() and file_digest(candidate, "sha1") == spec.sha1:
             return candidate, "the cache"
     return None
+
+
+def _archive_in(data_dir: Path, spec: DatasetSpec) -> Path | None:
+    """$GRU_LM_DATA_DIR/<archive> of an archived dataset, when it is there."""
+    if spec.member is None:
+        return None
+    path = data_dir / (spec.archive or Path(spec.url).name)
+    return path if path.is_file() else None
 
 
 def cache_path(spec: DatasetSpec, cache_dir: Path) -> Path:
@@ -156,7 +241,7 @@ def _session(retries: int):
 
 def download(
     url: str,
-    sha1: str,
+    sha1: str | None,
     dest: Path,
     *,
     timeout: tuple[float, float] = (CONNECT_TIMEOUT_S, READ_TIMEOUT_S),
@@ -164,7 +249,8 @@ def download(
     retries: int = 3,
     progress: bool = True,
 ) -> Path:
-    """Stream `url` into a temp file beside `dest`, verify SHA-1, then move it into place."""
+    """Stream `url` into a temp file beside `dest`, verify SHA-1 (unless None: an archive
+    whose members are verified instead), then move it into place."""
     import hashlib
 
     import requests
@@ -215,7 +301,7 @@ def download(
                         raise DataError(f"download of {url} took longer than "
                                         f"{total_timeout_s:g}s; try again later")
                 actual = h.hexdigest()
-                if actual != sha1:
+                if sha1 is not None and actual != sha1:
                     raise DataError(f"download of {url} has the wrong SHA-1: expected {sha1}, "
                                     f"got {actual}; the file was not saved")
     except requests.exceptions.Timeout:

@@ -92,7 +92,7 @@ def dynamic_log_probs(model, tokens: torch.Tensor, ms: dict[str, torch.Tensor],
     model.eval()
     scored = []
     try:
-        X_all, Y_all = tokens[:-1].to(device), tokens[1:].to(device)
+        X_all, Y_all = tokens[:-1].long().to(device), tokens[1:].long().to(device)
         state = model.begin_state(1, device)
         for i in range(0, len(X_all), settings.segment):
             X = X_all[i:i + settings.segment].unsqueeze(0)  # (1, segment)

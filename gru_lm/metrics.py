@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from gru_lm.data import Corpus, eval_batches
 
 LN2 = math.log(2)
+MAX_REFERENCE_TARGET = 1_000_000  # the n-gram reference is pure Python: it scores at most 1M
 
 
 def perplexity(nll_sum: float, num_tokens: int) -> float:
@@ -24,9 +25,18 @@ def bits_per_char(nll_sum: float, num_tokens: int) -> float:
 
 def unigram_perplexity(train: torch.Tensor, target: torch.Tensor, vocab_size: int) -> float:
     """Perplexity of `target` under add-one smoothed unigram frequencies of `train`."""
-    counts = torch.bincount(train, minlength=vocab_size).double() + 1
+    counts = token_counts(train, vocab_size).double() + 1
     logp = (counts / counts.sum()).log()
-    return math.exp(-logp[target].mean().item()) if len(target) else float("nan")
+    nll = float((-logp * token_counts(target, vocab_size)).sum())
+    return math.exp(nll / len(target)) if len(target) else float("nan")
+
+
+def token_counts(tokens: torch.Tensor, vocab_size: int, chunk: int = 1 << 22) -> torch.Tensor:
+    """How often each id occurs in `tokens` (any integer dtype), read in chunks."""
+    counts = torch.zeros(vocab_size, dtype=torch.int64)
+    for i in range(0, len(tokens), chunk):
+        counts += torch.bincount(tokens[i:i + chunk].long(), minlength=vocab_size)[:vocab_size]
+    return counts
 
 
 def reference_baselines(train: torch.Tensor, target: torch.Tensor, vocab_size: int,
@@ -35,7 +45,7 @@ def reference_baselines(train: torch.Tensor, target: torch.Tensor, vocab_size: i
     (`ngram`: the KneserNey model of `train` when the caller has built it already)."""
     from gru_lm.ngram import KneserNey
 
-    ngram = ngram or KneserNey(train.tolist(), vocab_size, ngram_order)
+    ngram = ngram or KneserNey(train, vocab_size, ngram_order)
     nll, n = ngram.nll(target.tolist())
     # <unk> never occurs in a corpus built with its own vocabulary, so uniform is over v - 1.
     return {"uniform_ppl": float(vocab_size - 1),
@@ -43,9 +53,12 @@ def reference_baselines(train: torch.Tensor, target: torch.Tensor, vocab_size: i
             "ngram_order": ngram_order, "ngram_ppl": perplexity(nll, n)}
 
 
-def corpus_baselines(corpus: Corpus, ngram_order: int = 5) -> dict[str, float]:
-    """reference_baselines on the val split (the train split when there is none)."""
-    target = corpus.val if len(corpus.val) > 1 else corpus.train
+def corpus_baselines(corpus: Corpus, ngram_order: int = 5,
+                     val: torch.Tensor | None = None) -> dict[str, float]:
+    """reference_baselines on the val split (`val`: the part of it that is evaluated), or on
+    the train split when there is none."""
+    val = corpus.val if val is None else val
+    target = val if len(val) > 1 else corpus.train[:MAX_REFERENCE_TARGET]
     return reference_baselines(corpus.train, target, len(corpus.vocab), ngram_order)
 
 

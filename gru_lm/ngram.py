@@ -26,7 +26,8 @@ class KneserNey:
     def __init__(self, tokens: Sequence[int], vocab_size: int, order: int = 5):
         if order < 1:
             raise ValueError("order must be >= 1")
-        toks = [int(t) for t in tokens[:MAX_TRAIN_TOKENS]]
+        head = tokens[:MAX_TRAIN_TOKENS]
+        toks = head.tolist() if hasattr(head, "tolist") else [int(t) for t in head]
         self.order, self.vocab_size = order, vocab_size
         # counts[n][h][w] for n = 1..order, h a tuple of n - 1 ids.
         self.counts: list[dict[tuple, Counter]] = [{} for _ in range(order + 1)]

@@ -305,6 +305,10 @@ def evaluate_run(path: Path, *, split: str, text: Path | None, offline: bool | N
             raise GruLmError(f"the run's data has no {split} split (data.{split}_fraction = 0); "
                              "evaluate with --text FILE or another --split")
         what = f"{split} split"
+        cap = cfg.train.eval_max_tokens
+        if cap is not None and len(ids) > cap:
+            ids = ids[:cap]
+            what += f" (its first {cap:,} tokens: train.eval_max_tokens)"
     for flag, wanted in (("--dynamic", dynamic), ("--mix-ngram", mix_ngram)):
         if wanted and len(corpus.val) < 2:  # (corpus is loaded whenever either is set)
             raise GruLmError(f"{flag} chooses its settings on the val split, and this run has "
@@ -312,7 +316,7 @@ def evaluate_run(path: Path, *, split: str, text: Path | None, offline: bool | N
     nll, n = evaluate(model, ids, cfg.train.eval_batch_size, cfg.train.num_steps,
                       torch.device("cpu"))
     order = ngram_order or cfg.train.ngram_order
-    ngram = None if corpus is None else KneserNey(corpus.train.tolist(), len(vocab), order)
+    ngram = None if corpus is None else KneserNey(corpus.train, len(vocab), order)
     out = {"what": what, "checkpoint": str(path), "tokens": n, "loss": nll / n,
            "ppl": perplexity(nll, n), "bpc": bits_per_char(nll, n), "unknown": unknown,
            "references": None if corpus is None else reference_baselines(

@@ -18,7 +18,7 @@ import torch
 
 from gru_lm.checkpoint import load_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
 from gru_lm.config import Config
-from gru_lm.data import BatchLoader, Corpus
+from gru_lm.data import BatchLoader, Corpus, Epoch
 from gru_lm.display import Reporter, TensorBoard, tensorboard_writer
 from gru_lm.ema import EMA
 from gru_lm.errors import GruLmError, NonFiniteLoss, TrainingInterrupted
@@ -89,6 +89,7 @@ class Trainer:
         self.tensorboard: TensorBoard | None = None
         self.notes: list[str] = []  # said once, under the header
         self.prefix_ids = self._check_prefixes()
+        self.eval_splits = self._eval_splits()
         self.loader = BatchLoader(corpus.train, t.batch_size, t.num_steps, t.sampler,
                                   seed=t.seed, split="train")
         self.batches_per_epoch = self.loader.num_batches()
@@ -96,7 +97,7 @@ class Trainer:
         self.ema = EMA(model, t.ema_decay) if t.ema_decay else None
         self.state = None  # carried hidden state (sequential sampler)
         self._epoch_gen_state: torch.Tensor | None = None
-        self._epoch_batches: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._epoch_batches: Epoch | None = None
         self._interval_losses = torch.zeros(t.log_interval, dtype=torch.float64,
                                             device=self.device)
         self._interval_count = 0
@@ -122,6 +123,17 @@ class Trainer:
                                   f"({str(e).split(';')[0]}); sampling from its first "
                                   f"characters {self.vocab.decode(ids)!r} instead")
         return out
+
+    def _eval_splits(self) -> dict[str, torch.Tensor]:
+        """val and test as evaluated: their first train.eval_max_tokens tokens, with a note."""
+        cap = self.cfg.train.eval_max_tokens
+        out = {s: getattr(self.corpus, s) for s in ("val", "test")}
+        cut = [s for s, v in out.items() if cap is not None and len(v) > cap]
+        if cut:
+            sizes = " and ".join(f"{s} of {len(out[s]):,}" for s in cut)
+            self.notes.append(f"train.eval_max_tokens={cap:,}: evaluation scores the first "
+                              f"{cap:,} tokens of {sizes}; perplexities are of that part")
+        return {s: v[:cap] if cap is not None else v for s, v in out.items()}
 
     # -------------------------------------------------------------- the step
 
@@ -161,14 +173,13 @@ class Trainer:
         if self._epoch_batches is None:
             self._epoch_gen_state = self.loader.generator.get_state()
             self._epoch_batches = self.loader.epoch()
-        X, Y = self._epoch_batches
-        i = self.progress.batch_in_epoch
-        return X[i].to(self.device, non_blocking=True), Y[i].to(self.device, non_blocking=True)
+        X, Y = self._epoch_batches.batch(self.progress.batch_in_epoch)
+        return X.to(self.device, non_blocking=True), Y.to(self.device, non_blocking=True)
 
     def _advance_epoch_counter(self) -> None:
         p = self.progress
         p.batch_in_epoch += 1
-        if p.batch_in_epoch >= len(self._epoch_batches[0]):
+        if p.batch_in_epoch >= len(self._epoch_batches):
             p.epoch += 1
             p.batch_in_epoch = 0
             self._epoch_batches = None
@@ -205,7 +216,8 @@ class Trainer:
         if self.run is None:
             raise ValueError("Trainer.fit needs a run directory (Trainer(..., run=RunDir(...)))")
         self.run.checkpoints.mkdir(parents=True, exist_ok=True)
-        self.reference = corpus_baselines(self.corpus, self.cfg.train.ngram_order)
+        self.reference = corpus_baselines(self.corpus, self.cfg.train.ngram_order,
+                                          self.eval_splits["val"])
         self.out.header(
             corpus=self.corpus, model=self.cfg.model.name, params=count_parameters(self.model),
             batches_per_epoch=self.batches_per_epoch, device=str(self.device),
@@ -334,7 +346,7 @@ class Trainer:
 
     def _val(self) -> tuple[float, float]:
         t = self.cfg.train
-        nll, n = evaluate(self.model, self.corpus.val, t.eval_batch_size, t.num_steps,
+        nll, n = evaluate(self.model, self.eval_splits["val"], t.eval_batch_size, t.num_steps,
                           self.device, self.autocast)
         return perplexity(nll, n), bits_per_char(nll, n)
 
@@ -442,6 +454,8 @@ class Trainer:
             "threads": torch.get_num_threads(),
             **self.reference,
         }
+        if t.eval_max_tokens is not None:
+            summary["eval_max_tokens"] = t.eval_max_tokens
         if self.speed_warning:
             summary["speed_warning"] = self.speed_warning
         evals = self.run.evals()
@@ -451,8 +465,7 @@ class Trainer:
         best_path = self.run.checkpoint(BEST)
         if best_path.exists():
             load_state(self.model, load_checkpoint(best_path)["model"], best_path)
-        for split in ("val", "test"):
-            tokens = getattr(self.corpus, split)
+        for split, tokens in self.eval_splits.items():
             if len(tokens) > 1:
                 nll, n = evaluate(self.model, tokens, t.eval_batch_size, t.num_steps,
                                   self.device, self.autocast)

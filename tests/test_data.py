@@ -76,7 +76,7 @@ def _tokens(n=1000):
 def test_sampler_targets_are_inputs_shifted(sampler):
     toks = _tokens()
     loader = BatchLoader(toks, 4, 7, sampler, seed=1)
-    X, Y = loader.epoch()
+    X, Y = loader.epoch().stacked()
     assert X.shape == (loader.num_batches(), 4, 7)
     assert torch.equal((X + 1) % 97, Y)  # tokens are i % 97, so the next token is +1
     assert X.min() >= 0 and X.max() < 97
@@ -84,14 +84,14 @@ def test_sampler_targets_are_inputs_shifted(sampler):
 
 def test_sequential_windows_continue_across_batches():
     toks = torch.arange(1000)  # token value = position
-    X, _ = BatchLoader(toks, 4, 7, "sequential", seed=3).epoch()
+    X, _ = BatchLoader(toks, 4, 7, "sequential", seed=3).epoch().stacked()
     assert torch.equal(X[1][:, 0], X[0][:, -1] + 1)
     assert torch.equal(X[:, :, 1:] - X[:, :, :-1], torch.ones_like(X[:, :, 1:]))
 
 
 def test_random_windows_do_not_overlap():
     toks = torch.arange(1000)
-    X, _ = BatchLoader(toks, 4, 7, "random", seed=3).epoch()
+    X, _ = BatchLoader(toks, 4, 7, "random", seed=3).epoch().stacked()
     starts = X[:, :, 0].flatten()
     assert len(set(starts.tolist())) == len(starts)
     ordered = starts.sort().values
@@ -103,7 +103,7 @@ def test_same_seed_same_batches(sampler):
     a = BatchLoader(_tokens(), 4, 7, sampler, seed=5)
     b = BatchLoader(_tokens(), 4, 7, sampler, seed=5)
     for _ in range(3):
-        for x, y in zip(a.epoch(), b.epoch(), strict=True):
+        for x, y in zip(a.epoch().stacked(), b.epoch().stacked(), strict=True):
             assert torch.equal(x, y)
 
 
@@ -121,7 +121,7 @@ def test_batches_never_leave_the_split(n, batch_size, num_steps, seed, sampler):
         with pytest.raises(DataError):
             BatchLoader(toks, batch_size, num_steps, sampler, seed=seed)
         return
-    X, Y = BatchLoader(toks, batch_size, num_steps, sampler, seed=seed).epoch()
+    X, Y = BatchLoader(toks, batch_size, num_steps, sampler, seed=seed).epoch().stacked()
     assert len(X) >= 1
     assert X.min() >= 0 and Y.max() < n and torch.equal(X + 1, Y)
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import io
 import threading
+import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-from gru_lm.download import DatasetSpec, cache_path, download, fetch
+from gru_lm.download import DATASETS, DatasetSpec, cache_path, download, fetch
 from gru_lm.errors import DataError
 
 BODY = b"the time machine\n" * 200
@@ -17,6 +20,23 @@ STALL = threading.Event()  # /stall.txt answers only once this is set
 SHA1 = hashlib.sha1(BODY).hexdigest()
 OTHER = b"another book\n" * 50
 OTHER_SHA1 = hashlib.sha1(OTHER).hexdigest()
+
+
+def _zip(member: str, body: bytes) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr(member, body)
+    return buf.getvalue()
+
+
+# Small stand-ins for the registered archives: text8's one long line of a-z and spaces,
+# enwik8's XML with non-ASCII text.
+TEXT8 = b" anarchism originated as a term of abuse first used against early" * 40
+ENWIK8 = ("<mediawiki><page><title>Zürich</title><text>Zürich is a city […]</text>"
+          "</page></mediawiki>\n" * 30).encode()
+ZIPS = {"/text8.zip": _zip("text8", TEXT8), "/enwik8.zip": _zip("enwik8", ENWIK8),
+        "/empty.zip": _zip("other", b"x"),
+        "/changed.zip": _zip("text8", TEXT8 + b" x"), "/broken.zip": _zip("text8", TEXT8)[:-40]}
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -62,6 +82,8 @@ class Handler(BaseHTTPRequestHandler):
         elif self.path == "/stall.txt":
             STALL.wait(60)
             self._send(200, BODY)
+        elif self.path in ZIPS:
+            self._send(200, ZIPS[self.path], ctype="application/zip")
         elif self.path == "/moved.txt":
             self.send_response(302)
             self.send_header("Location", "/good.txt")
@@ -245,3 +267,62 @@ def test_data_dir_without_the_file_falls_back_to_the_cache(server, tmp_path, mon
     (tmp_path / "empty").mkdir()
     monkeypatch.setenv("GRU_LM_DATA_DIR", str(tmp_path / "empty"))
     assert fetch(_spec(server, "/good.txt"), tmp_path, progress=False).read_bytes() == BODY
+
+
+def _standin(server, name, path=None, archive_sha1=None):
+    """The registered `name`, served from the local server with a stand-in's hashes."""
+    body = {"text8": TEXT8, "enwik8": ENWIK8}[name]
+    path = path or f"/{name}.zip"
+    return dataclasses.replace(DATASETS[name], url=f"{server}{path}",
+                               sha1=hashlib.sha1(body).hexdigest(), archive_sha1=archive_sha1)
+
+
+@pytest.mark.parametrize("name", ["text8", "enwik8"])
+def test_archived_datasets_are_extracted_and_verified(server, tmp_path, name):
+    zsha = hashlib.sha1(ZIPS[f"/{name}.zip"]).hexdigest()
+    spec = _standin(server, name, archive_sha1=zsha if name == "text8" else None)
+    path = fetch(spec, tmp_path, progress=False)
+    assert path.read_bytes() == {"text8": TEXT8, "enwik8": ENWIK8}[name]
+    assert _only_final_or_nothing(tmp_path) == [path.name]  # the archive is not kept
+    before = Handler.hits[f"/{name}.zip"]
+    assert fetch(spec, tmp_path, offline=True) == path
+    assert Handler.hits[f"/{name}.zip"] == before
+
+
+def test_registry_holds_the_published_hashes():
+    assert DATASETS["text8"].sha1 == "0dc3edebc970dcc96137e7deda4d9995af9d93de"
+    assert DATASETS["enwik8"].sha1 == "57b8363b814821dc9d47aa4d41f58733519076b2"
+    assert {DATASETS[n].member for n in ("text8", "enwik8")} == {"text8", "enwik8"}
+
+
+@pytest.mark.parametrize("path, kw, message", [
+    ("/text8.zip", {"archive_sha1": "0" * 40}, "wrong SHA-1"),
+    ("/changed.zip", {}, "text8 in http://127.0.0.1"),  # the member's hash is checked
+    ("/empty.zip", {}, "holds no text8"),
+    ("/broken.zip", {}, "not a readable zip archive"),
+])
+def test_bad_archives_leave_no_file(server, tmp_path, path, kw, message):
+    with pytest.raises(DataError, match=message):
+        fetch(_standin(server, "text8", path, **kw), tmp_path, progress=False)
+    assert _only_final_or_nothing(tmp_path) == []
+
+
+def test_archive_in_data_dir_is_extracted_offline(server, tmp_path, monkeypatch):
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    (ready / "text8.zip").write_bytes(ZIPS["/text8.zip"])
+    monkeypatch.setenv("GRU_LM_DATA_DIR", str(ready))
+    spec = _standin(server, "text8")
+    path = fetch(spec, tmp_path / "cache", offline=True)
+    assert path.read_bytes() == TEXT8 and path.parent == tmp_path / "cache"
+
+
+def test_text8_trains_through_the_token_store(server, tmp_path, monkeypatch):
+    from gru_lm.config import DataConfig
+    from gru_lm.data import load_corpus
+
+    monkeypatch.setitem(DATASETS, "text8", _standin(server, "text8"))
+    corpus = load_corpus(DataConfig(dataset="text8", cache_dir=tmp_path), progress=False)
+    assert corpus.vocab.decode(corpus.train[:20]) == "anarchism originated"
+    assert Path(corpus.store).stat().st_size == len(TEXT8.strip())  # uint8: a byte a token
+    assert len(corpus.vocab) <= 28

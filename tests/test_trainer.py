@@ -94,7 +94,7 @@ def test_plateau_halves_lr_after_patience():
 
 def test_train_step_needs_no_run_folder(tmp_path):
     tr = _trainer(tmp_path)
-    X, Y = (t[0] for t in tr.loader.epoch())
+    X, Y = (t[0] for t in tr.loader.epoch().stacked())
     before = [p.detach().clone() for p in tr.model.parameters()]
     loss = tr.train_step(X, Y)
     assert math.isfinite(float(loss))

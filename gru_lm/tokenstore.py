@@ -1,0 +1,281 @@
+"""The corpus tokenized once, streaming, into a file of uint8/uint16 ids that training maps.
+
+nanoGPT's prepare.py + np.memmap pattern: the text is read in blocks of a few MiB, so neither
+the whole text nor a Python list of its characters is ever held. Two passes: the first counts
+the characters (the vocabulary is ordered by frequency, so it needs the whole count), the
+second writes the ids. The store sits in `data.cache_dir/tokens/` as NAME-KEY.bin (the ids)
+and NAME-KEY.json (vocabulary, counts, statistics); KEY hashes the source file's bytes and
+every setting that changes the ids, so a changed file or setting gets a new store and an
+unchanged one is reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import unicodedata
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from gru_lm.errors import DataError
+from gru_lm.utils import atomic_write_text, atomic_writer, file_digest
+
+if TYPE_CHECKING:
+    from gru_lm.config import DataConfig
+    from gru_lm.data import Vocab
+
+VERSION = 1
+BLOCK_BYTES = 8 << 20
+MAX_VOCAB = 1 << 16  # ids are stored as uint16 at most
+_NON_LETTERS = re.compile(r"[^A-Za-z]+")
+_LAST_LETTER = re.compile(r"[A-Za-z][^A-Za-z]*\Z")
+
+
+@dataclass
+class Stats:
+    """What the preprocessing saw and did (preset_note's figures), counted while streaming."""
+
+    raw_chars: int = 0
+    non_letters: int = 0
+    non_ascii: int = 0
+    capitals: int = 0
+    has_text: bool = False  # anything but whitespace
+
+    def add(self, block: str) -> None:
+        """Count one block of the raw text."""
+        cps = code_points(block)
+        self.has_text = self.has_text or (bool(block) and not block.isspace())
+        folded = cps | 32
+        letters = int(np.count_nonzero((folded >= 97) & (folded <= 122) & (cps < 128)))
+        self.raw_chars += len(cps)
+        self.non_letters += len(cps) - letters
+        self.non_ascii += int(np.count_nonzero(cps >= 128))
+        self.capitals += int(np.count_nonzero((cps >= 65) & (cps <= 90)))
+
+
+def code_points(text: str) -> np.ndarray:
+    """The code points of `text` as a numpy array (uint8 for ASCII, else uint32)."""
+    if text.isascii():
+        return np.frombuffer(text.encode("ascii"), dtype=np.uint8)
+    return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+
+
+def read_blocks(path: Path, block_bytes: int = BLOCK_BYTES) -> Iterator[str]:
+    """The UTF-8 text of `path` in pieces that end after a line break or a space (so neither
+    NFC nor lowercasing depends on where a piece ends), else at a character boundary."""
+    offset, rest = 0, b""
+    try:
+        f = open(path, "rb")  # noqa: SIM115 (closed below; an error must name the byte)
+    except OSError as e:
+        raise DataError(f"cannot read corpus {path}: {e.strerror}") from None
+    with f:
+        while True:
+            try:
+                block = f.read(block_bytes)
+            except OSError as e:
+                raise DataError(f"cannot read corpus {path}: {e.strerror}") from None
+            data = rest + block
+            if not block:
+                if data:
+                    yield _decode(data, path, offset)
+                return
+            cut = max(data.rfind(b"\n"), data.rfind(b" ")) + 1
+            if cut == 0:  # no break in the block: cut before the last character's lead byte
+                i = len(data) - 1
+                while i > 0 and len(data) - i < 4 and (data[i] & 0xC0) == 0x80:
+                    i -= 1
+                cut = i if data[i] >= 0xC0 else len(data)
+            if cut == 0:  # one unfinished character so far: read on
+                rest = data
+                continue
+            piece, rest = data[:cut], data[cut:]
+            yield _decode(piece, path, offset)
+            offset += len(piece)
+
+
+def _decode(data: bytes, path: Path, offset: int) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"corpus {path} is not UTF-8 (byte {offset + e.start}); convert it "
+                        "with `iconv -t utf-8`") from None
+
+
+class D2lStream:
+    """The d2l preset (per line: non-letter runs -> one space, strip, lowercase; lines joined
+    with nothing between them) applied to a text that arrives in pieces.
+
+    A piece is processed up to its last letter; what follows (non-letters only) is carried,
+    shrunk to "\\n" when it ends a line and to " " when it does not, which changes nothing.
+    """
+
+    def __init__(self) -> None:
+        self.carry = ""
+        self.line_has_letters = False
+
+    def feed(self, text: str, final: bool = False) -> str:
+        text = self.carry + text
+        self.carry = ""
+        if not final:
+            m = _LAST_LETTER.search(text)
+            cut = m.start() + 1 if m else 0
+            text, rest = text[:cut], text[cut:]
+            self.carry = "\n" if "\n" in rest else (" " if rest else "")
+        if not text:
+            return ""
+        lines = text.split("\n")
+        out = []
+        for i, line in enumerate(lines):
+            s = _NON_LETTERS.sub(" ", line)
+            if i > 0 or not self.line_has_letters:
+                s = s.lstrip(" ")
+            if i < len(lines) - 1 or final:
+                s = s.rstrip(" ")
+            out.append(s)
+        last = lines[-1]
+        has = _NON_LETTERS.sub("", last) != ""
+        self.line_has_letters = has or (len(lines) == 1 and self.line_has_letters)
+        return "".join(out).lower()
+
+
+def token_pieces(path: Path, preset: str, lowercase: bool, stats: Stats | None = None,
+                 block_bytes: int = BLOCK_BYTES) -> Iterator[str]:
+    """The preprocessed text of `path` (gru_lm.data.preprocess, joined), piece by piece."""
+    if preset not in ("d2l", "raw"):
+        raise DataError(f"unknown preprocessing preset '{preset}'; choose d2l or raw")
+    d2l = D2lStream() if preset == "d2l" else None
+    for block in read_blocks(path, block_bytes):
+        if stats is not None:
+            stats.add(block)
+        if d2l is not None:
+            yield d2l.feed(block)
+        else:
+            block = unicodedata.normalize("NFC", block)
+            yield block.lower() if lowercase else block
+    if d2l is not None:
+        yield d2l.feed("", final=True)
+
+
+def _limited(pieces: Iterator[str], max_tokens: int | None) -> Iterator[str]:
+    """`pieces` cut after `max_tokens` characters in all (the rest is still read, so that
+    statistics cover the whole file)."""
+    left = max_tokens
+    for piece in pieces:
+        if left is None:
+            yield piece
+        elif left > 0:
+            yield piece[:left]
+            left -= min(left, len(piece))
+
+
+@dataclass
+class TokenStore:
+    """A prepared corpus: `ids` (a read-only-backed np.memmap) and what describes it."""
+
+    ids: np.ndarray
+    vocab: Vocab
+    stats: Stats
+    path: Path  # the .bin file
+    reused: bool
+
+
+def store_paths(source: Path, cfg: DataConfig, cache_dir: Path) -> tuple[Path, Path, dict]:
+    """(bin, json, key fields) of the store for `source` under `cfg`'s preprocessing."""
+    fields = {"version": VERSION, "source_sha256": file_digest(source, "sha256"),
+              "preset": cfg.preset, "lowercase": cfg.lowercase and cfg.preset == "raw",
+              "min_freq": cfg.min_freq, "reserved_tokens": list(cfg.reserved_tokens),
+              "max_tokens": cfg.max_tokens}
+    key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+    stem = re.sub(r"[^A-Za-z0-9._-]", "_", Path(source).stem)[:60] or "corpus"
+    folder = Path(cache_dir) / "tokens"
+    return folder / f"{stem}-{key}.bin", folder / f"{stem}-{key}.json", fields
+
+
+def open_store(source: Path, cfg: DataConfig, cache_dir: Path,
+               block_bytes: int = BLOCK_BYTES) -> TokenStore:
+    """The token store of `source`, prepared now unless an identical one exists."""
+    bin_path, meta_path, fields = store_paths(source, cfg, cache_dir)
+    meta = _read_meta(meta_path, bin_path, fields)
+    reused = meta is not None
+    if meta is None:
+        meta = prepare(source, cfg, bin_path, meta_path, fields, block_bytes)
+    from gru_lm.data import Vocab
+
+    vocab = Vocab.from_counts(dict(meta["counts"]), min_freq=cfg.min_freq,
+                              reserved_tokens=cfg.reserved_tokens)
+    if vocab.idx_to_token != meta["idx_to_token"]:
+        raise DataError(f"token store {meta_path} is inconsistent; delete it and run again")
+    n = meta["num_tokens"]
+    dtype = np.dtype(meta["dtype"])
+    # mode "c": copy-on-write pages, so torch.from_numpy gets a writable array that never
+    # writes back; nothing is read from disk until it is used.
+    ids = np.memmap(bin_path, dtype=dtype, mode="c", shape=(n,)) if n else np.zeros(0, dtype)
+    return TokenStore(ids=ids, vocab=vocab, stats=Stats(**meta["stats"]), path=bin_path,
+                      reused=reused)
+
+
+def _read_meta(meta_path: Path, bin_path: Path, fields: dict) -> dict | None:
+    """The store's description when the store is complete and made for `fields`."""
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if meta.get("key") != fields:
+            return None
+        size = np.dtype(meta["dtype"]).itemsize * int(meta["num_tokens"])
+        if bin_path.stat().st_size != size:
+            return None
+        return meta
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+def prepare(source: Path, cfg: DataConfig, bin_path: Path, meta_path: Path, fields: dict,
+            block_bytes: int = BLOCK_BYTES) -> dict:
+    """Tokenize `source` into `bin_path` (ids) and `meta_path` (description), atomically."""
+    from gru_lm.data import Vocab
+
+    stats = Stats()
+    counts = np.zeros(0x110000, dtype=np.int64)
+    num_tokens = 0
+    for piece in _limited(token_pieces(source, cfg.preset, cfg.lowercase, stats, block_bytes),
+                          cfg.max_tokens):
+        cps = code_points(piece)
+        num_tokens += len(cps)
+        if cps.dtype == np.uint8:
+            counts[:256] += np.bincount(cps, minlength=256)
+        else:
+            counts += np.bincount(cps, minlength=len(counts))
+    if not stats.has_text:
+        raise DataError(f"corpus {source} is empty; give a file with text in it")
+    if num_tokens < 2:
+        raise DataError(f"corpus {source} has {num_tokens} token(s) after the '{cfg.preset}' "
+                        "preprocessing; it needs at least 2")
+    seen = np.nonzero(counts)[0]
+    token_counts = {chr(int(c)): int(counts[c]) for c in seen}
+    vocab = Vocab.from_counts(token_counts, min_freq=cfg.min_freq,
+                              reserved_tokens=cfg.reserved_tokens)
+    if len(vocab) > MAX_VOCAB:
+        raise DataError(f"corpus {source} has {len(vocab):,} distinct characters, more than "
+                        f"the {MAX_VOCAB:,} a token store holds; raise data.min_freq")
+    dtype = np.uint8 if len(vocab) <= 256 else np.uint16
+    lut = np.zeros(0x110000, dtype=dtype)  # code point -> id; unknown -> <unk> (0)
+    for token, idx in vocab.token_to_idx.items():
+        if len(token) == 1:
+            lut[ord(token)] = idx
+    try:
+        with atomic_writer(bin_path, "wb") as f:
+            for piece in _limited(token_pieces(source, cfg.preset, cfg.lowercase,
+                                               block_bytes=block_bytes), cfg.max_tokens):
+                f.write(lut[code_points(piece)].tobytes())
+        meta = {"key": fields, "source": str(source), "dtype": np.dtype(dtype).name,
+                "num_tokens": num_tokens, "idx_to_token": vocab.idx_to_token,
+                "counts": sorted(token_counts.items()), "stats": stats.__dict__}
+        atomic_write_text(meta_path, json.dumps(meta, ensure_ascii=False))
+    except OSError as e:
+        raise DataError(f"cannot write the token store {bin_path}: {e.strerror or e}; set "
+                        "data.cache_dir to a writable folder with free space") from None
+    return meta
