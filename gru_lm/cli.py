@@ -367,13 +367,45 @@ def train_cmd(
     offline: OfflineOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q",
                                         help="Print only the final summary.")] = False,
+    nproc: Annotated[int | None, typer.Option(
+        help="Train in N processes on this machine (DDP: gloo on CPU, nccl on GPU); each "
+        "takes train.batch_size sequences and its share of the cores.")] = None,
 ) -> None:
-    """Train a model from a YAML config (or continue one with --resume)."""
+    """Train a model from a YAML config (or continue one with --resume).
+
+    Also runs unchanged under torchrun: torchrun --nproc_per_node N -m gru_lm train ..."""
+    from gru_lm.distributed import world_from_env
+
+    in_range("--nproc", nproc, 1, 1024)
+    if nproc is not None and nproc > 1:
+        args = [*(["--config", str(config)] if config else []),
+                *(["--name", name] if name else []),
+                *(["--resume", str(resume)] if resume else []),
+                *(["--offline"] if offline else []), *(["--quiet"] if quiet else []),
+                *(overrides or [])]
+        raise typer.Exit(_launch(nproc, config, overrides or [], resume, args))
     from gru_lm.runs import train_run
 
     summary = train_run(config, overrides or [], name=name, resume=resume,
                         offline=_offline(offline), console=None if quiet else console)
-    _print_summary(summary)
+    if world_from_env().is_main:
+        _print_summary(summary)
+
+
+def _launch(nproc: int, config: Path | None, overrides: list[str], resume: Path | None,
+            args: list[str]) -> int:
+    """Run `gru-lm train ARGS` in `nproc` processes; its exit status. Bad input is refused
+    here, once, before any process starts."""
+    from gru_lm.config import load_config
+    from gru_lm.distributed import launch
+    from gru_lm.errors import GruLmError
+
+    if os.environ.get("WORLD_SIZE"):
+        raise GruLmError("--nproc inside a torchrun job; drop --nproc (torchrun already "
+                         "started the processes)")
+    if resume is None:
+        load_config(config, overrides) if config else None
+    return launch(nproc, ["train", *args])
 
 
 def _print_summary(summary: dict) -> None:

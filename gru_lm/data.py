@@ -193,7 +193,7 @@ def load_corpus(cfg: DataConfig, vocab: Vocab | None = None, offline: bool | Non
     from gru_lm.tokenstore import open_store
 
     path = corpus_path(cfg, offline=offline, progress=progress)
-    store = open_store(path, cfg, cfg.cache_dir)
+    store = open_store(path, cfg, cfg.cache_dir, Vocab.from_counts)
     ids = store.ids
     if vocab is not None and vocab.idx_to_token != store.vocab.idx_to_token:
         remap = np.array([vocab.token_to_idx.get(t, 0) for t in store.vocab.idx_to_token],

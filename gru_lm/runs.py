@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from gru_lm.config import Config, apply_overrides, load_config, read_yaml, validate
+from gru_lm.distributed import SINGLE, World
 from gru_lm.errors import ConfigError, GruLmError
 from gru_lm.rundir import LAST, RunDir, find_latest
 
@@ -89,7 +90,8 @@ def make_optimizer(cfg: Config, model):
     return cls(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
 
 
-def build_trainer(cfg: Config, corpus, run: RunDir | None = None, console=None):
+def build_trainer(cfg: Config, corpus, run: RunDir | None = None, console=None,
+                  world: World = SINGLE):
     """Threads, device, seed, model and optimizer from `cfg`, then the Trainer."""
     import torch
 
@@ -98,12 +100,18 @@ def build_trainer(cfg: Config, corpus, run: RunDir | None = None, console=None):
     from gru_lm.trainer import Trainer
 
     t = cfg.train
-    torch.set_num_threads(t.threads or usable_cores())
+    # torchrun's processes share the cores: each takes its share, never all of them.
+    torch.set_num_threads(t.threads or max(1, usable_cores() // world.local_size))
     device = resolve_device(t.device)
-    seed_everything(t.seed)
+    if device.type == "cuda" and world.active:
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+    seed_everything(t.seed)  # the same initial weights on every rank
     model = build_model(cfg.model, len(corpus.vocab)).to(device)
+    if world.active:  # dropout masks differ between ranks, as between rows of one batch
+        torch.manual_seed(t.seed + world.rank)
     return Trainer(cfg, model, make_optimizer(cfg, model), corpus, device=device, run=run,
-                   console=console)
+                   console=console, world=world)
 
 
 # ---------------------------------------------------------------- train and resume
@@ -128,9 +136,38 @@ def new_run(cfg: Config, config_path: Path | None, name: str | None) -> RunDir:
 def train_run(config: Path | None, overrides: list[str], *, name: str | None = None,
               resume: Path | None = None, offline: bool | None = None, console=None
               ) -> dict[str, Any]:
-    """Train a new run, or continue `resume`; returns the run's summary."""
-    from gru_lm.checkpoint import load_checkpoint
+    """Train a new run, or continue `resume`; returns the run's summary. Under torchrun,
+    every process calls it; rank 0 alone prints and writes."""
+    from gru_lm import distributed
+
+    world = distributed.world_from_env()
+    if not world.is_main:
+        console = None
+    try:
+        return _train(world, config, overrides, name, resume, offline, console)
+    finally:
+        distributed.stop(world)
+
+
+def _load_corpus(world: World, cfg: Config, offline, vocab=None):
+    """The corpus; distributed, rank 0 prepares the token store before the others open it."""
+    from gru_lm import distributed
     from gru_lm.data import load_corpus
+
+    distributed.start(world, resolve_device(cfg.train.device).type)
+    if not world.is_main:
+        distributed.barrier(world)
+    corpus = load_corpus(cfg.data, vocab=vocab, offline=offline, progress=world.is_main)
+    if world.is_main:
+        distributed.barrier(world)
+    return corpus
+
+
+def _train(world: World, config, overrides, name, resume, offline, console):
+    import contextlib
+
+    from gru_lm import distributed
+    from gru_lm.checkpoint import load_checkpoint
 
     if resume is not None:
         if name is not None:
@@ -139,17 +176,17 @@ def train_run(config: Path | None, overrides: list[str], *, name: str | None = N
         run = RunDir(resume)
         if not run.path.is_dir():
             raise GruLmError(f"--resume {run}: no such run directory")
-        with run.lock():
+        with run.lock() if world.is_main else contextlib.nullcontext():
             # config.yaml is rewritten by the trainer with its first checkpoint: a refused or
             # failed resume leaves it as it was.
             cfg = resume_config(run, config, overrides)
             last = run.checkpoint(LAST)
             if not last.is_file():
-                return _restart(run, cfg, offline, console)
+                return _restart(run, cfg, offline, console, world)
             ck = load_checkpoint(last)
-            corpus = load_corpus(cfg.data, vocab=_run_vocab(run, ck, last), offline=offline)
+            corpus = _load_corpus(world, cfg, offline, vocab=_run_vocab(run, ck, last))
             _check_same_data(run, ck, cfg, corpus)
-            trainer = build_trainer(cfg, corpus, run, console)
+            trainer = build_trainer(cfg, corpus, run, console, world)
             trainer.restore(ck, last)
             if console is not None:
                 console.print(f"resuming {run} at step {trainer.progress.step}",
@@ -159,27 +196,35 @@ def train_run(config: Path | None, overrides: list[str], *, name: str | None = N
         raise GruLmError("no config given; pass --config configs/gru.yaml (or configs/tiny.yaml "
                          "for a quick try)")
     cfg = load_config(config, overrides)
-    corpus = load_corpus(cfg.data, offline=offline)
-    run = new_run(cfg, config, name)
+    corpus = _load_corpus(world, cfg, offline)
     # Everything that can fail on bad input fails here, before the run directory exists.
-    trainer = build_trainer(cfg, corpus, run, console)
-    run.create()
-    with run.lock():
-        run.write_start(cfg, corpus.vocab)
+    # Rank 0 names the folder (the default name holds the time) and creates it.
+    run = new_run(cfg, config, name) if world.is_main else None
+    run = RunDir(Path(distributed.broadcast(world, str(run.path) if run else None)))
+    trainer = build_trainer(cfg, corpus, run, console, world)
+    if world.is_main:
+        run.create()
+    with run.lock() if world.is_main else contextlib.nullcontext():
+        if world.is_main:
+            run.write_start(cfg, corpus.vocab)
         if console is not None:
-            console.print(f"run directory: {run}", highlight=False)
+            what = f" ({world.size} processes)" if world.active else ""
+            console.print(f"run directory: {run}{what}", highlight=False)
         return trainer.fit()
 
 
-def _restart(run: RunDir, cfg: Config, offline: bool | None, console) -> dict[str, Any]:
+def _restart(run: RunDir, cfg: Config, offline: bool | None, console,
+             world: World = SINGLE) -> dict[str, Any]:
     """A run stopped before its first checkpoint (NaN at step 1, kill, full disk): nothing
     was learnt, so it starts again from step 0 in the same folder."""
-    from gru_lm.data import load_corpus
+    from gru_lm import distributed
 
-    corpus = load_corpus(cfg.data, offline=offline)
-    trainer = build_trainer(cfg, corpus, run, console)
-    run.clear()
-    run.write_vocab(corpus.vocab)
+    corpus = _load_corpus(world, cfg, offline)
+    trainer = build_trainer(cfg, corpus, run, console, world)
+    if world.is_main:
+        run.clear()
+        run.write_vocab(corpus.vocab)
+    distributed.barrier(world)
     if console is not None:
         console.print(f"{run} has no checkpoint yet: starting it again from step 0",
                       highlight=False)

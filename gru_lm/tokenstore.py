@@ -18,7 +18,7 @@ import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -27,7 +27,6 @@ from gru_lm.utils import atomic_write_text, atomic_writer, file_digest
 
 if TYPE_CHECKING:
     from gru_lm.config import DataConfig
-    from gru_lm.data import Vocab
 
 VERSION = 1
 BLOCK_BYTES = 8 << 20
@@ -66,8 +65,8 @@ def code_points(text: str) -> np.ndarray:
 
 
 def read_blocks(path: Path, block_bytes: int = BLOCK_BYTES) -> Iterator[str]:
-    """The UTF-8 text of `path` in pieces that end after a line break or a space (so neither
-    NFC nor lowercasing depends on where a piece ends), else at a character boundary."""
+    """The UTF-8 text of `path` in pieces that end after whitespace, so that neither NFC nor
+    lowercasing depends on where a piece ends (and no UTF-8 sequence is cut)."""
     offset, rest = 0, b""
     try:
         f = open(path, "rb")  # noqa: SIM115 (closed below; an error must name the byte)
@@ -84,13 +83,11 @@ def read_blocks(path: Path, block_bytes: int = BLOCK_BYTES) -> Iterator[str]:
                 if data:
                     yield _decode(data, path, offset)
                 return
-            cut = max(data.rfind(b"\n"), data.rfind(b" ")) + 1
-            if cut == 0:  # no break in the block: cut before the last character's lead byte
-                i = len(data) - 1
-                while i > 0 and len(data) - i < 4 and (data[i] & 0xC0) == 0x80:
-                    i -= 1
-                cut = i if data[i] >= 0xC0 else len(data)
-            if cut == 0:  # one unfinished character so far: read on
+            # After whitespace, no character composes (NFC) or decides a final sigma across
+            # the cut; a block without any is joined to the next.
+            cut = max(data.rfind(b"\n"), data.rfind(b" "), data.rfind(b"\t"),
+                      data.rfind(b"\r")) + 1
+            if cut == 0:
                 rest = data
                 continue
             piece, rest = data[:cut], data[cut:]
@@ -178,7 +175,7 @@ class TokenStore:
     """A prepared corpus: `ids` (a read-only-backed np.memmap) and what describes it."""
 
     ids: np.ndarray
-    vocab: Vocab
+    vocab: Any  # gru_lm.data.Vocab (data sits above this module and hands in its builder)
     stats: Stats
     path: Path  # the .bin file
     reused: bool
@@ -196,17 +193,16 @@ def store_paths(source: Path, cfg: DataConfig, cache_dir: Path) -> tuple[Path, P
     return folder / f"{stem}-{key}.bin", folder / f"{stem}-{key}.json", fields
 
 
-def open_store(source: Path, cfg: DataConfig, cache_dir: Path,
+def open_store(source: Path, cfg: DataConfig, cache_dir: Path, make_vocab,
                block_bytes: int = BLOCK_BYTES) -> TokenStore:
-    """The token store of `source`, prepared now unless an identical one exists."""
+    """The token store of `source`, prepared now unless an identical one exists;
+    `make_vocab(counts, min_freq, reserved_tokens)` builds the vocabulary (Vocab.from_counts)."""
     bin_path, meta_path, fields = store_paths(source, cfg, cache_dir)
     meta = _read_meta(meta_path, bin_path, fields)
     reused = meta is not None
     if meta is None:
-        meta = prepare(source, cfg, bin_path, meta_path, fields, block_bytes)
-    from gru_lm.data import Vocab
-
-    vocab = Vocab.from_counts(dict(meta["counts"]), min_freq=cfg.min_freq,
+        meta = prepare(source, cfg, bin_path, meta_path, fields, make_vocab, block_bytes)
+    vocab = make_vocab(dict(meta["counts"]), min_freq=cfg.min_freq,
                               reserved_tokens=cfg.reserved_tokens)
     if vocab.idx_to_token != meta["idx_to_token"]:
         raise DataError(f"token store {meta_path} is inconsistent; delete it and run again")
@@ -234,10 +230,8 @@ def _read_meta(meta_path: Path, bin_path: Path, fields: dict) -> dict | None:
 
 
 def prepare(source: Path, cfg: DataConfig, bin_path: Path, meta_path: Path, fields: dict,
-            block_bytes: int = BLOCK_BYTES) -> dict:
+            make_vocab, block_bytes: int = BLOCK_BYTES) -> dict:
     """Tokenize `source` into `bin_path` (ids) and `meta_path` (description), atomically."""
-    from gru_lm.data import Vocab
-
     stats = Stats()
     counts = np.zeros(0x110000, dtype=np.int64)
     num_tokens = 0
@@ -256,7 +250,7 @@ def prepare(source: Path, cfg: DataConfig, bin_path: Path, meta_path: Path, fiel
                         "preprocessing; it needs at least 2")
     seen = np.nonzero(counts)[0]
     token_counts = {chr(int(c)): int(counts[c]) for c in seen}
-    vocab = Vocab.from_counts(token_counts, min_freq=cfg.min_freq,
+    vocab = make_vocab(token_counts, min_freq=cfg.min_freq,
                               reserved_tokens=cfg.reserved_tokens)
     if len(vocab) > MAX_VOCAB:
         raise DataError(f"corpus {source} has {len(vocab):,} distinct characters, more than "

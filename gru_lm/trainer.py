@@ -20,6 +20,7 @@ from gru_lm.checkpoint import load_checkpoint, load_state, rng_state, save_check
 from gru_lm.config import Config
 from gru_lm.data import BatchLoader, Corpus, Epoch
 from gru_lm.display import Reporter, TensorBoard, tensorboard_writer
+from gru_lm.distributed import SINGLE, World, agree_max, gather, mean, wrap
 from gru_lm.ema import EMA
 from gru_lm.errors import GruLmError, NonFiniteLoss, TrainingInterrupted
 from gru_lm.metrics import (
@@ -76,8 +77,9 @@ class Trainer:
 
     def __init__(self, cfg: Config, model: RecurrentLM, optimizer: torch.optim.Optimizer,
                  corpus: Corpus, *, device: torch.device | str = "cpu",
-                 run: RunDir | None = None, console=None):
+                 run: RunDir | None = None, console=None, world: World = SINGLE):
         self.cfg, self.model, self.optimizer, self.corpus = cfg, model, optimizer, corpus
+        self.world = world  # torchrun's processes: rank 0 alone prints and writes
         self.vocab = corpus.vocab
         self.device = torch.device(device)
         self.run = run
@@ -91,7 +93,8 @@ class Trainer:
         self.prefix_ids = self._check_prefixes()
         self.eval_splits = self._eval_splits()
         self.loader = BatchLoader(corpus.train, t.batch_size, t.num_steps, t.sampler,
-                                  seed=t.seed, split="train")
+                                  seed=t.seed, split="train", part=(world.rank, world.size))
+        self.ddp = wrap(world, model, self.device)  # the model, or DDP around it
         self.batches_per_epoch = self.loader.num_batches()
         self.progress = TrainProgress()
         self.ema = EMA(model, t.ema_decay) if t.ema_decay else None
@@ -145,7 +148,7 @@ class Trainer:
         else:
             state = detach_state(self.state)
         with self.autocast():
-            logits, state = self.model(X, state)  # (batch_size, num_steps, vocab_size)
+            logits, state = self.ddp(X, state)  # (batch_size, num_steps, vocab_size)
         loss = time_major_loss(logits, Y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -157,6 +160,11 @@ class Trainer:
             self.ema.update(self.model)
         self.state = state if carries else None
         return loss.detach()
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens of one optimizer step, over every process."""
+        return self.cfg.train.batch_size * self.cfg.train.num_steps * self.world.size
 
     def fraction_done(self) -> float:
         p = self.progress
@@ -190,7 +198,7 @@ class Trainer:
         n, p = self._interval_count, self.progress
         if not n:
             return
-        losses = self._interval_losses[:n]
+        losses = mean(self.world, self._interval_losses[:n].clone())
         bad = (~torch.isfinite(losses)).nonzero()
         if len(bad):
             k = p.step - n + int(bad[0]) + 1
@@ -202,7 +210,7 @@ class Trainer:
                 f"the training loss became {float(losses[int(bad[0])])} at step {k}; training "
                 f"stopped and {kept}. Lower train.lr (now {t.lr:g}) or set train.grad_clip "
                 f"(now {t.grad_clip}), then `{self.run.resume_command()} train.lr=...`")
-        tokens = self.cfg.train.batch_size * self.cfg.train.num_steps
+        tokens = self.tokens_per_step
         # Added one by one so a resume that syncs at another step sums the same floats.
         for x in losses.tolist():
             p.interval_nll += x * tokens
@@ -215,18 +223,22 @@ class Trainer:
         """Train until a stop condition; returns the summary (also written to summary.json)."""
         if self.run is None:
             raise ValueError("Trainer.fit needs a run directory (Trainer(..., run=RunDir(...)))")
-        self.run.checkpoints.mkdir(parents=True, exist_ok=True)
+        main = self.world.is_main
+        if main:
+            self.run.checkpoints.mkdir(parents=True, exist_ok=True)
         self.reference = corpus_baselines(self.corpus, self.cfg.train.ngram_order,
-                                          self.eval_splits["val"])
-        self.out.header(
-            corpus=self.corpus, model=self.cfg.model.name, params=count_parameters(self.model),
-            batches_per_epoch=self.batches_per_epoch, device=str(self.device),
-            kernels=self.model.kernel_path(self.device), reference=self.reference,
-            reference_split="val" if len(self.corpus.val) > 1 else "train")
+                                          self.eval_splits["val"]) if main else {}
+        if main:
+            self.out.header(
+                corpus=self.corpus, model=self.cfg.model.name,
+                params=count_parameters(self.model), batches_per_epoch=self.batches_per_epoch,
+                device=str(self.device), kernels=self.model.kernel_path(self.device),
+                reference=self.reference,
+                reference_split="val" if len(self.corpus.val) > 1 else "train")
         for note in self.notes:
             self.out.warning(note)
         total = total_steps(self.cfg.train, self.batches_per_epoch)
-        if self.cfg.train.tensorboard:
+        if self.cfg.train.tensorboard and main:
             self.tensorboard = TensorBoard(self.run.path / "tensorboard",
                                            purge_step=self.progress.step or None)
         try:
@@ -239,11 +251,16 @@ class Trainer:
 
     def _loop(self, bar) -> None:
         t, p = self.cfg.train, self.progress
-        tokens_per_step = t.batch_size * t.num_steps
+        tokens_per_step = self.tokens_per_step
         start_wall = time.perf_counter() - p.elapsed_s
         self.model.train()
         while True:
             p.elapsed_s = time.perf_counter() - start_wall
+            if self.world.active:  # every rank stops at the same step, for the same reason
+                agreed = agree_max(self.world, [p.elapsed_s, max(self._signals, default=0)])
+                p.elapsed_s = float(agreed[0])
+                if agreed[1] and not self._signals:
+                    self._signals.append(int(agreed[1]))
             p.stop_reason = stop_reason(t, p.step, p.epoch, p.elapsed_s)
             if p.stop_reason:
                 break
@@ -274,7 +291,7 @@ class Trainer:
                     p.step % self.cfg.run.checkpoint_interval == 0:
                 self._sync_losses()
                 self.save(LAST)
-            if p.step % t.sample_interval == 0:
+            if p.step % t.sample_interval == 0 and self.world.is_main:
                 self._write_samples()
         p.elapsed_s = time.perf_counter() - start_wall
         self._sync_losses()
@@ -282,7 +299,7 @@ class Trainer:
             self._evaluate_and_log()  # saves last.pt
         elif p.step:
             self.save(LAST)
-        if p.step % t.sample_interval:
+        if p.step % t.sample_interval and self.world.is_main:
             self._write_samples()
 
     def _watch_speed(self) -> None:
@@ -334,7 +351,8 @@ class Trainer:
             p.evals_since_best += 1
         p.plateau_best, p.plateau_bad, p.lr_scale = plateau(
             t, metric, p.plateau_best, p.plateau_bad, p.lr_scale)
-        self.run.append_record(rec)
+        if self.world.is_main:
+            self.run.append_record(rec)
         if self.tensorboard is not None:
             self.tensorboard.scalars(rec)
         self.out.eval_line(rec)
@@ -361,8 +379,14 @@ class Trainer:
     # -------------------------------------------------------------- checkpoints
 
     def checkpoint_payload(self, ema: bool = False) -> dict[str, Any]:
-        """Everything a resume needs; `ema`: "model" holds the averaged weights (best.pt)."""
-        return {
+        """Everything a resume needs; `ema`: "model" holds the averaged weights (best.pt).
+        Distributed, every rank must call it: each one's carried state and random streams
+        are gathered under "ranks"."""
+        ranks = None
+        if self.world.active:
+            carried = state_to(self.state, "cpu") if self.state is not None else None
+            ranks = gather(self.world, {"carry_state": carried, "rng": rng_state()})
+        payload = {
             "model": self.ema.averaged_state(self.model) if ema else self.model.state_dict(),
             "weights": "ema" if ema else "raw",
             "ema": self.ema.state_dict() if self.ema is not None else None,
@@ -377,6 +401,9 @@ class Trainer:
             "carry_state": self.state,
             "rng": rng_state(),
         }
+        if ranks is not None:
+            payload.update(world_size=self.world.size, ranks=ranks)
+        return payload
 
     def _data_fingerprint(self) -> str:
         if self._fingerprint is None:
@@ -385,11 +412,14 @@ class Trainer:
 
     def save(self, name: str, ema: bool = False) -> None:
         path = self.run.checkpoint(name)
+        payload = self.checkpoint_payload(ema)  # (collective when distributed)
+        if not self.world.is_main:
+            return
         try:
             if not self._config_saved:  # config.yaml describes the checkpoints beside it
                 self.run.write_config(self.cfg)
                 self._config_saved = True
-            save_checkpoint(self.checkpoint_payload(ema), path)
+            save_checkpoint(payload, path)
         except OSError as e:
             raise GruLmError(f"cannot write checkpoint {path}: {e.strerror or e}; free disk "
                              "space or fix permissions (the previous checkpoint is intact), "
@@ -398,6 +428,14 @@ class Trainer:
     def restore(self, ck: dict[str, Any], path) -> None:
         """Continue from checkpoint `ck` (read from `path`) exactly where it stopped."""
         load_state(self.model, ck["model"], path)
+        trained_by = ck.get("world_size", 1)
+        if trained_by != self.world.size:
+            raise GruLmError(
+                f"checkpoint {path} was trained by {trained_by} process(es) and this resume "
+                f"runs {self.world.size}: each process has its own batches, hidden state and "
+                f"random streams; resume with {trained_by} (torchrun --nproc_per_node "
+                f"{trained_by}, or gru-lm train --nproc {trained_by})")
+        mine = ck["ranks"][self.world.rank] if self.world.active else ck
         try:
             self.optimizer.load_state_dict(ck["optimizer"])
             for group in self.optimizer.param_groups:  # settings a resume may change
@@ -406,19 +444,19 @@ class Trainer:
                     group["momentum"] = self.cfg.train.momentum
             self.progress = TrainProgress(**ck["progress"])
             self.loader.generator.set_state(ck["loader_epoch_state"])
-            set_rng_state(ck["rng"])
+            set_rng_state(mine["rng"])
             if self.ema is not None and ck.get("ema") is not None:
                 self.ema.load_state_dict(ck["ema"])
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise GruLmError(f"checkpoint {path} cannot be resumed ({type(e).__name__}: "
                              f"{str(e)[:120]}); start a new run") from None
-        carried = ck.get("carry_state")
+        carried = mine.get("carry_state")
         # Checkpoints load on the CPU; the carried state belongs on the training device.
         self.state = state_to(carried, self.device) if carried is not None else None
         if self.progress.batch_in_epoch:
             self._epoch_gen_state = self.loader.generator.get_state()
             self._epoch_batches = self.loader.epoch()
-        if self.run is not None:
+        if self.run is not None and self.world.is_main:
             self.run.truncate_records(self.progress.step)
 
     def _interrupt(self) -> None:
@@ -436,6 +474,9 @@ class Trainer:
 
     def _finish(self) -> dict[str, Any]:
         t, p = self.cfg.train, self.progress
+        if not self.world.is_main:  # rank 0 writes the summary
+            return {"run": self.run.name, "steps": p.step, "stop_reason": p.stop_reason,
+                    "tokens_per_s": p.tokens_seen / p.train_time_s if p.train_time_s else 0.0}
         summary: dict[str, Any] = {
             "run": self.run.name,
             "model": self.cfg.model.name,
@@ -452,6 +493,7 @@ class Trainer:
             "best_step": p.best_step,
             "best_weights": p.best_weights,
             "threads": torch.get_num_threads(),
+            "processes": self.world.size,
             **self.reference,
         }
         if t.eval_max_tokens is not None:

@@ -14,7 +14,8 @@ from gru_lm.rundir import RunDir
 
 PACKAGE = Path(__file__).resolve().parents[1] / "gru_lm"
 # Bottom to top: a module may import only from modules listed before it (lazy imports too).
-LAYERS = ["__init__", "errors", "utils", "config", "download", "data", "ngram", "_ext",
+LAYERS = ["__init__", "errors", "utils", "distributed", "config", "download", "tokenstore",
+          "data", "ngram", "_ext",
           "cells", "models", "metrics", "dynamic", "sampling", "checkpoint", "rundir",
           "schedule", "ema", "display", "trainer", "runs", "compare", "gates", "cli",
           "__main__"]

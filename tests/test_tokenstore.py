@@ -125,4 +125,4 @@ def test_unwritable_cache_says_which_key(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(DataError, match="data.cache_dir"):
-        open_store(src, _cfg(tmp_path, path=src), blocker)
+        open_store(src, _cfg(tmp_path, path=src), blocker, Vocab.from_counts)

@@ -1,0 +1,178 @@
+"""Distributed data parallel with PyTorch's own engine, under torchrun.
+
+`torchrun --nproc_per_node N -m gru_lm train --config ...` starts N processes that each read
+RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE from the environment. Each owns rows
+rank*B ... (rank+1)*B of the batch that one process with batch N*B would use (BatchLoader's
+`part`), carries its own hidden state, and DistributedDataParallel averages the gradients,
+so N processes train as one with the combined batch. Every rank evaluates the same weights on
+the same data, so every decision (best checkpoint, early stopping) is the same everywhere
+without messages; rank 0 alone prints and writes files. What differs per rank (the carried
+state, the random streams) is gathered into rank 0's checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from gru_lm.errors import GruLmError
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    local_size: int = 1
+
+    @property
+    def active(self) -> bool:
+        return self.size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+SINGLE = World()
+
+
+def world_from_env() -> World:
+    """The process' place in a torchrun job; a single process outside one."""
+    try:
+        size = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
+        local_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(size)))
+    except ValueError:
+        raise GruLmError("RANK, WORLD_SIZE, LOCAL_RANK or LOCAL_WORLD_SIZE is not an integer; "
+                         "start distributed training with torchrun") from None
+    if size < 1 or not 0 <= rank < size:
+        raise GruLmError(f"RANK={rank} WORLD_SIZE={size} is not a valid place in a job; start "
+                         "distributed training with torchrun")
+    return World(rank, size, local_rank, max(1, local_size))
+
+
+def start(world: World, device_type: str) -> None:
+    """Join the process group: gloo on the CPU, nccl on CUDA."""
+    import torch.distributed as dist
+
+    if not world.active or dist.is_initialized():
+        return
+    if "MASTER_ADDR" not in os.environ:
+        raise GruLmError("WORLD_SIZE > 1 but MASTER_ADDR is not set; start distributed "
+                         "training with torchrun (or gru-lm train --nproc N)")
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend, rank=world.rank, world_size=world.size)
+
+
+def stop(world: World) -> None:
+    import torch.distributed as dist
+
+    if world.active and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(world: World) -> None:
+    import torch.distributed as dist
+
+    if world.active:
+        dist.barrier()
+
+
+def broadcast(world: World, obj: Any) -> Any:
+    """Rank 0's `obj`, on every rank."""
+    import torch.distributed as dist
+
+    if not world.active:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather(world: World, obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order, on every rank."""
+    import torch.distributed as dist
+
+    if not world.active:
+        return [obj]
+    out: list[Any] = [None] * world.size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def agree_max(world: World, values: list[float]):
+    """The element-wise maximum of `values` over all ranks (a float64 tensor)."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    if world.active:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def mean(world: World, t):
+    """The mean of tensor `t` over all ranks, in place."""
+    import torch.distributed as dist
+
+    if world.active:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t /= world.size
+    return t
+
+
+def wrap(world: World, model, device):
+    """`model` under DistributedDataParallel (gradients averaged over ranks), or itself."""
+    if not world.active:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+def launch(nproc: int, args: list[str]) -> int:
+    """Run `gru-lm ARGS` in `nproc` processes on this machine, with the environment torchrun
+    would give them (env:// rendezvous on 127.0.0.1). Ctrl-C and SIGTERM are passed on; when
+    one process fails the others are stopped. Returns the first failing exit status (rank 0's
+    first), else 0."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+            "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc)}
+    procs = [subprocess.Popen([sys.executable, "-m", "gru_lm", *args],
+                              env={**base, "RANK": str(r), "LOCAL_RANK": str(r)})
+             for r in range(nproc)]
+
+    def forward(signum, _frame):
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while any(p.poll() is None for p in procs):
+            if any(p.poll() not in (None, 0) for p in procs):  # one failed: stop the rest
+                time.sleep(2)  # (those stopping for the same reason exit by themselves)
+                for p in procs:
+                    if p.poll() is None:
+                        p.terminate()
+                for p in procs:
+                    p.wait()
+                break
+            time.sleep(0.1)
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    codes = [p.returncode for p in procs]
+    return next((c for c in codes if c), 0)

@@ -1,0 +1,127 @@
+"""Distributed data parallel: N processes train as one process with the combined batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import cli, one_line_error
+
+from gru_lm.data import BatchLoader
+
+TINY = ["--config", "configs/tiny.yaml", "--quiet", "train.threads=1"]
+
+
+@pytest.mark.parametrize("sampler", ["random", "sequential"])
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_split_the_combined_batch(sampler, world):
+    tokens = torch.arange(2000)
+    whole = BatchLoader(tokens, 4 * world, 7, sampler, seed=3)
+    parts = [BatchLoader(tokens, 4, 7, sampler, seed=3, part=(r, world)) for r in range(world)]
+    assert all(p.num_batches() == whole.num_batches() for p in parts)
+    for _ in range(2):  # two epochs: the same offsets and orders on every rank
+        X, Y = whole.epoch().stacked()
+        pieces = [p.epoch().stacked() for p in parts]
+        assert torch.equal(torch.cat([x for x, _ in pieces], dim=1), X)
+        assert torch.equal(torch.cat([y for _, y in pieces], dim=1), Y)
+
+
+def test_sequential_streams_of_all_ranks_cover_the_split_once():
+    tokens = torch.arange(1000)  # token value = position
+    seen = []
+    for r in range(2):
+        X, _ = BatchLoader(tokens, 3, 5, "sequential", seed=0, part=(r, 2)).epoch().stacked()
+        for row in range(3):  # each stream is contiguous across the epoch's batches
+            stream = X[:, row, :].flatten()
+            assert torch.equal(stream, torch.arange(int(stream[0]), int(stream[0]) + len(stream)))
+        seen += X.flatten().tolist()
+    assert len(seen) == len(set(seen))
+    assert max(seen) - min(seen) + 1 == len(seen)  # one gap-free range: covered once
+
+
+def _train(*args: str, nproc: int | None = None) -> subprocess.CompletedProcess:
+    extra = ["--nproc", str(nproc)] if nproc else []
+    return subprocess.run([sys.executable, "-m", "gru_lm", "train", *extra, *TINY, *args],
+                          capture_output=True, text=True, timeout=600)
+
+
+def _weights(run: str) -> dict[str, torch.Tensor]:
+    return torch.load(Path("runs") / run / "checkpoints" / "last.pt", weights_only=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sampler", ["random", "sequential"])
+def test_two_processes_equal_one_with_the_combined_batch(workdir, sampler):
+    opts = [f"train.sampler={sampler}", "train.max_steps=20", "train.eval_interval=10"]
+    two = _train("--name", "two", "train.batch_size=4", *opts, nproc=2)
+    assert two.returncode == 0, two.stderr
+    assert "Traceback" not in two.stderr and two.stdout.count("done two") == 1
+    one = _train("--name", "one", "train.batch_size=8", *opts)
+    assert one.returncode == 0, one.stderr
+    a, b = _weights("two"), _weights("one")
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5)
+    assert a["world_size"] == 2 and len(a["ranks"]) == 2
+    if sampler == "sequential":  # each rank carried its own streams' state
+        assert not torch.equal(a["ranks"][0]["carry_state"][0], a["ranks"][1]["carry_state"][0])
+    # Written once, by rank 0: one record per evaluation, one summary, the usual files.
+    steps = [json.loads(x)["step"] for x in Path("runs/two/metrics.jsonl").read_text().splitlines()]
+    assert steps == [10, 20]
+    summary = json.loads(Path("runs/two/summary.json").read_text())
+    assert summary["processes"] == 2 and summary["tokens_seen"] == 20 * 8 * 16
+    assert sorted(p.name for p in Path("runs/two/checkpoints").iterdir()) == [
+        "best.pt", "best.pt.sha256", "last.pt", "last.pt.sha256"]
+
+
+@pytest.mark.slow
+def test_sigterm_then_resume_continues_exactly(workdir):
+    opts = ["train.eval_interval=25", "model.dropout=0.2"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gru_lm", "train", "--nproc", "2", *TINY, "--name", "cut",
+         "train.max_steps=1000000", *opts],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    metrics = Path("runs/cut/metrics.jsonl")
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and metrics.read_text().strip()):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "training did not start"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err
+    assert "interrupted: SIGTERM" in err and "Traceback" not in err
+    cut = _weights("cut")["step"]
+    end = f"train.max_steps={cut + 30}"
+    r = subprocess.run([sys.executable, "-m", "gru_lm", "train", "--nproc", "2", "--resume",
+                        "runs/cut", "--quiet", end], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    straight = _train("--name", "straight", end, *opts, nproc=2)
+    assert straight.returncode == 0, straight.stderr
+    a, b = _weights("cut"), _weights("straight")
+    assert a["step"] == b["step"] == cut + 30
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+@pytest.mark.slow
+def test_resume_with_another_number_of_processes_is_refused(workdir):
+    two = _train("--name", "two", "train.batch_size=4", "train.max_steps=10", nproc=2)
+    assert two.returncode == 0, two.stderr
+    r = cli("train", "--resume", "runs/two", "train.max_steps=20", "--quiet")
+    one_line_error(r, "trained by 2 process(es) and this resume runs 1",
+                   "gru-lm train --nproc 2")
+
+
+def test_nproc_refuses_bad_input_before_starting(workdir):
+    r = cli("train", "--nproc", "2", "--config", "configs/tiny.yaml", "train.lr=-1")
+    one_line_error(r, "train.lr")
+    assert not Path("runs").exists() or not any(Path("runs").iterdir())
+    one_line_error(cli("train", "--nproc", "0", "--config", "configs/tiny.yaml"), "--nproc")
