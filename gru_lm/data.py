@@ -147,7 +147,7 @@ class Corpus:
         return h.hexdigest()
 
 
-FINGERPRINT_CHUNK = 1 << 22
+FINGERPRINT_CHUNK = 1 << 20
 
 
 def corpus_path(cfg: DataConfig, offline: bool | None = None, progress: bool = True) -> Path:

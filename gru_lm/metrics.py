@@ -31,7 +31,7 @@ def unigram_perplexity(train: torch.Tensor, target: torch.Tensor, vocab_size: in
     return math.exp(nll / len(target)) if len(target) else float("nan")
 
 
-def token_counts(tokens: torch.Tensor, vocab_size: int, chunk: int = 1 << 22) -> torch.Tensor:
+def token_counts(tokens: torch.Tensor, vocab_size: int, chunk: int = 1 << 20) -> torch.Tensor:
     """How often each id occurs in `tokens` (any integer dtype), read in chunks."""
     counts = torch.zeros(vocab_size, dtype=torch.int64)
     for i in range(0, len(tokens), chunk):

@@ -19,7 +19,7 @@ import math
 from collections import Counter
 from collections.abc import Sequence
 
-MAX_TRAIN_TOKENS = 5_000_000  # counting is pure Python: bigger corpora use their first 5M
+MAX_TRAIN_TOKENS = 1_000_000  # counting is pure Python: bigger corpora use their first 1M
 
 
 class KneserNey:

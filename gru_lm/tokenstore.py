@@ -29,10 +29,8 @@ if TYPE_CHECKING:
     from gru_lm.config import DataConfig
 
 VERSION = 1
-BLOCK_BYTES = 8 << 20
+BLOCK_BYTES = 4 << 20
 MAX_VOCAB = 1 << 16  # ids are stored as uint16 at most
-_NON_LETTERS = re.compile(r"[^A-Za-z]+")
-_LAST_LETTER = re.compile(r"[A-Za-z][^A-Za-z]*\Z")
 
 
 @dataclass
@@ -45,16 +43,19 @@ class Stats:
     capitals: int = 0
     has_text: bool = False  # anything but whitespace
 
-    def add(self, block: str) -> None:
-        """Count one block of the raw text."""
-        cps = code_points(block)
-        self.has_text = self.has_text or (bool(block) and not block.isspace())
-        folded = cps | 32
-        letters = int(np.count_nonzero((folded >= 97) & (folded <= 122) & (cps < 128)))
-        self.raw_chars += len(cps)
-        self.non_letters += len(cps) - letters
-        self.non_ascii += int(np.count_nonzero(cps >= 128))
-        self.capitals += int(np.count_nonzero((cps >= 65) & (cps <= 90)))
+    def add(self, block: bytes) -> None:
+        """Count one block of the raw UTF-8 text (counted on its bytes: a character is a
+        byte that does not continue a multi-byte sequence)."""
+        b = np.frombuffer(block, dtype=np.uint8)
+        chars = len(b) - int(np.count_nonzero((b & 0xC0) == 0x80))
+        folded = b | 32
+        letters = int(np.count_nonzero((folded >= 97) & (folded <= 122) & (b < 128)))
+        self.raw_chars += chars
+        self.non_letters += chars - letters
+        self.non_ascii += int(np.count_nonzero(b >= 0xC0))
+        self.capitals += int(np.count_nonzero((b >= 65) & (b <= 90)))
+        if not self.has_text:  # (decoded only while every block so far was whitespace)
+            self.has_text = not block.decode("utf-8").isspace()
 
 
 def code_points(text: str) -> np.ndarray:
@@ -64,9 +65,9 @@ def code_points(text: str) -> np.ndarray:
     return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
 
 
-def read_blocks(path: Path, block_bytes: int = BLOCK_BYTES) -> Iterator[str]:
-    """The UTF-8 text of `path` in pieces that end after whitespace, so that neither NFC nor
-    lowercasing depends on where a piece ends (and no UTF-8 sequence is cut)."""
+def read_blocks(path: Path, block_bytes: int = BLOCK_BYTES) -> Iterator[bytes]:
+    """The bytes of `path`, checked to be UTF-8, in pieces that end after whitespace, so that
+    neither NFC nor lowercasing depends on where a piece ends (and no character is cut)."""
     offset, rest = 0, b""
     try:
         f = open(path, "rb")  # noqa: SIM115 (closed below; an error must name the byte)
@@ -81,9 +82,9 @@ def read_blocks(path: Path, block_bytes: int = BLOCK_BYTES) -> Iterator[str]:
             data = rest + block
             if not block:
                 if data:
-                    yield _decode(data, path, offset)
+                    yield _checked(data, path, offset)
                 return
-            # After whitespace, no character composes (NFC) or decides a final sigma across
+            # After whitespace no character composes (NFC) or decides a final sigma across
             # the cut; a block without any is joined to the next.
             cut = max(data.rfind(b"\n"), data.rfind(b" "), data.rfind(b"\t"),
                       data.rfind(b"\r")) + 1
@@ -91,58 +92,90 @@ def read_blocks(path: Path, block_bytes: int = BLOCK_BYTES) -> Iterator[str]:
                 rest = data
                 continue
             piece, rest = data[:cut], data[cut:]
-            yield _decode(piece, path, offset)
+            yield _checked(piece, path, offset)
             offset += len(piece)
 
 
-def _decode(data: bytes, path: Path, offset: int) -> str:
+def _checked(data: bytes, path: Path, offset: int) -> bytes:
     try:
-        return data.decode("utf-8")
+        data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise DataError(f"corpus {path} is not UTF-8 (byte {offset + e.start}); convert it "
                         "with `iconv -t utf-8`") from None
+    return data
+
+
+# The d2l preset on bytes: letters lowercased, line breaks kept, anything else (every byte of
+# a multi-byte character too) a space. Runs of spaces then count as one, as the book's regex.
+_D2L_TABLE = bytes(c + 32 if 65 <= c <= 90 else c if 97 <= c <= 122 or c == 10 else 32
+                   for c in range(256))
+SPACE, NEWLINE, FIRST_LETTER = 32, 10, 97
 
 
 class D2lStream:
     """The d2l preset (per line: non-letter runs -> one space, strip, lowercase; lines joined
-    with nothing between them) applied to a text that arrives in pieces.
+    with nothing between them) on a text that arrives in pieces, vectorized with numpy.
 
     A piece is processed up to its last letter; what follows (non-letters only) is carried,
-    shrunk to "\\n" when it ends a line and to " " when it does not, which changes nothing.
+    shrunk to "\n" when it ends a line and to " " when it does not, which changes nothing.
+    A space survives when a letter of its own line stands on each side of its run.
     """
 
     def __init__(self) -> None:
-        self.carry = ""
-        self.line_has_letters = False
+        self.carry = b""
+        self.line_has_letters = False  # the current line has had a letter (so a piece that
+        # begins mid-line has a letter just before it)
 
-    def feed(self, text: str, final: bool = False) -> str:
-        text = self.carry + text
-        self.carry = ""
+    def feed(self, data: bytes, final: bool = False) -> np.ndarray:
+        """The tokens of `data` (and of the carried rest) as lowercase ASCII codes, uint8."""
+        y = self.carry + data.translate(_D2L_TABLE)
+        a = np.frombuffer(y, dtype=np.uint8)
+        self.carry = b""
+        letter = a >= FIRST_LETTER
         if not final:
-            m = _LAST_LETTER.search(text)
-            cut = m.start() + 1 if m else 0
-            text, rest = text[:cut], text[cut:]
-            self.carry = "\n" if "\n" in rest else (" " if rest else "")
-        if not text:
-            return ""
-        lines = text.split("\n")
-        out = []
-        for i, line in enumerate(lines):
-            s = _NON_LETTERS.sub(" ", line)
-            if i > 0 or not self.line_has_letters:
-                s = s.lstrip(" ")
-            if i < len(lines) - 1 or final:
-                s = s.rstrip(" ")
-            out.append(s)
-        last = lines[-1]
-        has = _NON_LETTERS.sub("", last) != ""
-        self.line_has_letters = has or (len(lines) == 1 and self.line_has_letters)
-        return "".join(out).lower()
+            cut = _after_last(letter)
+            rest = a[cut:]
+            self.carry = b"\n" if (rest == NEWLINE).any() else (b" " if len(rest) else b"")
+            a, letter = a[:cut], letter[:cut]
+        if not len(a):
+            return a
+        last_newline = y.rfind(b"\n", 0, len(a))
+        before = self.line_has_letters
+        self.line_has_letters = bool(letter[last_newline + 1:].any()) or (
+            last_newline < 0 and before)
+        space = a == SPACE
+        first = space.copy()
+        first[1:] &= ~space[:-1]  # the first space of each run
+        b = a[~space | first]  # runs collapsed: spaces now sit between non-spaces
+        is_letter = b >= FIRST_LETTER
+        prev_letter = np.empty_like(is_letter)
+        prev_letter[0] = before
+        prev_letter[1:] = is_letter[:-1]
+        next_letter = np.empty_like(is_letter)
+        next_letter[-1] = False  # a piece ends at a letter, or the text ends
+        next_letter[:-1] = is_letter[1:]
+        keep = is_letter | ((b == SPACE) & prev_letter & next_letter)
+        return b[keep]
+
+
+def _after_last(mask: np.ndarray) -> int:
+    """The index just after the last True of `mask` (0 when none), looking back from the end
+    in growing windows, so no index array as long as the block is made."""
+    window = 4096
+    while True:
+        start = max(0, len(mask) - window)
+        found = np.flatnonzero(mask[start:])
+        if len(found):
+            return start + int(found[-1]) + 1
+        if start == 0:
+            return 0
+        window *= 4
 
 
 def token_pieces(path: Path, preset: str, lowercase: bool, stats: Stats | None = None,
-                 block_bytes: int = BLOCK_BYTES) -> Iterator[str]:
-    """The preprocessed text of `path` (gru_lm.data.preprocess, joined), piece by piece."""
+                 block_bytes: int = BLOCK_BYTES) -> Iterator[np.ndarray]:
+    """The preprocessed text of `path` (gru_lm.data.preprocess) as code points, piece by
+    piece: uint8 arrays for ASCII pieces, else uint32."""
     if preset not in ("d2l", "raw"):
         raise DataError(f"unknown preprocessing preset '{preset}'; choose d2l or raw")
     d2l = D2lStream() if preset == "d2l" else None
@@ -152,14 +185,14 @@ def token_pieces(path: Path, preset: str, lowercase: bool, stats: Stats | None =
         if d2l is not None:
             yield d2l.feed(block)
         else:
-            block = unicodedata.normalize("NFC", block)
-            yield block.lower() if lowercase else block
+            text = unicodedata.normalize("NFC", block.decode("utf-8"))
+            yield code_points(text.lower() if lowercase else text)
     if d2l is not None:
-        yield d2l.feed("", final=True)
+        yield d2l.feed(b"", final=True)
 
 
-def _limited(pieces: Iterator[str], max_tokens: int | None) -> Iterator[str]:
-    """`pieces` cut after `max_tokens` characters in all (the rest is still read, so that
+def _limited(pieces: Iterator[np.ndarray], max_tokens: int | None) -> Iterator[np.ndarray]:
+    """`pieces` cut after `max_tokens` tokens in all (the rest is still read, so that
     statistics cover the whole file)."""
     left = max_tokens
     for piece in pieces:
@@ -237,7 +270,7 @@ def prepare(source: Path, cfg: DataConfig, bin_path: Path, meta_path: Path, fiel
     num_tokens = 0
     for piece in _limited(token_pieces(source, cfg.preset, cfg.lowercase, stats, block_bytes),
                           cfg.max_tokens):
-        cps = code_points(piece)
+        cps = piece
         num_tokens += len(cps)
         if cps.dtype == np.uint8:
             counts[:256] += np.bincount(cps, minlength=256)
@@ -264,7 +297,7 @@ def prepare(source: Path, cfg: DataConfig, bin_path: Path, meta_path: Path, fiel
         with atomic_writer(bin_path, "wb") as f:
             for piece in _limited(token_pieces(source, cfg.preset, cfg.lowercase,
                                                block_bytes=block_bytes), cfg.max_tokens):
-                f.write(lut[code_points(piece)].tobytes())
+                f.write(lut[piece].tobytes())
         meta = {"key": fields, "source": str(source), "dtype": np.dtype(dtype).name,
                 "num_tokens": num_tokens, "idx_to_token": vocab.idx_to_token,
                 "counts": sorted(token_counts.items()), "stats": stats.__dict__}

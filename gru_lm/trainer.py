@@ -31,6 +31,7 @@ from gru_lm.metrics import (
     time_major_loss,
 )
 from gru_lm.models import RecurrentLM, count_parameters, detach_state, state_to
+from gru_lm.ngram import MAX_TRAIN_TOKENS
 from gru_lm.rundir import BEST, LAST, RunDir
 from gru_lm.sampling import encode_prefix, generate
 from gru_lm.schedule import (
@@ -136,6 +137,10 @@ class Trainer:
             sizes = " and ".join(f"{s} of {len(out[s]):,}" for s in cut)
             self.notes.append(f"train.eval_max_tokens={cap:,}: evaluation scores the first "
                               f"{cap:,} tokens of {sizes}; perplexities are of that part")
+        if len(self.corpus.train) > MAX_TRAIN_TOKENS:
+            self.notes.append(f"the n-gram reference counts the first {MAX_TRAIN_TOKENS:,} of "
+                              f"the {len(self.corpus.train):,} training tokens (it is pure "
+                              "Python); the model trains on all of them")
         return {s: v[:cap] if cap is not None else v for s, v in out.items()}
 
     # -------------------------------------------------------------- the step
