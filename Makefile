@@ -32,6 +32,8 @@ predict: install
 bench: install
 	$(PY) benchmarks/throughput.py
 	$(PY) benchmarks/cli_latency.py
+	$(PY) benchmarks/tokenstore.py
+	$(PY) benchmarks/ddp.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info gru_lm/__pycache__ tests/__pycache__

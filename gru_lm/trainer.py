@@ -134,7 +134,7 @@ class Trainer:
         out = {s: getattr(self.corpus, s) for s in ("val", "test")}
         cut = [s for s, v in out.items() if cap is not None and len(v) > cap]
         if cut:
-            sizes = " and ".join(f"{s} of {len(out[s]):,}" for s in cut)
+            sizes = " and ".join(f"{s} ({len(out[s]):,})" for s in cut)
             self.notes.append(f"train.eval_max_tokens={cap:,}: evaluation scores the first "
                               f"{cap:,} tokens of {sizes}; perplexities are of that part")
         if len(self.corpus.train) > MAX_TRAIN_TOKENS:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -127,3 +128,28 @@ def test_unwritable_cache_says_which_key(tmp_path):
     blocker.write_text("")
     with pytest.raises(DataError, match="data.cache_dir"):
         open_store(src, _cfg(tmp_path, path=src), blocker, Vocab.from_counts)
+
+
+def test_eval_max_tokens_scores_the_first_tokens_and_says_so(workdir, monkeypatch):
+    from conftest import cli
+
+    from gru_lm.checkpoint import load_checkpoint
+    from gru_lm.config import load_config
+    from gru_lm.metrics import evaluate, perplexity
+    from gru_lm.models import build_model
+
+    monkeypatch.setattr("gru_lm.trainer.MAX_TRAIN_TOKENS", 1000)
+    r = cli("train", "--config", "configs/tiny.yaml", "--name", "cap", "train.max_steps=10",
+            "train.eval_max_tokens=120")
+    assert r.exit_code == 0, r.output
+    assert "scores the first 120 tokens of val (500) and test (500)" in r.output
+    assert "counts the first 1,000 of the 4,000 training tokens" in r.output
+    summary = json.loads(Path("runs/cap/summary.json").read_text())
+    assert summary["eval_max_tokens"] == 120
+    cfg = load_config(Path("configs/tiny.yaml"), [])
+    corpus = load_corpus(cfg.data)
+    model = build_model(cfg.model, len(corpus.vocab))
+    model.load_state_dict(load_checkpoint(Path("runs/cap/checkpoints/best.pt"))["model"])
+    nll, n = evaluate(model, corpus.test[:120], cfg.train.eval_batch_size, cfg.train.num_steps,
+                      torch.device("cpu"))
+    assert n == 119 and abs(perplexity(nll, n) - summary["best_test_ppl"]) < 1e-9
