@@ -129,7 +129,8 @@ class Trainer:
         return out
 
     def _eval_splits(self) -> dict[str, torch.Tensor]:
-        """val and test as evaluated: their first train.eval_max_tokens tokens, with a note."""
+        """val and test as evaluated: their first train.eval_max_tokens tokens. Notes what is
+        capped: those splits, and the training tokens the n-gram reference counts."""
         cap = self.cfg.train.eval_max_tokens
         out = {s: getattr(self.corpus, s) for s in ("val", "test")}
         cut = [s for s, v in out.items() if cap is not None and len(v) > cap]
