@@ -251,7 +251,8 @@ def in_range(flag: str, value: int | None, lo: int, hi: int) -> None:
     "gru-lm data download", "GRU_LM_DATA_DIR=/mnt/corpora gru-lm data download --offline"))
 @handle_errors
 def data_download(
-    dataset: Annotated[str, typer.Option(help="Registered dataset name.")] = "timemachine",
+    dataset: Annotated[str, typer.Option(
+        help="Registered dataset name: timemachine, text8 or enwik8.")] = "timemachine",
     cache_dir: Annotated[Path, typer.Option(help="Download cache folder.")] = Path("data"),
     offline: OfflineOpt = False,
 ) -> None:
@@ -301,6 +302,9 @@ def data_info(config: ConfigOpt = None, overrides: Overrides = None,
     table.add_row(f"top {top} tokens", freqs)
     table.add_row("train / val / test tokens",
                   f"{len(corpus.train):,} / {len(corpus.val):,} / {len(corpus.test):,}")
+    table.add_row("token store", f"{corpus.store} ("
+                  f"{'reused' if corpus.store_reused else 'prepared now'}, "
+                  f"{corpus.train.element_size()} byte(s) a token)")
     print_table(table)
 
 
@@ -399,10 +403,16 @@ def _launch(nproc: int, config: Path | None, overrides: list[str], resume: Path 
     from gru_lm.config import load_config
     from gru_lm.distributed import launch
     from gru_lm.errors import GruLmError
+    from gru_lm.runs import gpu_count, usable_cores
 
     if os.environ.get("WORLD_SIZE"):
         raise GruLmError("--nproc inside a torchrun job; drop --nproc (torchrun already "
                          "started the processes)")
+    slots = max(usable_cores(), gpu_count())
+    if nproc > slots:
+        raise GruLmError(f"--nproc {nproc}: this machine has {usable_cores()} usable core(s) "
+                         f"and {gpu_count()} GPU(s), so at most {slots} processes; each process "
+                         "needs a core or a GPU of its own")
     if resume is None:
         load_config(config, overrides) if config else None
     return launch(nproc, ["train", *args])

@@ -79,6 +79,13 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def gpu_count() -> int:
+    """CUDA devices torch can use here (0 without CUDA)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def make_optimizer(cfg: Config, model):
     import torch
 

@@ -44,6 +44,8 @@ from gru_lm.schedule import (
 )
 from gru_lm.utils import caught_signals
 
+LARGE_EVAL = 2_000_000  # tokens of val or test past which the log suggests a cap
+
 
 @dataclass
 class TrainProgress:
@@ -138,6 +140,11 @@ class Trainer:
             sizes = " and ".join(f"{s} ({len(out[s]):,})" for s in cut)
             self.notes.append(f"train.eval_max_tokens={cap:,}: evaluation scores the first "
                               f"{cap:,} tokens of {sizes}; perplexities are of that part")
+        big = [s for s, v in out.items() if cap is None and len(v) > LARGE_EVAL]
+        if big:
+            self.notes.append(f"{' and '.join(f'{s} has {len(out[s]):,}' for s in big)} "
+                              "tokens; every evaluation scores all of them; "
+                              "train.eval_max_tokens=N scores the first N")
         if len(self.corpus.train) > MAX_TRAIN_TOKENS:
             self.notes.append(f"the n-gram reference counts the first {MAX_TRAIN_TOKENS:,} of "
                               f"the {len(self.corpus.train):,} training tokens (it is pure "

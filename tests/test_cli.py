@@ -34,6 +34,9 @@ def test_data_info_table(workdir):
     assert r.exit_code == 0, r.output
     assert "170,580" in r.output and "178,979" in r.output and "153,522" in r.output
     assert "vocabulary size" in r.output and "28" in r.output
+    assert "token store" in r.output and "prepared now" in r.output
+    again = cli("data", "info")
+    assert "reused" in again.output and "prepared now" not in again.output
 
 
 def test_data_download_uses_the_ready_folder(workdir, data_dir):

@@ -125,3 +125,9 @@ def test_nproc_refuses_bad_input_before_starting(workdir):
     one_line_error(r, "train.lr")
     assert not Path("runs").exists() or not any(Path("runs").iterdir())
     one_line_error(cli("train", "--nproc", "0", "--config", "configs/tiny.yaml"), "--nproc")
+
+
+def test_nproc_beyond_the_cores_is_refused(workdir):
+    r = cli("train", "--nproc", "64", "--config", "configs/tiny.yaml")
+    one_line_error(r, "--nproc 64: this machine has", "at most")
+    assert not Path("runs").exists()

@@ -139,11 +139,15 @@ def test_eval_max_tokens_scores_the_first_tokens_and_says_so(workdir, monkeypatc
     from gru_lm.models import build_model
 
     monkeypatch.setattr("gru_lm.trainer.MAX_TRAIN_TOKENS", 1000)
+    monkeypatch.setattr("gru_lm.trainer.LARGE_EVAL", 400)
     r = cli("train", "--config", "configs/tiny.yaml", "--name", "cap", "train.max_steps=10",
             "train.eval_max_tokens=120")
     assert r.exit_code == 0, r.output
     assert "scores the first 120 tokens of val (500) and test (500)" in r.output
     assert "counts the first 1,000 of the 4,000 training tokens" in r.output
+    assert "every evaluation scores all" not in r.output  # capped: no suggestion
+    r = cli("train", "--config", "configs/tiny.yaml", "--name", "uncapped", "train.max_steps=1")
+    assert "val has 500 and test has 500 tokens; every evaluation scores all of them" in r.output
     summary = json.loads(Path("runs/cap/summary.json").read_text())
     assert summary["eval_max_tokens"] == 120
     cfg = load_config(Path("configs/tiny.yaml"), [])
