@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-CONFIG ?= configs/gru.yaml
+CONFIG ?= configs/gru-scratch.yaml
 PREFIX ?= time traveller
 
 .PHONY: install test lint train predict bench clean
@@ -32,6 +32,7 @@ predict: install
 bench: install
 	$(PY) benchmarks/throughput.py
 	$(PY) benchmarks/cli_latency.py
+	$(PY) benchmarks/gemm.py
 	$(PY) benchmarks/tokenstore.py
 	$(PY) benchmarks/ddp.py
 

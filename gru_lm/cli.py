@@ -400,10 +400,9 @@ def _launch(nproc: int, config: Path | None, overrides: list[str], resume: Path 
             args: list[str]) -> int:
     """Run `gru-lm train ARGS` in `nproc` processes; its exit status. Bad input is refused
     here, once, before any process starts."""
-    from gru_lm.config import load_config
     from gru_lm.distributed import launch
     from gru_lm.errors import GruLmError
-    from gru_lm.runs import gpu_count, usable_cores
+    from gru_lm.runs import gpu_count, load_new_config, usable_cores
 
     if os.environ.get("WORLD_SIZE"):
         raise GruLmError("--nproc inside a torchrun job; drop --nproc (torchrun already "
@@ -414,7 +413,7 @@ def _launch(nproc: int, config: Path | None, overrides: list[str], resume: Path 
                          f"and {gpu_count()} GPU(s), so at most {slots} processes; each process "
                          "needs a core or a GPU of its own")
     if resume is None:
-        load_config(config, overrides) if config else None
+        load_new_config(config, overrides)
     return launch(nproc, ["train", *args])
 
 

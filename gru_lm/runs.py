@@ -199,10 +199,7 @@ def _train(world: World, config, overrides, name, resume, offline, console):
                 console.print(f"resuming {run} at step {trainer.progress.step}",
                               highlight=False)
             return trainer.fit()
-    if config is None:
-        raise GruLmError("no config given; pass --config configs/gru.yaml (or configs/tiny.yaml "
-                         "for a quick try)")
-    cfg = load_config(config, overrides)
+    cfg = load_new_config(config, overrides)
     corpus = _load_corpus(world, cfg, offline)
     # Everything that can fail on bad input fails here, before the run directory exists.
     # Rank 0 names the folder (the default name holds the time) and creates it.
@@ -218,6 +215,14 @@ def _train(world: World, config, overrides, name, resume, offline, console):
             what = f" ({world.size} processes)" if world.active else ""
             console.print(f"run directory: {run}{what}", highlight=False)
         return trainer.fit()
+
+
+def load_new_config(config: Path | None, overrides: list[str]) -> Config:
+    """The config of a new run; a missing --config is an error."""
+    if config is None:
+        raise GruLmError("no config given; pass --config configs/gru.yaml (or configs/tiny.yaml "
+                         "for a quick try)")
+    return load_config(config, overrides)
 
 
 def _restart(run: RunDir, cfg: Config, offline: bool | None, console,

@@ -125,6 +125,7 @@ def test_nproc_refuses_bad_input_before_starting(workdir):
     one_line_error(r, "train.lr")
     assert not Path("runs").exists() or not any(Path("runs").iterdir())
     one_line_error(cli("train", "--nproc", "0", "--config", "configs/tiny.yaml"), "--nproc")
+    one_line_error(cli("train", "--nproc", "2"), "no config given")
 
 
 def test_nproc_beyond_the_cores_is_refused(workdir):

@@ -1,0 +1,132 @@
+"""How far the scratch GRU can lead nn.GRU on this CPU: the GEMM bound of configs/gru.yaml.
+
+Issue 14 asks for the main job at >= 2x nn.GRU's tokens/s. The fused kernels give each of
+the threads its own rows of the batch and run every step's recurrent products with
+single-threaded BLAS, so their speed is bounded by single-thread GEMM throughput at the
+step shapes. This script measures, in one run:
+  - fp32 GEMM (MKL through torch.mm) and bf16 GEMM (torch.mm on bfloat16) at those shapes,
+    one thread;
+  - the steady-state step time of configs/gru.yaml (nn.GRU) and of configs/gru-scratch.yaml
+    (fused kernels; also with model.reset_after=true, the nn.GRU formula) through
+    Trainer.train_step: 5 rounds of 10 steps, the three interleaved, medians;
+and prints the GEMM-only bound of the scratch GRU: the recurrent FLOPs of one step (forward
+H [W_hz|W_hr] and (R*H) W_hh, backward twice that) divided by the measured GEMM rate on
+all cores.
+
+Run: python benchmarks/gemm.py [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from gru_lm._ext import cpu_line, cpu_summary  # noqa: E402
+
+
+def rate(fn, flop: float, reps: int = 200) -> float:
+    """GFLOP/s of `fn`, best of 3 timings of `reps` calls after a warm-up."""
+    for _ in range(10):
+        fn()
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        best = min(best, (time.perf_counter() - t) / reps)
+    return flop / best / 1e9
+
+
+def gemm_rates(rows: int, nh: int) -> dict[str, float]:
+    """Single-thread GFLOP/s of the step's products: (rows x nh) @ (nh x 2nh) and @ (nh x nh)."""
+    import torch
+
+    torch.set_num_threads(1)
+    out = {}
+    for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        h = torch.randn(rows, nh).to(dtype)
+        w2, w1 = torch.randn(nh, 2 * nh).to(dtype), torch.randn(nh, nh).to(dtype)
+        flop = 2 * rows * nh * 3 * nh
+
+        def step(h=h, w2=w2, w1=w1):
+            torch.mm(h, w2)
+            torch.mm(h, w1)
+
+        out[name] = rate(step, flop, reps=200 if name == "fp32" else 5)
+    return out
+
+
+def step_ms(cases: dict[str, tuple[str, list[str]]], threads: int, rounds: int = 5
+            ) -> dict[str, float]:
+    """Steady-state milliseconds of one Trainer.train_step per case: rounds of 10 steps,
+    the cases interleaved, medians."""
+    import statistics
+
+    from gru_lm.config import load_config
+    from gru_lm.data import load_corpus
+    from gru_lm.runs import build_trainer
+
+    ready = {}
+    for name, (config, overrides) in cases.items():
+        cfg = load_config(ROOT / config, [f"train.threads={threads}", *overrides])
+        tr = build_trainer(cfg, load_corpus(cfg.data, progress=False))
+        X, Y = tr._next_batch()
+        for _ in range(5):
+            tr.train_step(X, Y)
+        ready[name] = (tr, X, Y)
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, (tr, X, Y) in ready.items():
+            t = time.perf_counter()
+            for _ in range(10):
+                tr.train_step(X, Y)
+            times[name].append((time.perf_counter() - t) / 10 * 1000)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def main() -> None:
+    import os
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    os.environ.setdefault("GRU_LM_OFFLINE", "1")
+    threads = len(os.sched_getaffinity(0))
+    B, T, nh = 64, 50, 512  # configs/gru.yaml
+    rows = B // threads  # each thread's share of the batch
+    print(cpu_line())
+    g = gemm_rates(rows, nh)
+    print(f"one thread, ({rows} x {nh}) @ ({nh} x {3 * nh} in two products): fp32 "
+          f"{g['fp32']:.0f} GFLOP/s, bf16 {g['bf16']:.1f} GFLOP/s")
+    cases = {"gru (nn.GRU)": ("configs/gru.yaml", []),
+             "gru-scratch": ("configs/gru-scratch.yaml", []),
+             "gru-scratch reset_after": ("configs/gru-scratch.yaml", ["model.reset_after=true"])}
+    ms = step_ms(cases, threads)
+    tokens = B * T
+    flop = 3 * T * 2 * B * nh * 3 * nh  # forward + backward (twice the forward) per step
+    bound_ms = flop / (g["fp32"] * threads * 1e9) * 1000
+    base = tokens / ms["gru (nn.GRU)"] * 1000
+    print(f"configs/gru.yaml's shape: batch {B}, {T} steps, {nh} hiddens, {threads} threads")
+    for k, v in ms.items():
+        tps = tokens / v * 1000
+        print(f"  {k:<24} {v:7.1f} ms/step {tps:>9,.0f} tok/s  {tps / base:.2f}x nn.GRU")
+    bound = tokens / bound_ms * 1000
+    print(f"  {'recurrent GEMMs only':<24} {bound_ms:7.1f} ms/step {bound:>9,.0f} tok/s  "
+          f"{bound / base:.2f}x nn.GRU (fp32 bound)")
+    need = flop / (ms["gru (nn.GRU)"] / 2 / 1000) / threads / 1e9
+    print(f"2x nn.GRU needs {ms['gru (nn.GRU)'] / 2:.1f} ms/step: the recurrent GEMMs alone "
+          f"at >= {need:.0f} GFLOP/s a thread (fp32 here: {g['fp32']:.0f}; bf16: "
+          f"{g['bf16']:.1f})")
+    if args.json:
+        args.json.write_text(json.dumps({"cpu": cpu_summary(), "gemm_gflops": g,
+                                         "step_ms": ms, "bound_ms": bound_ms}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
