@@ -146,12 +146,18 @@ def train_run(config: Path | None, overrides: list[str], *, name: str | None = N
     """Train a new run, or continue `resume`; returns the run's summary. Under torchrun,
     every process calls it; rank 0 alone prints and writes."""
     from gru_lm import distributed
+    from gru_lm.errors import NonFiniteLoss, TrainingInterrupted
 
     world = distributed.world_from_env()
     if not world.is_main:
         console = None
     try:
-        return _train(world, config, overrides, name, resume, offline, console)
+        summary = _train(world, config, overrides, name, resume, offline, console)
+        distributed.barrier(world)  # rank 0 evaluates last: the group ends when all are done
+        return summary
+    except (TrainingInterrupted, NonFiniteLoss):
+        distributed.barrier(world)  # raised by every rank at the same step
+        raise
     finally:
         distributed.stop(world)
 
