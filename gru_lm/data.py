@@ -19,9 +19,6 @@ if TYPE_CHECKING:
 
 UNK = "<unk>"
 _NON_LETTERS = re.compile(r"[^A-Za-z]+")
-_NON_LETTER = re.compile(r"[^A-Za-z]")
-_CAPITAL = re.compile(r"[A-Z]")
-_NON_ASCII = re.compile(r"[^\x00-\x7f]")
 
 
 def preprocess(text: str, preset: str = "d2l", lowercase: bool = False) -> list[str]:
@@ -36,17 +33,9 @@ def preprocess(text: str, preset: str = "d2l", lowercase: bool = False) -> list[
     raise DataError(f"unknown preprocessing preset '{preset}'; choose d2l or raw")
 
 
-def preset_note(text: str, tokens: list[str], preset: str) -> str:
-    """What the d2l preset did to `text` (once per run, so a user whose text is not English
-    prose sees it and can switch to the raw preset); "" for the raw preset."""
-    if preset != "d2l":
-        return ""
-    return describe_preset(len(_NON_LETTER.findall(text)), len(_NON_ASCII.findall(text)),
-                           tokens.count(" "), len(_CAPITAL.findall(text)))
-
-
 def describe_preset(non_letters: int, non_ascii: int, spaces: int, capitals: int) -> str:
-    """preset_note's sentence from its counts."""
+    """What the d2l preset did to a text, from its counts (said once per run, so a user
+    whose text is not English prose sees it and can switch to the raw preset)."""
     what = "digits, punctuation, line breaks"
     if non_ascii:
         what += f", {non_ascii:,} non-ASCII characters such as accented letters"
@@ -123,7 +112,7 @@ class Corpus:
     train: torch.Tensor
     val: torch.Tensor
     test: torch.Tensor
-    note: str = ""  # what the preprocessing changed (preset_note)
+    note: str = ""  # what the preprocessing changed (describe_preset)
     store: str = ""  # the token store's file
     store_reused: bool = False
 

@@ -35,7 +35,8 @@ MAX_VOCAB = 1 << 16  # ids are stored as uint16 at most
 
 @dataclass
 class Stats:
-    """What the preprocessing saw and did (preset_note's figures), counted while streaming."""
+    """What the preprocessing saw and did (describe_preset's figures), counted while
+    streaming."""
 
     raw_chars: int = 0
     non_letters: int = 0

@@ -211,7 +211,7 @@ class Trainer:
         n, p = self._interval_count, self.progress
         if not n:
             return
-        losses = mean(self.world, self._interval_losses[:n].clone())
+        losses = mean(self.world, self._interval_losses[:n])  # (averaged in place: reused)
         bad = (~torch.isfinite(losses)).nonzero()
         if len(bad):
             k = p.step - n + int(bad[0]) + 1
