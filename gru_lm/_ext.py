@@ -11,6 +11,7 @@ loops of gru_lm/cells.py: same results, slower; `why_not()` says why.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
@@ -87,7 +88,7 @@ def kernels(load: bool = True):
             _put_ninja_on_path()
             name = build_name()
             _announce_build(cpp_extension, name)
-            with warnings.catch_warnings():
+            with _build_lock(cpp_extension, name), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 mod = cpp_extension.load(name=name, sources=[str(SOURCE)],
                                          extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
@@ -108,6 +109,40 @@ def _announce_build(cpp_extension, name: str) -> None:
     if not any(folder.glob(f"{name}*.so")):
         sys.stderr.write(f"building fused kernels, once, ~40 s (cached in {folder})\n")
         sys.stderr.flush()
+
+
+@contextlib.contextmanager
+def _build_lock(cpp_extension, name: str):
+    """Hold an OS lock on the build folder while torch builds or loads the kernels.
+
+    torch's own lock is a file whose existence is the lock: a build killed midway (Ctrl-C
+    during the ~40 s compile, a timeout) leaves it behind, and every later start then
+    sleeps on it forever. An flock dies with its process, so while this process holds it no
+    other gru-lm is building there, and a torch lock file found is stale: remove it.
+    """
+    try:
+        import fcntl
+
+        folder = Path(cpp_extension._get_build_directory(name, verbose=False))
+    except Exception:  # not POSIX, or the private helper moved: torch's lock alone
+        yield
+        return
+    with open(folder / "gru_lm.flock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            sys.stderr.write(f"waiting for another process building the fused kernels "
+                             f"(in {folder})\n")
+            sys.stderr.flush()
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        stale = folder / "lock"
+        if stale.exists():
+            sys.stderr.write(f"removed a lock left by an interrupted kernel build: {stale}\n")
+            stale.unlink(missing_ok=True)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _put_ninja_on_path() -> None:

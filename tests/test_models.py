@@ -1,5 +1,7 @@
 """Models: equivalence with torch.nn, a literal reference, gradchecks, one interface."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -285,6 +287,59 @@ def test_fused_kernels_are_built_unless_disabled():
         assert kernels() is None and why_not() == "disabled by GRU_LM_NO_EXT"
     else:
         assert kernels() is not None, f"the fused C++ kernels did not build: {why_not()}"
+
+
+def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_start(tmp_path):
+    """torch's build lock is a plain file: one left by a build killed midway used to make
+    every later start sleep forever. The next start removes it and loads the kernels."""
+    import subprocess
+    import sys
+
+    from torch.utils import cpp_extension
+
+    from gru_lm._ext import build_name
+
+    _need_kernels()
+    folder = Path(cpp_extension._get_build_directory(build_name(), verbose=False))
+    (folder / "lock").touch()
+    proc = subprocess.run([sys.executable, "-c", "from gru_lm._ext import kernels, why_not\n"
+                           "assert kernels() is not None, why_not()"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "removed a lock left by an interrupted kernel build" in proc.stderr
+    assert not (folder / "lock").exists()
+
+
+def test_a_second_process_waits_for_a_live_kernel_build(tmp_path, capsys):
+    """A live build's lock is not stale: the second start waits for it, and says so."""
+    import fcntl
+    import threading
+
+    from gru_lm._ext import _build_lock
+
+    class Extensions:  # stands in for torch.utils.cpp_extension: builds go to tmp_path
+        @staticmethod
+        def _get_build_directory(name, verbose):
+            return str(tmp_path)
+
+    entered = threading.Event()
+
+    def start():
+        with _build_lock(Extensions, "x"):
+            entered.set()
+
+    with open(tmp_path / "gru_lm.flock", "a") as live:  # a live builder holds the lock
+        fcntl.flock(live, fcntl.LOCK_EX)
+        (tmp_path / "lock").touch()  # ... and torch's lock file, which is not stale
+        waiter = threading.Thread(target=start)
+        waiter.start()
+        assert not entered.wait(0.5)
+        assert (tmp_path / "lock").exists()
+        (tmp_path / "lock").unlink()  # the live build ends: torch removes its file
+        fcntl.flock(live, fcntl.LOCK_UN)
+    waiter.join(30)
+    assert entered.is_set()
+    assert "waiting for another process building the fused kernels" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("table", [False, True], ids=["dense", "ids"])
