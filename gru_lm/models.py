@@ -89,29 +89,43 @@ def detach_state(state: State) -> State:
     return state.detach()
 
 
+def keep_mask(shape: tuple[int, ...], keep: float, like: Tensor) -> Tensor:
+    """A random mask of 1/keep (probability `keep`) and 0, in like's dtype and device.
+
+    On the CPU, each entry compares 16 random bits from torch.randint's 64-bit draws, so
+    `keep` is rounded to a multiple of 1/65536: a 512 x 1536 mask takes 1.4 ms instead of
+    bernoulli_'s 11 ms (2 cores of an AMD EPYC). It draws from torch's default generator,
+    like bernoulli_, so seeds, checkpoints and resumes cover it. Elsewhere: bernoulli_.
+    """
+    if like.device.type != "cpu":
+        return like.new_empty(shape).bernoulli_(keep).div_(keep)
+    n = math.prod(shape)
+    words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64)
+    bits = words.view(torch.int16)[:n].view(shape)  # uniform over [-32768, 32767]
+    threshold = min(round(keep * 65536), 65535) - 32768
+    return (bits < threshold).to(like.dtype).mul_(1 / keep)
+
+
 def sequence_dropout(x: Tensor, p: float, training: bool, locked: bool) -> Tensor:
     """Dropout on (num_steps, batch_size, features); locked: one mask per sequence for all
     steps (Gal & Ghahramani's variational dropout), so a unit is either on or off for the
     whole window instead of flickering from step to step."""
     if not p or not training:
         return x
-    if not locked:
-        return F.dropout(x, p, True)
-    mask = x.new_empty(1, x.shape[1], x.shape[2]).bernoulli_(1 - p).div_(1 - p)  # (1, B, F)
-    return x * mask
+    shape = (1, x.shape[1], x.shape[2]) if locked else tuple(x.shape)
+    return x * keep_mask(shape, 1 - p, x)
 
 
 def embedding_dropout(E: Tensor, p: float, training: bool) -> Tensor:
     """Drop whole rows of an embedding (a character, wherever it occurs), training only."""
     if not p or not training:
         return E
-    keep = E.new_empty(E.shape[0], 1).bernoulli_(1 - p)  # (vocab_size, 1)
-    return E * keep / (1 - p)
+    return E * keep_mask((E.shape[0], 1), 1 - p, E)  # (vocab_size, 1)
 
 
 def drop_weight(W: Tensor, p: float, training: bool) -> Tensor:
     """DropConnect (AWD-LSTM's weight drop): zero entries of a weight matrix, training only."""
-    return F.dropout(W, p, True) if p and training else W
+    return W * keep_mask(tuple(W.shape), 1 - p, W) if p and training else W
 
 
 def state_to(state: State, device: torch.device | str) -> State:

@@ -17,7 +17,14 @@ from gru_lm.config import ModelConfig
 from gru_lm.dynamic import DynamicSettings, dynamic_nll, gradient_ms
 from gru_lm.ema import EMA
 from gru_lm.metrics import evaluate, mixture_log_probs, mixture_weight, token_log_probs
-from gru_lm.models import build_model, embedding_dropout, list_models, sequence_dropout
+from gru_lm.models import (
+    build_model,
+    drop_weight,
+    embedding_dropout,
+    keep_mask,
+    list_models,
+    sequence_dropout,
+)
 from gru_lm.ngram import KneserNey
 
 V = 11
@@ -35,6 +42,35 @@ def test_locked_dropout_uses_one_mask_for_every_step():
     per_step = sequence_dropout(x, 0.5, training=True, locked=False)
     assert not torch.equal(per_step, per_step[:1].expand_as(per_step))
     assert torch.equal(sequence_dropout(x, 0.5, training=False, locked=True), x)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.6, 0.9, 0.01])
+@pytest.mark.parametrize("shape", [(1001, 999), (7,), (3, 1, 5)])
+def test_keep_mask_keeps_the_asked_fraction_scaled_to_mean_one(keep, shape):
+    torch.manual_seed(0)
+    like = torch.empty(0)
+    mask = keep_mask(shape, keep, like)
+    assert mask.shape == shape and mask.dtype == like.dtype
+    assert all(v == 0 or v == pytest.approx(1 / keep) for v in mask.unique().tolist())
+    torch.manual_seed(0)
+    assert torch.equal(keep_mask(shape, keep, like), mask)  # seeded by torch's generator
+    if mask.numel() > 10**5:  # the kept share within 5 standard deviations
+        n = mask.numel()
+        share = (mask > 0).double().mean().item()
+        assert abs(share - keep) < 5 * (keep * (1 - keep) / n) ** 0.5
+        assert abs(mask.double().mean().item() - 1) < 5 * ((1 - keep) / keep / n) ** 0.5
+
+
+def test_drop_weight_passes_gradients_through_the_kept_entries_only():
+    torch.manual_seed(0)
+    W = torch.randn(64, 48, requires_grad=True)
+    dropped = drop_weight(W, 0.4, training=True)
+    dropped.sum().backward()
+    kept = dropped != 0
+    torch.testing.assert_close(dropped[kept], W.detach()[kept] / 0.6)
+    torch.testing.assert_close(W.grad, kept.float() / 0.6)
+    assert 0.5 < kept.float().mean().item() < 0.7
+    assert drop_weight(W, 0.4, training=False) is W
 
 
 def _pair(name: str, **options):
