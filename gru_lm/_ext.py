@@ -87,8 +87,9 @@ def kernels(load: bool = True):
 
             _put_ninja_on_path()
             name = build_name()
-            _announce_build(cpp_extension, name)
-            with _build_lock(cpp_extension, name), warnings.catch_warnings():
+            folder = _build_folder(cpp_extension, name)
+            _announce_build(folder, name)
+            with _build_lock(folder), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 mod = cpp_extension.load(name=name, sources=[str(SOURCE)],
                                          extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
@@ -100,19 +101,23 @@ def kernels(load: bool = True):
     return mod
 
 
-def _announce_build(cpp_extension, name: str) -> None:
-    """One line on stderr when this CPU has no cached build yet (the wait is ~40 s)."""
+def _build_folder(cpp_extension, name: str) -> Path | None:
+    """Where torch builds and caches `name`; None if its private helper moved."""
     try:
-        folder = Path(cpp_extension._get_build_directory(name, verbose=False))
-    except Exception:  # a private torch helper: if it moves, build without the notice
-        return
-    if not any(folder.glob(f"{name}*.so")):
+        return Path(cpp_extension._get_build_directory(name, verbose=False))
+    except Exception:
+        return None
+
+
+def _announce_build(folder: Path | None, name: str) -> None:
+    """One line on stderr when this CPU has no cached build yet (the wait is ~40 s)."""
+    if folder is not None and not any(folder.glob(f"{name}*.so")):
         sys.stderr.write(f"building fused kernels, once, ~40 s (cached in {folder})\n")
         sys.stderr.flush()
 
 
 @contextlib.contextmanager
-def _build_lock(cpp_extension, name: str):
+def _build_lock(folder: Path | None):
     """Hold an OS lock on the build folder while torch builds or loads the kernels.
 
     torch's own lock is a file whose existence is the lock: a build killed midway (Ctrl-C
@@ -122,9 +127,9 @@ def _build_lock(cpp_extension, name: str):
     """
     try:
         import fcntl
-
-        folder = Path(cpp_extension._get_build_directory(name, verbose=False))
-    except Exception:  # not POSIX, or the private helper moved: torch's lock alone
+    except ImportError:  # not POSIX: torch's lock alone
+        fcntl = None
+    if fcntl is None or folder is None:
         yield
         return
     with open(folder / "gru_lm.flock", "a") as handle:

@@ -317,15 +317,10 @@ def test_a_second_process_waits_for_a_live_kernel_build(tmp_path, capsys):
 
     from gru_lm._ext import _build_lock
 
-    class Extensions:  # stands in for torch.utils.cpp_extension: builds go to tmp_path
-        @staticmethod
-        def _get_build_directory(name, verbose):
-            return str(tmp_path)
-
     entered = threading.Event()
 
     def start():
-        with _build_lock(Extensions, "x"):
+        with _build_lock(tmp_path):
             entered.set()
 
     with open(tmp_path / "gru_lm.flock", "a") as live:  # a live builder holds the lock
