@@ -4,11 +4,13 @@ Issue 14 asks for the main job at >= 2x nn.GRU's tokens/s. The fused kernels giv
 the threads its own rows of the batch and run every step's recurrent products with
 single-threaded BLAS, so their speed is bounded by single-thread GEMM throughput at the
 step shapes. This script measures, in one run:
-  - fp32 GEMM (MKL through torch.mm) and bf16 GEMM (torch.mm on bfloat16) at those shapes,
-    one thread;
+  - one thread's GEMM rate at those shapes for each GEMM the kernels have (fp32 sgemm; for
+    train.precision=bf16, MKL's bf16 x bf16 -> fp32 GEMM and sgemm on bf16-rounded operands,
+    the conversion of the left operand included), and torch.mm on bfloat16 tensors;
   - the steady-state step time of configs/gru.yaml (nn.GRU) and of configs/gru-scratch.yaml
-    (fused kernels; also with model.reset_after=true, the nn.GRU formula) through
-    Trainer.train_step: 5 rounds of 10 steps, the three interleaved, medians;
+    (fused kernels; with model.reset_after=true, the nn.GRU formula; with
+    train.precision=bf16) through Trainer.train_step: 5 rounds of 10 steps, the cases
+    interleaved, medians;
 and prints the GEMM-only bound of the scratch GRU: the recurrent FLOPs of one step (forward
 H [W_hz|W_hr] and (R*H) W_hh, backward twice that) divided by the measured GEMM rate on
 all cores.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -44,21 +47,30 @@ def rate(fn, flop: float, reps: int = 200) -> float:
 
 
 def gemm_rates(rows: int, nh: int) -> dict[str, float]:
-    """Single-thread GFLOP/s of the step's products: (rows x nh) @ (nh x 2nh) and @ (nh x nh)."""
+    """Single-thread GFLOP/s of the step's products, (rows x nh) @ (nh x 2nh) and @ (nh x nh),
+    for each GEMM of the fused kernels and for torch.mm on bfloat16."""
     import torch
+
+    from gru_lm._ext import kernels
+    from gru_lm.cells import GEMM_NAMES
 
     torch.set_num_threads(1)
     out = {}
-    for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
-        h = torch.randn(rows, nh).to(dtype)
-        w2, w1 = torch.randn(nh, 2 * nh).to(dtype), torch.randn(nh, nh).to(dtype)
-        flop = 2 * rows * nh * 3 * nh
+    ext = kernels()
+    flop = 2 * rows * nh * 3 * nh
+    for kind in ext.gemm_kinds() if ext is not None else []:
+        reps = 50
+        seconds = sum(ext.time_gemm(kind, rows, n, nh, reps) for n in (2 * nh, nh))
+        out[GEMM_NAMES[kind]] = flop / seconds / 1e9
+    h = torch.randn(rows, nh).bfloat16()
+    w2, w1 = torch.randn(nh, 2 * nh).bfloat16(), torch.randn(nh, nh).bfloat16()
 
-        def step(h=h, w2=w2, w1=w1):
-            torch.mm(h, w2)
-            torch.mm(h, w1)
+    def step():
+        torch.mm(h, w2)
+        torch.mm(h, w1)
 
-        out[name] = rate(step, flop, reps=200 if name == "fp32" else 5)
+    out["torch.mm bf16 (bf16 out)"] = rate(step, flop, reps=5)
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
     return out
 
 
@@ -91,8 +103,6 @@ def step_ms(cases: dict[str, tuple[str, list[str]]], threads: int, rounds: int =
 
 
 def main() -> None:
-    import os
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -102,15 +112,21 @@ def main() -> None:
     rows = B // threads  # each thread's share of the batch
     print(cpu_line())
     g = gemm_rates(rows, nh)
-    print(f"one thread, ({rows} x {nh}) @ ({nh} x {3 * nh} in two products): fp32 "
-          f"{g['fp32']:.0f} GFLOP/s, bf16 {g['bf16']:.1f} GFLOP/s")
+    print(f"one thread, ({rows} x {nh}) @ ({nh} x {3 * nh} in two products):")
+    for name, gflops in g.items():
+        print(f"  {name:<34} {gflops:6.1f} GFLOP/s")
     cases = {"gru (nn.GRU)": ("configs/gru.yaml", []),
              "gru-scratch": ("configs/gru-scratch.yaml", []),
-             "gru-scratch reset_after": ("configs/gru-scratch.yaml", ["model.reset_after=true"])}
+             "gru-scratch reset_after": ("configs/gru-scratch.yaml", ["model.reset_after=true"]),
+             "gru-scratch bf16": ("configs/gru-scratch.yaml", ["train.precision=bf16"])}
     ms = step_ms(cases, threads)
+    from gru_lm.cells import bf16_gemm_report
+
+    print(f"bf16 GEMM chosen: {bf16_gemm_report()}")
     tokens = B * T
     flop = 3 * T * 2 * B * nh * 3 * nh  # forward + backward (twice the forward) per step
-    bound_ms = flop / (g["fp32"] * threads * 1e9) * 1000
+    fp32 = g.get("fp32 sgemm") or g["torch.mm bf16 (bf16 out)"]
+    bound_ms = flop / (fp32 * threads * 1e9) * 1000
     base = tokens / ms["gru (nn.GRU)"] * 1000
     print(f"configs/gru.yaml's shape: batch {B}, {T} steps, {nh} hiddens, {threads} threads")
     for k, v in ms.items():
@@ -120,9 +136,10 @@ def main() -> None:
     print(f"  {'recurrent GEMMs only':<24} {bound_ms:7.1f} ms/step {bound:>9,.0f} tok/s  "
           f"{bound / base:.2f}x nn.GRU (fp32 bound)")
     need = flop / (ms["gru (nn.GRU)"] / 2 / 1000) / threads / 1e9
+    best = max(g, key=g.__getitem__)
     print(f"2x nn.GRU needs {ms['gru (nn.GRU)'] / 2:.1f} ms/step: the recurrent GEMMs alone "
-          f"at >= {need:.0f} GFLOP/s a thread (fp32 here: {g['fp32']:.0f}; bf16: "
-          f"{g['bf16']:.1f})")
+          f"at >= {need:.0f} GFLOP/s a thread (fp32 sgemm here: {fp32:.0f}; fastest GEMM: "
+          f"{best}, {g[best]:.0f})")
     if args.json:
         args.json.write_text(json.dumps({"cpu": cpu_summary(), "gemm_gflops": g,
                                          "step_ms": ms, "bound_ms": bound_ms}, indent=2))

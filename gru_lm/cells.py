@@ -9,11 +9,18 @@ computes the recurrent weight gradient with one large matmul over all steps. Gat
 along the last axis:
 
     GRU  [z | r | h]          LSTM  [i | f | g | o]  (torch.nn's order)     RNN  [h]
+
+bf16=True (train.precision=bf16): every GEMM of the recurrence takes its operands rounded to
+bfloat16 and accumulates in fp32; hidden states, gates and weights stay fp32. The loops below
+do it by rounding; the fused kernels by MKL's bf16 GEMM or sgemm on rounded copies, whichever
+this CPU runs faster (`gemm_kind`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
+import os
 
 import torch
 from torch import Tensor
@@ -34,6 +41,77 @@ def portable_loops():
         _USE_KERNELS = old
 
 
+# The fused kernels' GEMM kinds (gru_lm/csrc/cells.cpp, enum Kind).
+GEMM_NAMES = {0: "fp32 sgemm", 1: "MKL gemm_bf16bf16f32", 2: "sgemm on bf16-rounded operands"}
+BF16_ENV = "GRU_LM_BF16_GEMM"  # mkl | sgemm: pin the bf16 GEMM instead of timing both
+_BF16_BY_ENV = {"mkl": 1, "sgemm": 2}
+_BF16_CHOICES: dict[tuple[int, int, int], tuple[int, dict[int, float]]] = {}
+
+
+def autocast_bf16(device_type: str) -> bool:
+    """Whether autocast asks for bf16 on this device (train.precision=bf16)."""
+    return (torch.is_autocast_enabled(device_type)
+            and torch.get_autocast_dtype(device_type) == torch.bfloat16)
+
+
+def gemm_kind(ext, bf16: bool, rows: int, n: int, k: int) -> int:
+    """The fused kernels' GEMM for a recurrence whose step product is (rows x k) . (k x n).
+
+    fp32: sgemm. bf16: both bf16 GEMMs give the same numbers up to the order of the sums, so
+    the faster one on this CPU is timed once per shape and kept (GRU_LM_BF16_GEMM pins it)."""
+    if not bf16:
+        return 0
+    pinned = os.environ.get(BF16_ENV, "").strip().lower()
+    if pinned:
+        if pinned not in _BF16_BY_ENV or _BF16_BY_ENV[pinned] not in ext.gemm_kinds():
+            from gru_lm.errors import ConfigError
+
+            have = [n for n, kind in _BF16_BY_ENV.items() if kind in ext.gemm_kinds()]
+            raise ConfigError(f"{BF16_ENV}={pinned!r} is not a bf16 GEMM this build has; "
+                              f"use one of {', '.join(have)} or unset it")
+        return _BF16_BY_ENV[pinned]
+    key = (rows, n, k)
+    if key not in _BF16_CHOICES:
+        reps = max(1, min(50, round(5e-3 * 50e9 / (2 * rows * n * k))))  # ~5 ms a round
+        times = {kind: ext.time_gemm(kind, rows, n, k, reps) for kind in ext.gemm_kinds()
+                 if kind != 0}
+        _BF16_CHOICES[key] = (min(times, key=times.__getitem__), times)
+    return _BF16_CHOICES[key][0]
+
+
+def bf16_gemm_report() -> str:
+    """What the bf16 GEMM timings chose so far, for the run header and summary.json."""
+    pinned = os.environ.get(BF16_ENV, "").strip().lower()
+    if pinned in _BF16_BY_ENV:
+        return f"{GEMM_NAMES[_BF16_BY_ENV[pinned]]} (pinned by {BF16_ENV})"
+    if not _BF16_CHOICES:
+        return "the faster of MKL's bf16 GEMM and rounded sgemm, timed at the first step"
+    parts = []
+    for (rows, n, k), (kind, times) in _BF16_CHOICES.items():
+        timed = ", ".join(f"{GEMM_NAMES[c]} {t * 1e3:.3f} ms" for c, t in times.items())
+        parts.append(f"{GEMM_NAMES[kind]} at {rows}x{k}x{n} ({timed})")
+    return "; ".join(parts)
+
+
+def _step_rows(batch_size: int) -> int:
+    """Rows of one thread's step GEMM: the kernels split the batch over the threads."""
+    return math.ceil(batch_size / max(1, torch.get_num_threads()))
+
+
+def _round_bf16(x: Tensor) -> Tensor:
+    return x.to(torch.bfloat16).to(x.dtype)
+
+
+def _same(x: Tensor) -> Tensor:
+    return x
+
+
+def bf16_operands(bf16: bool):
+    """How a GEMM takes its operands: as they are, or rounded to bf16 (values kept in fp32,
+    so an fp32 GEMM accumulates them in fp32)."""
+    return _round_bf16 if bf16 else _same
+
+
 def _fast(P: Tensor):
     """The fused kernels for float32 CPU tensors, else None (the loops below run).
 
@@ -51,10 +129,14 @@ def _dense(P: Tensor, ids: Tensor | None) -> Tensor:
     return P if ids is None else torch.nn.functional.embedding(ids, P)
 
 
-def _begin(ctx, P: Tensor, ids: Tensor | None):
+def _begin(ctx, P: Tensor, ids: Tensor | None, H0: Tensor, gates: int, bf16: bool):
     """Record what backward needs about the input; return the fused kernels or None."""
     ctx.ids, ctx.table_rows = ids, (P.shape[0] if ids is not None else 0)
+    ctx.bf16 = bf16
     ctx.ext = _fast(P)
+    nh = H0.shape[-1]
+    ctx.kind = (gemm_kind(ctx.ext, bf16, _step_rows(H0.shape[0]), gates * nh, nh)
+                if ctx.ext is not None else 0)
     return ctx.ext
 
 
@@ -81,25 +163,27 @@ class GRUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, P: Tensor, ids: Tensor | None, H0: Tensor, W_hzr: Tensor,
-                W_hh: Tensor) -> Tensor:
-        ext = _begin(ctx, P, ids)
+                W_hh: Tensor, bf16: bool = False) -> Tensor:
+        ext = _begin(ctx, P, ids, H0, 3, bf16)
         if ext is not None:
             Y, ZR, H_tilde, S = ext.gru_forward(P.contiguous(), ids, H0, W_hzr.contiguous(),
-                                           W_hh.contiguous())
+                                                W_hh.contiguous(), ctx.kind)
             ctx.save_for_backward(H0, W_hzr, W_hh, Y, ZR, H_tilde, S)
             return Y
         P = _dense(P, ids)
         T, B, H3 = P.shape
         nh = H3 // 3
+        r = bf16_operands(bf16)
+        W_hzr_r, W_hh_r = r(W_hzr), r(W_hh)
         Y = P.new_empty(T, B, nh)  # (num_steps, batch_size, num_hiddens)
         ZR = P.new_empty(T, B, 2 * nh)
         H_tilde = P.new_empty(T, B, nh)
         S = P.new_empty(T, B, nh)
         H = H0
         for t in range(T):
-            zr = torch.addmm(P[t, :, : 2 * nh], H, W_hzr, out=ZR[t]).sigmoid_()
+            zr = torch.addmm(P[t, :, : 2 * nh], r(H), W_hzr_r, out=ZR[t]).sigmoid_()
             s = torch.mul(zr[:, nh:], H, out=S[t])
-            h_tilde = torch.addmm(P[t, :, 2 * nh:], s, W_hh, out=H_tilde[t]).tanh_()
+            h_tilde = torch.addmm(P[t, :, 2 * nh:], r(s), W_hh_r, out=H_tilde[t]).tanh_()
             # H' = H~ + Z ⊙ (H - H~)
             H = torch.addcmul(h_tilde, zr[:, :nh], H - h_tilde, out=Y[t])
         ctx.save_for_backward(H0, W_hzr, W_hh, Y, ZR, H_tilde, S)
@@ -110,8 +194,9 @@ class GRUFunction(torch.autograd.Function):
         H0, W_hzr, W_hh, Y, ZR, H_tilde, S = ctx.saved_tensors
         if ctx.ext is not None:
             dP, dH0, dW_hzr, dW_hh = ctx.ext.gru_backward(dY, ctx.ids, ctx.table_rows, H0,
-                                                          W_hzr, W_hh, Y, ZR, H_tilde, S)
-            return dP, None, dH0, dW_hzr, dW_hh
+                                                          W_hzr, W_hh, Y, ZR, H_tilde, S,
+                                                          ctx.kind)
+            return dP, None, dH0, dW_hzr, dW_hh, None
         T, B, nh = Y.shape
         Hprev = _prev_states(H0, Y)
         Z, R = ZR[..., :nh], ZR[..., nh:]
@@ -120,20 +205,22 @@ class GRUFunction(torch.autograd.Function):
         c_z = (Hprev - H_tilde) * Z * (1 - Z)  # dH -> dA_z
         c_r = Hprev * R * (1 - R)  # dS -> dA_r
         dA = dY.new_empty(T, B, 3 * nh)  # gradients of the pre-activations = dP
-        W_hzr_T, W_hh_T = W_hzr.t(), W_hh.t()
+        r = bf16_operands(ctx.bf16)
+        W_hzr_T, W_hh_T = r(W_hzr.t()), r(W_hh.t())
         dY = dY.contiguous()
         carry = torch.zeros_like(H0)
         for t in range(T - 1, -1, -1):
             dh = dY[t] + carry
             dah = torch.mul(dh, c_h[t], out=dA[t, :, 2 * nh:])
-            dS = dah @ W_hh_T
+            dS = r(dah) @ W_hh_T
             torch.mul(dh, c_z[t], out=dA[t, :, :nh])
             torch.mul(dS, c_r[t], out=dA[t, :, nh:2 * nh])
-            carry = torch.addmm(torch.addcmul(dh * Z[t], dS, R[t]), dA[t, :, :2 * nh], W_hzr_T)
+            carry = torch.addmm(torch.addcmul(dh * Z[t], dS, R[t]), r(dA[t, :, :2 * nh]),
+                                W_hzr_T)
         flat = T * B
-        dW_hzr = Hprev.reshape(flat, nh).t() @ dA[..., :2 * nh].reshape(flat, 2 * nh)
-        dW_hh = S.reshape(flat, nh).t() @ dA[..., 2 * nh:].reshape(flat, nh)
-        return _input_grad(ctx, dA), None, carry, dW_hzr, dW_hh
+        dW_hzr = r(Hprev.reshape(flat, nh)).t() @ r(dA[..., :2 * nh].reshape(flat, 2 * nh))
+        dW_hh = r(S.reshape(flat, nh)).t() @ r(dA[..., 2 * nh:].reshape(flat, nh))
+        return _input_grad(ctx, dA), None, carry, dW_hzr, dW_hh, None
 
 
 class GRUResetAfterFunction(torch.autograd.Function):
@@ -141,22 +228,25 @@ class GRUResetAfterFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, P: Tensor, ids: Tensor | None, H0: Tensor, W_h: Tensor,
-                b_hh: Tensor) -> Tensor:
-        ext = _begin(ctx, P, ids)
+                b_hh: Tensor, bf16: bool = False) -> Tensor:
+        ext = _begin(ctx, P, ids, H0, 3, bf16)
         if ext is not None:
-            Y, ZR, Nt, M = ext.gru_ra_forward(P.contiguous(), ids, H0, W_h.contiguous(), b_hh)
+            Y, ZR, Nt, M = ext.gru_ra_forward(P.contiguous(), ids, H0, W_h.contiguous(), b_hh,
+                                              ctx.kind)
             ctx.save_for_backward(H0, W_h, Y, ZR, Nt, M)
             return Y
         P = _dense(P, ids)
         T, B, H3 = P.shape
         nh = H3 // 3
+        r = bf16_operands(bf16)
+        W_h_r = r(W_h)
         Y = P.new_empty(T, B, nh)
         ZR = P.new_empty(T, B, 2 * nh)
         Nt = P.new_empty(T, B, nh)
         M = P.new_empty(T, B, nh)  # H W_hh + b_hh
         H = H0
         for t in range(T):
-            A = H @ W_h  # (batch_size, 3 * num_hiddens)
+            A = r(H) @ W_h_r  # (batch_size, 3 * num_hiddens)
             zr = torch.add(P[t, :, : 2 * nh], A[:, : 2 * nh], out=ZR[t]).sigmoid_()
             m = torch.add(A[:, 2 * nh:], b_hh, out=M[t])
             n = torch.addcmul(P[t, :, 2 * nh:], zr[:, nh:], m, out=Nt[t]).tanh_()
@@ -169,8 +259,8 @@ class GRUResetAfterFunction(torch.autograd.Function):
         H0, W_h, Y, ZR, Nt, M = ctx.saved_tensors
         if ctx.ext is not None:
             dP, dH0, dW_h, db_hh = ctx.ext.gru_ra_backward(dY, ctx.ids, ctx.table_rows, H0,
-                                                           W_h, Y, ZR, Nt, M)
-            return dP, None, dH0, dW_h, db_hh
+                                                           W_h, Y, ZR, Nt, M, ctx.kind)
+            return dP, None, dH0, dW_h, db_hh, None
         T, B, nh = Y.shape
         Hprev = _prev_states(H0, Y)
         Z, R = ZR[..., :nh], ZR[..., nh:]
@@ -180,19 +270,20 @@ class GRUResetAfterFunction(torch.autograd.Function):
         C = C.view(T, B, 3, nh)
         dA = dY.new_empty(T, B, 3, nh)  # d(H W_h) pre-activations: [z | r | m]
         dH_all = dY.new_empty(T, B, nh)
-        W_h_T = W_h.t()
+        r = bf16_operands(ctx.bf16)
+        W_h_T = r(W_h.t())
         dY = dY.contiguous()
         carry = torch.zeros_like(H0)
         for t in range(T - 1, -1, -1):
             dh = torch.add(dY[t], carry, out=dH_all[t])
             da = torch.mul(dh.unsqueeze(1), C[t], out=dA[t]).view(B, 3 * nh)
-            carry = torch.addmm(dh * Z[t], da, W_h_T)
+            carry = torch.addmm(dh * Z[t], r(da), W_h_T)
         dA = dA.view(T, B, 3 * nh)
         dP = torch.cat([dA[..., : 2 * nh], dH_all * c_n], dim=-1)
         flat = T * B
-        dW_h = Hprev.reshape(flat, nh).t() @ dA.reshape(flat, 3 * nh)
+        dW_h = r(Hprev.reshape(flat, nh)).t() @ r(dA.reshape(flat, 3 * nh))
         db_hh = dA[..., 2 * nh:].sum(dim=(0, 1))
-        return _input_grad(ctx, dP), None, carry, dW_h, db_hh
+        return _input_grad(ctx, dP), None, carry, dW_h, db_hh, None
 
 
 class LSTMFunction(torch.autograd.Function):
@@ -202,10 +293,12 @@ class LSTMFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, P: Tensor, ids: Tensor | None, H0: Tensor, C0: Tensor, W_h: Tensor):
-        ext = _begin(ctx, P, ids)
+    def forward(ctx, P: Tensor, ids: Tensor | None, H0: Tensor, C0: Tensor, W_h: Tensor,
+                bf16: bool = False):
+        ext = _begin(ctx, P, ids, H0, 4, bf16)
         if ext is not None:
-            Y, IFGO, Cs, Tc = ext.lstm_forward(P.contiguous(), ids, H0, C0, W_h.contiguous())
+            Y, IFGO, Cs, Tc = ext.lstm_forward(P.contiguous(), ids, H0, C0, W_h.contiguous(),
+                                               ctx.kind)
             ctx.save_for_backward(H0, C0, W_h, Y, IFGO, Cs, Tc)
             return Y, Cs[-1].clone()
         P = _dense(P, ids)
@@ -215,9 +308,11 @@ class LSTMFunction(torch.autograd.Function):
         IFGO = P.new_empty(T, B, 4 * nh)  # activated gates [i | f | g | o]
         Cs = P.new_empty(T, B, nh)
         Tc = P.new_empty(T, B, nh)
+        r = bf16_operands(bf16)
+        W_h_r = r(W_h)
         H, C = H0, C0
         for t in range(T):
-            g = torch.addmm(P[t], H, W_h, out=IFGO[t])  # this step's gates
+            g = torch.addmm(P[t], r(H), W_h_r, out=IFGO[t])  # this step's gates
             g[:, : 2 * nh].sigmoid_()
             g[:, 2 * nh: 3 * nh].tanh_()
             g[:, 3 * nh:].sigmoid_()
@@ -232,8 +327,8 @@ class LSTMFunction(torch.autograd.Function):
         H0, C0, W_h, Y, IFGO, Cs, Tc = ctx.saved_tensors
         if ctx.ext is not None:
             dP, dH0, dC0, dW_h = ctx.ext.lstm_backward(dY, dC_T, ctx.ids, ctx.table_rows, H0,
-                                                       C0, W_h, Y, IFGO, Cs, Tc)
-            return dP, None, dH0, dC0, dW_h
+                                                       C0, W_h, Y, IFGO, Cs, Tc, ctx.kind)
+            return dP, None, dH0, dC0, dW_h, None
         T, B, nh = Y.shape
         Hprev = _prev_states(H0, Y)
         Cprev = _prev_states(C0, Cs)
@@ -244,7 +339,8 @@ class LSTMFunction(torch.autograd.Function):
         Cc = Cc.view(T, B, 3, nh)  # dC -> [dA_i | dA_f | dA_g]
         c_o = Tc * O * (1 - O)  # dH -> dA_o
         dA = dY.new_empty(T, B, 4 * nh)
-        W_h_T = W_h.t()
+        r = bf16_operands(ctx.bf16)
+        W_h_T = r(W_h.t())
         dY = dY.contiguous()
         carry_h = torch.zeros_like(H0)
         carry_c = dC_T.contiguous() if dC_T is not None else torch.zeros_like(C0)
@@ -254,28 +350,31 @@ class LSTMFunction(torch.autograd.Function):
             torch.mul(dc.unsqueeze(1), Cc[t], out=dA[t, :, : 3 * nh].view(B, 3, nh))
             torch.mul(dh, c_o[t], out=dA[t, :, 3 * nh:])
             carry_c = dc * F[t]
-            carry_h = dA[t] @ W_h_T
+            carry_h = r(dA[t]) @ W_h_T
         flat = T * B
-        dW_h = Hprev.reshape(flat, nh).t() @ dA.reshape(flat, 4 * nh)
-        return _input_grad(ctx, dA), None, carry_h, carry_c, dW_h
+        dW_h = r(Hprev.reshape(flat, nh)).t() @ r(dA.reshape(flat, 4 * nh))
+        return _input_grad(ctx, dA), None, carry_h, carry_c, dW_h, None
 
 
 class RNNFunction(torch.autograd.Function):
     """H' = tanh(P + H W_hh)."""
 
     @staticmethod
-    def forward(ctx, P: Tensor, ids: Tensor | None, H0: Tensor, W_hh: Tensor) -> Tensor:
-        ext = _begin(ctx, P, ids)
+    def forward(ctx, P: Tensor, ids: Tensor | None, H0: Tensor, W_hh: Tensor,
+                bf16: bool = False) -> Tensor:
+        ext = _begin(ctx, P, ids, H0, 1, bf16)
         if ext is not None:
-            (Y,) = ext.rnn_forward(P.contiguous(), ids, H0, W_hh.contiguous())
+            (Y,) = ext.rnn_forward(P.contiguous(), ids, H0, W_hh.contiguous(), ctx.kind)
             ctx.save_for_backward(H0, W_hh, Y)
             return Y
         P = _dense(P, ids)
         T, B, nh = P.shape
         Y = P.new_empty(T, B, nh)
+        r = bf16_operands(bf16)
+        W_hh_r = r(W_hh)
         H = H0
         for t in range(T):
-            H = torch.addmm(P[t], H, W_hh, out=Y[t]).tanh_()
+            H = torch.addmm(P[t], r(H), W_hh_r, out=Y[t]).tanh_()
         ctx.save_for_backward(H0, W_hh, Y)
         return Y
 
@@ -283,17 +382,19 @@ class RNNFunction(torch.autograd.Function):
     def backward(ctx, dY: Tensor):
         H0, W_hh, Y = ctx.saved_tensors
         if ctx.ext is not None:
-            dP, dH0, dW = ctx.ext.rnn_backward(dY, ctx.ids, ctx.table_rows, H0, W_hh, Y)
-            return dP, None, dH0, dW
+            dP, dH0, dW = ctx.ext.rnn_backward(dY, ctx.ids, ctx.table_rows, H0, W_hh, Y,
+                                               ctx.kind)
+            return dP, None, dH0, dW, None
         T, B, nh = Y.shape
         c = 1 - Y * Y
         dA = dY.new_empty(T, B, nh)
-        W_T = W_hh.t()
+        r = bf16_operands(ctx.bf16)
+        W_T = r(W_hh.t())
         dY = dY.contiguous()
         carry = torch.zeros_like(H0)
         for t in range(T - 1, -1, -1):
             da = torch.mul(dY[t] + carry, c[t], out=dA[t])
-            carry = da @ W_T
+            carry = r(da) @ W_T
         flat = T * B
-        dW = _prev_states(H0, Y).reshape(flat, nh).t() @ dA.reshape(flat, nh)
-        return _input_grad(ctx, dA), None, carry, dW
+        dW = r(_prev_states(H0, Y).reshape(flat, nh)).t() @ r(dA.reshape(flat, nh))
+        return _input_grad(ctx, dA), None, carry, dW, None

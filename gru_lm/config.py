@@ -149,7 +149,10 @@ class TrainConfig(_Section):
     sample_length: int = Field(50, ge=1, le=10000, description="characters per sample")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of every random number generator")
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="device")
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 = autocast")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16: torch.nn models run under autocast; scratch models give "
+        "every GEMM bf16-rounded operands with fp32 accumulation (state and weights stay fp32)"
+    )
     threads: int | None = Field(
         None, ge=1, le=1024,
         description="torch CPU threads (default: the cores this process may use)"

@@ -14,7 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gru_lm.cells import GRUFunction, GRUResetAfterFunction, LSTMFunction, RNNFunction
+from gru_lm.cells import (
+    GRUFunction,
+    GRUResetAfterFunction,
+    LSTMFunction,
+    RNNFunction,
+    autocast_bf16,
+    bf16_gemm_report,
+    bf16_operands,
+)
 from gru_lm.config import ModelConfig
 from gru_lm.errors import ConfigError, GruLmError
 from gru_lm.utils import available_memory
@@ -187,9 +195,9 @@ class RecurrentLM(nn.Module):
                             f"'{cls.registry_name}'; remove the key")
         return problems
 
-    def kernel_path(self, device: torch.device | str) -> str:
+    def kernel_path(self, device: torch.device | str, precision: str = "fp32") -> str:
         """Which code runs the recurrence here, for the train header and summary.json."""
-        return "torch.nn"
+        return "torch.nn" + (" under bf16 autocast" if precision == "bf16" else "")
 
     def begin_state(self, batch_size: int, device: torch.device | str = "cpu") -> State:
         shape = (self.num_layers, batch_size, self.num_hiddens)
@@ -252,17 +260,19 @@ class _ScratchLayer(nn.Module):
         (fused kernels or loops) just receive another matrix; gradients reach W through it."""
         return drop_weight(W, self.weight_drop, self.training)
 
-    def project(self, inputs: Tensor) -> tuple[Tensor, Tensor | None]:
+    def project(self, inputs: Tensor, bf16: bool = False) -> tuple[Tensor, Tensor | None]:
         """X W_x + b for all steps, as (P, ids) for the cell functions.
 
         Token ids: P is the (vocab_size, G * num_hiddens) table W_x + b and the cell looks
-        up its rows (b added to vocab_size rows, not to every step). Vectors: one matmul.
+        up its rows (b added to vocab_size rows, not to every step). Vectors: one matmul
+        (bf16: of rounded operands).
         """
         W_x, b = self._fused("W_x"), self._fused("b_")
         if inputs.dtype == torch.long:
             return W_x + b, inputs.contiguous()
         T, B, _ = inputs.shape
-        return torch.addmm(b, inputs.reshape(T * B, -1), W_x).view(T, B, -1), None
+        r = bf16_operands(bf16)
+        return torch.addmm(b, r(inputs.reshape(T * B, -1)), r(W_x)).view(T, B, -1), None
 
 
 class GRULayer(_ScratchLayer):
@@ -278,14 +288,15 @@ class GRULayer(_ScratchLayer):
                 bound = 1 / math.sqrt(num_hiddens)
                 nn.init.uniform_(self.b_hh, -bound, bound)
 
-    def forward(self, inputs: Tensor, H: Tensor) -> tuple[Tensor, Tensor]:
-        P, ids = self.project(inputs)
+    def forward(self, inputs: Tensor, H: Tensor, bf16: bool = False) -> tuple[Tensor, Tensor]:
+        P, ids = self.project(inputs, bf16)
         if self.reset_after:
             Y = GRUResetAfterFunction.apply(P, ids, H, self.recurrent(self._fused("W_h")),
-                                            self.b_hh)
+                                            self.b_hh, bf16)
         else:
             W_hzr = torch.cat([self.W_hz, self.W_hr], dim=1)  # (num_hiddens, 2 * num_hiddens)
-            Y = GRUFunction.apply(P, ids, H, self.recurrent(W_hzr), self.recurrent(self.W_hh))
+            Y = GRUFunction.apply(P, ids, H, self.recurrent(W_hzr), self.recurrent(self.W_hh),
+                                  bf16)
         return Y, Y[-1]
 
 
@@ -298,18 +309,18 @@ class LSTMLayer(_ScratchLayer):
         if forget_bias is not None:
             nn.init.constant_(self.b_f, forget_bias)
 
-    def forward(self, inputs: Tensor, state: tuple[Tensor, Tensor]):
+    def forward(self, inputs: Tensor, state: tuple[Tensor, Tensor], bf16: bool = False):
         H, C = state
-        Y, C_T = LSTMFunction.apply(*self.project(inputs), H, C,
-                                    self.recurrent(self._fused("W_h")))
+        Y, C_T = LSTMFunction.apply(*self.project(inputs, bf16), H, C,
+                                    self.recurrent(self._fused("W_h")), bf16)
         return Y, (Y[-1], C_T)
 
 
 class RNNLayer(_ScratchLayer):
     gates = ("h",)
 
-    def forward(self, inputs: Tensor, H: Tensor) -> tuple[Tensor, Tensor]:
-        Y = RNNFunction.apply(*self.project(inputs), H, self.recurrent(self.W_hh))
+    def forward(self, inputs: Tensor, H: Tensor, bf16: bool = False) -> tuple[Tensor, Tensor]:
+        Y = RNNFunction.apply(*self.project(inputs, bf16), H, self.recurrent(self.W_hh), bf16)
         return Y, Y[-1]
 
 
@@ -327,12 +338,17 @@ class ScratchLM(RecurrentLM):
                             "unless it has an embedding; set model.embed_dim (e.g. 64) too")
         return problems
 
-    def kernel_path(self, device: torch.device | str) -> str:
+    def kernel_path(self, device: torch.device | str, precision: str = "fp32") -> str:
         from gru_lm._ext import kernels, why_not
 
+        rounded = ", GEMM operands rounded to bf16" if precision == "bf16" else ""
         if torch.device(device).type != "cpu":
-            return f"portable loops: no fused kernels for {torch.device(device).type}"
-        return "fused kernels" if kernels() is not None else f"portable loops: {why_not()}"
+            return f"portable loops{rounded}: no fused kernels for {torch.device(device).type}"
+        if kernels() is None:
+            return f"portable loops{rounded}: {why_not()}"
+        if precision == "bf16":
+            return f"fused kernels, bf16 GEMM operands: {bf16_gemm_report()}"
+        return "fused kernels"
 
     def __init__(self, cfg: ModelConfig, vocab_size: int):
         super().__init__(cfg, vocab_size)
@@ -367,6 +383,15 @@ class ScratchLM(RecurrentLM):
         return torch.stack(states)
 
     def forward(self, X: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        # Under bf16 autocast (train.precision=bf16) every GEMM of this model takes bf16-rounded
+        # operands and accumulates in fp32, by this model's own code rather than autocast's
+        # (whose bf16 matmuls output bf16, and run ~50x slower than fp32 on a CPU without bf16
+        # instructions); states and weights stay fp32.
+        bf16 = autocast_bf16(X.device.type)
+        with torch.autocast(X.device.type, enabled=False):
+            return self._forward(X, state, bf16)
+
+    def _forward(self, X: Tensor, state: State | None, bf16: bool) -> tuple[Tensor, State]:
         if state is None:
             state = self.begin_state(X.shape[0], X.device)
         inputs = X.t()  # (num_steps, batch_size) token ids
@@ -375,7 +400,7 @@ class ScratchLM(RecurrentLM):
             inputs = F.embedding(inputs, E)  # (num_steps, batch_size, embed_dim)
         new_states = []
         for i, (layer, s) in enumerate(zip(self.layers, self.layer_states(state), strict=True)):
-            inputs, s = layer(inputs, s)  # (num_steps, batch_size, num_hiddens)
+            inputs, s = layer(inputs, s, bf16)  # (num_steps, batch_size, num_hiddens)
             new_states.append(s)
             if i < self.num_layers - 1:
                 inputs = sequence_dropout(inputs, self.dropout, self.training,
@@ -383,7 +408,8 @@ class ScratchLM(RecurrentLM):
         out = sequence_dropout(inputs, self.dropout, self.training, self.locked_dropout)
         # F.linear on W_hq^T: one addmm forward, and its weight gradient comes out as
         # dlogits^T @ out, the faster GEMM orientation for a small vocabulary.
-        logits = F.linear(out, self.W_hq.t(), self.b_q)  # (num_steps, batch_size, vocab_size)
+        r = bf16_operands(bf16)
+        logits = F.linear(r(out), r(self.W_hq).t(), self.b_q)  # (num_steps, batch, vocab)
         logits = logits.transpose(0, 1)  # (batch_size, num_steps, vocab_size)
         return logits, self.stack_states(new_states)
 

@@ -245,7 +245,8 @@ class Trainer:
             self.out.header(
                 corpus=self.corpus, model=self.cfg.model.name,
                 params=count_parameters(self.model), batches_per_epoch=self.batches_per_epoch,
-                device=str(self.device), kernels=self.model.kernel_path(self.device),
+                device=str(self.device),
+                kernels=self.model.kernel_path(self.device, self.cfg.train.precision),
                 reference=self.reference,
                 reference_split="val" if len(self.corpus.val) > 1 else "train")
         for note in self.notes:
@@ -495,7 +496,7 @@ class Trainer:
             "model": self.cfg.model.name,
             "params": count_parameters(self.model),
             "device": str(self.device),
-            "kernels": self.model.kernel_path(self.device),
+            "kernels": self.model.kernel_path(self.device, self.cfg.train.precision),
             "steps": p.step,
             "epochs": p.epoch + p.batch_in_epoch / max(1, self.batches_per_epoch),
             "tokens_seen": p.tokens_seen,

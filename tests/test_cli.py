@@ -173,6 +173,8 @@ def test_bf16_autocast_trains_on_cpu(workdir, model):
     run = train_tiny(f"bf16-{model}", "train.precision=bf16", f"model.name={model}")
     summary = json.loads((run / "summary.json").read_text())
     assert 1 < summary["best_val_ppl"] < 28
+    # nn.GRU: autocast; gru-scratch: bf16 operands in its own GEMMs, kernels or loops.
+    assert "bf16" in summary["kernels"], summary["kernels"]
 
 
 def test_unavailable_device_is_a_config_error(workdir):

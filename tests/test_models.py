@@ -366,16 +366,116 @@ def test_kernels_refuse_bad_ids_and_shapes():
     table, H0 = torch.randn(V_, 12), torch.zeros(B_, 4)
     W_hzr, W_hh = torch.randn(4, 8), torch.randn(4, 4)
     good = torch.randint(0, V_, (T_, B_))
-    ext.gru_forward(table, good, H0, W_hzr, W_hh)  # fits: runs
+    ext.gru_forward(table, good, H0, W_hzr, W_hh, 0)  # fits: runs
     for bad_id in (V_, -1, 10**9):
         ids = good.clone()
         ids[2, 1] = bad_id
         with pytest.raises(RuntimeError, match=f"token id {bad_id} is outside the input table"):
-            ext.gru_forward(table, ids, H0, W_hzr, W_hh)
+            ext.gru_forward(table, ids, H0, W_hzr, W_hh, 0)
     with pytest.raises(RuntimeError, match="W_hh must be a contiguous float32 CPU"):
-        ext.gru_forward(table, good, H0, W_hzr, torch.randn(4, 5))
+        ext.gru_forward(table, good, H0, W_hzr, torch.randn(4, 5), 0)
     with pytest.raises(RuntimeError, match="P must be"):
-        ext.rnn_forward(torch.randn(T_, B_ + 1, 4), None, H0, W_hh)
+        ext.rnn_forward(torch.randn(T_, B_ + 1, 4), None, H0, W_hh, 0)
+
+
+    with pytest.raises(RuntimeError, match="GEMM kind 7 is not available"):
+        ext.rnn_forward(torch.randn(T_, B_, 4), None, H0, W_hh, 7)
+
+
+def _run_cell(cell, table, bf16, seed=0):
+    """Outputs and input gradients of one cell on fixed float32 inputs."""
+    fn, shapes = CELLS[cell]
+    P, ids, rest = _cell_inputs(shapes, torch.float32, table)
+    out = fn(P, ids, *rest, bf16)
+    outs = out if isinstance(out, tuple) else (out,)
+    g = torch.Generator().manual_seed(seed + 1)
+    sum((o * torch.randn(o.shape, generator=g)).sum() for o in outs).backward()
+    return [o.detach() for o in outs] + [x.grad for x in (P, *rest)]
+
+
+@pytest.mark.parametrize("gemm", ["mkl", "sgemm"])
+@pytest.mark.parametrize("table", [False, True], ids=["dense", "ids"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_bf16_kernels_match_the_bf16_loops(cell, table, gemm, monkeypatch):
+    """Both bf16 GEMMs of the kernels compute what the loops compute by rounding the
+    operands (bf16 x bf16 products are exact in fp32: only the order of the sums differs)."""
+    from gru_lm.cells import BF16_ENV, portable_loops
+
+    if {"mkl": 1, "sgemm": 2}[gemm] not in _need_kernels().gemm_kinds():
+        pytest.skip(f"this torch has no {gemm} bf16 GEMM")  # aarch64 wheels: no MKL
+    monkeypatch.setenv(BF16_ENV, gemm)
+    fast = _run_cell(cell, table, bf16=True)
+    with portable_loops():
+        ref = _run_cell(cell, table, bf16=True)
+    for a, b in zip(fast, ref, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_bf16_rounds_the_gemm_operands_and_stays_near_fp32(cell):
+    """bf16 results differ from fp32 (the operands were rounded) by bf16's precision only."""
+    from gru_lm.cells import portable_loops
+
+    for context in (portable_loops, _kernels_if_built):
+        with context():
+            fp32, bf16 = _run_cell(cell, True, False), _run_cell(cell, True, True)
+        assert max((a - b).abs().max().item() for a, b in zip(fp32, bf16, strict=True)) > 1e-5
+        for a, b in zip(bf16, fp32, strict=True):
+            torch.testing.assert_close(a, b, atol=3e-2, rtol=3e-2)
+
+
+def _kernels_if_built():
+    import contextlib
+
+    _need_kernels()
+    return contextlib.nullcontext()
+
+
+def test_bf16_gemm_is_chosen_by_timing_and_reported(monkeypatch):
+    from gru_lm import cells
+
+    ext = _need_kernels()
+    monkeypatch.delenv(cells.BF16_ENV, raising=False)
+    monkeypatch.setattr(cells, "_BF16_CHOICES", {})
+    assert cells.gemm_kind(ext, False, 4, 24, 8) == 0  # fp32: sgemm, nothing timed
+    assert "timed at the first step" in cells.bf16_gemm_report()
+    kind = cells.gemm_kind(ext, True, 4, 24, 8)
+    chosen, times = cells._BF16_CHOICES[(4, 24, 8)]
+    assert kind == chosen == min(times, key=times.get) and set(times) == set(
+        ext.gemm_kinds()) - {0}
+    assert all(t > 0 for t in times.values())
+    report = cells.bf16_gemm_report()
+    assert f"{cells.GEMM_NAMES[kind]} at 4x8x24" in report and " ms" in report
+    monkeypatch.setenv(cells.BF16_ENV, "sgemm")
+    assert cells.gemm_kind(ext, True, 4, 24, 8) == 2
+    assert "pinned by GRU_LM_BF16_GEMM" in cells.bf16_gemm_report()
+    monkeypatch.setenv(cells.BF16_ENV, "fast")
+    with pytest.raises(ConfigError, match="GRU_LM_BF16_GEMM='fast' is not a bf16 GEMM"):
+        cells.gemm_kind(ext, True, 4, 24, 8)
+
+
+@pytest.mark.parametrize("name", ["gru-scratch", "lstm-scratch", "rnn-scratch"])
+def test_scratch_models_round_their_gemms_under_bf16_autocast(name):
+    """train.precision=bf16 (autocast) reaches the recurrences of every scratch model, whose
+    GEMMs then round their operands and return fp32 (not autocast's bf16 outputs)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(name=name, num_hiddens=16, num_layers=2, init="xavier")
+    model = build_model(cfg, V)
+    X = _ids()
+    fp32, state32 = model(X)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16, state16 = model(X)
+    pairs = list(zip(*(s if isinstance(s, tuple) else (s,) for s in (state32, state16)),
+                     strict=True))
+    for s32, s16 in pairs:
+        assert s16.dtype == torch.float32  # the state stays fp32
+        # Layer 0 reads token ids (no input GEMM): only the recurrence's rounding moves it.
+        assert (s32[0] - s16[0]).abs().max() > 1e-5
+        torch.testing.assert_close(s16, s32, atol=3e-2, rtol=3e-2)
+    assert bf16.dtype == torch.float32
+    torch.testing.assert_close(bf16, fp32, atol=5e-2, rtol=5e-2)
+    assert "bf16" in model.kernel_path("cpu", "bf16")
+    assert "bf16" not in model.kernel_path("cpu", "fp32")
 
 
 @pytest.mark.parametrize("name", ["gru-scratch", "lstm-scratch", "rnn-scratch"])

@@ -1,5 +1,7 @@
-// Fused CPU kernels for the scratch cells (float32): the step loops of gru_lm/cells.py,
-// with the elementwise work of each step in one vectorised pass between BLAS calls.
+// Fused CPU kernels for the scratch cells: the step loops of gru_lm/cells.py, with the
+// elementwise work of each step in one vectorised pass between BLAS calls. Tensors and
+// state are float32; the GEMMs take fp32 operands, or bf16-rounded ones (train.precision=bf16,
+// see Gemm below).
 // Same inputs, outputs and saved tensors as the Python loops, which remain the portable
 // fallback; tests check the two agree. All tensors are contiguous, row-major.
 //
@@ -10,29 +12,119 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <vector>
 
 using at::Tensor;
 
-// BLAS as linked into libtorch_cpu (MKL in the CPU wheels): calling it directly skips the
-// dispatcher and the tensor views that at::mm needs at every step.
+// BLAS as linked into libtorch_cpu (MKL in the x86 CPU wheels): calling it directly skips
+// the dispatcher and the tensor views that at::mm needs at every step.
 extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n,
                        const int* k, const float* alpha, const float* a, const int* lda,
                        const float* b, const int* ldb, const float* beta, float* c,
                        const int* ldc);
+// MKL's bf16 x bf16 -> fp32 GEMM (fp32 accumulation). Weak: a torch built without MKL
+// (aarch64 wheels) lacks it, and the kernels still load, without this GEMM.
+extern "C" void gemm_bf16bf16f32_(const char* transa, const char* transb, const int* m,
+                                  const int* n, const int* k, const float* alpha,
+                                  const uint16_t* a, const int* lda, const uint16_t* b,
+                                  const int* ldb, const float* beta, float* c, const int* ldc)
+    __attribute__((weak));
 
 namespace {
 
-// Row-major C[M x N] = op(A)[M x K] . B[K x N] + beta C; lda/ldb/ldc are row strides.
-// BLAS is column-major, where a row-major matrix reads as its transpose: C^T = B^T op(A)^T.
-inline void gemm(bool transA, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
-                 const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
-  const char ta = 'N', tb = transA ? 'T' : 'N';
-  const int m = N, n = M, k = K, la = ldb, lb = lda, lc = ldc;
-  const float one = 1.0f;
-  sgemm_(&ta, &tb, &m, &n, &k, &one, B, &la, A, &lb, &beta, C, &lc);
+// ---------------------------------------------------------------- the GEMMs
+// Every product of the recurrences goes through one Gemm, of one kind per call:
+//   kFp32       float32 operands, MKL sgemm.
+//   kBf16Mkl    operands rounded to bfloat16 (nearest even), fp32 accumulation and output:
+//               MKL's gemm_bf16bf16f32, native bf16 arithmetic where the CPU has it.
+//   kBf16Sgemm  the same numbers by sgemm on fp32 copies of the rounded operands: a product
+//               of two bf16 values is exact in fp32, so only the order of the sums differs.
+// The two bf16 kinds give the same model; which is faster depends on the CPU, so the caller
+// picks one by timing both (gru_lm/cells.py); hidden states and weights stay fp32 throughout.
+enum Kind : int64_t { kFp32 = 0, kBf16Mkl = 1, kBf16Sgemm = 2 };
+
+bool has_kind(int64_t kind) {
+  return kind == kFp32 || kind == kBf16Sgemm || (kind == kBf16Mkl && gemm_bf16bf16f32_);
 }
+
+inline uint32_t bits_of(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  return u;
+}
+inline uint16_t to_bf16(float x) {  // round to nearest even (inputs are finite here)
+  const uint32_t u = bits_of(x);
+  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+inline float bf16_value(float x) {
+  const uint32_t u = static_cast<uint32_t>(to_bf16(x)) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// One operand as the GEMM reads it, row-major with row stride ld: the fp32 matrix itself,
+// or a rounded copy (fp32 values or bf16 bits) held by a Buf.
+struct Mat {
+  const float* f = nullptr;
+  const uint16_t* h = nullptr;
+  int64_t ld = 0;
+};
+struct Buf {  // reused step after step: resize() allocates only the first time
+  std::vector<float> f;
+  std::vector<uint16_t> h;
+};
+
+class Gemm {
+ public:
+  explicit Gemm(int64_t kind) : kind_(kind) {
+    TORCH_CHECK(has_kind(kind), "fused kernels: GEMM kind ", kind, " is not available here");
+  }
+
+  // The rows x cols matrix at p (row stride ld) as this GEMM's operand.
+  Mat operand(const float* p, int64_t rows, int64_t cols, int64_t ld, Buf& buf) const {
+    if (kind_ == kFp32) return {p, nullptr, ld};
+    const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, cols));
+    if (kind_ == kBf16Sgemm) {
+      buf.f.resize(rows * cols);
+      float* out = buf.f.data();
+      at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r)
+#pragma omp simd
+          for (int64_t j = 0; j < cols; ++j) out[r * cols + j] = bf16_value(p[r * ld + j]);
+      });
+      return {out, nullptr, cols};
+    }
+    buf.h.resize(rows * cols);
+    uint16_t* out = buf.h.data();
+    at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r)
+#pragma omp simd
+        for (int64_t j = 0; j < cols; ++j) out[r * cols + j] = to_bf16(p[r * ld + j]);
+    });
+    return {nullptr, out, cols};
+  }
+
+  // Row-major C[M x N] = op(A)[M x K] . B[K x N] + beta C (ldc: C's row stride).
+  // BLAS is column-major, where a row-major matrix reads as its transpose: C^T = B^T op(A)^T.
+  void operator()(bool transA, int64_t M, int64_t N, int64_t K, const Mat& A, const Mat& B,
+                  float beta, float* C, int64_t ldc) const {
+    const char ta = 'N', tb = transA ? 'T' : 'N';
+    const int m = N, n = M, k = K, la = B.ld, lb = A.ld, lc = ldc;
+    const float one = 1.0f;
+    if (kind_ == kBf16Mkl)
+      gemm_bf16bf16f32_(&ta, &tb, &m, &n, &k, &one, B.h, &la, A.h, &lb, &beta, C, &lc);
+    else
+      sgemm_(&ta, &tb, &m, &n, &k, &one, B.f, &la, A.f, &lb, &beta, C, &lc);
+  }
+
+ private:
+  int64_t kind_;
+};
 
 inline float sigm(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 
@@ -105,11 +197,18 @@ void over_rows(int64_t B, const F& body) {
 
 // Weight gradient sum_t Hprev_t^T dA_t with Hprev = [H0; Y_0 .. Y_{T-2}], as two GEMMs so
 // the shifted copy of Y is never built. dA has row stride ld_da, width n.
-Tensor weight_grad(const float* h0, const float* y, const float* da, int64_t T, int64_t B,
-                   int64_t nh, int64_t n, int64_t ld_da, const at::TensorOptions& opts) {
+Tensor weight_grad(const Gemm& gemm, const float* h0, const float* y, const float* da,
+                   int64_t T, int64_t B, int64_t nh, int64_t n, int64_t ld_da,
+                   const at::TensorOptions& opts) {
   Tensor dW = at::empty({nh, n}, opts);
-  gemm(true, nh, n, B, h0, nh, da, ld_da, 0.0f, ptr(dW), n);
-  if (T > 1) gemm(true, nh, n, (T - 1) * B, y, nh, da + B * ld_da, ld_da, 1.0f, ptr(dW), n);
+  Buf a, b;
+  gemm(true, nh, n, B, gemm.operand(h0, B, nh, nh, a), gemm.operand(da, B, n, ld_da, b), 0.0f,
+       ptr(dW), n);
+  if (T > 1) {
+    const int64_t rows = (T - 1) * B;
+    gemm(true, nh, n, rows, gemm.operand(y, rows, nh, nh, a),
+         gemm.operand(da + B * ld_da, rows, n, ld_da, b), 1.0f, ptr(dW), n);
+  }
   return dW;
 }
 
@@ -180,7 +279,8 @@ void check_saved(const Tensor& X, const Tensor& Y, int64_t width, const char* na
 // Z = s(P_z + H W_hz), R = s(P_r + H W_hr), H_tilde = tanh(P_h + (R*H) W_hh),
 // H' = H_tilde + Z (H - H_tilde)
 std::vector<Tensor> gru_forward(Tensor P, c10::optional<Tensor> ids, Tensor H0, Tensor W_hzr,
-                                Tensor W_hh) {
+                                Tensor W_hh, int64_t kind) {
+  const Gemm gemm(kind);
   check_input(P, ids, H0, 3);
   check_matrix(W_hzr, H0.size(1), 2 * H0.size(1), "W_hzr");
   check_matrix(W_hh, H0.size(1), H0.size(1), "W_hh");
@@ -191,16 +291,20 @@ std::vector<Tensor> gru_forward(Tensor P, c10::optional<Tensor> ids, Tensor H0, 
   Tensor Y = at::empty({T, B, nh}, opts), ZR = at::empty({T, B, 2 * nh}, opts);
   Tensor H_tilde = at::empty({T, B, nh}, opts), S = at::empty({T, B, nh}, opts);
   Tensor H0c = H0.contiguous();
-  const float *wzr = cptr(W_hzr), *whh = cptr(W_hh), *h0 = cptr(H0c);
+  Buf wzr_buf, whh_buf;
+  const Mat wzr = gemm.operand(cptr(W_hzr), nh, 2 * nh, 2 * nh, wzr_buf);
+  const Mat whh = gemm.operand(cptr(W_hh), nh, nh, nh, whh_buf);
+  const float* h0 = cptr(H0c);
   float *y = ptr(Y), *zr = ptr(ZR), *h_tilde = ptr(H_tilde), *s = ptr(S);
   over_rows(B, [&](int64_t b0, int64_t b1) {
     const int64_t nb = b1 - b0;
+    Buf a;
     for (int64_t t = 0; t < T; ++t) {
       const int64_t r0 = t * B + b0;  // first row of this thread at step t
       const float* h = t ? y + (r0 - B) * nh : h0 + b0 * nh;
       float *zr_t = zr + r0 * 2 * nh, *s_t = s + r0 * nh, *h_tilde_t = h_tilde + r0 * nh;
       float* y_t = y + r0 * nh;
-      gemm(false, nb, 2 * nh, nh, h, nh, wzr, 2 * nh, 0.0f, zr_t, 2 * nh);
+      gemm(false, nb, 2 * nh, nh, gemm.operand(h, nb, nh, nh, a), wzr, 0.0f, zr_t, 2 * nh);
       for (int64_t b = 0; b < nb; ++b) {
         float* zrb = zr_t + b * 2 * nh;
         const float* pb = prow(r0 + b);
@@ -209,7 +313,7 @@ std::vector<Tensor> gru_forward(Tensor P, c10::optional<Tensor> ids, Tensor H0, 
 #pragma omp simd
         for (int64_t j = 0; j < nh; ++j) s_t[b * nh + j] = zrb[nh + j] * h[b * nh + j];
       }
-      gemm(false, nb, nh, nh, s_t, nh, whh, nh, 0.0f, h_tilde_t, nh);
+      gemm(false, nb, nh, nh, gemm.operand(s_t, nb, nh, nh, a), whh, 0.0f, h_tilde_t, nh);
       for (int64_t b = 0; b < nb; ++b) {
         const float* pb = prow(r0 + b) + 2 * nh;
         const float* zb = zr_t + b * 2 * nh;
@@ -228,7 +332,8 @@ std::vector<Tensor> gru_forward(Tensor P, c10::optional<Tensor> ids, Tensor H0, 
 
 std::vector<Tensor> gru_backward(Tensor dY, c10::optional<Tensor> ids, int64_t table_rows,
                                  Tensor H0, Tensor W_hzr, Tensor W_hh, Tensor Y, Tensor ZR,
-                                 Tensor H_tilde, Tensor S) {
+                                 Tensor H_tilde, Tensor S, int64_t kind) {
+  const Gemm gemm(kind);
   check_backward(dY, Y, ids, table_rows);
   check_matrix(W_hzr, Y.size(2), 2 * Y.size(2), "W_hzr");
   check_matrix(W_hh, Y.size(2), Y.size(2), "W_hh");
@@ -247,11 +352,14 @@ std::vector<Tensor> gru_backward(Tensor dY, c10::optional<Tensor> ids, int64_t t
   Tensor W_hzr_T = transposed(W_hzr), W_hh_T = transposed(W_hh);
   const float *y = cptr(Y), *zr = cptr(ZR), *h_tilde = cptr(H_tilde), *dy = cptr(dY);
   const float* h0 = cptr(H0c);
-  const float *wzr_t = cptr(W_hzr_T), *whh_t = cptr(W_hh_T);
+  Buf wzr_buf, whh_buf;
+  const Mat wzr_t = gemm.operand(cptr(W_hzr_T), 2 * nh, nh, nh, wzr_buf);
+  const Mat whh_t = gemm.operand(cptr(W_hh_T), nh, nh, nh, whh_buf);
   float *da = ptr(dA), *ds_all = ptr(dS), *carry_p = ptr(carry), *next_p = ptr(next);
   over_rows(B, [&](int64_t b0, int64_t b1) {
     const int64_t nb = b1 - b0;
     float *c = carry_p + b0 * nh, *nx = next_p + b0 * nh, *ds = ds_all + b0 * nh;
+    Buf a;
     for (int64_t t = T - 1; t >= 0; --t) {
       const int64_t r0 = t * B + b0;
       const float* hp = t ? y + (r0 - B) * nh : h0 + b0 * nh;
@@ -271,7 +379,8 @@ std::vector<Tensor> gru_backward(Tensor dY, c10::optional<Tensor> ids, int64_t t
           nx[i] = dh * z;  // the direct path H' = ... + Z H
         }
       }
-      gemm(false, nb, nh, nh, da_t + 2 * nh, 3 * nh, whh_t, nh, 0.0f, ds, nh);  // dAh W_hh^T
+      // dS = dAh W_hh^T
+      gemm(false, nb, nh, nh, gemm.operand(da_t + 2 * nh, nb, nh, 3 * nh, a), whh_t, 0.0f, ds, nh);
       for (int64_t b = 0; b < nb; ++b) {
         const float* rb = zr_t + b * 2 * nh + nh;
         float* dab = da_t + b * 3 * nh;
@@ -283,22 +392,26 @@ std::vector<Tensor> gru_backward(Tensor dY, c10::optional<Tensor> ids, int64_t t
           nx[i] += ds[i] * r;
         }
       }
-      gemm(false, nb, nh, 2 * nh, da_t, 3 * nh, wzr_t, nh, 1.0f, nx, nh);  // + dAzr W_hzr^T
+      // carry += dAzr W_hzr^T
+      gemm(false, nb, nh, 2 * nh, gemm.operand(da_t, nb, 2 * nh, 3 * nh, a), wzr_t, 1.0f, nx, nh);
       dtable.add(r0, nb, da_t);  // dP = dA
       std::swap(c, nx);
     }
   });
   Tensor dH0 = final_carry(carry, next, T);
-  Tensor dW_hzr = weight_grad(h0, y, da, T, B, nh, 2 * nh, 3 * nh, opts);
+  Tensor dW_hzr = weight_grad(gemm, h0, y, da, T, B, nh, 2 * nh, 3 * nh, opts);
   Tensor dW_hh = at::empty({nh, nh}, opts);
-  gemm(true, nh, nh, T * B, cptr(S), nh, da + 2 * nh, 3 * nh, 0.0f, ptr(dW_hh), nh);
+  Buf s_buf, dah_buf;
+  gemm(true, nh, nh, T * B, gemm.operand(cptr(S), T * B, nh, nh, s_buf),
+       gemm.operand(da + 2 * nh, T * B, nh, 3 * nh, dah_buf), 0.0f, ptr(dW_hh), nh);
   return {ids ? dtable.result() : dA, dH0, dW_hzr, dW_hh};
 }
 
 // ---------------------------------------------------------------- GRU, torch.nn's formula
 // A = H W_h; Z, R = s(P + A); M = A_h + b_hh; N = tanh(P_h + R M); H' = N + Z (H - N)
 std::vector<Tensor> gru_ra_forward(Tensor P, c10::optional<Tensor> ids, Tensor H0, Tensor W_h,
-                                   Tensor b_hh) {
+                                   Tensor b_hh, int64_t kind) {
+  const Gemm gemm(kind);
   check_input(P, ids, H0, 3);
   check_matrix(W_h, H0.size(1), 3 * H0.size(1), "W_h");
   TORCH_CHECK(b_hh.numel() == H0.size(1), "fused kernels: b_hh must have num_hiddens entries");
@@ -310,15 +423,18 @@ std::vector<Tensor> gru_ra_forward(Tensor P, c10::optional<Tensor> ids, Tensor H
   Tensor N = at::empty({T, B, nh}, opts), M = at::empty({T, B, nh}, opts);
   Tensor A = at::empty({B, 3 * nh}, opts);
   Tensor H0c = H0.contiguous(), bhc = b_hh.contiguous();
-  const float *wh = cptr(W_h), *bh = cptr(bhc), *h0 = cptr(H0c);
+  Buf wh_buf;
+  const Mat wh = gemm.operand(cptr(W_h), nh, 3 * nh, 3 * nh, wh_buf);
+  const float *bh = cptr(bhc), *h0 = cptr(H0c);
   float *y = ptr(Y), *zr = ptr(ZR), *n = ptr(N), *m = ptr(M), *a_all = ptr(A);
   over_rows(B, [&](int64_t b0, int64_t b1) {
     const int64_t nb = b1 - b0;
     float* a = a_all + b0 * 3 * nh;
+    Buf h_buf;
     for (int64_t t = 0; t < T; ++t) {
       const int64_t r0 = t * B + b0;
       const float* h = t ? y + (r0 - B) * nh : h0 + b0 * nh;
-      gemm(false, nb, 3 * nh, nh, h, nh, wh, 3 * nh, 0.0f, a, 3 * nh);
+      gemm(false, nb, 3 * nh, nh, gemm.operand(h, nb, nh, nh, h_buf), wh, 0.0f, a, 3 * nh);
       for (int64_t b = 0; b < nb; ++b) {
         const int64_t r = r0 + b;
         const float* pb = prow(r);
@@ -342,7 +458,8 @@ std::vector<Tensor> gru_ra_forward(Tensor P, c10::optional<Tensor> ids, Tensor H
 
 std::vector<Tensor> gru_ra_backward(Tensor dY, c10::optional<Tensor> ids, int64_t table_rows,
                                     Tensor H0, Tensor W_h, Tensor Y, Tensor ZR, Tensor N,
-                                    Tensor M) {
+                                    Tensor M, int64_t kind) {
+  const Gemm gemm(kind);
   check_backward(dY, Y, ids, table_rows);
   check_matrix(W_h, Y.size(2), 3 * Y.size(2), "W_h");
   check_saved(ZR, Y, 2 * Y.size(2), "ZR");
@@ -358,11 +475,14 @@ std::vector<Tensor> gru_ra_backward(Tensor dY, c10::optional<Tensor> ids, int64_
   Tensor carry = at::zeros({B, nh}, opts), next = at::empty({B, nh}, opts);
   Tensor W_h_T = transposed(W_h);
   const float *y = cptr(Y), *zr = cptr(ZR), *n = cptr(N), *m = cptr(M), *dy = cptr(dY);
-  const float *h0 = cptr(H0c), *wh_t = cptr(W_h_T);
+  const float* h0 = cptr(H0c);
+  Buf wh_buf;
+  const Mat wh_t = gemm.operand(cptr(W_h_T), 3 * nh, nh, nh, wh_buf);
   float *da = ptr(dA), *dp = ptr(dP), *carry_p = ptr(carry), *next_p = ptr(next);
   over_rows(B, [&](int64_t b0, int64_t b1) {
     const int64_t nb = b1 - b0;
     float *c = carry_p + b0 * nh, *nx = next_p + b0 * nh;
+    Buf a;
     for (int64_t t = T - 1; t >= 0; --t) {
       const int64_t r0 = t * B + b0;
       const float* hp = t ? y + (r0 - B) * nh : h0 + b0 * nh;
@@ -388,20 +508,22 @@ std::vector<Tensor> gru_ra_backward(Tensor dY, c10::optional<Tensor> ids, int64_
           nx[i] = dh * z;
         }
       }
-      gemm(false, nb, nh, 3 * nh, da + r0 * 3 * nh, 3 * nh, wh_t, nh, 1.0f, nx, nh);
+      gemm(false, nb, nh, 3 * nh, gemm.operand(da + r0 * 3 * nh, nb, 3 * nh, 3 * nh, a), wh_t,
+           1.0f, nx, nh);
       dtable.add(r0, nb, dp + r0 * 3 * nh);
       std::swap(c, nx);
     }
   });
   Tensor dH0 = final_carry(carry, next, T);
-  Tensor dW_h = weight_grad(h0, y, da, T, B, nh, 3 * nh, 3 * nh, opts);
+  Tensor dW_h = weight_grad(gemm, h0, y, da, T, B, nh, 3 * nh, 3 * nh, opts);
   Tensor db_hh = dA.view({T * B, 3 * nh}).narrow(1, 2 * nh, nh).sum(0);
   return {ids ? dtable.result() : dP, dH0, dW_h, db_hh};
 }
 
 // ---------------------------------------------------------------- LSTM [i | f | g | o]
 std::vector<Tensor> lstm_forward(Tensor P, c10::optional<Tensor> ids, Tensor H0, Tensor C0,
-                                 Tensor W_h) {
+                                 Tensor W_h, int64_t kind) {
+  const Gemm gemm(kind);
   check_input(P, ids, H0, 4);
   TORCH_CHECK(C0.sizes() == H0.sizes(), "fused kernels: C0 must have H0's shape");
   check_matrix(W_h, H0.size(1), 4 * H0.size(1), "W_h");
@@ -412,16 +534,19 @@ std::vector<Tensor> lstm_forward(Tensor P, c10::optional<Tensor> ids, Tensor H0,
   Tensor Y = at::empty({T, B, nh}, opts), IFGO = at::empty({T, B, 4 * nh}, opts);
   Tensor Cs = at::empty({T, B, nh}, opts), Tc = at::empty({T, B, nh}, opts);
   Tensor H0c = H0.contiguous(), C0c = C0.contiguous();
-  const float *wh = cptr(W_h), *h0 = cptr(H0c), *c0 = cptr(C0c);
+  Buf wh_buf;
+  const Mat wh = gemm.operand(cptr(W_h), nh, 4 * nh, 4 * nh, wh_buf);
+  const float *h0 = cptr(H0c), *c0 = cptr(C0c);
   float *y = ptr(Y), *ifgo = ptr(IFGO), *cs = ptr(Cs), *tc = ptr(Tc);
   over_rows(B, [&](int64_t b0, int64_t b1) {
     const int64_t nb = b1 - b0;
+    Buf h_buf;
     for (int64_t t = 0; t < T; ++t) {
       const int64_t r0 = t * B + b0;
       const float* h = t ? y + (r0 - B) * nh : h0 + b0 * nh;
       const float* cp = t ? cs + (r0 - B) * nh : c0 + b0 * nh;
       float* ifgo_t = ifgo + r0 * 4 * nh;
-      gemm(false, nb, 4 * nh, nh, h, nh, wh, 4 * nh, 0.0f, ifgo_t, 4 * nh);
+      gemm(false, nb, 4 * nh, nh, gemm.operand(h, nb, nh, nh, h_buf), wh, 0.0f, ifgo_t, 4 * nh);
       for (int64_t b = 0; b < nb; ++b) {
         const int64_t r = r0 + b;
         float* gb = ifgo_t + b * 4 * nh;
@@ -449,7 +574,8 @@ std::vector<Tensor> lstm_forward(Tensor P, c10::optional<Tensor> ids, Tensor H0,
 
 std::vector<Tensor> lstm_backward(Tensor dY, Tensor dC_T, c10::optional<Tensor> ids,
                                   int64_t table_rows, Tensor H0, Tensor C0, Tensor W_h, Tensor Y,
-                                  Tensor IFGO, Tensor Cs, Tensor Tc) {
+                                  Tensor IFGO, Tensor Cs, Tensor Tc, int64_t kind) {
+  const Gemm gemm(kind);
   check_backward(dY, Y, ids, table_rows);
   check_matrix(W_h, Y.size(2), 4 * Y.size(2), "W_h");
   check_saved(IFGO, Y, 4 * Y.size(2), "IFGO");
@@ -467,12 +593,14 @@ std::vector<Tensor> lstm_backward(Tensor dY, Tensor dC_T, c10::optional<Tensor> 
   Tensor carry_c = dC_T.defined() ? dC_T.contiguous().clone() : at::zeros({B, nh}, opts);
   Tensor W_h_T = transposed(W_h);
   const float *ifgo = cptr(IFGO), *cs = cptr(Cs), *tc = cptr(Tc), *dy = cptr(dY);
-  const float* wh_t = cptr(W_h_T);
+  Buf wh_buf;
+  const Mat wh_t = gemm.operand(cptr(W_h_T), 4 * nh, nh, nh, wh_buf);
   const float *h0 = cptr(H0c), *c0 = cptr(C0c), *y = cptr(Y);
   float *da = ptr(dA), *ch_all = ptr(carry_h), *cc_all = ptr(carry_c);
   over_rows(B, [&](int64_t b0, int64_t b1) {
     const int64_t nb = b1 - b0;
     float *ch = ch_all + b0 * nh, *cc = cc_all + b0 * nh;
+    Buf a;
     for (int64_t t = T - 1; t >= 0; --t) {
       const int64_t r0 = t * B + b0;
       const float* cp = t ? cs + (r0 - B) * nh : c0 + b0 * nh;
@@ -494,16 +622,19 @@ std::vector<Tensor> lstm_backward(Tensor dY, Tensor dC_T, c10::optional<Tensor> 
           cc[i] = dc * fg;
         }
       }
-      gemm(false, nb, nh, 4 * nh, da + r0 * 4 * nh, 4 * nh, wh_t, nh, 0.0f, ch, nh);
+      gemm(false, nb, nh, 4 * nh, gemm.operand(da + r0 * 4 * nh, nb, 4 * nh, 4 * nh, a), wh_t,
+           0.0f, ch, nh);
       dtable.add(r0, nb, da + r0 * 4 * nh);
     }
   });
-  Tensor dW_h = weight_grad(h0, y, da, T, B, nh, 4 * nh, 4 * nh, opts);
+  Tensor dW_h = weight_grad(gemm, h0, y, da, T, B, nh, 4 * nh, 4 * nh, opts);
   return {ids ? dtable.result() : dA, carry_h, carry_c, dW_h};
 }
 
 // ---------------------------------------------------------------- RNN
-std::vector<Tensor> rnn_forward(Tensor P, c10::optional<Tensor> ids, Tensor H0, Tensor W_hh) {
+std::vector<Tensor> rnn_forward(Tensor P, c10::optional<Tensor> ids, Tensor H0, Tensor W_hh,
+                                int64_t kind) {
+  const Gemm gemm(kind);
   check_input(P, ids, H0, 1);
   check_matrix(W_hh, H0.size(1), H0.size(1), "W_hh");
   const int64_t nh = H0.size(1);
@@ -511,15 +642,18 @@ std::vector<Tensor> rnn_forward(Tensor P, c10::optional<Tensor> ids, Tensor H0, 
   const Rows prow = rows_of(P, ids, nh);
   Tensor Y = at::empty({T, B, nh}, P.options());
   Tensor H0c = H0.contiguous();
-  const float *w = cptr(W_hh), *h0 = cptr(H0c);
+  Buf w_buf;
+  const Mat w = gemm.operand(cptr(W_hh), nh, nh, nh, w_buf);
+  const float* h0 = cptr(H0c);
   float* y = ptr(Y);
   over_rows(B, [&](int64_t b0, int64_t b1) {
     const int64_t nb = b1 - b0;
+    Buf h_buf;
     for (int64_t t = 0; t < T; ++t) {
       const int64_t r0 = t * B + b0;
       const float* h = t ? y + (r0 - B) * nh : h0 + b0 * nh;
       float* y_t = y + r0 * nh;
-      gemm(false, nb, nh, nh, h, nh, w, nh, 0.0f, y_t, nh);
+      gemm(false, nb, nh, nh, gemm.operand(h, nb, nh, nh, h_buf), w, 0.0f, y_t, nh);
       for (int64_t b = 0; b < nb; ++b) {
         const float* pb = prow(r0 + b);
         float* yb = y_t + b * nh;
@@ -532,7 +666,8 @@ std::vector<Tensor> rnn_forward(Tensor P, c10::optional<Tensor> ids, Tensor H0, 
 }
 
 std::vector<Tensor> rnn_backward(Tensor dY, c10::optional<Tensor> ids, int64_t table_rows,
-                                 Tensor H0, Tensor W_hh, Tensor Y) {
+                                 Tensor H0, Tensor W_hh, Tensor Y, int64_t kind) {
+  const Gemm gemm(kind);
   check_backward(dY, Y, ids, table_rows);
   check_matrix(W_hh, Y.size(2), Y.size(2), "W_hh");
   const int64_t T = Y.size(0), B = Y.size(1), nh = Y.size(2);
@@ -543,22 +678,55 @@ std::vector<Tensor> rnn_backward(Tensor dY, c10::optional<Tensor> ids, int64_t t
   Tensor dA = at::empty({T, B, nh}, opts);
   Tensor carry = at::zeros({B, nh}, opts);
   Tensor W_T = transposed(W_hh);
-  const float *y = cptr(Y), *dy = cptr(dY), *w_t = cptr(W_T);
+  const float *y = cptr(Y), *dy = cptr(dY);
+  Buf w_buf;
+  const Mat w_t = gemm.operand(cptr(W_T), nh, nh, nh, w_buf);
   float *da = ptr(dA), *c_all = ptr(carry);
   over_rows(B, [&](int64_t b0, int64_t b1) {
     const int64_t nb = b1 - b0;
     float* c = c_all + b0 * nh;
+    Buf a;
     for (int64_t t = T - 1; t >= 0; --t) {
       const int64_t o = (t * B + b0) * nh;
 #pragma omp simd
       for (int64_t i = 0; i < nb * nh; ++i)
         da[o + i] = (dy[o + i] + c[i]) * (1.0f - y[o + i] * y[o + i]);
-      gemm(false, nb, nh, nh, da + o, nh, w_t, nh, 0.0f, c, nh);
+      gemm(false, nb, nh, nh, gemm.operand(da + o, nb, nh, nh, a), w_t, 0.0f, c, nh);
       dtable.add(t * B + b0, nb, da + o);
     }
   });
-  Tensor dW = weight_grad(cptr(H0c), y, da, T, B, nh, nh, nh, opts);
+  Tensor dW = weight_grad(gemm, cptr(H0c), y, da, T, B, nh, nh, nh, opts);
   return {ids ? dtable.result() : dA, carry, dW};
+}
+
+// ---------------------------------------------------------------- choosing a GEMM
+std::vector<int64_t> gemm_kinds() {
+  std::vector<int64_t> out;
+  for (int64_t k : {kFp32, kBf16Mkl, kBf16Sgemm})
+    if (has_kind(k)) out.push_back(k);
+  return out;
+}
+
+// Seconds per row-major (M x K) . (K x N) product of this kind on the calling thread, the
+// left operand's conversion included (the recurrences convert H at every step; the weights
+// once per call): the best of 3 rounds of `reps` products, after a warm-up.
+double time_gemm(int64_t kind, int64_t M, int64_t N, int64_t K, int64_t reps) {
+  const Gemm gemm(kind);
+  TORCH_CHECK(M > 0 && N > 0 && K > 0 && reps > 0, "time_gemm: sizes must be positive");
+  at::Generator g = at::detail::createCPUGenerator(0);
+  Tensor A = at::rand({M, K}, g) - 0.5, W = at::rand({K, N}, g) - 0.5, C = at::empty({M, N});
+  Buf a, w;
+  const Mat Wm = gemm.operand(cptr(W), K, N, N, w);
+  auto once = [&] { gemm(false, M, N, K, gemm.operand(cptr(A), M, K, K, a), Wm, 0.0f, ptr(C), N); };
+  once();
+  double best = 1e30;
+  for (int round = 0; round < 3; ++round) {
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int64_t i = 0; i < reps; ++i) once();
+    const std::chrono::duration<double> dt = std::chrono::steady_clock::now() - t0;
+    best = std::min(best, dt.count() / reps);
+  }
+  return best;
 }
 
 }  // namespace
@@ -572,4 +740,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lstm_backward", &lstm_backward);
   m.def("rnn_forward", &rnn_forward);
   m.def("rnn_backward", &rnn_backward);
+  m.def("gemm_kinds", &gemm_kinds);
+  m.def("time_gemm", &time_gemm);
 }
