@@ -2,7 +2,8 @@
 
 Contenders, interleaved and repeated, all on the same batches of the book's setting
 (first 10,000 tokens, sequential sampler, SGD lr 1, clip 1):
-  * ours:   each registered model through the real Trainer.train_step;
+  * ours:   each registered model through the real Trainer.train_step; the scratch models
+            also with train.precision=bf16 (bf16-rounded GEMM operands, fp32 accumulation);
   * naive:  the book's from-scratch code: one-hot inputs, one matmul per gate, a Python
             loop over steps, autograd, d2l's grad_clipping and hand-written SGD;
   * concise: the book's concise RNNModel: one-hot into nn.GRU / nn.LSTM / nn.RNN;
@@ -193,18 +194,21 @@ def make_contenders(setting: dict, corpus):
                      setting["batch_size"], setting["num_steps"])
     out = {}
     for name in list_models():
-        cfg = validate({
-            "data": {"max_tokens": 10_000, "train_fraction": 1, "val_fraction": 0,
-                     "test_fraction": 0},
-            "model": {"name": name, "num_hiddens": H, "num_layers": L},
-            "train": {"optimizer": "sgd", "lr": 1, "grad_clip": 1, "batch_size": B,
-                      "num_steps": T, "sampler": "sequential", "max_steps": 1, "device": "cpu",
-                      "sample_prefixes": []},
-        })
-        torch.manual_seed(0)
-        model = build_model(cfg.model, V)
-        trainer = Trainer(cfg, model, torch.optim.SGD(model.parameters(), lr=1.0), corpus)
-        out[f"ours {name}"] = trainer.train_step
+        # torch.nn's bf16 (autocast) is left out: on a CPU without bf16 instructions its
+        # matmuls run ~50x slower than fp32, which would stall the whole table.
+        for precision in ("fp32", "bf16") if name.endswith("-scratch") else ("fp32",):
+            cfg = validate({
+                "data": {"max_tokens": 10_000, "train_fraction": 1, "val_fraction": 0,
+                         "test_fraction": 0},
+                "model": {"name": name, "num_hiddens": H, "num_layers": L},
+                "train": {"optimizer": "sgd", "lr": 1, "grad_clip": 1, "batch_size": B,
+                          "num_steps": T, "sampler": "sequential", "max_steps": 1,
+                          "device": "cpu", "sample_prefixes": [], "precision": precision},
+            })
+            torch.manual_seed(0)
+            model = build_model(cfg.model, V)
+            trainer = Trainer(cfg, model, torch.optim.SGD(model.parameters(), lr=1.0), corpus)
+            out[f"ours {name}" + (" bf16" if precision == "bf16" else "")] = trainer.train_step
     if L == 1:
         for kind in ("gru", "lstm", "rnn"):
             torch.manual_seed(0)

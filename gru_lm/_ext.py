@@ -58,6 +58,14 @@ def cpu_summary() -> dict[str, object]:
             if hasattr(os, "sched_getaffinity") else os.cpu_count()}
 
 
+BF16_ISA = ("avx512_bf16", "amx_bf16", "bf16")  # x86 and Arm names of bf16 arithmetic
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 arithmetic (without it, bf16 matmuls are emulated)."""
+    return any(f in cpu_summary()["isa"] for f in BF16_ISA)
+
+
 def cpu_line() -> str:
     c = cpu_summary()
     return f"{c['model']}, {c['cores']} usable cores, ISA: {', '.join(c['isa']) or 'baseline'}"

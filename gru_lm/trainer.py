@@ -30,7 +30,7 @@ from gru_lm.metrics import (
     perplexity,
     time_major_loss,
 )
-from gru_lm.models import RecurrentLM, count_parameters, detach_state, state_to
+from gru_lm.models import RecurrentLM, ScratchLM, count_parameters, detach_state, state_to
 from gru_lm.ngram import MAX_TRAIN_TOKENS
 from gru_lm.rundir import BEST, LAST, RunDir
 from gru_lm.sampling import encode_prefix, generate
@@ -93,6 +93,7 @@ class Trainer:
             tensorboard_writer()  # missing package: refused before anything is written
         self.tensorboard: TensorBoard | None = None
         self.notes: list[str] = []  # said once, under the header
+        self._check_precision()
         self.prefix_ids = self._check_prefixes()
         self.eval_splits = self._eval_splits()
         self.loader = BatchLoader(corpus.train, t.batch_size, t.num_steps, t.sampler,
@@ -113,6 +114,23 @@ class Trainer:
         self._rates: list[float] = []  # tokens/s per log interval, for _watch_speed
         self._speed_mark = (0, 0.0)
         self.speed_warning = ""
+
+    def _check_precision(self) -> None:
+        """bf16 on a CPU without bf16 arithmetic: say what it costs before it runs."""
+        from gru_lm._ext import cpu_has_bf16
+
+        if self.cfg.train.precision != "bf16" or self.device.type != "cpu" or cpu_has_bf16():
+            return
+        if isinstance(self.model, ScratchLM):
+            self.notes.append("train.precision=bf16: this CPU has no bf16 arithmetic "
+                              "(avx512_bf16, amx_bf16): the bf16-rounded GEMMs run no faster "
+                              "than fp32 here (rounding costs a few percent); use "
+                              "train.precision=fp32 unless you want bf16's numbers")
+        else:
+            self.notes.append("train.precision=bf16: this CPU has no bf16 arithmetic "
+                              "(avx512_bf16, amx_bf16), so torch.nn's bf16 matmuls are "
+                              "emulated and run far slower than fp32; use train.precision=fp32 "
+                              "here")
 
     def _check_prefixes(self) -> list[list[int]]:
         """The sample prefixes as ids; one that this corpus cannot encode (the default "time
