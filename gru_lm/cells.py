@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from gru_lm._ext import kernels
+from gru_lm.errors import ConfigError
 
 _USE_KERNELS = True
 
@@ -61,15 +62,9 @@ def gemm_kind(ext, bf16: bool, rows: int, n: int, k: int) -> int:
     the faster one on this CPU is timed once per shape and kept (GRU_LM_BF16_GEMM pins it)."""
     if not bf16:
         return 0
-    pinned = os.environ.get(BF16_ENV, "").strip().lower()
-    if pinned:
-        if pinned not in _BF16_BY_ENV or _BF16_BY_ENV[pinned] not in ext.gemm_kinds():
-            from gru_lm.errors import ConfigError
-
-            have = [n for n, kind in _BF16_BY_ENV.items() if kind in ext.gemm_kinds()]
-            raise ConfigError(f"{BF16_ENV}={pinned!r} is not a bf16 GEMM this build has; "
-                              f"use one of {', '.join(have)} or unset it")
-        return _BF16_BY_ENV[pinned]
+    pinned = bf16_pin(ext.gemm_kinds())
+    if pinned is not None:
+        return pinned
     key = (rows, n, k)
     if key not in _BF16_CHOICES:
         reps = max(1, min(50, round(5e-3 * 50e9 / (2 * rows * n * k))))  # ~5 ms a round
@@ -77,6 +72,19 @@ def gemm_kind(ext, bf16: bool, rows: int, n: int, k: int) -> int:
                  if kind != 0}
         _BF16_CHOICES[key] = (min(times, key=times.__getitem__), times)
     return _BF16_CHOICES[key][0]
+
+
+def bf16_pin(available=(1, 2)) -> int | None:
+    """The bf16 GEMM that GRU_LM_BF16_GEMM pins, or None; a name that is not one of the
+    `available` kinds is a ConfigError (the trainer checks before it writes anything)."""
+    pinned = os.environ.get(BF16_ENV, "").strip().lower()
+    if not pinned:
+        return None
+    if _BF16_BY_ENV.get(pinned) not in available:
+        have = [name for name, kind in _BF16_BY_ENV.items() if kind in available]
+        raise ConfigError(f"{BF16_ENV}={pinned!r} is not a bf16 GEMM this build has; "
+                          f"use one of {', '.join(have)} or unset it")
+    return _BF16_BY_ENV[pinned]
 
 
 def bf16_gemm_report() -> str:

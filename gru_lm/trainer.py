@@ -116,10 +116,15 @@ class Trainer:
         self.speed_warning = ""
 
     def _check_precision(self) -> None:
-        """bf16 on a CPU without bf16 arithmetic: say what it costs before it runs."""
+        """bf16: refuse a wrong GRU_LM_BF16_GEMM, and on a CPU without bf16 arithmetic say
+        what it costs, before anything runs."""
         from gru_lm._ext import cpu_has_bf16
+        from gru_lm.cells import bf16_pin
 
-        if self.cfg.train.precision != "bf16" or self.device.type != "cpu" or cpu_has_bf16():
+        if self.cfg.train.precision != "bf16":
+            return
+        bf16_pin()
+        if self.device.type != "cpu" or cpu_has_bf16():
             return
         if isinstance(self.model, ScratchLM):
             self.notes.append("train.precision=bf16: this CPU has no bf16 arithmetic "

@@ -177,6 +177,20 @@ def test_bf16_autocast_trains_on_cpu(workdir, model):
     assert "bf16" in summary["kernels"], summary["kernels"]
 
 
+def test_a_wrong_bf16_gemm_pin_is_refused_before_anything_is_written(workdir, monkeypatch):
+    monkeypatch.setenv("GRU_LM_BF16_GEMM", "fastest")
+    r = cli("train", "--config", "configs/tiny.yaml", "--name", "pin", "train.precision=bf16",
+            "model.name=gru-scratch")
+    assert r.exit_code == 1
+    assert "GRU_LM_BF16_GEMM='fastest' is not a bf16 GEMM this build has; use one of " \
+        "mkl, sgemm or unset it" in r.output
+    assert "Traceback" not in r.output and not (workdir / "runs" / "pin").exists()
+    # fp32 runs ignore the pin
+    r = cli("train", "--config", "configs/tiny.yaml", "--name", "pin32", "-q",
+            "train.max_steps=2")
+    assert r.exit_code == 0, r.output
+
+
 def test_unavailable_device_is_a_config_error(workdir):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")  # CI never has a GPU, so this runs there
