@@ -79,6 +79,21 @@ struct Buf {  // reused step after step: resize() allocates only the first time
   std::vector<uint16_t> h;
 };
 
+// A contiguous copy of the rows x cols matrix at p (row stride ld), each entry round()ed.
+template <typename T, typename Round>
+const T* rounded(const float* p, int64_t rows, int64_t cols, int64_t ld, std::vector<T>& out,
+                 Round round) {
+  out.resize(rows * cols);
+  T* o = out.data();
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, cols));
+  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+#pragma omp simd
+      for (int64_t j = 0; j < cols; ++j) o[r * cols + j] = round(p[r * ld + j]);
+  });
+  return o;
+}
+
 class Gemm {
  public:
   explicit Gemm(int64_t kind) : kind_(kind) {
@@ -88,25 +103,11 @@ class Gemm {
   // The rows x cols matrix at p (row stride ld) as this GEMM's operand.
   Mat operand(const float* p, int64_t rows, int64_t cols, int64_t ld, Buf& buf) const {
     if (kind_ == kFp32) return {p, nullptr, ld};
-    const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, cols));
-    if (kind_ == kBf16Sgemm) {
-      buf.f.resize(rows * cols);
-      float* out = buf.f.data();
-      at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r)
-#pragma omp simd
-          for (int64_t j = 0; j < cols; ++j) out[r * cols + j] = bf16_value(p[r * ld + j]);
-      });
-      return {out, nullptr, cols};
-    }
-    buf.h.resize(rows * cols);
-    uint16_t* out = buf.h.data();
-    at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r)
-#pragma omp simd
-        for (int64_t j = 0; j < cols; ++j) out[r * cols + j] = to_bf16(p[r * ld + j]);
-    });
-    return {nullptr, out, cols};
+    if (kind_ == kBf16Sgemm)
+      return {rounded(p, rows, cols, ld, buf.f, [](float x) { return bf16_value(x); }),
+              nullptr, cols};
+    return {nullptr, rounded(p, rows, cols, ld, buf.h, [](float x) { return to_bf16(x); }),
+            cols};
   }
 
   // Row-major C[M x N] = op(A)[M x K] . B[K x N] + beta C (ldc: C's row stride).
