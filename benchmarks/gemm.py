@@ -30,7 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gru_lm._ext import cpu_line, cpu_summary  # noqa: E402
+from gru_lm._ext import cpu_line, cpu_summary, kernels, why_not  # noqa: E402
+from gru_lm.cells import GEMM_NAMES, bf16_gemm_report  # noqa: E402
 
 
 def rate(fn, flop: float, reps: int = 200) -> float:
@@ -51,16 +52,16 @@ def gemm_rates(rows: int, nh: int) -> dict[str, float]:
     for each GEMM of the fused kernels and for torch.mm on bfloat16."""
     import torch
 
-    from gru_lm._ext import kernels
-    from gru_lm.cells import GEMM_NAMES
-
+    ext = kernels()
+    if ext is None:
+        sys.exit(f"benchmarks/gemm.py measures the fused kernels, which are unavailable: "
+                 f"{why_not()}")
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     out = {}
-    ext = kernels()
     flop = 2 * rows * nh * 3 * nh
-    for kind in ext.gemm_kinds() if ext is not None else []:
-        reps = 50
-        seconds = sum(ext.time_gemm(kind, rows, n, nh, reps) for n in (2 * nh, nh))
+    for kind in ext.gemm_kinds():
+        seconds = sum(ext.time_gemm(kind, rows, n, nh, 50) for n in (2 * nh, nh))
         out[GEMM_NAMES[kind]] = flop / seconds / 1e9
     h = torch.randn(rows, nh).bfloat16()
     w2, w1 = torch.randn(nh, 2 * nh).bfloat16(), torch.randn(nh, nh).bfloat16()
@@ -70,7 +71,7 @@ def gemm_rates(rows: int, nh: int) -> dict[str, float]:
         torch.mm(h, w1)
 
     out["torch.mm bf16 (bf16 out)"] = rate(step, flop, reps=5)
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    torch.set_num_threads(threads)
     return out
 
 
@@ -120,12 +121,10 @@ def main() -> None:
              "gru-scratch reset_after": ("configs/gru-scratch.yaml", ["model.reset_after=true"]),
              "gru-scratch bf16": ("configs/gru-scratch.yaml", ["train.precision=bf16"])}
     ms = step_ms(cases, threads)
-    from gru_lm.cells import bf16_gemm_report
-
     print(f"bf16 GEMM chosen: {bf16_gemm_report()}")
     tokens = B * T
     flop = 3 * T * 2 * B * nh * 3 * nh  # forward + backward (twice the forward) per step
-    fp32 = g.get("fp32 sgemm") or g["torch.mm bf16 (bf16 out)"]
+    fp32 = g[GEMM_NAMES[0]]
     bound_ms = flop / (fp32 * threads * 1e9) * 1000
     base = tokens / ms["gru (nn.GRU)"] * 1000
     print(f"configs/gru.yaml's shape: batch {B}, {T} steps, {nh} hiddens, {threads} threads")

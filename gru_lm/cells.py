@@ -74,7 +74,7 @@ def gemm_kind(ext, bf16: bool, rows: int, n: int, k: int) -> int:
     return _BF16_CHOICES[key][0]
 
 
-def bf16_pin(available=(1, 2)) -> int | None:
+def bf16_pin(available=tuple(_BF16_BY_ENV.values())) -> int | None:
     """The bf16 GEMM that GRU_LM_BF16_GEMM pins, or None; a name that is not one of the
     `available` kinds is a ConfigError (the trainer checks before it writes anything)."""
     pinned = os.environ.get(BF16_ENV, "").strip().lower()

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from gru_lm._ext import cpu_has_bf16
+from gru_lm.cells import bf16_pin
 from gru_lm.checkpoint import load_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
 from gru_lm.config import Config
 from gru_lm.data import BatchLoader, Corpus, Epoch
@@ -118,24 +120,18 @@ class Trainer:
     def _check_precision(self) -> None:
         """bf16: refuse a wrong GRU_LM_BF16_GEMM, and on a CPU without bf16 arithmetic say
         what it costs, before anything runs."""
-        from gru_lm._ext import cpu_has_bf16
-        from gru_lm.cells import bf16_pin
-
         if self.cfg.train.precision != "bf16":
             return
         bf16_pin()
         if self.device.type != "cpu" or cpu_has_bf16():
             return
-        if isinstance(self.model, ScratchLM):
-            self.notes.append("train.precision=bf16: this CPU has no bf16 arithmetic "
-                              "(avx512_bf16, amx_bf16): the bf16-rounded GEMMs run no faster "
-                              "than fp32 here (rounding costs a few percent); use "
-                              "train.precision=fp32 unless you want bf16's numbers")
-        else:
-            self.notes.append("train.precision=bf16: this CPU has no bf16 arithmetic "
-                              "(avx512_bf16, amx_bf16), so torch.nn's bf16 matmuls are "
-                              "emulated and run far slower than fp32; use train.precision=fp32 "
-                              "here")
+        cost = ("the bf16-rounded GEMMs run no faster than fp32 here (rounding costs a few "
+                "percent); use train.precision=fp32 unless you want bf16's numbers"
+                if isinstance(self.model, ScratchLM) else
+                "torch.nn's bf16 matmuls are emulated and run far slower than fp32; use "
+                "train.precision=fp32 here")
+        self.notes.append("train.precision=bf16: this CPU has no bf16 arithmetic "
+                          f"(avx512_bf16, amx_bf16): {cost}")
 
     def _check_prefixes(self) -> list[list[int]]:
         """The sample prefixes as ids; one that this corpus cannot encode (the default "time
