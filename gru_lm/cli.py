@@ -455,11 +455,16 @@ def runs_cmd(runs_dir: RunsDirOpt = Path("runs")) -> None:
 
     now = time.time()
     for r in rows:
+        mark = "" if r["one_stream"] else "*"
         table.add_row(r["name"], r["model"] or "?", f(r["steps"], ","),
-                      f(r["best_val_ppl"], ".3f"), f(r["test_ppl"], ".3f"),
+                      f(r["best_val_ppl"], ".3f") + mark, f(r["test_ppl"], ".3f") + mark,
                       f(r["tokens_per_s"], ",.0f"), r["status"],
                       "-" if r["modified"] is None else _age(now - r["modified"]))
     print_table(table)
+    if not all(r["one_stream"] for r in rows):
+        console.print("* scored by an older gru-lm as parallel streams from a zero state, about "
+                      "1.5% too high; `gru-lm evaluate --run DIR --split val` (or test) scores "
+                      "it as one stream", highlight=False)
 
 
 def _age(seconds: float) -> str:
@@ -545,62 +550,109 @@ def predict_cmd(
 
 @app.command("evaluate", epilog=example(
     "gru-lm evaluate", "gru-lm evaluate --run runs/lstm-20261123-101500 --dynamic --mix-ngram",
+    "gru-lm evaluate --run runs/cmp/lstm-s0 --run runs/cmp/lstm-s1 --cache",
     "gru-lm evaluate --text my.txt"))
 @handle_errors
 def evaluate_cmd(
-    run: RunOpt = None,
-    checkpoint: CkptOpt = None,
+    run: Annotated[list[Path] | None, typer.Option(
+        "--run", metavar="DIR", help="Run directory (default: the newest run); repeat it to "
+        "score the ensemble of several runs.")] = None,
+    checkpoint: Annotated[list[Path] | None, typer.Option(
+        "--checkpoint", metavar="FILE", help="Checkpoint file; repeatable, like --run.")
+                          ] = None,
     split: Annotated[Split, typer.Option(help="Which split of the run's corpus to score.")
                      ] = Split.test,
     text: Annotated[Path | None, typer.Option(help="Score this text file instead.")] = None,
+    cache: Annotated[bool, typer.Option(
+        "--cache", help="Also score with a continuous cache (window, theta and lambda chosen "
+        "on val).")] = False,
     dynamic: Annotated[bool, typer.Option(
         "--dynamic", help="Also score with dynamic evaluation (settings chosen on val).")
                        ] = False,
     mix_ngram: Annotated[bool, typer.Option(
-        "--mix-ngram", help="Also score the model interpolated with the Kneser-Ney n-gram "
-        "model (weight chosen on val).")] = False,
+        "--mix-ngram", help="Also score each of the above interpolated with the Kneser-Ney "
+        "n-gram model (weight chosen on val).")] = False,
     ngram_order: Annotated[int | None, typer.Option(
         help="Order of the Kneser-Ney model, 1..8 (default: the run's train.ngram_order).")
                            ] = None,
     offline: OfflineOpt = False,
     runs_dir: RunsDirOpt = Path("runs"),
 ) -> None:
-    """Report loss, perplexity and bits/char of a trained model on held-out text."""
+    """Report perplexity and bits/char of a trained model (or an ensemble) on held-out text.
+
+    Every token is scored once, in order, with all the text before it as context."""
     from gru_lm.display import references_text
-    from gru_lm.runs import evaluate_run
+    from gru_lm.runs import evaluate_runs
 
     in_range("--ngram-order", ngram_order, 1, 8)
-    path = _which_checkpoint(run, checkpoint, runs_dir)
-    r = evaluate_run(path, split=split.value, text=text, offline=_offline(offline), dynamic=dynamic,
-                     mix_ngram=mix_ngram, ngram_order=ngram_order)
-    console.print(f"{r['what']}: {r['tokens']:,} tokens | loss {r['loss']:.4f} | "
-                  f"ppl {r['ppl']:.3f} | {r['bpc']:.3f} bits/char", highlight=False)
+    paths = _checkpoints(run or [], checkpoint or [], runs_dir)
+    r = evaluate_runs(paths, split=split.value, text=text, offline=_offline(offline),
+                      dynamic=dynamic, cache=cache, mix_ngram=mix_ngram, ngram_order=ngram_order)
+    console.print(f"{r['what']}: {r['tokens']:,} tokens, scored as one stream | loss "
+                  f"{r['loss']:.4f} | ppl {r['ppl']:.3f} | {r['bpc']:.3f} bits/char",
+                  highlight=False)
     if r["references"] is not None:
         console.print(f"references (counted on the training split): "
                       f"{references_text(r['references'])}", highlight=False)
-    if dynamic:
-        d = r["dynamic"]
-        note = (" (the val split also chose the settings: an optimistic figure; report "
-                "--split test)" if d["tuned_on_target"] else "")
-        console.print(f"dynamic evaluation: ppl {d['ppl']:.3f} | {d['bpc']:.3f} bits/char | "
-                      f"lr {d['lr']:g}, decay {d['decay']:g}, segment {d['segment']}, chosen "
-                      f"on val (val ppl {d['val_ppl']:.3f}){note}", highlight=False)
-    if mix_ngram:
-        m = r["mix"]
-        note = " (an optimistic figure: val also chose the weight)" if m["tuned_on_target"] \
-            else ""
-        console.print(f"mixed with the {r['references']['ngram_order']}-gram Kneser-Ney model: "
-                      f"ppl {m['ppl']:.3f} | {m['bpc']:.3f} bits/char | n-gram weight "
-                      f"{m['weight']:.3f}, chosen on val (val ppl {m['val_ppl']:.3f}){note}",
-                      highlight=False)
-        if dynamic:
-            m = r["dynamic_mix"]
-            console.print(f"dynamic evaluation mixed with it: ppl {m['ppl']:.3f} | "
-                          f"{m['bpc']:.3f} bits/char | n-gram weight {m['weight']:.3f}, chosen "
-                          f"on val (val ppl {m['val_ppl']:.3f}){note}", highlight=False)
+    if len(paths) > 1:
+        console.print(f"ensemble of {len(paths)} runs (their probabilities averaged): "
+                      f"{', '.join(r['checkpoints'])}", highlight=False, soft_wrap=True)
+    if len(r["rows"]) > 1 or len(paths) > 1:
+        _print_score_rows(r, "text" if text is not None else split.value)
     if r.get("unknown"):
         console.print(f"[yellow]note:[/yellow] {r['unknown']} token(s) outside the vocabulary "
                       "were scored as <unk>", highlight=False)
+
+
+def _checkpoints(runs: list[Path], checkpoints: list[Path], runs_dir: Path) -> list[Path]:
+    """The checkpoints to score: each --run's best (or last), each --checkpoint, or the newest
+    run's (said on stderr)."""
+    from gru_lm.rundir import RunDir
+
+    if not runs and not checkpoints:
+        return [_which_checkpoint(None, None, runs_dir)]
+    paths = [RunDir(r).best_or_last() for r in runs] + list(checkpoints)
+    seen: set[str] = set()
+    for p in paths:
+        key = os.path.realpath(p)
+        if key in seen:
+            from gru_lm.errors import GruLmError
+
+            raise GruLmError(f"{p} is given twice; give each run or checkpoint once")
+        seen.add(key)
+    return paths
+
+
+def _settings_text(settings: list[dict]) -> str:
+    """What val chose, per member: 'window 500, theta 0.3, lambda 0.052; ...'."""
+    def one(d: dict) -> str:
+        return ", ".join(f"{k.replace('_', ' ')} {v:.3g}" if isinstance(v, float) else
+                         f"{k.replace('_', ' ')} {v}" for k, v in d.items())
+
+    texts = [one(d) for d in settings]
+    return texts[0] if len(set(texts)) == 1 else "; ".join(texts)
+
+
+def _print_score_rows(r: dict, target: str) -> None:
+    """One row a way of scoring: its ppl on the target, bits/char, val ppl, what val chose;
+    then the one val prefers."""
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False)
+    for col in ("scored", f"{target} ppl", "bits/char", "val ppl", "chosen on val"):
+        table.add_column(col, justify="left" if col in ("scored", "chosen on val") else "right")
+    for row in r["rows"]:
+        table.add_row(row.name, f"{row.ppl:.3f}", f"{row.bpc:.3f}",
+                      "-" if row.val_ppl is None else f"{row.val_ppl:.3f}",
+                      _settings_text(row.settings))
+    print_table(table)
+    scored = [row for row in r["rows"] if row.val_ppl is not None]
+    if len(scored) > 1:
+        best = min(scored, key=lambda row: row.val_ppl)
+        console.print(f"best on val: {best.name}, {target} ppl {best.ppl:.3f}", highlight=False)
+    if r["tuned_on_target"]:
+        console.print("note: val chose every setting and is also the split scored, so these "
+                      "figures are optimistic; report --split test", highlight=False)
 
 
 def main() -> None:
@@ -665,32 +717,34 @@ def compare_cmd(
 
 
 def _print_comparison(result: dict, out: Path, wide: bool = False) -> None:
-    """The table fits 80 columns: model, seeds, val ppl (± std over seeds), test ppl, tok/s;
-    --wide adds the rest."""
+    """The table fits 80 columns: model, seeds, val and test ppl (mean ± the 95% CI's half
+    width over seeds), tok/s; --wide adds the rest. Then a verdict on every pair."""
     from rich.table import Table
 
     def f(x, fmt):
         return "-" if x is None else format(x, fmt)
+
+    def ci(r, key):
+        text = f(r.get(f"{key}_mean"), ".3f")
+        iv = r.get(f"{key}_ci95")
+        return text + (f" ± {(iv['high'] - iv['low']) / 2:.3f}" if iv else "")
 
     target = result["target_val_ppl"]
     columns = ["model", "seeds", "val ppl", "test ppl", "tok/s"]
     if wide:
         columns += ["params", "train ppl", "bits/char", "wall s",
                     f"s to val ppl {f(target, '.2f')}", "stopped by"]
-    table = Table(title="comparison (mean over seeds)")
+    table = Table(title="comparison: mean ± 95% CI over seeds, each split read as one stream")
     for col in columns:
         table.add_column(col, justify="left" if col in ("model", "stopped by") else "right",
                          no_wrap=col not in ("model", "stopped by"))
     for r in result["rows"]:
-        val = f(r["val_ppl_mean"], ".3f")
-        if r["seeds"] > 1:
-            val += f" ± {f(r['val_ppl_std'], '.3f')}"
-        cells = [r["model"], str(r["seeds"]), val, f(r["test_ppl_mean"], ".3f"),
-                 f(r["tokens_per_s_mean"], ",.0f")]
+        cells = [r["model"], str(r["seeds"]), ci(r, "val_ppl"), ci(r, "test_ppl"),
+                 f(r.get("tokens_per_s_mean"), ",.0f")]
         if wide:
-            cells += [f(r["params"], ","), f(r["train_ppl_mean"], ".3f"),
-                      f(r["val_bpc_mean"], ".3f"), f(r["wall_s_mean"], ".1f"),
-                      f(r["time_to_target_s_mean"], ".1f"), ", ".join(r["stopped_by"])]
+            cells += [f(r["params"], ","), f(r.get("train_ppl_mean"), ".3f"),
+                      f(r["val_bpc_mean"], ".3f"), f(r.get("wall_s_mean"), ".1f"),
+                      f(r.get("time_to_target_s_mean"), ".1f"), ", ".join(r["stopped_by"])]
         table.add_row(*cells)
     print_table(table, width=200 if wide else None)
     refs = result.get("references", {})
@@ -699,6 +753,8 @@ def _print_comparison(result: dict, out: Path, wide: bool = False) -> None:
 
         console.print(f"references on the val split: {references_text(refs)}",
                       highlight=False)
+    for line in result.get("verdicts", []):
+        console.print(f"verdict: {line}", highlight=False, soft_wrap=True)
     console.print(f"wrote {out}/results.csv, results.json, curves.png, samples.md",
                   highlight=False)
 

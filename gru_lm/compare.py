@@ -142,7 +142,8 @@ def _read_run(run_dir: Path) -> dict[str, Any]:
     summary = run.read_summary()
     m = _SEEDED.match(run.name)
     label = m.group("label") if m else run.name
-    return {"dir": run.path, "label": label, "summary": summary, "evals": run.evals()}
+    return {"dir": run.path, "label": label, "summary": summary, "evals": run.evals(),
+            "seed": run.read_config().train.seed}
 
 
 def _mean(xs):
@@ -162,8 +163,76 @@ def _time_to(evals: list[dict], target: float) -> float | None:
     return None
 
 
+def _score_members(runs: list[dict]) -> None:
+    """Score every member's best checkpoint on val and test as one stream (float32 per token,
+    kept for the ensembles and the bootstrap); all members must share one corpus."""
+    from gru_lm.data import load_corpus
+    from gru_lm.evaluation import check_fingerprint, check_members, load_member
+    from gru_lm.metrics import token_log_probs
+
+    members = [load_member(RunDir(r["dir"]).best_or_last()) for r in runs]
+    check_members(members)
+    corpus = load_corpus(members[0].cfg.data, vocab=members[0].vocab, progress=False)
+    check_fingerprint(members, corpus)
+    cap = members[0].cfg.train.eval_max_tokens
+    for r, m in zip(runs, members, strict=True):
+        for split in ("val", "test"):
+            ids = getattr(corpus, split)[:cap]
+            r[split] = token_log_probs(m.model, ids, *m.cfg.train.reading) if len(ids) > 1 \
+                else None
+        r["corpus"] = corpus
+
+
+def _ppl(logp) -> float | None:
+    return None if logp is None else math.exp(-float(logp.double().mean()))
+
+
+def _interval(xs: list[float | None]) -> dict[str, float] | None:
+    from gru_lm.stats import t_interval
+
+    iv = t_interval([x for x in xs if x is not None])
+    return None if iv is None else {"low": iv.low, "high": iv.high}
+
+
+def _mean_nll(by_seed: dict[int, dict], seeds: list[int]):
+    """Per-token test NLL averaged over the given seeds (float64 numpy)."""
+    import torch
+
+    return -torch.stack([by_seed[s]["test"] for s in seeds]).double().mean(0).numpy()
+
+
+def _comparisons(groups: dict[str, list[dict]]) -> list[dict[str, Any]]:
+    """Every pair of models: the change of test perplexity over paired seeds (t interval) and
+    over blocks of the test text (paired bootstrap of the mean over seeds), and a verdict."""
+    from gru_lm.stats import block_bootstrap, paired_seeds, verdict
+
+    out = []
+    labels = list(groups)
+    for i, a in enumerate(labels):
+        for b in labels[i + 1:]:
+            by_seed = {x: {r["seed"]: r for r in groups[x]} for x in (a, b)}
+            seeds = sorted(set(by_seed[a]) & set(by_seed[b]))
+            if not seeds or groups[a][0]["test"] is None:
+                continue
+            nll = {x: _mean_nll(by_seed[x], seeds) for x in (a, b)}
+            lo, hi = (a, b) if nll[a].mean() <= nll[b].mean() else (b, a)  # lo: the better
+            seed_iv = paired_seeds([_ppl(by_seed[lo][s]["test"]) for s in seeds],
+                                   [_ppl(by_seed[hi][s]["test"]) for s in seeds])
+            text_iv = block_bootstrap(nll[lo], nll[hi])
+            out.append({
+                "better": lo, "worse": hi, "paired_seeds": seeds,
+                "change_pct": seed_iv.mean if seed_iv else text_iv.mean,
+                "seeds_ci_pct": None if seed_iv is None else [seed_iv.low, seed_iv.high],
+                "bootstrap_ci_pct": [text_iv.low, text_iv.high],
+                "verdict": verdict(lo, hi, seed_iv, text_iv)})
+    return out
+
+
 def report(run_dirs: list[Path], out: Path) -> dict[str, Any]:
-    """Aggregate finished runs by label; write results.csv/.json, curves.png, samples.md."""
+    """Aggregate finished runs by label, rescored as one stream; add each label's ensemble
+    and a verdict for every pair; write results.csv/.json, curves.png, samples.md."""
+    from gru_lm.evaluation import ensemble
+
     seen: dict[str, Path] = {}
     for d in run_dirs:
         key = os.path.realpath(d)
@@ -172,26 +241,32 @@ def report(run_dirs: list[Path], out: Path) -> dict[str, Any]:
                              "so give every run folder once")
         seen[key] = Path(d)
     runs = [_read_run(Path(d)) for d in run_dirs]
+    _score_members(runs)
     groups: dict[str, list[dict]] = {}
     for r in runs:
         groups.setdefault(r["label"], []).append(r)
-    best_vals = {k: _mean(r["summary"].get("best_val_ppl") for r in g) for k, g in groups.items()}
+    best_vals = {k: _mean(_ppl(r["val"]) for r in g) for k, g in groups.items()}
     finite = [v for v in best_vals.values() if v is not None]
     target = max(finite) if finite else None  # the worst model's mean best: all can reach it
     rows = []
     for label, g in groups.items():
         s = [r["summary"] for r in g]
-        val = [x.get("best_val_ppl") for x in s]
+        val = [_ppl(r["val"]) for r in g]
+        test = [_ppl(r["test"]) for r in g]
         rows.append({
             "model": label,
+            "kind": "seeds",
             "name": s[0].get("model"),
             "seeds": len(g),
             "params": s[0].get("params"),
             "val_ppl_mean": _mean(val),
             "val_ppl_std": _std(val),
-            "test_ppl_mean": _mean(x.get("best_test_ppl") for x in s),
+            "val_ppl_ci95": _interval(val),
+            "test_ppl_mean": _mean(test),
+            "test_ppl_std": _std(test),
+            "test_ppl_ci95": _interval(test),
             "train_ppl_mean": _mean(x.get("final_train_ppl") for x in s),
-            "val_bpc_mean": _mean(x.get("best_val_bpc") for x in s),
+            "val_bpc_mean": _mean(math.log2(v) for v in val if v is not None),
             "tokens_per_s_mean": _mean(x.get("tokens_per_s") for x in s),
             "wall_s_mean": _mean(x.get("elapsed_s") for x in s),
             "tokens_seen_mean": _mean(x.get("tokens_seen") for x in s),
@@ -200,20 +275,36 @@ def report(run_dirs: list[Path], out: Path) -> dict[str, Any]:
             "time_to_target_s_mean": _mean(_time_to(r["evals"], target) for r in g)
             if target else None,
         })
+        if len(g) > 1 and g[0]["val"] is not None:
+            ens_val = _ppl(ensemble([r["val"] for r in g]))
+            rows.append({"model": f"{label} ensemble", "kind": "ensemble",
+                         "name": s[0].get("model"), "seeds": len(g),
+                         "params": s[0].get("params") * len(g) if s[0].get("params") else None,
+                         "val_ppl_mean": ens_val,
+                         "test_ppl_mean": _ppl(ensemble([r["test"] for r in g]))
+                         if g[0]["test"] is not None else None,
+                         "val_bpc_mean": math.log2(ens_val), "stopped_by": []})
+    comparisons = _comparisons(groups)
     first = runs[0]["summary"]
     references = {k: first[k] for k in ("uniform_ppl", "unigram_ppl", "ngram_order",
                                          "ngram_ppl") if k in first}
-    result = {"target_val_ppl": target, "rows": rows, "references": references,
+    result = {"target_val_ppl": target, "rows": rows, "comparisons": comparisons,
+              "verdicts": [c["verdict"] for c in comparisons], "references": references,
+              "scoring": "best checkpoint of each member, val and test each read as one "
+                         "stream; ensembles average the seeds' probabilities",
               "members": [str(r["dir"]) for r in runs]}
     out.mkdir(parents=True, exist_ok=True)
     write_output(out / "results.json", lambda f: f.write(json.dumps(result, indent=2) + "\n"),
                  "w")
     buf = io.StringIO()
-    fields = [k for k in rows[0] if k != "stopped_by"] + ["stopped_by"]
-    writer = csv.DictWriter(buf, fieldnames=fields)
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    writer = csv.DictWriter(buf, fieldnames=fields, restval="")
     writer.writeheader()
     for row in rows:
-        writer.writerow({**row, "stopped_by": "; ".join(row["stopped_by"])})
+        flat = {k: ("; ".join(v) if isinstance(v, list) else
+                    f"{v['low']}..{v['high']}" if isinstance(v, dict) else v)
+                for k, v in row.items()}
+        writer.writerow(flat)
     write_output(out / "results.csv", lambda f: f.write(buf.getvalue()), "w")
     plot_curves(groups, out / "curves.png")
     write_samples(groups, out / "samples.md")

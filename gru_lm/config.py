@@ -132,6 +132,9 @@ class TrainConfig(_Section):
     eval_interval: int = Field(100, ge=1, le=BIG, description="steps between evaluations")
     ngram_order: int = Field(5, ge=1, le=8, description="order of the Kneser-Ney reference")
     eval_batch_size: int = Field(32, ge=1, le=2**20, description="parallel streams when evaluating")
+    eval_warmup: int = Field(
+        100, ge=0, le=10**6, description="tokens each evaluation stream reads before it "
+        "scores, so that parallel streams score as one stream would")
     eval_max_tokens: int | None = Field(
         None, ge=2, le=2**62,
         description="score only the first N tokens of val and test (big corpora); null=all"
@@ -157,6 +160,12 @@ class TrainConfig(_Section):
         None, ge=1, le=1024,
         description="torch CPU threads (default: the cores this process may use)"
     )
+
+    @property
+    def reading(self) -> tuple[int, int, int]:
+        """How evaluation reads a split: (streams, num_steps, warm-up), metrics.read_streams'
+        arguments."""
+        return self.eval_batch_size, self.num_steps, self.eval_warmup
 
     @model_validator(mode="after")
     def _needs_a_stop(self) -> TrainConfig:

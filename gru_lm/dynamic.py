@@ -11,8 +11,8 @@ theta_0 is RMS-normalised: decay_i = decay * sqrt(MS_i) / mean(sqrt(MS)), capped
 weights whose gradients are usually large are pulled back hardest. Every token is scored
 exactly once, before the model has seen it. The model's own weights are restored at the end.
 
-Hyper-parameters (lr, decay) are chosen on the validation split and then applied, unchanged,
-to the test split (`tune_and_score`): tuning on test would report a number nobody can get.
+Hyper-parameters (lr, decay) are chosen on the validation split (`tune`) and then applied,
+unchanged, to the test split: tuning on test would report a number nobody can get.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
+from gru_lm.cache import CacheSettings, ContinuousCache
 from gru_lm.data import eval_batches
-from gru_lm.metrics import time_major_loss
+from gru_lm.metrics import evaluating, time_major_loss
 from gru_lm.models import detach_state
 
 EPS = 1e-4
@@ -80,68 +81,71 @@ def gradient_ms(model, train: torch.Tensor, num_steps: int, batch_size: int = 32
 
 
 def dynamic_log_probs(model, tokens: torch.Tensor, ms: dict[str, torch.Tensor],
-                      settings: DynamicSettings, device: torch.device | str = "cpu"
-                      ) -> torch.Tensor:
-    """log P of tokens[1:] (float64, text order), adapting after each scored segment."""
+                      settings: DynamicSettings, device: torch.device | str = "cpu",
+                      cache: CacheSettings | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log P of tokens[1:] (float32, text order), adapting after each scored segment; and
+    with `cache`, the continuous cache's log P of each token (NaN while it is empty), read
+    from the adapting model's features."""
     params = _params(model)
     theta0 = {n: p.detach().clone() for n, p in params}
     scale = {n: ms[n].sqrt() + EPS for n, _ in params}
     mean_rms = torch.cat([ms[n].sqrt().flatten() for n, _ in params]).mean().clamp_min(1e-12)
     pull = {n: (settings.decay * ms[n].sqrt() / mean_rms).clamp(max=1.0) for n, _ in params}
-    was_training = model.training
-    model.eval()
-    scored = []
+    memory = ContinuousCache((cache.window,), (cache.theta,)) if cache is not None else None
+    scored, cached = [], []
     try:
-        X_all, Y_all = tokens[:-1].long().to(device), tokens[1:].long().to(device)
-        state = model.begin_state(1, device)
-        for i in range(0, len(X_all), settings.segment):
-            X = X_all[i:i + settings.segment].unsqueeze(0)  # (1, segment)
-            Y = Y_all[i:i + settings.segment].unsqueeze(0)
-            model.zero_grad(set_to_none=True)
-            with torch.enable_grad(), _no_cudnn():
-                logits, new_state = model(X, detach_state(state))
-                logp = logits.float().log_softmax(-1).gather(-1, Y.unsqueeze(-1)).squeeze(-1)
-                scored.append(logp.detach().double().cpu().flatten())  # before the update
-                (-logp.mean()).backward()
-            with torch.no_grad():
-                for n, p in params:
-                    if p.grad is not None:
-                        p.sub_(settings.lr * p.grad / scale[n])
-                    p.add_(pull[n] * (theta0[n] - p))
-            state = new_state
+        with evaluating(model):
+            X_all, Y_all = tokens[:-1].long().to(device), tokens[1:].long().to(device)
+            state = model.begin_state(1, device)
+            for i in range(0, len(X_all), settings.segment):
+                X = X_all[i:i + settings.segment].unsqueeze(0)  # (1, segment)
+                Y = Y_all[i:i + settings.segment].unsqueeze(0)
+                model.zero_grad(set_to_none=True)
+                with torch.enable_grad(), _no_cudnn():
+                    if memory is None:
+                        logits, new_state = model(X, detach_state(state))
+                    else:
+                        logits, new_state, feats = model.forward_features(X, detach_state(state))
+                    logp = logits.float().log_softmax(-1).gather(-1, Y.unsqueeze(-1)).squeeze(-1)
+                    scored.append(logp.detach().cpu().flatten())  # before the update
+                    if memory is not None:  # read before the segment's pairs enter it
+                        cached.append(memory.read(feats.detach(), Y)[0, 0].cpu().flatten())
+                    (-logp.mean()).backward()
+                with torch.no_grad():
+                    for n, p in params:
+                        if p.grad is not None:
+                            p.sub_(settings.lr * p.grad / scale[n])
+                        p.add_(pull[n] * (theta0[n] - p))
+                state = new_state
     finally:
         with torch.no_grad():
             for n, p in params:
                 p.copy_(theta0[n])
         model.zero_grad(set_to_none=True)
-        model.train(was_training)
-    return torch.cat(scored) if scored else torch.zeros(0, dtype=torch.float64)
+    logp = torch.cat(scored) if scored else torch.zeros(0)
+    return logp, (torch.cat(cached) if cached else torch.zeros(0)) if memory else None
 
 
 def dynamic_nll(model, tokens: torch.Tensor, ms: dict[str, torch.Tensor],
                 settings: DynamicSettings, device: torch.device | str = "cpu"
                 ) -> tuple[float, int]:
     """Total NLL (nats) and token count of `tokens`, adapting after each scored segment."""
-    logp = dynamic_log_probs(model, tokens, ms, settings, device)
-    return -float(logp.sum()), len(logp)
+    logp, _ = dynamic_log_probs(model, tokens, ms, settings, device)
+    return -float(logp.double().sum()), len(logp)
 
 
-def tune_and_score(model, val: torch.Tensor, test: torch.Tensor, train: torch.Tensor,
-                   num_steps: int, device: torch.device | str = "cpu",
-                   lr_grid=LR_GRID, decay_grid=DECAY_GRID, segment: int = 10
-                   ) -> dict:
-    """Choose (lr, decay) by val perplexity, then score test with them once."""
-    ms = gradient_ms(model, train, num_steps, device=device)
-    trials = []
+def tune(model, val: torch.Tensor, ms: dict[str, torch.Tensor], device="cpu",
+         lr_grid=LR_GRID, decay_grid=DECAY_GRID, segment: int = 10
+         ) -> tuple[DynamicSettings, torch.Tensor, list[dict]]:
+    """The (lr, decay) with the best val perplexity, val's log P under it, and every trial."""
+    trials, best = [], None
     for lr in lr_grid:
         for decay in decay_grid:
             s = DynamicSettings(lr, decay, segment)
-            nll, n = dynamic_nll(model, val, ms, s, device)
-            trials.append((math.exp(nll / n), s))
-    best_val, best = min(trials, key=lambda t: t[0])
-    out = {"lr": best.lr, "decay": best.decay, "segment": best.segment, "val_ppl": best_val,
-           "trials": [{"lr": s.lr, "decay": s.decay, "val_ppl": v} for v, s in trials]}
-    if len(test) > 1:
-        nll, n = dynamic_nll(model, test, ms, best, device)
-        out["test_ppl"] = math.exp(nll / n)
-    return out
+            logp, _ = dynamic_log_probs(model, val, ms, s, device)
+            nll = -float(logp.double().sum())
+            trials.append({"lr": lr, "decay": decay, "val_ppl": math.exp(nll / len(logp))})
+            if best is None or nll < best[0]:
+                best = (nll, s, logp)
+    return best[1], best[2], trials

@@ -1,7 +1,9 @@
 """Model registry: from-scratch GRU/LSTM/RNN (the book's equations) and torch.nn wrappers.
 
 Every model: forward(X, state) -> (logits, state), X (batch_size, num_steps) int64,
-logits (batch_size, num_steps, vocab_size); begin_state(batch_size, device).
+logits (batch_size, num_steps, vocab_size); begin_state(batch_size, device). Each model
+implements forward_features(X, state) -> (logits, state, features), the features being its
+last layer's outputs (batch_size, num_steps, num_hiddens), which a continuous cache keys on.
 """
 
 from __future__ import annotations
@@ -206,6 +208,13 @@ class RecurrentLM(nn.Module):
         return zeros[0] if self.num_states == 1 else tuple(zeros)
 
     def forward(self, X: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        logits, state, _ = self.forward_features(X, state)
+        return logits, state
+
+    def forward_features(self, X: Tensor, state: State | None = None
+                         ) -> tuple[Tensor, State, Tensor]:
+        """forward, plus the last layer's outputs before the output dropout (batch_size,
+        num_steps, num_hiddens)."""
         raise NotImplementedError
 
     def gate_weights(self) -> list:
@@ -382,7 +391,8 @@ class ScratchLM(RecurrentLM):
             return tuple(torch.stack(s) for s in zip(*states, strict=True))
         return torch.stack(states)
 
-    def forward(self, X: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+    def forward_features(self, X: Tensor, state: State | None = None
+                         ) -> tuple[Tensor, State, Tensor]:
         # Under bf16 autocast (train.precision=bf16) every GEMM of this model takes bf16-rounded
         # operands and accumulates in fp32, by this model's own code rather than autocast's
         # (whose bf16 matmuls output bf16, and run ~50x slower than fp32 on a CPU without bf16
@@ -391,7 +401,8 @@ class ScratchLM(RecurrentLM):
         with torch.autocast(X.device.type, enabled=False):
             return self._forward(X, state, bf16)
 
-    def _forward(self, X: Tensor, state: State | None, bf16: bool) -> tuple[Tensor, State]:
+    def _forward(self, X: Tensor, state: State | None, bf16: bool
+                 ) -> tuple[Tensor, State, Tensor]:
         if state is None:
             state = self.begin_state(X.shape[0], X.device)
         inputs = X.t()  # (num_steps, batch_size) token ids
@@ -411,7 +422,7 @@ class ScratchLM(RecurrentLM):
         r = bf16_operands(bf16)
         logits = F.linear(r(out), r(self.W_hq).t(), self.b_q)  # (num_steps, batch, vocab)
         logits = logits.transpose(0, 1)  # (batch_size, num_steps, vocab_size)
-        return logits, self.stack_states(new_states)
+        return logits, self.stack_states(new_states), inputs.transpose(0, 1)
 
 
 @register_model("gru-scratch")
@@ -504,7 +515,8 @@ class TorchLM(RecurrentLM):
                 getattr(self.rnn, f"bias_ih_l{layer}").data[nh:2 * nh] = cfg.forget_bias
                 getattr(self.rnn, f"bias_hh_l{layer}").data[nh:2 * nh] = 0.0
 
-    def forward(self, X: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+    def forward_features(self, X: Tensor, state: State | None = None
+                         ) -> tuple[Tensor, State, Tensor]:
         if state is None:
             state = self.begin_state(X.shape[0], X.device)
         E = embedding_dropout(self.embedding.weight, self.cfg.embed_dropout, self.training)
@@ -517,8 +529,9 @@ class TorchLM(RecurrentLM):
             Y, state = torch.func.functional_call(self.rnn, dropped, (emb, state))
         else:
             Y, state = self.rnn(emb, state)  # (num_steps, batch_size, num_hiddens)
-        Y = sequence_dropout(Y, self.dropout, self.training, self.locked_dropout)
-        return self.output(Y).transpose(0, 1), state  # (batch_size, num_steps, vocab_size)
+        out = sequence_dropout(Y, self.dropout, self.training, self.locked_dropout)
+        # (batch_size, num_steps, vocab_size), the state, (batch_size, num_steps, num_hiddens)
+        return self.output(out).transpose(0, 1), state, Y.transpose(0, 1)
 
     def _layer_tensors(self, k: int, order: tuple[int, ...]):
         """torch.nn's stacked gate rows, reordered into our blocks and transposed."""

@@ -11,69 +11,127 @@ counts), the Kneser–Ney idea: a token that follows many different contexts is 
 after an unseen one. A context never seen falls through to the next lower order. The
 discount per order is D_n = n1 / (n1 + 2 n2) from the counts of counts (Ney et al. 1994).
 Each P_n sums to 1 over the vocabulary, so the model is a proper distribution.
+
+Counting and scoring are array operations (numpy). Every k-gram of the training text gets a
+code, its rank among the distinct k-grams: the code of the k-gram at position i is the rank
+of (code of the (k-1)-gram at i) * V + (its last token), so one np.unique per order numbers
+them all, and a sorted array of those keys finds a query's k-grams by binary search.
 """
 
 from __future__ import annotations
 
 import math
-from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
-MAX_TRAIN_TOKENS = 1_000_000  # counting is pure Python: bigger corpora use their first 1M
+import numpy as np
+
+MAX_TRAIN_TOKENS = 10_000_000  # bigger corpora count their first 10M training tokens
+CHUNK = 1 << 20  # targets scored per block, so memory does not grow with the text
+
+
+def _as_array(tokens) -> np.ndarray:
+    if hasattr(tokens, "numpy"):  # a torch tensor (uint8/uint16/int64 views of a store)
+        tokens = tokens.numpy()
+    return np.asarray(tokens).astype(np.int64, copy=False)
+
+
+class _Level:
+    """One order n: c_n(h w) for every n-gram code, and per context code its total c_n(h)
+    and number of distinct followers T_n(h)."""
+
+    def __init__(self, keys: np.ndarray, counts: np.ndarray, num_contexts: int, V: int):
+        self.keys = keys  # sorted (context code * V + token) of every distinct n-gram
+        self.counts = counts.astype(np.int32)  # c_n(h w), aligned with keys (0: not counted)
+        context = keys // V
+        nz = counts > 0
+        self.totals = np.bincount(context, weights=counts, minlength=num_contexts)
+        self.types = np.bincount(context[nz], minlength=num_contexts).astype(np.int32)
+        n1, n2 = int((counts == 1).sum()), int((counts == 2).sum())
+        self.discount = min(0.95, max(0.05, n1 / (n1 + 2 * n2))) if n1 + n2 else 0.75
+
+    def code(self, prefix: np.ndarray, last: np.ndarray, V: int) -> np.ndarray:
+        """Codes of the n-grams (prefix code, last token); -1 for one never counted."""
+        key = prefix * V + last
+        if not len(self.keys):
+            return np.full(len(key), -1, np.int64)
+        idx = np.searchsorted(self.keys, key).clip(max=len(self.keys) - 1)
+        return np.where((prefix >= 0) & (self.keys[idx] == key), idx, -1)
 
 
 class KneserNey:
-    def __init__(self, tokens: Sequence[int], vocab_size: int, order: int = 5):
+    def __init__(self, tokens: Sequence[int], vocab_size: int, order: int = 5,
+                 max_tokens: int = MAX_TRAIN_TOKENS):
         if order < 1:
             raise ValueError("order must be >= 1")
-        head = tokens[:MAX_TRAIN_TOKENS]
-        toks = head.tolist() if hasattr(head, "tolist") else [int(t) for t in head]
+        toks = _as_array(tokens[:max_tokens])
         self.order, self.vocab_size = order, vocab_size
-        # counts[n][h][w] for n = 1..order, h a tuple of n - 1 ids.
-        self.counts: list[dict[tuple, Counter]] = [{} for _ in range(order + 1)]
+        V, N = vocab_size, len(toks)
+        keys: list[np.ndarray] = []
+        counts: list[np.ndarray] = []
+        contexts = [1]  # how many distinct (n-1)-grams, the contexts of order n
+        prev = np.zeros(N + 1, np.int64)  # the code of the empty gram at every position
         for n in range(1, order + 1):
-            if n == order:  # occurrences
-                grams = Counter(tuple(toks[i:i + n]) for i in range(len(toks) - n + 1))
-                for g, c in grams.items():
-                    self.counts[n].setdefault(g[:-1], Counter())[g[-1]] = c
-            else:  # distinct left neighbours of each n-gram
-                longer = {tuple(toks[i:i + n + 1]) for i in range(len(toks) - n)}
-                for g in longer:
-                    self.counts[n].setdefault(g[1:-1], Counter())[g[-1]] += 1
-        self.totals = [{h: sum(c.values()) for h, c in level.items()} for level in self.counts]
-        self.discounts = [0.0] + [self._discount(self.counts[n]) for n in range(1, order + 1)]
+            m = max(0, N - n + 1)  # n-grams in the text
+            k, code = np.unique(prev[:m] * V + toks[n - 1:n - 1 + m], return_inverse=True)
+            code = code.reshape(-1)
+            if n > 1:  # order n - 1 counts distinct left neighbours: one per n-gram here
+                suffix = np.zeros(len(k), np.int64)
+                suffix[code] = prev[1:m + 1]  # the (n-1)-gram each n-gram ends with
+                counts[-1] = np.bincount(suffix, minlength=len(keys[-1]))
+            keys.append(k)
+            counts.append(np.bincount(code, minlength=len(k)))  # occurrences: the top order
+            contexts.append(len(k))
+            prev = code
+        self.levels = [_Level(k, c, contexts[n], V)
+                       for n, (k, c) in enumerate(zip(keys, counts, strict=True))]
+        self.discounts = [0.0] + [lv.discount for lv in self.levels]
 
-    @staticmethod
-    def _discount(level: dict[tuple, Counter]) -> float:
-        of = Counter(c for counter in level.values() for c in counter.values())
-        n1, n2 = of.get(1, 0), of.get(2, 0)
-        return min(0.95, max(0.05, n1 / (n1 + 2 * n2))) if n1 + n2 else 0.75
+    def _block(self, q: np.ndarray, first: int) -> np.ndarray:
+        """P(q[j] | up to order - 1 tokens before it) for j = first.. len(q) - 1."""
+        V, M = self.vocab_size, len(q)
+        p = np.full(M - first, 1.0 / V)
+        prev = np.zeros(M + 1, np.int64)  # codes of the (n-1)-grams starting at each position
+        for n, lv in enumerate(self.levels, start=1):
+            m = max(0, M - n + 1)
+            code = lv.code(prev[:m], q[n - 1:n - 1 + m], V)
+            j = np.arange(max(first, n - 1), M)  # targets whose context has n - 1 tokens
+            if len(j) and len(lv.keys):  # (an order with no n-gram has no context seen)
+                s = j - n + 1  # where the n-gram ending in the target starts
+                h = prev[s]
+                hc = h.clip(min=0)
+                seen = (h >= 0) & (lv.types[hc] > 0)
+                g = code[s]
+                c = np.where(g >= 0, lv.counts[g.clip(min=0)], 0)
+                D = lv.discount
+                old = p[j - first]
+                new = (np.maximum(c - D, 0.0) + D * lv.types[hc] * old) / np.where(
+                    seen, lv.totals[hc], 1.0)
+                p[j - first] = np.where(seen, new, old)
+            prev = code
+        return p
+
+    def prob_blocks(self, tokens: Sequence[int], chunk: int = CHUNK) -> Iterator[np.ndarray]:
+        """P(tokens[i] | the tokens before it) for i = 1.., in blocks of `chunk` (float64)."""
+        q = _as_array(tokens)
+        k = self.order - 1
+        for a in range(1, len(q), chunk):
+            start = max(0, a - k)
+            yield self._block(q[start:min(len(q), a + chunk)], a - start)
 
     def prob(self, context: Sequence[int], w: int) -> float:
         """P(w | context), using at most the last order - 1 tokens of the context."""
-        p = 1.0 / self.vocab_size
-        context = tuple(context[len(context) - (self.order - 1):]) if self.order > 1 else ()
-        for n in range(1, self.order + 1):
-            if n - 1 > len(context):
-                break
-            h = context[len(context) - (n - 1):] if n > 1 else ()
-            seen = self.counts[n].get(h)
-            if not seen:
-                continue
-            D = self.discounts[n]
-            p = (max(seen.get(w, 0) - D, 0.0) + D * len(seen) * p) / self.totals[n][h]
-        return p
+        return float(self._block(np.array([*context, w], np.int64), len(context))[0])
 
     def distribution(self, context: Sequence[int]) -> list[float]:
         return [self.prob(context, w) for w in range(self.vocab_size)]
 
-    def log_probs(self, tokens: Sequence[int]) -> list[float]:
+    def log_probs(self, tokens: Sequence[int]) -> np.ndarray:
         """log P(tokens[i] | tokens before it) for i = 1.., the tokens a neural model's
-        evaluation scores, in the same order."""
-        toks = [int(t) for t in tokens]
-        k = self.order - 1
-        return [math.log(self.prob(toks[max(0, i - k):i], toks[i])) for i in range(1, len(toks))]
+        evaluation scores, in the same order (float64)."""
+        blocks = [np.log(b) for b in self.prob_blocks(tokens)]
+        return np.concatenate(blocks) if blocks else np.zeros(0)
 
     def nll(self, tokens: Sequence[int]) -> tuple[float, int]:
-        """Total NLL (nats) of tokens[1:], each given the tokens before it."""
-        return -math.fsum(self.log_probs(tokens)), max(0, len(tokens) - 1)
+        """Total NLL (nats) of tokens[1:], each given the tokens before it, in blocks."""
+        total = math.fsum(float(np.log(b).sum()) for b in self.prob_blocks(tokens))
+        return -total, max(0, len(tokens) - 1)

@@ -261,6 +261,8 @@ def run_row(run: RunDir) -> dict[str, Any]:
         "steps": summary.get("steps", evals[-1]["step"] if evals else 0),
         "best_val_ppl": summary.get("best_val_ppl", min(vals) if vals else None),
         "test_ppl": summary.get("best_test_ppl"),
+        # summaries written before one-stream scoring scored parallel streams from zero states
+        "one_stream": not summary or "eval_warmup" in summary,
         "tokens_per_s": summary.get("tokens_per_s",
                                     evals[-1].get("tokens_per_s") if evals else None),
         "status": status,

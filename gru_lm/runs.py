@@ -276,30 +276,6 @@ def _check_same_data(run: RunDir, ck: dict[str, Any], cfg: Config, corpus) -> No
                          "restore the original file or start a new run")
 
 
-def mix_with_ngram(model, ngram, val, target, cfg: Config, score=None) -> dict[str, Any]:
-    """The model interpolated with the n-gram model token by token; the n-gram's weight is
-    the one that maximises the likelihood of the val split (EM), then `target` is scored.
-    `score(ids)`: the model's log-probabilities (default: static evaluation)."""
-    import torch
-
-    from gru_lm.metrics import bits_per_char, mixture_log_probs, mixture_weight, token_log_probs
-
-    def static(ids):
-        return token_log_probs(model, ids, cfg.train.eval_batch_size, cfg.train.num_steps)
-
-    def both(ids):
-        counted = torch.tensor(ngram.log_probs(ids.tolist()), dtype=torch.float64)
-        return (score or static)(ids), counted
-
-    val_neural, val_counted = both(val)
-    w = mixture_weight(val_neural, val_counted)
-    val_nll = -float(mixture_log_probs(val_neural, val_counted, w).sum())
-    nll = -float(mixture_log_probs(*both(target), w).sum())
-    n = len(target) - 1
-    return {"weight": w, "ppl": math.exp(nll / n), "bpc": bits_per_char(nll, n),
-            "val_ppl": math.exp(val_nll / (len(val) - 1))}
-
-
 # ---------------------------------------------------------------- trained runs
 
 
@@ -333,27 +309,34 @@ def predict(prefix: str, path: Path, *, num_chars: int, temperature: float | Non
     return vocab.decode(ids), [vocab.decode(o) for o in outs]
 
 
-def evaluate_run(path: Path, *, split: str, text: Path | None, offline: bool | None = None,
-                 dynamic: bool = False, mix_ngram: bool = False,
-                 ngram_order: int | None = None) -> dict[str, Any]:
-    """Score a split or a text file with checkpoint `path`, beside the references counted on
-    the training split;
-    `dynamic`: also with dynamic evaluation, its settings chosen on the val split;
-    `mix_ngram`: also interpolated with the Kneser-Ney model, its weight chosen on val."""
+def evaluate_runs(paths: list[Path], *, split: str, text: Path | None,
+                  offline: bool | None = None, dynamic: bool = False, cache: bool = False,
+                  mix_ngram: bool = False, ngram_order: int | None = None) -> dict[str, Any]:
+    """Score a split or a text file with the checkpoints `paths` (several: their ensemble),
+    beside the references counted on the training split; every token once, as one stream.
+    `cache`, `dynamic`: also with the continuous cache and with dynamic evaluation,
+    `mix_ngram`: each of those also interpolated with the Kneser-Ney model; every setting
+    is chosen on the val split (gru_lm/evaluation.py)."""
     import torch
 
     from gru_lm.data import load_corpus, preprocess, read_text
     from gru_lm.errors import DataError
-    from gru_lm.metrics import bits_per_char, evaluate, perplexity, reference_baselines
+    from gru_lm.evaluation import check_fingerprint, check_members, load_member, score
+    from gru_lm.metrics import bits_per_char, reference_baselines
     from gru_lm.ngram import KneserNey
 
-    cfg, vocab, model = load_model(path)
+    members = [load_member(p) for p in paths]
+    check_members(members)
+    cfg, vocab = members[0].cfg, members[0].vocab
+    needs_val = dynamic or cache or mix_ngram
     try:
         corpus = load_corpus(cfg.data, vocab=vocab, offline=offline, progress=False)
+        check_fingerprint(members, corpus)
     except DataError:
-        if text is None or dynamic or mix_ngram:
+        if text is None or needs_val:
             raise
         corpus = None  # scoring a text needs only the model; the references are skipped
+    cap = cfg.train.eval_max_tokens
     unknown = 0
     if text is not None:
         tokens = preprocess(read_text(text), cfg.data.preset, cfg.data.lowercase)
@@ -368,38 +351,26 @@ def evaluate_run(path: Path, *, split: str, text: Path | None, offline: bool | N
             raise GruLmError(f"the run's data has no {split} split (data.{split}_fraction = 0); "
                              "evaluate with --text FILE or another --split")
         what = f"{split} split"
-        cap = cfg.train.eval_max_tokens
         if cap is not None and len(ids) > cap:
             ids = ids[:cap]
             what += f" (its first {cap:,} tokens: train.eval_max_tokens)"
-    for flag, wanted in (("--dynamic", dynamic), ("--mix-ngram", mix_ngram)):
-        if wanted and len(corpus.val) < 2:  # (corpus is loaded whenever either is set)
-            raise GruLmError(f"{flag} chooses its settings on the val split, and this run has "
-                             f"none (data.val_fraction = 0); evaluate without {flag}")
-    nll, n = evaluate(model, ids, cfg.train.eval_batch_size, cfg.train.num_steps,
-                      torch.device("cpu"))
+    val = None
+    if corpus is not None and len(corpus.val) > 1:
+        val = ids if split == "val" and text is None else corpus.val[:cap]
+    flags = [f for f, on in (("--cache", cache), ("--dynamic", dynamic),
+                             ("--mix-ngram", mix_ngram)) if on]
+    if flags and val is None:  # (corpus is loaded whenever a flag is set)
+        raise GruLmError(f"{flags[0]} chooses its settings on the val split, and this run has "
+                         f"none (data.val_fraction = 0); evaluate without {flags[0]}")
     order = ngram_order or cfg.train.ngram_order
     ngram = None if corpus is None else KneserNey(corpus.train, len(vocab), order)
-    out = {"what": what, "checkpoint": str(path), "tokens": n, "loss": nll / n,
-           "ppl": perplexity(nll, n), "bpc": bits_per_char(nll, n), "unknown": unknown,
-           "references": None if corpus is None else reference_baselines(
-               corpus.train, ids, len(vocab), order, ngram)}
-    if mix_ngram:
-        out["mix"] = mix_with_ngram(model, ngram, corpus.val, ids, cfg)
-        out["mix"]["tuned_on_target"] = split == "val" and text is None
-    if dynamic:
-        from gru_lm.dynamic import tune_and_score
-
-        d = tune_and_score(model, corpus.val, ids, corpus.train, cfg.train.num_steps)
-        out["dynamic"] = {**d, "ppl": d["test_ppl"],
-                          "bpc": math.log2(d["test_ppl"]), "tuned_on_target": split == "val"
-                          and text is None}
-        if mix_ngram:  # both: the adapting model, interpolated with the n-gram model
-            from gru_lm.dynamic import DynamicSettings, dynamic_log_probs, gradient_ms
-
-            ms = gradient_ms(model, corpus.train, cfg.train.num_steps)
-            chosen = DynamicSettings(d["lr"], d["decay"], d["segment"])
-            out["dynamic_mix"] = mix_with_ngram(
-                model, ngram, corpus.val, ids, cfg,
-                score=lambda t: dynamic_log_probs(model, t, ms, chosen))
-    return out
+    rows = score(members, val, ids, None if corpus is None else corpus.train, cache=cache,
+                 dynamic=dynamic, ngram=ngram if mix_ngram else None)
+    static = rows[0]
+    n = len(ids) - 1
+    return {"what": what, "checkpoints": [str(p) for p in paths], "tokens": n,
+            "loss": math.log(static.ppl), "ppl": static.ppl,
+            "bpc": bits_per_char(math.log(static.ppl) * n, n), "unknown": unknown,
+            "references": None if corpus is None else reference_baselines(
+                corpus.train, ids, len(vocab), order, ngram),
+            "rows": rows, "tuned_on_target": val is ids}

@@ -397,8 +397,8 @@ class Trainer:
 
     def _val(self) -> tuple[float, float]:
         t = self.cfg.train
-        nll, n = evaluate(self.model, self.eval_splits["val"], t.eval_batch_size, t.num_steps,
-                          self.device, self.autocast)
+        nll, n = evaluate(self.model, self.eval_splits["val"], *t.reading, device=self.device,
+                          autocast=self.autocast)
         return perplexity(nll, n), bits_per_char(nll, n)
 
     def _write_samples(self) -> None:
@@ -529,6 +529,7 @@ class Trainer:
             "processes": self.world.size,
             **self.reference,
         }
+        summary["eval_warmup"] = t.eval_warmup  # best val and test: read as one stream
         if t.eval_max_tokens is not None:
             summary["eval_max_tokens"] = t.eval_max_tokens
         if self.speed_warning:
@@ -542,8 +543,8 @@ class Trainer:
             load_state(self.model, load_checkpoint(best_path)["model"], best_path)
         for split, tokens in self.eval_splits.items():
             if len(tokens) > 1:
-                nll, n = evaluate(self.model, tokens, t.eval_batch_size, t.num_steps,
-                                  self.device, self.autocast)
+                nll, n = evaluate(self.model, tokens, *t.reading, device=self.device,
+                                  autocast=self.autocast)
                 summary[f"best_{split}_ppl"] = perplexity(nll, n)
                 summary[f"best_{split}_bpc"] = bits_per_char(nll, n)
         self.run.write_summary(summary)

@@ -4,6 +4,7 @@ import csv
 import json
 from pathlib import Path
 
+import pytest
 from conftest import cli
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -17,7 +18,8 @@ def test_compare_two_configs_two_seeds(workdir):
     assert r.exit_code == 0, r.output
     out = Path("cmp")
     rows = list(csv.DictReader((out / "results.csv").open()))
-    assert [row["model"] for row in rows] == ["tiny", "tiny-lstm"]
+    assert [row["model"] for row in rows] == ["tiny", "tiny ensemble", "tiny-lstm",
+                                              "tiny-lstm ensemble"]
     png = (out / "curves.png").read_bytes()
     assert png.startswith(PNG) and len(png) > 10_000
     samples = (out / "samples.md").read_text()
@@ -25,13 +27,19 @@ def test_compare_two_configs_two_seeds(workdir):
     assert "- prefix `time traveller`, continued:\n  - greedy: `" in samples
     result = json.loads((out / "results.json").read_text())
     for row in result["rows"]:
+        if row["kind"] == "ensemble":
+            continue
         members = [json.loads((out / f"{row['model']}-s{s}" / "summary.json").read_text())
                    for s in range(2)]
         assert {m["tokens_seen"] for m in members} == {16 * 128}  # equal budget: 16 steps
         assert row["stopped_by"] == ["max_steps=16"]
-        mean = sum(m["best_val_ppl"] for m in members) / 2
-        assert abs(row["val_ppl_mean"] - mean) < 1e-9
-        assert f"{mean:.3f}" in r.output
+        # the summary's figures are one stream's, as compare scores them
+        for key in ("val", "test"):
+            mean = sum(m[f"best_{key}_ppl"] for m in members) / 2
+            assert row[f"{key}_ppl_mean"] == pytest.approx(mean, rel=1e-5)
+            assert f"{row[f'{key}_ppl_mean']:.3f} ± " in r.output
+    assert len(result["comparisons"]) == 1 and result["comparisons"][0]["paired_seeds"] == [0, 1]
+    assert "verdict: " in r.output
     again = cli("compare", "--runs", *result["members"], "--out", "cmp2")
     assert again.exit_code == 0, again.output
     assert json.loads(Path("cmp2/results.json").read_text())["rows"] == result["rows"]

@@ -179,7 +179,7 @@ class _Table(nn.Module):
         self.W = nn.Parameter(torch.zeros(V, V))
 
     def begin_state(self, batch_size, device="cpu"):
-        return torch.zeros(1, device=device)
+        return torch.zeros(1, batch_size, 1, device=device)  # (num_layers, batch_size, 1)
 
     def forward(self, X, state=None):
         return self.W[X], state
@@ -228,12 +228,13 @@ def test_token_log_probs_are_in_text_order_and_sum_to_the_nll(streams):
     with torch.no_grad():
         model.W.copy_(torch.randn(V, V, generator=g))
     tokens = torch.randint(0, V, (53,), generator=g)
-    logp = token_log_probs(model, tokens, batch_size=streams, num_steps=4)
+    logp = token_log_probs(model, tokens, streams=streams, num_steps=4, warmup=5)
     # A stateless table: position j's score depends only on tokens[j] and tokens[j + 1].
-    expected = model.W.log_softmax(-1)[tokens[:-1], tokens[1:]].double()
-    assert logp.shape == (52,) and torch.allclose(logp, expected, atol=1e-6)
-    nll, n = evaluate(model, tokens, streams, 4, torch.device("cpu"))
-    assert n == 52 and -float(logp.sum()) == pytest.approx(nll, rel=1e-6)
+    expected = model.W.log_softmax(-1)[tokens[:-1], tokens[1:]]
+    assert logp.shape == (52,) and logp.dtype == torch.float32
+    assert torch.allclose(logp, expected, atol=1e-6)
+    nll, n = evaluate(model, tokens, streams, 4, 5)
+    assert n == 52 and -float(logp.double().sum()) == pytest.approx(nll, rel=1e-6)
 
 
 def test_the_mixture_weight_maximises_the_likelihood():
@@ -250,15 +251,24 @@ def test_the_mixture_weight_maximises_the_likelihood():
     assert mixture_weight(a.double(), a.double() - 5) < 0.01  # b is worse everywhere
 
 
+def score_row(output: str, name: str) -> list[str]:
+    """The cells of the row `name` in evaluate's table of ways of scoring."""
+    for line in output.splitlines():
+        cells = line.split()
+        if line.startswith(name) and " ".join(cells[:len(name.split())]) == name and \
+                cells[len(name.split())][0].isdigit():
+            return cells[len(name.split()):]
+    raise AssertionError(f"no row {name!r} in:\n{output}")
+
+
 def test_evaluate_mix_ngram_is_never_worse_on_val_than_either_model(tiny_run):
     run = tiny_run()
     r = cli("evaluate", "--run", run, "--split", "val", "--mix-ngram")
     assert r.exit_code == 0, r.output
-    line = next(x for x in r.output.splitlines() if x.startswith("mixed with the 5-gram"))
-    mixed = float(line.split("ppl ")[1].split()[0])
+    mixed = float(score_row(r.output, "static + 5-gram")[0])
     alone = float(r.output.split("| ppl ")[1].split()[0])
     ngram = float(r.output.split("Kneser-Ney ppl ")[1].split()[0])
-    assert mixed <= min(alone, ngram) + 1e-3 and "optimistic" in line
+    assert mixed <= min(alone, ngram) + 1e-3 and "optimistic" in r.output
 
 
 def test_evaluate_ngram_order_sets_the_reference_and_the_mixture(tiny_run):
@@ -267,7 +277,7 @@ def test_evaluate_ngram_order_sets_the_reference_and_the_mixture(tiny_run):
     run = tiny_run()
     r = cli("evaluate", "--run", run, "--mix-ngram", "--ngram-order", "3")
     assert r.exit_code == 0, r.output
-    assert "3-gram Kneser-Ney ppl" in r.output and "mixed with the 3-gram" in r.output
+    assert "3-gram Kneser-Ney ppl" in r.output and score_row(r.output, "static + 3-gram")
     one_line_error(cli("evaluate", "--run", run, "--ngram-order", "9"),
                    "--ngram-order 9 is out of range")
 
@@ -318,7 +328,7 @@ def test_evaluate_dynamic_and_references(tiny_run):
     r = cli("evaluate", "--run", run, "--dynamic")
     assert r.exit_code == 0, r.output
     assert "5-gram Kneser-Ney ppl" in r.output and "unigram ppl" in r.output
-    assert "dynamic evaluation: ppl" in r.output and "chosen on val" in r.output
+    assert "lr" in score_row(r.output, "dynamic") and "chosen on val" in r.output
     r = cli("evaluate", "--run", run, "--split", "val", "--dynamic")
     assert "optimistic" in r.output
 

@@ -49,12 +49,12 @@ def test_perplexity_is_over_tokens_not_batches():
 def test_uniform_model_scores_log_vocab():
     class Uniform(torch.nn.Module):
         def begin_state(self, batch_size, device):
-            return torch.zeros(1)
+            return torch.zeros(1, batch_size, 1)
 
         def forward(self, X, state):
             return torch.zeros(*X.shape, 4), state
 
-    nll, n = evaluate(Uniform(), torch.arange(101) % 4, 3, 7, torch.device("cpu"))
+    nll, n = evaluate(Uniform(), torch.arange(101) % 4, 3, 7, 10)
     assert n == 100 and perplexity(nll, n) == pytest.approx(4.0)
 
 

@@ -1,0 +1,263 @@
+"""Honest numbers: one-stream scoring, ensembles, the continuous cache, the verdict's
+statistics and the array-based Kneser-Ney model."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import cli, one_line_error
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from reference_kn import ReferenceKneserNey
+from torch import nn
+
+from gru_lm.cache import ContinuousCache, cache_scores, choose, with_cache
+from gru_lm.config import DataConfig, ModelConfig
+from gru_lm.metrics import evaluate, perplexity, stream_count, token_log_probs
+from gru_lm.models import build_model
+from gru_lm.ngram import KneserNey
+from gru_lm.stats import block_bootstrap, paired_seeds, t975, t_interval, verdict
+
+# ---------------------------------------------------------------- one stream
+
+
+@pytest.mark.parametrize("name", ["gru-scratch", "lstm"])
+def test_one_stream_equals_a_loop_that_carries_the_state_token_by_token(name):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name=name, num_hiddens=16, init="xavier"), 9).eval()
+    tokens = torch.randint(0, 9, (240,))
+    state, nll = model.begin_state(1), 0.0
+    with torch.no_grad():
+        for j in range(len(tokens) - 1):
+            logits, state = model(tokens[j].view(1, 1), state)
+            nll -= float(logits[0, 0].log_softmax(-1)[tokens[j + 1]])
+    got, n = evaluate(model, tokens, streams=1, num_steps=7, warmup=0)
+    assert n == 239 and got == pytest.approx(nll, rel=1e-5)
+    logp = token_log_probs(model, tokens, streams=1, num_steps=7, warmup=0)
+    assert -float(logp.double().sum()) == pytest.approx(nll, rel=1e-5)
+
+
+def test_parallel_streams_with_a_warm_up_score_as_one_stream(tiny_run):
+    """1, 32 and 499 streams agree within 0.2% once each stream reads the text before it;
+    without the warm-up, 499 streams from zero states are far off."""
+    from gru_lm.data import load_corpus
+    from gru_lm.runs import load_model
+
+    cfg, vocab, model = load_model(tiny_run() / "checkpoints" / "best.pt")
+    text = load_corpus(DataConfig(max_tokens=12_000), vocab=vocab, progress=False).train
+    one = perplexity(*evaluate(model, text, 1, 16, warmup=0))
+    for streams in (32, 499):
+        assert stream_count(len(text) - 1, streams, 20) == streams
+        warm = perplexity(*evaluate(model, text, streams, 16, warmup=20))
+        assert abs(warm / one - 1) < 0.002, (streams, warm, one)
+    cold = perplexity(*evaluate(model, text, 499, 16, warmup=0))
+    assert cold / one - 1 > 0.01  # what the warm-up fixes
+
+
+def test_stream_count_leaves_every_stream_its_warm_up():
+    assert stream_count(8528, 32, 100) == 32
+    assert stream_count(8528, 499, 100) == 85  # 85 streams of 101 tokens
+    assert stream_count(50, 32, 100) == 1  # too short for a warm-up: one stream
+    assert stream_count(5, 32, 0) == 5
+
+
+def test_the_summary_and_evaluate_agree_on_one_stream_figures(tiny_run):
+    import json
+
+    run = tiny_run()
+    summary = json.loads((run / "summary.json").read_text())
+    r = cli("evaluate", "--run", run)
+    assert r.exit_code == 0, r.output
+    assert "scored as one stream" in r.output
+    assert f"ppl {summary['best_test_ppl']:.3f}" in r.output
+    assert summary["eval_warmup"] == 100
+
+
+# ---------------------------------------------------------------- ensembles
+
+
+def test_an_ensemble_of_a_run_and_its_copy_equals_the_run(tiny_run):
+    run = tiny_run("a")
+    shutil.copytree(run, "runs/b")
+    alone = cli("evaluate", "--run", run)
+    both = cli("evaluate", "--run", run, "--run", "runs/b")
+    assert both.exit_code == 0, both.output
+    assert "ensemble of 2 runs" in both.output
+    ppl = alone.output.split("| ppl ")[1].split()[0]
+    assert ppl in both.output.split("| ppl ")[1].split()[0]
+
+
+def test_an_ensemble_refuses_a_member_with_another_vocabulary(tiny_run):
+    from conftest import train_tiny
+
+    run = tiny_run("a")
+    other = train_tiny("raw", "data.preset=raw")
+    r = cli("evaluate", "--run", run, "--run", other)
+    one_line_error(r, "runs/raw", "vocabulary", "same data")
+    assert cli("evaluate", "--run", run, "--run", run).exit_code == 1  # given twice
+
+
+def test_an_ensemble_refuses_a_member_trained_on_other_data(tiny_run):
+    from conftest import train_tiny
+
+    run = tiny_run("a")
+    # the same vocabulary (a long enough prefix of the same text), another split
+    other = train_tiny("other", "data.val_fraction=0.15", "data.train_fraction=0.75")
+    r = cli("evaluate", "--run", run, "--run", other)
+    one_line_error(r, "runs/other", "other data")
+
+
+def test_evaluate_refuses_a_changed_corpus(workdir, data_dir):
+    from conftest import train_tiny
+
+    text = (data_dir / "timemachine.txt").read_text()[:20_000]
+    Path("my.txt").write_text(text)
+    run = train_tiny("mine", "data.dataset=null", "data.path=my.txt")
+    assert cli("evaluate", "--run", run).exit_code == 0
+    Path("my.txt").write_text(text.replace("Time", "Tame", 3))  # same vocabulary, other text
+    one_line_error(cli("evaluate", "--run", run), "my.txt", "not the text this run was "
+                   "trained on")
+    Path("t.txt").write_text("the time machine\n")  # another text needs no corpus
+    r = cli("evaluate", "--run", run, "--text", "t.txt")
+    assert r.exit_code == 0 and "references" not in r.output
+
+
+# ---------------------------------------------------------------- the continuous cache
+
+
+class _OneHotInputs(nn.Module):
+    """Uniform next-token scores; its features are the one-hot current token, so a cache
+    keyed on them finds earlier occurrences of the same token."""
+
+    def __init__(self, V: int):
+        super().__init__()
+        self.V, self.num_hiddens = V, V
+
+    def begin_state(self, batch_size, device="cpu"):
+        return torch.zeros(1, batch_size, 1)
+
+    def forward_features(self, X, state=None):
+        feats = nn.functional.one_hot(X, self.V).float()  # (batch, steps, V)
+        return torch.zeros(*X.shape, self.V), state, feats
+
+
+def test_the_cache_scores_each_token_before_it_enters():
+    """A text of distinct tokens: no earlier pair can predict a token, so a cache that scored
+    a token only after adding it (peeking) would be perfect, and a correct one gives it 0."""
+    V = 40
+    once = torch.randperm(V, generator=torch.Generator().manual_seed(0))
+    model = _OneHotInputs(V)
+    logp, grid = cache_scores(model, once, 1, 7, 0, (100,), (50.0,))
+    assert logp.shape == (V - 1,) and torch.allclose(logp, torch.full((V - 1,), -math.log(V)))
+    c = grid[0, 0]
+    assert math.isnan(c[0])  # nothing cached before the first token
+    assert (c[1:] == -math.inf).all()  # never the token to come
+    s = choose(logp, grid, (100,), (50.0,))
+    assert s.lam < 1e-3
+    # The same tokens twice: the second pass is predicted from the first, as it should be.
+    twice = torch.cat([once, once])
+    logp, grid = cache_scores(model, twice, 1, 7, 0, (100,), (50.0,))
+    assert (grid[0, 0, V:] > math.log(0.99)).all()
+
+
+def test_the_cache_in_parallel_streams_matches_one_stream():
+    V = 30
+    text = torch.randint(0, V, (3000,), generator=torch.Generator().manual_seed(1))
+    model = _OneHotInputs(V)
+    one = cache_scores(model, text, 1, 16, 0, (50, 200), (1.0, 3.0))[1]
+    par = cache_scores(model, text, 8, 16, 0, (50, 200), (1.0, 3.0))[1]
+    assert torch.allclose(one, par, equal_nan=True, atol=1e-5)
+
+
+def test_with_cache_is_the_model_where_the_cache_is_empty():
+    logp = torch.log(torch.tensor([0.5, 0.25]))
+    cache = torch.tensor([math.nan, math.log(0.75)])
+    mixed = with_cache(logp, cache, 0.2)
+    assert mixed[0] == logp[0]
+    assert float(mixed[1].exp()) == pytest.approx(0.8 * 0.25 + 0.2 * 0.75)
+
+
+def test_the_cache_reads_windows_of_any_length():
+    cache = ContinuousCache((3,), (1.0,))
+    feats = torch.eye(4).unsqueeze(0)  # one stream, 4 steps
+    out = cache.read(feats, torch.tensor([[1, 2, 3, 0]]))
+    assert out.shape == (1, 1, 1, 4) and math.isnan(out[0, 0, 0, 0])
+    out = cache.read(feats[:, 1:3], torch.tensor([[2, 9]]))  # 2 steps, the last 3 cached
+    assert out.shape == (1, 1, 1, 2)
+    assert math.isfinite(out[0, 0, 0, 0])  # 2 followed the same feature before
+    assert out[0, 0, 0, 1] == -math.inf  # 9 never followed anything
+
+
+def test_evaluate_cache_row(tiny_run):
+    r = cli("evaluate", "--run", tiny_run(), "--cache", "--mix-ngram")
+    assert r.exit_code == 0, r.output
+    for row in ("static", "cache", "static + 5-gram", "cache + 5-gram"):
+        assert any(line.startswith(row + " ") for line in r.output.splitlines()), row
+    assert "window" in r.output and "theta" in r.output and "best on val: " in r.output
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def test_t_interval_matches_a_hand_computed_case():
+    iv = t_interval([1.0, 2.0, 3.0])  # mean 2, s = 1, t_{0.975, 2} = 4.3027
+    assert iv.mean == 2 and iv.n == 3
+    assert iv.high - 2 == pytest.approx(4.3027 / math.sqrt(3), abs=1e-4)
+    assert t_interval([1.0]) is None
+    assert t975(30) == 2.0423 and t975(31) == pytest.approx(2.0395, abs=1e-4)
+    assert t975(1000) == pytest.approx(1.9623, abs=1e-4)
+    seeds = paired_seeds([4.0, 4.1], [4.2, 4.3])  # -4.76%, -4.65%
+    assert seeds.mean == pytest.approx(100 * ((4 / 4.2 + 4.1 / 4.3) / 2 - 1))
+
+
+def test_block_bootstrap_matches_a_hand_computed_case():
+    # Two blocks of 100 tokens whose NLL differences are 0.1 and 0.3: a resampled mean is
+    # 0.1, 0.2 or 0.3 with probabilities 1/4, 1/2, 1/4, so the 95% interval is [0.1, 0.3].
+    diff = np.r_[np.full(100, 0.1), np.full(100, 0.3)]
+    iv = block_bootstrap(diff, np.zeros(200))
+    assert iv.mean == pytest.approx(100 * math.expm1(0.2))
+    assert iv.low == pytest.approx(100 * math.expm1(0.1))
+    assert iv.high == pytest.approx(100 * math.expm1(0.3))
+    same = block_bootstrap(np.full(500, 1.5), np.full(500, 1.5))
+    assert same.low == same.high == same.mean == 0
+
+
+def test_verdict_sentences():
+    text = block_bootstrap(np.full(300, -0.02), np.zeros(300))
+    better = verdict("lstm", "gru", t_interval([-2.0, -2.2, -2.4]), text)
+    assert better.startswith("lstm is better than gru by 2.2% in test ppl (95% CI 1.7–2.7%")
+    noisy = verdict("lstm", "gru", t_interval([-2.0, 0.5, -1.0]), text)
+    assert noisy.startswith("no difference that these seeds can show between lstm and gru")
+    one = verdict("lstm", "gru", None, text)
+    assert "one seed each" in one and "--seeds 3" in one
+
+
+# ---------------------------------------------------------------- Kneser-Ney
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 8), max_size=80), st.integers(1, 6), st.integers(2, 9),
+       st.lists(st.integers(0, 8), max_size=9), st.integers(0, 8))
+def test_the_array_model_equals_the_reference_on_random_contexts(train, order, V, context, w):
+    train, context, w = [t % V for t in train], [t % V for t in context], w % V
+    ref, kn = ReferenceKneserNey(train, V, order), KneserNey(train, V, order)
+    assert kn.discounts == pytest.approx(ref.discounts, abs=1e-15)
+    assert abs(kn.prob(context, w) - ref.prob(context, w)) < 1e-12
+
+
+def test_the_array_model_scores_a_text_as_the_reference_does_token_by_token():
+    g = np.random.default_rng(0)
+    train, text = g.integers(0, 6, 3000), g.integers(0, 6, 400)
+    ref, kn = ReferenceKneserNey(train.tolist(), 6, 5), KneserNey(train, 6, 5)
+    expected = [math.log(ref.prob(text[max(0, i - 4):i].tolist(), int(text[i])))
+                for i in range(1, len(text))]
+    assert np.allclose(kn.log_probs(text), expected, rtol=0, atol=1e-12)
+    blocks = np.concatenate(list(kn.prob_blocks(text, chunk=37)))  # blocks join seamlessly
+    assert np.allclose(np.log(blocks), expected, rtol=0, atol=1e-12)
+    nll, n = kn.nll(text)
+    assert n == 399 and nll == pytest.approx(-sum(expected), rel=1e-12)
