@@ -26,7 +26,8 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 MAX_TRAIN_TOKENS = 10_000_000  # bigger corpora count their first 10M training tokens
-CHUNK = 1 << 20  # targets scored per block, so memory does not grow with the text
+CHUNK = 1 << 18  # targets scored per block, so memory does not grow with the text
+BUILD_CHUNK = 1 << 18  # tokens numbered at a time while counting
 
 
 def _as_array(tokens) -> np.ndarray:
@@ -51,11 +52,44 @@ class _Level:
 
     def code(self, prefix: np.ndarray, last: np.ndarray, V: int) -> np.ndarray:
         """Codes of the n-grams (prefix code, last token); -1 for one never counted."""
-        key = prefix * V + last
+        key = (prefix * V + last).astype(self.keys.dtype)  # fits: prefix < the contexts
         if not len(self.keys):
             return np.full(len(key), -1, np.int64)
         idx = np.searchsorted(self.keys, key).clip(max=len(self.keys) - 1)
         return np.where((prefix >= 0) & (self.keys[idx] == key), idx, -1)
+
+
+def _number(prev: np.ndarray, toks: np.ndarray, n: int, num_prev: int, V: int
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct n-grams of a text as sorted keys (code of the (n-1)-gram prefix * V +
+    last token) and each position's n-gram code (its key's rank), from the prefixes' codes
+    `prev`. Read in chunks, so memory stays a few bytes a token (int32 codes; int64 keys
+    only when they need it)."""
+    m = max(0, len(toks) - n + 1)  # n-grams in the text
+    dtype = np.int32 if num_prev * V < 2**31 else np.int64
+
+    def key(a: int, b: int) -> np.ndarray:
+        return prev[a:b].astype(dtype) * V + toks[n - 1 + a:n - 1 + b].astype(dtype)
+
+    code = np.empty(m, np.int32)  # first each chunk's own ranks, then the global ones
+    uniques = []
+    for a in range(0, m, BUILD_CHUNK):
+        u, inverse = np.unique(key(a, min(m, a + BUILD_CHUNK)), return_inverse=True)
+        code[a:a + BUILD_CHUNK] = inverse
+        uniques.append(u)
+    keys = np.unique(np.concatenate(uniques)) if uniques else np.zeros(0, dtype)
+    for i, u in enumerate(uniques):  # sorted queries: a fast binary search
+        chunk = code[i * BUILD_CHUNK:(i + 1) * BUILD_CHUNK]
+        chunk[:] = np.searchsorted(keys, u)[chunk]
+    return keys, code
+
+
+def _bincount(codes: np.ndarray, size: int) -> np.ndarray:
+    """np.bincount in chunks (it copies its input to int64 first)."""
+    out = np.zeros(size, np.int64)
+    for a in range(0, len(codes), BUILD_CHUNK):
+        out += np.bincount(codes[a:a + BUILD_CHUNK], minlength=size)
+    return out
 
 
 class KneserNey:
@@ -63,25 +97,26 @@ class KneserNey:
                  max_tokens: int = MAX_TRAIN_TOKENS):
         if order < 1:
             raise ValueError("order must be >= 1")
-        toks = _as_array(tokens[:max_tokens])
+        toks = tokens[:max_tokens]  # a store's uint8/uint16 ids stay as they are
+        toks = toks.numpy() if hasattr(toks, "numpy") else np.asarray(toks)
         self.order, self.vocab_size = order, vocab_size
         V, N = vocab_size, len(toks)
         keys: list[np.ndarray] = []
         counts: list[np.ndarray] = []
         contexts = [1]  # how many distinct (n-1)-grams, the contexts of order n
-        prev = np.zeros(N + 1, np.int64)  # the code of the empty gram at every position
+        prev = np.zeros(N + 1, np.int32)  # the code of the empty gram at every position
         for n in range(1, order + 1):
-            m = max(0, N - n + 1)  # n-grams in the text
-            k, code = np.unique(prev[:m] * V + toks[n - 1:n - 1 + m], return_inverse=True)
-            code = code.reshape(-1)
+            k, code = _number(prev, toks, n, contexts[-1], V)
             if n > 1:  # order n - 1 counts distinct left neighbours: one per n-gram here
-                suffix = np.zeros(len(k), np.int64)
-                suffix[code] = prev[1:m + 1]  # the (n-1)-gram each n-gram ends with
-                counts[-1] = np.bincount(suffix, minlength=len(keys[-1]))
+                suffix = np.zeros(len(k), np.int32)  # the (n-1)-gram each n-gram ends with
+                for a in range(0, len(code), BUILD_CHUNK):
+                    suffix[code[a:a + BUILD_CHUNK]] = prev[a + 1:a + 1 + BUILD_CHUNK]
+                counts[-1] = _bincount(suffix, len(keys[-1]))
             keys.append(k)
-            counts.append(np.bincount(code, minlength=len(k)))  # occurrences: the top order
+            counts.append(_bincount(code, len(k)))  # occurrences: the top order
             contexts.append(len(k))
             prev = code
+        del prev
         self.levels = [_Level(k, c, contexts[n], V)
                        for n, (k, c) in enumerate(zip(keys, counts, strict=True))]
         self.discounts = [0.0] + [lv.discount for lv in self.levels]

@@ -166,8 +166,8 @@ class Trainer:
                               "train.eval_max_tokens=N scores the first N")
         if len(self.corpus.train) > MAX_TRAIN_TOKENS:
             self.notes.append(f"the n-gram reference counts the first {MAX_TRAIN_TOKENS:,} of "
-                              f"the {len(self.corpus.train):,} training tokens (it is pure "
-                              "Python); the model trains on all of them")
+                              f"the {len(self.corpus.train):,} training tokens (about 10 "
+                              "bytes of memory a token); the model trains on all of them")
         return {s: v[:cap] if cap is not None else v for s, v in out.items()}
 
     # -------------------------------------------------------------- the step

@@ -154,6 +154,5 @@ def test_eval_max_tokens_scores_the_first_tokens_and_says_so(workdir, monkeypatc
     corpus = load_corpus(cfg.data)
     model = build_model(cfg.model, len(corpus.vocab))
     model.load_state_dict(load_checkpoint(Path("runs/cap/checkpoints/best.pt"))["model"])
-    nll, n = evaluate(model, corpus.test[:120], cfg.train.eval_batch_size, cfg.train.num_steps,
-                      torch.device("cpu"))
+    nll, n = evaluate(model, corpus.test[:120], *cfg.train.reading)
     assert n == 119 and abs(perplexity(nll, n) - summary["best_test_ppl"]) < 1e-9
