@@ -734,12 +734,13 @@ def _print_comparison(result: dict, out: Path, wide: bool = False) -> None:
     if wide:
         columns += ["params", "train ppl", "bits/char", "wall s",
                     f"s to val ppl {f(target, '.2f')}", "stopped by"]
-    table = Table(title="comparison: mean ± 95% CI over seeds, each split read as one stream")
+    table = Table(title="comparison (mean ± 95% CI over seeds)")
     for col in columns:
         table.add_column(col, justify="left" if col in ("model", "stopped by") else "right",
                          no_wrap=col not in ("model", "stopped by"))
     for r in result["rows"]:
-        cells = [r["model"], str(r["seeds"]), ci(r, "val_ppl"), ci(r, "test_ppl"),
+        name = "  ensemble" if r.get("kind") == "ensemble" else r["model"]  # of the row above
+        cells = [name, str(r["seeds"]), ci(r, "val_ppl"), ci(r, "test_ppl"),
                  f(r.get("tokens_per_s_mean"), ",.0f")]
         if wide:
             cells += [f(r["params"], ","), f(r.get("train_ppl_mean"), ".3f"),

@@ -211,7 +211,9 @@ def _comparisons(groups: dict[str, list[dict]]) -> list[dict[str, Any]]:
     for i, a in enumerate(labels):
         for b in labels[i + 1:]:
             by_seed = {x: {r["seed"]: r for r in groups[x]} for x in (a, b)}
-            seeds = sorted(set(by_seed[a]) & set(by_seed[b]))
+            # seeds pair up when each model ran each seed once
+            seeds = sorted(set(by_seed[a]) & set(by_seed[b])) if all(
+                len(by_seed[x]) == len(groups[x]) for x in (a, b)) else []
             if not seeds or groups[a][0]["test"] is None:
                 continue
             nll = {x: _mean_nll(by_seed[x], seeds) for x in (a, b)}

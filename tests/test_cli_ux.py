@@ -153,7 +153,8 @@ def test_compare_table_fits_80_columns(tiny_run, monkeypatch):
     r = cli("compare", "--runs", *runs, "--out", "runs/cmp-out")
     assert r.exit_code == 0, r.output
     table = [line for line in r.stdout.splitlines() if line[:1] in "┏┃┡│└"]
-    assert len(table) == 6 and all(len(line) <= 80 for line in table), r.stdout
+    assert len(table) == 7 and all(len(line) <= 80 for line in table), r.stdout
+    assert table[4].startswith("│   ensemble ")  # the two seeds of a, averaged
     assert "…" not in r.stdout
     row_b = next(line for line in table if "│ b " in line)
     assert "±" not in row_b  # one seed: no spread to show
@@ -170,7 +171,7 @@ def test_compare_counts_members_and_quiet_hides_training(workdir):
     assert re.search(r"member 2/2: tiny-s1, about \d+ s left", r.output)
     q = cli("compare", "configs/tiny.yaml", "--out", "runs/c2", "-q")
     assert q.exit_code == 0 and "member" not in q.output and "step " not in q.output
-    assert "comparison (mean over seeds)" in q.output
+    assert "comparison (mean ± 95% CI over seeds)" in q.output
 
 
 # ---------------------------------------------------------------- the progress bar

@@ -14,9 +14,10 @@ from gru_lm.rundir import RunDir
 
 PACKAGE = Path(__file__).resolve().parents[1] / "gru_lm"
 # Bottom to top: a module may import only from modules listed before it (lazy imports too).
-LAYERS = ["__init__", "errors", "utils", "distributed", "config", "download", "tokenstore",
-          "data", "ngram", "_ext",
-          "cells", "models", "metrics", "dynamic", "sampling", "checkpoint", "rundir",
+LAYERS = ["__init__", "errors", "utils", "stats", "distributed", "config", "download",
+          "tokenstore", "data", "ngram", "_ext",
+          "cells", "models", "metrics", "cache", "dynamic", "sampling", "checkpoint",
+          "evaluation", "rundir",
           "schedule", "ema", "display", "trainer", "runs", "compare", "gates", "cli",
           "__main__"]
 
