@@ -97,7 +97,65 @@ def load_checkpoint(path: Path, map_location: str = "cpu") -> dict[str, Any]:
     for key in ("model", "config", "vocab", "step"):
         if key not in payload:
             raise CheckpointError(f"checkpoint {path} lacks the field '{key}'; retrain")
+    check_fields(payload, path)
     return payload
+
+
+def _is_tensor(x: Any) -> bool:
+    import torch
+
+    return isinstance(x, torch.Tensor)
+
+
+def _tensors(x: Any) -> bool:
+    """A tensor, or a tuple/list of tensors (an LSTM's (H, C))."""
+    return _is_tensor(x) or (isinstance(x, tuple | list) and bool(x)
+                             and all(_is_tensor(t) for t in x))
+
+
+def _finite_tensor(x: Any) -> bool:
+    import torch
+
+    return _is_tensor(x) and (not x.is_floating_point() or bool(torch.isfinite(x).all()))
+
+
+# The type every field must have, whoever wrote the file: a checkpoint is untrusted input.
+_FIELDS: dict[str, tuple[str, Any]] = {
+    "config": ("a mapping", lambda v: isinstance(v, dict)),
+    "vocab": ("a mapping", lambda v: isinstance(v, dict)),
+    "step": ("an integer >= 0", lambda v: isinstance(v, int) and not isinstance(v, bool)
+             and 0 <= v < 2**63),
+    "weights": ("'raw' or 'ema'", lambda v: v in ("raw", "ema")),
+    "data_fingerprint": ("a string", lambda v: isinstance(v, str)),
+    "progress": ("a mapping", lambda v: isinstance(v, dict)),
+    "optimizer": ("a mapping", lambda v: isinstance(v, dict)),
+    "ema": ("a mapping or null", lambda v: v is None or isinstance(v, dict)),
+    "carry_state": ("finite tensors or null", lambda v: v is None or (
+        _tensors(v) and all(_finite_tensor(t) for t in (v if isinstance(v, tuple | list)
+                                                          else [v])))),
+    "rng": ("a mapping", lambda v: isinstance(v, dict)),
+    "loader_epoch_state": ("a tensor", _is_tensor),
+    "world_size": ("an integer >= 1", lambda v: isinstance(v, int) and not isinstance(v, bool)
+                   and v >= 1),
+    "ranks": ("a list of mappings", lambda v: isinstance(v, list)
+              and all(isinstance(r, dict) for r in v)),
+}
+
+
+def check_fields(payload: dict[str, Any], path: Path) -> None:
+    """Refuse a field of the wrong type or a weight that is not finite, naming the field."""
+    for key, (what, ok) in _FIELDS.items():
+        if key in payload and not ok(payload[key]):
+            raise CheckpointError(f"checkpoint {path} field '{key}' must be {what}; the file "
+                                  "was edited or damaged: use another checkpoint or retrain")
+    model = payload["model"]
+    if not isinstance(model, dict):
+        raise CheckpointError(f"checkpoint {path} field 'model' is not a state dict")
+    for name, value in model.items():
+        if not _finite_tensor(value):
+            what = "is not a tensor" if not _is_tensor(value) else "holds NaN or infinity"
+            raise CheckpointError(f"checkpoint {path} field 'model': weight {str(name)[:80]!r} "
+                                  f"{what}; use another checkpoint or retrain")
 
 
 def restore_model(payload: dict[str, Any], path: Path):

@@ -754,6 +754,10 @@ def _print_comparison(result: dict, out: Path, wide: bool = False) -> None:
 
         console.print(f"references on the val split: {references_text(refs)}",
                       highlight=False)
+    for r in result["rows"]:
+        if r.get("differs"):
+            console.print(f"note: {r['model']} is {r['differs']}", highlight=False,
+                          soft_wrap=True)
     for line in result.get("verdicts", []):
         console.print(f"verdict: {line}", highlight=False, soft_wrap=True)
     console.print(f"wrote {out}/results.csv, results.json, curves.png, samples.md",

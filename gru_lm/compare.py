@@ -100,13 +100,15 @@ def _train_members(configs: list[Path], loaded: list, seeds: int, budget: Budget
             member += 1
             name = f"{Path(cfg_path).stem}-s{seed}"
             run = RunDir(out / name)
+            overrides = [f"train.seed={seed}", f"run.runs_dir={out}",
+                         *budget.overrides(cfg.train.batch_size, cfg.train.num_steps)]
+            if run.config.is_file():
+                _check_same_recipe(run, Path(cfg_path), overrides)
             if run.summary.is_file():
                 if console is not None:
                     console.print(f"[dim]{escape(f'member {member}/{total} {name}')}: "
                                   "finished earlier, kept[/dim]")
                 continue
-            overrides = [f"train.seed={seed}", f"run.runs_dir={out}",
-                         *budget.overrides(cfg.train.batch_size, cfg.train.num_steps)]
             if console is not None:
                 eta = (f", about {_duration(statistics.fmean(durations) * (total - member + 1))}"
                        " left" if durations else "")
@@ -130,6 +132,18 @@ def _train_members(configs: list[Path], loaded: list, seeds: int, budget: Budget
             durations.append(time.perf_counter() - started)
 
 
+def _check_same_recipe(run: RunDir, config: Path, overrides: list[str]) -> None:
+    """A member kept from an earlier call must be what this call would train: a config edited
+    in between would otherwise be averaged with runs of the old one."""
+    kept, wanted = recipe(run.read_config()), recipe(load_config(config, overrides))
+    changed = [k for k in wanted if wanted[k] != kept.get(k)]
+    if changed:
+        k = changed[0]
+        raise GruLmError(f"{run} was trained from another recipe than {config} and this budget "
+                         f"give now ({k}: {kept.get(k)!r} there, {wanted[k]!r} now); move it out "
+                         f"of {run.path.parent} or compare into another --out")
+
+
 def _duration(seconds: float) -> str:
     return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
@@ -142,8 +156,46 @@ def _read_run(run_dir: Path) -> dict[str, Any]:
     summary = run.read_summary()
     m = _SEEDED.match(run.name)
     label = m.group("label") if m else run.name
+    cfg = run.read_config()
     return {"dir": run.path, "label": label, "summary": summary, "evals": run.evals(),
-            "seed": run.read_config().train.seed}
+            "seed": cfg.train.seed, "recipe": recipe(cfg)}
+
+
+# Keys that do not change what a run learns: runs differing only in these are seeds of one
+# recipe. Everything else (model, data, optimizer, budget, evaluation) makes another row.
+NOT_RECIPE = {"train.seed", "train.threads", "train.device", "train.log_interval",
+              "train.tensorboard", "train.sample_interval", "train.sample_prefixes",
+              "train.sample_length"}
+
+
+def recipe(cfg) -> dict[str, Any]:
+    """What a run is, as flat dotted keys: its config without the seed, the run folder and
+    the settings that only change how it is shown or how fast it runs."""
+    return {f"{section}.{k}": v for section, values in cfg.to_dict().items() if section != "run"
+            for k, v in values.items() if f"{section}.{k}" not in NOT_RECIPE}
+
+
+def group_members(runs: list[dict]) -> tuple[dict[str, list[dict]], dict[str, str]]:
+    """Members grouped by recipe, not by folder: one group per recipe, named by its first
+    member's folder label (made unique), and for a group whose label another group has too,
+    what differs between them."""
+    by_recipe: dict[str, list[dict]] = {}
+    for r in runs:
+        by_recipe.setdefault(json.dumps(r["recipe"], sort_keys=True), []).append(r)
+    groups: dict[str, list[dict]] = {}
+    differs: dict[str, str] = {}
+    for members in by_recipe.values():
+        label, n = members[0]["label"], 2
+        name = label
+        while name in groups:
+            name, n = f"{label} ({n})", n + 1
+        if name != label:
+            first, mine = groups[label][0]["recipe"], members[0]["recipe"]
+            keys = [k for k in mine if mine[k] != first.get(k)]
+            differs[name] = f"another recipe than {label}: " + "; ".join(
+                f"{k} {mine[k]!r} (not {first.get(k)!r})" for k in keys[:4])
+        groups[name] = members
+    return groups, differs
 
 
 def _mean(xs):
@@ -244,9 +296,7 @@ def report(run_dirs: list[Path], out: Path) -> dict[str, Any]:
         seen[key] = Path(d)
     runs = [_read_run(Path(d)) for d in run_dirs]
     _score_members(runs)
-    groups: dict[str, list[dict]] = {}
-    for r in runs:
-        groups.setdefault(r["label"], []).append(r)
+    groups, differs = group_members(runs)
     best_vals = {k: _mean(_ppl(r["val"]) for r in g) for k, g in groups.items()}
     finite = [v for v in best_vals.values() if v is not None]
     target = max(finite) if finite else None  # the worst model's mean best: all can reach it
@@ -258,6 +308,7 @@ def report(run_dirs: list[Path], out: Path) -> dict[str, Any]:
         rows.append({
             "model": label,
             "kind": "seeds",
+            "differs": differs.get(label, ""),
             "name": s[0].get("model"),
             "seeds": len(g),
             "params": s[0].get("params"),

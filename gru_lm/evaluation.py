@@ -42,20 +42,24 @@ def load_member(path: Path) -> Member:
 
 
 def check_members(members: list[Member]) -> None:
-    """An ensemble needs one vocabulary and one corpus: refuse the first member that differs."""
+    """An ensemble or a comparison needs one vocabulary and one corpus: refuse the first
+    member that differs."""
     first = members[0]
+    need = ("an ensemble or a comparison needs runs trained on the same data (one corpus, "
+            "preprocessing and split)")
     for m in members[1:]:
         if m.vocab.idx_to_token != first.vocab.idx_to_token:
-            raise GruLmError(
-                f"{m.path}: its vocabulary ({len(m.vocab)} tokens) differs from {first.path}'s "
-                f"({len(first.vocab)}); an ensemble averages next-character probabilities "
-                "over one vocabulary, so give runs trained on the same data")
+            how = (f"{len(m.vocab)} tokens against {len(first.vocab)}"
+                   if len(m.vocab) != len(first.vocab) else
+                   f"the same {len(m.vocab)} tokens, in another order" if
+                   set(m.vocab.idx_to_token) == set(first.vocab.idx_to_token) else
+                   f"other tokens, {len(m.vocab)} of them")
+            raise GruLmError(f"{m.path}: it was trained on other data than {first.path} (its "
+                             f"vocabulary has {how}); {need}")
         if (m.cfg.data.model_dump(mode="json") != first.cfg.data.model_dump(mode="json")
                 or (m.fingerprint and first.fingerprint and m.fingerprint != first.fingerprint)):
-            raise GruLmError(
-                f"{m.path}: it was trained on other data than {first.path} (another corpus, "
-                "preprocessing or split); an ensemble is scored on one split, so give runs "
-                "trained on the same data")
+            raise GruLmError(f"{m.path}: it was trained on other data than {first.path} "
+                             f"(another corpus, preprocessing or split); {need}")
 
 
 def check_fingerprint(members: list[Member], corpus) -> None:

@@ -165,6 +165,12 @@ class RunDir:
 
     # -------------------------------------------------------------- checkpoints
 
+    def trained_something(self) -> bool:
+        """Whether anything of value is here: a checkpoint, an evaluation, samples or a
+        summary (a run that stopped before all of these may start again in place)."""
+        return (self.has_checkpoint() or self.summary.exists() or self.samples.exists()
+                or bool(self.evals()))
+
     def has_checkpoint(self) -> bool:
         return self.checkpoints.is_dir() and any(self.checkpoints.glob("*.pt"))
 

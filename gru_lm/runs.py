@@ -4,13 +4,14 @@ evaluate."""
 from __future__ import annotations
 
 import math
+import shlex
 import time
 from pathlib import Path
 from typing import Any
 
 from gru_lm.config import Config, apply_overrides, load_config, read_yaml, validate
 from gru_lm.distributed import SINGLE, World
-from gru_lm.errors import ConfigError, GruLmError
+from gru_lm.errors import CheckpointError, ConfigError, GruLmError
 from gru_lm.rundir import LAST, RunDir, find_latest
 
 
@@ -195,8 +196,18 @@ def _train(world: World, config, overrides, name, resume, offline, console):
             cfg = resume_config(run, config, overrides)
             last = run.checkpoint(LAST)
             if not last.is_file():
+                if last.exists() or run.trained_something():
+                    raise GruLmError(
+                        f"--resume {run}: {last} is {'not a file' if last.exists() else 'missing'}"
+                        ", so the run cannot continue where it stopped; its other files are "
+                        f"left as they are. Start a new run from its config: gru-lm train "
+                        f"--config {shlex.quote(str(run.config))} --name NEW_NAME")
                 return _restart(run, cfg, offline, console, world)
-            ck = load_checkpoint(last)
+            try:
+                ck = load_checkpoint(last)
+            except GruLmError as e:
+                raise CheckpointError(f"--resume {run}: {e}") from None
+            _check_not_finished(run, ck, cfg)
             corpus = _load_corpus(world, cfg, offline, vocab=_run_vocab(run, ck, last))
             _check_same_data(run, ck, cfg, corpus)
             trainer = build_trainer(cfg, corpus, run, console, world)
@@ -247,6 +258,22 @@ def _restart(run: RunDir, cfg: Config, offline: bool | None, console,
         console.print(f"{run} has no checkpoint yet: starting it again from step 0",
                       highlight=False)
     return trainer.fit()
+
+
+def _check_not_finished(run: RunDir, ck: dict[str, Any], cfg: Config) -> None:
+    """A finished run whose limits are already reached has nothing to train: refuse before
+    anything is touched (training zero steps would rewrite its summary)."""
+    from gru_lm.schedule import stop_reason
+    from gru_lm.trainer import progress_from
+
+    if not run.summary.is_file():
+        return
+    p = progress_from(ck.get("progress", {}), run.checkpoint(LAST))
+    reason = stop_reason(cfg.train, p.step, p.epoch, p.elapsed_s)
+    if reason:
+        raise GruLmError(f"--resume {run}: the run finished at step {p.step:,} and {reason} "
+                         "stops it there, so there is nothing to train and nothing was changed; "
+                         f"to train on, raise the limit (e.g. train.max_steps={2 * p.step})")
 
 
 def _run_vocab(run: RunDir, ck: dict[str, Any], path: Path):

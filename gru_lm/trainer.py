@@ -71,6 +71,30 @@ class TrainProgress:
     best_weights: str = "raw"  # or "ema": which weights scored the best val ppl
 
 
+def progress_from(d: dict[str, Any], path) -> TrainProgress:
+    """TrainProgress from a checkpoint's field, every value of its field's type and range."""
+    defaults = TrainProgress()
+    bad = [k for k in d if not hasattr(defaults, k)]
+    for key, value in d.items():
+        if key in bad:
+            continue
+        kind = type(getattr(defaults, key))
+        ok = (isinstance(value, str) if kind is str else
+              isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
+              if kind is int else isinstance(value, int | float) and not isinstance(value, bool)
+              and value >= 0 and (math.isfinite(value) or key in INFINITE_OK))
+        if not ok:
+            bad.append(key)
+    if bad:
+        raise GruLmError(f"checkpoint {path} field 'progress': {str(bad[0])[:80]!r} is unknown, "
+                         "of the wrong type or out of range (the file was edited or damaged); "
+                         "start a new run")
+    return TrainProgress(**d)
+
+
+INFINITE_OK = {"best_metric", "plateau_best"}  # infinite until the first evaluation
+
+
 def autocast_for(device: torch.device, precision: str):
     if precision != "bf16":
         return nullcontext
@@ -449,10 +473,10 @@ class Trainer:
         if not self.world.is_main:
             return
         try:
-            if not self._config_saved:  # config.yaml describes the checkpoints beside it
-                self.run.write_config(self.cfg)
-                self._config_saved = True
             save_checkpoint(payload, path)
+            if not self._config_saved:  # config.yaml describes the checkpoints beside it,
+                self.run.write_config(self.cfg)  # written once one is saved with it
+                self._config_saved = True
         except OSError as e:
             raise GruLmError(f"cannot write checkpoint {path}: {e.strerror or e}; free disk "
                              "space or fix permissions (the previous checkpoint is intact), "
@@ -475,14 +499,15 @@ class Trainer:
                 group["weight_decay"] = self.cfg.train.weight_decay
                 if "momentum" in group:
                     group["momentum"] = self.cfg.train.momentum
-            self.progress = TrainProgress(**ck["progress"])
+            self.progress = progress_from(ck["progress"], path)
             self.loader.generator.set_state(ck["loader_epoch_state"])
             set_rng_state(mine["rng"])
             if self.ema is not None and ck.get("ema") is not None:
                 self.ema.load_state_dict(ck["ema"])
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
             raise GruLmError(f"checkpoint {path} cannot be resumed ({type(e).__name__}: "
                              f"{str(e)[:120]}); start a new run") from None
+        self._check_shapes(mine.get("carry_state"), path)
         carried = mine.get("carry_state")
         # Checkpoints load on the CPU; the carried state belongs on the training device.
         self.state = state_to(carried, self.device) if carried is not None else None
@@ -491,6 +516,30 @@ class Trainer:
             self._epoch_batches = self.loader.epoch()
         if self.run is not None and self.world.is_main:
             self.run.truncate_records(self.progress.step)
+
+    def _check_shapes(self, carried, path) -> None:
+        """Optimizer moments, averaged weights and the carried state must fit the model."""
+        def bad(field: str, what: str) -> GruLmError:
+            return GruLmError(f"checkpoint {path} field '{field}': {what} does not fit the "
+                              "model; the file was edited or damaged, start a new run")
+
+        params = list(self.model.parameters())
+        for i, p in enumerate(params):
+            for key, v in self.optimizer.state.get(p, {}).items():
+                if isinstance(v, torch.Tensor) and v.dim() and (
+                        v.shape != p.shape or not bool(torch.isfinite(v).all())):
+                    raise bad("optimizer", f"state '{key}' of parameter {i} (shape "
+                              f"{tuple(v.shape)})")
+        if self.ema is not None:
+            for i, (a, p) in enumerate(zip(self.ema.shadow, params, strict=True)):
+                if a.shape != p.shape or not bool(torch.isfinite(a).all()):
+                    raise bad("ema", f"averaged weight {i} (shape {tuple(a.shape)})")
+        if carried is not None:
+            want = self.model.begin_state(self.cfg.train.batch_size)
+            want = want if isinstance(want, tuple) else (want,)
+            got = tuple(carried) if isinstance(carried, tuple | list) else (carried,)
+            if [tuple(t.shape) for t in got] != [tuple(t.shape) for t in want]:
+                raise bad("carry_state", f"a state of shape {[tuple(t.shape) for t in got]}")
 
     def _interrupt(self) -> None:
         """Ctrl-C or SIGTERM arrived: save at this step boundary and say how to resume."""

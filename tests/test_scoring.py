@@ -98,7 +98,7 @@ def test_an_ensemble_refuses_a_member_with_another_vocabulary(tiny_run):
     run = tiny_run("a")
     other = train_tiny("raw", "data.preset=raw")
     r = cli("evaluate", "--run", run, "--run", other)
-    one_line_error(r, "runs/raw", "vocabulary", "same data")
+    one_line_error(r, "runs/raw", "other data", "vocabulary", "same data")
     assert cli("evaluate", "--run", run, "--run", run).exit_code == 1  # given twice
 
 

@@ -1,0 +1,179 @@
+"""Reliability, round 3: no lost run, no silently wrong table, bounded work, every file
+untrusted, standard streams, several processes. One section per class of the issue."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import cli, one_line_error, train_tiny
+
+# ---------------------------------------------------------------- 1. a resume never destroys
+
+
+def _snapshot(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+@pytest.mark.parametrize("damage", ["missing", "directory", "damaged"])
+def test_a_resume_without_a_usable_last_checkpoint_refuses_and_keeps_everything(tiny_run,
+                                                                               damage):
+    run = tiny_run()
+    last = run / "checkpoints" / "last.pt"
+    if damage == "missing":
+        last.unlink()
+    elif damage == "directory":
+        last.unlink()
+        last.mkdir()
+    else:
+        last.write_bytes(last.read_bytes()[:100])
+    before = _snapshot(run)
+    r = cli("train", "--resume", run)
+    one_line_error(r, f"--resume {run}")
+    if damage != "damaged":
+        assert "--name NEW_NAME" in r.output and "left as they are" in r.output
+    assert _snapshot(run) == before  # summary, samples, metrics and best.pt untouched
+
+
+def test_a_finished_run_resumed_with_a_smaller_limit_is_left_alone(tiny_run):
+    run = tiny_run()
+    before = _snapshot(run)
+    for args in (["train.max_steps=10"], []):
+        r = cli("train", "--resume", run, *args)
+        one_line_error(r, "finished at step 30", "nothing was changed", "train.max_steps=60")
+    assert _snapshot(run) == before
+    r = cli("train", "--resume", run, "train.max_steps=40", "-q")  # a higher limit trains on
+    assert r.exit_code == 0, r.output
+    assert json.loads((run / "summary.json").read_text())["steps"] == 40
+
+
+def test_a_resume_that_cannot_save_leaves_config_yaml_as_it_was(tiny_run, monkeypatch):
+    run = tiny_run()
+    before = (run / "config.yaml").read_bytes()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("gru_lm.trainer.save_checkpoint", disk_full)
+    r = cli("train", "--resume", run, "train.max_steps=40", "train.lr=0.002", "-q")
+    one_line_error(r, "No space left on device")
+    assert (run / "config.yaml").read_bytes() == before
+
+
+# ---------------------------------------------------------------- 2. checkpoint values
+
+
+def _rewrite(path: Path, mutate) -> None:
+    """Change a checkpoint's payload and write it back with a valid .sha256, as an editor
+    who knows the format would."""
+    from gru_lm.checkpoint import load_checkpoint, save_checkpoint
+
+    ck = load_checkpoint(path)
+    mutate(ck)
+    save_checkpoint({k: v for k, v in ck.items() if k not in ("format", "version")}, path)
+
+
+def _nan_weight(ck):
+    name = next(iter(ck["model"]))
+    ck["model"][name] = torch.full_like(ck["model"][name], float("nan"))
+
+
+@pytest.mark.parametrize("mutate, field", [
+    (lambda ck: ck.update(step=-3), "'step'"),
+    (lambda ck: ck.update(step=2.5), "'step'"),
+    (lambda ck: ck.update(step=True), "'step'"),
+    (lambda ck: ck.update(config=["a"]), "'config'"),
+    (lambda ck: ck.update(vocab="abc"), "'vocab'"),
+    (lambda ck: ck.update(weights="both"), "'weights'"),
+    (lambda ck: ck.update(carry_state="x"), "'carry_state'"),
+    (lambda ck: ck.update(carry_state=torch.tensor([float("inf")])), "'carry_state'"),
+    (lambda ck: ck.update(optimizer=[1, 2]), "'optimizer'"),
+    (lambda ck: ck["model"].update({next(iter(ck["model"])): "zeros"}), "'model'"),
+    (_nan_weight, "'model'"),
+])
+def test_checkpoint_fields_of_the_wrong_type_are_named(tiny_run, mutate, field):
+    run = tiny_run()
+    best = run / "checkpoints" / "best.pt"
+    _rewrite(best, mutate)
+    one_line_error(cli("predict", "time", "--checkpoint", best), str(best), field)
+    last = run / "checkpoints" / "last.pt"
+    _rewrite(last, mutate)
+    one_line_error(cli("train", "--resume", run, "train.max_steps=40"), field)
+
+
+def _shapes(ck, key):
+    if key == "carry_state":
+        ck["carry_state"] = torch.zeros(1, 3, 5)
+    elif key == "optimizer":
+        state = ck["optimizer"]["state"]
+        state[0]["exp_avg"] = torch.zeros(2, 2)
+    elif key == "progress":
+        ck["progress"]["step"] = -1
+    elif key == "progress-nan":
+        ck["progress"]["train_time_s"] = float("nan")
+    elif key == "progress-extra":
+        ck["progress"]["surprise"] = 1
+
+
+@pytest.mark.parametrize("key", ["carry_state", "optimizer", "progress", "progress-nan",
+                                 "progress-extra"])
+def test_resume_state_that_does_not_fit_the_model_is_named(tiny_run, key):
+    run = tiny_run()
+    last = run / "checkpoints" / "last.pt"
+    _rewrite(last, lambda ck: _shapes(ck, key))
+    (run / "summary.json").unlink()  # as if interrupted
+    r = cli("train", "--resume", run, "train.max_steps=40")
+    one_line_error(r, str(last), f"field '{key.split('-')[0]}'")
+
+
+# ---------------------------------------------------------------- 2. one table, one kind
+
+
+def _copy_run(src: Path, dest: str) -> Path:
+    shutil.copytree(src, dest)
+    return Path(dest)
+
+
+def test_compare_runs_with_other_budgets_are_separate_rows_with_the_reason(tiny_run):
+    a = tiny_run("a-s0")
+    b = train_tiny("a-s1", "train.max_steps=20", "train.seed=1")  # same label, other budget
+    r = cli("compare", "--runs", a, b, "--out", "runs/cmp")
+    assert r.exit_code == 0, r.output
+    result = json.loads(Path("runs/cmp/results.json").read_text())
+    rows = [row for row in result["rows"] if row["kind"] == "seeds"]
+    assert [row["seeds"] for row in rows] == [1, 1]
+    assert rows[0]["model"] != rows[1]["model"]
+    assert "train.max_steps" in rows[1]["differs"] and "train.max_steps" in r.output
+
+
+def test_compare_groups_runs_of_one_config_whatever_their_folders(tiny_run):
+    tiny_run("t")
+    first = _copy_run("runs/t", "runs/x/first")  # folder names say nothing
+    second = train_tiny("second", "train.seed=1")
+    r = cli("compare", "--runs", first, second, "--out", "runs/cmp")
+    assert r.exit_code == 0, r.output
+    rows = json.loads(Path("runs/cmp/results.json").read_text())["rows"]
+    assert rows[0]["seeds"] == 2 and rows[1]["kind"] == "ensemble"
+
+
+def test_compare_refuses_runs_of_another_corpus(tiny_run):
+    a = tiny_run("a")
+    b = train_tiny("raw", "data.preset=raw")
+    one_line_error(cli("compare", "--runs", a, b, "--out", "runs/cmp"), "runs/raw")
+    c = train_tiny("longer", "data.max_tokens=6000")
+    one_line_error(cli("compare", "--runs", a, c, "--out", "runs/cmp2"), "runs/longer",
+                   "other data")
+
+
+def test_compare_resume_refuses_a_member_of_an_edited_config(workdir):
+    args = ("compare", "configs/tiny.yaml", "--seeds", "2", "--epochs", "1", "--out", "c")
+    assert cli(*args).exit_code == 0
+    edited = Path("configs/tiny.yaml").read_text().replace("lr: 0.01", "lr: 0.02")
+    Path("configs/tiny.yaml").write_text(edited)
+    before = _snapshot(Path("c"))
+    one_line_error(cli(*args, "--resume"), "c/tiny-s0", "train.lr", "another --out")
+    assert _snapshot(Path("c")) == before
