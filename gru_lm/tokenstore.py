@@ -85,16 +85,55 @@ def read_blocks(path: Path, block_bytes: int = BLOCK_BYTES) -> Iterator[bytes]:
                 if data:
                     yield _checked(data, path, offset)
                 return
-            # After whitespace no character composes (NFC) or decides a final sigma across
-            # the cut; a block without any is joined to the next.
-            cut = max(data.rfind(b"\n"), data.rfind(b" "), data.rfind(b"\t"),
-                      data.rfind(b"\r")) + 1
+            cut = safe_cut(data, force=len(data) >= max(4 * block_bytes, FORCE_BYTES))
             if cut == 0:
                 rest = data
                 continue
             piece, rest = data[:cut], data[cut:]
             yield _checked(piece, path, offset)
             offset += len(piece)
+
+
+# Characters that let a final sigma see past them (Unicode's Case_Ignorable: marks, format
+# characters, modifiers and the MidLetter punctuation).
+_CASE_IGNORABLE = {"Mn", "Me", "Cf", "Lm", "Sk"}
+_MID_LETTER = set("'.:^`\u00b7\u0387\u05f4\u2018\u2019\u2024\u2027\ufe13\ufe52\ufe55"
+                  "\uff07\uff0e\uff1a")
+TAIL_CHARS = 4096  # how far back from a block's end a cut is looked for
+FORCE_BYTES = 16 << 20  # a piece longer than this is cut even where no cut is safe
+
+
+def _neutral(c: str) -> bool:
+    """A whole character (not a byte of a cut or invalid one), neither a sigma nor
+    case-ignorable: lowercasing never looks across it."""
+    return c != "\u03a3" and c not in _MID_LETTER and \
+        unicodedata.category(c) not in _CASE_IGNORABLE and not "\udc80" <= c <= "\udcff"
+
+
+def safe_cut(data: bytes, force: bool = False) -> int:
+    """Where `data` (UTF-8) may be cut so that neither NFC nor lowercasing (final sigma) of the
+    two pieces differs from that of the whole: after the last whitespace, else before a
+    character that composes with nothing before it and has a neutral character on each side
+    (linear on text without whitespace too). 0 when there is none in the last TAIL_CHARS
+    characters, unless `force`: then at the last character boundary (so a pathological
+    text of one uncuttable run is still read in linear time)."""
+    cut = max(data.rfind(b"\n", -(1 << 16)), data.rfind(b" ", -(1 << 16)),
+              data.rfind(b"\t", -(1 << 16)), data.rfind(b"\r", -(1 << 16))) + 1
+    if cut:
+        return cut
+    start = max(0, len(data) - 4 * TAIL_CHARS)
+    while start and (data[start] & 0xC0) == 0x80:  # to a character boundary
+        start -= 1
+    tail = data[start:].decode("utf-8", errors="surrogateescape")  # byte for byte
+    for i in range(len(tail) - 1, 0, -1):
+        a, b = tail[i - 1], tail[i]
+        if (unicodedata.combining(b) == 0 and _neutral(a) and _neutral(b)
+                and unicodedata.normalize("NFC", a + b) == unicodedata.normalize("NFC", a)
+                + unicodedata.normalize("NFC", b)):
+            return start + len(tail[:i].encode("utf-8", errors="surrogateescape"))
+    if force and len(tail) > 1:
+        return start + len(tail[:-1].encode("utf-8", errors="surrogateescape"))
+    return 0
 
 
 def _checked(data: bytes, path: Path, offset: int) -> bytes:

@@ -32,6 +32,32 @@ def test_streaming_preprocessing_equals_preprocess(tmp_path_factory, text, prese
     assert streamed == "".join(preprocess(text, preset, lower))
 
 
+@settings(max_examples=150, deadline=None)
+@given(st.text(alphabet="abcXYZ.,;1-éÉ\u0301Σσ漢'", max_size=300), st.sampled_from(["d2l", "raw"]),
+       st.booleans(), st.integers(1, 9))
+def test_text_without_whitespace_is_cut_where_nothing_changes(tmp_path_factory, text, preset,
+                                                              lower, block):
+    path = tmp_path_factory.mktemp("t") / "c.txt"
+    path.write_bytes(text.encode("utf-8"))
+    streamed = "".join("".join(map(chr, piece.tolist()))
+                       for piece in token_pieces(path, preset, lower, block_bytes=block))
+    assert streamed == "".join(preprocess(text, preset, lower))
+
+
+@pytest.mark.parametrize("text", ["a" * 3_000_000, "漢字" * 1_000_000, "Σ" * 600_000])
+def test_text_without_whitespace_is_read_in_pieces(tmp_path, monkeypatch, text):
+    """No whitespace to cut after: still pieces of about one block, not one growing piece
+    re-scanned at every block (which made 100 MB take 5 s and 1 GB minutes). A run with no
+    safe cut at all (capital sigmas: each one's lowercase depends on the next) is cut
+    anyway past FORCE_BYTES."""
+    monkeypatch.setattr("gru_lm.tokenstore.FORCE_BYTES", 1 << 18)
+    path = tmp_path / "c.txt"
+    path.write_text(text, encoding="utf-8")
+    pieces = [len(p) for p in token_pieces(path, "raw", True, block_bytes=1 << 16)]
+    assert sum(pieces) == len(text) and len(pieces) >= 4
+    assert max(pieces) <= 1 << 18
+
+
 def _cfg(tmp_path, **kw) -> DataConfig:
     return DataConfig(cache_dir=tmp_path / "cache", **kw)
 
