@@ -305,6 +305,8 @@ def data_info(config: ConfigOpt = None, overrides: Overrides = None,
     table.add_row("token store", f"{corpus.store} ("
                   f"{'reused' if corpus.store_reused else 'prepared now'}, "
                   f"{corpus.train.element_size()} byte(s) a token)")
+    if corpus.store_note:
+        table.add_row("note", corpus.store_note)
     print_table(table)
 
 
@@ -538,6 +540,10 @@ def predict_cmd(
     temperature = sampling_temperature(temperature, top_k, top_p, num_samples, seed)
     prompt, outputs = predict(prefix, path, num_chars=num_chars, temperature=temperature,
                               top_k=top_k, top_p=top_p, num_samples=num_samples, seed=seed)
+    if len(prompt) > ECHO_PREFIX:  # a chapter used as a prime is not echoed whole, per sample
+        err_console.print(f"(the prefix has {len(prompt):,} characters; each sample shows its "
+                          f"last {ECHO_PREFIX:,})", highlight=False, style="dim")
+        prompt = "…" + prompt[-ECHO_PREFIX:]
     pretty = console.is_terminal
     for text in outputs:
         if pretty:
@@ -602,6 +608,9 @@ def evaluate_cmd(
     if r.get("unknown"):
         console.print(f"[yellow]note:[/yellow] {r['unknown']} token(s) outside the vocabulary "
                       "were scored as <unk>", highlight=False)
+
+
+ECHO_PREFIX = 1_000  # characters of the prefix printed before each continuation
 
 
 def _checkpoints(runs: list[Path], checkpoints: list[Path], runs_dir: Path) -> list[Path]:
@@ -807,10 +816,11 @@ def gates_cmd(
     runs_dir: RunsDirOpt = Path("runs"),
 ) -> None:
     """Show a trained GRU's update/reset gates (LSTM: input/forget/output) per character."""
-    from gru_lm.gates import check_units, gate_report
+    from gru_lm.gates import check_text, check_units, gate_report
     from gru_lm.runs import load_model
 
     check_units(units)
+    check_text(text, png is not None)
     if png is not None:
         from gru_lm.utils import figure_format
 

@@ -477,7 +477,16 @@ def _read_metrics_only(run_dir: Path) -> list[dict]:
     if not usable:
         raise GruLmError(f"{run.metrics}: no evaluation has a numeric train_ppl (the file was "
                          "edited or damaged); nothing to plot")
+    for e in usable:  # a perplexity is at least 1; past 1e9 no figure can draw it
+        for key in ("train_ppl", "val_ppl", "ema_val_ppl"):
+            if key in e and not 1 <= e[key] <= MAX_PPL:
+                raise GruLmError(f"{run.metrics}: step {e['step']} has {key} {e[key]:g}, not a "
+                                 f"perplexity (1 to {MAX_PPL:g}); the file was edited or "
+                                 "damaged")
     return usable
+
+
+MAX_PPL = 1e9
 
 
 def write_samples(groups: dict[str, list[dict]], path: Path) -> None:

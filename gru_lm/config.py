@@ -20,6 +20,7 @@ MAX_SEED = 2**63 - 1  # what torch.manual_seed takes
 MAX_NODES = 100_000  # YAML nodes after expanding aliases
 ECHO = 80  # characters of user input quoted in an error
 MAX_HIDDENS = 16384
+MAX_CONFIG_BYTES = 1 << 20
 
 
 class _Section(BaseModel):
@@ -289,7 +290,12 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if path.is_dir():
         raise ConfigError(f"config path {path} is a directory; pass a YAML file inside it")
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as f:  # a device or a pipe (<(cmd)) is read up to the limit
+            data = f.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {path} is over {MAX_CONFIG_BYTES:,} bytes; a config "
+                              "is a few dozen keys (see configs/gru.yaml)")
+        text = data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from None
     try:
@@ -300,6 +306,10 @@ def read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{where}: YAML syntax error: {exc.problem or exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: YAML error: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # a number past 4,300 digits, deep nesting
+        raise ConfigError(f"{path}: not a usable config ({type(exc).__name__}: "
+                          f"{str(exc)[:100] or 'nested too deep'}); a config is a few dozen "
+                          "keys (see configs/gru.yaml)") from None
     if raw is None:
         raise ConfigError(f"config file {path} is empty; start from configs/tiny.yaml")
     if not isinstance(raw, dict):
@@ -321,7 +331,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             continue
         try:
             parsed = yaml.safe_load(value) if value.strip() else None
-        except yaml.YAMLError:
+        except (yaml.YAMLError, ValueError, RecursionError):  # ValueError: 4,300+ digits
             parsed = value
         if isinstance(parsed, float) and not math.isfinite(parsed):
             problems.append(f"{key[:ECHO]}: {short(value)} is not a finite number")

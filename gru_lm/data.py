@@ -115,6 +115,7 @@ class Corpus:
     note: str = ""  # what the preprocessing changed (describe_preset)
     store: str = ""  # the token store's file
     store_reused: bool = False
+    store_note: str = ""  # why an existing token store was prepared again
 
     @property
     def num_tokens(self) -> int:
@@ -172,6 +173,38 @@ def read_text(path: Path) -> str:
     return text
 
 
+MAX_TEXT_BYTES = 1 << 30  # evaluate --text: 1 GiB, read from a file, a device or a pipe
+
+
+def encode_file(path: Path, cfg: DataConfig, vocab: Vocab, what: str = "--text"
+                ) -> tuple[torch.Tensor, int]:
+    """A text file preprocessed as the run's corpus and encoded with its vocabulary, streamed
+    (ids as uint8, uint16 or int32: no list of characters), and how many of its tokens are
+    outside the vocabulary (encoded as <unk>)."""
+    import numpy as np
+    import torch
+
+    from gru_lm.tokenstore import token_pieces
+
+    if Path(path).is_dir():
+        raise DataError(f"{what} {path} is a directory; give a text file")
+    if not Path(path).exists():
+        raise DataError(f"{what} {path} does not exist; give a text file")
+    dtype = np.uint8 if len(vocab) <= 256 else np.uint16 if len(vocab) <= 65536 else np.int32
+    lut = np.zeros(0x110000, dtype=dtype)  # code point -> id; unknown -> <unk> (0)
+    known = np.zeros(0x110000, dtype=bool)
+    for token, idx in vocab.token_to_idx.items():
+        if len(token) == 1:
+            lut[ord(token)], known[ord(token)] = idx, True
+    parts, unknown = [], 0
+    for piece in token_pieces(Path(path), cfg.preset, cfg.lowercase, limit=MAX_TEXT_BYTES,
+                              what=what):
+        parts.append(lut[piece])
+        unknown += int((~known[piece]).sum())
+    ids = np.concatenate(parts) if parts else np.zeros(0, dtype)
+    return torch.from_numpy(ids), unknown
+
+
 def load_corpus(cfg: DataConfig, vocab: Vocab | None = None, offline: bool | None = None,
                 progress: bool = True) -> Corpus:
     """Load the configured corpus through its token store (prepared on first use), split it,
@@ -200,7 +233,8 @@ def load_corpus(cfg: DataConfig, vocab: Vocab | None = None, offline: bool | Non
     return Corpus(vocab=vocab, raw_chars=s.raw_chars, source=str(path),
                   train=ids[:n_train], val=ids[n_train:n_train + n_val],
                   test=ids[n_train + n_val:n_train + n_val + n_test],
-                  note=note, store=str(store.path), store_reused=store.reused)
+                  note=note, store=str(store.path), store_reused=store.reused,
+                  store_note=store.note)
 
 
 class BatchLoader:

@@ -54,6 +54,30 @@ def world_from_env() -> World:
     return World(rank, size, local_rank, max(1, local_size))
 
 
+LAUNCHER = "GRU_LM_LAUNCHER_PID"  # set by launch(): the process whose death ends the workers
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_launcher() -> None:
+    """A process started by `gru-lm train --nproc` gets SIGTERM when its launcher dies, even
+    by kill -9 (Linux's parent-death signal): it saves a checkpoint and stops, instead of
+    training on unseen and holding the run's lock. No-op elsewhere."""
+    import signal
+
+    pid = os.environ.get(LAUNCHER)
+    if not pid:
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the launcher's own handlers must do
+        return
+    if str(os.getppid()) != pid:  # it died before the signal was asked for
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def start(world: World, device_type: str) -> None:
     """Join the process group: gloo on the CPU, nccl on CUDA."""
     import torch.distributed as dist
@@ -149,7 +173,7 @@ def launch(nproc: int, args: list[str]) -> int:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-            "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc)}
+            "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc), LAUNCHER: str(os.getpid())}
     procs = [subprocess.Popen([sys.executable, "-m", "gru_lm", *args],
                               env={**base, "RANK": str(r), "LOCAL_RANK": str(r)})
              for r in range(nproc)]

@@ -166,8 +166,14 @@ def score(members: list[Member], val: torch.Tensor | None, target: torch.Tensor,
           ngram=None) -> list[Row]:
     """The rows of `gru-lm evaluate`: each variant of the (ensembled) members, then each of
     them mixed with `ngram` (a KneserNey model) when given, its weight chosen on val."""
-    from gru_lm.metrics import LN2, mixture_log_probs, mixture_weight
+    from gru_lm.metrics import LN2, evaluate, mixture_log_probs, mixture_weight, perplexity
 
+    if len(members) == 1 and not (cache or dynamic or ngram is not None):
+        m = members[0]  # only sums are needed: memory does not grow with the text
+        ppl = perplexity(*evaluate(m.model, target, *m.cfg.train.reading))
+        val_ppl = None if val is None else ppl if val is target else \
+            perplexity(*evaluate(m.model, val, *m.cfg.train.reading))
+        return [Row("static", ppl, math.log(ppl) / LN2, val_ppl, [])]
     per_member = [member_variants(m, val, target, train, cache=cache, dynamic=dynamic)
                   for m in members]
     variants: dict[str, Scored] = {}

@@ -164,9 +164,21 @@ class GateReport:
         save_heatmap(self.text, self.trace, self.units, path, title)
 
 
+MAX_CHARS = 10_000  # the gates of 10,000 characters: a few MB per gate and unit
+MAX_FIGURE_CHARS = 1_000  # 0.28 inch a character: wider figures exhaust matplotlib
+
+
 def check_units(units: int) -> None:
     if units < 1:
         raise GruLmError(f"--units {units} is invalid; give an integer >= 1")
+
+
+def check_text(text: str, figure: bool) -> None:
+    """Refuse a text whose gates (or figure) would not fit, before the model is loaded."""
+    limit, what = (MAX_FIGURE_CHARS, "gates with --png") if figure else (MAX_CHARS, "gates")
+    if len(text) > limit:
+        raise GruLmError(f"the text has {len(text):,} characters; {what} shows at most "
+                         f"{limit:,}: give a shorter text" + (" or drop --png" if figure else ""))
 
 
 def gate_report(model, vocab, preset: str, lowercase: bool, text: str, layer: int,

@@ -107,9 +107,10 @@ class RunDir:
 
         try:
             return Vocab.from_dict(json.loads(self.vocab.read_text(encoding="utf-8")))
-        except (OSError, ValueError, DataError) as e:
-            raise GruLmError(f"cannot read the run's vocabulary {self.vocab} ({e}); the run "
-                             "folder is damaged, start a new run") from None
+        except (OSError, ValueError, RecursionError, DataError) as e:
+            raise GruLmError(f"cannot read the run's vocabulary {self.vocab} "
+                             f"({str(e)[:120] or type(e).__name__}); the run folder is damaged, "
+                             "start a new run") from None
 
     # -------------------------------------------------------------- metrics
 
@@ -123,7 +124,7 @@ class RunDir:
         for line in text.splitlines():
             try:
                 rec = json.loads(line)
-            except (json.JSONDecodeError, RecursionError):
+            except (ValueError, RecursionError):  # torn, nested too deep, too long a number
                 continue
             if isinstance(rec, dict) and _number(rec.get("step")) and isinstance(rec["step"], int):
                 out.append({k: v for k, v in rec.items() if _plain(k, v)})
@@ -153,7 +154,8 @@ class RunDir:
                              f"with `{self.resume_command()}`")
         try:
             summary = json.loads(self.summary.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON, bad UTF-8,
+            # an integer past Python's 4,300 digits
             raise GruLmError(f"{self.summary} cannot be read ({type(e).__name__}); the run "
                              "folder is damaged, retrain or drop that run") from None
         if not isinstance(summary, dict):

@@ -150,6 +150,7 @@ def train_run(config: Path | None, overrides: list[str], *, name: str | None = N
     from gru_lm.errors import NonFiniteLoss, TrainingInterrupted
 
     world = distributed.world_from_env()
+    distributed.die_with_launcher()
     if not world.is_main:
         console = None
     try:
@@ -344,9 +345,7 @@ def evaluate_runs(paths: list[Path], *, split: str, text: Path | None,
     `cache`, `dynamic`: also with the continuous cache and with dynamic evaluation,
     `mix_ngram`: each of those also interpolated with the Kneser-Ney model; every setting
     is chosen on the val split (gru_lm/evaluation.py)."""
-    import torch
-
-    from gru_lm.data import load_corpus, preprocess, read_text
+    from gru_lm.data import encode_file, load_corpus
     from gru_lm.errors import DataError
     from gru_lm.evaluation import check_fingerprint, check_members, load_member, score
     from gru_lm.metrics import bits_per_char, reference_baselines
@@ -366,11 +365,9 @@ def evaluate_runs(paths: list[Path], *, split: str, text: Path | None,
     cap = cfg.train.eval_max_tokens
     unknown = 0
     if text is not None:
-        tokens = preprocess(read_text(text), cfg.data.preset, cfg.data.lowercase)
-        if len(tokens) < 2:
+        ids, unknown = encode_file(text, cfg.data, vocab)
+        if len(ids) < 2:
             raise GruLmError(f"--text {text}: fewer than 2 tokens after preprocessing")
-        unknown = sum(1 for t in tokens if t not in vocab.token_to_idx)
-        ids = torch.tensor(vocab.encode(tokens), dtype=torch.long)
         what = str(text)
     else:
         ids = getattr(corpus, split)

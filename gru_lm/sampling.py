@@ -15,6 +15,7 @@ from gru_lm.errors import GruLmError
 MAX_CHARS = 10_000
 MAX_SAMPLES = 1_000
 MAX_PREFIX_CHARS = 10_000_000
+PREFIX_WINDOW = 4096  # prefix tokens read per forward call
 # Below this, logits / temperature overflow float32 and the softmax is NaN; sampling that
 # cold is greedy decoding anyway.
 MIN_TEMPERATURE = 1e-6
@@ -136,8 +137,15 @@ def generate(model, prefix_ids: list[int], num_chars: int, *, temperature: float
     model.eval()
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     try:
-        X = torch.tensor(prefix_ids, device=device).repeat(num_samples, 1)  # (num_samples, P)
-        logits, state = model(X, model.begin_state(num_samples, device))
+        # The prefix is read once, in windows (a prefix of millions of characters needs no
+        # more memory than a short one), and its final state copied to every sample.
+        prefix = torch.tensor(prefix_ids, device=device)
+        state = model.begin_state(1, device)
+        for i in range(0, len(prefix), PREFIX_WINDOW):
+            logits, state = model(prefix[i:i + PREFIX_WINDOW].unsqueeze(0), state)
+        logits = logits[:, -1:].expand(num_samples, 1, -1)  # (num_samples, 1, vocab_size)
+        state = tuple(s.repeat(1, num_samples, 1) for s in state) if isinstance(state, tuple) \
+            else state.repeat(1, num_samples, 1)  # (num_layers, num_samples, num_hiddens)
         out = torch.empty(num_samples, num_chars, dtype=torch.long, device=device)
         for i in range(num_chars):
             nxt = _pick(logits[:, -1], temperature, top_k, top_p, generator)  # (num_samples,)

@@ -59,6 +59,10 @@ class Stats:
             self.has_text = not block.decode("utf-8").isspace()
 
 
+STATS_FIELDS = {"raw_chars": int, "non_letters": int, "non_ascii": int, "capitals": int,
+                "has_text": bool}
+
+
 def code_points(text: str) -> np.ndarray:
     """The code points of `text` as a numpy array (uint8 for ASCII, else uint32)."""
     if text.isascii():
@@ -66,10 +70,12 @@ def code_points(text: str) -> np.ndarray:
     return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
 
 
-def read_blocks(path: Path, block_bytes: int = BLOCK_BYTES) -> Iterator[bytes]:
-    """The bytes of `path`, checked to be UTF-8, in pieces that end after whitespace, so that
-    neither NFC nor lowercasing depends on where a piece ends (and no character is cut)."""
-    offset, rest = 0, b""
+def read_blocks(path: Path, block_bytes: int = BLOCK_BYTES, limit: int | None = None,
+                what: str = "corpus") -> Iterator[bytes]:
+    """The bytes of `path`, checked to be UTF-8, in pieces cut where neither NFC nor
+    lowercasing depends on the cut (safe_cut; no character is cut). `limit`: refuse a file
+    (or a device or pipe) of more bytes, read no further than that."""
+    offset, rest, total = 0, b"", 0
     try:
         f = open(path, "rb")  # noqa: SIM115 (closed below; an error must name the byte)
     except OSError as e:
@@ -79,18 +85,22 @@ def read_blocks(path: Path, block_bytes: int = BLOCK_BYTES) -> Iterator[bytes]:
             try:
                 block = f.read(block_bytes)
             except OSError as e:
-                raise DataError(f"cannot read corpus {path}: {e.strerror}") from None
+                raise DataError(f"cannot read {what} {path}: {e.strerror}") from None
+            total += len(block)
+            if limit is not None and total > limit:
+                raise DataError(f"{what} {path} is over {limit:,} bytes; give a shorter text "
+                                "(its first part: head -c BYTES FILE > part.txt)")
             data = rest + block
             if not block:
                 if data:
-                    yield _checked(data, path, offset)
+                    yield _checked(data, path, offset, what)
                 return
             cut = safe_cut(data, force=len(data) >= max(4 * block_bytes, FORCE_BYTES))
             if cut == 0:
                 rest = data
                 continue
             piece, rest = data[:cut], data[cut:]
-            yield _checked(piece, path, offset)
+            yield _checked(piece, path, offset, what)
             offset += len(piece)
 
 
@@ -136,11 +146,11 @@ def safe_cut(data: bytes, force: bool = False) -> int:
     return 0
 
 
-def _checked(data: bytes, path: Path, offset: int) -> bytes:
+def _checked(data: bytes, path: Path, offset: int, what: str = "corpus") -> bytes:
     try:
         data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(f"corpus {path} is not UTF-8 (byte {offset + e.start}); convert it "
+        raise DataError(f"{what} {path} is not UTF-8 (byte {offset + e.start}); convert it "
                         "with `iconv -t utf-8`") from None
     return data
 
@@ -213,13 +223,14 @@ def _after_last(mask: np.ndarray) -> int:
 
 
 def token_pieces(path: Path, preset: str, lowercase: bool, stats: Stats | None = None,
-                 block_bytes: int = BLOCK_BYTES) -> Iterator[np.ndarray]:
+                 block_bytes: int = BLOCK_BYTES, limit: int | None = None,
+                 what: str = "corpus") -> Iterator[np.ndarray]:
     """The preprocessed text of `path` (gru_lm.data.preprocess) as code points, piece by
     piece: uint8 arrays for ASCII pieces, else uint32."""
     if preset not in ("d2l", "raw"):
         raise DataError(f"unknown preprocessing preset '{preset}'; choose d2l or raw")
     d2l = D2lStream() if preset == "d2l" else None
-    for block in read_blocks(path, block_bytes):
+    for block in read_blocks(path, block_bytes, limit, what):
         if stats is not None:
             stats.add(block)
         if d2l is not None:
@@ -252,6 +263,7 @@ class TokenStore:
     stats: Stats
     path: Path  # the .bin file
     reused: bool
+    note: str = ""  # why an existing store was prepared again
 
 
 def store_paths(source: Path, cfg: DataConfig, cache_dir: Path) -> tuple[Path, Path, dict]:
@@ -269,37 +281,92 @@ def store_paths(source: Path, cfg: DataConfig, cache_dir: Path) -> tuple[Path, P
 def open_store(source: Path, cfg: DataConfig, cache_dir: Path, make_vocab,
                block_bytes: int = BLOCK_BYTES) -> TokenStore:
     """The token store of `source`, prepared now unless an identical one exists;
-    `make_vocab(counts, min_freq, reserved_tokens)` builds the vocabulary (Vocab.from_counts)."""
+    `make_vocab(counts, min_freq, reserved_tokens)` builds the vocabulary (Vocab.from_counts).
+    A store whose files do not hold what they should (edited, cut short, ids past the
+    vocabulary) is prepared again, and `note` says why."""
     bin_path, meta_path, fields = store_paths(source, cfg, cache_dir)
-    meta = _read_meta(meta_path, bin_path, fields)
+    meta, problem = _read_meta(meta_path, bin_path, fields)
+    vocab = None
+    if meta is not None:
+        vocab = make_vocab(dict(meta["counts"]), min_freq=cfg.min_freq,
+                           reserved_tokens=cfg.reserved_tokens)
+        if vocab.idx_to_token != meta["idx_to_token"]:
+            meta, problem = None, "field 'idx_to_token' does not follow from 'counts'"
     reused = meta is not None
     if meta is None:
         meta = prepare(source, cfg, bin_path, meta_path, fields, make_vocab, block_bytes)
-    vocab = make_vocab(dict(meta["counts"]), min_freq=cfg.min_freq,
-                              reserved_tokens=cfg.reserved_tokens)
-    if vocab.idx_to_token != meta["idx_to_token"]:
-        raise DataError(f"token store {meta_path} is inconsistent; delete it and run again")
+        vocab = make_vocab(dict(meta["counts"]), min_freq=cfg.min_freq,
+                           reserved_tokens=cfg.reserved_tokens)
     n = meta["num_tokens"]
     dtype = np.dtype(meta["dtype"])
     # mode "c": copy-on-write pages, so torch.from_numpy gets a writable array that never
     # writes back; nothing is read from disk until it is used.
     ids = np.memmap(bin_path, dtype=dtype, mode="c", shape=(n,)) if n else np.zeros(0, dtype)
+    note = f"token store {meta_path}: {problem}; prepared again" if problem else ""
     return TokenStore(ids=ids, vocab=vocab, stats=Stats(**meta["stats"]), path=bin_path,
-                      reused=reused)
+                      reused=reused, note=note)
 
 
-def _read_meta(meta_path: Path, bin_path: Path, fields: dict) -> dict | None:
-    """The store's description when the store is complete and made for `fields`."""
+def _check_meta(meta: Any, fields: dict) -> str | None:
+    """What is wrong with a store's description, or None: every field of its type."""
+    if not isinstance(meta, dict):
+        return "it is not a JSON object"
+    expected = {"key", "source", "dtype", "num_tokens", "idx_to_token", "counts", "stats"}
+    odd = sorted(set(meta) ^ expected)
+    if odd:
+        return f"field {odd[0][:40]!r} is {'unknown' if odd[0] in meta else 'missing'}"
+
+    def count(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63
+
+    tokens = meta["idx_to_token"]
+    checks = {
+        "key": meta["key"] == fields,
+        "source": isinstance(meta["source"], str),
+        "dtype": meta["dtype"] in ("uint8", "uint16"),
+        "num_tokens": count(meta["num_tokens"]),
+        "idx_to_token": isinstance(tokens, list) and all(isinstance(t, str) for t in tokens)
+        and 0 < len(tokens) <= MAX_VOCAB and len(set(tokens)) == len(tokens),
+        "counts": isinstance(meta["counts"], list) and all(
+            isinstance(c, list) and len(c) == 2 and isinstance(c[0], str) and count(c[1])
+            for c in meta["counts"]),
+        "stats": isinstance(meta["stats"], dict) and set(meta["stats"]) == set(STATS_FIELDS)
+        and all(isinstance(v, bool) if STATS_FIELDS[k] is bool else count(v)
+                for k, v in meta["stats"].items()),
+    }
+    bad = next((k for k, ok in checks.items() if not ok), None)
+    return None if bad is None else f"field {bad!r} is malformed"
+
+
+def _read_meta(meta_path: Path, bin_path: Path, fields: dict) -> tuple[dict | None, str]:
+    """The store's description when the store is complete and made for `fields`, else None
+    and what is wrong ("" when there is no store yet)."""
+    if not meta_path.exists():
+        return None, ""
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        if meta.get("key") != fields:
-            return None
-        size = np.dtype(meta["dtype"]).itemsize * int(meta["num_tokens"])
-        if bin_path.stat().st_size != size:
-            return None
-        return meta
-    except (OSError, ValueError, TypeError, KeyError):
-        return None
+    except (OSError, ValueError, RecursionError) as e:
+        return None, f"cannot be read ({type(e).__name__})"
+    problem = _check_meta(meta, fields)
+    if problem:
+        return None, problem
+    try:
+        size = bin_path.stat().st_size
+    except OSError:
+        return None, f"{bin_path.name} is missing"
+    if size != np.dtype(meta["dtype"]).itemsize * meta["num_tokens"]:
+        return None, f"{bin_path.name} holds {size:,} bytes, not the ids of field 'num_tokens'"
+    if meta["num_tokens"] and _largest_id(bin_path, meta) >= len(meta["idx_to_token"]):
+        return None, f"{bin_path.name} holds ids past the vocabulary"
+    return meta, ""
+
+
+def _largest_id(bin_path: Path, meta: dict) -> int:
+    """The largest id in the store, read in chunks (about 0.1 s a GB)."""
+    ids = np.memmap(bin_path, dtype=np.dtype(meta["dtype"]), mode="r",
+                    shape=(meta["num_tokens"],))
+    chunk = 1 << 24
+    return max(int(ids[i:i + chunk].max()) for i in range(0, len(ids), chunk))
 
 
 def prepare(source: Path, cfg: DataConfig, bin_path: Path, meta_path: Path, fields: dict,

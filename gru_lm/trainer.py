@@ -118,7 +118,8 @@ class Trainer:
         if t.tensorboard:
             tensorboard_writer()  # missing package: refused before anything is written
         self.tensorboard: TensorBoard | None = None
-        self.notes: list[str] = []  # said once, under the header
+        self.notes: list[str] = [corpus.store_note] if corpus.store_note else []  # said
+        # once, under the header
         self._check_precision()
         self.prefix_ids = self._check_prefixes()
         self.eval_splits = self._eval_splits()

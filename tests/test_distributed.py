@@ -132,3 +132,27 @@ def test_nproc_beyond_the_cores_is_refused(workdir):
     r = cli("train", "--nproc", "64", "--config", "configs/tiny.yaml")
     one_line_error(r, "--nproc 64: this machine has", "at most")
     assert not Path("runs").exists()
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_launcher_stops_its_workers_and_frees_the_run(workdir):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gru_lm", "train", "--nproc", "2", *TINY, "--name", "orphan",
+         "train.max_steps=1000000", "train.eval_interval=25"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = Path("runs/orphan/metrics.jsonl")
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and metrics.read_text().strip()):
+        assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
+        time.sleep(0.05)
+    proc.kill()  # kill -9: the launcher cannot pass anything on
+    proc.wait()
+    from gru_lm.rundir import RunDir, is_locked
+
+    deadline = time.monotonic() + 120  # the workers save a checkpoint and stop
+    while is_locked(RunDir("runs/orphan")):
+        assert time.monotonic() < deadline, "the workers went on training after their launcher"
+        time.sleep(0.2)
+    step = _weights("orphan")["step"]
+    r = _train("--resume", "runs/orphan", f"train.max_steps={step + 5}", nproc=2)
+    assert r.returncode == 0, r.stderr

@@ -177,3 +177,158 @@ def test_compare_resume_refuses_a_member_of_an_edited_config(workdir):
     before = _snapshot(Path("c"))
     one_line_error(cli(*args, "--resume"), "c/tiny-s0", "train.lr", "another --out")
     assert _snapshot(Path("c")) == before
+
+
+# ---------------------------------------------------------------- 3. bounded work
+
+
+def test_config_from_a_device_is_read_up_to_its_limit(workdir):
+    one_line_error(cli("train", "--config", "/dev/zero"), "/dev/zero", "over 1,048,576 bytes")
+    one_line_error(cli("config", "show", "--config", "/dev/urandom"), "/dev/urandom")
+
+
+def test_text_from_a_device_is_read_up_to_its_limit(tiny_run, monkeypatch):
+    run = tiny_run()
+    monkeypatch.setattr("gru_lm.data.MAX_TEXT_BYTES", 1 << 20)
+    one_line_error(cli("evaluate", "--run", run, "--text", "/dev/zero"), "--text /dev/zero",
+                   "over 1,048,576 bytes")
+    one_line_error(cli("evaluate", "--run", run, "--text", "/dev/urandom"), "/dev/urandom")
+    one_line_error(cli("predict", "--run", run, "--prefix-file", "/dev/zero"),
+                   "over 10,000,000 characters")
+
+
+def test_a_long_text_is_scored_without_holding_its_characters(tiny_run, data_dir):
+    run = tiny_run()
+    book = (data_dir / "timemachine.txt").read_text()
+    Path("long.txt").write_text(book * 12)  # 2.1 MB
+    r = cli("evaluate", "--run", run, "--text", "long.txt")
+    assert r.exit_code == 0, r.output
+    assert "long.txt: 2,04" in r.output and "references (counted" in r.output
+
+
+@pytest.mark.slow
+def test_the_longest_prefix_with_the_most_samples(tiny_run):
+    from gru_lm.sampling import MAX_PREFIX_CHARS, MAX_SAMPLES
+
+    run = tiny_run()
+    Path("p.txt").write_text("the time machine " * (MAX_PREFIX_CHARS // 17))
+    r = cli("predict", "--run", run, "--prefix-file", "p.txt", "--num-samples", MAX_SAMPLES,
+            "-n", 3, "--seed", 1)
+    assert r.exit_code == 0, r.output[-300:]
+    assert len(r.stdout.splitlines()) == MAX_SAMPLES
+
+
+@pytest.mark.slow
+def test_gates_refuses_texts_it_cannot_show(tiny_run):
+    from gru_lm.gates import MAX_CHARS, MAX_FIGURE_CHARS
+
+    run = tiny_run()
+    one_line_error(cli("gates", "a" * (MAX_CHARS + 1), "--run", run), "at most 10,000")
+    one_line_error(cli("gates", "a" * (MAX_FIGURE_CHARS + 1), "--run", run, "--png", "g.png"),
+                   "at most 1,000", "drop --png")
+    assert not Path("g.png").exists()
+    r = cli("gates", "the time " * (MAX_FIGURE_CHARS // 9), "--run", run, "--png", "g.png")
+    assert r.exit_code == 0 and Path("g.png").stat().st_size > 1000
+
+
+# ---------------------------------------------------------------- 4. run files are untrusted
+
+
+def _store(tmp_path):
+    from gru_lm.config import DataConfig
+    from gru_lm.data import load_corpus
+
+    src = tmp_path / "book.txt"
+    src.write_text("hello world, the time machine\n" * 40)
+    cfg = DataConfig(path=src, dataset=None, cache_dir=tmp_path / "cache")
+    corpus = load_corpus(cfg)
+    return cfg, corpus, Path(corpus.store).with_suffix(".json")
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda m: m.update(extra=1), "'extra' is unknown"),
+    (lambda m: m.pop("counts"), "'counts' is missing"),
+    (lambda m: m.update(num_tokens="12"), "'num_tokens'"),
+    (lambda m: m.update(num_tokens=True), "'num_tokens'"),
+    (lambda m: m.update(dtype="float64"), "'dtype'"),
+    (lambda m: m["stats"].update(raw_chars=-1), "'stats'"),
+    (lambda m: m["stats"].update(more=0), "'stats'"),
+    (lambda m: m.update(counts=[["a", "b"]]), "'counts'"),
+    (lambda m: m.update(idx_to_token=[1, 2]), "'idx_to_token'"),
+    (lambda m: m.update(idx_to_token=list(reversed(m["idx_to_token"]))), "'idx_to_token'"),
+])
+def test_an_edited_token_store_is_prepared_again_and_says_why(tmp_path, edit, field):
+    from gru_lm.data import load_corpus
+
+    cfg, corpus, meta_path = _store(tmp_path)
+    meta = json.loads(meta_path.read_text())
+    edit(meta)
+    meta_path.write_text(json.dumps(meta))
+    again = load_corpus(cfg)
+    assert not again.store_reused and field in again.store_note
+    assert str(meta_path) in again.store_note
+    assert again.fingerprint() == corpus.fingerprint()
+    assert load_corpus(cfg).store_reused  # repaired
+
+
+def test_a_token_store_with_ids_past_its_vocabulary_is_prepared_again(tmp_path):
+    from gru_lm.data import load_corpus
+
+    cfg, corpus, _ = _store(tmp_path)
+    before = corpus.fingerprint()
+    data = bytearray(Path(corpus.store).read_bytes())
+    data[5] = 200  # same size, an id no vocabulary of this text has
+    Path(corpus.store).write_bytes(bytes(data))
+    again = load_corpus(cfg)
+    assert "ids past the vocabulary" in again.store_note
+    assert again.fingerprint() == before
+
+
+HUGE = "1" * 5000  # past Python's 4,300-digit limit for int()
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+@pytest.mark.parametrize("content", [f'{{"run": "x", "steps": {HUGE}}}', DEEP])
+def test_summary_json_with_huge_numbers_or_deep_nesting_is_one_line(tiny_run, content):
+    run = tiny_run()
+    (run / "summary.json").write_text(content)
+    one_line_error(cli("compare", "--runs", run, "--out", "runs/c"), "summary.json")
+    other = tiny_run("other")
+    r = cli("runs")  # one damaged run does not break the list
+    assert r.exit_code == 0 and other.name in r.output and run.name in r.output
+
+
+@pytest.mark.parametrize("content", [f"train:\n  max_steps: {HUGE}\n", DEEP,
+                                     "a:\n" + "".join(f"{' ' * i}b:\n" for i in range(1, 3000))])
+def test_config_yaml_with_huge_numbers_or_deep_nesting_is_one_line(tiny_run, content):
+    run = tiny_run()
+    (run / "config.yaml").write_text(content)
+    one_line_error(cli("train", "--resume", run), "config.yaml")
+    one_line_error(cli("compare", "--runs", run, "--out", "runs/c"), "config.yaml")
+    assert cli("runs").exit_code == 0
+    Path("c.yaml").write_text(content)
+    one_line_error(cli("config", "show", "--config", "c.yaml"), "c.yaml")
+    one_line_error(cli("train", "--config", "configs/tiny.yaml", f"train.max_steps={HUGE}"),
+                   "train.max_steps")
+
+
+@pytest.mark.parametrize("line", [f'{{"kind": "eval", "step": {HUGE}}}', DEEP,
+                                  '{"kind": "eval", "step": 10, "train_ppl": 1e308}',
+                                  '{"kind": "eval", "step": 10, "train_ppl": 0.5}'])
+def test_metrics_with_huge_or_extreme_values(tiny_run, line):
+    run = tiny_run()
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(line + "\n")
+    r = cli("plot", run, "--out", "p.png")
+    if "e308" in line or "0.5" in line:
+        one_line_error(r, "metrics.jsonl", "train_ppl")
+    else:  # an unreadable line is skipped, the rest is drawn
+        assert r.exit_code == 0, r.output
+    assert cli("runs").exit_code == 0
+
+
+def test_vocab_json_nested_too_deep_is_one_line(tiny_run):
+    run = tiny_run()
+    (run / "vocab.json").write_text(DEEP)
+    (run / "summary.json").unlink()
+    one_line_error(cli("train", "--resume", run, "train.max_steps=40"), "vocab.json")
