@@ -78,6 +78,9 @@ class PlainGroup(TyperGroup):
         except typer.Abort:
             err_console.print("[red]aborted[/red]")
             sys.exit(1)
+        except OSError as e:  # help text written straight to a stdout that takes nothing
+            stdout.failure = stdout.failure or (e.strerror or str(e))
+            code = 1
         except Exception as e:  # click's ClickException, whose module Typer keeps private
             if not hasattr(e, "format_message") or not hasattr(e, "exit_code"):
                 raise
@@ -88,6 +91,12 @@ class PlainGroup(TyperGroup):
                 err_console.print(f"[red]error:[/red] {escape(message + hint)}",
                                   highlight=False, soft_wrap=True)
             sys.exit(e.exit_code)
+        if stdout.failure and not stdout.keep_going:  # --help, --version: the output is the job
+            try:
+                _output_lost()
+            except typer.Exit:
+                pass
+            sys.exit(1)
         sys.exit(code if isinstance(code, int) else 0)
 
 
@@ -112,11 +121,25 @@ def example(*lines: str) -> str:
     """An epilog for --help: the command lines that show how a command is used."""
     return "[bold]Examples[/bold]\n\n" + "\n\n".join(f"  $ {line}" for line in lines)
 
+# A stream closed before the process started (`>&-`, `<&-`) is None in sys; it becomes
+# os.devnull so nothing fails on it, and is remembered: reading a closed stdin or losing the
+# output of a command whose output is the point is an error, said in one line.
+CLOSED = [name for name in ("stdin", "stdout", "stderr") if getattr(sys, name) is None]
+for _name in CLOSED:
+    setattr(sys, _name, open(os.devnull, "r" if _name == "stdin" else "w"))  # noqa: SIM115
+
+
 class Stdout:
     """sys.stdout (looked up at each write, so tests can swap it) that survives its reader
-    leaving: after `gru-lm train ... | head -2` output is dropped and training goes on."""
+    leaving: after `gru-lm train ... | head -2` output is dropped and training goes on. A
+    stdout that cannot be written (closed, /dev/full) is dropped too, and `failure` says why:
+    training goes on; other commands end with an error."""
 
-    gone = False
+    def __init__(self) -> None:
+        self.gone = False
+        self.failure = "it is closed" if "stdout" in CLOSED else ""
+        self.keep_going = False  # train: losing the display is no reason to stop
+        self.failure_said = False
 
     def write(self, text: str) -> int:
         if not self.gone:
@@ -124,6 +147,8 @@ class Stdout:
                 sys.stdout.write(text)
             except BrokenPipeError:
                 self._reader_left()
+            except OSError as e:
+                self._cannot_write(e)
         return len(text)
 
     def flush(self) -> None:
@@ -132,6 +157,12 @@ class Stdout:
                 sys.stdout.flush()
             except BrokenPipeError:
                 self._reader_left()
+            except OSError as e:
+                self._cannot_write(e)
+
+    def _cannot_write(self, e: OSError) -> None:
+        self.failure = self.failure or (e.strerror or str(e))
+        self._reader_left()
 
     def _reader_left(self) -> None:
         self.gone = True
@@ -195,7 +226,9 @@ def handle_errors(fn):
         from gru_lm.errors import GruLmError, TrainingInterrupted
 
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            _output_lost()
+            return result
         except TrainingInterrupted as e:  # Ctrl-C or SIGTERM, saved: not an error
             err_console.print(f"[yellow]interrupted:[/yellow] {escape(str(e))}", highlight=False,
                               soft_wrap=True)
@@ -216,6 +249,23 @@ def handle_errors(fn):
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def _output_lost() -> None:
+    """After a command: say once if stdout could not be written (a reader that left with
+    `| head` is not that). Training went on; any other command failed at its one job."""
+    if not stdout.failure or stdout.failure_said:
+        return
+    stdout.failure_said = True
+    if stdout.keep_going:
+        err_console.print(f"[yellow]warning:[/yellow] stdout could not be written "
+                          f"({stdout.failure}); training went on and the run's files hold "
+                          "every figure", highlight=False, soft_wrap=True)
+        return
+    err_console.print(f"[red]error:[/red] the output could not be written to stdout "
+                      f"({stdout.failure}); write it to a file instead (> out.txt)",
+                      highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
 
 
 def _version(value: bool) -> None:
@@ -389,9 +439,10 @@ def train_cmd(
                 *(["--resume", str(resume)] if resume else []),
                 *(["--offline"] if offline else []), *(["--quiet"] if quiet else []),
                 *(overrides or [])]
-        raise typer.Exit(_launch(nproc, config, overrides or [], resume, args))
+        raise typer.Exit(_launch(nproc, config, overrides or [], resume, name, args))
     from gru_lm.runs import train_run
 
+    stdout.keep_going = True
     summary = train_run(config, overrides or [], name=name, resume=resume,
                         offline=_offline(offline), console=None if quiet else console)
     if world_from_env().is_main:
@@ -399,12 +450,12 @@ def train_cmd(
 
 
 def _launch(nproc: int, config: Path | None, overrides: list[str], resume: Path | None,
-            args: list[str]) -> int:
+            name: str | None, args: list[str]) -> int:
     """Run `gru-lm train ARGS` in `nproc` processes; its exit status. Bad input is refused
     here, once, before any process starts."""
     from gru_lm.distributed import launch
     from gru_lm.errors import GruLmError
-    from gru_lm.runs import gpu_count, load_new_config, usable_cores
+    from gru_lm.runs import gpu_count, load_new_config, new_run, usable_cores
 
     if os.environ.get("WORLD_SIZE"):
         raise GruLmError("--nproc inside a torchrun job; drop --nproc (torchrun already "
@@ -415,7 +466,7 @@ def _launch(nproc: int, config: Path | None, overrides: list[str], resume: Path 
                          f"and {gpu_count()} GPU(s), so at most {slots} processes; each process "
                          "needs a core or a GPU of its own")
     if resume is None:
-        load_new_config(config, overrides)
+        new_run(load_new_config(config, overrides), config, name)  # name taken, or bad
     return launch(nproc, ["train", *args])
 
 
@@ -531,6 +582,9 @@ def predict_cmd(
                          "stdin), not both" if prefix is not None else
                          "give a prefix to continue, e.g. gru-lm predict \"time traveller\"")
     if prefix_file is not None:
+        if str(prefix_file) == "-" and "stdin" in CLOSED:
+            raise GruLmError("--prefix-file -: stdin is closed; pipe text into gru-lm or give "
+                             "a file")
         prefix = read_prefix_file(prefix_file)
     check_prefix(prefix)
     check_sampling_args(num_chars, temperature, top_k, top_p, num_samples, seed)
@@ -709,12 +763,15 @@ def compare_cmd(
     """Train configs x seeds under one budget and report perplexity, speed, curves, samples."""
     from gru_lm.compare import Budget, report, run_comparison, timestamped_out
 
+    from gru_lm.errors import GruLmError
+
     if runs:
         if not configs:
-            from gru_lm.errors import GruLmError
-
             raise GruLmError("--runs needs run folders, e.g. gru-lm compare --runs runs/a runs/b")
         dest = out or timestamped_out(runs_dir)
+        if (dest / "config.yaml").exists() or (dest / "checkpoints").is_dir():
+            raise GruLmError(f"--out {dest} is a run folder; the report would mix its files "
+                             "with the run's: give another folder")
         result = report(list(configs), dest)
     else:
         dest = out or timestamped_out(runs_dir)

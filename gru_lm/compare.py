@@ -441,8 +441,13 @@ def plot_runs(run_dirs: list[Path], path: Path) -> list[str]:
                     markeredgecolor="black", linestyle="none")
             ax.annotate(f"best {ppl:.3f}{which}", best, textcoords="offset points",
                         xytext=(-80, 10 + 10 * i), fontsize=7, color=line.get_color())
-    refs = next((RunDir(d).read_summary() for d in run_dirs
-                 if "ngram_ppl" in RunDir(d).read_summary()), {})
+    summaries = [RunDir(d).read_summary() if RunDir(d).summary.is_file() else {}
+                 for d in run_dirs]  # an interrupted run has none, wherever it is listed
+    for d, summary, (_, evals) in zip(run_dirs, summaries, series, strict=True):
+        if not summary:
+            notes.append(f"{d} is not finished (no summary.json): drawn up to step "
+                         f"{evals[-1]['step']}")
+    refs = next((x for x in summaries if "ngram_ppl" in x), {})
     for key, label in (("uniform_ppl", "uniform"), ("unigram_ppl", "unigram"),
                        ("ngram_ppl", f"{refs.get('ngram_order')}-gram Kneser-Ney")):
         if key in refs:

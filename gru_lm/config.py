@@ -43,6 +43,16 @@ class DataConfig(_Section):
     val_fraction: float = Field(0.05, ge=0, lt=1, description="share for validation")
     test_fraction: float = Field(0.05, ge=0, lt=1, description="share for the test split")
 
+    @field_validator("reserved_tokens")
+    @classmethod
+    def _tokens(cls, v: list[str]) -> list[str]:
+        for t in v:
+            if not t:
+                raise ValueError("an empty reserved token matches nothing; remove it")
+            if len(t) > 100:
+                raise ValueError(f"the reserved token {t[:20]!r}... is over 100 characters")
+        return v
+
     @field_validator("sha1")
     @classmethod
     def _sha1_hex(cls, v: str | None) -> str | None:

@@ -78,6 +78,15 @@ def die_with_launcher() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def lost_peer(e: BaseException) -> bool:
+    """Whether a collective failed because another process went away (gloo or nccl)."""
+    import torch.distributed as dist
+
+    text = str(e).lower()
+    return isinstance(e, getattr(dist, "DistError", ())) or any(
+        w in text for w in ("gloo", "nccl", "connection closed", "connection reset", "peer"))
+
+
 def start(world: World, device_type: str) -> None:
     """Join the process group: gloo on the CPU, nccl on CUDA."""
     import torch.distributed as dist
@@ -175,8 +184,10 @@ def launch(nproc: int, args: list[str]) -> int:
     base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
             "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc), LAUNCHER: str(os.getpid())}
     procs = [subprocess.Popen([sys.executable, "-m", "gru_lm", *args],
-                              env={**base, "RANK": str(r), "LOCAL_RANK": str(r)})
+                              env={**base, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stderr=subprocess.PIPE)
              for r in range(nproc)]
+    pumps = _forward_once([p.stderr for p in procs])
 
     def forward(signum, _frame):
         for p in procs:
@@ -198,5 +209,35 @@ def launch(nproc: int, args: list[str]) -> int:
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
+        for t in pumps:
+            t.join(timeout=5)
     codes = [p.returncode for p in procs]
     return next((c for c in codes if c), 0)
+
+
+def _forward_once(streams) -> list:
+    """Copy the processes' stderr lines to ours, each distinct line once: an error that
+    every process meets (a bad corpus, a peer that died) is said once, not once a process."""
+    import sys
+    import threading
+
+    seen: set[bytes] = set()
+    lock = threading.Lock()
+
+    def pump(stream) -> None:
+        for line in iter(stream.readline, b""):
+            with lock:
+                if line in seen:
+                    continue
+                seen.add(line)
+                try:
+                    sys.stderr.buffer.write(line)
+                    sys.stderr.flush()
+                except (OSError, ValueError, AttributeError):
+                    pass
+        stream.close()
+
+    threads = [threading.Thread(target=pump, args=(s,), daemon=True) for s in streams]
+    for t in threads:
+        t.start()
+    return threads

@@ -16,6 +16,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shlex
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from gru_lm.data import Vocab
 
 LAST, BEST = "last.pt", "best.pt"  # checkpoint names: the latest state, the best val ppl
+_SAMPLE_STEP = re.compile(r"step (\d{1,18}): ")
 
 
 class RunDir:
@@ -65,9 +67,28 @@ class RunDir:
             raise self.exists_error() from None
         self.checkpoints.mkdir()
 
-    def resume_command(self) -> str:
-        """The command that continues this run, quoted so that pasting it works."""
-        return f"gru-lm train --resume {shlex.quote(str(self.path))}"
+    def resume_command(self, nproc: int = 1) -> str:
+        """The command that continues this run (trained by `nproc` processes), quoted so that
+        pasting it works."""
+        procs = f" --nproc {nproc}" if nproc > 1 else ""
+        return f"gru-lm train{procs} --resume {shlex.quote(str(self.path))}"
+
+    def remove_temporaries(self) -> None:
+        """Delete the temporary files of writes a kill -9 cut short (atomic_writer's
+        .NAME.*.tmp); only the holder of the run's lock may call it."""
+        for folder in (self.path, self.checkpoints):
+            for tmp in folder.glob(".*.tmp"):
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+
+    def truncate_samples(self, step: int) -> None:
+        """Drop the samples written after `step` before a resume writes them again."""
+        if not self.samples.is_file():
+            return
+        lines = self.samples.read_text(encoding="utf-8", errors="replace").splitlines(True)
+        keep = [x for x in lines if not ((m := _SAMPLE_STEP.match(x)) and int(m[1]) > step)]
+        if len(keep) != len(lines):
+            atomic_write_text(self.samples, "".join(keep))
 
     def exists_error(self) -> GruLmError:
         return GruLmError(f"run directory {self.path} already exists; continue it with "

@@ -27,6 +27,10 @@ def _diff_keys(a: Any, b: Any, prefix: str) -> list[str]:
 def resume_config(run: RunDir, config: Path | None, overrides: list[str]) -> Config:
     """The run's own config, updated by --config/overrides; model and data must not change."""
     saved = run.read_config()
+    renames = [o for o in overrides if o.partition("=")[0].strip() in ("run.name", "run")]
+    if renames:
+        raise ConfigError(f"--resume {run}: {renames[0][:60]} cannot rename a resumed run; drop "
+                          f"it (the run stays in {run})")
     if config is None and not overrides:
         return saved
     raw = read_yaml(config) if config is not None else saved.to_dict()
@@ -130,11 +134,31 @@ def default_run_name(config_path: Path | None) -> str:
     return f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def check_run_name(name: str, flag: str) -> None:
+    """A run name is a plain, printable folder name: it appears in paths, tables and the
+    resume commands people paste into a shell."""
+    import unicodedata
+
+    if not name.strip():
+        example = "--name gru-1" if flag == "--name" else f"{flag}=gru-1"
+        raise ConfigError(f"{flag}: an empty name is not a folder name; give one, e.g. "
+                          f"{example}")
+    bad = next((c for c in name if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp")), None)
+    if bad is not None:
+        raise ConfigError(f"{flag}: {name[:40]!r} holds a control character ({bad!r}); use "
+                          "letters, digits, - and _")
+    if "/" in name or name in (".", "..") or len(name.encode()) > 200:
+        raise ConfigError(f"{flag}: {name[:40]!r} is not a plain folder name (no /, at most "
+                          "200 bytes); use letters, digits, - and _")
+
+
 def new_run(cfg: Config, config_path: Path | None, name: str | None) -> RunDir:
     """The folder for a new run; an existing one is never reused without --resume."""
+    if name is not None:
+        check_run_name(name, "--name")
+    if cfg.run.name is not None:
+        check_run_name(cfg.run.name, "run.name")
     run_name = name or cfg.run.name or default_run_name(config_path)
-    if "/" in run_name or run_name in (".", ".."):
-        raise ConfigError(f"run.name: {run_name!r} is not a plain folder name")
     run = RunDir(cfg.run.runs_dir / run_name)
     if run.path.exists():
         raise run.exists_error()
@@ -160,6 +184,13 @@ def train_run(config: Path | None, overrides: list[str], *, name: str | None = N
     except (TrainingInterrupted, NonFiniteLoss):
         distributed.barrier(world)  # raised by every rank at the same step
         raise
+    except RuntimeError as e:  # a collective failed: another process stopped or was killed
+        if not world.active or not distributed.lost_peer(e):
+            raise
+        where = resume or Path(name or "RUN")
+        raise GruLmError("another process of this training stopped (killed, or failed: see "
+                         "its message); the last checkpoint is kept; resume with: "
+                         f"{RunDir(where).resume_command(world.size)}") from None
     finally:
         distributed.stop(world)
 
@@ -192,6 +223,8 @@ def _train(world: World, config, overrides, name, resume, offline, console):
         if not run.path.is_dir():
             raise GruLmError(f"--resume {run}: no such run directory")
         with run.lock() if world.is_main else contextlib.nullcontext():
+            if world.is_main:
+                run.remove_temporaries()
             # config.yaml is rewritten by the trainer with its first checkpoint: a refused or
             # failed resume leaves it as it was.
             cfg = resume_config(run, config, overrides)

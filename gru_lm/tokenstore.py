@@ -392,6 +392,10 @@ def prepare(source: Path, cfg: DataConfig, bin_path: Path, meta_path: Path, fiel
     token_counts = {chr(int(c)): int(counts[c]) for c in seen}
     vocab = make_vocab(token_counts, min_freq=cfg.min_freq,
                               reserved_tokens=cfg.reserved_tokens)
+    if not any(t in token_counts for t in vocab.idx_to_token):
+        raise DataError(f"data.min_freq={cfg.min_freq:,} leaves no character of {source} in the "
+                        f"vocabulary (the most frequent occurs {max(token_counts.values()):,} "
+                        "times); lower data.min_freq")
     if len(vocab) > MAX_VOCAB:
         raise DataError(f"corpus {source} has {len(vocab):,} distinct characters, more than "
                         f"the {MAX_VOCAB:,} a token store holds; raise data.min_freq")

@@ -266,7 +266,8 @@ class Trainer:
             raise NonFiniteLoss(
                 f"the training loss became {float(losses[int(bad[0])])} at step {k}; training "
                 f"stopped and {kept}. Lower train.lr (now {t.lr:g}) or set train.grad_clip "
-                f"(now {t.grad_clip}), then `{self.run.resume_command()} train.lr=...`")
+                f"(now {t.grad_clip}), then "
+                f"`{self.run.resume_command(self.world.size)} train.lr=...`")
         tokens = self.tokens_per_step
         # Added one by one so a resume that syncs at another step sums the same floats.
         for x in losses.tolist():
@@ -481,7 +482,7 @@ class Trainer:
         except OSError as e:
             raise GruLmError(f"cannot write checkpoint {path}: {e.strerror or e}; free disk "
                              "space or fix permissions (the previous checkpoint is intact), "
-                             f"then `{self.run.resume_command()}`") from None
+                             f"then `{self.run.resume_command(self.world.size)}`") from None
 
     def restore(self, ck: dict[str, Any], path) -> None:
         """Continue from checkpoint `ck` (read from `path`) exactly where it stopped."""
@@ -517,6 +518,7 @@ class Trainer:
             self._epoch_batches = self.loader.epoch()
         if self.run is not None and self.world.is_main:
             self.run.truncate_records(self.progress.step)
+            self.run.truncate_samples(self.progress.step)
 
     def _check_shapes(self, carried, path) -> None:
         """Optimizer moments, averaged weights and the carried state must fit the model."""
@@ -550,7 +552,7 @@ class Trainer:
         name = "SIGINT" if code == 130 else "SIGTERM"
         raise TrainingInterrupted(
             f"{name}: stopped at step {self.progress.step}, checkpoint saved to "
-            f"{self.run.checkpoint(LAST)}; resume with: {self.run.resume_command()}",
+            f"{self.run.checkpoint(LAST)}; resume with: {self.run.resume_command(self.world.size)}",
             exit_code=code)
 
     # -------------------------------------------------------------- the end

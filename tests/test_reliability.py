@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -332,3 +334,123 @@ def test_vocab_json_nested_too_deep_is_one_line(tiny_run):
     (run / "vocab.json").write_text(DEEP)
     (run / "summary.json").unlink()
     one_line_error(cli("train", "--resume", run, "train.max_steps=40"), "vocab.json")
+
+
+# ---------------------------------------------------------------- 5. streams and names
+
+
+def _gru_lm(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gru_lm", *args], capture_output=True,
+                          text=True, timeout=300, **kw)
+
+
+@pytest.mark.parametrize("args", [["models"], ["--help"], ["--version"], ["data", "info"]])
+def test_a_stdout_that_takes_nothing_is_one_line(workdir, args):
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([sys.executable, "-m", "gru_lm", *args], stdout=full,
+                           stderr=subprocess.PIPE, text=True, timeout=300)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("error: the output could not be written to stdout (No space")
+    closed = subprocess.run(f"{sys.executable} -m gru_lm {' '.join(args)} >&-", shell=True,
+                            stderr=subprocess.PIPE, text=True, timeout=300)
+    assert closed.returncode == 1 and closed.stderr.startswith("error: ") and \
+        "Traceback" not in closed.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["/dev/full", "closed"])
+def test_training_goes_on_when_stdout_takes_nothing(workdir, how):
+    cmd = f"{sys.executable} -m gru_lm train -c configs/tiny.yaml --name t"
+    cmd += " >&-" if how == "closed" else " > /dev/full"
+    r = subprocess.run(cmd, shell=True, stderr=subprocess.PIPE, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "warning: stdout could not be written" in r.stderr and "Traceback" not in r.stderr
+    assert json.loads(Path("runs/t/summary.json").read_text())["steps"] == 30
+
+
+def test_a_closed_stdin_is_one_line(tiny_run):
+    run = tiny_run()
+    r = subprocess.run(f"{sys.executable} -m gru_lm predict --prefix-file - --run {run} <&-",
+                       shell=True, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and r.stderr.startswith("error: --prefix-file -: stdin is closed")
+
+
+@pytest.mark.parametrize("name", ["", " ", "a\nb", "a\x1b[31mb", "tab\there", "a/b", "..",
+                                  "x" * 201])
+def test_run_names_that_are_not_plain_folder_names_are_refused(workdir, name):
+    one_line_error(cli("train", "-c", "configs/tiny.yaml", "--name", name), "--name")
+    one_line_error(cli("train", "-c", "configs/tiny.yaml", f"run.name={json.dumps(name)}"),
+                   "run.name")
+    assert not Path("runs").exists() or not any(Path("runs").iterdir())
+
+
+def test_run_name_on_resume_is_refused_like_name(tiny_run):
+    run = tiny_run()
+    one_line_error(cli("train", "--resume", run, "run.name=other"), "cannot rename")
+
+
+# ---------------------------------------------------------------- 6. several processes
+
+
+def test_resume_commands_name_the_processes():
+    from gru_lm.rundir import RunDir
+
+    assert RunDir("runs/a b").resume_command(2) == "gru-lm train --nproc 2 --resume 'runs/a b'"
+    assert RunDir("runs/a").resume_command() == "gru-lm train --resume runs/a"
+
+
+def test_temporary_files_of_a_killed_write_are_removed_on_resume(tiny_run):
+    run = tiny_run()
+    (run / "summary.json").unlink()
+    junk = [run / "checkpoints" / ".last.pt.abc123.tmp", run / ".metrics.jsonl.x1.tmp"]
+    for j in junk:
+        j.write_bytes(b"half")
+    assert cli("train", "--resume", run, "train.max_steps=31", "-q").exit_code == 0
+    assert not any(j.exists() for j in junk)
+
+
+def test_samples_are_not_written_twice_after_a_resume(workdir):
+    train_tiny("s", "train.sample_interval=10", "train.max_steps=20")
+    samples = Path("runs/s/samples.txt")
+    with open(samples, "a") as f:  # as if killed after sampling at 30 but before saving
+        f.write("step 30: the time machine\n")
+    assert cli("train", "--resume", "runs/s", "train.max_steps=40", "-q").exit_code == 0
+    steps = [line.split(":")[0] for line in samples.read_text().splitlines()]
+    assert len(steps) == len(set(steps)) * 2  # two prefixes a step, each step once
+    assert steps.count("step 30") == 2
+
+
+@pytest.mark.slow
+def test_nproc_with_a_taken_name_is_one_line_before_starting(tiny_run):
+    run = tiny_run("taken")
+    r = _gru_lm("train", "--nproc", "2", "-c", "configs/tiny.yaml", "--name", "taken")
+    assert r.returncode == 1 and r.stderr.count("error:") == 1
+    assert "already exists" in r.stderr and str(run) in r.stderr
+
+
+# ---------------------------------------------------------------- 7. smaller
+
+
+def test_plot_draws_an_interrupted_run_wherever_it_is_listed(tiny_run):
+    done = tiny_run("done")
+    cut = tiny_run("cut")
+    (cut / "summary.json").unlink()
+    for order in ([cut, done], [done, cut]):
+        r = cli("plot", *order, "--out", "p.png")
+        assert r.exit_code == 0, r.output
+        assert "runs/cut is not finished (no summary.json): drawn up to step 30" in r.output
+
+
+def test_compare_out_that_is_a_run_is_refused(tiny_run):
+    run = tiny_run()
+    before = _snapshot(run)
+    one_line_error(cli("compare", "--runs", run, "--out", run), "is a run folder")
+    assert _snapshot(run) == before
+
+
+def test_empty_reserved_tokens_and_a_min_freq_that_leaves_nothing_are_refused(workdir):
+    one_line_error(cli("train", "-c", "configs/tiny.yaml", "data.reserved_tokens=['']"),
+                   "data.reserved_tokens", "empty reserved token")
+    one_line_error(cli("train", "-c", "configs/tiny.yaml", "data.min_freq=100000000"),
+                   "data.min_freq=100,000,000 leaves no character", "lower data.min_freq")
+    assert not Path("runs").exists() or not any(Path("runs").iterdir())
