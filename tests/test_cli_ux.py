@@ -150,6 +150,8 @@ def test_compare_table_fits_80_columns(tiny_run, monkeypatch):
     template = tiny_run()
     runs = _members(["a-much-longer-config-name-s0", "a-much-longer-config-name-s1", "b-s0"],
                     template)
+    b_config = runs[2] / "config.yaml"  # another recipe: b is a row of its own
+    b_config.write_text(b_config.read_text().replace("lr: 0.01", "lr: 0.02"))
     r = cli("compare", "--runs", *runs, "--out", "runs/cmp-out")
     assert r.exit_code == 0, r.output
     table = [line for line in r.stdout.splitlines() if line[:1] in "┏┃┡│└"]

@@ -302,4 +302,5 @@ def test_resume_with_damaged_vocab_file_is_one_line(workdir, damage, tiny_run):
         (run / "vocab.json").unlink()
     else:
         (run / "vocab.json").write_text("{not json")
-    one_line_error(cli("train", "--resume", str(run)), "vocab.json", "damaged")
+    one_line_error(cli("train", "--resume", str(run), "train.max_steps=40"), "vocab.json",
+                   "damaged")
