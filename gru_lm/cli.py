@@ -198,6 +198,11 @@ CkptOpt = Annotated[Path | None, typer.Option("--checkpoint", metavar="FILE",
 RunsDirOpt = Annotated[Path, typer.Option("--runs-dir", metavar="DIR", help="Where runs live.")]
 
 
+class UnknownChars(StrEnum):
+    error = "error"
+    skip = "skip"
+
+
 class Split(StrEnum):
     val = "val"
     test = "test"
@@ -544,9 +549,10 @@ def _which_checkpoint(run: Path | None, checkpoint: Path | None, runs_dir: Path)
 
 @app.command("predict", epilog=example(
     'gru-lm predict "time traveller"',
+    'gru-lm predict "time traveller" --greedy',
     'gru-lm predict "the machine" -n 200 --num-samples 3 --seed 1',
     "gru-lm predict --prefix-file chapter1.txt --run runs/lstm-20261123-101500",
-    "echo 'the time' | gru-lm predict --prefix-file - --temperature 0.7"))
+    "echo 'the time' | gru-lm predict --prefix-file - --temperature 0.8 --top-p 0.95"))
 @handle_errors
 def predict_cmd(
     prefix: Annotated[str | None, typer.Argument(
@@ -558,23 +564,28 @@ def predict_cmd(
     checkpoint: CkptOpt = None,
     num_chars: Annotated[int, typer.Option("--num-chars", "-n", help="Characters to add.")] = 50,
     temperature: Annotated[float | None, typer.Option(
-        help="Sampling temperature (default 1 when sampling).")] = None,
+        help="Sampling temperature (default 0.6: the shipped models read well there).")
+                           ] = None,
     top_k: Annotated[int | None, typer.Option(help="Sample from the k likeliest.")] = None,
     top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass.")] = None,
     num_samples: Annotated[int, typer.Option(help="Continuations to draw.")] = 1,
-    seed: Annotated[int | None, typer.Option(help="Seed for sampling.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for sampling (default 0).")] = None,
+    greedy: Annotated[bool, typer.Option(
+        "--greedy", help="Take the likeliest character every time (the book's predict_ch8).")
+                      ] = False,
+    unknown: Annotated[UnknownChars, typer.Option(
+        help="Prefix characters the corpus lacks: error (list them) or skip (drop them).")
+                       ] = UnknownChars.error,
     runs_dir: RunsDirOpt = Path("runs"),
 ) -> None:
-    """Continue a prefix with a trained model (greedy by default, as the book).
-
-    Any of --temperature, --top-k, --top-p, --seed or --num-samples > 1 samples instead
-    (temperature 1 unless given)."""
+    """Continue a prefix with a trained model: sampled at temperature 0.6 with seed 0 by
+    default (the same text every time), or --greedy as the book."""
     from gru_lm.errors import GruLmError
     from gru_lm.sampling import (
         check_prefix,
         check_sampling_args,
         read_prefix_file,
-        sampling_temperature,
+        sampling_settings,
     )
 
     if (prefix is None) == (prefix_file is None):
@@ -588,12 +599,19 @@ def predict_cmd(
         prefix = read_prefix_file(prefix_file)
     check_prefix(prefix)
     check_sampling_args(num_chars, temperature, top_k, top_p, num_samples, seed)
+    how = sampling_settings(greedy, temperature, top_k, top_p, num_samples, seed)
     from gru_lm.runs import predict
 
     path = _which_checkpoint(run, checkpoint, runs_dir)
-    temperature = sampling_temperature(temperature, top_k, top_p, num_samples, seed)
-    prompt, outputs = predict(prefix, path, num_chars=num_chars, temperature=temperature,
-                              top_k=top_k, top_p=top_p, num_samples=num_samples, seed=seed)
+    prompt, outputs, skipped = predict(
+        prefix, path, num_chars=num_chars, temperature=how.temperature, top_k=top_k,
+        top_p=top_p, num_samples=num_samples, seed=how.seed,
+        skip_unknown=unknown == UnknownChars.skip)
+    if skipped:
+        err_console.print(f"dropped {skipped:,} character(s) of the prefix that the corpus "
+                          "does not have (--unknown skip)", highlight=False, style="dim")
+    if how.note:
+        err_console.print(how.note, highlight=False, style="dim", soft_wrap=True)
     if len(prompt) > ECHO_PREFIX:  # a chapter used as a prime is not echoed whole, per sample
         err_console.print(f"(the prefix has {len(prompt):,} characters; each sample shows its "
                           f"last {ECHO_PREFIX:,})", highlight=False, style="dim")
@@ -762,7 +780,6 @@ def compare_cmd(
 ) -> None:
     """Train configs x seeds under one budget and report perplexity, speed, curves, samples."""
     from gru_lm.compare import Budget, report, run_comparison, timestamped_out
-
     from gru_lm.errors import GruLmError
 
     if runs:

@@ -498,11 +498,12 @@ def write_samples(groups: dict[str, list[dict]], path: Path) -> None:
     """Continuations of each member's own train.sample_prefixes (the config says which
     prefixes suit its corpus), greedy and sampled."""
     from gru_lm.runs import checkpoint_for, load_model
-    from gru_lm.sampling import encode_prefix, generate
+    from gru_lm.sampling import DEFAULT_TEMPERATURE, encode_prefix, generate
 
-    lines = ["# Samples", "", "Greedy and sampled (temperature 0.8, seed 0) continuations of "
-             "each model's train.sample_prefixes, from its first seed's best checkpoint; "
-             "each line holds the continuation only, after the prefix it continues.", ""]
+    lines = ["# Samples", "", "Sampled (each model's train.sample_temperature, seed 0) and "
+             "greedy (the book's argmax) continuations of each model's train.sample_prefixes, "
+             "from its first seed's best checkpoint; each line holds the continuation only, "
+             "after the prefix it continues.", ""]
     for label, g in groups.items():
         try:
             cfg, vocab, model = load_model(checkpoint_for(g[0]["dir"], None, Path(".")))
@@ -512,14 +513,15 @@ def write_samples(groups: dict[str, list[dict]], path: Path) -> None:
         lines += [f"## {label}", ""]
         for prefix in cfg.train.sample_prefixes:
             try:
-                ids = encode_prefix(prefix, vocab, cfg.data.preset, cfg.data.lowercase)
+                ids, _ = encode_prefix(prefix, vocab, cfg.data.preset, cfg.data.lowercase)
             except GruLmError as e:
                 lines.append(f"- `{prefix}`: (no sample: {e})")
                 continue
+            t = cfg.train.sample_temperature or DEFAULT_TEMPERATURE
+            sampled = vocab.decode(generate(model, ids, 80, temperature=t, seed=0)[0])
             greedy = vocab.decode(generate(model, ids, 80)[0])
-            sampled = vocab.decode(generate(model, ids, 80, temperature=0.8, seed=0)[0])
             lines += [f"- prefix `{vocab.decode(ids)}`, continued:",
-                      f"  - greedy: `{greedy}`", f"  - sampled: `{sampled}`"]
+                      f"  - sampled at {t:g}: `{sampled}`", f"  - greedy: `{greedy}`"]
         lines.append("")
     write_output(path, lambda f: f.write("\n".join(lines)), "w")
 

@@ -161,6 +161,9 @@ class TrainConfig(_Section):
         description="sample prefixes"
     )
     sample_length: int = Field(50, ge=1, le=10000, description="characters per sample")
+    sample_temperature: float | None = Field(
+        0.6, ge=1e-6, le=1e6, description="temperature of the samples written while training "
+        "(seeded by train.seed); null: greedy, as the book")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of every random number generator")
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="device")
     precision: Literal["fp32", "bf16"] = Field(

@@ -188,6 +188,6 @@ def gate_report(model, vocab, preset: str, lowercase: bool, text: str, layer: in
 
     check_units(units)
     weights = model.gate_weights()
-    ids = encode_prefix(text, vocab, preset, lowercase)
+    ids, _ = encode_prefix(text, vocab, preset, lowercase)
     trace = trace_gates(weights, ids, layer)
     return GateReport(vocab.decode(ids), layer, trace, top_units(trace, units))

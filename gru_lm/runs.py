@@ -359,15 +359,18 @@ def load_model(path: Path):
 
 def predict(prefix: str, path: Path, *, num_chars: int, temperature: float | None = None,
             top_k: int | None = None, top_p: float | None = None, num_samples: int = 1,
-            seed: int | None = None) -> tuple[str, list[str]]:
-    """The preprocessed prefix and one continuation per sample, from checkpoint `path`."""
+            seed: int | None = None, skip_unknown: bool = False
+            ) -> tuple[str, list[str], int]:
+    """The preprocessed prefix, one continuation per sample, from checkpoint `path`, and how
+    many characters of the prefix outside the vocabulary were dropped (`skip_unknown`)."""
     from gru_lm.sampling import encode_prefix, generate
 
     cfg, vocab, model = load_model(path)
-    ids = encode_prefix(prefix, vocab, cfg.data.preset, cfg.data.lowercase)
+    ids, skipped = encode_prefix(prefix, vocab, cfg.data.preset, cfg.data.lowercase,
+                                 skip_unknown)
     outs = generate(model, ids, num_chars, temperature=temperature, top_k=top_k, top_p=top_p,
                     num_samples=num_samples, seed=seed)
-    return vocab.decode(ids), [vocab.decode(o) for o in outs]
+    return vocab.decode(ids), [vocab.decode(o) for o in outs], skipped
 
 
 def evaluate_runs(paths: list[Path], *, split: str, text: Path | None,

@@ -165,7 +165,7 @@ class Trainer:
         for i, prefix in enumerate(self.cfg.train.sample_prefixes):
             try:
                 out.append(encode_prefix(prefix, self.vocab, self.cfg.data.preset,
-                                         self.cfg.data.lowercase))
+                                         self.cfg.data.lowercase)[0])
             except GruLmError as e:
                 ids = self.corpus.train[:max(1, min(len(prefix), 20))].tolist()
                 out.append(ids)
@@ -429,8 +429,10 @@ class Trainer:
 
     def _write_samples(self) -> None:
         lines = []
-        for ids in self.prefix_ids:
-            out = generate(self.model, ids, self.cfg.train.sample_length, device=self.device)[0]
+        t = self.cfg.train
+        for ids in self.prefix_ids:  # (their own generator: training's random draws stay)
+            out = generate(self.model, ids, t.sample_length, temperature=t.sample_temperature,
+                           seed=t.seed if t.sample_temperature else None, device=self.device)[0]
             lines.append(f"step {self.progress.step}: {self.vocab.decode(ids + out)}")
         self.run.append_samples(lines)
         self.out.samples(lines)

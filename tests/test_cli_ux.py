@@ -89,14 +89,33 @@ def test_config_show_errors_are_one_line(tmp_path):
 # ---------------------------------------------------------------- predict
 
 
-def test_sampling_options_imply_sampling():
-    from gru_lm.sampling import sampling_temperature
+def test_sampling_is_the_default_and_greedy_takes_no_sampling_option():
+    from gru_lm.errors import GruLmError
+    from gru_lm.sampling import DEFAULT_SEED, DEFAULT_TEMPERATURE, sampling_settings
 
-    assert sampling_temperature(None, None, None, 1, None) is None  # greedy, as the book
-    assert sampling_temperature(0.5, None, None, 1, None) == 0.5
-    for args in ((None, 5, None, 1, None), (None, None, 0.9, 1, None),
-                 (None, None, None, 3, None), (None, None, None, 1, 7)):
-        assert sampling_temperature(*args) == 1.0
+    how = sampling_settings(False, None, None, None, 1, None)
+    assert (how.temperature, how.seed) == (DEFAULT_TEMPERATURE, DEFAULT_SEED)
+    assert "--seed N" in how.note and "--greedy" in how.note
+    assert sampling_settings(False, 0.9, None, None, 1, 3).note == ""  # nothing defaulted
+    assert sampling_settings(True, None, None, None, 1, None).temperature is None
+    for args in ((0.5, None, None, 1, None), (None, 5, None, 1, None),
+                 (None, None, 0.9, 1, None), (None, None, None, 3, None),
+                 (None, None, None, 1, 7)):
+        with pytest.raises(GruLmError, match="--greedy takes"):
+            sampling_settings(True, *args)
+
+
+def test_default_predict_repeats_itself_and_differs_from_greedy(tiny_run):
+    tiny_run()
+    first = cli("predict", "time traveller")
+    assert first.exit_code == 0, first.output
+    assert "sampled at temperature 0.6" in first.stderr and "--greedy" in first.stderr
+    assert cli("predict", "time traveller").stdout == first.stdout  # seed 0 by default
+    greedy = cli("predict", "time traveller", "--greedy")
+    assert greedy.stdout != first.stdout and "sampled" not in greedy.stderr
+    assert cli("predict", "time traveller", "--seed", "0").stdout == first.stdout
+    one_line_error(cli("predict", "time traveller", "--greedy", "--seed", "1"),
+                   "--greedy takes", "--seed")
 
 
 def test_several_samples_differ_and_a_seed_repeats_them(tiny_run):
@@ -107,10 +126,8 @@ def test_several_samples_differ_and_a_seed_repeats_them(tiny_run):
     assert len(lines) == 3 and len(set(lines)) == 3
     assert cli("predict", "time traveller", "--num-samples", "3", "--seed", "0"
                ).stdout.splitlines() == lines
-    greedy = cli("predict", "time traveller").stdout
-    seeded = cli("predict", "time traveller", "--seed", "0").stdout
-    assert seeded != greedy and len(seeded.splitlines()) == 1
-    assert cli("predict", "time traveller", "--seed", "0").stdout == seeded
+    other = cli("predict", "time traveller", "--seed", "5").stdout
+    assert other != cli("predict", "time traveller", "--seed", "0").stdout
 
 
 def test_prefix_from_a_file_or_stdin(tiny_run, tmp_path):

@@ -24,7 +24,8 @@ def test_compare_two_configs_two_seeds(workdir):
     assert png.startswith(PNG) and len(png) > 10_000
     samples = (out / "samples.md").read_text()
     assert "## tiny-lstm" in samples
-    assert "- prefix `time traveller`, continued:\n  - greedy: `" in samples
+    assert "- prefix `time traveller`, continued:\n  - sampled at 0.6: `" in samples
+    assert "\n  - greedy: `" in samples
     result = json.loads((out / "results.json").read_text())
     for row in result["rows"]:
         if row["kind"] == "ensemble":
