@@ -161,7 +161,7 @@ def check_fields(payload: dict[str, Any], path: Path) -> None:
 def restore_model(payload: dict[str, Any], path: Path):
     """Rebuild config, vocab and model from a checkpoint, naming any field that disagrees."""
     from gru_lm.config import validate
-    from gru_lm.data import Vocab
+    from gru_lm.data import vocab_from_dict
     from gru_lm.errors import ConfigError, DataError
     from gru_lm.models import build_model
 
@@ -170,7 +170,7 @@ def restore_model(payload: dict[str, Any], path: Path):
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
     try:
-        vocab = Vocab.from_dict(payload["vocab"])
+        vocab = vocab_from_dict(payload["vocab"])
     except DataError as e:
         raise CheckpointError(f"checkpoint {path} field 'vocab': {e}") from None
     try:

@@ -353,7 +353,8 @@ def data_info(config: ConfigOpt = None, overrides: Overrides = None,
     if corpus.note:
         table.add_row("preprocessing", corpus.note)
     table.add_row("vocabulary size", str(len(v)))
-    freqs = ", ".join(f"{t!r} {f:,}" for t, f in v.token_freqs[:top])
+    shown = (lambda t: repr(t.encode("latin-1"))) if cfg.data.preset == "bytes" else repr
+    freqs = ", ".join(f"{shown(t)} {f:,}" for t, f in v.token_freqs[:top])
     table.add_row(f"top {top} tokens", freqs)
     table.add_row("train / val / test tokens",
                   f"{len(corpus.train):,} / {len(corpus.val):,} / {len(corpus.test):,}")
@@ -418,7 +419,8 @@ def models_cmd(
 @app.command("train", epilog=example(
     "gru-lm train --config configs/gru.yaml",
     "gru-lm train --config configs/tiny.yaml train.max_steps=100 model.name=lstm",
-    "gru-lm train --resume runs/gru-20261123-101500"))
+    "gru-lm train --resume runs/gru-20261123-101500",
+    "gru-lm train --config my.yaml --init-from runs/bytes-20261123-101500"))
 @handle_errors
 def train_cmd(
     config: ConfigOpt = None,
@@ -431,6 +433,9 @@ def train_cmd(
     nproc: Annotated[int | None, typer.Option(
         help="Train in N processes on this machine (DDP: gloo on CPU, nccl on GPU); each "
         "takes train.batch_size sequences and its share of the cores.")] = None,
+    init_from: Annotated[Path | None, typer.Option(
+        "--init-from", metavar="RUN|FILE", help="Start from this run's (or checkpoint's) "
+        "weights with a fresh optimizer and schedule (fine-tuning).")] = None,
 ) -> None:
     """Train a model from a YAML config (or continue one with --resume).
 
@@ -438,6 +443,13 @@ def train_cmd(
     from gru_lm.distributed import world_from_env
 
     in_range("--nproc", nproc, 1, 1024)
+    if init_from is not None:
+        if resume is not None:
+            from gru_lm.errors import GruLmError
+
+            raise GruLmError("--init-from starts a new run from another run's weights; a "
+                             "resumed run continues its own, so drop one of the two")
+        overrides = [*(overrides or []), f"train.init_from={init_from}"]
     if nproc is not None and nproc > 1:
         args = [*(["--config", str(config)] if config else []),
                 *(["--name", name] if name else []),
@@ -667,8 +679,13 @@ def evaluate_cmd(
     r = evaluate_runs(paths, split=split.value, text=text, offline=_offline(offline),
                       dynamic=dynamic, cache=cache, mix_ngram=mix_ngram, ngram_order=ngram_order)
     console.print(f"{r['what']}: {r['tokens']:,} tokens, scored as one stream | loss "
-                  f"{r['loss']:.4f} | ppl {r['ppl']:.3f} | {r['bpc']:.3f} bits/char",
+                  f"{r['loss']:.4f} | ppl {r['ppl']:.3f} | {r['bpc']:.3f} bits/{r['unit']}",
                   highlight=False)
+    if r["per_char"]:
+        c = r["per_char"]
+        console.print(f"per character: ppl {c['ppl']:.3f} over its {c['chars']:,} characters "
+                      f"(the byte-level loss, summed over each character's bytes)",
+                      highlight=False)
     if r["references"] is not None:
         console.print(f"references (counted on the training split): "
                       f"{references_text(r['references'])}", highlight=False)
@@ -720,7 +737,7 @@ def _print_score_rows(r: dict, target: str) -> None:
     from rich.table import Table
 
     table = Table(box=None, pad_edge=False)
-    for col in ("scored", f"{target} ppl", "bits/char", "val ppl", "chosen on val"):
+    for col in ("scored", f"{target} ppl", f"bits/{r['unit']}", "val ppl", "chosen on val"):
         table.add_column(col, justify="left" if col in ("scored", "chosen on val") else "right")
     for row in r["rows"]:
         table.add_row(row.name, f"{row.ppl:.3f}", f"{row.bpc:.3f}",

@@ -33,7 +33,9 @@ class DataConfig(_Section):
     url: str | None = Field(None, description="download URL of a custom corpus (needs sha1)")
     sha1: str | None = Field(None, description="SHA-1 of the file behind `url`")
     cache_dir: Path = Field(Path("data"), description="where downloads are cached")
-    preset: Literal["d2l", "raw"] = Field("d2l", description="preprocessing preset")
+    preset: Literal["d2l", "raw", "bytes"] = Field(
+        "d2l", description="preprocessing preset: d2l (letters and spaces, lowercase), raw "
+        "(every character), bytes (the UTF-8 bytes: one vocabulary for every text)")
     lowercase: bool = Field(False, description="lowercase the text (raw preset)")
     min_freq: int = Field(0, ge=0, le=BIG, description="tokens rarer than this map to <unk>")
     reserved_tokens: list[str] = Field(default_factory=list, max_length=1000,
@@ -69,6 +71,9 @@ class DataConfig(_Section):
             )
         if self.url is not None and self.sha1 is None:
             raise ValueError("`url` needs `sha1` so the download can be verified")
+        if self.preset == "bytes" and (self.min_freq or self.reserved_tokens or self.lowercase):
+            raise ValueError("the bytes preset's vocabulary is the 256 byte values, fixed: "
+                             "drop min_freq, reserved_tokens and lowercase")
         return self
 
 
@@ -165,6 +170,9 @@ class TrainConfig(_Section):
         0.6, ge=1e-6, le=1e6, description="temperature of the samples written while training "
         "(seeded by train.seed); null: greedy, as the book")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of every random number generator")
+    init_from: Path | None = Field(
+        None, description="start from this run's (or checkpoint's) weights, with a fresh "
+        "optimizer and schedule (fine-tuning); model and vocabulary must match")
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="device")
     precision: Literal["fp32", "bf16"] = Field(
         "fp32", description="bf16: torch.nn models run under autocast; scratch models give "

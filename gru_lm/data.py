@@ -30,7 +30,9 @@ def preprocess(text: str, preset: str = "d2l", lowercase: bool = False) -> list[
     if preset == "raw":
         text = unicodedata.normalize("NFC", text)
         return list(text.lower() if lowercase else text)
-    raise DataError(f"unknown preprocessing preset '{preset}'; choose d2l or raw")
+    if preset == "bytes":  # one token a UTF-8 byte, written as the latin-1 character of it
+        return list(text.encode("utf-8").decode("latin-1"))
+    raise DataError(f"unknown preprocessing preset '{preset}'; choose d2l, raw or bytes")
 
 
 def describe_preset(non_letters: int, non_ascii: int, spaces: int, capitals: int) -> str:
@@ -99,6 +101,53 @@ class Vocab:
         v.idx_to_token = list(tokens)
         v.token_to_idx = {t: i for i, t in enumerate(tokens)}
         return v
+
+
+class ByteVocab(Vocab):
+    """The bytes preset's vocabulary: the 256 byte values, id = byte, the same for every text
+    (so any text, any prefix and any later corpus fit one model). Tokens are written as the
+    latin-1 character of their byte; decode() turns ids back into UTF-8 text, showing an
+    invalid sequence as U+FFFD and holding back a character cut at the end."""
+
+    kind = "bytes"
+
+    def __init__(self, counts: dict[str, int] | None = None):
+        super().__init__(counts=counts or {})
+        self.idx_to_token = [chr(b) for b in range(256)]
+        self.token_to_idx = {t: i for i, t in enumerate(self.idx_to_token)}
+
+    @classmethod
+    def from_counts(cls, counts: dict[str, int], min_freq: int = 0,
+                    reserved_tokens: list[str] | None = None) -> ByteVocab:
+        return cls(counts)
+
+    def decode(self, indices) -> str:
+        import codecs
+
+        data = bytes(int(i) for i in indices)
+        return codecs.getincrementaldecoder("utf-8")("replace").decode(data, final=False)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind}
+
+
+def vocab_from_dict(d: dict) -> Vocab:
+    """The vocabulary a checkpoint or vocab.json describes."""
+    if isinstance(d, dict) and d.get("kind") == ByteVocab.kind:
+        if set(d) != {"kind"}:
+            raise DataError("vocabulary is malformed: a byte vocabulary is {'kind': 'bytes'}")
+        return ByteVocab()
+    return Vocab.from_dict(d)
+
+
+def char_ends(ids) -> list[int]:
+    """The positions of the bytes that end a UTF-8 character (the next byte does not continue
+    it): where a byte-level model has read a whole character."""
+    import numpy as np
+
+    a = np.asarray(ids, dtype=np.int64)
+    continues = (a & 0xC0) == 0x80  # a continuation byte of the character before it
+    return np.flatnonzero(~np.append(continues[1:], False)).tolist() if len(a) else []
 
 
 @dataclass
@@ -215,7 +264,8 @@ def load_corpus(cfg: DataConfig, vocab: Vocab | None = None, offline: bool | Non
     from gru_lm.tokenstore import open_store
 
     path = corpus_path(cfg, offline=offline, progress=progress)
-    store = open_store(path, cfg, cfg.cache_dir, Vocab.from_counts)
+    builder = ByteVocab.from_counts if cfg.preset == "bytes" else Vocab.from_counts
+    store = open_store(path, cfg, cfg.cache_dir, builder)
     ids = store.ids
     if vocab is not None and vocab.idx_to_token != store.vocab.idx_to_token:
         remap = np.array([vocab.token_to_idx.get(t, 0) for t in store.vocab.idx_to_token],

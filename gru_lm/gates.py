@@ -184,10 +184,15 @@ def check_text(text: str, figure: bool) -> None:
 def gate_report(model, vocab, preset: str, lowercase: bool, text: str, layer: int,
                 units: int) -> GateReport:
     """Run `text` (preprocessed as the corpus was) through `model` and pick the busiest units."""
+    from gru_lm.data import char_ends
     from gru_lm.sampling import encode_prefix
 
     check_units(units)
     weights = model.gate_weights()
     ids, _ = encode_prefix(text, vocab, preset, lowercase)
     trace = trace_gates(weights, ids, layer)
+    if preset == "bytes":  # one column a character: the gates once its last byte is read
+        keep = char_ends(ids)
+        trace = GateTrace(trace.kind, {k: v[keep] for k, v in trace.gates.items()},
+                          trace.H[keep], trace.delta_H[keep])
     return GateReport(vocab.decode(ids), layer, trace, top_units(trace, units))

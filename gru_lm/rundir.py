@@ -123,11 +123,11 @@ class RunDir:
         save_config(cfg, self.config)
 
     def read_vocab(self) -> Vocab:
-        from gru_lm.data import Vocab
+        from gru_lm.data import vocab_from_dict
         from gru_lm.errors import DataError
 
         try:
-            return Vocab.from_dict(json.loads(self.vocab.read_text(encoding="utf-8")))
+            return vocab_from_dict(json.loads(self.vocab.read_text(encoding="utf-8")))
         except (OSError, ValueError, RecursionError, DataError) as e:
             raise GruLmError(f"cannot read the run's vocabulary {self.vocab} "
                              f"({str(e)[:120] or type(e).__name__}); the run folder is damaged, "
@@ -235,7 +235,7 @@ class RunDir:
 # Run files may be edited by hand: a field of the wrong type is dropped, as if absent, so
 # that every reader can use .get() and trust the type of what it gets.
 TEXT_FIELDS = {"kind", "run", "model", "device", "kernels", "stop_reason", "best_weights",
-               "speed_warning"}
+               "speed_warning", "init_from"}
 
 
 def _number(v: Any) -> bool:

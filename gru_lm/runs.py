@@ -46,7 +46,7 @@ def resume_config(run: RunDir, config: Path | None, overrides: list[str]) -> Con
 
 
 # What a resume cannot change: the weights, batches and optimizer state were built from them.
-FIXED_TRAIN_KEYS = ("batch_size", "num_steps", "sampler", "seed", "optimizer")
+FIXED_TRAIN_KEYS = ("batch_size", "num_steps", "sampler", "seed", "optimizer", "init_from")
 
 
 def fixed_keys_changed(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -102,9 +102,38 @@ def make_optimizer(cfg: Config, model):
     return cls(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
 
 
+def init_weights(model, cfg: Config, vocab) -> None:
+    """Load train.init_from's weights into `model` (fine-tuning): its model section and its
+    vocabulary must be this run's, or one line says which differs."""
+    from gru_lm.checkpoint import load_checkpoint, load_state
+    from gru_lm.data import vocab_from_dict
+    from gru_lm.errors import DataError
+
+    source = Path(cfg.train.init_from)
+    path = RunDir(source).best_or_last() if source.is_dir() else source
+    ck = load_checkpoint(path)
+    try:
+        theirs = validate(ck["config"], source=str(path)).model.model_dump(mode="json")
+        their_vocab = vocab_from_dict(ck["vocab"])
+    except (ConfigError, DataError) as e:
+        raise GruLmError(f"--init-from {source}: {e}") from None
+    ours = cfg.model.model_dump(mode="json")
+    changed = _diff_keys(theirs, ours, "model")
+    if changed:
+        raise GruLmError(f"--init-from {source}: its weights are of another model "
+                         f"({changed[0]}); fine-tuning keeps the model section, so use the "
+                         "source's (gru-lm config show shows it)")
+    if their_vocab.idx_to_token != vocab.idx_to_token:
+        raise GruLmError(f"--init-from {source}: its vocabulary ({len(their_vocab)} tokens) is "
+                         f"not this corpus' ({len(vocab)}); fine-tuning needs the same one: "
+                         "data.preset=bytes gives every text the same vocabulary")
+    load_state(model, ck["model"], path)
+
+
 def build_trainer(cfg: Config, corpus, run: RunDir | None = None, console=None,
-                  world: World = SINGLE):
-    """Threads, device, seed, model and optimizer from `cfg`, then the Trainer."""
+                  world: World = SINGLE, resuming: bool = False):
+    """Threads, device, seed, model (train.init_from's weights for a new run) and optimizer
+    from `cfg`, then the Trainer."""
     import torch
 
     from gru_lm.checkpoint import seed_everything
@@ -119,7 +148,10 @@ def build_trainer(cfg: Config, corpus, run: RunDir | None = None, console=None,
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
     seed_everything(t.seed)  # the same initial weights on every rank
-    model = build_model(cfg.model, len(corpus.vocab)).to(device)
+    model = build_model(cfg.model, len(corpus.vocab))
+    if cfg.train.init_from is not None and not resuming:  # (a resume loads its own weights)
+        init_weights(model, cfg, corpus.vocab)
+    model = model.to(device)
     if world.active:  # dropout masks differ between ranks, as between rows of one batch
         torch.manual_seed(t.seed + world.rank)
     return Trainer(cfg, model, make_optimizer(cfg, model), corpus, device=device, run=run,
@@ -244,7 +276,7 @@ def _train(world: World, config, overrides, name, resume, offline, console):
             _check_not_finished(run, ck, cfg)
             corpus = _load_corpus(world, cfg, offline, vocab=_run_vocab(run, ck, last))
             _check_same_data(run, ck, cfg, corpus)
-            trainer = build_trainer(cfg, corpus, run, console, world)
+            trainer = build_trainer(cfg, corpus, run, console, world, resuming=True)
             trainer.restore(ck, last)
             if console is not None:
                 console.print(f"resuming {run} at step {trainer.progress.step}",
@@ -428,7 +460,14 @@ def evaluate_runs(paths: list[Path], *, split: str, text: Path | None,
                  dynamic=dynamic, ngram=ngram if mix_ngram else None)
     static = rows[0]
     n = len(ids) - 1
+    per_char = None
+    if cfg.data.preset == "bytes":  # the same text's perplexity per character, to set beside
+        from gru_lm.data import char_ends  # a character-level model's
+
+        chars = len(char_ends(ids[1:].numpy()))
+        per_char = {"chars": chars, "ppl": math.exp(math.log(static.ppl) * n / chars)}
     return {"what": what, "checkpoints": [str(p) for p in paths], "tokens": n,
+            "unit": "byte" if cfg.data.preset == "bytes" else "char", "per_char": per_char,
             "loss": math.log(static.ppl), "ppl": static.ppl,
             "bpc": bits_per_char(math.log(static.ppl) * n, n), "unknown": unknown,
             "references": None if corpus is None else reference_baselines(

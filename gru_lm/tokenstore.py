@@ -227,13 +227,15 @@ def token_pieces(path: Path, preset: str, lowercase: bool, stats: Stats | None =
                  what: str = "corpus") -> Iterator[np.ndarray]:
     """The preprocessed text of `path` (gru_lm.data.preprocess) as code points, piece by
     piece: uint8 arrays for ASCII pieces, else uint32."""
-    if preset not in ("d2l", "raw"):
-        raise DataError(f"unknown preprocessing preset '{preset}'; choose d2l or raw")
+    if preset not in ("d2l", "raw", "bytes"):
+        raise DataError(f"unknown preprocessing preset '{preset}'; choose d2l, raw or bytes")
     d2l = D2lStream() if preset == "d2l" else None
     for block in read_blocks(path, block_bytes, limit, what):
         if stats is not None:
             stats.add(block)
-        if d2l is not None:
+        if preset == "bytes":  # the bytes are the tokens (and their latin-1 code points)
+            yield np.frombuffer(block, dtype=np.uint8)
+        elif d2l is not None:
             yield d2l.feed(block)
         else:
             text = unicodedata.normalize("NFC", block.decode("utf-8"))

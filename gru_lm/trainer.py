@@ -584,6 +584,8 @@ class Trainer:
             **self.reference,
         }
         summary["eval_warmup"] = t.eval_warmup  # best val and test: read as one stream
+        if t.init_from is not None:
+            summary["init_from"] = str(t.init_from)
         if t.eval_max_tokens is not None:
             summary["eval_max_tokens"] = t.eval_max_tokens
         if self.speed_warning:

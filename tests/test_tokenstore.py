@@ -21,7 +21,7 @@ ALPHABET = "abcXYZ \n\r\t.,;1-éÉ\u0301Σσ漢"
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.text(alphabet=ALPHABET, max_size=200), st.sampled_from(["d2l", "raw"]),
+@given(st.text(alphabet=ALPHABET, max_size=200), st.sampled_from(["d2l", "raw", "bytes"]),
        st.booleans(), st.integers(1, 17))
 def test_streaming_preprocessing_equals_preprocess(tmp_path_factory, text, preset, lower,
                                                    block):
