@@ -83,7 +83,7 @@ def step_ms(cases: dict[str, tuple[str, list[str]]], threads: int, rounds: int =
 
     from gru_lm.config import load_config
     from gru_lm.data import load_corpus
-    from gru_lm.runs import build_trainer
+    from gru_lm.runner import build_trainer
 
     ready = {}
     for name, (config, overrides) in cases.items():

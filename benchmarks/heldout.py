@@ -31,7 +31,7 @@ from gru_lm._ext import cpu_line  # noqa: E402
 def main() -> None:
     import torch
 
-    from gru_lm.compare import _SEEDED
+    from gru_lm.comparison import _SEEDED
     from gru_lm.data import load_corpus
     from gru_lm.evaluation import (
         check_fingerprint,

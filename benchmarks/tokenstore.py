@@ -48,7 +48,7 @@ def rss(key):
     return 0
 
 import torch, numpy
-import gru_lm.data, gru_lm.runs, gru_lm.trainer, gru_lm.tokenstore
+import gru_lm.data, gru_lm.runner, gru_lm.trainer, gru_lm.tokenstore
 from gru_lm.config import DataConfig
 base = rss("VmRSS")
 phase, corpus, cache = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
@@ -57,7 +57,7 @@ if phase in ("prepare", "reuse"):
     c = gru_lm.data.load_corpus(DataConfig(path=corpus, cache_dir=cache), progress=False)
     extra = {"tokens": c.num_tokens, "reused": c.store_reused, "dtype": str(c.train.dtype)}
 else:
-    from gru_lm.runs import train_run
+    from gru_lm.runner import train_run
     config, extra = (Path(sys.argv[4]), []) if phase == "train" else (
         Path("configs/tiny.yaml"), ["data.dataset=null", "data.max_tokens=null"])
     summary = train_run(config, [f"data.path={corpus}", f"data.cache_dir={cache}",

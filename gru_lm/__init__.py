@@ -1,4 +1,12 @@
-"""gru-lm: character-level recurrent language models, trained and compared honestly."""
+"""gru-lm: character-level recurrent language models, trained and compared honestly.
+
+The Python API (gru_lm/api.py), importable from here without loading torch until it is used:
+
+    import gru_lm
+    run = gru_lm.train("configs/tiny.yaml")     # a live perplexity figure in Jupyter
+    print(run.predict("time traveller"))
+    run.evaluate("test")                         # a table in a notebook
+"""
 
 import os
 
@@ -8,3 +16,26 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
+
+_API = ("Comparison", "CorpusInfo", "Evaluation", "ModelInfo", "Run", "RunInfo", "Sampling",
+        "compare", "corpus_info", "evaluate", "list_models", "load", "plot", "resolve_config",
+        "runs", "train")
+__all__ = ["GruLmError", "__version__", *_API]
+
+
+def __getattr__(name: str):
+    """gru_lm.train and the rest, imported on first use (PEP 562): `import gru_lm` and
+    `gru-lm --help` stay fast."""
+    if name in _API:
+        from gru_lm import api
+
+        return getattr(api, name)
+    if name == "GruLmError":
+        from gru_lm.errors import GruLmError
+
+        return GruLmError
+    raise AttributeError(f"module 'gru_lm' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -335,34 +335,28 @@ def data_info(config: ConfigOpt = None, overrides: Overrides = None,
     """Show corpus statistics: characters, tokens, vocabulary, splits."""
     from rich.table import Table
 
-    from gru_lm.config import load_config
-    from gru_lm.data import load_corpus
+    from gru_lm.api import corpus_info
 
     in_range("--top", top, 1, 1000)
-    cfg = load_config(config, overrides)
-    corpus = load_corpus(cfg.data, offline=_offline(offline))
-    v = corpus.vocab
-    table = Table(title=f"corpus: {corpus.source}")
+    info = corpus_info(config, *(overrides or []), offline=_offline(offline))
+    table = Table(title=f"corpus: {info.source}")
     table.add_column("what")
     table.add_column("value")
-    table.add_row("source", cfg.data.url if cfg.data.url else
-                  f"data.path {cfg.data.path}" if cfg.data.path else
-                  f"dataset {cfg.data.dataset}")
-    table.add_row("raw characters", f"{corpus.raw_chars:,}")
-    table.add_row(f"tokens ({cfg.data.preset} preset)", f"{corpus.num_tokens:,}")
-    if corpus.note:
-        table.add_row("preprocessing", corpus.note)
-    table.add_row("vocabulary size", str(len(v)))
-    shown = (lambda t: repr(t.encode("latin-1"))) if cfg.data.preset == "bytes" else repr
-    freqs = ", ".join(f"{shown(t)} {f:,}" for t, f in v.token_freqs[:top])
+    table.add_row("source", info.origin)
+    table.add_row("raw characters", f"{info.raw_chars:,}")
+    table.add_row(f"tokens ({info.preset} preset)", f"{info.num_tokens:,}")
+    if info.note:
+        table.add_row("preprocessing", info.note)
+    table.add_row("vocabulary size", str(info.vocab_size))
+    shown = (lambda t: repr(t.encode("latin-1"))) if info.preset == "bytes" else repr
+    freqs = ", ".join(f"{shown(t)} {f:,}" for t, f in info.token_freqs[:top])
     table.add_row(f"top {top} tokens", freqs)
-    table.add_row("train / val / test tokens",
-                  f"{len(corpus.train):,} / {len(corpus.val):,} / {len(corpus.test):,}")
-    table.add_row("token store", f"{corpus.store} ("
-                  f"{'reused' if corpus.store_reused else 'prepared now'}, "
-                  f"{corpus.train.element_size()} byte(s) a token)")
-    if corpus.store_note:
-        table.add_row("note", corpus.store_note)
+    table.add_row("train / val / test tokens", f"{info.train:,} / {info.val:,} / {info.test:,}")
+    table.add_row("token store", f"{info.store} ("
+                  f"{'reused' if info.store_reused else 'prepared now'}, "
+                  f"{info.bytes_per_token} byte(s) a token)")
+    if info.store_note:
+        table.add_row("note", info.store_note)
     print_table(table)
 
 
@@ -377,9 +371,10 @@ def config_show(config: ConfigOpt = None, overrides: Overrides = None) -> None:
 
     Defaults, then the file, then the overrides; a value that differs from the default shows
     the default too. The output is a valid config file."""
-    from gru_lm.config import described_yaml, load_config
+    from gru_lm.api import resolve_config
+    from gru_lm.config import described_yaml
 
-    cfg = load_config(config, overrides)
+    cfg = resolve_config(config, *(overrides or []))
     console.print(f"# resolved from {config or 'the defaults'}"
                   f"{' + ' + ' '.join(overrides) if overrides else ''}", highlight=False,
                   markup=False)
@@ -399,17 +394,14 @@ def models_cmd(
     """List the registered models with their parameter counts."""
     from rich.table import Table
 
-    from gru_lm.config import MAX_HIDDENS, ModelConfig
-    from gru_lm.models import MAX_VOCAB, build_model, count_parameters, list_models, model_class
+    from gru_lm.api import list_models
 
-    in_range("--num-hiddens", num_hiddens, 1, MAX_HIDDENS)
-    in_range("--vocab-size", vocab_size, 1, MAX_VOCAB)
+    found = list_models(num_hiddens, vocab_size)
     table = Table(title=f"models ({num_hiddens} hiddens, 1 layer, vocab {vocab_size})")
     for col in ("name", "description", "parameters"):
         table.add_column(col, justify="right" if col == "parameters" else "left")
-    for name in list_models():
-        model = build_model(ModelConfig(name=name, num_hiddens=num_hiddens), vocab_size)
-        table.add_row(name, model_class(name).description, f"{count_parameters(model):,}")
+    for m in found:
+        table.add_row(m.name, m.description, f"{m.parameters:,}")
     print_table(table)
 
 
@@ -443,27 +435,23 @@ def train_cmd(
     from gru_lm.distributed import world_from_env
 
     in_range("--nproc", nproc, 1, 1024)
-    if init_from is not None:
-        if resume is not None:
-            from gru_lm.errors import GruLmError
-
-            raise GruLmError("--init-from starts a new run from another run's weights; a "
-                             "resumed run continues its own, so drop one of the two")
-        overrides = [*(overrides or []), f"train.init_from={init_from}"]
     if nproc is not None and nproc > 1:
+        extra = [f"train.init_from={init_from}"] if init_from is not None else []
         args = [*(["--config", str(config)] if config else []),
                 *(["--name", name] if name else []),
                 *(["--resume", str(resume)] if resume else []),
                 *(["--offline"] if offline else []), *(["--quiet"] if quiet else []),
-                *(overrides or [])]
-        raise typer.Exit(_launch(nproc, config, overrides or [], resume, name, args))
-    from gru_lm.runs import train_run
+                *(overrides or []), *extra]
+        raise typer.Exit(_launch(nproc, config, [*(overrides or []), *extra], resume, name,
+                                 args))
+    from gru_lm.api import train
 
     stdout.keep_going = True
-    summary = train_run(config, overrides or [], name=name, resume=resume,
-                        offline=_offline(offline), console=None if quiet else console)
+    run = train(config, *(overrides or []), name=name, resume=resume, init_from=init_from,
+                offline=_offline(offline), show=not quiet, console=None if quiet else console)
     if world_from_env().is_main:
-        _print_summary(summary)
+        _print_summary(run.summary or {"run": run.path.name, "steps": 0,
+                                       "stop_reason": "", "tokens_per_s": 0.0})
 
 
 def _launch(nproc: int, config: Path | None, overrides: list[str], resume: Path | None,
@@ -472,7 +460,7 @@ def _launch(nproc: int, config: Path | None, overrides: list[str], resume: Path 
     here, once, before any process starts."""
     from gru_lm.distributed import launch
     from gru_lm.errors import GruLmError
-    from gru_lm.runs import gpu_count, load_new_config, new_run, usable_cores
+    from gru_lm.runner import gpu_count, load_new_config, new_run, usable_cores
 
     if os.environ.get("WORLD_SIZE"):
         raise GruLmError("--nproc inside a torchrun job; drop --nproc (torchrun already "
@@ -509,9 +497,9 @@ def runs_cmd(runs_dir: RunsDirOpt = Path("runs")) -> None:
 
     from rich.table import Table
 
-    from gru_lm.rundir import list_runs
+    from gru_lm.api import runs
 
-    rows = list_runs(runs_dir)
+    rows = runs(runs_dir)
     if not rows:
         console.print(f"no runs under {runs_dir}/; train one with `gru-lm train --config "
                       "configs/gru.yaml`", highlight=False)
@@ -525,13 +513,13 @@ def runs_cmd(runs_dir: RunsDirOpt = Path("runs")) -> None:
 
     now = time.time()
     for r in rows:
-        mark = "" if r["one_stream"] else "*"
-        table.add_row(r["name"], r["model"] or "?", f(r["steps"], ","),
-                      f(r["best_val_ppl"], ".3f") + mark, f(r["test_ppl"], ".3f") + mark,
-                      f(r["tokens_per_s"], ",.0f"), r["status"],
-                      "-" if r["modified"] is None else _age(now - r["modified"]))
+        mark = "" if r.one_stream else "*"
+        table.add_row(r.name, r.model or "?", f(r.steps, ","),
+                      f(r.best_val_ppl, ".3f") + mark, f(r.test_ppl, ".3f") + mark,
+                      f(r.tokens_per_s, ",.0f"), r.status,
+                      "-" if r.modified is None else _age(now - r.modified))
     print_table(table)
-    if not all(r["one_stream"] for r in rows):
+    if not all(r.one_stream for r in rows):
         console.print("* scored by an older gru-lm as parallel streams from a zero state, about "
                       "1.5% too high; `gru-lm evaluate --run DIR --split val` (or test) scores "
                       "it as one stream", highlight=False)
@@ -547,7 +535,7 @@ def _age(seconds: float) -> str:
 def _which_checkpoint(run: Path | None, checkpoint: Path | None, runs_dir: Path) -> Path:
     """--checkpoint, --run or the newest run; the last is said on stderr (stdout stays clean
     for pipes), since after a smoke test the newest run may not be the one meant."""
-    from gru_lm.runs import checkpoint_for
+    from gru_lm.runner import checkpoint_for
 
     path = checkpoint_for(run, checkpoint, runs_dir)
     if run is None and checkpoint is None:
@@ -609,19 +597,18 @@ def predict_cmd(
             raise GruLmError("--prefix-file -: stdin is closed; pipe text into gru-lm or give "
                              "a file")
         prefix = read_prefix_file(prefix_file)
-    check_prefix(prefix)
+    check_prefix(prefix)  # bad arguments are refused before a checkpoint is looked for
     check_sampling_args(num_chars, temperature, top_k, top_p, num_samples, seed)
-    how = sampling_settings(greedy, temperature, top_k, top_p, num_samples, seed)
-    from gru_lm.runs import predict
+    sampling_settings(greedy, temperature, top_k, top_p, num_samples, seed)
+    from gru_lm.api import load
 
     path = _which_checkpoint(run, checkpoint, runs_dir)
-    prompt, outputs, skipped = predict(
-        prefix, path, num_chars=num_chars, temperature=how.temperature, top_k=top_k,
-        top_p=top_p, num_samples=num_samples, seed=how.seed,
-        skip_unknown=unknown == UnknownChars.skip)
-    if skipped:
-        err_console.print(f"dropped {skipped:,} character(s) of the prefix that the corpus "
-                          "does not have (--unknown skip)", highlight=False, style="dim")
+    prompt, outputs, how = load(path).continuations(
+        prefix, num_samples, num_chars, temperature=temperature, top_k=top_k, top_p=top_p,
+        seed=seed, greedy=greedy, unknown=unknown.value)
+    if how.skipped:
+        err_console.print(f"dropped {how.skipped:,} character(s) of the prefix that the "
+                          "corpus does not have (--unknown skip)", highlight=False, style="dim")
     if how.note:
         err_console.print(how.note, highlight=False, style="dim", soft_wrap=True)
     if len(prompt) > ECHO_PREFIX:  # a chapter used as a prime is not echoed whole, per sample
@@ -671,13 +658,16 @@ def evaluate_cmd(
     """Report perplexity and bits/char of a trained model (or an ensemble) on held-out text.
 
     Every token is scored once, in order, with all the text before it as context."""
+    from dataclasses import asdict
+
+    from gru_lm.api import evaluate
     from gru_lm.display import references_text
-    from gru_lm.runs import evaluate_runs
 
     in_range("--ngram-order", ngram_order, 1, 8)
     paths = _checkpoints(run or [], checkpoint or [], runs_dir)
-    r = evaluate_runs(paths, split=split.value, text=text, offline=_offline(offline),
-                      dynamic=dynamic, cache=cache, mix_ngram=mix_ngram, ngram_order=ngram_order)
+    result = evaluate(paths, split.value, text=text, offline=_offline(offline), dynamic=dynamic,
+                      cache=cache, mix_ngram=mix_ngram, ngram_order=ngram_order)
+    r = {**asdict(result), "rows": result.rows}
     console.print(f"{r['what']}: {r['tokens']:,} tokens, scored as one stream | loss "
                   f"{r['loss']:.4f} | ppl {r['ppl']:.3f} | {r['bpc']:.3f} bits/{r['unit']}",
                   highlight=False)
@@ -796,23 +786,21 @@ def compare_cmd(
     runs_dir: RunsDirOpt = Path("runs"),
 ) -> None:
     """Train configs x seeds under one budget and report perplexity, speed, curves, samples."""
-    from gru_lm.compare import Budget, report, run_comparison, timestamped_out
+    from gru_lm.api import compare
     from gru_lm.errors import GruLmError
 
-    if runs:
-        if not configs:
-            raise GruLmError("--runs needs run folders, e.g. gru-lm compare --runs runs/a runs/b")
-        dest = out or timestamped_out(runs_dir)
-        if (dest / "config.yaml").exists() or (dest / "checkpoints").is_dir():
-            raise GruLmError(f"--out {dest} is a run folder; the report would mix its files "
-                             "with the run's: give another folder")
-        result = report(list(configs), dest)
-    else:
-        dest = out or timestamped_out(runs_dir)
-        result = run_comparison(list(configs or []), seeds=seeds,
-                                budget=Budget(budget_s, epochs, tokens), out=dest,
-                                resume=resume, offline=_offline(offline),
-                                console=None if quiet else console)
+    if runs and not configs:
+        raise GruLmError("--runs needs run folders, e.g. gru-lm compare --runs runs/a runs/b")
+    if not runs and not configs:
+        raise GruLmError("give at least one config (e.g. configs/gru.yaml configs/lstm.yaml) "
+                         "or --runs DIR ...")
+    result = compare([] if runs else list(configs), runs=list(configs) if runs else [],
+                     seeds=seeds, budget_s=budget_s, epochs=epochs, tokens=tokens, out=out,
+                     resume=resume, runs_dir=runs_dir, offline=_offline(offline),
+                     console=None if quiet else console)
+    dest = result.out
+    result = {"rows": result.rows, "references": result.references,
+              "verdicts": result.verdicts, "target_val_ppl": result.target_val_ppl}
     _print_comparison(result, dest, wide)
 
 
@@ -878,10 +866,10 @@ def plot_cmd(
     """Plot train and validation perplexity of one or more runs.
 
     The best evaluation is starred; the unigram and n-gram baselines are grey lines."""
-    from gru_lm.compare import plot_runs
+    from gru_lm.api import plot
 
     path = out or (runs[0] / "curves.png" if len(runs) == 1 else Path("curves.png"))
-    for note in plot_runs(runs, path):
+    for note in plot(runs, path):
         err_console.print(f"note: {note}", highlight=False, soft_wrap=True)
     console.print(f"wrote {path}", highlight=False)
 
@@ -907,8 +895,8 @@ def gates_cmd(
     runs_dir: RunsDirOpt = Path("runs"),
 ) -> None:
     """Show a trained GRU's update/reset gates (LSTM: input/forget/output) per character."""
-    from gru_lm.gates import check_text, check_units, gate_report
-    from gru_lm.runs import load_model
+    from gru_lm.api import load
+    from gru_lm.gates import check_text, check_units
 
     check_units(units)
     check_text(text, png is not None)
@@ -917,16 +905,16 @@ def gates_cmd(
 
         figure_format(png)
     path = _which_checkpoint(run, checkpoint, runs_dir)
-    cfg, vocab, model = load_model(path)
-    report = gate_report(model, vocab, cfg.data.preset, cfg.data.lowercase, text, layer, units)
-    console.print(f"{cfg.model.name} layer {layer}, {report.trace.H.shape[1]} units, from "
-                  f"{path}", highlight=False)
+    trained = load(path)
+    report = trained.gates(text, layer, units)
+    name = trained.config.model.name
+    console.print(f"{name} layer {layer}, {report.trace.H.shape[1]} units, from {path}",
+                  highlight=False)
     for strip in report.strips():
         console.print(strip)
     console.print(report.legend(), highlight=False, markup=False)
     if png is not None:
-        where = path.parent.parent if path.parent.name == "checkpoints" else path
-        report.write_png(png, title=f"{cfg.model.name} gates, layer {layer}, run {where.name}")
+        report.write_png(png, title=f"{name} gates, layer {layer}, run {trained.path.name}")
         console.print(f"wrote {png}", highlight=False)
     if json_out is not None:
         report.write_json(json_out)

@@ -353,6 +353,42 @@ class BatchLoader:
         return Epoch(self, starts.view(-1 if self.sampler == "random" else 1, total), nb)
 
 
+class Cursor:
+    """Training's place in the batches, resumable: the epoch being read (its offset and order
+    drawn from the loader's generator) and the generator's state when that epoch was drawn,
+    which is what a checkpoint stores so a resume draws the same epoch again."""
+
+    def __init__(self, loader: BatchLoader):
+        self.loader = loader
+        self.batches: Epoch | None = None
+        self.drawn_from: torch.Tensor | None = None  # the generator's state before the draw
+
+    def batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch `i` of the current epoch (drawing the epoch first when none is open)."""
+        if self.batches is None:
+            self.drawn_from = self.loader.generator.get_state()
+            self.batches = self.loader.epoch()
+        return self.batches.batch(i)
+
+    def epoch_ends(self, next_batch: int) -> bool:
+        """Whether `next_batch` is past the current epoch (which is then closed)."""
+        if next_batch < len(self.batches):
+            return False
+        self.batches = None
+        return True
+
+    def state(self) -> torch.Tensor:
+        """What a checkpoint stores: the generator as it was before the open epoch."""
+        return self.drawn_from if self.batches is not None else \
+            self.loader.generator.get_state()
+
+    def restore(self, state: torch.Tensor, batch_in_epoch: int) -> None:
+        self.loader.generator.set_state(state)
+        self.batches = None
+        if batch_in_epoch:  # mid-epoch: draw that epoch again
+            self.batch(batch_in_epoch)
+
+
 class Epoch:
     """One epoch's batches: batch(i) -> X, Y of shape (batch_size, num_steps), int64."""
 

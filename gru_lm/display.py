@@ -83,6 +83,10 @@ class Reporter:
                   f"{rec['elapsed_s']:.0f}s"]
         self._print(" | ".join(parts))
 
+    def note(self, text: str) -> None:
+        """A plain line of information (the run directory, a resume)."""
+        self._print(text, markup=False)
+
     def warning(self, text: str) -> None:
         self._print(f"[yellow]warning:[/yellow] {escape(text)}")
 
@@ -132,3 +136,92 @@ def progress_where(train_cfg, step: int, elapsed_s: float, total_steps: int | No
     if train_cfg.time_budget_s:
         where += f" {elapsed_s:,.0f}/{train_cfg.time_budget_s:,.0f} s"
     return where
+
+
+def in_notebook() -> bool:
+    """Whether this process is a Jupyter kernel (where a live figure can be drawn)."""
+    import sys
+
+    shell = sys.modules.get("IPython")
+    if shell is None:
+        return False
+    ip = shell.get_ipython() if hasattr(shell, "get_ipython") else None
+    return ip is not None and "IPKernelApp" in getattr(ip, "config", {})
+
+
+class NotebookReporter(Reporter):
+    """The trainer's display in Jupyter: the book's Animator, one figure of train and val
+    perplexity against steps redrawn in place at every evaluation, and one progress line,
+    instead of a terminal progress bar. Text (header, notes, samples) is printed."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+        from IPython.display import display
+
+        self._display = display
+        self.steps: list[int] = []
+        self.train: list[float] = []
+        self.val: list[tuple[int, float]] = []
+        self._figure = None  # display handles, made at the first evaluation
+        self._line = None
+
+    def _print(self, text: str, **kw) -> None:
+        from rich.text import Text
+
+        print(Text.from_markup(text).plain if kw.get("markup", True) else text)
+
+    def eval_line(self, rec: dict[str, Any]) -> None:
+        self.steps.append(rec["step"])
+        self.train.append(rec["train_ppl"])
+        best = min((rec[k] for k in ("val_ppl", "ema_val_ppl") if k in rec), default=None)
+        if best is not None:
+            self.val.append((rec["step"], best))
+        image = self._draw()
+        if self._figure is None:
+            self._figure = self._display(image, display_id=True)
+        else:
+            self._figure.update(image)
+
+    def _draw(self):
+        """The figure as a PNG image (matplotlib's Figure, no pyplot state)."""
+        import io
+
+        from IPython.display import Image
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(5.5, 3.2), dpi=90)
+        ax = fig.subplots()
+        ax.plot(self.steps, self.train, linestyle="--", label="train ppl")
+        if self.val:
+            ax.plot(*zip(*self.val, strict=True), label="val ppl")
+        ax.set_xlabel("step")
+        ax.set_ylabel("perplexity")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        return Image(data=buf.getvalue(), format="png")
+
+    @contextlib.contextmanager
+    def live(self, train_cfg, total_steps: int | None) -> Iterator[Callable[[Any], None]]:
+        from gru_lm.schedule import fraction_done
+
+        def update(progress) -> None:
+            parts = [progress_where(train_cfg, progress.step, progress.elapsed_s, total_steps)]
+            if progress.interval_tokens:
+                ppl = perplexity(progress.interval_nll, progress.interval_tokens)
+                parts.append(f"train ppl {ppl:.2f}")
+            if progress.train_time_s:
+                parts.append(f"{progress.tokens_seen / progress.train_time_s:,.0f} tok/s")
+            frac = fraction_done(train_cfg, progress.step, progress.elapsed_s, total_steps)
+            if 0 < frac < 1:
+                parts.append(f"eta {progress.elapsed_s * (1 - frac) / frac:,.0f} s")
+            line = " | ".join(parts)
+            if self._line is None:
+                self._line = self._display(line, display_id=True)
+            else:
+                self._line.update(line)
+
+        yield update

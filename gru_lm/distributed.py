@@ -147,6 +147,17 @@ def agree_max(world: World, values: list[float]):
     return t
 
 
+def agree_on_stop(world: World, elapsed_s: float, signals: list[int]) -> float:
+    """Every rank's view of when to stop: the largest elapsed time, and a signal any rank
+    caught added to `signals`; the agreed elapsed seconds."""
+    if not world.active:
+        return elapsed_s
+    agreed = agree_max(world, [elapsed_s, max(signals, default=0)])
+    if agreed[1] and not signals:
+        signals.append(int(agreed[1]))
+    return float(agreed[0])
+
+
 def mean(world: World, t):
     """The mean of tensor `t` over all ranks, in place."""
     import torch.distributed as dist

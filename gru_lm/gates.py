@@ -101,15 +101,14 @@ def save_heatmap(text: str, trace: GateTrace, units: list[int], path,
                  title: str = "") -> None:
     """One panel per gate: a row per chosen unit and, on top, the mean over all units; the
     figure format follows the suffix of `path` (png, svg or pdf)."""
-    from gru_lm.utils import figure_format, pyplot, write_output
+    from gru_lm.utils import figure, figure_format, write_output
 
     fmt = figure_format(path)
-    plt = pyplot()
     names = list(trace.gates)
     rows = len(units) + 1
-    fig, axes = plt.subplots(len(names), 1, figsize=(max(6, 0.28 * len(text) + 3),
-                                                      1.4 + 0.3 * rows * len(names)),
-                             dpi=90, squeeze=False)
+    fig = figure(figsize=(max(6, 0.28 * len(text) + 3), 1.4 + 0.3 * rows * len(names)),
+                 dpi=90)
+    axes = fig.subplots(len(names), 1, squeeze=False)
     for ax, name in zip(axes[:, 0], names, strict=True):
         values = trace.gates[name]
         data = torch.cat([values.mean(dim=1, keepdim=True), values[:, units]], dim=1).T
@@ -124,7 +123,6 @@ def save_heatmap(text: str, trace: GateTrace, units: list[int], path,
     fig.suptitle(title or "gate values per character", fontsize=10)
     fig.tight_layout()
     write_output(path, lambda f: fig.savefig(f, format=fmt))
-    plt.close(fig)
 
 
 @dataclass
@@ -162,6 +160,25 @@ class GateReport:
 
     def write_png(self, path: Path, title: str = "") -> None:
         save_heatmap(self.text, self.trace, self.units, path, title)
+
+    def _repr_html_(self) -> str:
+        """The text once a gate, each character shaded by the gate's mean over all units
+        (blue 0, red 1); hovering shows the value, as the terminal view of `gru-lm gates`."""
+        import html
+
+        rows = []
+        for name, values in self.trace.gates.items():
+            cells = []
+            for ch, v in zip(self.text, values.mean(dim=1).tolist(), strict=True):
+                v = min(1.0, max(0.0, v))
+                color = f"rgb({int(255 * v)},{int(80 + 60 * (1 - v))},{int(255 * (1 - v))})"
+                shown = "·" if ch == " " else "↵" if ch == "\n" else html.escape(ch)
+                cells.append(f"<span title='{name} = {v:.3f}' style='background:{color};"
+                             f"color:white;padding:1px'>{shown}</span>")
+            rows.append(f"<div style='font-family:monospace;margin:2px 0'>"
+                        f"<b>{html.escape(GATE_TITLES.get(name, name))}</b><br>"
+                        f"{''.join(cells)}</div>")
+        return "".join(rows) + f"<p>{html.escape(self.legend())}</p>"
 
 
 MAX_CHARS = 10_000  # the gates of 10,000 characters: a few MB per gate and unit

@@ -197,6 +197,10 @@ class RecurrentLM(nn.Module):
                             f"'{cls.registry_name}'; remove the key")
         return problems
 
+    # What train.precision=bf16 costs on a CPU without bf16 arithmetic (said before training)
+    bf16_cost = ("torch.nn's bf16 matmuls are emulated and run far slower than fp32; use "
+                 "train.precision=fp32 here")
+
     def kernel_path(self, device: torch.device | str, precision: str = "fp32") -> str:
         """Which code runs the recurrence here, for the train header and summary.json."""
         return "torch.nn" + (" under bf16 autocast" if precision == "bf16" else "")
@@ -338,6 +342,8 @@ class ScratchLM(RecurrentLM):
     model.embed_dim the first layer reads token ids (the book's one-hot inputs)."""
 
     options = frozenset({"embed_dim", "embed_dropout"})
+    bf16_cost = ("the bf16-rounded GEMMs run no faster than fp32 here (rounding costs a few "
+                 "percent); use train.precision=fp32 unless you want bf16's numbers")
 
     @classmethod
     def check_config(cls, cfg: ModelConfig) -> list[str]:

@@ -69,3 +69,29 @@ def slowdown(rates: list[float]) -> float | None:
     early = max(rates[:EARLY_INTERVALS])
     share = rates[-1] / early if early > 0 else 1.0
     return share if share < SLOW_RATIO else None
+
+
+class SpeedWatch:
+    """Tokens/s per log interval, and one warning when it falls far below the run's own
+    first intervals (another process on these cores)."""
+
+    def __init__(self) -> None:
+        self.rates: list[float] = []
+        self.mark = (0, 0.0)  # tokens seen and training seconds at the last update
+        self.warning = ""
+
+    def update(self, step: int, tokens_seen: int, train_time_s: float) -> str:
+        """The warning, the first time the slowdown shows; "" otherwise."""
+        tokens, seconds = tokens_seen - self.mark[0], train_time_s - self.mark[1]
+        self.mark = (tokens_seen, train_time_s)
+        if seconds <= 0 or self.warning:
+            return ""
+        self.rates.append(tokens / seconds)
+        share = slowdown(self.rates)
+        if share is None:
+            return ""
+        self.warning = (f"at step {step} training runs at {self.rates[-1]:,.0f} tokens/s, "
+                        f"{share:.0%} of its first steps: another process is probably using "
+                        "these cores; give each training fewer train.threads or run one at a "
+                        "time")
+        return self.warning

@@ -146,12 +146,11 @@ def figure_format(path) -> str:
     return suffix
 
 
-def pyplot():
-    """matplotlib.pyplot without a display; SVG keeps its text as text (searchable, editable)."""
+def figure(**kwargs):
+    """A matplotlib Figure of its own: no pyplot state and no backend switch, so it neither
+    needs a display nor disturbs a notebook's plots; SVG keeps its text as text."""
     import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
     matplotlib.rcParams["svg.fonttype"] = "none"
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(**kwargs)

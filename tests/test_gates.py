@@ -10,7 +10,7 @@ from conftest import cli
 from gru_lm.config import ModelConfig
 from gru_lm.gates import trace_gates
 from gru_lm.models import build_model
-from gru_lm.runs import load_model
+from gru_lm.runner import load_model
 
 TEXT = "the time traveller smiled"
 

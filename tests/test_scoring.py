@@ -46,7 +46,7 @@ def test_parallel_streams_with_a_warm_up_score_as_one_stream(tiny_run):
     """1, 32 and 499 streams agree within 0.2% once each stream reads the text before it;
     without the warm-up, 499 streams from zero states are far off."""
     from gru_lm.data import load_corpus
-    from gru_lm.runs import load_model
+    from gru_lm.runner import load_model
 
     cfg, vocab, model = load_model(tiny_run() / "checkpoints" / "best.pt")
     text = load_corpus(DataConfig(max_tokens=12_000), vocab=vocab, progress=False).train

@@ -164,8 +164,8 @@ def test_eval_max_tokens_scores_the_first_tokens_and_says_so(workdir, monkeypatc
     from gru_lm.metrics import evaluate, perplexity
     from gru_lm.models import build_model
 
-    monkeypatch.setattr("gru_lm.trainer.MAX_TRAIN_TOKENS", 1000)
-    monkeypatch.setattr("gru_lm.trainer.LARGE_EVAL", 400)
+    monkeypatch.setattr("gru_lm.ngram.MAX_TRAIN_TOKENS", 1000)
+    monkeypatch.setattr("gru_lm.preflight.LARGE_EVAL", 400)
     r = cli("train", "--config", "configs/tiny.yaml", "--name", "cap", "train.max_steps=10",
             "train.eval_max_tokens=120")
     assert r.exit_code == 0, r.output

@@ -130,7 +130,7 @@ def init_weights(model, cfg: Config, vocab) -> None:
     load_state(model, ck["model"], path)
 
 
-def build_trainer(cfg: Config, corpus, run: RunDir | None = None, console=None,
+def build_trainer(cfg: Config, corpus, run: RunDir | None = None, reporter=None,
                   world: World = SINGLE, resuming: bool = False):
     """Threads, device, seed, model (train.init_from's weights for a new run) and optimizer
     from `cfg`, then the Trainer."""
@@ -155,7 +155,7 @@ def build_trainer(cfg: Config, corpus, run: RunDir | None = None, console=None,
     if world.active:  # dropout masks differ between ranks, as between rows of one batch
         torch.manual_seed(t.seed + world.rank)
     return Trainer(cfg, model, make_optimizer(cfg, model), corpus, device=device, run=run,
-                   console=console, world=world)
+                   reporter=reporter, world=world)
 
 
 # ---------------------------------------------------------------- train and resume
@@ -197,20 +197,24 @@ def new_run(cfg: Config, config_path: Path | None, name: str | None) -> RunDir:
     return run
 
 
-def train_run(config: Path | None, overrides: list[str], *, name: str | None = None,
-              resume: Path | None = None, offline: bool | None = None, console=None
-              ) -> dict[str, Any]:
-    """Train a new run, or continue `resume`; returns the run's summary. Under torchrun,
-    every process calls it; rank 0 alone prints and writes."""
+def train_run(config: Path | Config | None, overrides: list[str], *, name: str | None = None,
+              resume: Path | None = None, offline: bool | None = None, console=None,
+              reporter=None) -> dict[str, Any]:
+    """Train a new run (from a YAML path or a Config, plus overrides), or continue `resume`;
+    returns the run's summary, with "path", its folder. What it shows goes to `reporter`
+    (display.Reporter; default: `console`, or nothing). Under torchrun, every process calls
+    it; rank 0 alone prints and writes."""
     from gru_lm import distributed
+    from gru_lm.display import Reporter
     from gru_lm.errors import NonFiniteLoss, TrainingInterrupted
 
     world = distributed.world_from_env()
     distributed.die_with_launcher()
+    out = reporter if reporter is not None else Reporter(console)
     if not world.is_main:
-        console = None
+        out = Reporter(None)
     try:
-        summary = _train(world, config, overrides, name, resume, offline, console)
+        summary = _train(world, config, overrides, name, resume, offline, out)
         distributed.barrier(world)  # rank 0 evaluates last: the group ends when all are done
         return summary
     except (TrainingInterrupted, NonFiniteLoss):
@@ -241,7 +245,7 @@ def _load_corpus(world: World, cfg: Config, offline, vocab=None):
     return corpus
 
 
-def _train(world: World, config, overrides, name, resume, offline, console):
+def _train(world: World, config, overrides, name, resume, offline, out):
     import contextlib
 
     from gru_lm import distributed
@@ -268,7 +272,7 @@ def _train(world: World, config, overrides, name, resume, offline, console):
                         ", so the run cannot continue where it stopped; its other files are "
                         f"left as they are. Start a new run from its config: gru-lm train "
                         f"--config {shlex.quote(str(run.config))} --name NEW_NAME")
-                return _restart(run, cfg, offline, console, world)
+                return _restart(run, cfg, offline, out, world)
             try:
                 ck = load_checkpoint(last)
             except GruLmError as e:
@@ -276,53 +280,51 @@ def _train(world: World, config, overrides, name, resume, offline, console):
             _check_not_finished(run, ck, cfg)
             corpus = _load_corpus(world, cfg, offline, vocab=_run_vocab(run, ck, last))
             _check_same_data(run, ck, cfg, corpus)
-            trainer = build_trainer(cfg, corpus, run, console, world, resuming=True)
+            trainer = build_trainer(cfg, corpus, run, out, world, resuming=True)
             trainer.restore(ck, last)
-            if console is not None:
-                console.print(f"resuming {run} at step {trainer.progress.step}",
-                              highlight=False)
+            out.note(f"resuming {run} at step {trainer.progress.step}")
             return trainer.fit()
     cfg = load_new_config(config, overrides)
+    config = config if isinstance(config, Path) else None  # (its name names the run)
     corpus = _load_corpus(world, cfg, offline)
     # Everything that can fail on bad input fails here, before the run directory exists.
     # Rank 0 names the folder (the default name holds the time) and creates it.
     run = new_run(cfg, config, name) if world.is_main else None
     run = RunDir(Path(distributed.broadcast(world, str(run.path) if run else None)))
-    trainer = build_trainer(cfg, corpus, run, console, world)
+    trainer = build_trainer(cfg, corpus, run, out, world)
     if world.is_main:
         run.create()
     with run.lock() if world.is_main else contextlib.nullcontext():
         if world.is_main:
             run.write_start(cfg, corpus.vocab)
-        if console is not None:
-            what = f" ({world.size} processes)" if world.active else ""
-            console.print(f"run directory: {run}{what}", highlight=False)
+        out.note(f"run directory: {run}{f' ({world.size} processes)' if world.active else ''}")
         return trainer.fit()
 
 
-def load_new_config(config: Path | None, overrides: list[str]) -> Config:
-    """The config of a new run; a missing --config is an error."""
+def load_new_config(config: Path | Config | None, overrides: list[str]) -> Config:
+    """The config of a new run, from a YAML file or a Config, with the overrides applied;
+    a missing --config is an error."""
     if config is None:
         raise GruLmError("no config given; pass --config configs/gru.yaml (or configs/tiny.yaml "
                          "for a quick try)")
+    if isinstance(config, Config):
+        return validate(apply_overrides(config.to_dict(), overrides), source="config")
     return load_config(config, overrides)
 
 
-def _restart(run: RunDir, cfg: Config, offline: bool | None, console,
+def _restart(run: RunDir, cfg: Config, offline: bool | None, out,
              world: World = SINGLE) -> dict[str, Any]:
     """A run stopped before its first checkpoint (NaN at step 1, kill, full disk): nothing
     was learnt, so it starts again from step 0 in the same folder."""
     from gru_lm import distributed
 
     corpus = _load_corpus(world, cfg, offline)
-    trainer = build_trainer(cfg, corpus, run, console, world)
+    trainer = build_trainer(cfg, corpus, run, out, world)
     if world.is_main:
         run.clear()
         run.write_vocab(corpus.vocab)
     distributed.barrier(world)
-    if console is not None:
-        console.print(f"{run} has no checkpoint yet: starting it again from step 0",
-                      highlight=False)
+    out.note(f"{run} has no checkpoint yet: starting it again from step 0")
     return trainer.fit()
 
 

@@ -19,7 +19,7 @@ from rich.markup import escape
 from gru_lm.config import load_config
 from gru_lm.errors import GruLmError, TrainingInterrupted
 from gru_lm.rundir import RunDir
-from gru_lm.utils import figure_format, pyplot, write_output
+from gru_lm.utils import figure, figure_format, write_output
 
 _SEEDED = re.compile(r"^(?P<label>.+)-s(?P<seed>\d+)$")
 
@@ -90,7 +90,7 @@ def run_comparison(configs: list[Path], *, seeds: int, budget: Budget, out: Path
 
 def _train_members(configs: list[Path], loaded: list, seeds: int, budget: Budget, out: Path,
                    offline: bool | None, console) -> None:
-    from gru_lm.runs import train_run
+    from gru_lm.runner import train_run
 
     total = len(configs) * seeds
     durations: list[float] = []  # wall seconds of the members trained in this call
@@ -381,9 +381,8 @@ def _band(evals_per_seed: list[list[dict]], x_key: str):
 
 
 def plot_curves(groups: dict[str, list[dict]], path: Path) -> None:
-    plt = pyplot()
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=80)
+    fig = figure(figsize=(10, 4), dpi=80)
+    axes = fig.subplots(1, 2)
     for label, g in groups.items():
         for ax, key in zip(axes, ("tokens_seen", "elapsed_s"), strict=True):
             xs, mean, lo, hi = _band([r["evals"] for r in g], key)
@@ -399,15 +398,15 @@ def plot_curves(groups: dict[str, list[dict]], path: Path) -> None:
     fig.suptitle("validation perplexity (mean over seeds, min-max band)")
     fig.tight_layout()
     write_output(path, lambda f: fig.savefig(f, format="png"))
-    plt.close(fig)
 
 
-def plot_runs(run_dirs: list[Path], path: Path) -> list[str]:
+def plot_runs(run_dirs: list[Path], path: Path | None):
     """Train (dashed) and validation (solid) perplexity of one or more runs against steps, the
     best evaluation starred, and the baselines of the first finished run as grey lines. The
-    format follows the suffix of `path`. Returns notes for the user (runs drawn as points)."""
+    format follows the suffix of `path`; returns notes for the user (runs drawn as points,
+    unfinished runs). Without `path`: the matplotlib Figure (for a notebook)."""
 
-    fmt = figure_format(path)
+    fmt = figure_format(path) if path is not None else None
     seen: set[str] = set()
     for d in run_dirs:
         if os.path.realpath(d) in seen:
@@ -415,10 +414,9 @@ def plot_runs(run_dirs: list[Path], path: Path) -> list[str]:
         seen.add(os.path.realpath(d))
     series = [(Path(d), _read_metrics_only(Path(d))) for d in run_dirs]
 
-    plt = pyplot()
-
     notes = []
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=80)
+    fig = figure(figsize=(7, 4.5), dpi=80)
+    ax = fig.subplots()
     for i, (run_dir, evals) in enumerate(series):
         marker = "o" if len(evals) < 3 else None
         if len(evals) == 1:
@@ -466,8 +464,9 @@ def plot_runs(run_dirs: list[Path], path: Path) -> list[str]:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
+    if path is None:
+        return fig
     write_output(path, lambda f: fig.savefig(f, format=fmt))
-    plt.close(fig)
     return notes
 
 
@@ -497,7 +496,7 @@ MAX_PPL = 1e9
 def write_samples(groups: dict[str, list[dict]], path: Path) -> None:
     """Continuations of each member's own train.sample_prefixes (the config says which
     prefixes suit its corpus), greedy and sampled."""
-    from gru_lm.runs import checkpoint_for, load_model
+    from gru_lm.runner import checkpoint_for, load_model
     from gru_lm.sampling import DEFAULT_TEMPERATURE, encode_prefix, generate
 
     lines = ["# Samples", "", "Sampled (each model's train.sample_temperature, seed 0) and "

@@ -1,0 +1,517 @@
+"""gru-lm from Python: train, load, sample, evaluate and compare, in a notebook or a script.
+
+    import gru_lm
+    run = gru_lm.train("configs/gru.yaml")          # a live perplexity figure in Jupyter
+    run.predict("time traveller")                   # the prefix and its continuation
+    run.evaluate("test", dynamic=True)              # rows of numbers, a table in Jupyter
+
+The command line is a thin layer over these functions: each CLI command calls one of them
+and only formats what it returns. Results are plain dataclasses (numbers, not formatted
+strings) that render as tables in a notebook; errors are the GruLmError family with the
+CLI's one-line messages; nothing here exits the interpreter, and nothing prints unless
+asked (`show=True`, or a notebook's live figure while training).
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gru_lm.errors import GruLmError
+from gru_lm.rundir import RunDir
+
+if TYPE_CHECKING:
+    from gru_lm.config import Config
+    from gru_lm.gates import GateReport
+
+# ---------------------------------------------------------------- configs
+
+
+def resolve_config(config=None, *overrides: str, **sections: Mapping[str, Any]) -> Config:
+    """A validated Config from a YAML path, a dict or a Config (None: the defaults), then
+    dotted overrides ("train.lr=0.01") and section dicts (train={"lr": 0.01}), all checked
+    as the CLI checks them."""
+    from gru_lm.config import Config, load_config, validate
+
+    pairs = [*overrides, *_section_pairs(sections)]
+    if config is None or isinstance(config, str | Path):
+        return load_config(None if config is None else Path(config), pairs)
+    if isinstance(config, Config):
+        config = config.to_dict()
+    if not isinstance(config, Mapping):
+        raise GruLmError(f"config must be a YAML path, a dict or a Config, not "
+                         f"{type(config).__name__}")
+    from gru_lm.config import apply_overrides
+
+    return validate(apply_overrides(dict(config), pairs), source="config")
+
+
+def _yaml(value: Any) -> str:
+    """A Python value as the text of a key=value override (parsed back as YAML)."""
+    import yaml
+
+    return yaml.safe_dump(value, default_flow_style=True, width=10**9).removesuffix(
+        "\n...\n").strip()
+
+
+# ---------------------------------------------------------------- results
+
+
+def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """An HTML table for a notebook: numbers right-aligned, everything escaped."""
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td style='text-align:{'right' if _numeric(v) else 'left'}'>"
+                         f"{html.escape(_cell(v))}</td>" for v in row) + "</tr>"
+        for row in rows)
+    return (f"<table><caption>{html.escape(title)}</caption><thead><tr>{head}</tr></thead>"
+            f"<tbody>{body}</tbody></table>")
+
+
+def _numeric(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:,.3f}" if abs(v) < 1e5 else f"{v:,.0f}"
+    if isinstance(v, int) and not isinstance(v, bool):
+        return f"{v:,}"
+    return str(v)
+
+
+@dataclass
+class RunInfo:
+    """One line of `gru-lm runs`."""
+
+    name: str
+    path: Path
+    model: str | None
+    steps: int
+    best_val_ppl: float | None
+    test_ppl: float | None
+    tokens_per_s: float | None
+    status: str  # finished, running, interrupted, not started
+    modified: float | None  # seconds since the epoch
+    one_stream: bool  # False: scored by an older gru-lm (parallel streams from zero)
+
+
+def runs(runs_dir: str | Path = "runs") -> list[RunInfo]:
+    """Every run under `runs_dir`, newest first."""
+    from gru_lm.rundir import list_runs
+
+    return [RunInfo(**{**r, "path": Path(r["path"])}) for r in list_runs(Path(runs_dir))]
+
+
+@dataclass
+class Evaluation:
+    """What `gru-lm evaluate` prints: the static score, the references, and every way of
+    scoring that was asked for (rows), each with its val perplexity and what val chose."""
+
+    what: str
+    tokens: int
+    unit: str  # "char" or "byte": what bits and perplexity are per
+    loss: float
+    ppl: float
+    bpc: float
+    per_char: dict | None  # bytes preset: the perplexity per character
+    unknown: int
+    references: dict | None
+    rows: list  # gru_lm.evaluation.Row
+    checkpoints: list[str]
+    tuned_on_target: bool
+
+    @property
+    def best(self):
+        """The row val prefers (None when no row has a val figure)."""
+        scored = [r for r in self.rows if r.val_ppl is not None]
+        return min(scored, key=lambda r: r.val_ppl) if len(scored) > 1 else None
+
+    def _repr_html_(self) -> str:
+        rows = [(r.name, r.ppl, r.bpc, r.val_ppl, _settings(r.settings)) for r in self.rows]
+        return _table(f"{self.what}: {self.tokens:,} tokens, one stream",
+                      ["scored", "ppl", f"bits/{self.unit}", "val ppl", "chosen on val"], rows)
+
+
+def _settings(settings: list[dict]) -> str:
+    return "; ".join(", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                               for k, v in d.items()) for d in settings)
+
+
+def evaluate(runs: Sequence[str | Path] | str | Path, split: str = "test", *,
+             text: str | Path | None = None, dynamic: bool = False, cache: bool = False,
+             mix_ngram: bool = False, ngram_order: int | None = None,
+             offline: bool | None = None) -> Evaluation:
+    """Score runs (or checkpoints) on a split or a text file; several are an ensemble."""
+    from gru_lm.runner import evaluate_runs
+
+    paths = [_checkpoint(r) for r in ([runs] if isinstance(runs, str | Path) else runs)]
+    if not paths:
+        raise GruLmError("give at least one run or checkpoint to evaluate")
+    if split not in ("val", "test", "train"):
+        raise GruLmError(f"split {split!r} is not one of 'val', 'test', 'train'")
+    if ngram_order is not None and not 1 <= ngram_order <= 8:
+        raise GruLmError(f"ngram_order {ngram_order} is out of range; give 1..8")
+    r = evaluate_runs(paths, split=split, text=None if text is None else Path(text),
+                      offline=offline, dynamic=dynamic, cache=cache, mix_ngram=mix_ngram,
+                      ngram_order=ngram_order)
+    return Evaluation(**r)
+
+
+def _checkpoint(run_or_checkpoint: str | Path) -> Path:
+    p = Path(run_or_checkpoint)
+    return RunDir(p).best_or_last() if p.is_dir() else p
+
+
+@dataclass
+class Comparison:
+    """What `gru-lm compare` prints and writes: a row per recipe (and one per ensemble of its
+    seeds), a comparison of every pair, and one sentence a pair."""
+
+    rows: list[dict]
+    comparisons: list[dict]
+    verdicts: list[str]
+    references: dict
+    members: list[str]
+    out: Path
+    target_val_ppl: float | None = None
+    scoring: str = ""
+
+    def _repr_html_(self) -> str:
+        rows = [(r["model"], r["seeds"], r.get("val_ppl_mean"), _half(r.get("val_ppl_ci95")),
+                 r.get("test_ppl_mean"), _half(r.get("test_ppl_ci95")),
+                 r.get("tokens_per_s_mean")) for r in self.rows]
+        table = _table("comparison (mean ± 95% CI over seeds)",
+                       ["model", "seeds", "val ppl", "±", "test ppl", "±", "tok/s"], rows)
+        verdicts = "".join(f"<p>{html.escape(v)}</p>" for v in self.verdicts)
+        return table + verdicts
+
+
+def _half(iv: dict | None) -> float | None:
+    return None if iv is None else (iv["high"] - iv["low"]) / 2
+
+
+def compare(configs: Sequence[str | Path] = (), *, runs: Sequence[str | Path] = (),
+            seeds: int = 1, budget_s: float | None = None, epochs: int | None = None,
+            tokens: int | None = None, out: str | Path | None = None, resume: bool = False,
+            runs_dir: str | Path = "runs", offline: bool | None = None,
+            show: bool = False, console=None) -> Comparison:
+    """Train configs x seeds under one budget (or gather finished `runs`) and compare them:
+    perplexities with 95% intervals over seeds, ensembles, a verdict on every pair."""
+    from gru_lm.comparison import Budget, report, run_comparison, timestamped_out
+
+    if configs and runs:
+        raise GruLmError("give configs to train or finished runs to gather, not both")
+    dest = Path(out) if out is not None else timestamped_out(Path(runs_dir))
+    if runs:
+        if (dest / "config.yaml").exists() or (dest / "checkpoints").is_dir():
+            raise GruLmError(f"--out {dest} is a run folder; the report would mix its files "
+                             "with the run's: give another folder")
+        result = report([Path(r) for r in runs], dest)
+    else:
+        result = run_comparison([Path(c) for c in configs], seeds=seeds,
+                                budget=Budget(budget_s, epochs, tokens), out=dest,
+                                resume=resume, offline=offline,
+                                console=console if console is not None else _console(show))
+    return Comparison(out=dest, **result)
+
+
+def _console(show: bool):
+    """A rich console on stdout when asked to show progress, else None (silent)."""
+    if not show:
+        return None
+    from rich.console import Console
+
+    return Console(soft_wrap=True)
+
+
+def plot(runs: Sequence[str | Path], out: str | Path | None = None):
+    """Train and val perplexity of one or more runs against steps: written to `out` (png,
+    svg or pdf, by its suffix) with the notes for the user returned, or without `out` the
+    matplotlib Figure (drawn in a notebook)."""
+    from gru_lm.comparison import plot_runs
+
+    return plot_runs([Path(r) for r in runs], None if out is None else Path(out))
+
+
+# ---------------------------------------------------------------- a run
+
+
+class Run:
+    """A trained (or training) run: its folder, config, records and best checkpoint.
+
+    predict, evaluate and gates load the checkpoint once, on first use."""
+
+    def __init__(self, path: str | Path, checkpoint: str | Path | None = None):
+        self.dir = RunDir(path)
+        self.path = self.dir.path
+        self._checkpoint = Path(checkpoint) if checkpoint is not None else None
+        self._loaded = None
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r})"
+
+    @property
+    def checkpoint(self) -> Path:
+        """The checkpoint it samples and scores: best.pt, else last.pt (or the one given)."""
+        return self._checkpoint or self.dir.best_or_last()
+
+    def _model(self):
+        if self._loaded is None:
+            from gru_lm.runner import load_model
+
+            self._loaded = load_model(self.checkpoint)
+        return self._loaded
+
+    @property
+    def config(self) -> Config:
+        return self._model()[0]
+
+    @property
+    def summary(self) -> dict[str, Any] | None:
+        """summary.json (None while it trains or when it was interrupted)."""
+        return self.dir.read_summary() if self.dir.summary.is_file() else None
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """The metrics.jsonl records: one per evaluation, train and val perplexity..."""
+        return self.dir.evals()
+
+    def predict(self, prefix: str, num_chars: int = 50, *, temperature: float | None = None,
+                top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                greedy: bool = False, unknown: str = "error") -> str:
+        """The prefix and its continuation, as the book's predict_ch8: sampled at
+        temperature 0.6 with seed 0 unless told otherwise, or greedy (argmax)."""
+        return self.samples(prefix, 1, num_chars, temperature=temperature, top_k=top_k,
+                            top_p=top_p, seed=seed, greedy=greedy, unknown=unknown)[0]
+
+    def samples(self, prefix: str, num_samples: int = 3, num_chars: int = 50, *,
+                temperature: float | None = None, top_k: int | None = None,
+                top_p: float | None = None, seed: int | None = None, greedy: bool = False,
+                unknown: str = "error") -> list[str]:
+        """`num_samples` continuations of `prefix`, each with the prefix before it."""
+        prompt, outs, _ = self.continuations(prefix, num_samples, num_chars,
+                                             temperature=temperature, top_k=top_k,
+                                             top_p=top_p, seed=seed, greedy=greedy,
+                                             unknown=unknown)
+        return [prompt + o for o in outs]
+
+    def continuations(self, prefix: str, num_samples: int = 1, num_chars: int = 50, *,
+                      temperature: float | None = None, top_k: int | None = None,
+                      top_p: float | None = None, seed: int | None = None,
+                      greedy: bool = False, unknown: str = "error"
+                      ) -> tuple[str, list[str], Any]:
+        """The prefix as the model read it, the continuations alone, and how they were
+        drawn (sampling.Sampling, whose note says which defaults were taken)."""
+        from gru_lm.sampling import (
+            check_prefix,
+            check_sampling_args,
+            encode_prefix,
+            generate,
+            sampling_settings,
+        )
+
+        if unknown not in ("error", "skip"):
+            raise GruLmError(f"unknown={unknown!r}: give 'error' or 'skip'")
+        check_prefix(prefix)
+        check_sampling_args(num_chars, temperature, top_k, top_p, num_samples, seed)
+        how = sampling_settings(greedy, temperature, top_k, top_p, num_samples, seed)
+        cfg, vocab, model = self._model()
+        ids, skipped = encode_prefix(prefix, vocab, cfg.data.preset, cfg.data.lowercase,
+                                     unknown == "skip")
+        outs = generate(model, ids, num_chars, temperature=how.temperature, top_k=top_k,
+                        top_p=top_p, num_samples=num_samples, seed=how.seed)
+        how = Sampling(how.temperature, how.seed, how.note, skipped)
+        return vocab.decode(ids), [vocab.decode(o) for o in outs], how
+
+    def evaluate(self, split: str = "test", *, text: str | Path | None = None,
+                 dynamic: bool = False, cache: bool = False, mix_ngram: bool = False,
+                 ngram_order: int | None = None, offline: bool | None = None) -> Evaluation:
+        """Score the run on a split (or a text file), one stream; see gru_lm.evaluate."""
+        return evaluate([self.checkpoint], split, text=text, dynamic=dynamic, cache=cache,
+                        mix_ngram=mix_ngram, ngram_order=ngram_order, offline=offline)
+
+    def gates(self, text: str, layer: int = 0, units: int = 16) -> GateReport:
+        """The update/reset (LSTM: input/forget/output) gates at every character of `text`;
+        in a notebook, the text shaded by each gate."""
+        from gru_lm.gates import check_text, check_units, gate_report
+
+        check_units(units)
+        check_text(text, figure=False)
+        cfg, vocab, model = self._model()
+        return gate_report(model, vocab, cfg.data.preset, cfg.data.lowercase, text, layer,
+                           units)
+
+    def plot(self, out: str | Path | None = None):
+        """Train and val perplexity against steps: written to `out` (png/svg/pdf) and its
+        path returned, or without `out` a matplotlib Figure (drawn in a notebook)."""
+        if out is not None:
+            plot([self.path], out)
+            return Path(out)
+        return plot([self.path])
+
+    def _repr_html_(self) -> str:
+        s = self.summary or {}
+        rows = [("run", str(self.path)), ("model", s.get("model")), ("steps", s.get("steps")),
+                ("best val ppl", s.get("best_val_ppl")), ("test ppl", s.get("best_test_ppl")),
+                ("tokens/s", s.get("tokens_per_s")),
+                ("status", "finished" if s else "not finished")]
+        return _table(f"run {self.path.name}", ["", ""], rows)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How continuations were drawn: temperature None is greedy; `note` names the defaults
+    taken; `skipped` counts prefix characters dropped (unknown='skip')."""
+
+    temperature: float | None
+    seed: int | None
+    note: str = ""
+    skipped: int = 0
+
+
+def load(run_or_checkpoint: str | Path) -> Run:
+    """A run folder, or a checkpoint file, as a Run."""
+    p = Path(run_or_checkpoint)
+    if p.is_dir():
+        return Run(p)
+    if not p.exists():
+        raise GruLmError(f"{p} does not exist; give a run folder (see gru_lm.runner()) or a "
+                         "checkpoint file")
+    folder = p.parent.parent if p.parent.name == "checkpoints" else p.parent
+    return Run(folder, checkpoint=p)
+
+
+def train(config=None, *overrides: str, name: str | None = None,
+          resume: str | Path | None = None, init_from: str | Path | None = None,
+          runs_dir: str | Path | None = None, offline: bool | None = None,
+          show: bool | None = None, console=None, **sections: Mapping[str, Any]) -> Run:
+    """Train a new run from a config (a YAML path, a dict or a Config) with dotted overrides
+    ("train.max_steps=100") or section dicts (train={"max_steps": 100}); or continue the run
+    `resume` (a config path and overrides may change what a resume may change). Returns the
+    Run. In Jupyter it draws train and val perplexity as it trains (the book's Animator)
+    unless show=False; elsewhere it is silent unless show=True."""
+    from gru_lm.runner import train_run
+
+    pairs = [*overrides, *_section_pairs(sections)]
+    if init_from is not None:
+        if resume is not None:
+            raise GruLmError("--init-from starts a new run from another run's weights; a "
+                             "resumed run continues its own, so drop one of the two")
+        pairs.append(f"train.init_from={init_from}")
+    if runs_dir is not None and resume is None:
+        pairs.append(f"run.runs_dir={runs_dir}")
+    if config is None or isinstance(config, str | Path):
+        source = None if config is None else Path(config)
+    elif resume is not None:
+        raise GruLmError("a resumed run keeps its own config: give a YAML path or overrides, "
+                         "not a dict or a Config")
+    else:
+        source = resolve_config(config)
+    summary = train_run(source, pairs, name=name,
+                        resume=None if resume is None else Path(resume), offline=offline,
+                        reporter=_reporter(show, console))
+    return Run(Path(summary["path"]))
+
+
+def _section_pairs(sections: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """train={"lr": 0.01} -> ["train.lr=0.01"], refusing what is not a section of dicts."""
+    from gru_lm.config import SECTIONS
+
+    pairs = []
+    for section, values in sections.items():
+        if section not in SECTIONS:
+            raise GruLmError(f"unknown config section {section!r}; the sections are "
+                             f"{', '.join(SECTIONS)}")
+        if not isinstance(values, Mapping):
+            raise GruLmError(f"{section}=... takes a dict of keys, e.g. {section}="
+                             "{'lr': 0.01}")
+        pairs += [f"{section}.{k}={_yaml(v)}" for k, v in values.items()]
+    return pairs
+
+
+def _reporter(show: bool | None, console):
+    """What the trainer shows: the CLI's console, a notebook's live figure, or nothing."""
+    from gru_lm.display import NotebookReporter, Reporter, in_notebook
+
+    if console is not None:
+        return Reporter(console)
+    if show is None:
+        show = in_notebook()
+    if not show:
+        return Reporter(None)
+    return NotebookReporter() if in_notebook() else Reporter(_console(True))
+
+
+# ---------------------------------------------------------------- data and models
+
+
+@dataclass
+class CorpusInfo:
+    """What `gru-lm data info` shows."""
+
+    source: str
+    origin: str  # the dataset, data.path or data.url it came from
+    preset: str
+    raw_chars: int
+    num_tokens: int
+    note: str
+    vocab_size: int
+    token_freqs: list[tuple[str, int]]
+    train: int
+    val: int
+    test: int
+    store: str
+    store_reused: bool
+    store_note: str
+    bytes_per_token: int
+
+
+def corpus_info(config=None, *overrides: str, offline: bool | None = None,
+                **sections: Mapping[str, Any]) -> CorpusInfo:
+    """The corpus a config reads: characters, tokens, vocabulary, splits, token store."""
+    from gru_lm.data import load_corpus
+
+    cfg = resolve_config(config, *overrides, **sections)
+    c = load_corpus(cfg.data, offline=offline)
+    d = cfg.data
+    origin = d.url if d.url else f"data.path {d.path}" if d.path else f"dataset {d.dataset}"
+    return CorpusInfo(c.source, origin, d.preset, c.raw_chars, c.num_tokens, c.note,
+                      len(c.vocab), list(c.vocab.token_freqs), len(c.train), len(c.val),
+                      len(c.test), c.store, c.store_reused, c.store_note,
+                      c.train.element_size())
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    description: str
+    parameters: int
+
+
+def list_models(num_hiddens: int = 256, vocab_size: int = 28) -> list[ModelInfo]:
+    """The registered models and their parameter counts at this size (1 layer)."""
+    from gru_lm.config import MAX_HIDDENS, ModelConfig
+    from gru_lm.models import MAX_VOCAB, build_model, count_parameters, model_class
+    from gru_lm.models import list_models as names
+
+    for flag, value, hi in (("num_hiddens", num_hiddens, MAX_HIDDENS),
+                            ("vocab_size", vocab_size, MAX_VOCAB)):
+        if not 1 <= value <= hi:
+            raise GruLmError(f"--{flag.replace('_', '-')} {value} is out of range; give "
+                             f"1..{hi:,}")
+    out = []
+    for name in names():
+        model = build_model(ModelConfig(name=name, num_hiddens=num_hiddens), vocab_size)
+        out.append(ModelInfo(name, model_class(name).description, count_parameters(model)))
+    return out
+
+
+__all__ = ["Comparison", "CorpusInfo", "Evaluation", "ModelInfo", "Run", "RunInfo",
+           "Sampling", "compare", "corpus_info", "evaluate", "list_models", "load", "plot",
+           "resolve_config", "runs", "train"]

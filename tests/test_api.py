@@ -1,0 +1,147 @@
+"""The Python API: the same capabilities as the CLI, as functions and plain results."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from conftest import cli
+
+import gru_lm
+from gru_lm.errors import ConfigError, GruLmError
+
+TINY = "configs/tiny.yaml"
+
+
+class _Cells(HTMLParser):
+    """Parses HTML (raising on nothing, but counting open/close tags) and keeps its text."""
+
+    def __init__(self):
+        super().__init__()
+        self.text, self.depth, self.tags = [], 0, 0
+
+    def handle_starttag(self, tag, attrs):
+        self.tags += 1
+        self.depth += tag not in ("br", "img", "hr")  # void elements have no end tag
+
+    def handle_endtag(self, tag):
+        self.depth -= 1
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def _html(obj) -> str:
+    p = _Cells()
+    p.feed(obj._repr_html_())
+    p.close()
+    assert p.tags and p.depth == 0  # every tag closed
+    return " ".join(p.text)
+
+
+def test_import_does_not_load_torch():
+    code = "import sys, gru_lm; gru_lm.__all__; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "False", out.stderr
+
+
+def test_the_api_end_to_end(workdir):
+    run = gru_lm.train(TINY, "train.max_steps=20", name="api", train={"eval_interval": 10})
+    assert isinstance(run, gru_lm.Run) and run.path == Path("runs/api")
+    assert run.summary["steps"] == 20 and [r["step"] for r in run.history] == [10, 20]
+    assert run.config.train.max_steps == 20
+    text = run.predict("time traveller", 30)
+    assert text.startswith("time traveller") and len(text) == len("time traveller") + 30
+    assert run.predict("time traveller", 30) == text  # seeded by default
+    assert run.predict("time traveller", 30, greedy=True) != text
+    samples = run.samples("time", num_samples=3, num_chars=10)
+    assert len(samples) == 3 and len(set(samples)) > 1
+    ev = run.evaluate("test", mix_ngram=True)
+    assert ev.rows[0].name == "static" and ev.ppl == pytest.approx(run.summary["best_test_ppl"])
+    assert ev.best is not None and ev.references["ngram_order"] == 5
+    gates = run.gates("the time machine")
+    assert set(gates.trace.gates) == {"Z", "R"} and len(gates.text) == 16
+    loaded = gru_lm.load("runs/api/checkpoints/last.pt")
+    assert loaded.path == run.path and loaded.checkpoint.name == "last.pt"
+    assert [r.name for r in gru_lm.runs()] == ["api"]
+    figure = run.plot()
+    assert figure.axes and run.plot("c.svg") == Path("c.svg") and Path("c.svg").exists()
+    cmp = gru_lm.compare(runs=["runs/api"], out="cmp")
+    assert cmp.rows[0]["seeds"] == 1 and cmp.out == Path("cmp")
+
+
+def test_bad_input_raises_the_cli_errors(workdir):
+    with pytest.raises(ConfigError) as e:
+        gru_lm.train(TINY, "train.lr=0")
+    assert str(e.value) in cli("train", "--config", TINY, "train.lr=0").output
+    with pytest.raises(ConfigError, match="train.optimiser"):
+        gru_lm.train(TINY, train={"optimiser": "sgd"})
+    with pytest.raises(GruLmError, match="unknown config section 'trian'"):
+        gru_lm.train(TINY, trian={"lr": 1})
+    with pytest.raises(GruLmError, match="does not exist"):
+        gru_lm.load("runs/nothing.pt")
+    assert not Path("runs").exists() or not any(Path("runs").iterdir())
+
+
+def test_a_config_can_be_a_dict_or_a_config(workdir):
+    cfg = gru_lm.resolve_config(TINY, train={"max_steps": 5})
+    run = gru_lm.train(cfg.to_dict(), name="d")
+    assert run.summary["steps"] == 5
+    again = gru_lm.train(cfg, name="c")
+    assert again.summary["best_val_ppl"] == run.summary["best_val_ppl"]  # same seed, config
+
+
+def test_the_cli_and_the_api_give_the_same_numbers(tiny_run):
+    run = tiny_run()
+    ev = gru_lm.evaluate([run], "val", cache=True)
+    r = cli("evaluate", "--run", run, "--split", "val", "--cache")
+    for row in ev.rows:
+        assert f"{row.ppl:.3f}" in r.output
+    out = cli("predict", "time traveller", "--run", run, "-n", "20").stdout.removesuffix("\n")
+    assert out == gru_lm.load(run).predict("time traveller", 20)
+
+
+def test_results_render_as_html_tables(tiny_run):
+    run = gru_lm.load(tiny_run())
+    text = _html(run)
+    assert f"{run.summary['best_val_ppl']:,.3f}" in text
+    ev = run.evaluate("test")
+    assert f"{ev.ppl:,.3f}" in _html(ev)
+    gates = run.gates("the time")
+    text = _html(gates)
+    assert "update gate Z" in text and "reset gate R" in text
+    assert gates._repr_html_().count("<span title='Z = ") == len("the time")
+    cmp = gru_lm.compare(runs=[run.path], out="cmp")
+    assert f"{cmp.rows[0]['val_ppl_mean']:,.3f}" in _html(cmp)
+
+
+def test_no_notebook_no_display(workdir, capsys):
+    from gru_lm.display import in_notebook
+
+    assert not in_notebook()
+    gru_lm.train(TINY, "train.max_steps=5", name="quiet")
+    assert capsys.readouterr().out == ""  # the API prints nothing unless asked
+    gru_lm.train(TINY, "train.max_steps=5", name="loud", show=True)
+    assert "run directory: runs/loud" in capsys.readouterr().out
+
+
+def test_the_chapter_9_notebook_runs(workdir, monkeypatch):
+    """docs/chapter9.ipynb executed headless, every training cut to a few steps
+    (GRU_LM_SMOKE=1): no cell may fail, and training draws its live figure."""
+    import nbformat
+    from conftest import ROOT
+    from nbclient import NotebookClient
+
+    Path("docs").mkdir()
+    nb = nbformat.read(ROOT / "docs" / "chapter9.ipynb", as_version=4)
+    monkeypatch.setenv("GRU_LM_SMOKE", "1")
+    NotebookClient(nb, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str(Path("docs").resolve())}}).execute()
+    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert any("image/png" in o.get("data", {}) for o in outputs)  # the live figure
+    assert any("text/html" in o.get("data", {}) for o in outputs)  # tables and gates
+    assert len(list(Path("runs/chapter9").iterdir())) >= 5
