@@ -19,7 +19,6 @@ import sys
 import warnings
 from pathlib import Path
 
-_STATE: dict[str, object] = {}
 SOURCE = Path(__file__).with_name("csrc") / "cells.cpp"
 # -fopenmp makes at::parallel_for parallel; libgomp is torch's own (same soname, already
 # loaded), so there is one OpenMP runtime.
@@ -82,14 +81,23 @@ def build_name() -> str:
     return f"gru_lm_cells_{h.hexdigest()[:12]}"
 
 
-def kernels(load: bool = True):
-    """The compiled module, or None (reason in `why_not()`); load=False never builds."""
-    if "mod" in _STATE or not load:
-        return _STATE.get("mod")
-    mod = None
-    if os.environ.get("GRU_LM_NO_EXT", "").strip() in {"1", "true", "yes"}:
-        _STATE["why"] = "disabled by GRU_LM_NO_EXT"
-    else:
+class Library:
+    """The compiled kernels of csrc/cells.cpp: built (or found in torch's cache) on the first
+    load() that may build, then kept; `why` says why there are none."""
+
+    def __init__(self) -> None:
+        self.module = None
+        self.tried = False
+        self.why: str | None = None
+
+    def load(self, build: bool = True):
+        """The compiled module, or None (reason in `why`); build=False never builds."""
+        if self.tried or not build:
+            return self.module
+        self.tried = True
+        if os.environ.get("GRU_LM_NO_EXT", "").strip() in {"1", "true", "yes"}:
+            self.why = "disabled by GRU_LM_NO_EXT"
+            return None
         try:
             from torch.utils import cpp_extension
 
@@ -99,14 +107,22 @@ def kernels(load: bool = True):
             _announce_build(folder, name)
             with _build_lock(folder), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                mod = cpp_extension.load(name=name, sources=[str(SOURCE)],
-                                         extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
-                                         verbose=False)
+                self.module = cpp_extension.load(
+                    name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS,
+                    extra_ldflags=["-fopenmp"], verbose=False)
         except Exception as e:  # no compiler, no ninja, no headers: fall back, say why
             last = str(e).strip().splitlines()[-1][:200] if str(e).strip() else ""
-            _STATE["why"] = f"{type(e).__name__}: {last}" if last else type(e).__name__
-    _STATE["mod"] = mod
-    return mod
+            self.why = f"{type(e).__name__}: {last}" if last else type(e).__name__
+        return self.module
+
+
+LIBRARY = Library()  # this process' kernels (a shared library is loaded once a process)
+
+
+def kernels(load: bool = True):
+    """The process' compiled module, or None (reason in `why_not()`); load=False never
+    builds."""
+    return LIBRARY.load(load)
 
 
 def _build_folder(cpp_extension, name: str) -> Path | None:
@@ -170,4 +186,4 @@ def _put_ninja_on_path() -> None:
 
 def why_not() -> str | None:
     kernels()
-    return _STATE.get("why")  # type: ignore[return-value]
+    return LIBRARY.why

@@ -19,34 +19,60 @@ this CPU runs faster (`gemm_kind`).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import os
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from gru_lm._ext import kernels
+from gru_lm._ext import LIBRARY, Library
 from gru_lm.errors import ConfigError
 
-_USE_KERNELS = True
+
+@dataclass
+class Kernels:
+    """Which code runs the scratch recurrences: the fused C++ kernels of `library` when
+    `fused` (and they load), else the PyTorch loops below; and, under bf16, the GEMM each step
+    shape timed fastest (kept in `bf16`, (rows, n, k) -> (kind, seconds by kind)).
+
+    Which one is in force is a context value, not a global: `use(Kernels(fused=False))` (or
+    portable_loops()) selects the loops for a block; `current()` is what runs now."""
+
+    fused: bool = True
+    library: Library = field(default_factory=lambda: LIBRARY)
+    bf16: dict[tuple[int, int, int], tuple[int, dict[int, float]]] = field(default_factory=dict)
+
+
+_DEFAULT = Kernels()
+_CURRENT: contextvars.ContextVar[Kernels] = contextvars.ContextVar("gru_lm_kernels")
+
+
+def current() -> Kernels:
+    """The kernels in force here (the process' default unless a `use` block says others)."""
+    return _CURRENT.get(_DEFAULT)
 
 
 @contextlib.contextmanager
+def use(kernels: Kernels):
+    """Run the block with `kernels` (tests: the loops, a fresh library, an empty bf16 cache)."""
+    token = _CURRENT.set(kernels)
+    try:
+        yield kernels
+    finally:
+        _CURRENT.reset(token)
+
+
 def portable_loops():
     """Run the PyTorch loops below even where the fused C++ kernels are available."""
-    global _USE_KERNELS
-    old, _USE_KERNELS = _USE_KERNELS, False
-    try:
-        yield
-    finally:
-        _USE_KERNELS = old
+    return use(Kernels(fused=False))
 
 
 # The fused kernels' GEMM kinds (gru_lm/csrc/cells.cpp, enum Kind).
 GEMM_NAMES = {0: "fp32 sgemm", 1: "MKL gemm_bf16bf16f32", 2: "sgemm on bf16-rounded operands"}
 BF16_ENV = "GRU_LM_BF16_GEMM"  # mkl | sgemm: pin the bf16 GEMM instead of timing both
 _BF16_BY_ENV = {"mkl": 1, "sgemm": 2}
-_BF16_CHOICES: dict[tuple[int, int, int], tuple[int, dict[int, float]]] = {}
 
 
 def autocast_bf16(device_type: str) -> bool:
@@ -65,13 +91,13 @@ def gemm_kind(ext, bf16: bool, rows: int, n: int, k: int) -> int:
     pinned = bf16_pin(ext.gemm_kinds())
     if pinned is not None:
         return pinned
-    key = (rows, n, k)
-    if key not in _BF16_CHOICES:
+    key, chosen = (rows, n, k), current().bf16
+    if key not in chosen:
         reps = max(1, min(50, round(5e-3 * 50e9 / (2 * rows * n * k))))  # ~5 ms a round
         times = {kind: ext.time_gemm(kind, rows, n, k, reps) for kind in ext.gemm_kinds()
                  if kind != 0}
-        _BF16_CHOICES[key] = (min(times, key=times.__getitem__), times)
-    return _BF16_CHOICES[key][0]
+        chosen[key] = (min(times, key=times.__getitem__), times)
+    return chosen[key][0]
 
 
 def bf16_pin(available=tuple(_BF16_BY_ENV.values())) -> int | None:
@@ -92,10 +118,10 @@ def bf16_gemm_report() -> str:
     pinned = os.environ.get(BF16_ENV, "").strip().lower()
     if pinned in _BF16_BY_ENV:
         return f"{GEMM_NAMES[_BF16_BY_ENV[pinned]]} (pinned by {BF16_ENV})"
-    if not _BF16_CHOICES:
+    if not current().bf16:
         return "the faster of MKL's bf16 GEMM and rounded sgemm, timed at the first step"
     parts = []
-    for (rows, n, k), (kind, times) in _BF16_CHOICES.items():
+    for (rows, n, k), (kind, times) in current().bf16.items():
         timed = ", ".join(f"{GEMM_NAMES[c]} {t * 1e3:.3f} ms" for c, t in times.items())
         parts.append(f"{GEMM_NAMES[kind]} at {rows}x{k}x{n} ({timed})")
     return "; ".join(parts)
@@ -127,9 +153,10 @@ def _fast(P: Tensor):
     that start-up cost and uses them only when they are already loaded. (Grad mode is off
     inside Function.forward, so "training" is read from P, made under grad mode or not.)
     """
-    if not _USE_KERNELS or P.dtype != torch.float32 or P.device.type != "cpu":
+    k = current()
+    if not k.fused or P.dtype != torch.float32 or P.device.type != "cpu":
         return None
-    return kernels(load=P.requires_grad)
+    return k.library.load(build=P.requires_grad)
 
 
 def _dense(P: Tensor, ids: Tensor | None) -> Tensor:

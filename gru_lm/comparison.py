@@ -165,7 +165,7 @@ def _read_run(run_dir: Path) -> dict[str, Any]:
 # recipe. Everything else (model, data, optimizer, budget, evaluation) makes another row.
 NOT_RECIPE = {"train.seed", "train.threads", "train.device", "train.log_interval",
               "train.tensorboard", "train.sample_interval", "train.sample_prefixes",
-              "train.sample_length"}
+              "train.sample_length", "train.sample_temperature"}
 
 
 def recipe(cfg) -> dict[str, Any]:

@@ -354,13 +354,16 @@ class ScratchLM(RecurrentLM):
         return problems
 
     def kernel_path(self, device: torch.device | str, precision: str = "fp32") -> str:
-        from gru_lm._ext import kernels, why_not
+        from gru_lm.cells import current
 
         rounded = ", GEMM operands rounded to bf16" if precision == "bf16" else ""
         if torch.device(device).type != "cpu":
             return f"portable loops{rounded}: no fused kernels for {torch.device(device).type}"
-        if kernels() is None:
-            return f"portable loops{rounded}: {why_not()}"
+        k = current()
+        if not k.fused:
+            return f"portable loops{rounded}: chosen by cells.portable_loops()"
+        if k.library.load() is None:
+            return f"portable loops{rounded}: {k.library.why}"
         if precision == "bf16":
             return f"fused kernels, bf16 GEMM operands: {bf16_gemm_report()}"
         return "fused kernels"

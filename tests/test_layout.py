@@ -56,14 +56,14 @@ def test_no_module_imports_from_a_module_above_it(module):
 def test_training_without_a_compiler_uses_the_loops_and_says_why(workdir, monkeypatch):
     from torch.utils import cpp_extension
 
-    from gru_lm import _ext
+    from gru_lm import _ext, cells
 
     def no_compiler(*args, **kwargs):
         raise RuntimeError("Error building extension 'gru_lm_cells': c++: command not found")
 
-    monkeypatch.setattr(_ext, "_STATE", {})  # forget the kernels loaded for this session
     monkeypatch.setattr(cpp_extension, "load", no_compiler)
-    r = cli("train", "--config", "configs/tiny.yaml", "--name", "nocc")
+    with cells.use(cells.Kernels(library=_ext.Library())):  # a process that has none yet
+        r = cli("train", "--config", "configs/tiny.yaml", "--name", "nocc")
     assert r.exit_code == 0, r.output
     assert "portable loops: RuntimeError: Error building extension" in r.output
     summary = json.loads(Path("runs/nocc/summary.json").read_text())
@@ -77,6 +77,19 @@ def test_summary_names_the_code_that_ran(tiny_run):
     summary = json.loads((tiny_run() / "summary.json").read_text())
     expected = "fused kernels" if kernels() is not None else f"portable loops: {why_not()}"
     assert summary["kernels"] == expected and summary["device"] == "cpu"
+
+
+def test_no_module_global_decides_which_kernel_runs():
+    """The kernel choice is an explicit object in force for a block, not a flag to flip."""
+    import ast
+
+    for module in ("cells", "_ext", "models"):
+        tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+        assigned = [t.id for node in tree.body if isinstance(node, ast.Assign | ast.AnnAssign)
+                    for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+                    if isinstance(t, ast.Name)]
+        assert not [n for n in assigned if n in ("_USE_KERNELS", "_BF16_CHOICES", "_STATE")]
+        assert "global " not in (PACKAGE / f"{module}.py").read_text()
 
 
 def test_the_first_build_says_so_once(tmp_path, capsys):

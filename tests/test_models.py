@@ -436,18 +436,19 @@ def test_bf16_gemm_is_chosen_by_timing_and_reported(monkeypatch):
 
     ext = _need_kernels()
     monkeypatch.delenv(cells.BF16_ENV, raising=False)
-    monkeypatch.setattr(cells, "_BF16_CHOICES", {})
-    assert cells.gemm_kind(ext, False, 4, 24, 8) == 0  # fp32: sgemm, nothing timed
-    assert "timed at the first step" in cells.bf16_gemm_report()
-    kind = cells.gemm_kind(ext, True, 4, 24, 8)
-    chosen, times = cells._BF16_CHOICES[(4, 24, 8)]
-    assert kind == chosen == min(times, key=times.get) and set(times) == set(
-        ext.gemm_kinds()) - {0}
-    assert all(t > 0 for t in times.values())
-    report = cells.bf16_gemm_report()
-    assert f"{cells.GEMM_NAMES[kind]} at 4x8x24" in report and " ms" in report
-    monkeypatch.setenv(cells.BF16_ENV, "sgemm")
-    assert cells.gemm_kind(ext, True, 4, 24, 8) == 2
+    with cells.use(cells.Kernels()) as fresh:  # nothing timed yet
+        assert cells.gemm_kind(ext, False, 4, 24, 8) == 0  # fp32: sgemm, nothing timed
+        assert "timed at the first step" in cells.bf16_gemm_report()
+        kind = cells.gemm_kind(ext, True, 4, 24, 8)
+        chosen, times = fresh.bf16[(4, 24, 8)]
+        assert kind == chosen == min(times, key=times.get) and set(times) == set(
+            ext.gemm_kinds()) - {0}
+        assert all(t > 0 for t in times.values())
+        report = cells.bf16_gemm_report()
+        assert f"{cells.GEMM_NAMES[kind]} at 4x8x24" in report and " ms" in report
+        monkeypatch.setenv(cells.BF16_ENV, "sgemm")
+        assert cells.gemm_kind(ext, True, 4, 24, 8) == 2
+    assert (4, 24, 8) not in cells.current().bf16  # the block's choices stayed in it
     assert "pinned by GRU_LM_BF16_GEMM" in cells.bf16_gemm_report()
     monkeypatch.setenv(cells.BF16_ENV, "fast")
     with pytest.raises(ConfigError, match="GRU_LM_BF16_GEMM='fast' is not a bf16 GEMM"):
