@@ -49,6 +49,16 @@ def resolve_config(config=None, *overrides: str, **sections: Mapping[str, Any]) 
     return validate(apply_overrides(dict(config), pairs), source="config")
 
 
+def config_sources(config=None, *overrides: str) -> dict[str, str]:
+    """Where each key of a config came from: its file (or a `base:` file it names), or
+    "override"; keys at their default are absent."""
+    from gru_lm.config import resolve_yaml
+
+    sources = resolve_yaml(Path(config))[1] if isinstance(config, str | Path) else {}
+    sources.update({o.partition("=")[0].strip(): "override" for o in overrides})
+    return sources
+
+
 def _yaml(value: Any) -> str:
     """A Python value as the text of a key=value override (parsed back as YAML)."""
     import yaml
@@ -513,5 +523,5 @@ def list_models(num_hiddens: int = 256, vocab_size: int = 28) -> list[ModelInfo]
 
 
 __all__ = ["Comparison", "CorpusInfo", "Evaluation", "ModelInfo", "Run", "RunInfo",
-           "Sampling", "compare", "corpus_info", "evaluate", "list_models", "load", "plot",
-           "resolve_config", "runs", "train"]
+           "Sampling", "compare", "config_sources", "corpus_info", "evaluate", "list_models",
+           "load", "plot", "resolve_config", "runs", "train"]

@@ -369,16 +369,18 @@ def data_info(config: ConfigOpt = None, overrides: Overrides = None,
 def config_show(config: ConfigOpt = None, overrides: Overrides = None) -> None:
     """Print the resolved config as YAML, with what each key means.
 
-    Defaults, then the file, then the overrides; a value that differs from the default shows
-    the default too. The output is a valid config file."""
-    from gru_lm.api import resolve_config
+    Defaults, then the file (its `base:` first), then the overrides; a value that differs
+    from the default shows the default and where it was set. The output is a valid config
+    file."""
+    from gru_lm.api import config_sources, resolve_config
     from gru_lm.config import described_yaml
 
     cfg = resolve_config(config, *(overrides or []))
+    sources = config_sources(config, *(overrides or []))
     console.print(f"# resolved from {config or 'the defaults'}"
                   f"{' + ' + ' '.join(overrides) if overrides else ''}", highlight=False,
                   markup=False)
-    console.print(described_yaml(cfg), highlight=False, markup=False, end="")
+    console.print(described_yaml(cfg, sources), highlight=False, markup=False, end="")
 
 
 # ---------------------------------------------------------------- models

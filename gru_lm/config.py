@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import difflib
 import math
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -375,9 +376,48 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return out
 
 
+MAX_BASES = 16  # how deep `base:` may chain
+
+
+def resolve_yaml(path: Path, _seen: tuple[Path, ...] = ()) -> tuple[dict[str, Any], dict]:
+    """A config file with its `base:` resolved: the base file's keys (a path relative to this
+    file's folder, itself resolved the same way), then this file's on top. Returns the merged
+    dict and, per dotted key, the file it came from. Cycles, missing files and a `base:`
+    that is not a path are refused in one line."""
+    path = Path(path)
+    raw = read_yaml(path)
+    base = raw.pop("base", None)
+    here = {f"{section}.{key}": str(path) for section, values in raw.items()
+            if isinstance(values, dict) for key in values}
+    if base is None:
+        return raw, here
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"{path}: base: must be the path of another config file, e.g. "
+                          "base: recipe.yaml; got " + short(base))
+    target = Path(os.path.normpath(path.parent / base))  # (resolved only to find cycles)
+    chain = (*_seen, path.resolve())
+    if target.resolve() in chain:
+        cycle = " -> ".join(str(p.name) for p in (*chain, target))
+        raise ConfigError(f"{path}: base: {base} makes a cycle ({cycle}); a base must not "
+                          "lead back to the file")
+    if len(chain) > MAX_BASES:
+        raise ConfigError(f"{path}: base: chains more than {MAX_BASES} files; flatten them")
+    if not target.is_file():
+        raise ConfigError(f"{path}: base: {base} does not exist (looked for "
+                          f"{target.resolve()}); give a path relative to this file's folder")
+    merged, sources = resolve_yaml(target, chain)
+    for section, values in raw.items():
+        if isinstance(values, dict) and isinstance(merged.get(section), dict):
+            merged[section] = {**merged[section], **values}
+        else:
+            merged[section] = values
+    return merged, {**sources, **here}
+
+
 def load_config(path: Path | None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config (or the defaults when `path` is None) and apply overrides."""
-    raw = read_yaml(path) if path is not None else {}
+    """Load a YAML config (its `base:` resolved; the defaults when `path` is None) and apply
+    overrides."""
+    raw = resolve_yaml(path)[0] if path is not None else {}
     raw = apply_overrides(raw, overrides or [])
     return validate(raw, source=str(path) if path is not None else "config")
 
@@ -388,10 +428,12 @@ def _flow(value: Any) -> str:
     return text.removesuffix("\n...\n").strip()
 
 
-def described_yaml(cfg: Config) -> str:
+def described_yaml(cfg: Config, sources: dict[str, str] | None = None) -> str:
     """The config as YAML that loads back to `cfg`, each key followed by its description and,
-    where the value is not the default, the default."""
+    where the value is not the default, the default and (`sources`, dotted key -> where it
+    was set: a file or an override) where it comes from."""
     defaults = Config()
+    sources = sources or {}
     lines = []
     for section, cls in SECTIONS.items():
         lines.append(f"{section}:")
@@ -402,7 +444,9 @@ def described_yaml(cfg: Config) -> str:
         for text, key, value in rows:
             note = cls.model_fields[key].description or ""
             if value != default_values[key]:
-                note += f" [default: {_flow(default_values[key])}]"
+                where = sources.get(f"{section}.{key}")
+                note += (f" [default: {_flow(default_values[key])}"
+                         f"{'; from ' + where if where else ''}]")
             lines.append(f"{text.ljust(width)}  # {note}" if note else text)
     return "\n".join(lines) + "\n"
 

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gru_lm.config import Config, apply_overrides, load_config, read_yaml, validate
+from gru_lm.config import Config, apply_overrides, load_config, resolve_yaml, validate
 from gru_lm.distributed import SINGLE, World
 from gru_lm.errors import CheckpointError, ConfigError, GruLmError
 from gru_lm.rundir import LAST, RunDir, find_latest
@@ -33,7 +33,7 @@ def resume_config(run: RunDir, config: Path | None, overrides: list[str]) -> Con
                           f"it (the run stays in {run})")
     if config is None and not overrides:
         return saved
-    raw = read_yaml(config) if config is not None else saved.to_dict()
+    raw = resolve_yaml(config)[0] if config is not None else saved.to_dict()
     new = validate(apply_overrides(raw, overrides), source=str(config or run.config))
     old_d, new_d = saved.to_dict(), new.to_dict()
     changed = fixed_keys_changed(old_d, new_d)

@@ -89,3 +89,61 @@ def test_override_parsing_raises_only_config_errors(items):
         validate(apply_overrides({}, items))
     except GruLmError:
         pass
+
+
+# ---------------------------------------------------------------- base: one recipe, written once
+
+
+def test_base_is_resolved_below_the_file_and_its_overrides(tmp_path):
+    (tmp_path / "recipe.yaml").write_text(
+        "model: {num_hiddens: 64, dropout: 0.2}\ntrain: {lr: 0.01, max_steps: 7}\n")
+    (tmp_path / "mid.yaml").write_text("base: recipe.yaml\ntrain: {lr: 0.02}\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "top.yaml").write_text("base: ../mid.yaml\nmodel: {name: lstm}\n")
+    cfg = load_config(tmp_path / "sub" / "top.yaml", ["train.max_steps=9"])
+    assert (cfg.model.name, cfg.model.num_hiddens, cfg.model.dropout) == ("lstm", 64, 0.2)
+    assert (cfg.train.lr, cfg.train.max_steps) == (0.02, 9)
+
+
+@pytest.mark.parametrize("files, message", [
+    ({"a.yaml": "base: b.yaml\n", "b.yaml": "base: a.yaml\n"}, "makes a cycle (a.yaml -> "
+     "b.yaml -> a.yaml)"),
+    ({"a.yaml": "base: a.yaml\n"}, "makes a cycle"),
+    ({"a.yaml": "base: nothing.yaml\n"}, "nothing.yaml does not exist"),
+    ({"a.yaml": "base: [1, 2]\n"}, "base: must be the path of another config file"),
+    ({"a.yaml": "base: b.yaml\n", "b.yaml": "train: {lrr: 1}\n"}, "train.lrr: unknown key"),
+])
+def test_bad_bases_are_one_line_errors(tmp_path, files, message):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(tmp_path / "a.yaml")
+
+
+def test_the_held_out_configs_state_only_what_differs():
+    root = Path(__file__).resolve().parents[1] / "configs"
+    recipe = load_config(root / "recipe.yaml").to_dict()
+    for name in ("gru", "lstm", "gru-scratch"):
+        text = (root / f"{name}.yaml").read_text()
+        lines = [x for x in text.splitlines() if x.strip() and not x.lstrip().startswith("#")]
+        assert lines == ["base: recipe.yaml", "model:", f"  name: {name}"], name
+        cfg = load_config(root / f"{name}.yaml").to_dict()
+        cfg["model"]["name"] = recipe["model"]["name"]
+        assert cfg == recipe
+
+
+def test_config_show_says_where_each_value_came_from(workdir):
+    from conftest import cli
+
+    r = cli("config", "show", "--config", "configs/lstm.yaml", "train.lr=0.005")
+    assert r.exit_code == 0, r.output
+    lines, section = {}, ""
+    for line in r.stdout.splitlines():
+        if line and not line.startswith((" ", "#")):
+            section = line.rstrip(":")
+        elif line.startswith("  "):
+            lines[f"{section}.{line.split(':')[0].strip()}"] = line
+    assert "from configs/lstm.yaml" in lines["model.name"]
+    assert "from configs/recipe.yaml" in lines["model.num_hiddens"]
+    assert "from override" in lines["train.lr"]
+    assert "from" not in lines["train.momentum"]  # at its default
