@@ -1,0 +1,148 @@
+"""The docs stay true mechanically: every `gru-lm ...` command they show parses (the command
+and its options exist), every config key they name exists, every error they show is the
+one the code prints, and the layout table lists every module in its layer order.
+
+Documented errors are regenerated from the code with GRU_LM_REGEN_DOCS=1 pytest
+tests/test_docs.py (the blocks are rewritten in place), never pasted by hand."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, cli
+
+from gru_lm.config import SECTIONS
+
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+FENCE = re.compile(r"^```[a-z]*\n(.*?)^```", re.M | re.S)
+INLINE = re.compile(r"`(gru-lm [^`\n]+)`")
+KEY = re.compile(r"\b(data|model|train|run)\.([a-z][a-z0-9_]*)\b(?![./(])")
+NOT_KEYS = {"py", "pt", "yaml", "json", "jsonl", "txt", "png", "svg", "pdf", "md", "bin"}
+
+
+SHELL = re.compile(r"(?:^|\|\s*)(?:[A-Z_]+=\S+\s+)*(gru-lm\s[^|]*)")
+
+
+def _commands(text: str) -> list[str]:
+    """Every gru-lm command shown: in code blocks (after a `$ ` prompt, environment
+    assignments or a pipe, or bare) and inline."""
+    out = []
+    for block in FENCE.findall(text):
+        for line in block.splitlines():
+            out += SHELL.findall(line.removeprefix("$ ").strip())
+    out += INLINE.findall(text)
+    return out
+
+
+def _args(command: str) -> list[str]:
+    """The arguments of one `gru-lm ...` line: up to a pipe, a redirect or a comment,
+    without the `...` that stands for "and so on"."""
+    command = re.split(r"\s(?:\||>|2>|&&|#)\s", command + " ")[0]
+    try:
+        words = shlex.split(command)
+    except ValueError:  # an unclosed quote in prose: keep what splits on spaces
+        words = command.split()
+    return [w for w in words[1:] if w not in ("...", "…") and not w.endswith("...")]
+
+
+def _parse(args: list[str]) -> None:
+    """Check a command line against the CLI without running it: the command path exists and
+    every option is one the command (or a group on its path) takes."""
+    from typer.main import get_command
+
+    from gru_lm.cli import app
+
+    cmd = get_command(app)
+    known = {o for p in cmd.params for o in (*p.opts, *p.secondary_opts)}
+    rest = list(args)
+    while hasattr(cmd, "commands"):
+        words = [w for w in rest if not w.startswith("-")]
+        if not words or words[0] not in cmd.commands:
+            assert not words, f"no command {words[0]!r}"
+            break
+        rest = rest[rest.index(words[0]) + 1:]
+        cmd = cmd.commands[words[0]]
+        known |= {o for p in cmd.params for o in (*p.opts, *p.secondary_opts)}
+    known |= {"-h", "--help"}
+    for word in rest:
+        if word == "--":
+            break
+        if word.startswith("-") and len(word) > 1 and not word[1].isdigit():
+            assert word.split("=")[0] in known, f"no option {word!r} for {cmd.name}"
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=[d.name for d in DOCS])
+def test_every_documented_command_parses(doc):
+    text = doc.read_text()
+    failing = {c.removeprefix("$ ") for c, _ in _error_examples(text)}  # (tested below)
+    for command in _commands(text):
+        if command.strip() in failing:
+            continue
+        try:
+            _parse(_args(command))
+        except Exception as e:  # click's errors: NoSuchOption, UsageError...
+            pytest.fail(f"{doc.name}: `{command}` does not parse: {e}")
+
+
+def test_the_docs_show_commands():
+    assert sum(len(_commands(d.read_text())) for d in DOCS) > 40
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=[d.name for d in DOCS])
+def test_every_documented_config_key_exists(doc):
+    text = doc.read_text()
+    for command, shown in _error_examples(text):  # (they misspell keys on purpose)
+        text = text.replace("\n".join([command, *shown]), "")
+    unknown = sorted({f"{s}.{k}" for s, k in KEY.findall(text)
+                      if k not in NOT_KEYS and k not in SECTIONS[s].model_fields})
+    assert not unknown, f"{doc.name} names config keys that do not exist: {unknown}"
+
+
+def _error_examples(text: str):
+    """(command, its documented lines) for each documented command that fails: a `$ gru-lm`
+    line followed by `error:` lines."""
+    for block in FENCE.findall(text):
+        lines = block.splitlines()
+        for i, line in enumerate(lines):
+            if line.startswith("$ gru-lm ") and i + 1 < len(lines) and \
+                    lines[i + 1].startswith("error:"):
+                shown = []
+                for follow in lines[i + 1:]:
+                    if follow.startswith("$ "):
+                        break
+                    shown.append(follow)
+                yield line, shown
+
+
+def test_documented_errors_are_what_the_code_prints(workdir):
+    regenerate = os.environ.get("GRU_LM_REGEN_DOCS") == "1"
+    found = 0
+    for doc in DOCS:
+        text = original = doc.read_text()
+        for command, shown in _error_examples(original):
+            found += 1
+            r = cli(*_args(command.removeprefix("$ ")))
+            actual = r.output.rstrip("\n").splitlines()
+            if regenerate:
+                text = text.replace("\n".join([command, *shown]),
+                                    "\n".join([command, *actual]))
+            else:
+                assert actual == shown, (f"{doc.name}: `{command}` prints\n" + "\n".join(actual)
+                                         + "\n(GRU_LM_REGEN_DOCS=1 rewrites the block)")
+        if text != original:
+            doc.write_text(text)
+    assert found >= 3
+
+
+def test_the_layout_table_lists_every_module_in_layer_order():
+    from test_layout import LAYERS
+
+    table = (ROOT / "docs" / "development.md").read_text()
+    listed = re.findall(r"^\| `gru_lm/([a-z_0-9]+)\.py`", table, re.M)
+    modules = [m for m in LAYERS if m not in ("__init__", "__main__")]
+    assert listed == modules, "docs/development.md's layout table: " + ", ".join(
+        m for m in modules if m not in listed) + " missing, or out of layer order"
