@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import shlex
-from pathlib import Path
 
 import pytest
 from conftest import ROOT, cli
