@@ -92,6 +92,27 @@ def check_memory(cfg: ModelConfig, cls: type[RecurrentLM], vocab_size: int) -> N
             "lower model.num_hiddens or model.num_layers")
 
 
+def best_time(fn, work: float, rounds: int = 3) -> float:
+    """Seconds of one call of `fn` (best of `rounds` rounds of about 5 ms each, `work` the
+    flops of one call, to size the rounds)."""
+    import time
+
+    reps = max(1, min(200, round(5e-3 * 20e9 / max(1.0, work))))
+    fn()
+    best = math.inf
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / reps)
+    return best
+
+
+def mm_operands(rows: int, n: int, k: int) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(rows, k, generator=g), torch.rand(k, n, generator=g)
+
+
 def detach_state(state: State) -> State:
     """Cut the graph between TBPTT windows, for a tensor or a tuple of tensors."""
     if isinstance(state, tuple):
@@ -197,9 +218,20 @@ class RecurrentLM(nn.Module):
                             f"'{cls.registry_name}'; remove the key")
         return problems
 
-    # What train.precision=bf16 costs on a CPU without bf16 arithmetic (said before training)
-    bf16_cost = ("torch.nn's bf16 matmuls are emulated and run far slower than fp32; use "
-                 "train.precision=fp32 here")
+    num_gates: int = 3  # blocks of the recurrent weight: 3 GRU, 4 LSTM, 1 RNN
+
+    def bf16_speed(self, batch_size: int) -> tuple[float, str]:
+        """How fast this model's recurrent products run in bf16 against fp32 on this CPU,
+        measured now at its step's shape: (speed ratio, the timings in words). torch.nn:
+        torch.mm of bf16 against fp32 tensors."""
+        n, k = self.num_gates * self.num_hiddens, self.num_hiddens
+        a, b = mm_operands(batch_size, n, k)
+        a16, b16 = a.bfloat16(), b.bfloat16()
+        work = 2.0 * batch_size * n * k
+        fp32 = best_time(lambda: torch.mm(a, b), work)
+        bf16 = best_time(lambda: torch.mm(a16, b16), work)
+        return fp32 / bf16, (f"torch.mm {batch_size}x{k}x{n}: bf16 {bf16 * 1e3:.3f} ms, "
+                             f"fp32 {fp32 * 1e3:.3f} ms")
 
     def kernel_path(self, device: torch.device | str, precision: str = "fp32") -> str:
         """Which code runs the recurrence here, for the train header and summary.json."""
@@ -342,8 +374,33 @@ class ScratchLM(RecurrentLM):
     model.embed_dim the first layer reads token ids (the book's one-hot inputs)."""
 
     options = frozenset({"embed_dim", "embed_dropout"})
-    bf16_cost = ("the bf16-rounded GEMMs run no faster than fp32 here (rounding costs a few "
-                 "percent); use train.precision=fp32 unless you want bf16's numbers")
+
+    def bf16_speed(self, batch_size: int) -> tuple[float, str]:
+        """The fused kernels' bf16 GEMM (the kind the step shape chose) against their fp32
+        sgemm, on one thread at the rows a thread runs; without the kernels, the loops' fp32
+        GEMMs on rounded operands (rounding only adds work)."""
+        from gru_lm.cells import GEMM_NAMES, _step_rows, current, gemm_kind
+        from gru_lm.cells import bf16_operands as rounding
+
+        _round = rounding(True)
+
+        ext = current().library.load() if current().fused else None
+        rows, n, k = _step_rows(batch_size), self.num_gates * self.num_hiddens, self.num_hiddens
+        if ext is None:  # the loops: the same fp32 GEMM, after rounding its operands
+            a, b = mm_operands(rows, n, k)
+            work = 2.0 * rows * n * k
+            fp32 = best_time(lambda: torch.mm(a, b), work)
+            bf16 = best_time(lambda: torch.mm(_round(a), _round(b)), work)
+            return fp32 / bf16, (f"the loops' fp32 GEMM on rounded operands {bf16 * 1e3:.3f} "
+                                 f"ms against {fp32 * 1e3:.3f} ms at {rows}x{k}x{n}")
+        kind = gemm_kind(ext, True, rows, n, k)
+        reps = max(1, min(50, round(5e-3 * 50e9 / (2 * rows * n * k))))
+        # interleaved, the best of each: another process on the cores slows both alike
+        pairs = [(ext.time_gemm(0, rows, n, k, reps), ext.time_gemm(kind, rows, n, k, reps))
+                 for _ in range(3)]
+        fp32, bf16 = min(p[0] for p in pairs), min(p[1] for p in pairs)
+        return fp32 / bf16, (f"{GEMM_NAMES[kind]} {bf16 * 1e3:.3f} ms against fp32 sgemm "
+                             f"{fp32 * 1e3:.3f} ms at {rows}x{k}x{n}")
 
     @classmethod
     def check_config(cls, cfg: ModelConfig) -> list[str]:
@@ -458,7 +515,7 @@ class GRUScratch(ScratchLM):
 @register_model("lstm-scratch")
 class LSTMScratch(ScratchLM):
     description = "LSTM from its equations: I, F, O gates, candidate C~"
-    num_states = 2
+    num_states, num_gates = 2, 4
     options = ScratchLM.options | {"forget_bias"}
 
     def make_layer(self, num_inputs, cfg, init):
@@ -474,6 +531,7 @@ class LSTMScratch(ScratchLM):
 @register_model("rnn-scratch")
 class RNNScratch(ScratchLM):
     description = "vanilla RNN from its equation: H = tanh(X W_xh + H W_hh + b_h)"
+    num_gates = 1
 
     def make_layer(self, num_inputs, cfg, init):
         return RNNLayer(num_inputs, cfg.num_hiddens, init, cfg.weight_drop)
@@ -570,7 +628,7 @@ class TorchGRU(TorchLM):
 class TorchLSTM(TorchLM):
     description = "torch.nn.LSTM with an input embedding"
     rnn_cls = nn.LSTM
-    num_states = 2
+    num_states, num_gates = 2, 4
     options = frozenset({"embed_dim", "embed_dropout", "tie_weights", "forget_bias"})
 
     def gate_weights(self) -> list:
@@ -584,3 +642,4 @@ class TorchLSTM(TorchLM):
 class TorchRNN(TorchLM):
     description = "torch.nn.RNN (tanh) with an input embedding"
     rnn_cls = nn.RNN
+    num_gates = 1

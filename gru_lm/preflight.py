@@ -36,20 +36,27 @@ def plan(cfg: Config, model, corpus: Corpus, device) -> Plan:
 
 
 def precision_notes(cfg: Config, model, device) -> list[str]:
-    """bf16: refuse a wrong GRU_LM_BF16_GEMM, and on a CPU without bf16 arithmetic say what
-    it costs (the model knows: models.RecurrentLM.bf16_cost)."""
+    """bf16 on a CPU: refuse a wrong GRU_LM_BF16_GEMM, then time this model's recurrent
+    products in bf16 and fp32 at its step's shape (a few tens of ms) and, when bf16 is not
+    faster here, say so with the figures (models.RecurrentLM.bf16_speed)."""
     import torch
 
-    from gru_lm._ext import cpu_has_bf16
+    from gru_lm._ext import cpu_has_bf16, cpu_summary
     from gru_lm.cells import bf16_pin
 
     if cfg.train.precision != "bf16":
         return []
     bf16_pin()
-    if torch.device(device).type != "cpu" or cpu_has_bf16():
+    if torch.device(device).type != "cpu":
         return []
-    return ["train.precision=bf16: this CPU has no bf16 arithmetic (avx512_bf16, amx_bf16): "
-            f"{model.bf16_cost}"]
+    ratio, figures = model.bf16_speed(cfg.train.batch_size)
+    if ratio >= 1:
+        return []
+    has = "" if cpu_has_bf16() else ", which has no bf16 arithmetic (avx512_bf16, amx_bf16)"
+    speed = f"{ratio:.2f}x" if ratio >= 0.1 else f"1/{1 / ratio:,.0f} of"
+    return [f"train.precision=bf16 does not pay on this CPU ({cpu_summary()['model']}{has}): "
+            f"its recurrent products run at {speed} fp32's speed ({figures}, measured now); "
+            "use train.precision=fp32 unless you want bf16's numbers"]
 
 
 def sample_prefixes(cfg: Config, corpus: Corpus, notes: list[str]) -> list[list[int]]:

@@ -494,3 +494,28 @@ def test_scratch_embedding_feeds_the_first_layer_vectors(name):
     model.train()
     model(X)[0].sum().backward()
     assert model.embedding.grad is not None and model.embedding.grad[X.unique()].abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["gru-scratch", "lstm-scratch", "gru", "lstm"])
+def test_bf16_speed_is_measured_at_the_step_shape(name):
+    model = build_model(ModelConfig(name=name, num_hiddens=32), 10)
+    ratio, figures = model.bf16_speed(8)
+    assert ratio > 0 and " ms" in figures and "x32x" in figures
+
+
+@pytest.mark.parametrize("ratio, said", [(0.8, True), (1.3, False)])
+def test_the_trainer_says_when_bf16_does_not_pay(ratio, said):
+    from gru_lm.config import load_config
+    from gru_lm.preflight import precision_notes
+
+    class Timed:
+        def bf16_speed(self, batch_size):
+            return ratio, "kind 0.400 ms against fp32 0.320 ms"
+
+    cfg = load_config(None, ["train.precision=bf16", "train.max_steps=1"])
+    notes = precision_notes(cfg, Timed(), "cpu")
+    assert bool(notes) == said
+    if said:
+        assert "does not pay on this CPU" in notes[0] and "0.80x fp32's speed" in notes[0]
+        assert "measured now" in notes[0]
+    assert precision_notes(load_config(None, ["train.max_steps=1"]), Timed(), "cpu") == []
