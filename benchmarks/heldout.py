@@ -9,7 +9,8 @@ computed once, so the ensembles cost no second pass; `gru-lm evaluate --run A --
 gives the same figures one ensemble at a time.
 
 Run: python benchmarks/heldout.py runs/cmp/lstm-s0 runs/cmp/lstm-s1 ... [--order 8]
-     [--json out.json]
+     [--json out.json] [--scores DIR [--only-score]]  (DIR keeps each run's scores, so runs
+     can be scored in separate calls, on separate cores, and combined in the last)
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def main() -> None:
     from gru_lm.comparison import _SEEDED
     from gru_lm.data import load_corpus
     from gru_lm.evaluation import (
+        Scored,
         check_fingerprint,
         check_members,
         ensemble,
@@ -48,6 +50,10 @@ def main() -> None:
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--order", type=int, default=8, help="n-gram order of the mixture")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--scores", type=Path, default=None,
+                    help="keep each run's per-token scores here and reuse them")
+    ap.add_argument("--only-score", action="store_true",
+                    help="score the runs (into --scores) and stop")
     args = ap.parse_args()
     print(cpu_line(), f"| {torch.get_num_threads()} threads", flush=True)
     members = [load_member(RunDir(r).best_or_last()) for r in args.runs]
@@ -60,9 +66,18 @@ def main() -> None:
                "test": torch.from_numpy(ngram.log_probs(test)).float()}
     scores = {}
     for run, m in zip(args.runs, members, strict=True):
+        saved = args.scores / f"{run.name}.pt" if args.scores else None
+        if saved is not None and saved.is_file():  # scored by an earlier call
+            scores[str(run)] = {k: Scored(**v) for k, v in torch.load(saved).items()}
+            continue
         t0 = time.perf_counter()
         scores[str(run)] = member_variants(m, val, test, corpus.train, cache=True, dynamic=True)
         print(f"scored {run} in {time.perf_counter() - t0:.0f} s", flush=True)
+        if saved is not None:
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({k: vars(v) for k, v in scores[str(run)].items()}, saved)
+    if args.only_score:
+        return
 
     def label(run: Path) -> str:
         m = _SEEDED.match(run.name)

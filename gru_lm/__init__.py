@@ -17,8 +17,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
 
-_API = ("Comparison", "CorpusInfo", "Evaluation", "ModelInfo", "Run", "RunInfo", "Sampling",
-        "compare", "config_sources", "corpus_info", "evaluate", "list_models", "load", "plot",
+_API = ("Comparison", "CorpusInfo", "Evaluation", "ModelInfo", "Run", "RunInfo", "compare",
+        "config_sources", "corpus_info", "evaluate", "list_models", "load", "plot",
         "resolve_config", "runs", "train")
 __all__ = ["GruLmError", "__version__", *_API]
 

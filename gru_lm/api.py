@@ -14,6 +14,7 @@ asked (`show=True`, or a notebook's live figure while training).
 
 from __future__ import annotations
 
+import dataclasses
 import html
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from gru_lm.config import Config
     from gru_lm.gates import GateReport
 
+
 # ---------------------------------------------------------------- configs
 
 
@@ -34,7 +36,7 @@ def resolve_config(config=None, *overrides: str, **sections: Mapping[str, Any]) 
     """A validated Config from a YAML path, a dict or a Config (None: the defaults), then
     dotted overrides ("train.lr=0.01") and section dicts (train={"lr": 0.01}), all checked
     as the CLI checks them."""
-    from gru_lm.config import Config, load_config, validate
+    from gru_lm.config import Config, apply_overrides, load_config, validate
 
     pairs = [*overrides, *_section_pairs(sections)]
     if config is None or isinstance(config, str | Path):
@@ -44,8 +46,6 @@ def resolve_config(config=None, *overrides: str, **sections: Mapping[str, Any]) 
     if not isinstance(config, Mapping):
         raise GruLmError(f"config must be a YAML path, a dict or a Config, not "
                          f"{type(config).__name__}")
-    from gru_lm.config import apply_overrides
-
     return validate(apply_overrides(dict(config), pairs), source="config")
 
 
@@ -336,8 +336,8 @@ class Run:
                                      unknown == "skip")
         outs = generate(model, ids, num_chars, temperature=how.temperature, top_k=top_k,
                         top_p=top_p, num_samples=num_samples, seed=how.seed)
-        how = Sampling(how.temperature, how.seed, how.note, skipped)
-        return vocab.decode(ids), [vocab.decode(o) for o in outs], how
+        return (vocab.decode(ids), [vocab.decode(o) for o in outs],
+                dataclasses.replace(how, skipped=skipped))
 
     def evaluate(self, split: str = "test", *, text: str | Path | None = None,
                  dynamic: bool = False, cache: bool = False, mix_ngram: bool = False,
@@ -372,17 +372,6 @@ class Run:
                 ("tokens/s", s.get("tokens_per_s")),
                 ("status", "finished" if s else "not finished")]
         return _table(f"run {self.path.name}", ["", ""], rows)
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How continuations were drawn: temperature None is greedy; `note` names the defaults
-    taken; `skipped` counts prefix characters dropped (unknown='skip')."""
-
-    temperature: float | None
-    seed: int | None
-    note: str = ""
-    skipped: int = 0
 
 
 def load(run_or_checkpoint: str | Path) -> Run:
@@ -523,5 +512,5 @@ def list_models(num_hiddens: int = 256, vocab_size: int = 28) -> list[ModelInfo]
 
 
 __all__ = ["Comparison", "CorpusInfo", "Evaluation", "ModelInfo", "Run", "RunInfo",
-           "Sampling", "compare", "config_sources", "corpus_info", "evaluate", "list_models",
+           "compare", "config_sources", "corpus_info", "evaluate", "list_models",
            "load", "plot", "resolve_config", "runs", "train"]

@@ -69,6 +69,7 @@ class Sampling:
     temperature: float | None
     seed: int | None
     note: str = ""  # the defaults that were taken, and how to change them
+    skipped: int = 0  # prefix characters the corpus lacks, dropped (unknown="skip")
 
 
 def sampling_settings(greedy: bool, temperature: float | None, top_k: int | None,
