@@ -71,7 +71,8 @@ def test_config_show_prints_a_valid_config_with_descriptions_and_defaults():
     r = cli("config", "show", "--config", "configs/gru.yaml", "train.lr=0.005")
     assert r.exit_code == 0, r.output
     assert r.output.startswith("# resolved from configs/gru.yaml + train.lr=0.005\n")
-    assert re.search(r"num_hiddens: 512 +# hidden units per layer \[default: 256; from configs/recipe.yaml\]", r.output)
+    assert re.search(r"num_hiddens: 512 +# hidden units per layer "
+                     r"\[default: 256; from configs/recipe.yaml\]", r.output)
     assert re.search(r"num_layers: 1 +# stacked recurrent layers\n", r.output)  # a default
     shown = validate(yaml.safe_load(r.output))
     assert shown == load_config(Path("configs/gru.yaml"), ["train.lr=0.005"])
