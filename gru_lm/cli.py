@@ -850,7 +850,7 @@ def _print_comparison(result: dict, out: Path, wide: bool = False) -> None:
                           soft_wrap=True)
     for line in result.get("verdicts", []):
         console.print(f"verdict: {line}", highlight=False, soft_wrap=True)
-    console.print(f"wrote {out}/results.csv, results.json, curves.png, samples.md",
+    console.print(f"wrote {out}/results.csv, results.json, verdicts.csv, curves.png, samples.md",
                   highlight=False)
 
 

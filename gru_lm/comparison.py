@@ -284,7 +284,8 @@ def _comparisons(groups: dict[str, list[dict]]) -> list[dict[str, Any]]:
 
 def report(run_dirs: list[Path], out: Path) -> dict[str, Any]:
     """Aggregate finished runs by label, rescored as one stream; add each label's ensemble
-    and a verdict for every pair; write results.csv/.json, curves.png, samples.md."""
+    and a verdict for every pair; write results.csv/.json, verdicts.csv, curves.png and
+    samples.md."""
     from gru_lm.evaluation import ensemble
 
     seen: dict[str, Path] = {}
@@ -349,19 +350,31 @@ def report(run_dirs: list[Path], out: Path) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     write_output(out / "results.json", lambda f: f.write(json.dumps(result, indent=2) + "\n"),
                  "w")
-    buf = io.StringIO()
-    fields = list(dict.fromkeys(k for row in rows for k in row))
-    writer = csv.DictWriter(buf, fieldnames=fields, restval="")
-    writer.writeheader()
-    for row in rows:
-        flat = {k: ("; ".join(v) if isinstance(v, list) else
-                    f"{v['low']}..{v['high']}" if isinstance(v, dict) else v)
-                for k, v in row.items()}
-        writer.writerow(flat)
-    write_output(out / "results.csv", lambda f: f.write(buf.getvalue()), "w")
+    _write_csv(out / "results.csv", rows)
+    _write_csv(out / "verdicts.csv", [
+        {"better": c["better"], "worse": c["worse"],
+         "paired_seeds": [str(x) for x in c["paired_seeds"]], "change_pct": c["change_pct"],
+         "seeds_ci_low_pct": (c["seeds_ci_pct"] or [None, None])[0],
+         "seeds_ci_high_pct": (c["seeds_ci_pct"] or [None, None])[1],
+         "bootstrap_ci_low_pct": c["bootstrap_ci_pct"][0],
+         "bootstrap_ci_high_pct": c["bootstrap_ci_pct"][1], "verdict": c["verdict"]}
+        for c in comparisons])
     plot_curves(groups, out / "curves.png")
     write_samples(groups, out / "samples.md")
     return result
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    """One CSV line a row (lists joined with "; ", intervals as low..high), written whole."""
+    buf = io.StringIO()
+    fields = list(dict.fromkeys(k for row in rows for k in row)) or ["verdict"]
+    writer = csv.DictWriter(buf, fieldnames=fields, restval="")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("; ".join(v) if isinstance(v, list) else
+                             f"{v['low']}..{v['high']}" if isinstance(v, dict) else v)
+                         for k, v in row.items()})
+    write_output(path, lambda f: f.write(buf.getvalue()), "w")
 
 
 # ---------------------------------------------------------------- plots and samples

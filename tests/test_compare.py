@@ -41,6 +41,10 @@ def test_compare_two_configs_two_seeds(workdir):
             assert f"{row[f'{key}_ppl_mean']:.3f} ± " in r.output
     assert len(result["comparisons"]) == 1 and result["comparisons"][0]["paired_seeds"] == [0, 1]
     assert "verdict: " in r.output
+    verdicts = list(csv.DictReader((out / "verdicts.csv").open()))
+    assert [v["verdict"] for v in verdicts] == result["verdicts"]
+    assert verdicts[0]["paired_seeds"] == "0; 1"
+    assert float(verdicts[0]["bootstrap_ci_low_pct"]) <= float(verdicts[0]["bootstrap_ci_high_pct"])
     again = cli("compare", "--runs", *result["members"], "--out", "cmp2")
     assert again.exit_code == 0, again.output
     assert json.loads(Path("cmp2/results.json").read_text())["rows"] == result["rows"]
