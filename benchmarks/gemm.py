@@ -9,8 +9,9 @@ step shapes. This script measures, in one run:
     the conversion of the left operand included), and torch.mm on bfloat16 tensors;
   - the steady-state step time of configs/gru.yaml (nn.GRU) and of configs/gru-scratch.yaml
     (fused kernels; with model.reset_after=true, the nn.GRU formula; with
-    train.precision=bf16) through Trainer.train_step: 5 rounds of 10 steps, the cases
-    interleaved, medians;
+    train.precision=bf16), and of configs/lstm.yaml (nn.LSTM) against lstm-scratch at its
+    shape (fp32 and bf16), through Trainer.train_step: 5 rounds of 10 steps, the cases
+    interleaved, medians; each scratch row's ratio is against its torch.nn model;
 and prints the GEMM-only bound of the scratch GRU: the recurrent FLOPs of one step (forward
 H [W_hz|W_hr] and (R*H) W_hh, backward twice that) divided by the measured GEMM rate on
 all cores; then, from PyTorch's profiler, where a gru-scratch and an lstm-scratch step's
@@ -180,7 +181,11 @@ def main() -> None:
     cases = {"gru (nn.GRU)": ("configs/gru.yaml", []),
              "gru-scratch": ("configs/gru-scratch.yaml", []),
              "gru-scratch reset_after": ("configs/gru-scratch.yaml", ["model.reset_after=true"]),
-             "gru-scratch bf16": ("configs/gru-scratch.yaml", ["train.precision=bf16"])}
+             "gru-scratch bf16": ("configs/gru-scratch.yaml", ["train.precision=bf16"]),
+             "lstm (nn.LSTM)": ("configs/lstm.yaml", []),
+             "lstm-scratch": ("configs/lstm.yaml", ["model.name=lstm-scratch"]),
+             "lstm-scratch bf16": ("configs/lstm.yaml", ["model.name=lstm-scratch",
+                                                         "train.precision=bf16"])}
     ms = step_ms(cases, threads)
     print(f"bf16 GEMM chosen: {bf16_gemm_report()}")
     tokens = B * T
@@ -191,7 +196,9 @@ def main() -> None:
     print(f"configs/gru.yaml's shape: batch {B}, {T} steps, {nh} hiddens, {threads} threads")
     for k, v in ms.items():
         tps = tokens / v * 1000
-        print(f"  {k:<24} {v:7.1f} ms/step {tps:>9,.0f} tok/s  {tps / base:.2f}x nn.GRU")
+        ref = "lstm (nn.LSTM)" if k.startswith("lstm") else "gru (nn.GRU)"
+        print(f"  {k:<24} {v:7.1f} ms/step {tps:>9,.0f} tok/s  {ms[ref] / v:.2f}x "
+              f"{ref.split()[1].strip('()')}")
     bound = tokens / bound_ms * 1000
     print(f"  {'recurrent GEMMs only':<24} {bound_ms:7.1f} ms/step {bound:>9,.0f} tok/s  "
           f"{bound / base:.2f}x nn.GRU (fp32 bound)")
