@@ -145,3 +145,4 @@ def test_the_chapter_9_notebook_runs(workdir, monkeypatch):
     assert any("image/png" in o.get("data", {}) for o in outputs)  # the live figure
     assert any("text/html" in o.get("data", {}) for o in outputs)  # tables and gates
     assert len(list(Path("runs/chapter9").iterdir())) >= 5
+    assert not Path("docs/data").exists()  # caches stay in the repository's data/
