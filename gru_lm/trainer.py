@@ -91,10 +91,8 @@ class Trainer:
     def train_step(self, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
         """Forward, loss, backward, clip, optimizer step. Returns the mean loss (no sync)."""
         carries = self.loader.carries_state
-        if self.state is None or not carries:
-            state = self.model.begin_state(X.shape[0], self.device)
-        else:
-            state = detach_state(self.state)
+        state = (self.model.begin_state(X.shape[0], self.device)
+                 if self.state is None or not carries else detach_state(self.state))
         with self.autocast():
             logits, state = self.ddp(X, state)  # (batch_size, num_steps, vocab_size)
         loss = time_major_loss(logits, Y)

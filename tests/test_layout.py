@@ -158,3 +158,14 @@ def test_damaged_summary_is_named(tmp_path):
     run.summary.write_bytes(b"\x00\x01 not json")
     with pytest.raises(Exception, match=r"summary.json cannot be read"):
         run.read_summary()
+
+
+def test_the_trainer_class_stays_small_and_model_agnostic():
+    """Issue 28: Trainer keeps the loop, evaluation, checkpoints and resume in <= 300 lines;
+    checks made before training live in preflight.py; no branch on the model's type."""
+    tree = ast.parse((PACKAGE / "trainer.py").read_text())
+    trainer = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Trainer")
+    assert trainer.end_lineno - trainer.lineno + 1 <= 300
+    names = {n.id for n in ast.walk(trainer) if isinstance(n, ast.Name)}
+    assert not names & {"isinstance", "ScratchLM", "TorchLM", "GRUScratch", "LSTMScratch",
+                         "RNNScratch", "TorchGRU", "TorchLSTM", "TorchRNN"}
