@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
@@ -42,6 +41,7 @@ def main() -> None:
         load_member,
         member_variants,
     )
+    from gru_lm.evaluation import perplexity_of as ppl
     from gru_lm.metrics import mixture_log_probs, mixture_weight
     from gru_lm.ngram import KneserNey
     from gru_lm.rundir import RunDir
@@ -88,9 +88,6 @@ def main() -> None:
         groups.setdefault(label(run), []).append(str(run))
     if len(groups) > 1:
         groups["all"] = [str(r) for r in args.runs]
-
-    def ppl(logp) -> float:
-        return math.exp(-float(logp.double().mean()))
 
     rows = []
     names = list(next(iter(scores.values())))

@@ -380,7 +380,7 @@ def load(run_or_checkpoint: str | Path) -> Run:
     if p.is_dir():
         return Run(p)
     if not p.exists():
-        raise GruLmError(f"{p} does not exist; give a run folder (see gru_lm.runner()) or a "
+        raise GruLmError(f"{p} does not exist; give a run folder (see gru_lm.runs()) or a "
                          "checkpoint file")
     folder = p.parent.parent if p.parent.name == "checkpoints" else p.parent
     return Run(folder, checkpoint=p)

@@ -93,11 +93,16 @@ def gemm_kind(ext, bf16: bool, rows: int, n: int, k: int) -> int:
         return pinned
     key, chosen = (rows, n, k), current().bf16
     if key not in chosen:
-        reps = max(1, min(50, round(5e-3 * 50e9 / (2 * rows * n * k))))  # ~5 ms a round
+        reps = timing_reps(rows, n, k)
         times = {kind: ext.time_gemm(kind, rows, n, k, reps) for kind in ext.gemm_kinds()
                  if kind != 0}
         chosen[key] = (min(times, key=times.__getitem__), times)
     return chosen[key][0]
+
+
+def timing_reps(rows: int, n: int, k: int) -> int:
+    """Products of (rows x k) . (k x n) in one timing round of about 5 ms (at 50 GFLOP/s)."""
+    return max(1, min(50, round(5e-3 * 50e9 / (2 * rows * n * k))))
 
 
 def bf16_pin(available=tuple(_BF16_BY_ENV.values())) -> int | None:

@@ -660,34 +660,29 @@ def evaluate_cmd(
     """Report perplexity and bits/char of a trained model (or an ensemble) on held-out text.
 
     Every token is scored once, in order, with all the text before it as context."""
-    from dataclasses import asdict
-
     from gru_lm.api import evaluate
     from gru_lm.display import references_text
 
     in_range("--ngram-order", ngram_order, 1, 8)
     paths = _checkpoints(run or [], checkpoint or [], runs_dir)
-    result = evaluate(paths, split.value, text=text, offline=_offline(offline), dynamic=dynamic,
-                      cache=cache, mix_ngram=mix_ngram, ngram_order=ngram_order)
-    r = {**asdict(result), "rows": result.rows}
-    console.print(f"{r['what']}: {r['tokens']:,} tokens, scored as one stream | loss "
-                  f"{r['loss']:.4f} | ppl {r['ppl']:.3f} | {r['bpc']:.3f} bits/{r['unit']}",
-                  highlight=False)
-    if r["per_char"]:
-        c = r["per_char"]
-        console.print(f"per character: ppl {c['ppl']:.3f} over its {c['chars']:,} characters "
-                      f"(the byte-level loss, summed over each character's bytes)",
-                      highlight=False)
-    if r["references"] is not None:
+    r = evaluate(paths, split.value, text=text, offline=_offline(offline), dynamic=dynamic,
+                 cache=cache, mix_ngram=mix_ngram, ngram_order=ngram_order)
+    console.print(f"{r.what}: {r.tokens:,} tokens, scored as one stream | loss {r.loss:.4f} | "
+                  f"ppl {r.ppl:.3f} | {r.bpc:.3f} bits/{r.unit}", highlight=False)
+    if r.per_char:
+        console.print(f"per character: ppl {r.per_char['ppl']:.3f} over its "
+                      f"{r.per_char['chars']:,} characters (the byte-level loss, summed over "
+                      "each character's bytes)", highlight=False)
+    if r.references is not None:
         console.print(f"references (counted on the training split): "
-                      f"{references_text(r['references'])}", highlight=False)
+                      f"{references_text(r.references)}", highlight=False)
     if len(paths) > 1:
         console.print(f"ensemble of {len(paths)} runs (their probabilities averaged): "
-                      f"{', '.join(r['checkpoints'])}", highlight=False, soft_wrap=True)
-    if len(r["rows"]) > 1 or len(paths) > 1:
+                      f"{', '.join(r.checkpoints)}", highlight=False, soft_wrap=True)
+    if len(r.rows) > 1 or len(paths) > 1:
         _print_score_rows(r, "text" if text is not None else split.value)
-    if r.get("unknown"):
-        console.print(f"[yellow]note:[/yellow] {r['unknown']} token(s) outside the vocabulary "
+    if r.unknown:
+        console.print(f"[yellow]note:[/yellow] {r.unknown} token(s) outside the vocabulary "
                       "were scored as <unk>", highlight=False)
 
 
@@ -723,24 +718,23 @@ def _settings_text(settings: list[dict]) -> str:
     return texts[0] if len(set(texts)) == 1 else "; ".join(texts)
 
 
-def _print_score_rows(r: dict, target: str) -> None:
-    """One row a way of scoring: its ppl on the target, bits/char, val ppl, what val chose;
-    then the one val prefers."""
+def _print_score_rows(r, target: str) -> None:
+    """One row a way of scoring (api.Evaluation's rows): its ppl on the target, bits/char,
+    val ppl, what val chose; then the one val prefers."""
     from rich.table import Table
 
     table = Table(box=None, pad_edge=False)
-    for col in ("scored", f"{target} ppl", f"bits/{r['unit']}", "val ppl", "chosen on val"):
+    for col in ("scored", f"{target} ppl", f"bits/{r.unit}", "val ppl", "chosen on val"):
         table.add_column(col, justify="left" if col in ("scored", "chosen on val") else "right")
-    for row in r["rows"]:
+    for row in r.rows:
         table.add_row(row.name, f"{row.ppl:.3f}", f"{row.bpc:.3f}",
                       "-" if row.val_ppl is None else f"{row.val_ppl:.3f}",
                       _settings_text(row.settings))
     print_table(table)
-    scored = [row for row in r["rows"] if row.val_ppl is not None]
-    if len(scored) > 1:
-        best = min(scored, key=lambda row: row.val_ppl)
-        console.print(f"best on val: {best.name}, {target} ppl {best.ppl:.3f}", highlight=False)
-    if r["tuned_on_target"]:
+    if r.best is not None:
+        console.print(f"best on val: {r.best.name}, {target} ppl {r.best.ppl:.3f}",
+                      highlight=False)
+    if r.tuned_on_target:
         console.print("note: val chose every setting and is also the split scored, so these "
                       "figures are optimistic; report --split test", highlight=False)
 
@@ -793,22 +787,17 @@ def compare_cmd(
 
     if runs and not configs:
         raise GruLmError("--runs needs run folders, e.g. gru-lm compare --runs runs/a runs/b")
-    if not runs and not configs:
-        raise GruLmError("give at least one config (e.g. configs/gru.yaml configs/lstm.yaml) "
-                         "or --runs DIR ...")
     result = compare([] if runs else list(configs), runs=list(configs) if runs else [],
                      seeds=seeds, budget_s=budget_s, epochs=epochs, tokens=tokens, out=out,
                      resume=resume, runs_dir=runs_dir, offline=_offline(offline),
                      console=None if quiet else console)
-    dest = result.out
-    result = {"rows": result.rows, "references": result.references,
-              "verdicts": result.verdicts, "target_val_ppl": result.target_val_ppl}
-    _print_comparison(result, dest, wide)
+    _print_comparison(result, wide)
 
 
-def _print_comparison(result: dict, out: Path, wide: bool = False) -> None:
-    """The table fits 80 columns: model, seeds, val and test ppl (mean ± the 95% CI's half
-    width over seeds), tok/s; --wide adds the rest. Then a verdict on every pair."""
+def _print_comparison(result, wide: bool = False) -> None:
+    """api.Comparison as a table that fits 80 columns: model, seeds, val and test ppl (mean ±
+    the 95% CI's half width over seeds), tok/s; --wide adds the rest. Then a verdict on every
+    pair."""
     from rich.table import Table
 
     def f(x, fmt):
@@ -819,7 +808,7 @@ def _print_comparison(result: dict, out: Path, wide: bool = False) -> None:
         iv = r.get(f"{key}_ci95")
         return text + (f" ± {(iv['high'] - iv['low']) / 2:.3f}" if iv else "")
 
-    target = result["target_val_ppl"]
+    target = result.target_val_ppl
     columns = ["model", "seeds", "val ppl", "test ppl", "tok/s"]
     if wide:
         columns += ["params", "train ppl", "bits/char", "wall s",
@@ -828,7 +817,7 @@ def _print_comparison(result: dict, out: Path, wide: bool = False) -> None:
     for col in columns:
         table.add_column(col, justify="left" if col in ("model", "stopped by") else "right",
                          no_wrap=col not in ("model", "stopped by"))
-    for r in result["rows"]:
+    for r in result.rows:
         name = "  ensemble" if r.get("kind") == "ensemble" else r["model"]  # of the row above
         cells = [name, str(r["seeds"]), ci(r, "val_ppl"), ci(r, "test_ppl"),
                  f(r.get("tokens_per_s_mean"), ",.0f")]
@@ -838,20 +827,20 @@ def _print_comparison(result: dict, out: Path, wide: bool = False) -> None:
                       f(r.get("time_to_target_s_mean"), ".1f"), ", ".join(r["stopped_by"])]
         table.add_row(*cells)
     print_table(table, width=200 if wide else None)
-    refs = result.get("references", {})
+    refs = result.references
     if "ngram_ppl" in refs:
         from gru_lm.display import references_text
 
         console.print(f"references on the val split: {references_text(refs)}",
                       highlight=False)
-    for r in result["rows"]:
+    for r in result.rows:
         if r.get("differs"):
             console.print(f"note: {r['model']} is {r['differs']}", highlight=False,
                           soft_wrap=True)
-    for line in result.get("verdicts", []):
+    for line in result.verdicts:
         console.print(f"verdict: {line}", highlight=False, soft_wrap=True)
-    console.print(f"wrote {out}/results.csv, results.json, verdicts.csv, curves.png, samples.md",
-                  highlight=False)
+    console.print(f"wrote {result.out}/results.csv, results.json, verdicts.csv, curves.png, "
+                  "samples.md", highlight=False)
 
 
 @app.command("plot", epilog=example(

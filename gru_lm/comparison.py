@@ -235,10 +235,6 @@ def _score_members(runs: list[dict]) -> None:
         r["corpus"] = corpus
 
 
-def _ppl(logp) -> float | None:
-    return None if logp is None else math.exp(-float(logp.double().mean()))
-
-
 def _interval(xs: list[float | None]) -> dict[str, float] | None:
     from gru_lm.stats import t_interval
 
@@ -256,6 +252,7 @@ def _mean_nll(by_seed: dict[int, dict], seeds: list[int]):
 def _comparisons(groups: dict[str, list[dict]]) -> list[dict[str, Any]]:
     """Every pair of models: the change of test perplexity over paired seeds (t interval) and
     over blocks of the test text (paired bootstrap of the mean over seeds), and a verdict."""
+    from gru_lm.evaluation import perplexity_of
     from gru_lm.stats import block_bootstrap, paired_seeds, verdict
 
     out = []
@@ -270,8 +267,8 @@ def _comparisons(groups: dict[str, list[dict]]) -> list[dict[str, Any]]:
                 continue
             nll = {x: _mean_nll(by_seed[x], seeds) for x in (a, b)}
             lo, hi = (a, b) if nll[a].mean() <= nll[b].mean() else (b, a)  # lo: the better
-            seed_iv = paired_seeds([_ppl(by_seed[lo][s]["test"]) for s in seeds],
-                                   [_ppl(by_seed[hi][s]["test"]) for s in seeds])
+            seed_iv = paired_seeds([perplexity_of(by_seed[lo][s]["test"]) for s in seeds],
+                                   [perplexity_of(by_seed[hi][s]["test"]) for s in seeds])
             text_iv = block_bootstrap(nll[lo], nll[hi])
             out.append({
                 "better": lo, "worse": hi, "paired_seeds": seeds,
@@ -286,7 +283,7 @@ def report(run_dirs: list[Path], out: Path) -> dict[str, Any]:
     """Aggregate finished runs by label, rescored as one stream; add each label's ensemble
     and a verdict for every pair; write results.csv/.json, verdicts.csv, curves.png and
     samples.md."""
-    from gru_lm.evaluation import ensemble
+    from gru_lm.evaluation import ensemble, perplexity_of
 
     seen: dict[str, Path] = {}
     for d in run_dirs:
@@ -298,14 +295,14 @@ def report(run_dirs: list[Path], out: Path) -> dict[str, Any]:
     runs = [_read_run(Path(d)) for d in run_dirs]
     _score_members(runs)
     groups, differs = group_members(runs)
-    best_vals = {k: _mean(_ppl(r["val"]) for r in g) for k, g in groups.items()}
+    best_vals = {k: _mean(perplexity_of(r["val"]) for r in g) for k, g in groups.items()}
     finite = [v for v in best_vals.values() if v is not None]
     target = max(finite) if finite else None  # the worst model's mean best: all can reach it
     rows = []
     for label, g in groups.items():
         s = [r["summary"] for r in g]
-        val = [_ppl(r["val"]) for r in g]
-        test = [_ppl(r["test"]) for r in g]
+        val = [perplexity_of(r["val"]) for r in g]
+        test = [perplexity_of(r["test"]) for r in g]
         rows.append({
             "model": label,
             "kind": "seeds",
@@ -330,12 +327,12 @@ def report(run_dirs: list[Path], out: Path) -> dict[str, Any]:
             if target else None,
         })
         if len(g) > 1 and g[0]["val"] is not None:
-            ens_val = _ppl(ensemble([r["val"] for r in g]))
+            ens_val = perplexity_of(ensemble([r["val"] for r in g]))
             rows.append({"model": f"{label} ensemble", "kind": "ensemble",
                          "name": s[0].get("model"), "seeds": len(g),
                          "params": s[0].get("params") * len(g) if s[0].get("params") else None,
                          "val_ppl_mean": ens_val,
-                         "test_ppl_mean": _ppl(ensemble([r["test"] for r in g]))
+                         "test_ppl_mean": perplexity_of(ensemble([r["test"] for r in g]))
                          if g[0]["test"] is not None else None,
                          "val_bpc_mean": math.log2(ens_val), "stopped_by": []})
     comparisons = _comparisons(groups)

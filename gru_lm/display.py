@@ -187,9 +187,10 @@ class NotebookReporter(Reporter):
         import io
 
         from IPython.display import Image
-        from matplotlib.figure import Figure
 
-        fig = Figure(figsize=(5.5, 3.2), dpi=90)
+        from gru_lm.utils import figure
+
+        fig = figure(figsize=(5.5, 3.2), dpi=90)
         ax = fig.subplots()
         ax.plot(self.steps, self.train, linestyle="--", label="train ppl")
         if self.val:
@@ -214,7 +215,7 @@ class NotebookReporter(Reporter):
                 ppl = perplexity(progress.interval_nll, progress.interval_tokens)
                 parts.append(f"train ppl {ppl:.2f}")
             if progress.train_time_s:
-                parts.append(f"{progress.tokens_seen / progress.train_time_s:,.0f} tok/s")
+                parts.append(f"{progress.tokens_per_s:,.0f} tok/s")
             frac = fraction_done(train_cfg, progress.step, progress.elapsed_s, total_steps)
             if 0 < frac < 1:
                 parts.append(f"eta {progress.elapsed_s * (1 - frac) / frac:,.0f} s")

@@ -95,7 +95,8 @@ class Row:
     settings: list[dict]
 
 
-def _ppl(logp: torch.Tensor | None) -> float | None:
+def perplexity_of(logp: torch.Tensor | None) -> float | None:
+    """Perplexity of per-token log-probabilities (None for none)."""
     if logp is None or not len(logp):
         return None
     return math.exp(-float(logp.double().sum()) / len(logp))
@@ -193,6 +194,6 @@ def score(members: list[Member], val: torch.Tensor | None, target: torch.Tensor,
                 mixture_log_probs(sc.target, counted, w), [{"ngram_weight": w}])
     rows = []
     for name, sc in variants.items():
-        ppl = _ppl(sc.target)
-        rows.append(Row(name, ppl, math.log(ppl) / LN2, _ppl(sc.val), sc.settings))
+        ppl = perplexity_of(sc.target)
+        rows.append(Row(name, ppl, math.log(ppl) / LN2, perplexity_of(sc.val), sc.settings))
     return rows

@@ -379,10 +379,14 @@ class ScratchLM(RecurrentLM):
         """The fused kernels' bf16 GEMM (the kind the step shape chose) against their fp32
         sgemm, on one thread at the rows a thread runs; without the kernels, the loops' fp32
         GEMMs on rounded operands (rounding only adds work)."""
-        from gru_lm.cells import GEMM_NAMES, _step_rows, current, gemm_kind
-        from gru_lm.cells import bf16_operands as rounding
-
-        _round = rounding(True)
+        from gru_lm.cells import (
+            GEMM_NAMES,
+            _step_rows,
+            bf16_operands,
+            current,
+            gemm_kind,
+            timing_reps,
+        )
 
         ext = current().library.load() if current().fused else None
         rows, n, k = _step_rows(batch_size), self.num_gates * self.num_hiddens, self.num_hiddens
@@ -390,11 +394,12 @@ class ScratchLM(RecurrentLM):
             a, b = mm_operands(rows, n, k)
             work = 2.0 * rows * n * k
             fp32 = best_time(lambda: torch.mm(a, b), work)
-            bf16 = best_time(lambda: torch.mm(_round(a), _round(b)), work)
+            rounded = bf16_operands(True)
+            bf16 = best_time(lambda: torch.mm(rounded(a), rounded(b)), work)
             return fp32 / bf16, (f"the loops' fp32 GEMM on rounded operands {bf16 * 1e3:.3f} "
                                  f"ms against {fp32 * 1e3:.3f} ms at {rows}x{k}x{n}")
         kind = gemm_kind(ext, True, rows, n, k)
-        reps = max(1, min(50, round(5e-3 * 50e9 / (2 * rows * n * k))))
+        reps = timing_reps(rows, n, k)
         # interleaved, the best of each: another process on the cores slows both alike
         pairs = [(ext.time_gemm(0, rows, n, k, reps), ext.time_gemm(kind, rows, n, k, reps))
                  for _ in range(3)]

@@ -101,21 +101,22 @@ def eval_splits(cfg: Config, corpus: Corpus, notes: list[str]) -> dict[str, torc
     return {s: v[:cap] if cap is not None else v for s, v in out.items()}
 
 
-def announce(trainer, main: bool) -> None:
-    """Before the first step: the n-gram references (kept for the summary), the header and
-    the plan's notes (rank 0 alone prints)."""
+def announce(trainer, main: bool) -> dict:
+    """Before the first step: the header and the plan's notes (rank 0 alone prints); returns
+    the n-gram references the header shows, which the summary keeps (rank 0's; {} else)."""
     from gru_lm.metrics import corpus_baselines
     from gru_lm.models import count_parameters
 
     cfg, corpus = trainer.cfg, trainer.corpus
-    trainer.reference = corpus_baselines(corpus, cfg.train.ngram_order,
-                                         trainer.eval_splits["val"]) if main else {}
+    reference = corpus_baselines(corpus, cfg.train.ngram_order,
+                                 trainer.eval_splits["val"]) if main else {}
     if main:
         trainer.out.header(
             corpus=corpus, model=cfg.model.name, params=count_parameters(trainer.model),
             batches_per_epoch=trainer.batches_per_epoch, device=str(trainer.device),
             kernels=trainer.model.kernel_path(trainer.device, cfg.train.precision),
-            reference=trainer.reference,
+            reference=reference,
             reference_split="val" if len(corpus.val) > 1 else "train")
     for note in trainer.notes:
         trainer.out.warning(note)
+    return reference

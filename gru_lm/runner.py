@@ -1,5 +1,5 @@
-"""Run-level operations behind the CLI: build and train or resume a run, find runs, predict,
-evaluate."""
+"""Run-level operations behind the API and the CLI: build and train or resume a run, find
+runs, load a model, evaluate."""
 
 from __future__ import annotations
 
@@ -389,22 +389,6 @@ def load_model(path: Path):
     cfg, vocab, model = restore_model(load_checkpoint(path), path)
     model.eval()
     return cfg, vocab, model
-
-
-def predict(prefix: str, path: Path, *, num_chars: int, temperature: float | None = None,
-            top_k: int | None = None, top_p: float | None = None, num_samples: int = 1,
-            seed: int | None = None, skip_unknown: bool = False
-            ) -> tuple[str, list[str], int]:
-    """The preprocessed prefix, one continuation per sample, from checkpoint `path`, and how
-    many characters of the prefix outside the vocabulary were dropped (`skip_unknown`)."""
-    from gru_lm.sampling import encode_prefix, generate
-
-    cfg, vocab, model = load_model(path)
-    ids, skipped = encode_prefix(prefix, vocab, cfg.data.preset, cfg.data.lowercase,
-                                 skip_unknown)
-    outs = generate(model, ids, num_chars, temperature=temperature, top_k=top_k, top_p=top_p,
-                    num_samples=num_samples, seed=seed)
-    return vocab.decode(ids), [vocab.decode(o) for o in outs], skipped
 
 
 def evaluate_runs(paths: list[Path], *, split: str, text: Path | None,

@@ -160,7 +160,7 @@ class Trainer:
         main = self.world.is_main
         if main:
             self.run.checkpoints.mkdir(parents=True, exist_ok=True)
-        preflight.announce(self, main)  # the header and the notes; sets self.reference
+        self.reference = preflight.announce(self, main)  # the header and the notes
         total = total_steps(self.cfg.train, self.batches_per_epoch)
         if self.cfg.train.tensorboard and main:
             self.tensorboard = TensorBoard(self.run.path / "tensorboard",
@@ -333,7 +333,7 @@ class Trainer:
         if not self.world.is_main:  # rank 0 writes the summary
             return {"run": self.run.name, "path": str(self.run.path), "steps": p.step,
                     "stop_reason": p.stop_reason,
-                    "tokens_per_s": p.tokens_seen / p.train_time_s if p.train_time_s else 0.0}
+                    "tokens_per_s": p.tokens_per_s}
         summary = {"run": self.run.name, **run_summary(
             self.cfg, self.model, p, device=self.device, world=self.world,
             batches_per_epoch=self.batches_per_epoch, reference=self.reference,

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from gru_lm.errors import GruLmError
+from gru_lm.errors import GruLmError, NonFiniteLoss
 from gru_lm.models import count_parameters
 
 
@@ -34,6 +34,11 @@ class TrainProgress:
     stop_reason: str = ""
     best_weights: str = "raw"  # or "ema": which weights scored the best val ppl
 
+    @property
+    def tokens_per_s(self) -> float:
+        """Training tokens per second of training time (evaluation excluded)."""
+        return self.tokens_seen / self.train_time_s if self.train_time_s else 0.0
+
     def eval_record(self, frac: float, lr: float) -> dict[str, Any]:
         """A metrics.jsonl record of this step (the evaluator adds val figures); the train
         perplexity of the steps since the last one, which starts a new interval."""
@@ -44,8 +49,7 @@ class TrainProgress:
         return {"kind": "eval", "step": self.step, "epoch": self.epoch,
                 "tokens_seen": self.tokens_seen, "train_ppl": perplexity(nll, n),
                 "train_bpc": bits_per_char(nll, n),
-                "tokens_per_s": self.tokens_seen / self.train_time_s if self.train_time_s
-                else 0.0, "lr": lr, "elapsed_s": round(self.elapsed_s, 3),
+                "tokens_per_s": self.tokens_per_s, "lr": lr, "elapsed_s": round(self.elapsed_s, 3),
                 "eta_s": round(self.elapsed_s * (1 - frac) / frac, 1) if frac > 0 else None}
 
     def note_eval(self, metric: float, weights: str, t) -> bool:
@@ -116,8 +120,6 @@ def load_optimizer(optimizer, state: dict[str, Any], t) -> None:
 
 def nonfinite(value: float, step: int, t, last, resume_command: str) -> GruLmError:
     """The error that stops training at a NaN or infinite loss, saying what to change."""
-    from gru_lm.errors import NonFiniteLoss
-
     kept = (f"the last good checkpoint {last} was kept" if last.is_file() else
             "no checkpoint had been saved yet")
     return NonFiniteLoss(f"the training loss became {value} at step {step}; training stopped "
@@ -187,7 +189,7 @@ def run_summary(cfg, model, p: TrainProgress, *, device, world, batches_per_epoc
         "steps": p.step, "epochs": p.epoch + p.batch_in_epoch / max(1, batches_per_epoch),
         "tokens_seen": p.tokens_seen, "train_time_s": round(p.train_time_s, 3),
         "elapsed_s": round(p.elapsed_s, 3),
-        "tokens_per_s": p.tokens_seen / p.train_time_s if p.train_time_s else 0.0,
+        "tokens_per_s": p.tokens_per_s,
         "stop_reason": p.stop_reason, "best_step": p.best_step, "best_weights": p.best_weights,
         "threads": torch.get_num_threads(), "processes": world.size, **reference,
         "eval_warmup": t.eval_warmup,  # best val and test: read as one stream
