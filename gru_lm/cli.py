@@ -500,6 +500,7 @@ def runs_cmd(runs_dir: RunsDirOpt = Path("runs")) -> None:
     from rich.table import Table
 
     from gru_lm.api import runs
+    from gru_lm.display import rate
 
     rows = runs(runs_dir)
     if not rows:
@@ -518,7 +519,7 @@ def runs_cmd(runs_dir: RunsDirOpt = Path("runs")) -> None:
         mark = "" if r.one_stream else "*"
         table.add_row(r.name, r.model or "?", f(r.steps, ","),
                       f(r.best_val_ppl, ".3f") + mark, f(r.test_ppl, ".3f") + mark,
-                      f(r.tokens_per_s, ",.0f"), r.status,
+                      rate(r.tokens_per_s), r.status,
                       "-" if r.modified is None else _age(now - r.modified))
     print_table(table)
     if not all(r.one_stream for r in rows):
@@ -800,6 +801,8 @@ def _print_comparison(result, wide: bool = False) -> None:
     pair."""
     from rich.table import Table
 
+    from gru_lm.display import rate
+
     def f(x, fmt):
         return "-" if x is None else format(x, fmt)
 
@@ -815,12 +818,13 @@ def _print_comparison(result, wide: bool = False) -> None:
                     f"s to val ppl {f(target, '.2f')}", "stopped by"]
     table = Table(title="comparison (mean ± 95% CI over seeds)")
     for col in columns:
+        # a name too long for the terminal folds onto a second line; it is never cut
         table.add_column(col, justify="left" if col in ("model", "stopped by") else "right",
-                         no_wrap=col not in ("model", "stopped by"))
+                         no_wrap=col not in ("model", "stopped by"), overflow="fold")
     for r in result.rows:
         name = "  ensemble" if r.get("kind") == "ensemble" else r["model"]  # of the row above
         cells = [name, str(r["seeds"]), ci(r, "val_ppl"), ci(r, "test_ppl"),
-                 f(r.get("tokens_per_s_mean"), ",.0f")]
+                 rate(r.get("tokens_per_s_mean"))]
         if wide:
             cells += [f(r["params"], ","), f(r.get("train_ppl_mean"), ".3f"),
                       f(r["val_bpc_mean"], ".3f"), f(r.get("wall_s_mean"), ".1f"),

@@ -43,6 +43,20 @@ def tensorboard_writer():
     return SummaryWriter
 
 
+def rate(x: float | None) -> str:
+    """A tokens/s figure in at most 5 characters (9,999, 12.3k, 123k, 1.23M ... 999G), so a
+    table's columns keep their width from a slow CPU to a GPU."""
+    if x is None:
+        return "-"
+    if x < 9_999.5:
+        return f"{x:,.0f}"
+    for size, unit in ((1e3, "k"), (1e6, "M"), (1e9, "G"), (1e12, "T")):
+        scaled = x / size
+        if scaled < 999.5:
+            return f"{scaled:.3g}{unit}"
+    return f"{x:.0e}"
+
+
 def references_text(ref: dict) -> str:
     """The baselines a model should beat, in one phrase."""
     return (f"uniform ppl {ref['uniform_ppl']:.1f}, unigram ppl {ref['unigram_ppl']:.2f}, "

@@ -184,6 +184,38 @@ def test_compare_table_fits_80_columns(tiny_run, monkeypatch):
     assert "params" in wide and "stopped by" in wide
 
 
+@pytest.mark.parametrize("rate", [1e3, 3e4, 1.126e5, 9.99e5, 4.2e6, 7.7e7, 1e8])
+def test_compare_table_keeps_every_name_whole_at_any_speed(rate, monkeypatch, capsys):
+    """The measured speed is injected: from a slow CPU (10^3 tok/s) to a GPU (10^8) the
+    80-column table keeps every model name whole and every line within 80 columns."""
+    from gru_lm.api import Comparison
+    from gru_lm.cli import _print_comparison
+
+    monkeypatch.setenv("COLUMNS", "80")
+    iv = {"low": 15.2, "high": 16.5}
+    names = ["a-much-longer-config-name", "gru-scratch", "lstm"]
+    rows = [{"model": n, "kind": "seeds", "seeds": 3, "val_ppl_mean": 15.859,
+             "val_ppl_ci95": iv, "test_ppl_mean": 16.123, "test_ppl_ci95": iv,
+             "tokens_per_s_mean": rate * (1 + i)} for i, n in enumerate(names)]
+    _print_comparison(Comparison(rows=rows, comparisons=[], verdicts=[], references={},
+                                 members=[], out=Path("runs/cmp")))
+    out = capsys.readouterr().out
+    table = [line for line in out.splitlines() if line[:1] in "┏┃┡│└"]
+    assert all(len(line) <= 80 for line in table), out
+    assert "…" not in out
+    for n in names:
+        assert any(f"│ {n} " in line for line in table), (n, out)
+
+
+def test_rate_fits_five_characters():
+    from gru_lm.display import rate
+
+    shown = [rate(x) for x in (0.4, 999, 9_999, 12_345, 112_581, 999_400, 1_126_000, 7.7e7,
+                                 9.99e8, 3e11)]
+    assert shown[:7] == ["0", "999", "9,999", "12.3k", "113k", "999k", "1.13M"]
+    assert all(len(s) <= 5 for s in shown), shown
+
+
 def test_compare_counts_members_and_quiet_hides_training(workdir):
     r = cli("compare", "configs/tiny.yaml", "--seeds", "2", "--out", "runs/c1")
     assert r.exit_code == 0, r.output
