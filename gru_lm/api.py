@@ -222,7 +222,7 @@ def compare(configs: Sequence[str | Path] = (), *, runs: Sequence[str | Path] = 
         if (dest / "config.yaml").exists() or (dest / "checkpoints").is_dir():
             raise GruLmError(f"--out {dest} is a run folder; the report would mix its files "
                              "with the run's: give another folder")
-        result = report([Path(r) for r in runs], dest)
+        result = report([Path(r) for r in runs], dest, offline)
     else:
         result = run_comparison([Path(c) for c in configs], seeds=seeds,
                                 budget=Budget(budget_s, epochs, tokens), out=dest,

@@ -70,6 +70,15 @@ def run_comparison(configs: list[Path], *, seeds: int, budget: Budget, out: Path
     loaded = [load_config(c) for c in configs]
     for c, cfg in zip(configs, loaded, strict=True):  # the budget must suit every member
         load_config(c, budget.overrides(cfg.train.batch_size, cfg.train.num_steps))
+    recipes: dict[str, Path] = {}
+    for c, cfg in zip(configs, loaded, strict=True):
+        key = json.dumps(recipe(cfg), sort_keys=True)
+        if key in recipes:
+            raise GruLmError(f"{recipes[key]} and {c} are the same recipe (they differ only in "
+                             "the seed, the run folder or how progress is shown), so their "
+                             "runs of each seed would be one experiment counted twice; give "
+                             f"one of them, and --seeds N for more seeds")
+        recipes[key] = c
     data0 = loaded[0].data.model_dump(mode="json")
     for c, cfg in zip(configs[1:], loaded[1:], strict=True):
         if cfg.data.model_dump(mode="json") != data0:
@@ -85,7 +94,8 @@ def run_comparison(configs: list[Path], *, seeds: int, budget: Budget, out: Path
         if created and not any(out.iterdir()):
             out.rmdir()  # a comparison that failed to start leaves no empty folder
         raise
-    return report([out / f"{Path(c).stem}-s{s}" for c in configs for s in range(seeds)], out)
+    return report([out / f"{Path(c).stem}-s{s}" for c in configs for s in range(seeds)], out,
+                  offline)
 
 
 def _train_members(configs: list[Path], loaded: list, seeds: int, budget: Budget, out: Path,
@@ -215,7 +225,7 @@ def _time_to(evals: list[dict], target: float) -> float | None:
     return None
 
 
-def _score_members(runs: list[dict]) -> None:
+def _score_members(runs: list[dict], offline: bool | None = None) -> None:
     """Score every member's best checkpoint on val and test as one stream (float32 per token,
     kept for the ensembles and the bootstrap); all members must share one corpus."""
     from gru_lm.data import load_corpus
@@ -224,7 +234,8 @@ def _score_members(runs: list[dict]) -> None:
 
     members = [load_member(RunDir(r["dir"]).best_or_last()) for r in runs]
     check_members(members)
-    corpus = load_corpus(members[0].cfg.data, vocab=members[0].vocab, progress=False)
+    corpus = load_corpus(members[0].cfg.data, vocab=members[0].vocab, offline=offline,
+                         progress=False)
     check_fingerprint(members, corpus)
     cap = members[0].cfg.train.eval_max_tokens
     for r, m in zip(runs, members, strict=True):
@@ -279,7 +290,22 @@ def _comparisons(groups: dict[str, list[dict]]) -> list[dict[str, Any]]:
     return out
 
 
-def report(run_dirs: list[Path], out: Path) -> dict[str, Any]:
+def _check_one_experiment_each(runs: list[dict]) -> None:
+    """Two folders with the same recipe and the same seed are one experiment (a copy, or the
+    same config trained twice): counted as two seeds they would shrink the interval to
+    nothing and make any verdict look certain, so they are refused."""
+    seen: dict[tuple[str, int], Path] = {}
+    for r in runs:
+        key = (json.dumps(r["recipe"], sort_keys=True), r["seed"])
+        if key in seen:
+            raise GruLmError(f"{seen[key]} and {r['dir']} are one experiment (the same recipe "
+                             f"and train.seed {r['seed']}), not two seeds; counted twice they "
+                             "would fake a spread of zero. Give one of them (train other "
+                             "seeds with train.seed=N)")
+        seen[key] = r["dir"]
+
+
+def report(run_dirs: list[Path], out: Path, offline: bool | None = None) -> dict[str, Any]:
     """Aggregate finished runs by label, rescored as one stream; add each label's ensemble
     and a verdict for every pair; write results.csv/.json, verdicts.csv, curves.png and
     samples.md."""
@@ -293,7 +319,8 @@ def report(run_dirs: list[Path], out: Path) -> dict[str, Any]:
                              "so give every run folder once")
         seen[key] = Path(d)
     runs = [_read_run(Path(d)) for d in run_dirs]
-    _score_members(runs)
+    _check_one_experiment_each(runs)
+    _score_members(runs, offline)
     groups, differs = group_members(runs)
     best_vals = {k: _mean(perplexity_of(r["val"]) for r in g) for k, g in groups.items()}
     finite = [v for v in best_vals.values() if v is not None]

@@ -27,6 +27,16 @@ def train_tiny(name: str, *overrides: str) -> Path:
     return Path("runs") / name
 
 
+def reseed(run: Path, seed: int) -> Path:
+    """Mark a copied run as another seed's (config.yaml's train.seed): compare counts a
+    plain copy as the same experiment, once."""
+    config = Path(run) / "config.yaml"
+    text = config.read_text()
+    assert "  seed: 0\n" in text
+    config.write_text(text.replace("  seed: 0\n", f"  seed: {seed}\n"))
+    return Path(run)
+
+
 def one_line_error(r, *parts: str) -> None:
     """A failed command printed one `error:` line holding every part, and no traceback."""
     assert r.exit_code != 0

@@ -146,3 +146,18 @@ def test_the_chapter_9_notebook_runs(workdir, monkeypatch):
     assert any("text/html" in o.get("data", {}) for o in outputs)  # tables and gates
     assert len(list(Path("runs/chapter9").iterdir())) >= 5
     assert not Path("docs/data").exists()  # caches stay in the repository's data/
+
+
+def test_compare_passes_offline_to_the_scoring_of_its_members(tiny_run, monkeypatch):
+    import gru_lm.data
+
+    asked = []
+    real = gru_lm.data.load_corpus
+
+    def spy(*args, **kwargs):
+        asked.append(kwargs.get("offline"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gru_lm.data, "load_corpus", spy)
+    gru_lm.compare(runs=[tiny_run()], out="cmp", offline=True)
+    assert asked and all(o is True for o in asked)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import cli, one_line_error, train_tiny
+from conftest import cli, one_line_error, reseed, train_tiny
 
 from gru_lm.config import described_yaml, load_config, validate
 
@@ -156,10 +156,10 @@ def test_prefix_from_a_file_or_stdin(tiny_run, tmp_path):
 
 def _members(names: list[str], template: Path) -> list[Path]:
     out = []
-    for name in names:
+    for seed, name in enumerate(names):
         dest = Path("runs/cmp") / name
         shutil.copytree(template, dest)
-        out.append(dest)
+        out.append(reseed(dest, seed))
     return out
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import cli, one_line_error, train_tiny
+from conftest import cli, one_line_error, reseed, train_tiny
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -186,7 +186,7 @@ def test_metrics_records_are_typed_whatever_the_file_holds(tmp_path_factory, lin
 
 
 def test_compare_reads_edited_metrics_and_summary(tiny_run, tmp_path):
-    a, b = tiny_run("a"), tiny_run("b")
+    a, b = tiny_run("a"), reseed(tiny_run("b"), 1)
     (a / "metrics.jsonl").write_bytes(os.urandom(2000))
     (b / "metrics.jsonl").write_text('{"step": 1, "kind": "eval", "val_ppl": "abc"}\n'
                                      '{"step": 2, "kind": "eval", "val_ppl": [1]}\n')

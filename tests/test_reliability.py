@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli, one_line_error, train_tiny
+from conftest import cli, one_line_error, reseed, train_tiny
 
 # ---------------------------------------------------------------- 1. a resume never destroys
 
@@ -160,6 +160,27 @@ def test_compare_groups_runs_of_one_config_whatever_their_folders(tiny_run):
     assert r.exit_code == 0, r.output
     rows = json.loads(Path("runs/cmp/results.json").read_text())["rows"]
     assert rows[0]["seeds"] == 2 and rows[1]["kind"] == "ensemble"
+
+
+def test_compare_counts_one_experiment_once(tiny_run):
+    """A copy of a run (or one config trained twice with one seed) is one experiment: as two
+    seeds it would give a zero-width interval, so it is refused, naming both folders."""
+    base = tiny_run("base")
+    copy = _copy_run(base, "runs/basecopy")
+    r = cli("compare", "--runs", base, copy, "--out", "runs/cmp")
+    one_line_error(r, "runs/base and runs/basecopy are one experiment", "train.seed 0")
+    assert not Path("runs/cmp").exists()
+    reseed(copy, 1)  # another seed's run of the same recipe: two seeds
+    r = cli("compare", "--runs", base, copy, "--out", "runs/cmp")
+    assert r.exit_code == 0, r.output
+
+
+def test_compare_refuses_two_configs_of_one_recipe_before_training(workdir):
+    Path("configs/same.yaml").write_text(Path("configs/tiny.yaml").read_text()
+                                         .replace("sample_length: 20", "sample_length: 30"))
+    r = cli("compare", "configs/tiny.yaml", "configs/same.yaml", "--out", "runs/cmp")
+    one_line_error(r, "configs/tiny.yaml and configs/same.yaml are the same recipe")
+    assert not Path("runs/cmp").exists()
 
 
 def test_compare_refuses_runs_of_another_corpus(tiny_run):
