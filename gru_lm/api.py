@@ -135,6 +135,7 @@ class Evaluation:
     rows: list  # gru_lm.evaluation.Row
     checkpoints: list[str]
     tuned_on_target: bool
+    note: str = ""  # what the preset changed in a --text file (what it dropped)
 
     @property
     def best(self):

@@ -668,6 +668,8 @@ def evaluate_cmd(
     paths = _checkpoints(run or [], checkpoint or [], runs_dir)
     r = evaluate(paths, split.value, text=text, offline=_offline(offline), dynamic=dynamic,
                  cache=cache, mix_ngram=mix_ngram, ngram_order=ngram_order)
+    if r.note:  # before the figure: most of a text may not be scored at all
+        console.print(f"[yellow]note:[/yellow] {escape(r.note)}", highlight=False)
     console.print(f"{r.what}: {r.tokens:,} tokens, scored as one stream | loss {r.loss:.4f} | "
                   f"ppl {r.ppl:.3f} | {r.bpc:.3f} bits/{r.unit}", highlight=False)
     if r.per_char:

@@ -49,6 +49,8 @@ def describe_preset(non_letters: int, non_ascii: int, spaces: int, capitals: int
 class Vocab:
     """Token <-> index map: <unk> at 0, reserved tokens, then by frequency (ties A-Z)."""
 
+    has_unk = True  # id 0 is <unk>
+
     def __init__(self, tokens: list[str] | None = None, min_freq: int = 0,
                  reserved_tokens: list[str] | None = None,
                  counts: dict[str, int] | None = None):
@@ -110,6 +112,7 @@ class ByteVocab(Vocab):
     invalid sequence as U+FFFD and holding back a character cut at the end."""
 
     kind = "bytes"
+    has_unk = False  # id 0 is the byte 0
 
     def __init__(self, counts: dict[str, int] | None = None):
         super().__init__(counts=counts or {})
@@ -226,14 +229,15 @@ MAX_TEXT_BYTES = 1 << 30  # evaluate --text: 1 GiB, read from a file, a device o
 
 
 def encode_file(path: Path, cfg: DataConfig, vocab: Vocab, what: str = "--text"
-                ) -> tuple[torch.Tensor, int]:
+                ) -> tuple[torch.Tensor, int, str]:
     """A text file preprocessed as the run's corpus and encoded with its vocabulary, streamed
-    (ids as uint8, uint16 or int32: no list of characters), and how many of its tokens are
-    outside the vocabulary (encoded as <unk>)."""
+    (ids as uint8, uint16 or int32: no list of characters); how many of its tokens are
+    outside the vocabulary (encoded as <unk>); and what the d2l preset changed ("" for the
+    others), as `train` and `data info` say it of a corpus."""
     import numpy as np
     import torch
 
-    from gru_lm.tokenstore import token_pieces
+    from gru_lm.tokenstore import Stats, token_pieces
 
     if Path(path).is_dir():
         raise DataError(f"{what} {path} is a directory; give a text file")
@@ -245,13 +249,17 @@ def encode_file(path: Path, cfg: DataConfig, vocab: Vocab, what: str = "--text"
     for token, idx in vocab.token_to_idx.items():
         if len(token) == 1:
             lut[ord(token)], known[ord(token)] = idx, True
-    parts, unknown = [], 0
-    for piece in token_pieces(Path(path), cfg.preset, cfg.lowercase, limit=MAX_TEXT_BYTES,
-                              what=what):
+    parts, unknown, spaces, stats = [], 0, 0, Stats()
+    for piece in token_pieces(Path(path), cfg.preset, cfg.lowercase, stats,
+                              limit=MAX_TEXT_BYTES, what=what):
         parts.append(lut[piece])
         unknown += int((~known[piece]).sum())
+        spaces += int(np.count_nonzero(piece == 32))
     ids = np.concatenate(parts) if parts else np.zeros(0, dtype)
-    return torch.from_numpy(ids), unknown
+    note = "" if cfg.preset != "d2l" else (
+        f"{what} {path}: {stats.raw_chars:,} characters became {len(ids):,} tokens; "
+        + describe_preset(stats.non_letters, stats.non_ascii, spaces, stats.capitals))
+    return torch.from_numpy(ids), unknown, note
 
 
 def load_corpus(cfg: DataConfig, vocab: Vocab | None = None, offline: bool | None = None,

@@ -41,16 +41,26 @@ def token_counts(tokens: torch.Tensor, vocab_size: int, chunk: int = 1 << 20) ->
     return counts
 
 
+def uniform_outcomes(train: torch.Tensor, vocab_size: int, has_unk: bool) -> int:
+    """How many tokens a model really chooses among: the whole vocabulary, less <unk> when
+    the training text never holds it (a corpus read with its own vocabulary and no
+    data.min_freq: the d2l preset's 27 characters). The bytes preset has no <unk>: 256."""
+    if has_unk and vocab_size > 1 and not bool((train == 0).any()):
+        return vocab_size - 1
+    return vocab_size
+
+
 def reference_baselines(train: torch.Tensor, target: torch.Tensor, vocab_size: int,
-                        ngram_order: int = 5, ngram=None) -> dict[str, float]:
+                        ngram_order: int = 5, ngram=None, has_unk: bool = True
+                        ) -> dict[str, float]:
     """Uniform, unigram and Kneser-Ney n-gram perplexity of `target`, counted on `train`
-    (`ngram`: the KneserNey model of `train` when the caller has built it already)."""
+    (`ngram`: the KneserNey model of `train` when the caller has built it already;
+    `has_unk`: whether id 0 is <unk>, as in every vocabulary but the bytes preset's)."""
     from gru_lm.ngram import KneserNey
 
     ngram = ngram or KneserNey(train, vocab_size, ngram_order)
     nll, n = ngram.nll(target)
-    # <unk> never occurs in a corpus built with its own vocabulary, so uniform is over v - 1.
-    return {"uniform_ppl": float(vocab_size - 1),
+    return {"uniform_ppl": float(uniform_outcomes(train, vocab_size, has_unk)),
             "unigram_ppl": unigram_perplexity(train, target, vocab_size),
             "ngram_order": ngram_order, "ngram_ppl": perplexity(nll, n)}
 
@@ -61,7 +71,8 @@ def corpus_baselines(corpus: Corpus, ngram_order: int = 5,
     the train split when there is none."""
     val = corpus.val if val is None else val
     target = val if len(val) > 1 else corpus.train[:MAX_REFERENCE_TARGET]
-    return reference_baselines(corpus.train, target, len(corpus.vocab), ngram_order)
+    return reference_baselines(corpus.train, target, len(corpus.vocab), ngram_order,
+                               has_unk=corpus.vocab.has_unk)
 
 
 def time_major_loss(logits: torch.Tensor, Y: torch.Tensor, reduction: str = "mean",

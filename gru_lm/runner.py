@@ -417,9 +417,9 @@ def evaluate_runs(paths: list[Path], *, split: str, text: Path | None,
             raise
         corpus = None  # scoring a text needs only the model; the references are skipped
     cap = cfg.train.eval_max_tokens
-    unknown = 0
+    unknown, note = 0, ""
     if text is not None:
-        ids, unknown = encode_file(text, cfg.data, vocab)
+        ids, unknown, note = encode_file(text, cfg.data, vocab)
         if len(ids) < 2:
             raise GruLmError(f"--text {text}: fewer than 2 tokens after preprocessing")
         what = str(text)
@@ -456,6 +456,7 @@ def evaluate_runs(paths: list[Path], *, split: str, text: Path | None,
             "unit": "byte" if cfg.data.preset == "bytes" else "char", "per_char": per_char,
             "loss": math.log(static.ppl), "ppl": static.ppl,
             "bpc": bits_per_char(math.log(static.ppl) * n, n), "unknown": unknown,
+            "note": note,
             "references": None if corpus is None else reference_baselines(
-                corpus.train, ids, len(vocab), order, ngram),
+                corpus.train, ids, len(vocab), order, ngram, has_unk=vocab.has_unk),
             "rows": rows, "tuned_on_target": val is ids}

@@ -261,3 +261,14 @@ def test_the_array_model_scores_a_text_as_the_reference_does_token_by_token():
     assert np.allclose(np.log(blocks), expected, rtol=0, atol=1e-12)
     nll, n = kn.nll(text)
     assert n == 399 and nll == pytest.approx(-sum(expected), rel=1e-12)
+
+
+def test_evaluate_text_says_what_the_d2l_preset_dropped(workdir, tiny_run):
+    """A d2l run scoring a Chinese text reads only its few ASCII letters: the figure comes
+    with how many characters became how many tokens."""
+    Path("zh.txt").write_text("時間旅行者 said 你好 to us。\n" * 20, encoding="utf-8")
+    r = cli("evaluate", "--run", tiny_run(), "--text", "zh.txt")
+    assert r.exit_code == 0, r.output
+    assert "note: --text zh.txt: 420 characters became" in r.output
+    assert "non-ASCII characters" in r.output and "data.preset=raw" in r.output
+    assert r.output.index("note:") < r.output.index("scored as one stream")

@@ -62,6 +62,9 @@ def test_a_byte_level_model_trains_and_samples_on_chinese(workdir):
     assert r.stdout.startswith("旅行者") and "\ufffd" not in r.stdout[:3]
     r = cli("evaluate", "--run", run)
     assert "bits/byte" in r.output and "per character: ppl" in r.output
+    assert "uniform ppl 256.0" in r.output  # 256 byte values, none of them <unk>
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["uniform_ppl"] == 256
     r = cli("gates", "時間旅行", "--run", run)
     assert r.exit_code == 0 and "時間旅行" in r.output
     assert cli("data", "info", "data.preset=bytes").exit_code == 0

@@ -46,6 +46,15 @@ def test_perplexity_is_over_tokens_not_batches():
     assert bits_per_char(math.log(2) * 8, 8) == pytest.approx(1.0)
 
 
+def test_uniform_reference_counts_the_tokens_a_model_chooses_among():
+    from gru_lm.metrics import uniform_outcomes
+
+    text = torch.tensor([1, 2, 3, 1, 27])
+    assert uniform_outcomes(text, 28, has_unk=True) == 27  # d2l: <unk> never occurs
+    assert uniform_outcomes(torch.cat([text, torch.tensor([0])]), 28, has_unk=True) == 28
+    assert uniform_outcomes(text, 256, has_unk=False) == 256  # bytes: id 0 is a byte
+
+
 def test_uniform_model_scores_log_vocab():
     class Uniform(torch.nn.Module):
         def begin_state(self, batch_size, device):
