@@ -29,9 +29,80 @@ if TYPE_CHECKING:
     from gru_lm.gates import GateReport
 
 
+# ---------------------------------------------------------------- arguments
+
+
+def _checked(fn):
+    """`fn` with its arguments checked against its annotations before it runs (pydantic,
+    strict: "5" is not an int, 2.5 is not an int, b"x" is not a str): a wrong one is one
+    GruLmError line naming the function, the argument and what it takes, as the CLI's
+    errors are. The values are passed on as given. The CLI calls these functions, so both
+    share one set of checks."""
+    import functools
+    import inspect
+
+    sig = inspect.signature(fn)
+    where = fn.__qualname__
+    adapters: dict[str, Any] = {}
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from pydantic import ValidationError
+
+        if not adapters:
+            adapters.update(_adapters(fn, sig))
+        try:
+            bound = sig.bind(*args, **kwargs)
+        except TypeError as e:
+            raise GruLmError(f"gru_lm.{where}: {e}; see help(gru_lm.{where})") from None
+        for name, value in bound.arguments.items():
+            if name not in adapters:
+                continue
+            kind = sig.parameters[name].kind
+            named = (((name, v) for v in value) if kind is inspect.Parameter.VAR_POSITIONAL
+                     else value.items() if kind is inspect.Parameter.VAR_KEYWORD
+                     else [(name, value)])
+            for key, v in named:
+                try:
+                    adapters[name].validate_python(v, strict=True)
+                except ValidationError:
+                    raise GruLmError(
+                        f"gru_lm.{where}: {key}={_short(v)} is {_a(type(v).__name__)}, not "
+                        f"{sig.parameters[name].annotation}; see help(gru_lm.{where})"
+                    ) from None
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _adapters(fn, sig) -> dict[str, Any]:
+    """A pydantic TypeAdapter for each annotated argument of `fn` (its annotations are text:
+    this module has `from __future__ import annotations`)."""
+    from pydantic import ConfigDict, TypeAdapter
+
+    out = {}
+    for name, p in sig.parameters.items():
+        if p.annotation is p.empty or name == "self":
+            continue
+        hint = eval(p.annotation, fn.__globals__) if isinstance(p.annotation, str) \
+            else p.annotation  # (annotations of this module's own signatures only)
+        out[name] = TypeAdapter(hint, config=ConfigDict(arbitrary_types_allowed=True))
+    return out
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def _a(noun: str) -> str:
+    return f"an {noun}" if noun[:1] in "aeiou" else f"a {noun}"
+
+
 # ---------------------------------------------------------------- configs
 
 
+@_checked
 def resolve_config(config=None, *overrides: str, **sections: Mapping[str, Any]) -> Config:
     """A validated Config from a YAML path, a dict or a Config (None: the defaults), then
     dotted overrides ("train.lr=0.01") and section dicts (train={"lr": 0.01}), all checked
@@ -49,6 +120,7 @@ def resolve_config(config=None, *overrides: str, **sections: Mapping[str, Any]) 
     return validate(apply_overrides(dict(config), pairs), source="config")
 
 
+@_checked
 def config_sources(config=None, *overrides: str) -> dict[str, str]:
     """Where each key of a config came from: its file (or a `base:` file it names), or
     "override"; keys at their default are absent."""
@@ -111,6 +183,7 @@ class RunInfo:
     one_stream: bool  # False: scored by an older gru-lm (parallel streams from zero)
 
 
+@_checked
 def runs(runs_dir: str | Path = "runs") -> list[RunInfo]:
     """Every run under `runs_dir`, newest first."""
     from gru_lm.rundir import list_runs
@@ -154,6 +227,7 @@ def _settings(settings: list[dict]) -> str:
                                for k, v in d.items()) for d in settings)
 
 
+@_checked
 def evaluate(runs: Sequence[str | Path] | str | Path, split: str = "test", *,
              text: str | Path | None = None, dynamic: bool = False, cache: bool = False,
              mix_ngram: bool = False, ngram_order: int | None = None,
@@ -207,6 +281,7 @@ def _half(iv: dict | None) -> float | None:
     return None if iv is None else (iv["high"] - iv["low"]) / 2
 
 
+@_checked
 def compare(configs: Sequence[str | Path] = (), *, runs: Sequence[str | Path] = (),
             seeds: int = 1, budget_s: float | None = None, epochs: int | None = None,
             tokens: int | None = None, out: str | Path | None = None, resume: bool = False,
@@ -241,12 +316,15 @@ def _console(show: bool):
     return Console(soft_wrap=True)
 
 
+@_checked
 def plot(runs: Sequence[str | Path], out: str | Path | None = None):
     """Train and val perplexity of one or more runs against steps: written to `out` (png,
     svg or pdf, by its suffix) with the notes for the user returned, or without `out` the
     matplotlib Figure (drawn in a notebook)."""
     from gru_lm.comparison import plot_runs
 
+    if not runs:
+        raise GruLmError("give at least one run folder to plot (see gru_lm.runs())")
     return plot_runs([Path(r) for r in runs], None if out is None else Path(out))
 
 
@@ -258,6 +336,7 @@ class Run:
 
     predict, evaluate and gates load the checkpoint once, on first use."""
 
+    @_checked
     def __init__(self, path: str | Path, checkpoint: str | Path | None = None):
         self.dir = RunDir(path)
         self.path = self.dir.path
@@ -293,6 +372,7 @@ class Run:
         """The metrics.jsonl records: one per evaluation, train and val perplexity..."""
         return self.dir.evals()
 
+    @_checked
     def predict(self, prefix: str, num_chars: int = 50, *, temperature: float | None = None,
                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                 greedy: bool = False, unknown: str = "error") -> str:
@@ -301,6 +381,7 @@ class Run:
         return self.samples(prefix, 1, num_chars, temperature=temperature, top_k=top_k,
                             top_p=top_p, seed=seed, greedy=greedy, unknown=unknown)[0]
 
+    @_checked
     def samples(self, prefix: str, num_samples: int = 3, num_chars: int = 50, *,
                 temperature: float | None = None, top_k: int | None = None,
                 top_p: float | None = None, seed: int | None = None, greedy: bool = False,
@@ -312,6 +393,7 @@ class Run:
                                              unknown=unknown)
         return [prompt + o for o in outs]
 
+    @_checked
     def continuations(self, prefix: str, num_samples: int = 1, num_chars: int = 50, *,
                       temperature: float | None = None, top_k: int | None = None,
                       top_p: float | None = None, seed: int | None = None,
@@ -340,6 +422,7 @@ class Run:
         return (vocab.decode(ids), [vocab.decode(o) for o in outs],
                 dataclasses.replace(how, skipped=skipped))
 
+    @_checked
     def evaluate(self, split: str = "test", *, text: str | Path | None = None,
                  dynamic: bool = False, cache: bool = False, mix_ngram: bool = False,
                  ngram_order: int | None = None, offline: bool | None = None) -> Evaluation:
@@ -347,6 +430,7 @@ class Run:
         return evaluate([self.checkpoint], split, text=text, dynamic=dynamic, cache=cache,
                         mix_ngram=mix_ngram, ngram_order=ngram_order, offline=offline)
 
+    @_checked
     def gates(self, text: str, layer: int = 0, units: int = 16) -> GateReport:
         """The update/reset (LSTM: input/forget/output) gates at every character of `text`;
         in a notebook, the text shaded by each gate."""
@@ -358,6 +442,7 @@ class Run:
         return gate_report(model, vocab, cfg.data.preset, cfg.data.lowercase, text, layer,
                            units)
 
+    @_checked
     def plot(self, out: str | Path | None = None):
         """Train and val perplexity against steps: written to `out` (png/svg/pdf) and its
         path returned, or without `out` a matplotlib Figure (drawn in a notebook)."""
@@ -375,6 +460,7 @@ class Run:
         return _table(f"run {self.path.name}", ["", ""], rows)
 
 
+@_checked
 def load(run_or_checkpoint: str | Path) -> Run:
     """A run folder, or a checkpoint file, as a Run."""
     p = Path(run_or_checkpoint)
@@ -387,6 +473,7 @@ def load(run_or_checkpoint: str | Path) -> Run:
     return Run(folder, checkpoint=p)
 
 
+@_checked
 def train(config=None, *overrides: str, name: str | None = None,
           resume: str | Path | None = None, init_from: str | Path | None = None,
           runs_dir: str | Path | None = None, offline: bool | None = None,
@@ -472,6 +559,7 @@ class CorpusInfo:
     bytes_per_token: int
 
 
+@_checked
 def corpus_info(config=None, *overrides: str, offline: bool | None = None,
                 **sections: Mapping[str, Any]) -> CorpusInfo:
     """The corpus a config reads: characters, tokens, vocabulary, splits, token store."""
@@ -494,6 +582,7 @@ class ModelInfo:
     parameters: int
 
 
+@_checked
 def list_models(num_hiddens: int = 256, vocab_size: int = 28) -> list[ModelInfo]:
     """The registered models and their parameter counts at this size (1 layer)."""
     from gru_lm.config import MAX_HIDDENS, ModelConfig

@@ -743,6 +743,9 @@ def _print_score_rows(r, target: str) -> None:
 
 
 def main() -> None:
+    from gru_lm.utils import record_signals_early
+
+    record_signals_early()  # a process of a torchrun job started through this script
     # A terminal or pipe that cannot encode a character (LANG=C, PYTHONIOENCODING=ascii)
     # gets "?" in its place rather than a UnicodeEncodeError.
     for stream in (sys.stdout, sys.stderr):

@@ -147,15 +147,15 @@ def agree_max(world: World, values: list[float]):
     return t
 
 
-def agree_on_stop(world: World, elapsed_s: float, signals: list[int]) -> float:
-    """Every rank's view of when to stop: the largest elapsed time, and a signal any rank
-    caught added to `signals`; the agreed elapsed seconds."""
+def agree_on_stop(world: World, elapsed_s: float, signals: list[int]) -> tuple[float, int]:
+    """What every rank decides at a step boundary: the largest elapsed time, and the signal
+    to stop on (the largest number any rank had caught, 0 for none). Only the agreed value
+    may decide: a signal that arrives after this collective is seen by this rank alone, and
+    is kept in `signals` for the next boundary."""
     if not world.active:
-        return elapsed_s
+        return elapsed_s, max(signals, default=0)
     agreed = agree_max(world, [elapsed_s, max(signals, default=0)])
-    if agreed[1] and not signals:
-        signals.append(int(agreed[1]))
-    return float(agreed[0])
+    return float(agreed[0]), int(agreed[1])
 
 
 def mean(world: World, t):
@@ -194,27 +194,33 @@ def launch(nproc: int, args: list[str]) -> int:
         port = sock.getsockname()[1]
     base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
             "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc), LAUNCHER: str(os.getpid())}
-    procs = [subprocess.Popen([sys.executable, "-m", "gru_lm", *args],
-                              env={**base, "RANK": str(r), "LOCAL_RANK": str(r)},
-                              stderr=subprocess.PIPE)
-             for r in range(nproc)]
-    pumps = _forward_once([p.stderr for p in procs])
+    procs: list[subprocess.Popen] = []
+    forwarded: list[int] = []
 
     def forward(signum, _frame):
+        forwarded.append(signum)
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signum)
 
+    # (passed on from before the first process starts: none of them misses a Ctrl-C)
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    pumps = []
     try:
+        for r in range(nproc):
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "gru_lm", *args],
+                env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, stderr=subprocess.PIPE,
+                preexec_fn=_hold_signals))
+        if forwarded:  # a signal came while they were being started
+            forward(forwarded[-1], None)
+        pumps = _forward_once([p.stderr for p in procs])
         while any(p.poll() is None for p in procs):
-            if any(p.poll() not in (None, 0) for p in procs):  # one failed: stop the rest
+            # One failed: stop the rest. After a Ctrl-C or SIGTERM every process stops by
+            # itself at the same step boundary (a step, a checkpoint), so none is cut short.
+            if not forwarded and any(p.poll() not in (None, 0) for p in procs):
                 time.sleep(2)  # (those stopping for the same reason exit by themselves)
-                for p in procs:
-                    if p.poll() is None:
-                        p.terminate()
-                for p in procs:
-                    p.wait()
+                _stop(procs)
                 break
             time.sleep(0.1)
     finally:
@@ -224,6 +230,35 @@ def launch(nproc: int, args: list[str]) -> int:
             t.join(timeout=5)
     codes = [p.returncode for p in procs]
     return next((c for c in codes if c), 0)
+
+
+def _hold_signals() -> None:
+    """In a worker between fork and exec: SIGINT and SIGTERM wait (blocked, kept pending)
+    until gru_lm.utils.record_signals_early can record them; a Ctrl-C while Python starts
+    would otherwise be a KeyboardInterrupt traceback from an import."""
+    import signal
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
+STOP_GRACE_S = 60  # how long a stopped process may take to save before it is killed
+
+
+def _stop(procs) -> None:
+    """SIGTERM to the processes still running (each records it and stops at its next step
+    boundary), then SIGKILL to any that has not stopped within STOP_GRACE_S (one held in a
+    rendezvous by a peer that is gone)."""
+    import subprocess
+
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 def _forward_once(streams) -> list:

@@ -3,6 +3,7 @@ runs, load a model, evaluate."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shlex
 import time
@@ -13,6 +14,7 @@ from gru_lm.config import Config, apply_overrides, load_config, resolve_yaml, va
 from gru_lm.distributed import SINGLE, World
 from gru_lm.errors import CheckpointError, ConfigError, GruLmError
 from gru_lm.rundir import LAST, RunDir, find_latest
+from gru_lm.utils import EARLY_SIGNALS, caught_signals
 
 
 def _diff_keys(a: Any, b: Any, prefix: str) -> list[str]:
@@ -131,7 +133,8 @@ def init_weights(model, cfg: Config, vocab) -> None:
 
 
 def build_trainer(cfg: Config, corpus, run: RunDir | None = None, reporter=None,
-                  world: World = SINGLE, resuming: bool = False):
+                  world: World = SINGLE, resuming: bool = False,
+                  signals: list[int] | None = None):
     """Threads, device, seed, model (train.init_from's weights for a new run) and optimizer
     from `cfg`, then the Trainer."""
     import torch
@@ -155,7 +158,7 @@ def build_trainer(cfg: Config, corpus, run: RunDir | None = None, reporter=None,
     if world.active:  # dropout masks differ between ranks, as between rows of one batch
         torch.manual_seed(t.seed + world.rank)
     return Trainer(cfg, model, make_optimizer(cfg, model), corpus, device=device, run=run,
-                   reporter=reporter, world=world)
+                   reporter=reporter, world=world, signals=signals)
 
 
 # ---------------------------------------------------------------- train and resume
@@ -213,20 +216,30 @@ def train_run(config: Path | Config | None, overrides: list[str], *, name: str |
     out = reporter if reporter is not None else Reporter(console)
     if not world.is_main:
         out = Reporter(None)
+    # Several processes: a SIGINT/SIGTERM is recorded from the start, never raised, so that no
+    # process leaves a collective the others are in; the training loop stops every process
+    # at the first step boundary where they agree on it (a signal before that boundary stops
+    # the run at its first step; one after the loop lets the run finish).
+    signals = EARLY_SIGNALS if world.active else None
+    where: dict[str, RunDir] = {}  # the run, once known: what a lost peer's hint resumes
     try:
-        summary = _train(world, config, overrides, name, resume, offline, out)
-        distributed.barrier(world)  # rank 0 evaluates last: the group ends when all are done
-        return summary
-    except (TrainingInterrupted, NonFiniteLoss):
-        distributed.barrier(world)  # raised by every rank at the same step
-        raise
+        with caught_signals(into=signals) if signals is not None else contextlib.nullcontext():
+            try:
+                summary = _train(world, config, overrides, name, resume, offline, out,
+                                 signals, where)
+                distributed.barrier(world)  # rank 0 evaluates last: the group ends together
+                return summary
+            except (TrainingInterrupted, NonFiniteLoss):
+                distributed.barrier(world)  # raised by every rank at the same step
+                raise
     except RuntimeError as e:  # a collective failed: another process stopped or was killed
         if not world.active or not distributed.lost_peer(e):
             raise
-        where = resume or Path(name or "RUN")
+        run = where.get("run") or (RunDir(resume) if resume is not None else None)
+        hint = (f"the last checkpoint is kept; resume with: {run.resume_command(world.size)}"
+                if run is not None else "no run folder was made yet; start it again")
         raise GruLmError("another process of this training stopped (killed, or failed: see "
-                         "its message); the last checkpoint is kept; resume with: "
-                         f"{RunDir(where).resume_command(world.size)}") from None
+                         f"its message); {hint}") from None
     finally:
         distributed.stop(world)
 
@@ -245,9 +258,7 @@ def _load_corpus(world: World, cfg: Config, offline, vocab=None):
     return corpus
 
 
-def _train(world: World, config, overrides, name, resume, offline, out):
-    import contextlib
-
+def _train(world: World, config, overrides, name, resume, offline, out, signals, where):
     from gru_lm import distributed
     from gru_lm.checkpoint import load_checkpoint
 
@@ -255,7 +266,7 @@ def _train(world: World, config, overrides, name, resume, offline, out):
         if name is not None:
             raise GruLmError(f"--name cannot rename a resumed run; drop --name (the run stays in "
                              f"{resume})")
-        run = RunDir(resume)
+        run = where["run"] = RunDir(resume)
         if not run.path.is_dir():
             raise GruLmError(f"--resume {run}: no such run directory")
         with run.lock() if world.is_main else contextlib.nullcontext():
@@ -272,7 +283,7 @@ def _train(world: World, config, overrides, name, resume, offline, out):
                         ", so the run cannot continue where it stopped; its other files are "
                         f"left as they are. Start a new run from its config: gru-lm train "
                         f"--config {shlex.quote(str(run.config))} --name NEW_NAME")
-                return _restart(run, cfg, offline, out, world)
+                return _restart(run, cfg, offline, out, world, signals)
             try:
                 ck = load_checkpoint(last)
             except GruLmError as e:
@@ -280,7 +291,8 @@ def _train(world: World, config, overrides, name, resume, offline, out):
             _check_not_finished(run, ck, cfg)
             corpus = _load_corpus(world, cfg, offline, vocab=_run_vocab(run, ck, last))
             _check_same_data(run, ck, cfg, corpus)
-            trainer = build_trainer(cfg, corpus, run, out, world, resuming=True)
+            trainer = build_trainer(cfg, corpus, run, out, world, resuming=True,
+                                    signals=signals)
             trainer.restore(ck, last)
             out.note(f"resuming {run} at step {trainer.progress.step}")
             return trainer.fit()
@@ -290,8 +302,9 @@ def _train(world: World, config, overrides, name, resume, offline, out):
     # Everything that can fail on bad input fails here, before the run directory exists.
     # Rank 0 names the folder (the default name holds the time) and creates it.
     run = new_run(cfg, config, name) if world.is_main else None
-    run = RunDir(Path(distributed.broadcast(world, str(run.path) if run else None)))
-    trainer = build_trainer(cfg, corpus, run, out, world)
+    run = where["run"] = RunDir(Path(distributed.broadcast(world, str(run.path) if run
+                                                           else None)))
+    trainer = build_trainer(cfg, corpus, run, out, world, signals=signals)
     if world.is_main:
         run.create()
     with run.lock() if world.is_main else contextlib.nullcontext():
@@ -313,13 +326,13 @@ def load_new_config(config: Path | Config | None, overrides: list[str]) -> Confi
 
 
 def _restart(run: RunDir, cfg: Config, offline: bool | None, out,
-             world: World = SINGLE) -> dict[str, Any]:
+             world: World = SINGLE, signals: list[int] | None = None) -> dict[str, Any]:
     """A run stopped before its first checkpoint (NaN at step 1, kill, full disk): nothing
     was learnt, so it starts again from step 0 in the same folder."""
     from gru_lm import distributed
 
     corpus = _load_corpus(world, cfg, offline)
-    trainer = build_trainer(cfg, corpus, run, out, world)
+    trainer = build_trainer(cfg, corpus, run, out, world, signals=signals)
     if world.is_main:
         run.clear()
         run.write_vocab(corpus.vocab)

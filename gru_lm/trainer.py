@@ -60,7 +60,8 @@ class Trainer:
     def __init__(self, cfg: Config, model: RecurrentLM, optimizer: torch.optim.Optimizer,
                  corpus: Corpus, *, device: torch.device | str = "cpu",
                  run: RunDir | None = None, reporter: Reporter | None = None,
-                 world: World = SINGLE, plan: preflight.Plan | None = None):
+                 world: World = SINGLE, plan: preflight.Plan | None = None,
+                 signals: list[int] | None = None):
         self.cfg, self.model, self.optimizer, self.corpus = cfg, model, optimizer, corpus
         self.world, self.run, self.vocab = world, run, corpus.vocab  # rank 0 prints, writes
         self.device = torch.device(device)
@@ -84,7 +85,9 @@ class Trainer:
         self._interval_losses = torch.zeros(t.log_interval, dtype=torch.float64,
                                             device=self.device)
         self._interval_count, self._config_saved, self.speed = 0, False, SpeedWatch()
-        self._signals: list[int] = []  # SIGINT/SIGTERM caught while fit() runs
+        # SIGINT/SIGTERM caught while fit() runs (`signals`: the list of a caller that has
+        # been catching them since before, so none is lost between the two)
+        self._signals: list[int] = signals if signals is not None else []
 
     # -------------------------------------------------------------- the step
 
@@ -166,7 +169,7 @@ class Trainer:
             self.tensorboard = TensorBoard(self.run.path / "tensorboard",
                                            purge_step=self.progress.step or None)
         try:
-            with caught_signals() as self._signals, self.out.live(self.cfg.train, total) as bar:
+            with caught_signals(into=self._signals), self.out.live(self.cfg.train, total) as bar:
                 self._loop(bar)
         finally:
             if self.tensorboard is not None:
@@ -180,13 +183,13 @@ class Trainer:
         self.model.train()
         while True:
             # every rank stops at the same step, for the same reason
-            p.elapsed_s = agree_on_stop(self.world, time.perf_counter() - start_wall,
-                                        self._signals)
+            p.elapsed_s, signum = agree_on_stop(self.world, time.perf_counter() - start_wall,
+                                                self._signals)
             p.stop_reason = stop_reason(t, p.step, p.epoch, p.elapsed_s)
             if p.stop_reason:
                 break
-            if self._signals:
-                self._interrupt()
+            if signum:  # (the agreed signal: every rank stops here, before any collective)
+                self._interrupt(signum)
             lr = self.lr_now()
             for g in self.optimizer.param_groups:
                 g["lr"] = lr
@@ -315,11 +318,12 @@ class Trainer:
             self.run.truncate_records(self.progress.step)
             self.run.truncate_samples(self.progress.step)
 
-    def _interrupt(self) -> None:
-        """Ctrl-C or SIGTERM arrived: save at this step boundary and say how to resume."""
+    def _interrupt(self, signum: int) -> None:
+        """Ctrl-C or SIGTERM arrived (on any rank): save at this step boundary and say how to
+        resume."""
         self._sync_losses()
         self.save(LAST)
-        code = 130 if self._signals[0] == signal.SIGINT else 143
+        code = 130 if signum == signal.SIGINT else 143
         name = "SIGINT" if code == 130 else "SIGTERM"
         raise TrainingInterrupted(
             f"{name}: stopped at step {self.progress.step}, checkpoint saved to "

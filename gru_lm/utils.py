@@ -112,11 +112,31 @@ def append_line(path: Path, line: str) -> None:
         os.close(fd)
 
 
+# SIGINT/SIGTERM that reached one process of a distributed job before its training started
+# (record_signals_early); train_run goes on collecting into this same list.
+EARLY_SIGNALS: list[int] = []
+
+
+def record_signals_early() -> None:
+    """In a process of a distributed job (WORLD_SIZE > 1: started by torchrun or `--nproc`),
+    record SIGINT/SIGTERM from the first line on instead of raising KeyboardInterrupt in
+    whatever import or collective it lands: the job stops them together at a step boundary."""
+    if os.environ.get("WORLD_SIZE", "1").strip() in ("", "0", "1"):
+        return
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(ValueError):  # (not the main thread)
+            signal.signal(sig, lambda signum, frame: EARLY_SIGNALS.append(signum))
+    # `--nproc` starts its workers with both blocked (distributed.launch): what arrived while
+    # Python started is delivered now, to the handler above
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
 @contextlib.contextmanager
-def caught_signals(signals=(signal.SIGINT, signal.SIGTERM)) -> Iterator[list[int]]:
-    """Record SIGINT/SIGTERM in the yielded list instead of stopping at once, so a loop can
-    stop at a safe point; the previous handlers come back on exit."""
-    caught: list[int] = []
+def caught_signals(signals=(signal.SIGINT, signal.SIGTERM), into: list[int] | None = None
+                   ) -> Iterator[list[int]]:
+    """Record SIGINT/SIGTERM in the yielded list (`into`, when given) instead of stopping at
+    once, so a loop can stop at a safe point; the previous handlers come back on exit."""
+    caught: list[int] = into if into is not None else []
     old = {}
     for sig in signals:
         try:

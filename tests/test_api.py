@@ -161,3 +161,34 @@ def test_compare_passes_offline_to_the_scoring_of_its_members(tiny_run, monkeypa
     monkeypatch.setattr(gru_lm.data, "load_corpus", spy)
     gru_lm.compare(runs=[tiny_run()], out="cmp", offline=True)
     assert asked and all(o is True for o in asked)
+
+
+WRONG_TYPES = [
+    (lambda run: run.predict("time", temperature="hot"), "temperature='hot' is a str"),
+    (lambda run: run.predict("time", top_k=2.5), "top_k=2.5 is a float, not int | None"),
+    (lambda run: run.predict("time", num_chars="5"), "num_chars='5' is a str, not int"),
+    (lambda run: run.predict("time", seed=1.5), "seed=1.5 is a float"),
+    (lambda run: run.predict(b"time"), "prefix=b'time' is a bytes, not str"),
+    (lambda run: run.predict(), "missing a required argument: 'prefix'"),
+    (lambda run: run.gates("the", layer="0"), "layer='0' is a str, not int"),
+    (lambda run: run.evaluate(split=1), "split=1 is an int"),
+    (lambda run: gru_lm.evaluate(run.path, ngram_order=2.5), "ngram_order=2.5 is a float"),
+    (lambda run: gru_lm.evaluate(5), "gru_lm.evaluate: runs=5 is an int"),
+    (lambda run: gru_lm.load(None), "run_or_checkpoint=None is a NoneType"),
+    (lambda run: gru_lm.list_models(2.5), "num_hiddens=2.5 is a float, not int"),
+    (lambda run: gru_lm.train(TINY, name=5), "gru_lm.train: name=5 is an int"),
+    (lambda run: gru_lm.train(TINY, train=5), "train=5 is an int, not Mapping"),
+    (lambda run: gru_lm.compare(runs=[run.path], seeds=True), "seeds=True is a bool"),
+    (lambda run: gru_lm.plot([]), "give at least one run folder"),
+    (lambda run: gru_lm.runs(runs_dir=3), "runs_dir=3 is an int"),
+]
+
+
+@pytest.mark.parametrize("call, message", WRONG_TYPES)
+def test_arguments_of_the_wrong_type_are_one_line_errors(tiny_run, call, message):
+    """Every public function checks its arguments at the edge: a GruLmError of one line
+    naming the argument, never a TypeError or a multi-line ValidationError from inside."""
+    run = gru_lm.load(tiny_run())
+    with pytest.raises(GruLmError) as e:
+        call(run)
+    assert message in str(e.value) and "\n" not in str(e.value)

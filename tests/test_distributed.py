@@ -111,6 +111,47 @@ def test_sigterm_then_resume_continues_exactly(workdir):
         assert torch.equal(a["model"][k], b["model"][k]), k
 
 
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(c) for c in path.read_text().split()] if path.exists() else []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("when", ["starting", "training"])
+def test_ctrl_c_stops_every_process_at_one_step_and_the_hint_resumes(workdir, when):
+    """Ctrl-C in a terminal signals every process of the group (the launcher and each worker,
+    which also gets the launcher's copy): all stop at one step boundary, one checkpoint, one
+    message, no gloo abort, and the printed command resumes the run when pasted."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gru_lm", "train", "--nproc", "2", *TINY, "--name", "np2sig",
+         "train.max_steps=1000000", "train.eval_interval=25"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 300
+    metrics = Path("runs/np2sig/metrics.jsonl")
+    while (len(_children(proc.pid)) < 2 if when == "starting"  # workers still importing
+           else not (metrics.exists() and metrics.read_text().strip())):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "training did not start"
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "terminate called" not in err and "gloo" not in err, err
+    assert err.count("interrupted: SIGINT: stopped at step") == 1, err
+    step = _weights("np2sig")["step"]
+    assert f"stopped at step {step}," in err
+    if when == "starting":
+        assert step == 0  # stopped before its first step, with a checkpoint to resume from
+    hint = err.split("resume with: ")[1].split()
+    assert hint[:5] == ["gru-lm", "train", "--nproc", "2", "--resume"] and \
+        hint[5] == "runs/np2sig", err
+    r = subprocess.run([sys.executable, "-m", "gru_lm", *hint[1:], "--quiet",
+                        f"train.max_steps={step + 5}"], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert _weights("np2sig")["step"] == step + 5
+
+
 @pytest.mark.slow
 def test_resume_with_another_number_of_processes_is_refused(workdir):
     two = _train("--name", "two", "train.batch_size=4", "train.max_steps=10", nproc=2)
