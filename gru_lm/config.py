@@ -303,6 +303,31 @@ def check_size(raw: Any, source: str) -> None:
                           "(aliases of aliases?); a config is a few dozen keys, write it out")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a mapping that states a key twice: the plain loader
+    keeps the last silently, and the first section's values would be lost without a word."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: the plain loader says what is wrong
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {short(key, 40)} is given twice (first on line {first}); "
+                    "the second would silently replace the first: state it once",
+                    key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str) -> Any:
+    """YAML text as Python data (safe types only), refusing a key stated twice."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     """Read a YAML config file into a dict, with file:line:column on syntax errors."""
     path = Path(path)
@@ -321,11 +346,12 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = load_yaml(text)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: YAML syntax error: {exc.problem or exc}") from None
+        what = "" if isinstance(exc, yaml.constructor.ConstructorError) else "YAML syntax error: "
+        raise ConfigError(f"{where}: {what}{exc.problem or exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: YAML error: {exc}") from None
     except (ValueError, RecursionError) as exc:  # a number past 4,300 digits, deep nesting
@@ -351,8 +377,12 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             problems.append(f"{short(item)}: an override has the form key.sub=value, "
                             "e.g. train.lr=0.5")
             continue
+        if key.count(".") >= MAX_KEY_PARTS:
+            problems.append(f"{short(key)}: a config key is section.key (e.g. train.lr); this "
+                            f"one has {key.count('.') + 1:,} dotted parts")
+            continue
         try:
-            parsed = yaml.safe_load(value) if value.strip() else None
+            parsed = load_yaml(value) if value.strip() else None
         except (yaml.YAMLError, ValueError, RecursionError):  # ValueError: 4,300+ digits
             parsed = value
         if isinstance(parsed, float) and not math.isfinite(parsed):
@@ -377,6 +407,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 MAX_BASES = 16  # how deep `base:` may chain
+MAX_KEY_PARTS = 8  # dotted parts of an override's key (every key is section.key)
 
 
 def resolve_yaml(path: Path, _seen: tuple[Path, ...] = ()) -> tuple[dict[str, Any], dict]:
@@ -395,16 +426,22 @@ def resolve_yaml(path: Path, _seen: tuple[Path, ...] = ()) -> tuple[dict[str, An
         raise ConfigError(f"{path}: base: must be the path of another config file, e.g. "
                           "base: recipe.yaml; got " + short(base))
     target = Path(os.path.normpath(path.parent / base))  # (resolved only to find cycles)
-    chain = (*_seen, path.resolve())
-    if target.resolve() in chain:
+    try:
+        chain, resolved = (*_seen, path.resolve()), target.resolve()
+    except (RuntimeError, OSError) as e:  # Python 3.11 says "Symlink loop" as RuntimeError
+        raise ConfigError(f"{path}: base: {base} cannot be followed ({e}); point it at a "
+                          "config file, not a symbolic link that leads back to itself") from None
+    if resolved in chain:
         cycle = " -> ".join(str(p.name) for p in (*chain, target))
         raise ConfigError(f"{path}: base: {base} makes a cycle ({cycle}); a base must not "
                           "lead back to the file")
     if len(chain) > MAX_BASES:
         raise ConfigError(f"{path}: base: chains more than {MAX_BASES} files; flatten them")
     if not target.is_file():
-        raise ConfigError(f"{path}: base: {base} does not exist (looked for "
-                          f"{target.resolve()}); give a path relative to this file's folder")
+        what = ("is a folder" if target.is_dir() else "is not a regular file (a pipe or a "
+                "device)" if target.exists() else "does not exist")
+        raise ConfigError(f"{path}: base: {base} {what} (looked for {resolved}); give the "
+                          "path of a YAML config file, relative to this file's folder")
     merged, sources = resolve_yaml(target, chain)
     for section, values in raw.items():
         if isinstance(values, dict) and isinstance(merged.get(section), dict):

@@ -1,5 +1,6 @@
 """Configs: every shipped YAML loads; errors name every bad key at once."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -118,6 +119,40 @@ def test_bad_bases_are_one_line_errors(tmp_path, files, message):
         (tmp_path / name).write_text(text)
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_config(tmp_path / "a.yaml")
+
+
+def test_a_base_that_is_a_symlink_loop_a_folder_or_a_pipe_is_named(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: loop.yaml\n")
+    (tmp_path / "loop.yaml").symlink_to(tmp_path / "loop.yaml")
+    with pytest.raises(ConfigError, match="base: loop.yaml cannot be followed"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "a.yaml").write_text("base: folder\n")
+    with pytest.raises(ConfigError, match="base: folder is a folder"):
+        load_config(tmp_path / "a.yaml")
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "a.yaml").write_text("base: fifo\n")
+    with pytest.raises(ConfigError, match=r"base: fifo is not a regular file \(a pipe"):
+        load_config(tmp_path / "a.yaml")
+
+
+@pytest.mark.parametrize("text, line, key", [
+    ("train: {lr: 0.1}\nmodel: {name: lstm}\ntrain: {max_steps: 5}\n", 3, "'train'"),
+    ("base: a.yaml\nbase: b.yaml\n", 2, "'base'"),
+    ("train:\n  lr: 0.1\n  lr: 0.2\n", 3, "'lr'"),
+])
+def test_a_key_stated_twice_is_refused_with_its_line(tmp_path, text, line, key):
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(tmp_path / "c.yaml")
+    assert str(e.value).startswith(f"{tmp_path / 'c.yaml'}:{line}:")
+    assert f"key {key} is given twice (first on line" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_an_override_with_thousands_of_dotted_parts_is_one_line():
+    with pytest.raises(ConfigError, match="a config key is section.key"):
+        load_config(None, ["train" + ".x" * 5000 + "=1"])
 
 
 def test_the_held_out_configs_state_only_what_differs():
