@@ -332,9 +332,11 @@ def plot(runs: Sequence[str | Path], out: str | Path | None = None):
 
 
 class Run:
-    """A trained (or training) run: its folder, config, records and best checkpoint.
-
-    predict, evaluate and gates load the checkpoint once, on first use."""
+    """A view of a run's folder: every attribute reads the folder as it is now. Its config,
+    summary and history are read on each use; predict, evaluate and gates load the checkpoint
+    on first use and again whenever that file has changed (training went on, or the folder
+    was replaced), so the weights always agree with the summary. A folder that is gone is a
+    GruLmError on every use, never an empty answer."""
 
     @_checked
     def __init__(self, path: str | Path, checkpoint: str | Path | None = None):
@@ -342,20 +344,34 @@ class Run:
         self.path = self.dir.path
         self._checkpoint = Path(checkpoint) if checkpoint is not None else None
         self._loaded = None
+        self._loaded_from: tuple | None = None  # (path, inode, size, mtime) of what is loaded
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r})"
 
+    def _here(self) -> RunDir:
+        if not self.path.is_dir():
+            raise GruLmError(f"run {self.path} no longer exists (moved or deleted); load the "
+                             "run where it is now with gru_lm.load(PATH)")
+        return self.dir
+
     @property
     def checkpoint(self) -> Path:
         """The checkpoint it samples and scores: best.pt, else last.pt (or the one given)."""
-        return self._checkpoint or self.dir.best_or_last()
+        return self._checkpoint or self._here().best_or_last()
 
     def _model(self):
-        if self._loaded is None:
+        path = self.checkpoint
+        try:
+            st = path.stat()
+        except OSError:
+            raise GruLmError(f"checkpoint {path} no longer exists; load the run again with "
+                             "gru_lm.load(PATH)") from None
+        key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+        if self._loaded is None or key != self._loaded_from:
             from gru_lm.runner import load_model
 
-            self._loaded = load_model(self.checkpoint)
+            self._loaded, self._loaded_from = load_model(path), key
         return self._loaded
 
     @property
@@ -365,12 +381,13 @@ class Run:
     @property
     def summary(self) -> dict[str, Any] | None:
         """summary.json (None while it trains or when it was interrupted)."""
-        return self.dir.read_summary() if self.dir.summary.is_file() else None
+        run = self._here()
+        return run.read_summary() if run.summary.is_file() else None
 
     @property
     def history(self) -> list[dict[str, Any]]:
         """The metrics.jsonl records: one per evaluation, train and val perplexity..."""
-        return self.dir.evals()
+        return self._here().evals()
 
     @_checked
     def predict(self, prefix: str, num_chars: int = 50, *, temperature: float | None = None,

@@ -91,8 +91,25 @@ class RunDir:
             atomic_write_text(self.samples, "".join(keep))
 
     def exists_error(self) -> GruLmError:
+        """The refusal of a new run in this taken folder, with the command that goes on with
+        it: a resume, or for a finished run a resume with a higher limit."""
+        if self.summary.is_file():
+            steps = self._finished_steps()
+            more = f"train.max_steps={2 * steps}" if steps else "train.max_steps=N"
+            return GruLmError(f"run directory {self.path} already exists and has finished; "
+                              f"train it on with `{self.resume_command()} {more}` (a higher "
+                              "limit) or pick another --name")
         return GruLmError(f"run directory {self.path} already exists; continue it with "
                           f"`{self.resume_command()}` or pick another --name")
+
+    def _finished_steps(self) -> int | None:
+        """The steps summary.json says the run took (None if it cannot be read)."""
+        try:
+            steps = json.loads(self.summary.read_text(encoding="utf-8")).get("steps")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return steps if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0 \
+            else None
 
     def write_start(self, cfg: Config, vocab: Vocab) -> None:
         self.write_config(cfg)

@@ -178,6 +178,10 @@ def check_run_name(name: str, flag: str) -> None:
         example = "--name gru-1" if flag == "--name" else f"{flag}=gru-1"
         raise ConfigError(f"{flag}: an empty name is not a folder name; give one, e.g. "
                           f"{example}")
+    if name != name.strip():
+        raise ConfigError(f"{flag}: {name[:40]!r} begins or ends with a space, which a folder "
+                          f"name shown in a table or pasted in a shell loses; give "
+                          f"{name.strip()[:40]!r}")
     bad = next((c for c in name if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp")), None)
     if bad is not None:
         raise ConfigError(f"{flag}: {name[:40]!r} holds a control character ({bad!r}); use "

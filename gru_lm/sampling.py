@@ -40,8 +40,9 @@ def check_sampling_args(num_chars: int, temperature: float | None, top_k: int | 
 
     if not 1 <= num_chars <= MAX_CHARS:
         raise GruLmError(f"--num-chars {num_chars} is out of range; give 1..{MAX_CHARS}")
+    # (compared in float32, as computed: 1e-6 itself is 9.99999997e-07 there)
     if temperature is not None and not (math.isfinite(_float32(temperature))
-                                        and _float32(temperature) >= MIN_TEMPERATURE):
+                                        and _float32(temperature) >= _float32(MIN_TEMPERATURE)):
         raise GruLmError(f"--temperature {temperature} is invalid; give a number from "
                          f"{MIN_TEMPERATURE:g} to 3.4e38 (omit it for greedy decoding)")
     if top_k is not None and top_k < 1:

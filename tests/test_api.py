@@ -192,3 +192,26 @@ def test_arguments_of_the_wrong_type_are_one_line_errors(tiny_run, call, message
     with pytest.raises(GruLmError) as e:
         call(run)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_run_is_a_view_of_its_folder(workdir):
+    """A Run reads its folder as it is now: replaced by another run, it samples the new
+    weights that its summary describes; deleted, every attribute says so."""
+    import shutil
+
+    from conftest import train_tiny
+
+    run = gru_lm.load(train_tiny("r"))
+    before = run.predict("time", num_chars=20)
+    assert run.config.model.name == "gru-scratch" and run.history
+    train_tiny("other", "model.name=lstm", "train.seed=3")
+    shutil.rmtree("runs/r")
+    shutil.copytree("runs/other", "runs/r")
+    assert run.summary["model"] == "lstm" and run.config.model.name == "lstm"
+    assert run.predict("time", num_chars=20) == gru_lm.load("runs/other").predict(
+        "time", num_chars=20) != before
+    shutil.rmtree("runs/r")
+    for use in (lambda: run.history, lambda: run.summary, lambda: run.predict("time"),
+                lambda: run.config):
+        with pytest.raises(GruLmError, match="runs/r no longer exists"):
+            use()

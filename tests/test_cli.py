@@ -91,6 +91,17 @@ def test_existing_run_is_never_overwritten(workdir, tiny_run):
     assert r.exit_code == 1
     assert "already exists" in r.output and "--resume runs/same" in r.output
     assert (run / "checkpoints" / "last.pt").read_bytes() == before
+    # finished: the hint trains it on, and works when pasted
+    command = r.output.split("`")[1]
+    assert command == "gru-lm train --resume runs/same train.max_steps=60", r.output
+    again = cli(*command.split()[1:], "--quiet")
+    assert again.exit_code == 0, again.output
+
+
+def test_a_run_name_with_spaces_around_it_is_refused(workdir):
+    r = cli("train", "--config", "configs/tiny.yaml", "--name", "trail ")
+    assert r.exit_code != 0 and "begins or ends with a space" in r.output
+    assert "'trail'" in r.output and not Path("runs/trail ").exists()
 
 
 def _eval_losses(run: Path):

@@ -123,6 +123,15 @@ def test_sampling_values_that_break_float32_or_the_generator_are_refused(tiny_ru
     one_line_error(cli("predict", "time", "--run", run, *args), part)
 
 
+def test_the_smallest_temperature_the_message_names_is_accepted(tiny_run):
+    from gru_lm.sampling import MIN_TEMPERATURE
+
+    r = cli("predict", "time", "--run", tiny_run(), "--temperature", f"{MIN_TEMPERATURE:g}")
+    assert r.exit_code == 0, r.output
+    below = cli("predict", "time", "--run", "runs/tiny", "--temperature", "9e-7")
+    one_line_error(below, f"give a number from {MIN_TEMPERATURE:g}")
+
+
 # ---------------------------------------------------------------- 2. config input is bounded
 
 
