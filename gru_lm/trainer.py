@@ -85,9 +85,7 @@ class Trainer:
         self._interval_losses = torch.zeros(t.log_interval, dtype=torch.float64,
                                             device=self.device)
         self._interval_count, self._config_saved, self.speed = 0, False, SpeedWatch()
-        # SIGINT/SIGTERM caught while fit() runs (`signals`: the list of a caller that has
-        # been catching them since before, so none is lost between the two)
-        self._signals: list[int] = signals if signals is not None else []
+        self._signals = signals if signals is not None else []  # SIGINT/SIGTERM (runner's)
 
     # -------------------------------------------------------------- the step
 
@@ -319,8 +317,7 @@ class Trainer:
             self.run.truncate_samples(self.progress.step)
 
     def _interrupt(self, signum: int) -> None:
-        """Ctrl-C or SIGTERM arrived (on any rank): save at this step boundary and say how to
-        resume."""
+        """Ctrl-C or SIGTERM reached a rank: save at this step boundary, say how to resume."""
         self._sync_losses()
         self.save(LAST)
         code = 130 if signum == signal.SIGINT else 143

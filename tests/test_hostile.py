@@ -399,4 +399,5 @@ def test_the_resume_hint_survives_pasting_into_a_shell(workdir):
     r = cli("train", "-c", "configs/tiny.yaml", "--name", "my run")
     one_line_error(r, "already exists")
     command = r.output.split("`")[1]
-    assert shlex.split(command) == ["gru-lm", "train", "--resume", "runs/my run"]
+    assert shlex.split(command) == ["gru-lm", "train", "--resume", "runs/my run",
+                                    "train.max_steps=60"]  # (finished: train on)
