@@ -235,8 +235,9 @@ def handle_errors(fn):
             _output_lost()
             return result
         except TrainingInterrupted as e:  # Ctrl-C or SIGTERM, saved: not an error
-            err_console.print(f"[yellow]interrupted:[/yellow] {escape(str(e))}", highlight=False,
-                              soft_wrap=True)
+            if not e.silent:
+                err_console.print(f"[yellow]interrupted:[/yellow] {escape(str(e))}",
+                                  highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
         except GruLmError as e:
             err_console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False,

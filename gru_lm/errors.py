@@ -22,9 +22,10 @@ class CheckpointError(GruLmError):
 class TrainingInterrupted(GruLmError):
     """Training stopped on SIGINT/SIGTERM after saving a checkpoint."""
 
-    def __init__(self, message: str, exit_code: int):
+    def __init__(self, message: str, exit_code: int, silent: bool = False):
         super().__init__(message)
         self.exit_code = exit_code
+        self.silent = silent  # a process of a job other than rank 0: rank 0 says it, once
 
 
 class NonFiniteLoss(GruLmError):

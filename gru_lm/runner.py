@@ -233,8 +233,12 @@ def train_run(config: Path | Config | None, overrides: list[str], *, name: str |
                                  signals, where)
                 distributed.barrier(world)  # rank 0 evaluates last: the group ends together
                 return summary
-            except (TrainingInterrupted, NonFiniteLoss):
+            except TrainingInterrupted as e:
                 distributed.barrier(world)  # raised by every rank at the same step
+                e.silent = not world.is_main  # (torchrun shows every process' stderr)
+                raise
+            except NonFiniteLoss:
+                distributed.barrier(world)
                 raise
     except RuntimeError as e:  # a collective failed: another process stopped or was killed
         if not world.active or not distributed.lost_peer(e):

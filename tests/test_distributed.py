@@ -153,6 +153,29 @@ def test_ctrl_c_stops_every_process_at_one_step_and_the_hint_resumes(workdir, wh
 
 
 @pytest.mark.slow
+def test_sigterm_to_torchrun_stops_its_workers_at_one_step_with_one_message(workdir):
+    """torchrun passes a SIGTERM (or a Ctrl-C) on to every worker: they stop together, and only
+    process 0 says so (torchrun shows every worker's stderr)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "gru_lm", "train", *TINY, "--name", "tr", "train.max_steps=1000000",
+         "train.eval_interval=25"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = Path("runs/tr/metrics.jsonl")
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and metrics.read_text().strip()):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "training did not start"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    step = _weights("tr")["step"]
+    assert err.count("interrupted: SIGTERM: stopped at step") == 1, err
+    assert f"stopped at step {step}," in err and "--resume runs/tr" in err
+    assert "terminate called" not in err and "collective mismatch" not in err
+
+
+@pytest.mark.slow
 def test_resume_with_another_number_of_processes_is_refused(workdir):
     two = _train("--name", "two", "train.batch_size=4", "train.max_steps=10", nproc=2)
     assert two.returncode == 0, two.stderr
