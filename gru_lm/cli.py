@@ -240,8 +240,9 @@ def handle_errors(fn):
                                   highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
         except GruLmError as e:
-            err_console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False,
-                              soft_wrap=True)
+            if not e.silent:
+                err_console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False,
+                                  soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
         except OSError as e:
             where = f" ({e.filename})" if e.filename else ""

@@ -13,6 +13,7 @@ state, the random streams) is gathered into rank 0's checkpoints.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,8 +88,12 @@ def lost_peer(e: BaseException) -> bool:
         w in text for w in ("gloo", "nccl", "connection closed", "connection reset", "peer"))
 
 
-def start(world: World, device_type: str) -> None:
-    """Join the process group: gloo on the CPU, nccl on CUDA."""
+def start(world: World) -> None:
+    """Join the process group: gloo for CPU tensors and for the objects handed between
+    processes (the decisions, the checkpoint process 0 read), nccl for CUDA tensors where
+    there is CUDA. It is joined before anything is read, so that process 0 can hand on what
+    it read from the run folder."""
+    import torch
     import torch.distributed as dist
 
     if not world.active or dist.is_initialized():
@@ -96,8 +101,13 @@ def start(world: World, device_type: str) -> None:
     if "MASTER_ADDR" not in os.environ:
         raise GruLmError("WORLD_SIZE > 1 but MASTER_ADDR is not set; start distributed "
                          "training with torchrun (or gru-lm train --nproc N)")
-    backend = "nccl" if device_type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend, rank=world.rank, world_size=world.size)
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    # torchrun keeps its store across restarts: keys written by the processes of an earlier
+    # attempt (gloo's addresses) must not be read by this one, so each attempt has its own.
+    store, _, _ = next(dist.rendezvous("env://", rank=world.rank, world_size=world.size))
+    store = dist.PrefixStore(f"gru-lm/attempt-{elastic_env().restart_count}", store)
+    dist.init_process_group(backend=backend, store=store, rank=world.rank,
+                            world_size=world.size)
 
 
 def stop(world: World) -> None:
@@ -156,6 +166,121 @@ def agree_on_stop(world: World, elapsed_s: float, signals: list[int]) -> tuple[f
         return elapsed_s, max(signals, default=0)
     agreed = agree_max(world, [elapsed_s, max(signals, default=0)])
     return float(agreed[0]), int(agreed[1])
+
+
+def from_main(world: World, fn: Callable[[], Any]) -> Any:
+    """fn() run by process 0 alone and its result handed to every process: what only process
+    0's node has (the run folder) is read once. A GruLmError it raises is raised by every
+    process, silent on all but process 0 (which says it)."""
+    if not world.active:
+        return fn()
+    result, error = None, None
+    if world.is_main:
+        try:
+            result = fn()
+        except GruLmError as e:
+            error = e
+    result, message = broadcast(world, (result, None if error is None else str(error)))
+    if error is not None:
+        raise error
+    if message is not None:
+        raise _silent(GruLmError(message))
+    return result
+
+
+def _silent(e: GruLmError) -> GruLmError:
+    e.silent = True
+    return e
+
+
+def node_rank() -> int:
+    """This process' node in a torchrun job (GROUP_RANK), 0 outside one."""
+    try:
+        return int(os.environ.get("GROUP_RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def check_same_corpus(world: World, corpus) -> None:
+    """Refuse, before the first step, a process whose corpus is not process 0's text (another
+    file, another version of it, another preprocessing): every node reads its own copy."""
+    import socket
+
+    if not world.active:
+        return
+    mine = {"fingerprint": corpus.fingerprint(), "source": str(corpus.source),
+            "host": socket.gethostname(), "node": node_rank()}
+    everyone = gather(world, mine)
+    first = everyone[0]
+    for rank, theirs in enumerate(everyone):
+        if theirs["fingerprint"] != first["fingerprint"]:
+            e = GruLmError(
+                f"node {theirs['node']} (host {theirs['host']}, process {rank}) reads "
+                f"{theirs['source']}, whose tokens differ from those process 0 reads "
+                f"({first['source']} on node {first['node']}): every node needs the same "
+                "corpus file and data settings; copy node 0's file there and start again")
+            raise e if world.is_main else _silent(e)
+
+
+@dataclass(frozen=True)
+class Elastic:
+    """What torchrun says of restarts: how many it may make, and which this start is."""
+
+    max_restarts: int = 0
+    restart_count: int = 0
+    run_id: str = ""
+
+
+def elastic_env() -> Elastic:
+    try:
+        return Elastic(int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0),
+                       int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0),
+                       os.environ.get("TORCHELASTIC_RUN_ID", ""))
+    except ValueError:
+        return Elastic()
+
+
+LAUNCH_MARK = ".launch.json"  # in a run folder: the torchrun launch that created it
+
+
+def _launch_identity() -> dict[str, Any]:
+    """This torchrun launch, as process 0 sees it: the rendezvous id, the host and the agent
+    (the parent process, with its start time, so that a reused pid is not taken for it)."""
+    import socket
+
+    agent = os.getppid()
+    try:
+        from pathlib import Path
+
+        started = Path(f"/proc/{agent}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        started = ""
+    return {"run_id": elastic_env().run_id, "host": socket.gethostname(), "agent": agent,
+            "agent_started": started}
+
+
+def mark_launch(run_path) -> None:
+    """Under torchrun with restarts allowed: record in a new run's folder which launch
+    created it, so that only a restart of this launch continues it."""
+    import json
+    from pathlib import Path
+
+    from gru_lm.utils import atomic_write_text
+
+    if elastic_env().max_restarts > 0:
+        atomic_write_text(Path(run_path) / LAUNCH_MARK, json.dumps(_launch_identity()) + "\n")
+
+
+def launched_here(run_path) -> bool:
+    """Whether the run folder was created by this torchrun launch (before a restart)."""
+    import json
+    from pathlib import Path
+
+    try:
+        mark = json.loads((Path(run_path) / LAUNCH_MARK).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return mark == _launch_identity()
 
 
 def mean(world: World, t):

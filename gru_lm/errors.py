@@ -5,6 +5,7 @@ class GruLmError(Exception):
     """A user-facing error whose text says what is wrong, where, and how to fix it."""
 
     exit_code = 1
+    silent = False  # a process of a job other than rank 0: rank 0 says it, once
 
 
 class ConfigError(GruLmError):
@@ -25,7 +26,7 @@ class TrainingInterrupted(GruLmError):
     def __init__(self, message: str, exit_code: int, silent: bool = False):
         super().__init__(message)
         self.exit_code = exit_code
-        self.silent = silent  # a process of a job other than rank 0: rank 0 says it, once
+        self.silent = silent
 
 
 class NonFiniteLoss(GruLmError):

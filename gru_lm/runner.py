@@ -29,7 +29,7 @@ def _diff_keys(a: Any, b: Any, prefix: str) -> list[str]:
 def resume_config(run: RunDir, config: Path | None, overrides: list[str]) -> Config:
     """The run's own config, updated by --config/overrides; model and data must not change."""
     saved = run.read_config()
-    renames = [o for o in overrides if o.partition("=")[0].strip() in ("run.name", "run")]
+    renames = [o for o in overrides if _renames(o)]
     if renames:
         raise ConfigError(f"--resume {run}: {renames[0][:60]} cannot rename a resumed run; drop "
                           f"it (the run stays in {run})")
@@ -253,51 +253,42 @@ def train_run(config: Path | Config | None, overrides: list[str], *, name: str |
 
 
 def _load_corpus(world: World, cfg: Config, offline, vocab=None):
-    """The corpus; distributed, rank 0 prepares the token store before the others open it."""
+    """The corpus, checked to be the same text on every process. Distributed, the first
+    process of each node prepares its node's token store before the others open it (nodes
+    share no disk), and a node whose text differs from process 0's is refused before the
+    first step, naming the node and its file."""
     from gru_lm import distributed
     from gru_lm.data import load_corpus
 
-    distributed.start(world, resolve_device(cfg.train.device).type)
-    if not world.is_main:
+    if world.local_rank != 0:
         distributed.barrier(world)
     corpus = load_corpus(cfg.data, vocab=vocab, offline=offline, progress=world.is_main)
-    if world.is_main:
+    if world.local_rank == 0:
         distributed.barrier(world)
+    distributed.check_same_corpus(world, corpus)
     return corpus
 
 
-def _train(world: World, config, overrides, name, resume, offline, out, signals, where):
+def _train(world: World, config, overrides, name, resume, offline, out, signals, where,
+           own_restart: bool = False):
     from gru_lm import distributed
-    from gru_lm.checkpoint import load_checkpoint
 
+    distributed.start(world)
     if resume is not None:
         if name is not None:
             raise GruLmError(f"--name cannot rename a resumed run; drop --name (the run stays in "
                              f"{resume})")
         run = where["run"] = RunDir(resume)
-        if not run.path.is_dir():
-            raise GruLmError(f"--resume {run}: no such run directory")
+        # Process 0 alone reads the run folder (with several nodes only its node has it) and
+        # hands what it read to every process; its refusal is every process' refusal.
+        distributed.from_main(world, lambda: _check_run_dir(run))
         with run.lock() if world.is_main else contextlib.nullcontext():
-            if world.is_main:
-                run.remove_temporaries()
-            # config.yaml is rewritten by the trainer with its first checkpoint: a refused or
-            # failed resume leaves it as it was.
-            cfg = resume_config(run, config, overrides)
-            last = run.checkpoint(LAST)
-            if not last.is_file():
-                if last.exists() or run.trained_something():
-                    raise GruLmError(
-                        f"--resume {run}: {last} is {'not a file' if last.exists() else 'missing'}"
-                        ", so the run cannot continue where it stopped; its other files are "
-                        f"left as they are. Start a new run from its config: gru-lm train "
-                        f"--config {shlex.quote(str(run.config))} --name NEW_NAME")
+            cfg, ck, vocab = distributed.from_main(world, lambda: _read_for_resume(
+                run, config, overrides, own_restart))
+            if ck is None:
                 return _restart(run, cfg, offline, out, world, signals)
-            try:
-                ck = load_checkpoint(last)
-            except GruLmError as e:
-                raise CheckpointError(f"--resume {run}: {e}") from None
-            _check_not_finished(run, ck, cfg)
-            corpus = _load_corpus(world, cfg, offline, vocab=_run_vocab(run, ck, last))
+            last = run.checkpoint(LAST)
+            corpus = _load_corpus(world, cfg, offline, vocab=vocab)
             _check_same_data(run, ck, cfg, corpus)
             trainer = build_trainer(cfg, corpus, run, out, world, resuming=True,
                                     signals=signals)
@@ -306,20 +297,88 @@ def _train(world: World, config, overrides, name, resume, offline, out, signals,
             return trainer.fit()
     cfg = load_new_config(config, overrides)
     config = config if isinstance(config, Path) else None  # (its name names the run)
+    restarted = _elastic_restart(world, cfg, name)
+    if restarted is not None:  # torchrun restarted this launch: go on where it stopped
+        return _train(world, config, [o for o in overrides if not _renames(o)], None,
+                      restarted, offline, out, signals, where, own_restart=True)
     corpus = _load_corpus(world, cfg, offline)
     # Everything that can fail on bad input fails here, before the run directory exists.
     # Rank 0 names the folder (the default name holds the time) and creates it.
-    run = new_run(cfg, config, name) if world.is_main else None
-    run = where["run"] = RunDir(Path(distributed.broadcast(world, str(run.path) if run
-                                                           else None)))
+    run = where["run"] = RunDir(Path(distributed.from_main(
+        world, lambda: str(new_run(cfg, config, name).path))))
     trainer = build_trainer(cfg, corpus, run, out, world, signals=signals)
     if world.is_main:
         run.create()
     with run.lock() if world.is_main else contextlib.nullcontext():
         if world.is_main:
             run.write_start(cfg, corpus.vocab)
+            distributed.mark_launch(run.path)
         out.note(f"run directory: {run}{f' ({world.size} processes)' if world.active else ''}")
         return trainer.fit()
+
+
+def _check_run_dir(run: RunDir) -> None:
+    if not run.path.is_dir():
+        raise GruLmError(f"--resume {run}: no such run directory")
+
+
+def _read_for_resume(run: RunDir, config: Path | None, overrides: list[str],
+                     own_restart: bool = False):
+    """What a resume needs from the run's folder: its config (updated by --config and the
+    overrides), last.pt (None: the run saved none yet, so it starts again from step 0) and
+    its vocabulary; every refusal of a resume that reads the folder is made here.
+    `own_restart`: torchrun restarted the launch that made the run, so evaluations and
+    samples written before its first checkpoint (a kill between the two) are its own, and
+    start again with it."""
+    from gru_lm.checkpoint import load_checkpoint
+
+    run.remove_temporaries()
+    # config.yaml is rewritten by the trainer with its first checkpoint: a refused or failed
+    # resume leaves it as it was.
+    cfg = resume_config(run, config, overrides)
+    last = run.checkpoint(LAST)
+    if not last.is_file():
+        kept = (run.has_checkpoint() or run.summary.exists()) if own_restart \
+            else run.trained_something()
+        if last.exists() or kept:
+            raise GruLmError(
+                f"--resume {run}: {last} is {'not a file' if last.exists() else 'missing'}, "
+                "so the run cannot continue where it stopped; its other files are left as "
+                "they are. Start a new run from its config: gru-lm train --config "
+                f"{shlex.quote(str(run.config))} --name NEW_NAME")
+        return cfg, None, None
+    try:
+        ck = load_checkpoint(last)
+    except GruLmError as e:
+        raise CheckpointError(f"--resume {run}: {e}") from None
+    _check_not_finished(run, ck, cfg)
+    return cfg, ck, _run_vocab(run, ck, last)
+
+
+def _renames(override: str) -> bool:
+    return override.partition("=")[0].strip() in ("run.name", "run")
+
+
+def _elastic_restart(world: World, cfg: Config, name: str | None) -> Path | None:
+    """Under `torchrun --max-restarts N`: the run folder to continue when torchrun has
+    restarted this launch (TORCHELASTIC_RESTART_COUNT > 0) and the folder is the one this
+    launch created (its launch mark); None for a first start. A restartable launch needs a
+    run name: the default one holds the time, which a restart would not find."""
+    from gru_lm import distributed
+
+    elastic = distributed.elastic_env()
+    if elastic.max_restarts == 0:
+        return None
+    run_name = name or cfg.run.name
+    if run_name is None:
+        raise GruLmError("torchrun --max-restarts restarts every process with the same "
+                         "arguments, and the run's folder must be found again: give it a name "
+                         "(--name NAME or run.name=NAME)")
+    if elastic.restart_count == 0:
+        return None
+    path = cfg.run.runs_dir / run_name
+    ours = distributed.from_main(world, lambda: distributed.launched_here(path))
+    return path if ours else None
 
 
 def load_new_config(config: Path | Config | None, overrides: list[str]) -> Config:

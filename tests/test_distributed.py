@@ -220,3 +220,127 @@ def test_kill_9_of_the_launcher_stops_its_workers_and_frees_the_run(workdir):
     step = _weights("orphan")["step"]
     r = _train("--resume", "runs/orphan", f"train.max_steps={step + 5}", nproc=2)
     assert r.returncode == 0, r.stderr
+
+
+# ---------------------------------------------------------------- several nodes, restarts
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_nodes(folders: list[Path], *args: str) -> list[subprocess.CompletedProcess]:
+    """`gru-lm train ARGS` as a job of two nodes, one process each: two torchrun launches
+    with a c10d rendezvous on 127.0.0.1, each in its own folder (no shared disk) and with its
+    own copy of the corpus. Node 0 is started first: c10d ranks the agents of one host by
+    process id, so its process is rank 0."""
+    port = _free_port()
+    procs = []
+    for node, folder in enumerate(folders):
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
+             "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-id", "gru-lm-test",
+             "--rdzv-endpoint", f"127.0.0.1:{port}", "--max-restarts", "0",
+             "-m", "gru_lm", "train", *args],
+            cwd=folder, env={**os.environ, "GRU_LM_DATA_DIR": str(folder / "data"),
+                             "GRU_LM_OFFLINE": "1"},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        time.sleep(0.5 if node == 0 else 0)
+    out = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=600)
+        out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    return out
+
+
+def _node_folders(root: Path, data_dir: Path) -> list[Path]:
+    import shutil
+
+    folders = []
+    for node in (0, 1):
+        folder = root / f"node{node}"
+        shutil.copytree(root / "configs", folder / "configs")
+        (folder / "data").mkdir()
+        shutil.copy(data_dir / "timemachine.txt", folder / "data" / "timemachine.txt")
+        folders.append(folder)
+    return folders
+
+
+@pytest.mark.slow
+def test_two_nodes_train_resume_from_node_0_and_refuse_another_corpus(workdir, data_dir):
+    node0, node1 = _node_folders(workdir, data_dir)
+    opts = [*TINY, "train.eval_interval=10"]
+    r = _two_nodes([node0, node1], *opts, "--name", "two", "train.max_steps=20")
+    assert all(x.returncode == 0 for x in r), [x.stderr[-2000:] for x in r]
+    assert (node0 / "runs/two/summary.json").is_file()
+    assert not (node1 / "runs").exists()  # process 0 alone writes, on its own node
+    # a resume needs the run folder only on node 0: process 0 hands the checkpoint on
+    r = _two_nodes([node0, node1], "--resume", "runs/two", "--quiet", "train.max_steps=30")
+    assert all(x.returncode == 0 for x in r), [x.stderr[-2000:] for x in r]
+    ck = torch.load(node0 / "runs/two/checkpoints/last.pt", weights_only=True)
+    assert ck["step"] == 30 and ck["world_size"] == 2
+    assert not (node1 / "runs").exists()
+    # node 1's copy of the corpus differs: refused before training, naming node 1 and its file
+    book = (data_dir / "timemachine.txt").read_text()[:20_000]
+    (node0 / "my.txt").write_text(book)
+    text = node1 / "my.txt"
+    text.write_text(book.replace("Time Traveller", "Time Travellor", 1))
+    r = _two_nodes([node0, node1], *opts, "--name", "bad", "train.max_steps=20",
+                   "data.dataset=null", "data.path=my.txt")
+    assert all(x.returncode != 0 for x in r)
+    said = [line for x in r for line in x.stderr.splitlines() if line.startswith("error:")]
+    assert len(said) == 1 and "node 1" in said[0] and "my.txt" in said[0], said
+    assert "whose tokens differ" in said[0]
+    assert not (node0 / "runs/bad").exists()
+
+
+@pytest.mark.slow
+def test_a_worker_killed_under_max_restarts_ends_as_an_uninterrupted_run(workdir):
+    """torchrun --max-restarts 1 restarts every worker after a kill -9: the restarted launch
+    continues its own run from the last checkpoint, exactly."""
+    opts = [*TINY, "train.max_steps=400", "train.eval_interval=25", "model.dropout=0.2"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "--max-restarts", "1", "-m", "gru_lm", "train", *opts, "--name", "el"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics, last = Path("runs/el/metrics.jsonl"), Path("runs/el/checkpoints/last.pt")
+    deadline = time.monotonic() + 300
+    while not last.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "training did not start"
+        time.sleep(0.01)
+    workers = _children(proc.pid)
+    assert len(workers) == 2
+    os.kill(workers[1], signal.SIGKILL)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert "exitcode: -9" in err and "done el: 400 steps" in out  # killed, then finished
+    steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 400  # none lost, none twice
+    straight = _train("--name", "straight", *opts[len(TINY):], nproc=2)
+    assert straight.returncode == 0, straight.stderr
+    a, b = _weights("el"), _weights("straight")
+    assert a["step"] == b["step"] == 400
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_a_restartable_launch_needs_a_run_name(workdir, monkeypatch):
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "1")
+    r = cli("train", "--config", "configs/tiny.yaml", "--quiet")
+    one_line_error(r, "torchrun --max-restarts", "--name NAME")
+    assert not Path("runs").exists()
+
+
+def test_a_restart_never_continues_a_run_another_launch_made(workdir, tiny_run, monkeypatch):
+    run = tiny_run("theirs")
+    before = (run / "checkpoints" / "last.pt").read_bytes()
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "1")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    r = cli("train", "--config", "configs/tiny.yaml", "--name", "theirs", "--quiet")
+    one_line_error(r, "already exists")
+    assert (run / "checkpoints" / "last.pt").read_bytes() == before
