@@ -104,10 +104,20 @@ def make_optimizer(cfg: Config, model):
     return cls(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
 
 
-def init_weights(model, cfg: Config, vocab) -> None:
+def init_weights(model, cfg: Config, vocab, world: World = SINGLE) -> None:
     """Load train.init_from's weights into `model` (fine-tuning): its model section and its
-    vocabulary must be this run's, or one line says which differs."""
-    from gru_lm.checkpoint import load_checkpoint, load_state
+    vocabulary must be this run's, or one line says which differs. Distributed, process 0
+    reads the file and hands the weights on: the other nodes need no copy of it."""
+    from gru_lm import distributed
+    from gru_lm.checkpoint import load_state
+
+    state, path = distributed.from_main(world, lambda: _init_state(cfg, vocab))
+    load_state(model, state, path)
+
+
+def _init_state(cfg: Config, vocab):
+    """train.init_from's weights and the checkpoint they come from, checked."""
+    from gru_lm.checkpoint import load_checkpoint
     from gru_lm.data import vocab_from_dict
     from gru_lm.errors import DataError
 
@@ -129,7 +139,7 @@ def init_weights(model, cfg: Config, vocab) -> None:
         raise GruLmError(f"--init-from {source}: its vocabulary ({len(their_vocab)} tokens) is "
                          f"not this corpus' ({len(vocab)}); fine-tuning needs the same one: "
                          "data.preset=bytes gives every text the same vocabulary")
-    load_state(model, ck["model"], path)
+    return ck["model"], path
 
 
 def build_trainer(cfg: Config, corpus, run: RunDir | None = None, reporter=None,
@@ -153,7 +163,7 @@ def build_trainer(cfg: Config, corpus, run: RunDir | None = None, reporter=None,
     seed_everything(t.seed)  # the same initial weights on every rank
     model = build_model(cfg.model, len(corpus.vocab))
     if cfg.train.init_from is not None and not resuming:  # (a resume loads its own weights)
-        init_weights(model, cfg, corpus.vocab)
+        init_weights(model, cfg, corpus.vocab, world)
     model = model.to(device)
     if world.active:  # dropout masks differ between ranks, as between rows of one batch
         torch.manual_seed(t.seed + world.rank)
