@@ -56,6 +56,20 @@ def _weights(run: str) -> dict[str, torch.Tensor]:
     return torch.load(Path("runs") / run / "checkpoints" / "last.pt", weights_only=True)
 
 
+def _wait_until(proc: subprocess.Popen, ready, what: str = "training did not start") -> None:
+    """Poll until ready() while `proc` runs (its output, if it stops first), for 300 s."""
+    deadline = time.monotonic() + 300
+    while not ready():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+def _has_metrics(run: str):
+    metrics = Path("runs") / run / "metrics.jsonl"
+    return lambda: metrics.exists() and bool(metrics.read_text().strip())
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["random", "sequential"])
 def test_two_processes_equal_one_with_the_combined_batch(workdir, sampler):
@@ -88,12 +102,7 @@ def test_sigterm_then_resume_continues_exactly(workdir):
          "train.max_steps=1000000", *opts],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    metrics = Path("runs/cut/metrics.jsonl")
-    deadline = time.monotonic() + 300
-    while not (metrics.exists() and metrics.read_text().strip()):
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "training did not start"
-        time.sleep(0.05)
+    _wait_until(proc, _has_metrics("cut"))
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 143, err
@@ -126,13 +135,8 @@ def test_ctrl_c_stops_every_process_at_one_step_and_the_hint_resumes(workdir, wh
         [sys.executable, "-m", "gru_lm", "train", "--nproc", "2", *TINY, "--name", "np2sig",
          "train.max_steps=1000000", "train.eval_interval=25"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.monotonic() + 300
-    metrics = Path("runs/np2sig/metrics.jsonl")
-    while (len(_children(proc.pid)) < 2 if when == "starting"  # workers still importing
-           else not (metrics.exists() and metrics.read_text().strip())):
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "training did not start"
-        time.sleep(0.01)
+    _wait_until(proc, (lambda: len(_children(proc.pid)) == 2) if when == "starting"
+                else _has_metrics("np2sig"))  # (starting: the workers are still importing)
     os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err
@@ -161,12 +165,7 @@ def test_sigterm_to_torchrun_stops_its_workers_at_one_step_with_one_message(work
          "-m", "gru_lm", "train", *TINY, "--name", "tr", "train.max_steps=1000000",
          "train.eval_interval=25"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = Path("runs/tr/metrics.jsonl")
-    deadline = time.monotonic() + 300
-    while not (metrics.exists() and metrics.read_text().strip()):
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "training did not start"
-        time.sleep(0.05)
+    _wait_until(proc, _has_metrics("tr"))
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     step = _weights("tr")["step"]
@@ -204,11 +203,7 @@ def test_kill_9_of_the_launcher_stops_its_workers_and_frees_the_run(workdir):
         [sys.executable, "-m", "gru_lm", "train", "--nproc", "2", *TINY, "--name", "orphan",
          "train.max_steps=1000000", "train.eval_interval=25"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = Path("runs/orphan/metrics.jsonl")
-    deadline = time.monotonic() + 300
-    while not (metrics.exists() and metrics.read_text().strip()):
-        assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
-        time.sleep(0.05)
+    _wait_until(proc, _has_metrics("orphan"))
     proc.kill()  # kill -9: the launcher cannot pass anything on
     proc.wait()
     from gru_lm.rundir import RunDir, is_locked
@@ -307,19 +302,15 @@ def test_a_worker_killed_under_max_restarts_ends_as_an_uninterrupted_run(workdir
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "--max-restarts", "1", "-m", "gru_lm", "train", *opts, "--name", "el"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics, last = Path("runs/el/metrics.jsonl"), Path("runs/el/checkpoints/last.pt")
-    deadline = time.monotonic() + 300
-    while not last.exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "training did not start"
-        time.sleep(0.01)
+    _wait_until(proc, Path("runs/el/checkpoints/last.pt").exists)
     workers = _children(proc.pid)
     assert len(workers) == 2
     os.kill(workers[1], signal.SIGKILL)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
     assert "exitcode: -9" in err and "done el: 400 steps" in out  # killed, then finished
-    steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
+    steps = [json.loads(x)["step"] for x in Path("runs/el/metrics.jsonl").read_text()
+             .splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == 400  # none lost, none twice
     straight = _train("--name", "straight", *opts[len(TINY):], nproc=2)
     assert straight.returncode == 0, straight.stderr
