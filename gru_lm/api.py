@@ -121,7 +121,7 @@ def resolve_config(config=None, *overrides: str, **sections: Mapping[str, Any]) 
 
 
 @_checked
-def config_sources(config=None, *overrides: str) -> dict[str, str]:
+def config_sources(config: str | Path | None = None, *overrides: str) -> dict[str, str]:
     """Where each key of a config came from: its file (or a `base:` file it names), or
     "override"; keys at their default are absent."""
     from gru_lm.config import resolve_yaml
@@ -351,8 +351,9 @@ class Run:
 
     def _here(self) -> RunDir:
         if not self.path.is_dir():
-            raise GruLmError(f"run {self.path} no longer exists (moved or deleted); load the "
-                             "run where it is now with gru_lm.load(PATH)")
+            raise GruLmError(f"run {self.path} does not exist (or no longer: moved or "
+                             "deleted); load a run where it is with gru_lm.load(PATH), see "
+                             "gru_lm.runs()")
         return self.dir
 
     @property

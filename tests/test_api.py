@@ -181,6 +181,8 @@ WRONG_TYPES = [
     (lambda run: gru_lm.compare(runs=[run.path], seeds=True), "seeds=True is a bool"),
     (lambda run: gru_lm.plot([]), "give at least one run folder"),
     (lambda run: gru_lm.runs(runs_dir=3), "runs_dir=3 is an int"),
+    (lambda run: gru_lm.config_sources(5), "config=5 is an int"),
+    (lambda run: gru_lm.Run("runs/nothing-here").history, "runs/nothing-here does not exist"),
 ]
 
 
@@ -213,5 +215,5 @@ def test_a_run_is_a_view_of_its_folder(workdir):
     shutil.rmtree("runs/r")
     for use in (lambda: run.history, lambda: run.summary, lambda: run.predict("time"),
                 lambda: run.config):
-        with pytest.raises(GruLmError, match="runs/r no longer exists"):
+        with pytest.raises(GruLmError, match="runs/r does not exist"):
             use()

@@ -295,12 +295,15 @@ def test_two_nodes_train_resume_from_node_0_and_refuse_another_corpus(workdir, d
 
 @pytest.mark.slow
 def test_a_worker_killed_under_max_restarts_ends_as_an_uninterrupted_run(workdir):
-    """torchrun --max-restarts 1 restarts every worker after a kill -9: the restarted launch
-    continues its own run from the last checkpoint, exactly."""
+    """torchrun --max-restarts restarts every worker after a kill -9: the restarted launch
+    continues its own run from the last checkpoint, exactly. (3 restarts allowed: on a
+    loaded machine a restarted worker has been seen to abort inside torch once while
+    starting, "terminate called without an active exception"; a further restart goes on
+    from the same checkpoint.)"""
     opts = [*TINY, "train.max_steps=400", "train.eval_interval=25", "model.dropout=0.2"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "--max-restarts", "1", "-m", "gru_lm", "train", *opts, "--name", "el"],
+         "--max-restarts", "3", "-m", "gru_lm", "train", *opts, "--name", "el"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_until(proc, Path("runs/el/checkpoints/last.pt").exists)
     workers = _children(proc.pid)
