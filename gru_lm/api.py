@@ -49,6 +49,8 @@ def _checked(fn):
     def wrapper(*args, **kwargs):
         from pydantic import ValidationError
 
+        from gru_lm.config import short
+
         if not adapters:
             adapters.update(_adapters(fn, sig))
         try:
@@ -67,7 +69,7 @@ def _checked(fn):
                     adapters[name].validate_python(v, strict=True)
                 except ValidationError:
                     raise GruLmError(
-                        f"gru_lm.{where}: {key}={_short(v)} is {_a(type(v).__name__)}, not "
+                        f"gru_lm.{where}: {key}={short(v, 40)} is {_a(type(v).__name__)}, not "
                         f"{sig.parameters[name].annotation}; see help(gru_lm.{where})"
                     ) from None
         return fn(*args, **kwargs)
@@ -88,11 +90,6 @@ def _adapters(fn, sig) -> dict[str, Any]:
             else p.annotation  # (annotations of this module's own signatures only)
         out[name] = TypeAdapter(hint, config=ConfigDict(arbitrary_types_allowed=True))
     return out
-
-
-def _short(value: Any, limit: int = 40) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def _a(noun: str) -> str:

@@ -747,7 +747,7 @@ def _print_score_rows(r, target: str) -> None:
 def main() -> None:
     from gru_lm.utils import record_signals_early
 
-    record_signals_early()  # a process of a torchrun job started through this script
+    record_signals_early()  # a process of a distributed job: a Ctrl-C stops it at a step
     # A terminal or pipe that cannot encode a character (LANG=C, PYTHONIOENCODING=ascii)
     # gets "?" in its place rather than a UnicodeEncodeError.
     for stream in (sys.stdout, sys.stderr):

@@ -72,7 +72,7 @@ def run_comparison(configs: list[Path], *, seeds: int, budget: Budget, out: Path
         load_config(c, budget.overrides(cfg.train.batch_size, cfg.train.num_steps))
     recipes: dict[str, Path] = {}
     for c, cfg in zip(configs, loaded, strict=True):
-        key = json.dumps(recipe(cfg), sort_keys=True)
+        key = recipe_key(recipe(cfg))
         if key in recipes:
             raise GruLmError(f"{recipes[key]} and {c} are the same recipe (they differ only in "
                              "the seed, the run folder or how progress is shown), so their "
@@ -185,13 +185,18 @@ def recipe(cfg) -> dict[str, Any]:
             for k, v in values.items() if f"{section}.{k}" not in NOT_RECIPE}
 
 
+def recipe_key(rec: dict[str, Any]) -> str:
+    """A recipe as one comparable string (runs with equal keys are seeds of one recipe)."""
+    return json.dumps(rec, sort_keys=True)
+
+
 def group_members(runs: list[dict]) -> tuple[dict[str, list[dict]], dict[str, str]]:
     """Members grouped by recipe, not by folder: one group per recipe, named by its first
     member's folder label (made unique), and for a group whose label another group has too,
     what differs between them."""
     by_recipe: dict[str, list[dict]] = {}
     for r in runs:
-        by_recipe.setdefault(json.dumps(r["recipe"], sort_keys=True), []).append(r)
+        by_recipe.setdefault(recipe_key(r["recipe"]), []).append(r)
     groups: dict[str, list[dict]] = {}
     differs: dict[str, str] = {}
     for members in by_recipe.values():
@@ -296,7 +301,7 @@ def _check_one_experiment_each(runs: list[dict]) -> None:
     nothing and make any verdict look certain, so they are refused."""
     seen: dict[tuple[str, int], Path] = {}
     for r in runs:
-        key = (json.dumps(r["recipe"], sort_keys=True), r["seed"])
+        key = (recipe_key(r["recipe"]), r["seed"])
         if key in seen:
             raise GruLmError(f"{seen[key]} and {r['dir']} are one experiment (the same recipe "
                              f"and train.seed {r['seed']}), not two seeds; counted twice they "

@@ -6,7 +6,7 @@ import collections
 import re
 import unicodedata
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -168,6 +168,7 @@ class Corpus:
     store: str = ""  # the token store's file
     store_reused: bool = False
     store_note: str = ""  # why an existing token store was prepared again
+    _fingerprint: str | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_tokens(self) -> int:
@@ -176,17 +177,20 @@ class Corpus:
     def fingerprint(self) -> str:
         """SHA-256 of the token ids of each split (as int64, read in chunks): changes with the
         file, the preprocessing, data.max_tokens or the split, so a resume can tell it is
-        reading other data."""
+        reading other data. Computed once: the nodes' check, the resume's check and the
+        first checkpoint all ask for it."""
         import hashlib
 
         import torch
 
-        h = hashlib.sha256()
-        for split in (self.train, self.val, self.test):
-            h.update(len(split).to_bytes(8, "little"))
-            for i in range(0, len(split), FINGERPRINT_CHUNK):
-                h.update(split[i:i + FINGERPRINT_CHUNK].to(torch.int64).numpy().tobytes())
-        return h.hexdigest()
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            for split in (self.train, self.val, self.test):
+                h.update(len(split).to_bytes(8, "little"))
+                for i in range(0, len(split), FINGERPRINT_CHUNK):
+                    h.update(split[i:i + FINGERPRINT_CHUNK].to(torch.int64).numpy().tobytes())
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
 
 
 FINGERPRINT_CHUNK = 1 << 20

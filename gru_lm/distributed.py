@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from gru_lm.errors import GruLmError
@@ -250,8 +251,6 @@ def _launch_identity() -> dict[str, Any]:
 
     agent = os.getppid()
     try:
-        from pathlib import Path
-
         started = Path(f"/proc/{agent}/stat").read_text().rsplit(")", 1)[1].split()[19]
     except (OSError, IndexError):
         started = ""
@@ -263,7 +262,6 @@ def mark_launch(run_path) -> None:
     """Under torchrun with restarts allowed: record in a new run's folder which launch
     created it, so that only a restart of this launch continues it."""
     import json
-    from pathlib import Path
 
     from gru_lm.utils import atomic_write_text
 
@@ -274,7 +272,6 @@ def mark_launch(run_path) -> None:
 def launched_here(run_path) -> bool:
     """Whether the run folder was created by this torchrun launch (before a restart)."""
     import json
-    from pathlib import Path
 
     try:
         mark = json.loads((Path(run_path) / LAUNCH_MARK).read_text(encoding="utf-8"))

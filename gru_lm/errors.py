@@ -23,10 +23,9 @@ class CheckpointError(GruLmError):
 class TrainingInterrupted(GruLmError):
     """Training stopped on SIGINT/SIGTERM after saving a checkpoint."""
 
-    def __init__(self, message: str, exit_code: int, silent: bool = False):
+    def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
-        self.silent = silent
 
 
 class NonFiniteLoss(GruLmError):

@@ -25,9 +25,11 @@ def bits_per_char(nll_sum: float, num_tokens: int) -> float:
     return nll_sum / num_tokens / LN2 if num_tokens else float("nan")
 
 
-def unigram_perplexity(train: torch.Tensor, target: torch.Tensor, vocab_size: int) -> float:
-    """Perplexity of `target` under add-one smoothed unigram frequencies of `train`."""
-    counts = token_counts(train, vocab_size).double() + 1
+def unigram_perplexity(train: torch.Tensor, target: torch.Tensor, vocab_size: int,
+                       counts: torch.Tensor | None = None) -> float:
+    """Perplexity of `target` under add-one smoothed unigram frequencies of `train`
+    (`counts`: token_counts(train) when the caller has them)."""
+    counts = (token_counts(train, vocab_size) if counts is None else counts).double() + 1
     logp = (counts / counts.sum()).log()
     nll = float((-logp * token_counts(target, vocab_size)).sum())
     return math.exp(nll / len(target)) if len(target) else float("nan")
@@ -41,13 +43,13 @@ def token_counts(tokens: torch.Tensor, vocab_size: int, chunk: int = 1 << 20) ->
     return counts
 
 
-def uniform_outcomes(train: torch.Tensor, vocab_size: int, has_unk: bool) -> int:
-    """How many tokens a model really chooses among: the whole vocabulary, less <unk> when
-    the training text never holds it (a corpus read with its own vocabulary and no
-    data.min_freq: the d2l preset's 27 characters). The bytes preset has no <unk>: 256."""
-    if has_unk and vocab_size > 1 and not bool((train == 0).any()):
-        return vocab_size - 1
-    return vocab_size
+def uniform_outcomes(counts: torch.Tensor, has_unk: bool) -> int:
+    """How many tokens a model really chooses among, from the training text's token counts:
+    the whole vocabulary, less <unk> when the text never holds it (a corpus read with its
+    own vocabulary and no data.min_freq: the d2l preset's 27 characters). The bytes preset
+    has no <unk>: 256."""
+    vocab_size = len(counts)
+    return vocab_size - 1 if has_unk and vocab_size > 1 and not counts[0] else vocab_size
 
 
 def reference_baselines(train: torch.Tensor, target: torch.Tensor, vocab_size: int,
@@ -60,8 +62,9 @@ def reference_baselines(train: torch.Tensor, target: torch.Tensor, vocab_size: i
 
     ngram = ngram or KneserNey(train, vocab_size, ngram_order)
     nll, n = ngram.nll(target)
-    return {"uniform_ppl": float(uniform_outcomes(train, vocab_size, has_unk)),
-            "unigram_ppl": unigram_perplexity(train, target, vocab_size),
+    counts = token_counts(train, vocab_size)
+    return {"uniform_ppl": float(uniform_outcomes(counts, has_unk)),
+            "unigram_ppl": unigram_perplexity(train, target, vocab_size, counts),
             "ngram_order": ngram_order, "ngram_ppl": perplexity(nll, n)}
 
 

@@ -105,11 +105,10 @@ class RunDir:
     def _finished_steps(self) -> int | None:
         """The steps summary.json says the run took (None if it cannot be read)."""
         try:
-            steps = json.loads(self.summary.read_text(encoding="utf-8")).get("steps")
-        except (OSError, ValueError, AttributeError):
+            steps = self.read_summary().get("steps")
+        except GruLmError:
             return None
-        return steps if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0 \
-            else None
+        return steps if isinstance(steps, int) and steps > 0 else None
 
     def write_start(self, cfg: Config, vocab: Vocab) -> None:
         self.write_config(cfg)

@@ -119,7 +119,7 @@ EARLY_SIGNALS: list[int] = []
 
 def record_signals_early() -> None:
     """In a process of a distributed job (WORLD_SIZE > 1: started by torchrun or `--nproc`),
-    record SIGINT/SIGTERM from the first line on instead of raising KeyboardInterrupt in
+    record SIGINT/SIGTERM from the start of main() on instead of raising KeyboardInterrupt in
     whatever import or collective it lands: the job stops them together at a step boundary."""
     if os.environ.get("WORLD_SIZE", "1").strip() in ("", "0", "1"):
         return

@@ -47,12 +47,13 @@ def test_perplexity_is_over_tokens_not_batches():
 
 
 def test_uniform_reference_counts_the_tokens_a_model_chooses_among():
-    from gru_lm.metrics import uniform_outcomes
+    from gru_lm.metrics import token_counts, uniform_outcomes
 
     text = torch.tensor([1, 2, 3, 1, 27])
-    assert uniform_outcomes(text, 28, has_unk=True) == 27  # d2l: <unk> never occurs
-    assert uniform_outcomes(torch.cat([text, torch.tensor([0])]), 28, has_unk=True) == 28
-    assert uniform_outcomes(text, 256, has_unk=False) == 256  # bytes: id 0 is a byte
+    with_unk = torch.cat([text, torch.tensor([0])])
+    assert uniform_outcomes(token_counts(text, 28), has_unk=True) == 27  # d2l: no <unk>
+    assert uniform_outcomes(token_counts(with_unk, 28), has_unk=True) == 28
+    assert uniform_outcomes(token_counts(text, 256), has_unk=False) == 256  # bytes
 
 
 def test_uniform_model_scores_log_vocab():
