@@ -32,19 +32,12 @@ def main() -> None:
     import torch
 
     from gru_lm.comparison import _SEEDED
-    from gru_lm.data import load_corpus
-    from gru_lm.evaluation import (
-        Scored,
-        check_fingerprint,
-        check_members,
-        ensemble,
-        load_member,
-        member_variants,
-    )
+    from gru_lm.evaluation import check_methods, member_scores
     from gru_lm.evaluation import perplexity_of as ppl
+    from gru_lm.members import load_member, locate, scoring_corpus
     from gru_lm.metrics import mixture_log_probs, mixture_weight
     from gru_lm.ngram import KneserNey
-    from gru_lm.rundir import RunDir
+    from gru_lm.scorers import Scored, Texts, ensemble
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", type=Path)
@@ -52,14 +45,15 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--scores", type=Path, default=None,
                     help="keep each run's per-token scores here and reuse them")
+    ap.add_argument("--methods", default="cache,dynamic",
+                    help="the scorers beside static, comma-separated (gru_lm/scorers.py)")
     ap.add_argument("--only-score", action="store_true",
                     help="score the runs (into --scores) and stop")
     args = ap.parse_args()
     print(cpu_line(), f"| {torch.get_num_threads()} threads", flush=True)
-    members = [load_member(RunDir(r).best_or_last()) for r in args.runs]
-    check_members(members)
-    corpus = load_corpus(members[0].cfg.data, vocab=members[0].vocab, progress=False)
-    check_fingerprint(members, corpus)
+    methods = check_methods(m for m in args.methods.split(",") if m)
+    members = [load_member(locate(r).checkpoint) for r in args.runs]
+    corpus = scoring_corpus(members, offline=None)
     val, test = corpus.val, corpus.test
     ngram = KneserNey(corpus.train, len(corpus.vocab), args.order)
     counted = {"val": torch.from_numpy(ngram.log_probs(val)).float(),
@@ -71,7 +65,7 @@ def main() -> None:
             scores[str(run)] = {k: Scored(**v) for k, v in torch.load(saved).items()}
             continue
         t0 = time.perf_counter()
-        scores[str(run)] = member_variants(m, val, test, corpus.train, cache=True, dynamic=True)
+        scores[str(run)] = member_scores(m, Texts(val, test, corpus.train), methods)
         print(f"scored {run} in {time.perf_counter() - t0:.0f} s", flush=True)
         if saved is not None:
             saved.parent.mkdir(parents=True, exist_ok=True)

@@ -30,11 +30,10 @@ from gru_lm._ext import cpu_line  # noqa: E402
 def per_char(run: Path) -> dict:
     """Best checkpoint's val perplexity per token and per character, scored as one stream."""
     from gru_lm.data import char_ends, load_corpus
-    from gru_lm.evaluation import load_member
+    from gru_lm.members import load_member, locate
     from gru_lm.metrics import evaluate
-    from gru_lm.rundir import RunDir
 
-    m = load_member(RunDir(run).best_or_last())
+    m = load_member(locate(run).checkpoint)
     corpus = load_corpus(m.cfg.data, vocab=m.vocab, progress=False)
     nll, n = evaluate(m.model, corpus.val, *m.cfg.train.reading)
     chars = len(char_ends(corpus.val[1:].numpy())) if m.cfg.data.preset == "bytes" else n

@@ -17,9 +17,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
 
-_API = ("Comparison", "CorpusInfo", "Evaluation", "ModelInfo", "Run", "RunInfo", "compare",
-        "config_sources", "corpus_info", "evaluate", "list_models", "load", "plot",
-        "resolve_config", "runs", "train")
+_API = ("Comparison", "Continuations", "CorpusInfo", "Evaluation", "Gates", "ModelInfo", "Run",
+        "RunInfo", "compare", "config_sources", "continue_text", "corpus_info", "evaluate",
+        "gates", "list_models", "load", "plot", "resolve_config", "runs", "train")
 __all__ = ["GruLmError", "__version__", *_API]
 
 

@@ -15,13 +15,15 @@ asked (`show=True`, or a notebook's live figure while training).
 from __future__ import annotations
 
 import dataclasses
-import html
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gru_lm.comparison import Comparison
 from gru_lm.errors import GruLmError
+from gru_lm.evaluation import Evaluation
+from gru_lm.members import load_member, locate
 from gru_lm.rundir import RunDir
 
 if TYPE_CHECKING:
@@ -139,31 +141,6 @@ def _yaml(value: Any) -> str:
 # ---------------------------------------------------------------- results
 
 
-def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """An HTML table for a notebook: numbers right-aligned, everything escaped."""
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
-    body = "".join(
-        "<tr>" + "".join(f"<td style='text-align:{'right' if _numeric(v) else 'left'}'>"
-                         f"{html.escape(_cell(v))}</td>" for v in row) + "</tr>"
-        for row in rows)
-    return (f"<table><caption>{html.escape(title)}</caption><thead><tr>{head}</tr></thead>"
-            f"<tbody>{body}</tbody></table>")
-
-
-def _numeric(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
-
-
-def _cell(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:,.3f}" if abs(v) < 1e5 else f"{v:,.0f}"
-    if isinstance(v, int) and not isinstance(v, bool):
-        return f"{v:,}"
-    return str(v)
-
-
 @dataclass
 class RunInfo:
     """One line of `gru-lm runs`."""
@@ -188,94 +165,20 @@ def runs(runs_dir: str | Path = "runs") -> list[RunInfo]:
     return [RunInfo(**{**r, "path": Path(r["path"])}) for r in list_runs(Path(runs_dir))]
 
 
-@dataclass
-class Evaluation:
-    """What `gru-lm evaluate` prints: the static score, the references, and every way of
-    scoring that was asked for (rows), each with its val perplexity and what val chose."""
-
-    what: str
-    tokens: int
-    unit: str  # "char" or "byte": what bits and perplexity are per
-    loss: float
-    ppl: float
-    bpc: float
-    per_char: dict | None  # bytes preset: the perplexity per character
-    unknown: int
-    references: dict | None
-    rows: list  # gru_lm.evaluation.Row
-    checkpoints: list[str]
-    tuned_on_target: bool
-    note: str = ""  # what the preset changed in a --text file (what it dropped)
-
-    @property
-    def best(self):
-        """The row val prefers (None when no row has a val figure)."""
-        scored = [r for r in self.rows if r.val_ppl is not None]
-        return min(scored, key=lambda r: r.val_ppl) if len(scored) > 1 else None
-
-    def _repr_html_(self) -> str:
-        rows = [(r.name, r.ppl, r.bpc, r.val_ppl, _settings(r.settings)) for r in self.rows]
-        return _table(f"{self.what}: {self.tokens:,} tokens, one stream",
-                      ["scored", "ppl", f"bits/{self.unit}", "val ppl", "chosen on val"], rows)
-
-
-def _settings(settings: list[dict]) -> str:
-    return "; ".join(", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
-                               for k, v in d.items()) for d in settings)
-
-
 @_checked
 def evaluate(runs: Sequence[str | Path] | str | Path, split: str = "test", *,
-             text: str | Path | None = None, dynamic: bool = False, cache: bool = False,
-             mix_ngram: bool = False, ngram_order: int | None = None,
-             offline: bool | None = None) -> Evaluation:
-    """Score runs (or checkpoints) on a split or a text file; several are an ensemble."""
-    from gru_lm.runner import evaluate_runs
+             text: str | Path | None = None, methods: Sequence[str] = (),
+             ngram_order: int | None = None, offline: bool | None = None,
+             **asked: bool) -> Evaluation:
+    """Score runs (or checkpoints) on a split or a text file; several are an ensemble.
+    Ways of scoring beyond the static one are named in `methods` or as keywords set to True
+    (cache=True, dynamic=True, mix_ngram=True, temperature=True: gru_lm/scorers.py)."""
+    from gru_lm.evaluation import evaluate as score
 
-    paths = [_checkpoint(r) for r in ([runs] if isinstance(runs, str | Path) else runs)]
-    if not paths:
-        raise GruLmError("give at least one run or checkpoint to evaluate")
-    if split not in ("val", "test", "train"):
-        raise GruLmError(f"split {split!r} is not one of 'val', 'test', 'train'")
-    if ngram_order is not None and not 1 <= ngram_order <= 8:
-        raise GruLmError(f"ngram_order {ngram_order} is out of range; give 1..8")
-    r = evaluate_runs(paths, split=split, text=None if text is None else Path(text),
-                      offline=offline, dynamic=dynamic, cache=cache, mix_ngram=mix_ngram,
-                      ngram_order=ngram_order)
-    return Evaluation(**r)
-
-
-def _checkpoint(run_or_checkpoint: str | Path) -> Path:
-    p = Path(run_or_checkpoint)
-    return RunDir(p).best_or_last() if p.is_dir() else p
-
-
-@dataclass
-class Comparison:
-    """What `gru-lm compare` prints and writes: a row per recipe (and one per ensemble of its
-    seeds), a comparison of every pair, and one sentence a pair."""
-
-    rows: list[dict]
-    comparisons: list[dict]
-    verdicts: list[str]
-    references: dict
-    members: list[str]
-    out: Path
-    target_val_ppl: float | None = None
-    scoring: str = ""
-
-    def _repr_html_(self) -> str:
-        rows = [(r["model"], r["seeds"], r.get("val_ppl_mean"), _half(r.get("val_ppl_ci95")),
-                 r.get("test_ppl_mean"), _half(r.get("test_ppl_ci95")),
-                 r.get("tokens_per_s_mean")) for r in self.rows]
-        table = _table("comparison (mean ± 95% CI over seeds)",
-                       ["model", "seeds", "val ppl", "±", "test ppl", "±", "tok/s"], rows)
-        verdicts = "".join(f"<p>{html.escape(v)}</p>" for v in self.verdicts)
-        return table + verdicts
-
-
-def _half(iv: dict | None) -> float | None:
-    return None if iv is None else (iv["high"] - iv["low"]) / 2
+    paths = [locate(r).checkpoint for r in ([runs] if isinstance(runs, str | Path) else runs)]
+    return score(paths, split, text=None if text is None else Path(text),
+                 methods=[*methods, *(k for k, on in asked.items() if on)],
+                 ngram_order=ngram_order, offline=offline)
 
 
 @_checked
@@ -295,13 +198,11 @@ def compare(configs: Sequence[str | Path] = (), *, runs: Sequence[str | Path] = 
         if (dest / "config.yaml").exists() or (dest / "checkpoints").is_dir():
             raise GruLmError(f"--out {dest} is a run folder; the report would mix its files "
                              "with the run's: give another folder")
-        result = report([Path(r) for r in runs], dest, offline)
-    else:
-        result = run_comparison([Path(c) for c in configs], seeds=seeds,
-                                budget=Budget(budget_s, epochs, tokens), out=dest,
-                                resume=resume, offline=offline,
-                                console=console if console is not None else _console(show))
-    return Comparison(out=dest, **result)
+        return report([Path(r) for r in runs], dest, offline)
+    return run_comparison([Path(c) for c in configs], seeds=seeds,
+                          budget=Budget(budget_s, epochs, tokens), out=dest, resume=resume,
+                          offline=offline,
+                          console=console if console is not None else _console(show))
 
 
 def _console(show: bool):
@@ -356,7 +257,7 @@ class Run:
     @property
     def checkpoint(self) -> Path:
         """The checkpoint it samples and scores: best.pt, else last.pt (or the one given)."""
-        return self._checkpoint or self._here().best_or_last()
+        return self._checkpoint or locate(self._here().path).checkpoint
 
     def _model(self):
         path = self.checkpoint
@@ -367,10 +268,9 @@ class Run:
                              "gru_lm.load(PATH)") from None
         key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
         if self._loaded is None or key != self._loaded_from:
-            from gru_lm.runner import load_model
-
-            self._loaded, self._loaded_from = load_model(path), key
-        return self._loaded
+            self._loaded, self._loaded_from = load_member(path), key
+        m = self._loaded
+        return m.cfg, m.vocab, m.model
 
     @property
     def config(self) -> Config:
@@ -416,19 +316,10 @@ class Run:
                       ) -> tuple[str, list[str], Any]:
         """The prefix as the model read it, the continuations alone, and how they were
         drawn (sampling.Sampling, whose note says which defaults were taken)."""
-        from gru_lm.sampling import (
-            check_prefix,
-            check_sampling_args,
-            encode_prefix,
-            generate,
-            sampling_settings,
-        )
+        from gru_lm.sampling import encode_prefix, generate
 
-        if unknown not in ("error", "skip"):
-            raise GruLmError(f"unknown={unknown!r}: give 'error' or 'skip'")
-        check_prefix(prefix)
-        check_sampling_args(num_chars, temperature, top_k, top_p, num_samples, seed)
-        how = sampling_settings(greedy, temperature, top_k, top_p, num_samples, seed)
+        how = _sampling(prefix, num_samples, num_chars, temperature, top_k, top_p, seed,
+                        greedy, unknown)
         cfg, vocab, model = self._model()
         ids, skipped = encode_prefix(prefix, vocab, cfg.data.preset, cfg.data.lowercase,
                                      unknown == "skip")
@@ -439,20 +330,21 @@ class Run:
 
     @_checked
     def evaluate(self, split: str = "test", *, text: str | Path | None = None,
-                 dynamic: bool = False, cache: bool = False, mix_ngram: bool = False,
-                 ngram_order: int | None = None, offline: bool | None = None) -> Evaluation:
+                 methods: Sequence[str] = (), ngram_order: int | None = None,
+                 offline: bool | None = None, **asked: bool) -> Evaluation:
         """Score the run on a split (or a text file), one stream; see gru_lm.evaluate."""
-        return evaluate([self.checkpoint], split, text=text, dynamic=dynamic, cache=cache,
-                        mix_ngram=mix_ngram, ngram_order=ngram_order, offline=offline)
+        return evaluate([self.checkpoint], split, text=text, methods=methods,
+                        ngram_order=ngram_order, offline=offline, **asked)
 
     @_checked
-    def gates(self, text: str, layer: int = 0, units: int = 16) -> GateReport:
+    def gates(self, text: str, layer: int = 0, units: int = 16, *, figure: bool = False
+              ) -> GateReport:
         """The update/reset (LSTM: input/forget/output) gates at every character of `text`;
-        in a notebook, the text shaded by each gate."""
-        from gru_lm.gates import check_text, check_units, gate_report
+        in a notebook, the text shaded by each gate (`figure`: a text short enough to draw
+        as a heatmap)."""
+        from gru_lm.gates import gate_report
 
-        check_units(units)
-        check_text(text, figure=False)
+        _gate_args(text, units, figure)
         cfg, vocab, model = self._model()
         return gate_report(model, vocab, cfg.data.preset, cfg.data.lowercase, text, layer,
                            units)
@@ -472,20 +364,89 @@ class Run:
                 ("best val ppl", s.get("best_val_ppl")), ("test ppl", s.get("best_test_ppl")),
                 ("tokens/s", s.get("tokens_per_s")),
                 ("status", "finished" if s else "not finished")]
-        return _table(f"run {self.path.name}", ["", ""], rows)
+        from gru_lm.display import html_table
+
+        return html_table(f"run {self.path.name}", ["", ""], rows)
+
+
+def _sampling(prefix: str, num_samples: int, num_chars: int, temperature: float | None,
+              top_k: int | None, top_p: float | None, seed: int | None, greedy: bool,
+              unknown: str):
+    """Every sampling argument checked (before any checkpoint is looked for), and how the
+    samples will be drawn (sampling.Sampling)."""
+    from gru_lm.sampling import check_prefix, check_sampling_args, sampling_settings
+
+    if unknown not in ("error", "skip"):
+        raise GruLmError(f"--unknown {unknown!r}: give 'error' or 'skip'")
+    check_prefix(prefix)
+    check_sampling_args(num_chars, temperature, top_k, top_p, num_samples, seed)
+    return sampling_settings(greedy, temperature, top_k, top_p, num_samples, seed)
+
+
+@dataclass
+class Continuations:
+    """What `gru-lm predict` prints: the prefix as the model read it, the continuations
+    alone, how they were drawn, and the checkpoint (`newest`: no run was named)."""
+
+    prompt: str
+    outputs: list[str]
+    how: Any  # sampling.Sampling
+    checkpoint: Path
+    newest: bool
+
+
+@_checked
+def continue_text(prefix: str, run: str | Path | None = None, num_samples: int = 1,
+                  num_chars: int = 50, *, temperature: float | None = None,
+                  top_k: int | None = None, top_p: float | None = None,
+                  seed: int | None = None, greedy: bool = False, unknown: str = "error",
+                  runs_dir: str | Path = "runs") -> Continuations:
+    """Continue `prefix` with a run or checkpoint (None: the newest run under runs_dir);
+    the arguments are checked before any run is looked for."""
+    _sampling(prefix, num_samples, num_chars, temperature, top_k, top_p, seed, greedy, unknown)
+    where = locate(run, runs_dir)
+    prompt, outs, how = Run(where.run.path, checkpoint=where.checkpoint).continuations(
+        prefix, num_samples, num_chars, temperature=temperature, top_k=top_k, top_p=top_p,
+        seed=seed, greedy=greedy, unknown=unknown)
+    return Continuations(prompt, outs, how, where.checkpoint, where.newest)
+
+
+def _gate_args(text: str, units: int, figure: bool) -> None:
+    from gru_lm.gates import check_text, check_units
+
+    check_units(units)
+    check_text(text, figure)
+
+
+@dataclass
+class Gates:
+    """What `gru-lm gates` shows: the report, the run it came from, its checkpoint, and
+    whether the newest run was taken (no run named)."""
+
+    report: GateReport
+    run: Run
+    checkpoint: Path
+    newest: bool
+
+
+@_checked
+def gates(text: str, run: str | Path | None = None, layer: int = 0, units: int = 16, *,
+          figure: bool = False, runs_dir: str | Path = "runs") -> Gates:
+    """The gates of a run or checkpoint (None: the newest run under runs_dir) at every
+    character of `text`; the arguments are checked before any run is looked for."""
+    _gate_args(text, units, figure)
+    where = locate(run, runs_dir)
+    trained = Run(where.run.path, checkpoint=where.checkpoint)
+    return Gates(trained.gates(text, layer, units, figure=figure), trained, where.checkpoint,
+                 where.newest)
 
 
 @_checked
 def load(run_or_checkpoint: str | Path) -> Run:
     """A run folder, or a checkpoint file, as a Run."""
     p = Path(run_or_checkpoint)
-    if p.is_dir():
-        return Run(p)
-    if not p.exists():
-        raise GruLmError(f"{p} does not exist; give a run folder (see gru_lm.runs()) or a "
-                         "checkpoint file")
-    folder = p.parent.parent if p.parent.name == "checkpoints" else p.parent
-    return Run(folder, checkpoint=p)
+    where = locate(p)
+    return Run(p) if p.is_dir() else Run(where.run.path, checkpoint=p)
 
 
 @_checked
@@ -616,6 +577,6 @@ def list_models(num_hiddens: int = 256, vocab_size: int = 28) -> list[ModelInfo]
     return out
 
 
-__all__ = ["Comparison", "CorpusInfo", "Evaluation", "ModelInfo", "Run", "RunInfo",
-           "compare", "config_sources", "corpus_info", "evaluate", "list_models",
-           "load", "plot", "resolve_config", "runs", "train"]
+__all__ = ["Comparison", "Continuations", "CorpusInfo", "Evaluation", "Gates", "ModelInfo",
+           "Run", "RunInfo", "compare", "config_sources", "continue_text", "corpus_info",
+           "evaluate", "gates", "list_models", "load", "plot", "resolve_config", "runs", "train"]

@@ -6,99 +6,28 @@ Heavy modules (torch, pydantic, matplotlib) are imported inside the commands so 
 
 from __future__ import annotations
 
-import functools
-import io
 import os
-import sys
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
-from typer.core import TyperGroup
 
 from gru_lm import __version__
-
-
-def _plain_metavars(params) -> None:
-    """`--seeds INT`, `--run DIR`, nothing after a flag, where Typer would print `<int>`,
-    `<path>` and `<bool>`."""
-    for p in params:
-        if p.metavar is not None:
-            continue
-        desc = getattr(p, "type_descriptor", None)
-        if getattr(p, "is_flag", False):
-            p.metavar = ""
-        elif p.param_type_name == "argument":
-            p.metavar = p.name.upper()
-            p.display_type_rich = lambda ctx: None  # the name says it; no second column
-        elif getattr(desc, "choices", None):
-            p.metavar = "|".join(str(getattr(c, "value", c)) for c in desc.choices)
-        elif hasattr(p, "bare_type"):
-            bare = p.bare_type().removeprefix("list[").removesuffix("]")
-            p.metavar = {"int": "INT", "float": "FLOAT", "Path": "PATH"}.get(bare, "TEXT")
-
-
-class PlainGroup(TyperGroup):
-    """The root command: gives every command plain metavars (-h/--help and the completion
-    options are made later, so they are done as they are asked for)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-
-        def walk(cmd) -> None:
-            _plain_metavars(cmd.params)
-            make_help = cmd.get_help_option
-
-            def help_option(ctx):
-                option = make_help(ctx)
-                _plain_metavars([option] if option is not None else [])
-                return option
-
-            cmd.get_help_option = help_option
-            for sub in getattr(cmd, "commands", {}).values():
-                walk(sub)
-
-        walk(self)
-
-    def get_params(self, ctx):
-        params = super().get_params(ctx)
-        _plain_metavars(params)
-        return params
-
-    def main(self, *args, standalone_mode: bool = True, **kwargs):
-        """A usage error (unknown option, bad value) is one `error:` line too, like every
-        other error, instead of Typer's framed panel."""
-        if not standalone_mode:
-            return super().main(*args, standalone_mode=False, **kwargs)
-        try:
-            code = super().main(*args, standalone_mode=False, **kwargs)
-        except typer.Abort:
-            err_console.print("[red]aborted[/red]")
-            sys.exit(1)
-        except OSError as e:  # help text written straight to a stdout that takes nothing
-            stdout.failure = stdout.failure or (e.strerror or str(e))
-            code = 1
-        except Exception as e:  # click's ClickException, whose module Typer keeps private
-            if not hasattr(e, "format_message") or not hasattr(e, "exit_code"):
-                raise
-            if type(e).__name__ != "NoArgsIsHelpError":  # that one printed the help already
-                ctx = getattr(e, "ctx", None)
-                hint = f" (see {ctx.command_path} -h)" if ctx is not None else ""
-                message = e.format_message().replace("Value error, ", "").rstrip(".")
-                err_console.print(f"[red]error:[/red] {escape(message + hint)}",
-                                  highlight=False, soft_wrap=True)
-            sys.exit(e.exit_code)
-        if stdout.failure and not stdout.keep_going:  # --help, --version: the output is the job
-            try:
-                _output_lost()
-            except typer.Exit:
-                pass
-            sys.exit(1)
-        sys.exit(code if isinstance(code, int) else 0)
-
+from gru_lm.terminal import (
+    CLOSED,
+    PlainGroup,
+    console,
+    err_console,
+    example,
+    flags_given,
+    handle_errors,
+    main_streams,
+    print_table,
+    stdout,
+    with_flags,
+)
 
 app = typer.Typer(
     name="gru-lm",
@@ -116,75 +45,6 @@ config_app = typer.Typer(help="Show the configuration keys and their values.",
                          no_args_is_help=True)
 app.add_typer(config_app, name="config")
 
-
-def example(*lines: str) -> str:
-    """An epilog for --help: the command lines that show how a command is used."""
-    return "[bold]Examples[/bold]\n\n" + "\n\n".join(f"  $ {line}" for line in lines)
-
-# A stream closed before the process started (`>&-`, `<&-`) is None in sys; it becomes
-# os.devnull so nothing fails on it, and is remembered: reading a closed stdin or losing the
-# output of a command whose output is the point is an error, said in one line.
-CLOSED = [name for name in ("stdin", "stdout", "stderr") if getattr(sys, name) is None]
-for _name in CLOSED:
-    setattr(sys, _name, open(os.devnull, "r" if _name == "stdin" else "w"))  # noqa: SIM115
-
-
-class Stdout:
-    """sys.stdout (looked up at each write, so tests can swap it) that survives its reader
-    leaving: after `gru-lm train ... | head -2` output is dropped and training goes on. A
-    stdout that cannot be written (closed, /dev/full) is dropped too, and `failure` says why:
-    training goes on; other commands end with an error."""
-
-    def __init__(self) -> None:
-        self.gone = False
-        self.failure = "it is closed" if "stdout" in CLOSED else ""
-        self.keep_going = False  # train: losing the display is no reason to stop
-        self.failure_said = False
-
-    def write(self, text: str) -> int:
-        if not self.gone:
-            try:
-                sys.stdout.write(text)
-            except BrokenPipeError:
-                self._reader_left()
-            except OSError as e:
-                self._cannot_write(e)
-        return len(text)
-
-    def flush(self) -> None:
-        if not self.gone:
-            try:
-                sys.stdout.flush()
-            except BrokenPipeError:
-                self._reader_left()
-            except OSError as e:
-                self._cannot_write(e)
-
-    def _cannot_write(self, e: OSError) -> None:
-        self.failure = self.failure or (e.strerror or str(e))
-        self._reader_left()
-
-    def _reader_left(self) -> None:
-        self.gone = True
-        try:  # the interpreter's own flush at exit must not fail on the closed pipe either
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
-            pass
-
-    def isatty(self) -> bool:
-        return not self.gone and sys.stdout.isatty()
-
-    def fileno(self) -> int:
-        return sys.stdout.fileno()
-
-    @property
-    def encoding(self) -> str:
-        return getattr(sys.stdout, "encoding", None) or "utf-8"
-
-
-stdout = Stdout()
-console = Console(file=stdout, soft_wrap=True)
-err_console = Console(stderr=True)
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", metavar="FILE",
                                                help="YAML config file.")]
@@ -207,72 +67,6 @@ class Split(StrEnum):
     val = "val"
     test = "test"
     train = "train"
-
-
-def print_table(table, width: int | None = None) -> None:
-    """Tables fit the terminal; piped, they keep their columns (160 wide, or $COLUMNS);
-    `width` forces one (--wide: every column whole, however narrow the terminal)."""
-    if width is not None:
-        Console(file=stdout, width=width).print(table)
-        return
-    if console.is_terminal:
-        console.print(table)
-        return
-    columns = os.environ.get("COLUMNS", "")
-    Console(file=stdout, width=int(columns) if columns.isdigit() and int(columns) > 0 else 160
-            ).print(table)
-
-
-def handle_errors(fn):
-    """Turn domain errors into one red line and a non-zero exit; never a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from gru_lm.errors import GruLmError, TrainingInterrupted
-
-        try:
-            result = fn(*args, **kwargs)
-            _output_lost()
-            return result
-        except TrainingInterrupted as e:  # Ctrl-C or SIGTERM, saved: not an error
-            if not e.silent:
-                err_console.print(f"[yellow]interrupted:[/yellow] {escape(str(e))}",
-                                  highlight=False, soft_wrap=True)
-            raise typer.Exit(e.exit_code) from None
-        except GruLmError as e:
-            if not e.silent:
-                err_console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False,
-                                  soft_wrap=True)
-            raise typer.Exit(e.exit_code) from None
-        except OSError as e:
-            where = f" ({e.filename})" if e.filename else ""
-            err_console.print(f"[red]error:[/red] {escape(str(e.strerror or e) + where)}; "
-                              "check the path, "
-                              "free disk space or fix permissions", highlight=False,
-                              soft_wrap=True)
-            raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            err_console.print("[red]interrupted[/red]")
-            raise typer.Exit(130) from None
-
-    return wrapper
-
-
-def _output_lost() -> None:
-    """After a command: say once if stdout could not be written (a reader that left with
-    `| head` is not that). Training went on; any other command failed at its one job."""
-    if not stdout.failure or stdout.failure_said:
-        return
-    stdout.failure_said = True
-    if stdout.keep_going:
-        err_console.print(f"[yellow]warning:[/yellow] stdout could not be written "
-                          f"({stdout.failure}); training went on and the run's files hold "
-                          "every figure", highlight=False, soft_wrap=True)
-        return
-    err_console.print(f"[red]error:[/red] the output could not be written to stdout "
-                      f"({stdout.failure}); write it to a file instead (> out.txt)",
-                      highlight=False, soft_wrap=True)
-    raise typer.Exit(1)
 
 
 def _version(value: bool) -> None:
@@ -537,19 +331,17 @@ def _age(seconds: float) -> str:
     return f"{max(seconds, 0):.0f} s"
 
 
-def _which_checkpoint(run: Path | None, checkpoint: Path | None, runs_dir: Path) -> Path:
-    """--checkpoint, --run or the newest run; the last is said on stderr (stdout stays clean
-    for pipes), since after a smoke test the newest run may not be the one meant."""
-    from gru_lm.runner import checkpoint_for
-
-    path = checkpoint_for(run, checkpoint, runs_dir)
-    if run is None and checkpoint is None:
-        err_console.print(f"using {path} (the newest run; choose with --run, see `gru-lm "
-                          "runs`)", highlight=False, style="dim", soft_wrap=True)
-    return path
+def _said_newest(path: Path) -> None:
+    """Say on stderr (stdout stays clean for pipes) that the newest run was taken: after a
+    smoke test the newest run may not be the one meant."""
+    err_console.print(f"using {path} (the newest run; choose with --run, see `gru-lm runs`)",
+                      highlight=False, style="dim", soft_wrap=True)
 
 
 # ---------------------------------------------------------------- predict / evaluate
+
+
+ECHO_PREFIX = 1_000  # characters of the prefix printed before each continuation
 
 
 @app.command("predict", epilog=example(
@@ -585,49 +377,61 @@ def predict_cmd(
 ) -> None:
     """Continue a prefix with a trained model: sampled at temperature 0.6 with seed 0 by
     default (the same text every time), or --greedy as the book."""
+    from gru_lm.api import continue_text
+
+    r = continue_text(_prefix(prefix, prefix_file), _one_of(run, checkpoint), num_samples,
+                      num_chars, temperature=temperature, top_k=top_k, top_p=top_p,
+                      seed=seed, greedy=greedy, unknown=unknown.value, runs_dir=runs_dir)
+    if r.newest:
+        _said_newest(r.checkpoint)
+    for note in (f"dropped {r.how.skipped:,} character(s) of the prefix that the corpus does "
+                 "not have (--unknown skip)" if r.how.skipped else "", r.how.note):
+        if note:
+            err_console.print(note, highlight=False, style="dim", soft_wrap=True)
+    prompt = r.prompt
+    if len(prompt) > ECHO_PREFIX:  # a chapter used as a prime is not echoed whole, per sample
+        err_console.print(f"(the prefix has {len(prompt):,} characters; each sample shows its "
+                          f"last {ECHO_PREFIX:,})", highlight=False, style="dim")
+        prompt = "…" + prompt[-ECHO_PREFIX:]
+    for text in r.outputs:
+        if console.is_terminal:
+            console.print(f"[bold cyan]{escape(prompt)}[/bold cyan]{escape(text)}",
+                          highlight=False, markup=True)
+        else:
+            stdout.write(prompt + text + "\n")
+
+
+def _prefix(prefix: str | None, prefix_file: Path | None) -> str:
+    """The prefix argument, or the text of --prefix-file (- : stdin)."""
     from gru_lm.errors import GruLmError
-    from gru_lm.sampling import (
-        check_prefix,
-        check_sampling_args,
-        read_prefix_file,
-        sampling_settings,
-    )
+    from gru_lm.sampling import read_prefix_file
 
     if (prefix is None) == (prefix_file is None):
         raise GruLmError("give the prefix as an argument or with --prefix-file FILE (- for "
                          "stdin), not both" if prefix is not None else
                          "give a prefix to continue, e.g. gru-lm predict \"time traveller\"")
-    if prefix_file is not None:
-        if str(prefix_file) == "-" and "stdin" in CLOSED:
-            raise GruLmError("--prefix-file -: stdin is closed; pipe text into gru-lm or give "
-                             "a file")
-        prefix = read_prefix_file(prefix_file)
-    check_prefix(prefix)  # bad arguments are refused before a checkpoint is looked for
-    check_sampling_args(num_chars, temperature, top_k, top_p, num_samples, seed)
-    sampling_settings(greedy, temperature, top_k, top_p, num_samples, seed)
-    from gru_lm.api import load
+    if prefix_file is None:
+        assert prefix is not None
+        return prefix
+    if str(prefix_file) == "-" and "stdin" in CLOSED:
+        raise GruLmError("--prefix-file -: stdin is closed; pipe text into gru-lm or give a "
+                         "file")
+    return read_prefix_file(prefix_file)
 
-    path = _which_checkpoint(run, checkpoint, runs_dir)
-    prompt, outputs, how = load(path).continuations(
-        prefix, num_samples, num_chars, temperature=temperature, top_k=top_k, top_p=top_p,
-        seed=seed, greedy=greedy, unknown=unknown.value)
-    if how.skipped:
-        err_console.print(f"dropped {how.skipped:,} character(s) of the prefix that the "
-                          "corpus does not have (--unknown skip)", highlight=False, style="dim")
-    if how.note:
-        err_console.print(how.note, highlight=False, style="dim", soft_wrap=True)
-    if len(prompt) > ECHO_PREFIX:  # a chapter used as a prime is not echoed whole, per sample
-        err_console.print(f"(the prefix has {len(prompt):,} characters; each sample shows its "
-                          f"last {ECHO_PREFIX:,})", highlight=False, style="dim")
-        prompt = "…" + prompt[-ECHO_PREFIX:]
-    pretty = console.is_terminal
-    for text in outputs:
-        if pretty:
-            console.print(f"[bold cyan]{escape(prompt)}[/bold cyan]{escape(text)}",
-                          highlight=False,
-                          markup=True)
-        else:
-            stdout.write(prompt + text + "\n")
+
+def _one_of(run: Path | None, checkpoint: Path | None) -> Path | None:
+    if run is not None and checkpoint is not None:
+        from gru_lm.errors import GruLmError
+
+        raise GruLmError("give --run or --checkpoint, not both")
+    return run if run is not None else checkpoint
+
+
+def _methods() -> dict[str, str]:
+    """evaluate's --METHOD options: the scorers and mixers of gru_lm/scorers.py."""
+    from gru_lm.scorers import options
+
+    return options()
 
 
 @app.command("evaluate", epilog=example(
@@ -635,6 +439,7 @@ def predict_cmd(
     "gru-lm evaluate --run runs/cmp/lstm-s0 --run runs/cmp/lstm-s1 --cache",
     "gru-lm evaluate --text my.txt"))
 @handle_errors
+@with_flags(_methods(), before="ngram_order")
 def evaluate_cmd(
     run: Annotated[list[Path] | None, typer.Option(
         "--run", metavar="DIR", help="Run directory (default: the newest run); repeat it to "
@@ -645,31 +450,32 @@ def evaluate_cmd(
     split: Annotated[Split, typer.Option(help="Which split of the run's corpus to score.")
                      ] = Split.test,
     text: Annotated[Path | None, typer.Option(help="Score this text file instead.")] = None,
-    cache: Annotated[bool, typer.Option(
-        "--cache", help="Also score with a continuous cache (window, theta and lambda chosen "
-        "on val).")] = False,
-    dynamic: Annotated[bool, typer.Option(
-        "--dynamic", help="Also score with dynamic evaluation (settings chosen on val).")
-                       ] = False,
-    mix_ngram: Annotated[bool, typer.Option(
-        "--mix-ngram", help="Also score each of the above interpolated with the Kneser-Ney "
-        "n-gram model (weight chosen on val).")] = False,
     ngram_order: Annotated[int | None, typer.Option(
         help="Order of the Kneser-Ney model, 1..8 (default: the run's train.ngram_order).")
                            ] = None,
     offline: OfflineOpt = False,
     runs_dir: RunsDirOpt = Path("runs"),
+    **methods: Any,
 ) -> None:
     """Report perplexity and bits/char of a trained model (or an ensemble) on held-out text.
 
     Every token is scored once, in order, with all the text before it as context."""
     from gru_lm.api import evaluate
+    from gru_lm.members import locate
+
+    paths: list[str | Path] = [*(run or []), *(checkpoint or [])]
+    if not paths:
+        where = locate(None, runs_dir)
+        _said_newest(where.checkpoint)
+        paths = [where.checkpoint]
+    r = evaluate(paths, split.value, text=text, offline=_offline(offline),
+                 methods=flags_given(methods, _methods()), ngram_order=ngram_order)
+    _print_evaluation(r, len(paths), "text" if text is not None else split.value)
+
+
+def _print_evaluation(r, members: int, target: str) -> None:
     from gru_lm.display import references_text
 
-    in_range("--ngram-order", ngram_order, 1, 8)
-    paths = _checkpoints(run or [], checkpoint or [], runs_dir)
-    r = evaluate(paths, split.value, text=text, offline=_offline(offline), dynamic=dynamic,
-                 cache=cache, mix_ngram=mix_ngram, ngram_order=ngram_order)
     if r.note:  # before the figure: most of a text may not be scored at all
         console.print(f"[yellow]note:[/yellow] {escape(r.note)}", highlight=False)
     console.print(f"{r.what}: {r.tokens:,} tokens, scored as one stream | loss {r.loss:.4f} | "
@@ -681,52 +487,22 @@ def evaluate_cmd(
     if r.references is not None:
         console.print(f"references (counted on the training split): "
                       f"{references_text(r.references)}", highlight=False)
-    if len(paths) > 1:
-        console.print(f"ensemble of {len(paths)} runs (their probabilities averaged): "
+    if members > 1:
+        console.print(f"ensemble of {members} runs (their probabilities averaged): "
                       f"{', '.join(r.checkpoints)}", highlight=False, soft_wrap=True)
-    if len(r.rows) > 1 or len(paths) > 1:
-        _print_score_rows(r, "text" if text is not None else split.value)
+    if len(r.rows) > 1 or members > 1:
+        _print_score_rows(r, target)
     if r.unknown:
         console.print(f"[yellow]note:[/yellow] {r.unknown} token(s) outside the vocabulary "
                       "were scored as <unk>", highlight=False)
 
 
-ECHO_PREFIX = 1_000  # characters of the prefix printed before each continuation
-
-
-def _checkpoints(runs: list[Path], checkpoints: list[Path], runs_dir: Path) -> list[Path]:
-    """The checkpoints to score: each --run's best (or last), each --checkpoint, or the newest
-    run's (said on stderr)."""
-    from gru_lm.rundir import RunDir
-
-    if not runs and not checkpoints:
-        return [_which_checkpoint(None, None, runs_dir)]
-    paths = [RunDir(r).best_or_last() for r in runs] + list(checkpoints)
-    seen: set[str] = set()
-    for p in paths:
-        key = os.path.realpath(p)
-        if key in seen:
-            from gru_lm.errors import GruLmError
-
-            raise GruLmError(f"{p} is given twice; give each run or checkpoint once")
-        seen.add(key)
-    return paths
-
-
-def _settings_text(settings: list[dict]) -> str:
-    """What val chose, per member: 'window 500, theta 0.3, lambda 0.052; ...'."""
-    def one(d: dict) -> str:
-        return ", ".join(f"{k.replace('_', ' ')} {v:.3g}" if isinstance(v, float) else
-                         f"{k.replace('_', ' ')} {v}" for k, v in d.items())
-
-    texts = [one(d) for d in settings]
-    return texts[0] if len(set(texts)) == 1 else "; ".join(texts)
-
-
 def _print_score_rows(r, target: str) -> None:
-    """One row a way of scoring (api.Evaluation's rows): its ppl on the target, bits/char,
-    val ppl, what val chose; then the one val prefers."""
+    """One row a way of scoring (evaluation.Evaluation's rows): its ppl on the target,
+    bits/char, val ppl, what val chose; then the one val prefers."""
     from rich.table import Table
+
+    from gru_lm.display import settings_text
 
     table = Table(box=None, pad_edge=False)
     for col in ("scored", f"{target} ppl", f"bits/{r.unit}", "val ppl", "chosen on val"):
@@ -734,7 +510,7 @@ def _print_score_rows(r, target: str) -> None:
     for row in r.rows:
         table.add_row(row.name, f"{row.ppl:.3f}", f"{row.bpc:.3f}",
                       "-" if row.val_ppl is None else f"{row.val_ppl:.3f}",
-                      _settings_text(row.settings))
+                      settings_text(row.settings))
     print_table(table)
     if r.best is not None:
         console.print(f"best on val: {r.best.name}, {target} ppl {r.best.ppl:.3f}",
@@ -742,18 +518,6 @@ def _print_score_rows(r, target: str) -> None:
     if r.tuned_on_target:
         console.print("note: val chose every setting and is also the split scored, so these "
                       "figures are optimistic; report --split test", highlight=False)
-
-
-def main() -> None:
-    from gru_lm.utils import record_signals_early
-
-    record_signals_early()  # a process of a distributed job: a Ctrl-C stops it at a step
-    # A terminal or pipe that cannot encode a character (LANG=C, PYTHONIOENCODING=ascii)
-    # gets "?" in its place rather than a UnicodeEncodeError.
-    for stream in (sys.stdout, sys.stderr):
-        if hasattr(stream, "reconfigure"):
-            stream.reconfigure(errors="replace")
-    app()
 
 
 # ---------------------------------------------------------------- compare / plot
@@ -803,7 +567,7 @@ def compare_cmd(
 
 
 def _print_comparison(result, wide: bool = False) -> None:
-    """api.Comparison as a table that fits 80 columns: model, seeds, val and test ppl (mean ±
+    """comparison.Comparison as a table that fits 80 columns: model, seeds, val and test ppl (mean ±
     the 95% CI's half width over seeds), tok/s; --wide adds the rest. Then a verdict on every
     pair."""
     from rich.table import Table
@@ -813,10 +577,8 @@ def _print_comparison(result, wide: bool = False) -> None:
     def f(x, fmt):
         return "-" if x is None else format(x, fmt)
 
-    def ci(r, key):
-        text = f(r.get(f"{key}_mean"), ".3f")
-        iv = r.get(f"{key}_ci95")
-        return text + (f" ± {(iv['high'] - iv['low']) / 2:.3f}" if iv else "")
+    def ci(mean, iv):
+        return f(mean, ".3f") + (f" ± {(iv['high'] - iv['low']) / 2:.3f}" if iv else "")
 
     target = result.target_val_ppl
     columns = ["model", "seeds", "val ppl", "test ppl", "tok/s"]
@@ -829,13 +591,13 @@ def _print_comparison(result, wide: bool = False) -> None:
         table.add_column(col, justify="left" if col in ("model", "stopped by") else "right",
                          no_wrap=col not in ("model", "stopped by"), overflow="fold")
     for r in result.rows:
-        name = "  ensemble" if r.get("kind") == "ensemble" else r["model"]  # of the row above
-        cells = [name, str(r["seeds"]), ci(r, "val_ppl"), ci(r, "test_ppl"),
-                 rate(r.get("tokens_per_s_mean"))]
+        name = "  ensemble" if r.kind == "ensemble" else r.model  # of the row above
+        cells = [name, str(r.seeds), ci(r.val_ppl_mean, r.val_ppl_ci95),
+                 ci(r.test_ppl_mean, r.test_ppl_ci95), rate(r.tokens_per_s_mean)]
         if wide:
-            cells += [f(r["params"], ","), f(r.get("train_ppl_mean"), ".3f"),
-                      f(r["val_bpc_mean"], ".3f"), f(r.get("wall_s_mean"), ".1f"),
-                      f(r.get("time_to_target_s_mean"), ".1f"), ", ".join(r["stopped_by"])]
+            cells += [f(r.params, ","), f(r.train_ppl_mean, ".3f"), f(r.val_bpc_mean, ".3f"),
+                      f(r.wall_s_mean, ".1f"), f(r.time_to_target_s_mean, ".1f"),
+                      ", ".join(r.stopped_by)]
         table.add_row(*cells)
     print_table(table, width=200 if wide else None)
     refs = result.references
@@ -845,9 +607,8 @@ def _print_comparison(result, wide: bool = False) -> None:
         console.print(f"references on the val split: {references_text(refs)}",
                       highlight=False)
     for r in result.rows:
-        if r.get("differs"):
-            console.print(f"note: {r['model']} is {r['differs']}", highlight=False,
-                          soft_wrap=True)
+        if r.differs:
+            console.print(f"note: {r.model} is {r.differs}", highlight=False, soft_wrap=True)
     for line in result.verdicts:
         console.print(f"verdict: {line}", highlight=False, soft_wrap=True)
     console.print(f"wrote {result.out}/results.csv, results.json, verdicts.csv, curves.png, "
@@ -897,18 +658,17 @@ def gates_cmd(
     runs_dir: RunsDirOpt = Path("runs"),
 ) -> None:
     """Show a trained GRU's update/reset gates (LSTM: input/forget/output) per character."""
-    from gru_lm.api import load
-    from gru_lm.gates import check_text, check_units
+    from gru_lm.api import gates
 
-    check_units(units)
-    check_text(text, png is not None)
     if png is not None:
         from gru_lm.utils import figure_format
 
         figure_format(png)
-    path = _which_checkpoint(run, checkpoint, runs_dir)
-    trained = load(path)
-    report = trained.gates(text, layer, units)
+    g = gates(text, _one_of(run, checkpoint), layer, units, figure=png is not None,
+              runs_dir=runs_dir)
+    if g.newest:
+        _said_newest(g.checkpoint)
+    report, trained, path = g.report, g.run, g.checkpoint
     name = trained.config.model.name
     console.print(f"{name} layer {layer}, {report.trace.H.shape[1]} units, from {path}",
                   highlight=False)
@@ -921,3 +681,11 @@ def gates_cmd(
     if json_out is not None:
         report.write_json(json_out)
         console.print(f"wrote {json_out}", highlight=False)
+
+
+def main() -> None:
+    from gru_lm.utils import record_signals_early
+
+    record_signals_early()  # a process of a distributed job: a Ctrl-C stops it at a step
+    main_streams()
+    app()

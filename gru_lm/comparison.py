@@ -10,7 +10,7 @@ import os
 import re
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +56,7 @@ def _check_budget(budget: Budget) -> None:
 
 
 def run_comparison(configs: list[Path], *, seeds: int, budget: Budget, out: Path,
-                   resume: bool, offline: bool | None, console=None) -> dict[str, Any]:
+                   resume: bool, offline: bool | None, console=None) -> Comparison:
     """Train every config x seed into `out`, then write the report."""
     if not configs:
         raise GruLmError("give at least one config (e.g. configs/gru.yaml configs/lstm.yaml) "
@@ -231,24 +231,21 @@ def _time_to(evals: list[dict], target: float) -> float | None:
 
 
 def _score_members(runs: list[dict], offline: bool | None = None) -> None:
-    """Score every member's best checkpoint on val and test as one stream (float32 per token,
-    kept for the ensembles and the bootstrap); all members must share one corpus."""
-    from gru_lm.data import load_corpus
-    from gru_lm.evaluation import check_fingerprint, check_members, load_member
+    """Load every member's best checkpoint once (kept as r["member"] for the samples) and
+    score it on val and test as one stream (float32 per token, kept for the ensembles and
+    the bootstrap); all members must share one corpus, the text they were trained on."""
+    from gru_lm.members import load_member, locate, scoring_corpus
     from gru_lm.metrics import token_log_probs
 
-    members = [load_member(RunDir(r["dir"]).best_or_last()) for r in runs]
-    check_members(members)
-    corpus = load_corpus(members[0].cfg.data, vocab=members[0].vocab, offline=offline,
-                         progress=False)
-    check_fingerprint(members, corpus)
+    members = [load_member(locate(r["dir"]).checkpoint) for r in runs]
+    corpus = scoring_corpus(members, offline)
     cap = members[0].cfg.train.eval_max_tokens
     for r, m in zip(runs, members, strict=True):
+        r["member"] = m
         for split in ("val", "test"):
             ids = getattr(corpus, split)[:cap]
             r[split] = token_log_probs(m.model, ids, *m.cfg.train.reading) if len(ids) > 1 \
                 else None
-        r["corpus"] = corpus
 
 
 def _interval(xs: list[float | None]) -> dict[str, float] | None:
@@ -310,76 +307,149 @@ def _check_one_experiment_each(runs: list[dict]) -> None:
         seen[key] = r["dir"]
 
 
-def report(run_dirs: list[Path], out: Path, offline: bool | None = None) -> dict[str, Any]:
-    """Aggregate finished runs by label, rescored as one stream; add each label's ensemble
+@dataclass
+class ResultRow:
+    """One line of the comparison: a recipe over its seeds (mean, std, 95% interval), or
+    ("ensemble") the average of its seeds' probabilities."""
+
+    model: str  # the recipe's label (its first member's folder without -sN)
+    kind: str  # "seeds" or "ensemble"
+    name: str | None  # the registered model
+    seeds: int
+    params: int | None
+    val_ppl_mean: float | None
+    test_ppl_mean: float | None
+    val_bpc_mean: float | None
+    stopped_by: list[str]
+    differs: str = ""  # how this recipe differs from another with the same label
+    val_ppl_std: float | None = None
+    val_ppl_ci95: dict[str, float] | None = None
+    test_ppl_std: float | None = None
+    test_ppl_ci95: dict[str, float] | None = None
+    train_ppl_mean: float | None = None
+    tokens_per_s_mean: float | None = None
+    wall_s_mean: float | None = None
+    tokens_seen_mean: float | None = None
+    target_val_ppl: float | None = None
+    time_to_target_s_mean: float | None = None
+
+
+@dataclass
+class Comparison:
+    """What `gru-lm compare` prints and writes: a row per recipe (and one per ensemble of its
+    seeds), a comparison of every pair, and one sentence a pair."""
+
+    rows: list[ResultRow]
+    comparisons: list[dict[str, Any]]
+    verdicts: list[str]
+    references: dict[str, Any]
+    members: list[str]
+    out: Path
+    target_val_ppl: float | None = None
+    scoring: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        """results.json: every field, the rows as objects."""
+        d = asdict(self)
+        d.pop("out")
+        return d
+
+    def _repr_html_(self) -> str:
+        import html
+
+        from gru_lm.display import html_table
+
+        rows = [(r.model, r.seeds, r.val_ppl_mean, _half(r.val_ppl_ci95), r.test_ppl_mean,
+                 _half(r.test_ppl_ci95), r.tokens_per_s_mean) for r in self.rows]
+        table = html_table("comparison (mean ± 95% CI over seeds)",
+                           ["model", "seeds", "val ppl", "±", "test ppl", "±", "tok/s"], rows)
+        return table + "".join(f"<p>{html.escape(v)}</p>" for v in self.verdicts)
+
+
+def _half(iv: dict[str, float] | None) -> float | None:
+    return None if iv is None else (iv["high"] - iv["low"]) / 2
+
+
+def report(run_dirs: list[Path], out: Path, offline: bool | None = None) -> Comparison:
+    """Aggregate finished runs by recipe, rescored as one stream; add each recipe's ensemble
     and a verdict for every pair; write results.csv/.json, verdicts.csv, curves.png and
     samples.md."""
-    from gru_lm.evaluation import ensemble, perplexity_of
+    from gru_lm.members import check_distinct
 
-    seen: dict[str, Path] = {}
-    for d in run_dirs:
-        key = os.path.realpath(d)
-        if key in seen:
-            raise GruLmError(f"{d} is given twice (also as {seen[key]}); each run counts once, "
-                             "so give every run folder once")
-        seen[key] = Path(d)
+    check_distinct(run_dirs, "run folder (each run counts once)")
     runs = [_read_run(Path(d)) for d in run_dirs]
     _check_one_experiment_each(runs)
     _score_members(runs, offline)
     groups, differs = group_members(runs)
-    best_vals = {k: _mean(perplexity_of(r["val"]) for r in g) for k, g in groups.items()}
-    finite = [v for v in best_vals.values() if v is not None]
-    target = max(finite) if finite else None  # the worst model's mean best: all can reach it
+    target = _target_val_ppl(groups)
     rows = []
     for label, g in groups.items():
-        s = [r["summary"] for r in g]
-        val = [perplexity_of(r["val"]) for r in g]
-        test = [perplexity_of(r["test"]) for r in g]
-        rows.append({
-            "model": label,
-            "kind": "seeds",
-            "differs": differs.get(label, ""),
-            "name": s[0].get("model"),
-            "seeds": len(g),
-            "params": s[0].get("params"),
-            "val_ppl_mean": _mean(val),
-            "val_ppl_std": _std(val),
-            "val_ppl_ci95": _interval(val),
-            "test_ppl_mean": _mean(test),
-            "test_ppl_std": _std(test),
-            "test_ppl_ci95": _interval(test),
-            "train_ppl_mean": _mean(x.get("final_train_ppl") for x in s),
-            "val_bpc_mean": _mean(math.log2(v) for v in val if v is not None),
-            "tokens_per_s_mean": _mean(x.get("tokens_per_s") for x in s),
-            "wall_s_mean": _mean(x.get("elapsed_s") for x in s),
-            "tokens_seen_mean": _mean(x.get("tokens_seen") for x in s),
-            "stopped_by": sorted({x.get("stop_reason", "") for x in s}),
-            "target_val_ppl": target,
-            "time_to_target_s_mean": _mean(_time_to(r["evals"], target) for r in g)
-            if target else None,
-        })
+        rows.append(_seed_row(label, g, differs.get(label, ""), target))
         if len(g) > 1 and g[0]["val"] is not None:
-            ens_val = perplexity_of(ensemble([r["val"] for r in g]))
-            rows.append({"model": f"{label} ensemble", "kind": "ensemble",
-                         "name": s[0].get("model"), "seeds": len(g),
-                         "params": s[0].get("params") * len(g) if s[0].get("params") else None,
-                         "val_ppl_mean": ens_val,
-                         "test_ppl_mean": perplexity_of(ensemble([r["test"] for r in g]))
-                         if g[0]["test"] is not None else None,
-                         "val_bpc_mean": math.log2(ens_val), "stopped_by": []})
+            rows.append(_ensemble_row(label, g))
     comparisons = _comparisons(groups)
     first = runs[0]["summary"]
-    references = {k: first[k] for k in ("uniform_ppl", "unigram_ppl", "ngram_order",
-                                         "ngram_ppl") if k in first}
-    result = {"target_val_ppl": target, "rows": rows, "comparisons": comparisons,
-              "verdicts": [c["verdict"] for c in comparisons], "references": references,
-              "scoring": "best checkpoint of each member, val and test each read as one "
-                         "stream; ensembles average the seeds' probabilities",
-              "members": [str(r["dir"]) for r in runs]}
+    result = Comparison(
+        rows=rows, comparisons=comparisons, verdicts=[c["verdict"] for c in comparisons],
+        references={k: first[k] for k in ("uniform_ppl", "unigram_ppl", "ngram_order",
+                                          "ngram_ppl") if k in first},
+        members=[str(r["dir"]) for r in runs], out=out, target_val_ppl=target,
+        scoring="best checkpoint of each member, val and test each read as one stream; "
+                "ensembles average the seeds' probabilities")
+    _write_report(result, groups, out)
+    return result
+
+
+def _target_val_ppl(groups: dict[str, list[dict]]) -> float | None:
+    """The worst recipe's mean best val perplexity: every recipe reaches it."""
+    from gru_lm.evaluation import perplexity_of
+
+    means = [_mean(perplexity_of(r["val"]) for r in g) for g in groups.values()]
+    finite = [v for v in means if v is not None]
+    return max(finite) if finite else None
+
+
+def _seed_row(label: str, g: list[dict], differs: str, target: float | None) -> ResultRow:
+    from gru_lm.evaluation import perplexity_of
+
+    s = [r["summary"] for r in g]
+    val = [perplexity_of(r["val"]) for r in g]
+    test = [perplexity_of(r["test"]) for r in g]
+    return ResultRow(
+        model=label, kind="seeds", differs=differs, name=s[0].get("model"), seeds=len(g),
+        params=s[0].get("params"), val_ppl_mean=_mean(val), val_ppl_std=_std(val),
+        val_ppl_ci95=_interval(val), test_ppl_mean=_mean(test), test_ppl_std=_std(test),
+        test_ppl_ci95=_interval(test),
+        train_ppl_mean=_mean(x.get("final_train_ppl") for x in s),
+        val_bpc_mean=_mean(math.log2(v) for v in val if v is not None),
+        tokens_per_s_mean=_mean(x.get("tokens_per_s") for x in s),
+        wall_s_mean=_mean(x.get("elapsed_s") for x in s),
+        tokens_seen_mean=_mean(x.get("tokens_seen") for x in s),
+        stopped_by=sorted({x.get("stop_reason", "") for x in s}), target_val_ppl=target,
+        time_to_target_s_mean=_mean(_time_to(r["evals"], target) for r in g)
+        if target else None)
+
+
+def _ensemble_row(label: str, g: list[dict]) -> ResultRow:
+    from gru_lm.evaluation import perplexity_of
+    from gru_lm.scorers import ensemble
+
+    first = g[0]["summary"]
+    val = perplexity_of(ensemble([r["val"] for r in g]))
+    return ResultRow(
+        model=f"{label} ensemble", kind="ensemble", name=first.get("model"), seeds=len(g),
+        params=first["params"] * len(g) if first.get("params") else None, val_ppl_mean=val,
+        test_ppl_mean=perplexity_of(ensemble([r["test"] for r in g]))
+        if g[0]["test"] is not None else None,
+        val_bpc_mean=None if val is None else math.log2(val), stopped_by=[])
+
+
+def _write_report(result: Comparison, groups: dict[str, list[dict]], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    write_output(out / "results.json", lambda f: f.write(json.dumps(result, indent=2) + "\n"),
+    data = result.to_json()
+    write_output(out / "results.json", lambda f: f.write(json.dumps(data, indent=2) + "\n"),
                  "w")
-    _write_csv(out / "results.csv", rows)
+    _write_csv(out / "results.csv", data["rows"])
     _write_csv(out / "verdicts.csv", [
         {"better": c["better"], "worse": c["worse"],
          "paired_seeds": [str(x) for x in c["paired_seeds"]], "change_pct": c["change_pct"],
@@ -387,10 +457,9 @@ def report(run_dirs: list[Path], out: Path, offline: bool | None = None) -> dict
          "seeds_ci_high_pct": (c["seeds_ci_pct"] or [None, None])[1],
          "bootstrap_ci_low_pct": c["bootstrap_ci_pct"][0],
          "bootstrap_ci_high_pct": c["bootstrap_ci_pct"][1], "verdict": c["verdict"]}
-        for c in comparisons])
+        for c in result.comparisons])
     plot_curves(groups, out / "curves.png")
     write_samples(groups, out / "samples.md")
-    return result
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -536,35 +605,34 @@ MAX_PPL = 1e9
 
 
 def write_samples(groups: dict[str, list[dict]], path: Path) -> None:
-    """Continuations of each member's own train.sample_prefixes (the config says which
-    prefixes suit its corpus), greedy and sampled."""
-    from gru_lm.runner import checkpoint_for, load_model
-    from gru_lm.sampling import DEFAULT_TEMPERATURE, encode_prefix, generate
-
+    """Continuations of each recipe's own train.sample_prefixes (the config says which
+    prefixes suit its corpus), greedy and sampled, from its first seed's model (loaded once,
+    when it was scored)."""
     lines = ["# Samples", "", "Sampled (each model's train.sample_temperature, seed 0) and "
              "greedy (the book's argmax) continuations of each model's train.sample_prefixes, "
              "from its first seed's best checkpoint; each line holds the continuation only, "
              "after the prefix it continues.", ""]
     for label, g in groups.items():
-        try:
-            cfg, vocab, model = load_model(checkpoint_for(g[0]["dir"], None, Path(".")))
-        except GruLmError as e:
-            lines += [f"## {label}", "", f"(no sample: {e})", ""]
-            continue
-        lines += [f"## {label}", ""]
-        for prefix in cfg.train.sample_prefixes:
-            try:
-                ids, _ = encode_prefix(prefix, vocab, cfg.data.preset, cfg.data.lowercase)
-            except GruLmError as e:
-                lines.append(f"- `{prefix}`: (no sample: {e})")
-                continue
-            t = cfg.train.sample_temperature or DEFAULT_TEMPERATURE
-            sampled = vocab.decode(generate(model, ids, 80, temperature=t, seed=0)[0])
-            greedy = vocab.decode(generate(model, ids, 80)[0])
-            lines += [f"- prefix `{vocab.decode(ids)}`, continued:",
-                      f"  - sampled at {t:g}: `{sampled}`", f"  - greedy: `{greedy}`"]
-        lines.append("")
+        lines += [f"## {label}", "", *_sample_lines(g[0]["member"]), ""]
     write_output(path, lambda f: f.write("\n".join(lines)), "w")
+
+
+def _sample_lines(m) -> list[str]:
+    from gru_lm.sampling import DEFAULT_TEMPERATURE, encode_prefix, generate
+
+    cfg, vocab, lines = m.cfg, m.vocab, []
+    for prefix in cfg.train.sample_prefixes:
+        try:
+            ids, _ = encode_prefix(prefix, vocab, cfg.data.preset, cfg.data.lowercase)
+        except GruLmError as e:
+            lines.append(f"- `{prefix}`: (no sample: {e})")
+            continue
+        t = cfg.train.sample_temperature or DEFAULT_TEMPERATURE
+        sampled = vocab.decode(generate(m.model, ids, 80, temperature=t, seed=0)[0])
+        greedy = vocab.decode(generate(m.model, ids, 80)[0])
+        lines += [f"- prefix `{vocab.decode(ids)}`, continued:",
+                  f"  - sampled at {t:g}: `{sampled}`", f"  - greedy: `{greedy}`"]
+    return lines
 
 
 def timestamped_out(runs_dir: Path) -> Path:

@@ -22,6 +22,7 @@ MAX_NODES = 100_000  # YAML nodes after expanding aliases
 ECHO = 80  # characters of user input quoted in an error
 MAX_HIDDENS = 16384
 MAX_CONFIG_BYTES = 1 << 20
+MAX_NGRAM_ORDER = 8  # the Kneser-Ney model counts contexts of up to 7 tokens
 
 
 class _Section(BaseModel):
@@ -147,7 +148,8 @@ class TrainConfig(_Section):
         None, ge=1, le=10**6, description="stop after this many evals without a better val ppl"
     )
     eval_interval: int = Field(100, ge=1, le=BIG, description="steps between evaluations")
-    ngram_order: int = Field(5, ge=1, le=8, description="order of the Kneser-Ney reference")
+    ngram_order: int = Field(5, ge=1, le=MAX_NGRAM_ORDER,
+                             description="order of the Kneser-Ney reference")
     eval_batch_size: int = Field(32, ge=1, le=2**20, description="parallel streams when evaluating")
     eval_warmup: int = Field(
         100, ge=0, le=10**6, description="tokens each evaluation stream reads before it "

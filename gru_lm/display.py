@@ -240,3 +240,44 @@ class NotebookReporter(Reporter):
                 self._line.update(line)
 
         yield update
+
+
+# ---------------------------------------------------------------- tables for notebooks
+
+
+def html_table(title: str, columns: list[str], rows: list[tuple[Any, ...]]) -> str:
+    """An HTML table for a notebook: numbers right-aligned, everything escaped."""
+    import html
+
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td style='text-align:{'right' if _numeric(v) else 'left'}'>"
+                         f"{html.escape(_cell(v))}</td>" for v in row) + "</tr>"
+        for row in rows)
+    return (f"<table><caption>{html.escape(title)}</caption><thead><tr>{head}</tr></thead>"
+            f"<tbody>{body}</tbody></table>")
+
+
+def _numeric(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:,.3f}" if abs(v) < 1e5 else f"{v:,.0f}"
+    if isinstance(v, int) and not isinstance(v, bool):
+        return f"{v:,}"
+    return str(v)
+
+
+def settings_text(settings: list[dict]) -> str:
+    """What val chose, per member: 'window 500, theta 0.3, lambda 0.052; ...' (once when
+    every member chose the same)."""
+    def one(d: dict) -> str:
+        return ", ".join(f"{k.replace('_', ' ')} {v:.3g}" if isinstance(v, float) else
+                         f"{k.replace('_', ' ')} {v}" for k, v in d.items())
+
+    texts = [one(d) for d in settings]
+    return texts[0] if len(set(texts)) == 1 else "; ".join(texts)

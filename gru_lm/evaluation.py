@@ -1,98 +1,80 @@
-"""Held-out scores of one run or an ensemble of runs: static, with a continuous cache, with
-dynamic evaluation, and each of those mixed with the Kneser-Ney n-gram model.
+"""Held-out scores of one run or an ensemble of runs: the one entry point of `gru-lm
+evaluate`, `gru_lm.evaluate` and `Run.evaluate`, and the results they return.
 
 Every figure reads the text as one stream (metrics.read_streams): each token is scored once,
-with all the text before it in the split as context. Whatever has a setting (the cache's
-window, theta and lambda; dynamic evaluation's lr and decay; the n-gram weight) chooses it
-on the val split; the target is then scored once with it. An ensemble averages its members'
-next-character probabilities, each member scored (and adapted) on its own.
+with all the text before it in the split as context. The ways of scoring are the registry
+of gru_lm/scorers.py (static, cache, dynamic, dynamic + cache, temperature; the n-gram
+mixture as a post-pass); whatever has a setting chooses it on the val split, and the target
+is then scored once with it. An ensemble averages its members' next-character
+probabilities, each member scored (and adapted) on its own.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from gru_lm.errors import DataError, GruLmError
+from gru_lm.members import Member, check_distinct, load_member, scoring_corpus
+from gru_lm.scorers import MIXERS, SCORERS, Scored, Texts, chosen_scorers, ensemble, options
 
+if TYPE_CHECKING:
+    from gru_lm.config import Config
+    from gru_lm.data import Corpus, Vocab
+    from gru_lm.ngram import KneserNey
 
-@dataclass
-class Member:
-    """One trained run as loaded from its checkpoint."""
-
-    path: Path
-    cfg: Any  # Config
-    vocab: Any  # Vocab
-    model: torch.nn.Module
-    fingerprint: str | None  # of the corpus it was trained on (None: an old checkpoint)
-
-
-def load_member(path: Path) -> Member:
-    from gru_lm.checkpoint import load_checkpoint, restore_model
-
-    ck = load_checkpoint(path)
-    cfg, vocab, model = restore_model(ck, path)
-    model.eval()
-    fp = ck.get("data_fingerprint")
-    return Member(Path(path), cfg, vocab, model, fp if isinstance(fp, str) else None)
-
-
-def check_members(members: list[Member]) -> None:
-    """An ensemble or a comparison needs one vocabulary and one corpus: refuse the first
-    member that differs."""
-    first = members[0]
-    need = ("an ensemble or a comparison needs runs trained on the same data (one corpus, "
-            "preprocessing and split)")
-    for m in members[1:]:
-        if m.vocab.idx_to_token != first.vocab.idx_to_token:
-            how = (f"{len(m.vocab)} tokens against {len(first.vocab)}"
-                   if len(m.vocab) != len(first.vocab) else
-                   f"the same {len(m.vocab)} tokens, in another order" if
-                   set(m.vocab.idx_to_token) == set(first.vocab.idx_to_token) else
-                   f"other tokens, {len(m.vocab)} of them")
-            raise GruLmError(f"{m.path}: it was trained on other data than {first.path} (its "
-                             f"vocabulary has {how}); {need}")
-        if (m.cfg.data.model_dump(mode="json") != first.cfg.data.model_dump(mode="json")
-                or (m.fingerprint and first.fingerprint and m.fingerprint != first.fingerprint)):
-            raise GruLmError(f"{m.path}: it was trained on other data than {first.path} "
-                             f"(another corpus, preprocessing or split); {need}")
-
-
-def check_fingerprint(members: list[Member], corpus) -> None:
-    """Refuse to score a corpus that is not the text the runs were trained on."""
-    recorded = [m for m in members if m.fingerprint]
-    if not recorded:
-        return
-    now = corpus.fingerprint()
-    for m in recorded:
-        if m.fingerprint != now:
-            raise DataError(
-                f"{m.path}: the corpus ({corpus.source}) is not the text this run was trained "
-                "on: the file, its token store or the split changed; restore the original "
-                "file, or score another text with --text FILE")
-
-
-@dataclass
-class Scored:
-    """Per-token log-probabilities (float32, text order) of val and of the target, and the
-    settings val chose (one entry a member; empty when there is nothing to choose)."""
-
-    val: torch.Tensor | None
-    target: torch.Tensor
-    settings: list[dict] = field(default_factory=list)
+SPLITS = ("val", "test", "train")
 
 
 @dataclass
 class Row:
+    """One way of scoring: its perplexity and bits on the target, on val, what val chose."""
+
     name: str
     ppl: float
     bpc: float
     val_ppl: float | None
     settings: list[dict]
+
+
+@dataclass
+class Evaluation:
+    """What `gru-lm evaluate` prints: the static score, the references, and every way of
+    scoring that was asked for (rows), each with its val perplexity and what val chose."""
+
+    what: str
+    tokens: int
+    unit: str  # "char" or "byte": what bits and perplexity are per
+    loss: float
+    ppl: float
+    bpc: float
+    per_char: dict | None  # bytes preset: the perplexity per character
+    unknown: int
+    references: dict | None
+    rows: list[Row]
+    checkpoints: list[str]
+    tuned_on_target: bool
+    note: str = ""  # what the preset changed in a --text file (what it dropped)
+
+    @property
+    def best(self) -> Row | None:
+        """The row val prefers (None when no row has a val figure)."""
+        scored = [r for r in self.rows if r.val_ppl is not None]
+        return min(scored, key=lambda r: r.val_ppl or math.inf) if len(scored) > 1 else None
+
+    def _repr_html_(self) -> str:
+        from gru_lm.display import html_table, settings_text
+
+        rows = [(r.name, r.ppl, r.bpc, r.val_ppl, settings_text(r.settings))
+                for r in self.rows]
+        return html_table(f"{self.what}: {self.tokens:,} tokens, one stream",
+                          ["scored", "ppl", f"bits/{self.unit}", "val ppl", "chosen on val"],
+                          rows)
 
 
 def perplexity_of(logp: torch.Tensor | None) -> float | None:
@@ -102,98 +84,167 @@ def perplexity_of(logp: torch.Tensor | None) -> float | None:
     return math.exp(-float(logp.double().sum()) / len(logp))
 
 
-def ensemble(parts: list[torch.Tensor]) -> torch.Tensor:
-    """log of the mean of the members' probabilities, token by token."""
-    if len(parts) == 1:
-        return parts[0]
-    return torch.logsumexp(torch.stack(parts), dim=0) - math.log(len(parts))
+def check_methods(methods: Iterable[str]) -> set[str]:
+    """The asked methods, each a registered one ("mix_ngram" and "mix-ngram" alike)."""
+    known = {n.replace("-", "_"): n for n in options()}
+    asked = set()
+    for m in methods:
+        if m.replace("-", "_") not in known:
+            raise GruLmError(f"unknown way of scoring {m!r}; the methods are "
+                             f"{', '.join(sorted(known))}")
+        asked.add(known[m.replace("-", "_")])
+    return asked
 
 
-def member_variants(m: Member, val: torch.Tensor | None, target: torch.Tensor,
-                    train: torch.Tensor | None, *, cache: bool, dynamic: bool
-                    ) -> dict[str, Scored]:
-    """One member's scores: static, and with the cache and dynamic evaluation as asked."""
-    from gru_lm.cache import cache_scores, choose, with_cache
-    from gru_lm.metrics import token_log_probs
+def check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise GruLmError(f"split {split!r} is not one of 'val', 'test', 'train'")
 
-    t = m.cfg.train
-    same = val is not None and target is val  # --split val: no second pass
 
-    def static(ids):
-        return token_log_probs(m.model, ids, *t.reading)
+def check_ngram_order(order: int | None) -> None:
+    from gru_lm.config import MAX_NGRAM_ORDER
 
-    val_static = static(val) if val is not None else None
-    out = {"static": Scored(val_static, val_static if same else static(target))}
-    chosen = None
-    if cache:
-        from gru_lm.cache import THETAS, WINDOWS
+    if order is not None and not 1 <= order <= MAX_NGRAM_ORDER:
+        raise GruLmError(f"--ngram-order {order} is out of range; give 1..{MAX_NGRAM_ORDER}")
 
-        logp_v, grid_v = cache_scores(m.model, val, *t.reading)
-        chosen = choose(logp_v, grid_v, WINDOWS, THETAS)
-        a, b = WINDOWS.index(chosen.window), THETAS.index(chosen.theta)
-        if same:
-            logp_t, grid_t = logp_v, grid_v[a, b]
-        else:
-            logp_t, grid = cache_scores(m.model, target, *t.reading, (chosen.window,),
-                                        (chosen.theta,))
-            grid_t = grid[0, 0]
-        out["cache"] = Scored(with_cache(logp_v, grid_v[a, b], chosen.lam),
-                              with_cache(logp_t, grid_t, chosen.lam),
-                              [{"window": chosen.window, "theta": chosen.theta,
-                                "lambda": chosen.lam}])
-    if dynamic:
-        from gru_lm.dynamic import dynamic_log_probs, gradient_ms, tune
-        from gru_lm.metrics import mixture_weight
 
-        ms = gradient_ms(m.model, train, t.num_steps)
-        best, val_dyn, trials = tune(m.model, val, ms)
-        d = {"lr": best.lr, "decay": best.decay, "segment": best.segment}
-        target_dyn = val_dyn if same else dynamic_log_probs(m.model, target, ms, best)[0]
-        out["dynamic"] = Scored(val_dyn, target_dyn, [d])
-        if chosen is not None:  # both: the adapting model's features fill the cache
-            val_d, val_c = dynamic_log_probs(m.model, val, ms, best, cache=chosen)
-            known = ~torch.isnan(val_c)
-            lam = mixture_weight(val_d[known], val_c[known]) if known.any() else 0.0
-            tgt_d, tgt_c = (val_d, val_c) if same else dynamic_log_probs(
-                m.model, target, ms, best, cache=chosen)
-            out["dynamic + cache"] = Scored(
-                with_cache(val_d, val_c, lam), with_cache(tgt_d, tgt_c, lam),
-                [{**d, "window": chosen.window, "theta": chosen.theta, "lambda": lam}])
+def evaluate(checkpoints: list[Path], split: str = "test", *, text: Path | None = None,
+             methods: Iterable[str] = (), ngram_order: int | None = None,
+             offline: bool | None = None) -> Evaluation:
+    """Score a split or a text file with `checkpoints` (several: their ensemble), beside the
+    references counted on the training split; every token once, as one stream. `methods`
+    name the scorers and mixers (gru_lm/scorers.py) to add to the static score; each
+    chooses its settings on the val split."""
+    if not checkpoints:
+        raise GruLmError("give at least one run or checkpoint to evaluate")
+    check_split(split)
+    check_ngram_order(ngram_order)
+    asked = check_methods(methods)
+    check_distinct(checkpoints)
+    members = [load_member(p) for p in checkpoints]
+    cfg, vocab = members[0].cfg, members[0].vocab
+    corpus = _corpus(members, offline, text is not None and not asked)
+    ids, what, unknown, note = _target(cfg, vocab, corpus, split, text)
+    val = None
+    if corpus is not None and len(corpus.val) > 1:
+        val = ids if split == "val" and text is None else corpus.val[:cfg.train.eval_max_tokens]
+    if asked and val is None:  # (the corpus is loaded whenever a method is asked)
+        flag = "--" + sorted(asked)[0]
+        raise GruLmError(f"{flag} chooses its settings on the val split, and this run has "
+                         f"none (data.val_fraction = 0); evaluate without {flag}")
+    order = ngram_order or cfg.train.ngram_order
+    ngram = None if corpus is None else _kneser_ney(corpus, len(vocab), order)
+    rows = score(members, Texts(val, ids, None if corpus is None else corpus.train), asked,
+                 ngram)
+    return _result(members, checkpoints, rows, ids, what, unknown, note, corpus, ngram,
+                   tuned_on_target=val is ids)
+
+
+def _corpus(members: list[Member], offline: bool | None, optional: bool) -> Corpus | None:
+    """The members' corpus, checked; None where it cannot be read and only a --text is
+    scored statically (the references are then skipped)."""
+    try:
+        return scoring_corpus(members, offline)
+    except DataError:
+        if not optional:
+            raise
+        return None
+
+
+def _target(cfg: Config, vocab: Vocab, corpus: Corpus | None, split: str,
+            text: Path | None) -> tuple[torch.Tensor, str, int, str]:
+    """The tokens to score, what they are, how many were unknown, and the preset's note."""
+    from gru_lm.data import encode_file
+
+    if text is not None:
+        ids, unknown, note = encode_file(text, cfg.data, vocab)
+        if len(ids) < 2:
+            raise GruLmError(f"--text {text}: fewer than 2 tokens after preprocessing")
+        return ids, str(text), unknown, note
+    assert corpus is not None
+    ids = getattr(corpus, split)
+    if len(ids) < 2:
+        raise GruLmError(f"the run's data has no {split} split (data.{split}_fraction = 0); "
+                         "evaluate with --text FILE or another --split")
+    what, cap = f"{split} split", cfg.train.eval_max_tokens
+    if cap is not None and len(ids) > cap:
+        ids = ids[:cap]
+        what += f" (its first {cap:,} tokens: train.eval_max_tokens)"
+    return ids, what, 0, ""
+
+
+def _kneser_ney(corpus: Corpus, vocab_size: int, order: int) -> KneserNey:
+    from gru_lm.ngram import KneserNey
+
+    return KneserNey(corpus.train, vocab_size, order)
+
+
+def score(members: list[Member], texts: Texts, methods: Iterable[str] = (),
+          ngram: KneserNey | None = None) -> list[Row]:
+    """The rows of `gru-lm evaluate`: each scorer asked for (and static) of the (ensembled)
+    members, then each of them through each mixer asked for."""
+    from gru_lm.metrics import LN2, evaluate, perplexity
+
+    asked = set(methods)
+    if len(members) == 1 and not asked:
+        m = members[0]  # only sums are needed: memory does not grow with the text
+        ppl = perplexity(*evaluate(m.model, texts.target, *m.cfg.train.reading))
+        val_ppl = None if texts.val is None else ppl if texts.same else \
+            perplexity(*evaluate(m.model, texts.val, *m.cfg.train.reading))
+        return [Row("static", ppl, math.log(ppl) / LN2, val_ppl, [])]
+    variants = _ensembled([member_scores(m, texts, asked) for m in members], texts)
+    for name, mixer in MIXERS.items():
+        if name in asked:
+            assert ngram is not None
+            variants.update(mixer().mix(dict(variants), texts, ngram))
+    rows = []
+    for name, sc in variants.items():
+        ppl = perplexity_of(sc.target) or math.nan
+        rows.append(Row(name, ppl, math.log(ppl) / LN2, perplexity_of(sc.val), sc.settings))
+    return rows
+
+
+def member_scores(m: Member, texts: Texts, asked: Iterable[str]) -> dict[str, Scored]:
+    """One member's static score and the asked scorers' (and their combinations'), each
+    chosen on texts.val."""
+    chosen: dict[str, Any] = {}
+    return {s.name: s.score(m, texts, chosen) for s in chosen_scorers(set(asked))}
+
+
+def _ensembled(per_member: list[dict[str, Scored]], texts: Texts) -> dict[str, Scored]:
+    """Each variant's members averaged in probability (one member: itself)."""
+    out = {}
+    for name in per_member[0]:
+        parts = [pm[name] for pm in per_member]
+        vals = [p.val for p in parts if p.val is not None]
+        out[name] = Scored(ensemble(vals) if texts.val is not None else None,
+                           ensemble([p.target for p in parts]),
+                           [s for p in parts for s in p.settings])
     return out
 
 
-def score(members: list[Member], val: torch.Tensor | None, target: torch.Tensor,
-          train: torch.Tensor | None, *, cache: bool = False, dynamic: bool = False,
-          ngram=None) -> list[Row]:
-    """The rows of `gru-lm evaluate`: each variant of the (ensembled) members, then each of
-    them mixed with `ngram` (a KneserNey model) when given, its weight chosen on val."""
-    from gru_lm.metrics import LN2, evaluate, mixture_log_probs, mixture_weight, perplexity
+def _result(members: list[Member], checkpoints: list[Path], rows: list[Row],
+            ids: torch.Tensor, what: str, unknown: int, note: str, corpus: Corpus | None,
+            ngram: KneserNey | None, tuned_on_target: bool) -> Evaluation:
+    from gru_lm.metrics import bits_per_char, reference_baselines
 
-    if len(members) == 1 and not (cache or dynamic or ngram is not None):
-        m = members[0]  # only sums are needed: memory does not grow with the text
-        ppl = perplexity(*evaluate(m.model, target, *m.cfg.train.reading))
-        val_ppl = None if val is None else ppl if val is target else \
-            perplexity(*evaluate(m.model, val, *m.cfg.train.reading))
-        return [Row("static", ppl, math.log(ppl) / LN2, val_ppl, [])]
-    per_member = [member_variants(m, val, target, train, cache=cache, dynamic=dynamic)
-                  for m in members]
-    variants: dict[str, Scored] = {}
-    for name in per_member[0]:
-        parts = [pm[name] for pm in per_member]
-        variants[name] = Scored(
-            ensemble([p.val for p in parts]) if val is not None else None,
-            ensemble([p.target for p in parts]), [s for p in parts for s in p.settings])
-    if ngram is not None:
-        counted_val = torch.from_numpy(ngram.log_probs(val)).float()
-        counted = counted_val if target is val else \
-            torch.from_numpy(ngram.log_probs(target)).float()
-        for name, sc in list(variants.items()):
-            w = mixture_weight(sc.val, counted_val)
-            variants[f"{name} + {ngram.order}-gram"] = Scored(
-                mixture_log_probs(sc.val, counted_val, w),
-                mixture_log_probs(sc.target, counted, w), [{"ngram_weight": w}])
-    rows = []
-    for name, sc in variants.items():
-        ppl = perplexity_of(sc.target)
-        rows.append(Row(name, ppl, math.log(ppl) / LN2, perplexity_of(sc.val), sc.settings))
-    return rows
+    cfg, vocab = members[0].cfg, members[0].vocab
+    static, n = rows[0], len(ids) - 1
+    per_char = None
+    if cfg.data.preset == "bytes":  # the same text's perplexity per character, to set beside
+        from gru_lm.data import char_ends  # a character-level model's
+
+        chars = len(char_ends(ids[1:].numpy()))
+        per_char = {"chars": chars, "ppl": math.exp(math.log(static.ppl) * n / chars)}
+    references = None if corpus is None or ngram is None else reference_baselines(
+        corpus.train, ids, len(vocab), ngram.order, ngram, has_unk=vocab.has_unk)
+    return Evaluation(what=what, tokens=n, unit="byte" if cfg.data.preset == "bytes" else "char",
+                      loss=math.log(static.ppl), ppl=static.ppl,
+                      bpc=bits_per_char(math.log(static.ppl) * n, n), per_char=per_char,
+                      unknown=unknown, references=references, rows=rows,
+                      checkpoints=[str(p) for p in checkpoints],
+                      tuned_on_target=tuned_on_target, note=note)
+
+
+__all__ = ["SCORERS", "Evaluation", "Row", "evaluate", "member_scores", "perplexity_of",
+           "score"]

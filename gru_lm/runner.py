@@ -4,7 +4,6 @@ runs, load a model, evaluate."""
 from __future__ import annotations
 
 import contextlib
-import math
 import shlex
 import time
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Any
 from gru_lm.config import Config, apply_overrides, load_config, resolve_yaml, validate
 from gru_lm.distributed import SINGLE, World
 from gru_lm.errors import CheckpointError, ConfigError, GruLmError
-from gru_lm.rundir import LAST, RunDir, find_latest
+from gru_lm.rundir import LAST, RunDir
 from gru_lm.utils import EARLY_SIGNALS, caught_signals
 
 
@@ -120,9 +119,10 @@ def _init_state(cfg: Config, vocab):
     from gru_lm.checkpoint import load_checkpoint
     from gru_lm.data import vocab_from_dict
     from gru_lm.errors import DataError
+    from gru_lm.members import locate
 
     source = Path(cfg.train.init_from)
-    path = RunDir(source).best_or_last() if source.is_dir() else source
+    path = locate(source).checkpoint
     ck = load_checkpoint(path)
     try:
         theirs = validate(ck["config"], source=str(path)).model.model_dump(mode="json")
@@ -459,94 +459,3 @@ def _check_same_data(run: RunDir, ck: dict[str, Any], cfg: Config, corpus) -> No
         raise GruLmError(f"--resume {run}: the corpus ({corpus.source}) is not the text this run "
                          "was trained on: the file, data.max_tokens or the split changed; "
                          "restore the original file or start a new run")
-
-
-# ---------------------------------------------------------------- trained runs
-
-
-def checkpoint_for(run: Path | None, checkpoint: Path | None, runs_dir: Path) -> Path:
-    """--checkpoint, else best.pt (or last.pt) of --run, else of the newest run."""
-    if run is not None and checkpoint is not None:
-        raise GruLmError("give --run or --checkpoint, not both")
-    if checkpoint is not None:
-        return Path(checkpoint)
-    return (RunDir(run) if run is not None else find_latest(runs_dir)).best_or_last()
-
-
-def load_model(path: Path):
-    from gru_lm.checkpoint import load_checkpoint, restore_model
-
-    cfg, vocab, model = restore_model(load_checkpoint(path), path)
-    model.eval()
-    return cfg, vocab, model
-
-
-def evaluate_runs(paths: list[Path], *, split: str, text: Path | None,
-                  offline: bool | None = None, dynamic: bool = False, cache: bool = False,
-                  mix_ngram: bool = False, ngram_order: int | None = None) -> dict[str, Any]:
-    """Score a split or a text file with the checkpoints `paths` (several: their ensemble),
-    beside the references counted on the training split; every token once, as one stream.
-    `cache`, `dynamic`: also with the continuous cache and with dynamic evaluation,
-    `mix_ngram`: each of those also interpolated with the Kneser-Ney model; every setting
-    is chosen on the val split (gru_lm/evaluation.py)."""
-    from gru_lm.data import encode_file, load_corpus
-    from gru_lm.errors import DataError
-    from gru_lm.evaluation import check_fingerprint, check_members, load_member, score
-    from gru_lm.metrics import bits_per_char, reference_baselines
-    from gru_lm.ngram import KneserNey
-
-    members = [load_member(p) for p in paths]
-    check_members(members)
-    cfg, vocab = members[0].cfg, members[0].vocab
-    needs_val = dynamic or cache or mix_ngram
-    try:
-        corpus = load_corpus(cfg.data, vocab=vocab, offline=offline, progress=False)
-        check_fingerprint(members, corpus)
-    except DataError:
-        if text is None or needs_val:
-            raise
-        corpus = None  # scoring a text needs only the model; the references are skipped
-    cap = cfg.train.eval_max_tokens
-    unknown, note = 0, ""
-    if text is not None:
-        ids, unknown, note = encode_file(text, cfg.data, vocab)
-        if len(ids) < 2:
-            raise GruLmError(f"--text {text}: fewer than 2 tokens after preprocessing")
-        what = str(text)
-    else:
-        ids = getattr(corpus, split)
-        if len(ids) < 2:
-            raise GruLmError(f"the run's data has no {split} split (data.{split}_fraction = 0); "
-                             "evaluate with --text FILE or another --split")
-        what = f"{split} split"
-        if cap is not None and len(ids) > cap:
-            ids = ids[:cap]
-            what += f" (its first {cap:,} tokens: train.eval_max_tokens)"
-    val = None
-    if corpus is not None and len(corpus.val) > 1:
-        val = ids if split == "val" and text is None else corpus.val[:cap]
-    flags = [f for f, on in (("--cache", cache), ("--dynamic", dynamic),
-                             ("--mix-ngram", mix_ngram)) if on]
-    if flags and val is None:  # (corpus is loaded whenever a flag is set)
-        raise GruLmError(f"{flags[0]} chooses its settings on the val split, and this run has "
-                         f"none (data.val_fraction = 0); evaluate without {flags[0]}")
-    order = ngram_order or cfg.train.ngram_order
-    ngram = None if corpus is None else KneserNey(corpus.train, len(vocab), order)
-    rows = score(members, val, ids, None if corpus is None else corpus.train, cache=cache,
-                 dynamic=dynamic, ngram=ngram if mix_ngram else None)
-    static = rows[0]
-    n = len(ids) - 1
-    per_char = None
-    if cfg.data.preset == "bytes":  # the same text's perplexity per character, to set beside
-        from gru_lm.data import char_ends  # a character-level model's
-
-        chars = len(char_ends(ids[1:].numpy()))
-        per_char = {"chars": chars, "ppl": math.exp(math.log(static.ppl) * n / chars)}
-    return {"what": what, "checkpoints": [str(p) for p in paths], "tokens": n,
-            "unit": "byte" if cfg.data.preset == "bytes" else "char", "per_char": per_char,
-            "loss": math.log(static.ppl), "ppl": static.ppl,
-            "bpc": bits_per_char(math.log(static.ppl) * n, n), "unknown": unknown,
-            "note": note,
-            "references": None if corpus is None else reference_baselines(
-                corpus.train, ids, len(vocab), order, ngram, has_unk=vocab.has_unk),
-            "rows": rows, "tuned_on_target": val is ids}

@@ -70,7 +70,7 @@ def test_the_api_end_to_end(workdir):
     figure = run.plot()
     assert figure.axes and run.plot("c.svg") == Path("c.svg") and Path("c.svg").exists()
     cmp = gru_lm.compare(runs=["runs/api"], out="cmp")
-    assert cmp.rows[0]["seeds"] == 1 and cmp.out == Path("cmp")
+    assert cmp.rows[0].seeds == 1 and cmp.out == Path("cmp")
 
 
 def test_bad_input_raises_the_cli_errors(workdir):
@@ -115,7 +115,7 @@ def test_results_render_as_html_tables(tiny_run):
     assert "update gate Z" in text and "reset gate R" in text
     assert gates._repr_html_().count("<span title='Z = ") == len("the time")
     cmp = gru_lm.compare(runs=[run.path], out="cmp")
-    assert f"{cmp.rows[0]['val_ppl_mean']:,.3f}" in _html(cmp)
+    assert f"{cmp.rows[0].val_ppl_mean:,.3f}" in _html(cmp)
 
 
 def test_no_notebook_no_display(workdir, capsys):

@@ -9,8 +9,8 @@ from conftest import cli
 
 from gru_lm.config import ModelConfig
 from gru_lm.gates import trace_gates
+from gru_lm.members import load_member
 from gru_lm.models import build_model
-from gru_lm.runner import load_model
 
 TEXT = "the time traveller smiled"
 
@@ -40,7 +40,8 @@ def test_gates_command_reports_the_equations_values(workdir, tiny_run):
     png = Path("g.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 5_000
     data = json.loads(Path("g.json").read_text())
-    cfg, vocab, model = load_model(Path("runs/g/checkpoints/best.pt"))
+    m = load_member(Path("runs/g/checkpoints/best.pt"))
+    vocab, model = m.vocab, m.model
     Z, R = _independent_gru_gates(model, vocab.encode(TEXT))
     torch.testing.assert_close(torch.tensor(data["mean"]["Z"]), Z.mean(1))
     torch.testing.assert_close(torch.tensor(data["mean"]["R"]), R.mean(1))

@@ -17,9 +17,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "gru_lm"
 LAYERS = ["__init__", "errors", "utils", "stats", "distributed", "config", "download",
           "tokenstore", "data", "ngram", "_ext",
           "cells", "models", "metrics", "cache", "dynamic", "sampling", "checkpoint",
-          "evaluation", "rundir",
-          "schedule", "ema", "display", "trainstate", "preflight", "trainer", "runner",
-          "comparison", "gates", "api", "cli", "__main__"]
+          "rundir", "schedule", "ema", "display", "members", "scorers", "evaluation",
+          "trainstate", "preflight", "trainer", "runner",
+          "comparison", "gates", "api", "terminal", "cli", "__main__"]
 REEXPORTED = {"api", "errors"}  # the package re-exports them lazily (gru_lm.train, ...)
 
 

@@ -46,9 +46,10 @@ def test_parallel_streams_with_a_warm_up_score_as_one_stream(tiny_run):
     """1, 32 and 499 streams agree within 0.2% once each stream reads the text before it;
     without the warm-up, 499 streams from zero states are far off."""
     from gru_lm.data import load_corpus
-    from gru_lm.runner import load_model
+    from gru_lm.members import load_member
 
-    cfg, vocab, model = load_model(tiny_run() / "checkpoints" / "best.pt")
+    m = load_member(tiny_run() / "checkpoints" / "best.pt")
+    vocab, model = m.vocab, m.model
     text = load_corpus(DataConfig(max_tokens=12_000), vocab=vocab, progress=False).train
     one = perplexity(*evaluate(model, text, 1, 16, warmup=0))
     for streams in (32, 499):
@@ -272,3 +273,129 @@ def test_evaluate_text_says_what_the_d2l_preset_dropped(workdir, tiny_run):
     assert "note: --text zh.txt: 420 characters became" in r.output
     assert "non-ASCII characters" in r.output and "data.preset=raw" in r.output
     assert r.output.index("note:") < r.output.index("scored as one stream")
+
+
+# ---------------------------------------------------------------- the scorers' registry
+
+
+def _member(name: str = "lstm"):
+    from gru_lm.config import Config
+    from gru_lm.data import Vocab
+    from gru_lm.members import Member
+
+    torch.manual_seed(0)
+    cfg = Config.model_validate({"model": {"name": name, "num_hiddens": 16},
+                                 "train": {"eval_batch_size": 4, "num_steps": 8, "max_steps": 1,
+                                           "eval_warmup": 10}})
+    vocab = Vocab([c for c in "abcdefgh "], min_freq=0)
+    model = build_model(cfg.model, len(vocab)).eval()
+    return Member(Path("m.pt"), cfg, vocab, model, None)
+
+
+def _scored(scorer, member, texts):
+    from gru_lm.evaluation import member_scores
+    from gru_lm.ngram import KneserNey
+    from gru_lm.scorers import MIXERS
+
+    if scorer in MIXERS:  # a post-pass: over the static scores
+        variants = member_scores(member, texts, ())
+        ngram = KneserNey(texts.train, len(member.vocab), 3)
+        return next(iter(MIXERS[scorer]().mix(variants, texts, ngram).values()))
+    return member_scores(member, texts, set(_needs(scorer)))[scorer]
+
+
+def _needs(scorer: str) -> tuple[str, ...]:
+    from gru_lm.scorers import SCORERS
+
+    return SCORERS[scorer].combines or ((scorer,) if scorer != "static" else ())
+
+
+def _all_methods() -> list[str]:
+    from gru_lm.scorers import MIXERS, SCORERS
+
+    return [*SCORERS, *MIXERS]
+
+
+@pytest.mark.parametrize("scorer", _all_methods())
+def test_every_scorer_scores_each_token_before_it_learns_from_it(scorer):
+    """Two targets equal up to position k and different after it: every scorer gives their
+    first k tokens the same log-probabilities and chooses the same settings on val. A scorer
+    that looked ahead (adapted, cached or normalised on text it has not scored yet) would
+    not."""
+    from gru_lm.scorers import Texts
+
+    m = _member()
+    g = torch.Generator().manual_seed(1)
+    train, val = torch.randint(0, 9, (600,), generator=g), torch.randint(0, 9, (300,), generator=g)
+    a = torch.randint(0, 9, (400,), generator=g)
+    b, k = a.clone(), 150
+    b[k + 1:] = (a[k + 1:] + 1 + torch.randint(0, 8, (len(a) - k - 1,), generator=g)) % 9
+    sa, sb = (_scored(scorer, m, Texts(val, t, train)) for t in (a, b))
+    assert len(sa.target) == len(a) - 1
+    torch.testing.assert_close(sa.target[:k], sb.target[:k])  # log P(a[j+1] | a[:j+1]), j < k
+    assert not torch.equal(sa.target[k:], sb.target[k:])  # the targets do differ after k
+    assert sa.settings == sb.settings and torch.equal(sa.val, sb.val)
+
+
+def test_the_temperature_chosen_on_val_undoes_a_scaled_output_layer(tiny_run):
+    """Logits scaled by 1.2 make the trained model 1.2 times as sure: T chosen on val comes
+    out 1.2 times what it was (within the grid's step), and no T scores val worse than the
+    model as it is (T = 1 is in the grid)."""
+    from gru_lm.data import load_corpus
+    from gru_lm.members import load_member
+    from gru_lm.scorers import TEMPERATURES, Temperature, Texts
+
+    m = load_member(tiny_run() / "checkpoints" / "best.pt")
+    corpus = load_corpus(m.cfg.data, vocab=m.vocab, progress=False)
+    texts = Texts(corpus.val[:3000], corpus.test[:3000])
+    t0 = Temperature().score(m, texts, {}).settings[0]["temperature"]
+    with torch.no_grad():
+        m.model.W_hq.mul_(1.2)  # the book's output layer: logits = H W_hq + b_q
+        m.model.b_q.mul_(1.2)
+    sharp = Temperature().score(m, texts, {})
+    t1 = sharp.settings[0]["temperature"]
+    assert TEMPERATURES[0] < t1 < TEMPERATURES[-1], (t0, t1)  # found inside the grid
+    assert t1 == pytest.approx(1.2 * t0, abs=0.026)
+    static = token_log_probs(m.model, texts.val, *m.cfg.train.reading)
+    assert float(sharp.val.double().sum()) >= float(static.double().sum())
+
+
+def test_a_new_scorer_is_one_class(tiny_run, monkeypatch):
+    """Registering a class is all it takes: `gru_lm.evaluate(run, NAME=True)` scores with it,
+    and evaluate's --help lists its option (the CLI reads the registry)."""
+    import gru_lm
+    from gru_lm import scorers
+
+    monkeypatch.setattr(scorers, "SCORERS", dict(scorers.SCORERS))
+
+    @scorers.register
+    class Halved(scorers.Scorer):  # the static model mixed half and half with uniform
+        name = "halved"
+        help = "Also score half model, half uniform."
+
+        def score(self, m, texts, chosen):
+            s = scorers.SCORERS["static"]().score(m, texts, chosen)
+            mix = lambda lp: torch.logaddexp(lp, torch.full_like(lp, -math.log(len(m.vocab)))
+                                             ) - math.log(2)  # noqa: E731
+            return scorers.Scored(mix(s.val), mix(s.target), [{"share": 0.5}])
+
+    ev = gru_lm.evaluate(tiny_run(), "test", halved=True)
+    assert [r.name for r in ev.rows] == ["static", "halved"]
+    assert ev.rows[1].ppl > ev.rows[0].ppl and ev.rows[1].settings == [{"share": 0.5}]
+    assert "halved" in scorers.options()
+
+
+def test_evaluate_lists_every_registered_method_as_an_option():
+    from gru_lm.scorers import options
+
+    r = cli("evaluate", "--help")
+    for name in options():
+        assert f"--{name}" in r.output, (name, r.output)
+
+
+def test_an_unknown_method_is_one_line(tiny_run):
+    import gru_lm
+    from gru_lm.errors import GruLmError
+
+    with pytest.raises(GruLmError, match="unknown way of scoring 'cachee'; the methods are"):
+        gru_lm.evaluate(tiny_run(), cachee=True)

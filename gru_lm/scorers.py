@@ -1,0 +1,295 @@
+"""The ways `gru-lm evaluate` scores a text, as a registry (as models.py holds the models).
+
+A scorer turns one trained model and a text into the log-probability of every token, read
+as one stream. Whatever it may choose (a cache's window, dynamic evaluation's learning
+rate, a softmax temperature) it chooses on the val split; the target is then scored once
+with that choice, and every token is scored before anything learns from it. A scorer is
+one class:
+
+    @register
+    class MyScorer(Scorer):
+        name = "mine"                      # its row in the table, its API keyword
+        help = "Also score ... (... chosen on val)."  # the --mine option's help
+
+        def score(self, m, texts, chosen) -> Scored: ...
+
+`gru-lm evaluate --mine` and `gru_lm.evaluate(run, mine=True)` then exist with no other
+edit. A *combination* (combines = ("dynamic", "cache")) has no option of its own: it runs
+when every scorer it combines is asked for, reading what they chose from `chosen`.
+
+A *mixer* is a post-pass over every scorer's result (the Kneser-Ney n-gram mixture);
+ensembles average the members' probabilities before the mixers run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:  # (torch is imported where it is used: `gru-lm --help` lists these options)
+    import torch
+
+    from gru_lm.members import Member
+    from gru_lm.ngram import KneserNey
+
+
+@dataclass
+class Texts:
+    """What a scorer reads: val (where it chooses), the target (scored once with what val
+    chose; `val` itself with --split val) and the training split (dynamic evaluation's
+    gradient statistics)."""
+
+    val: torch.Tensor | None  # None: the run has no val split (static scoring only)
+    target: torch.Tensor
+    train: torch.Tensor | None = None
+
+    @property
+    def tune_on(self) -> torch.Tensor:
+        """The val split, where a scorer chooses its settings."""
+        if self.val is None:
+            raise ValueError("a scorer with settings needs a val split")
+        return self.val
+
+    @property
+    def same(self) -> bool:
+        """Val is the target: nothing is scored twice."""
+        return self.target is self.val
+
+
+@dataclass
+class Scored:
+    """Per-token log-probabilities (float32, text order) of val and of the target, and the
+    settings val chose (one entry a member; empty when there is nothing to choose)."""
+
+    val: torch.Tensor | None
+    target: torch.Tensor
+    settings: list[dict] = field(default_factory=list)
+
+
+class Scorer:
+    """One way to score a text with one model; see the module's docstring."""
+
+    name: ClassVar[str]
+    help: ClassVar[str] = ""
+    combines: ClassVar[tuple[str, ...]] = ()  # a combination of these scorers: no option
+
+    def score(self, m: Member, texts: Texts, chosen: dict[str, Any]) -> Scored:
+        """Choose on texts.val, score texts.target; record in `chosen` what a combination
+        may reuse."""
+        raise NotImplementedError
+
+    @staticmethod
+    def reading(m: Member) -> tuple[int, int, int]:
+        return m.cfg.train.reading
+
+
+class Mixer:
+    """A post-pass: each scorer's (ensembled) result mixed with another model."""
+
+    name: ClassVar[str]
+    help: ClassVar[str] = ""
+
+    def mix(self, variants: dict[str, Scored], texts: Texts, ngram: KneserNey
+            ) -> dict[str, Scored]:
+        raise NotImplementedError
+
+
+SCORERS: dict[str, type[Scorer]] = {}
+MIXERS: dict[str, type[Mixer]] = {}
+STATIC = "static"
+
+
+def register(cls):
+    """Add a Scorer or Mixer class to its registry under its name."""
+    table: dict[str, Any] = MIXERS if issubclass(cls, Mixer) else SCORERS
+    if cls.name in SCORERS or cls.name in MIXERS:
+        raise ValueError(f"a scorer named {cls.name!r} is registered already")
+    table[cls.name] = cls
+    return cls
+
+
+def options() -> dict[str, str]:
+    """Every method a user may ask for (scorers and mixers, not combinations): name -> help."""
+    return {n: c.help for n, c in (*SCORERS.items(), *MIXERS.items())
+            if n != STATIC and not getattr(c, "combines", ())}
+
+
+def keyword(name: str) -> str:
+    """A method's API keyword and option stem: "mix-ngram" -> "mix_ngram"."""
+    return name.replace("-", "_").replace(" ", "_")
+
+
+def chosen_scorers(asked: set[str]) -> list[Scorer]:
+    """static, the asked scorers, and every combination of asked scorers, in registry order."""
+    return [cls() for name, cls in SCORERS.items()
+            if name == STATIC or name in asked or (cls.combines and set(cls.combines) <= asked)]
+
+
+def ensemble(parts: list[torch.Tensor]) -> torch.Tensor:
+    """log of the mean of the members' probabilities, token by token."""
+    import torch
+
+    if len(parts) == 1:
+        return parts[0]
+    return torch.logsumexp(torch.stack(parts), dim=0) - math.log(len(parts))
+
+
+# ---------------------------------------------------------------- the scorers
+
+
+@register
+class Static(Scorer):
+    """The model as trained, state carried through the text."""
+
+    name = STATIC
+
+    def score(self, m, texts, chosen):
+        from gru_lm.metrics import token_log_probs
+
+        val = None if texts.val is None else token_log_probs(m.model, texts.val,
+                                                             *self.reading(m))
+        return Scored(val, val if val is not None and texts.same else
+                      token_log_probs(m.model, texts.target, *self.reading(m)))
+
+
+@register
+class Cache(Scorer):
+    """A continuous cache (gru_lm/cache.py)."""
+
+    name = "cache"
+    help = "Also score with a continuous cache (window, theta and lambda chosen on val)."
+
+    def score(self, m, texts, chosen):
+        from gru_lm.cache import THETAS, WINDOWS, cache_scores, choose, with_cache
+
+        logp_v, grid_v = cache_scores(m.model, texts.tune_on, *self.reading(m))
+        best = choose(logp_v, grid_v, WINDOWS, THETAS)
+        a, b = WINDOWS.index(best.window), THETAS.index(best.theta)
+        if texts.same:
+            logp_t, grid_t = logp_v, grid_v[a, b]
+        else:
+            logp_t, grid = cache_scores(m.model, texts.target, *self.reading(m),
+                                        (best.window,), (best.theta,))
+            grid_t = grid[0, 0]
+        chosen[self.name] = best
+        return Scored(with_cache(logp_v, grid_v[a, b], best.lam),
+                      with_cache(logp_t, grid_t, best.lam),
+                      [{"window": best.window, "theta": best.theta, "lambda": best.lam}])
+
+
+@register
+class Dynamic(Scorer):
+    """Dynamic evaluation (gru_lm/dynamic.py)."""
+
+    name = "dynamic"
+    help = "Also score with dynamic evaluation (settings chosen on val)."
+
+    def score(self, m, texts, chosen):
+        from gru_lm.dynamic import dynamic_log_probs, gradient_ms, tune
+
+        if texts.train is None:
+            raise ValueError("dynamic evaluation needs the training split")
+        ms = gradient_ms(m.model, texts.train, m.cfg.train.num_steps)
+        best, val_dyn, _ = tune(m.model, texts.tune_on, ms)
+        chosen[self.name] = (ms, best)
+        target = val_dyn if texts.same else dynamic_log_probs(m.model, texts.target, ms,
+                                                              best)[0]
+        return Scored(val_dyn, target,
+                      [{"lr": best.lr, "decay": best.decay, "segment": best.segment}])
+
+
+@register
+class DynamicCache(Scorer):
+    """Both: the adapting model's features fill the cache (the cache's window and theta and
+    dynamic evaluation's settings as each chose them alone; lambda refitted on val)."""
+
+    name = "dynamic + cache"
+    combines = ("dynamic", "cache")
+
+    def score(self, m, texts, chosen):
+        import torch
+
+        from gru_lm.cache import with_cache
+        from gru_lm.dynamic import dynamic_log_probs
+        from gru_lm.metrics import mixture_weight
+
+        ms, best = chosen["dynamic"]
+        cache = chosen["cache"]
+        val_d, val_c = dynamic_log_probs(m.model, texts.tune_on, ms, best, cache=cache)
+        known = ~torch.isnan(val_c)
+        lam = mixture_weight(val_d[known], val_c[known]) if known.any() else 0.0
+        tgt_d, tgt_c = (val_d, val_c) if texts.same else dynamic_log_probs(
+            m.model, texts.target, ms, best, cache=cache)
+        return Scored(with_cache(val_d, val_c, lam), with_cache(tgt_d, tgt_c, lam),
+                      [{"lr": best.lr, "decay": best.decay, "segment": best.segment,
+                        "window": cache.window, "theta": cache.theta, "lambda": lam}])
+
+
+# Softmax temperatures tried on val: 0.70 to 1.40 in steps of 0.025 (DeepMind's lamb calls
+# the setting eval_softmax_temperature). Every one is scored in the same pass over the text.
+TEMPERATURES = tuple(round(0.7 + 0.025 * i, 3) for i in range(29))
+
+
+def tempered_log_probs(model, tokens: torch.Tensor, temperatures: tuple[float, ...],
+                       streams: int, num_steps: int, warmup: int) -> torch.Tensor:
+    """log P(tokens[j + 1] | tokens[:j + 1]) with the logits divided by each temperature:
+    (temperatures, tokens - 1), float32, text order, read as one stream (read_streams)."""
+    import torch
+
+    from gru_lm.metrics import read_streams, target_log_probs
+
+    temps = torch.tensor(temperatures).view(-1, 1, 1, 1)
+    parts = []
+    for w in read_streams(model, tokens, streams, num_steps, warmup):
+        if not w.warmup:  # (temperatures, streams, window)
+            parts.append(target_log_probs(w.logits.float().unsqueeze(0) / temps,
+                                          w.Y.expand(len(temperatures), *w.Y.shape)))
+    if not parts:
+        return torch.zeros(len(temperatures), 0)
+    return torch.cat(parts, dim=2).reshape(len(temperatures), -1)[:, :len(tokens) - 1]
+
+
+@register
+class Temperature(Scorer):
+    """The output distribution sharpened or flattened: softmax(logits / T), T chosen on val.
+    A model trained with dropout and weight averaging is often a little under- or
+    over-confident; one number learnt on val corrects it."""
+
+    name = "temperature"
+    help = "Also score with the softmax temperature chosen on val (logits / T)."
+
+    def score(self, m, texts, chosen):
+        grid = tempered_log_probs(m.model, texts.tune_on, TEMPERATURES, *self.reading(m))
+        i = int(grid.double().sum(1).argmax())
+        t = TEMPERATURES[i]
+        target = grid[i] if texts.same else tempered_log_probs(
+            m.model, texts.target, (t,), *self.reading(m))[0]
+        return Scored(grid[i], target, [{"temperature": t}])
+
+
+@register
+class NgramMix(Mixer):
+    """Each scorer's result interpolated with the Kneser-Ney n-gram model counted on the
+    training split, its weight fitted on val by EM."""
+
+    name = "mix-ngram"
+    help = ("Also score each of the above interpolated with the Kneser-Ney n-gram model "
+            "(weight chosen on val).")
+
+    def mix(self, variants, texts, ngram):
+        import torch
+
+        from gru_lm.metrics import mixture_log_probs, mixture_weight
+
+        counted_val = torch.from_numpy(ngram.log_probs(texts.tune_on)).float()
+        counted = counted_val if texts.same else \
+            torch.from_numpy(ngram.log_probs(texts.target)).float()
+        out = {}
+        for name, sc in variants.items():
+            assert sc.val is not None  # (every scorer that mixes read val)
+            w = mixture_weight(sc.val, counted_val)
+            out[f"{name} + {ngram.order}-gram"] = Scored(
+                mixture_log_probs(sc.val, counted_val, w),
+                mixture_log_probs(sc.target, counted, w), [{"ngram_weight": w}])
+        return out
