@@ -84,9 +84,9 @@ def step_ms(cases: dict[str, tuple[str, list[str]]], threads: int, rounds: int =
     the cases interleaved, medians."""
     import statistics
 
+    from gru_lm.building import build_trainer
     from gru_lm.config import load_config
     from gru_lm.data import load_corpus
-    from gru_lm.runner import build_trainer
 
     ready = {}
     for name, (config, overrides) in cases.items():
@@ -136,9 +136,9 @@ def profile(config: str, overrides: list[str], threads: int, steps: int = 10
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
+    from gru_lm.building import build_trainer
     from gru_lm.config import load_config
     from gru_lm.data import load_corpus
-    from gru_lm.runner import build_trainer
 
     cfg = load_config(ROOT / config, [f"train.threads={threads}", *overrides])
     tr = build_trainer(cfg, load_corpus(cfg.data, progress=False))

@@ -256,9 +256,9 @@ def _launch(nproc: int, config: Path | None, overrides: list[str], resume: Path 
             name: str | None, args: list[str]) -> int:
     """Run `gru-lm train ARGS` in `nproc` processes; its exit status. Bad input is refused
     here, once, before any process starts."""
+    from gru_lm.building import gpu_count, load_new_config, new_run, usable_cores
     from gru_lm.distributed import launch
     from gru_lm.errors import GruLmError
-    from gru_lm.runner import gpu_count, load_new_config, new_run, usable_cores
 
     if os.environ.get("WORLD_SIZE"):
         raise GruLmError("--nproc inside a torchrun job; drop --nproc (torchrun already "

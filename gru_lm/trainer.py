@@ -1,6 +1,6 @@
 """One training loop for every model: TBPTT, evaluation, samples, checkpoints, exact resume.
 
-The caller builds the model, the optimizer and the corpus (runner.build_trainer does it from a
+The caller builds the model, the optimizer and the corpus (building.build_trainer does it from a
 config), as minGPT's Trainer(config, model, dataset); the trainer only trains. When to stop
 and which learning rate to use come from the pure functions of gru_lm/schedule.py.
 """
@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from gru_lm import preflight
-from gru_lm.checkpoint import load_checkpoint, load_state, save_checkpoint, set_rng_state
+from gru_lm.checkpoint import load_checkpoint, load_state, save_checkpoint
 from gru_lm.config import Config
 from gru_lm.data import BatchLoader, Corpus, Cursor
 from gru_lm.display import Reporter, TensorBoard, tensorboard_writer
@@ -24,7 +24,8 @@ from gru_lm.distributed import SINGLE, World, agree_on_stop, mean, wrap
 from gru_lm.ema import EMA
 from gru_lm.errors import GruLmError, TrainingInterrupted
 from gru_lm.metrics import bits_per_char, evaluate, perplexity, time_major_loss
-from gru_lm.models import RecurrentLM, detach_state, state_to
+from gru_lm.models import RecurrentLM, detach_state
+from gru_lm.resume import payload
 from gru_lm.rundir import BEST, LAST, RunDir
 from gru_lm.sampling import generate
 from gru_lm.schedule import (
@@ -34,16 +35,7 @@ from gru_lm.schedule import (
     stop_reason,
     total_steps,
 )
-from gru_lm.trainstate import (
-    TrainProgress,
-    check_fits,
-    load_optimizer,
-    nonfinite,
-    own_part,
-    payload,
-    progress_from,
-    run_summary,
-)
+from gru_lm.trainstate import TrainProgress, nonfinite, run_summary
 from gru_lm.utils import caught_signals
 
 
@@ -270,7 +262,7 @@ class Trainer:
     # -------------------------------------------------------------- checkpoints
 
     def checkpoint_payload(self, ema: bool = False) -> dict[str, Any]:
-        """Everything a resume needs (trainstate.payload); `ema`: the averaged weights as
+        """Everything a resume needs (resume.payload); `ema`: the averaged weights as
         "model" (best.pt). Distributed, every rank must call it."""
         return payload(self, ema)
 
@@ -294,27 +286,11 @@ class Trainer:
                              f"then `{self.run.resume_command(self.world.size)}`") from None
 
     def restore(self, ck: dict[str, Any], path) -> None:
-        """Continue from checkpoint `ck` (read from `path`) exactly where it stopped."""
-        load_state(self.model, ck["model"], path)
-        mine = own_part(ck, self.world, path)  # this process' carried state and generators
-        try:
-            load_optimizer(self.optimizer, ck["optimizer"], self.cfg.train)
-            self.progress = progress_from(ck["progress"], path)
-            self.cursor.restore(ck["loader_epoch_state"], self.progress.batch_in_epoch)
-            set_rng_state(mine["rng"])
-            if self.ema is not None and ck.get("ema") is not None:
-                self.ema.load_state_dict(ck["ema"])
-        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
-            raise GruLmError(f"checkpoint {path} cannot be resumed ({type(e).__name__}: "
-                             f"{str(e)[:120]}); start a new run") from None
-        carried = mine.get("carry_state")
-        check_fits(self.model, self.optimizer, self.ema, carried, self.cfg.train.batch_size,
-                   path)
-        # Checkpoints load on the CPU; the carried state belongs on the training device.
-        self.state = state_to(carried, self.device) if carried is not None else None
-        if self.run is not None and self.world.is_main:
-            self.run.truncate_records(self.progress.step)
-            self.run.truncate_samples(self.progress.step)
+        """Continue from checkpoint `ck` (read from `path`) exactly where it stopped
+        (resume.restore)."""
+        from gru_lm.resume import restore
+
+        restore(self, ck, path)
 
     def _interrupt(self, signum: int) -> None:
         """Ctrl-C or SIGTERM reached a rank: save at this step boundary, say how to resume."""

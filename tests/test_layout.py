@@ -18,7 +18,7 @@ LAYERS = ["__init__", "errors", "utils", "stats", "distributed", "config", "down
           "tokenstore", "data", "ngram", "_ext",
           "cells", "models", "metrics", "cache", "dynamic", "sampling", "checkpoint",
           "rundir", "schedule", "ema", "display", "members", "scorers", "evaluation",
-          "trainstate", "preflight", "trainer", "runner",
+          "trainstate", "resume", "preflight", "trainer", "building", "runner",
           "comparison", "gates", "api", "terminal", "cli", "__main__"]
 REEXPORTED = {"api", "errors"}  # the package re-exports them lazily (gru_lm.train, ...)
 

@@ -375,8 +375,11 @@ def test_a_new_scorer_is_one_class(tiny_run, monkeypatch):
 
         def score(self, m, texts, chosen):
             s = scorers.SCORERS["static"]().score(m, texts, chosen)
-            mix = lambda lp: torch.logaddexp(lp, torch.full_like(lp, -math.log(len(m.vocab)))
-                                             ) - math.log(2)  # noqa: E731
+            uniform = -math.log(len(m.vocab))
+
+            def mix(lp):
+                return torch.logaddexp(lp, torch.full_like(lp, uniform)) - math.log(2)
+
             return scorers.Scored(mix(s.val), mix(s.target), [{"share": 0.5}])
 
     ev = gru_lm.evaluate(tiny_run(), "test", halved=True)

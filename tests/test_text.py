@@ -79,10 +79,10 @@ def test_the_bytes_preset_refuses_vocabulary_settings(workdir):
 
 
 def test_init_from_loads_exactly_the_source_weights(workdir):
+    from gru_lm.building import build_trainer
     from gru_lm.checkpoint import load_checkpoint
     from gru_lm.config import load_config
     from gru_lm.data import load_corpus
-    from gru_lm.runner import build_trainer
 
     source = train_tiny("src", "data.preset=bytes")
     Path("zh.txt").write_text(CHINESE * 60, encoding="utf-8")

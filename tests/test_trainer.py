@@ -139,7 +139,7 @@ def test_slowdown_is_judged_against_the_runs_own_first_intervals():
 def test_threads_default_to_the_usable_cores(workdir):
     import os
 
-    from gru_lm.runner import usable_cores
+    from gru_lm.building import usable_cores
 
     assert usable_cores() == len(os.sched_getaffinity(0))
     r = cli("train", "-c", "configs/tiny.yaml", "--name", "thr", "train.threads=null", "-q")
