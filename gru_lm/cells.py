@@ -438,3 +438,93 @@ class RNNFunction(torch.autograd.Function):
         flat = T * B
         dW = r(_prev_states(H0, Y).reshape(flat, nh)).t() @ r(dA.reshape(flat, nh))
         return _input_grad(ctx, dA), None, carry, dW, None
+
+
+# ---------------------------------------------------------------- what runs, and how fast
+
+
+def best_time(fn, work: float, rounds: int = 3) -> float:
+    """Seconds of one call of `fn` (best of `rounds` rounds of about 5 ms each, `work` the
+    flops of one call, to size the rounds)."""
+    import time
+
+    reps = max(1, min(200, round(5e-3 * 20e9 / max(1.0, work))))
+    fn()
+    best = math.inf
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / reps)
+    return best
+
+
+def mm_operands(rows: int, n: int, k: int) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(rows, k, generator=g), torch.rand(k, n, generator=g)
+
+
+@dataclass(frozen=True)
+class TorchPath:
+    """torch.nn's recurrence (cuDNN, oneDNN or its loops): a model's `kernels`."""
+
+    num_gates: int  # blocks of the recurrent weight: 3 GRU, 4 LSTM, 1 RNN
+    num_hiddens: int
+
+    def path(self, device: torch.device | str, precision: str = "fp32") -> str:
+        """Which code runs the recurrence here, for the train header and summary.json."""
+        return "torch.nn" + (" under bf16 autocast" if precision == "bf16" else "")
+
+    def bf16_speed(self, batch_size: int) -> tuple[float, str]:
+        """How fast the recurrent products run in bf16 against fp32 on this CPU, measured now
+        at the step's shape: (speed ratio, the timings in words); torch.mm of bf16 against
+        fp32 tensors."""
+        n, k = self.num_gates * self.num_hiddens, self.num_hiddens
+        a, b = mm_operands(batch_size, n, k)
+        a16, b16 = a.bfloat16(), b.bfloat16()
+        work = 2.0 * batch_size * n * k
+        fp32 = best_time(lambda: torch.mm(a, b), work)
+        bf16 = best_time(lambda: torch.mm(a16, b16), work)
+        return fp32 / bf16, (f"torch.mm {batch_size}x{k}x{n}: bf16 {bf16 * 1e3:.3f} ms, "
+                             f"fp32 {fp32 * 1e3:.3f} ms")
+
+
+@dataclass(frozen=True)
+class FusedPath(TorchPath):
+    """This module's recurrences: the fused kernels where they load, else the loops."""
+
+    def path(self, device: torch.device | str, precision: str = "fp32") -> str:
+        rounded = ", GEMM operands rounded to bf16" if precision == "bf16" else ""
+        if torch.device(device).type != "cpu":
+            return f"portable loops{rounded}: no fused kernels for {torch.device(device).type}"
+        k = current()
+        if not k.fused:
+            return f"portable loops{rounded}: chosen by cells.portable_loops()"
+        if k.library.load() is None:
+            return f"portable loops{rounded}: {k.library.why}"
+        if precision == "bf16":
+            return f"fused kernels, bf16 GEMM operands: {bf16_gemm_report()}"
+        return "fused kernels"
+
+    def bf16_speed(self, batch_size: int) -> tuple[float, str]:
+        """The fused kernels' bf16 GEMM (the kind the step shape chose) against their fp32
+        sgemm, on one thread at the rows a thread runs; without the kernels, the loops' fp32
+        GEMMs on rounded operands (rounding only adds work)."""
+        ext = current().library.load() if current().fused else None
+        rows, n, k = _step_rows(batch_size), self.num_gates * self.num_hiddens, self.num_hiddens
+        if ext is None:  # the loops: the same fp32 GEMM, after rounding its operands
+            a, b = mm_operands(rows, n, k)
+            work = 2.0 * rows * n * k
+            fp32 = best_time(lambda: torch.mm(a, b), work)
+            rounded = bf16_operands(True)
+            bf16 = best_time(lambda: torch.mm(rounded(a), rounded(b)), work)
+            return fp32 / bf16, (f"the loops' fp32 GEMM on rounded operands {bf16 * 1e3:.3f} "
+                                 f"ms against {fp32 * 1e3:.3f} ms at {rows}x{k}x{n}")
+        kind = gemm_kind(ext, True, rows, n, k)
+        reps = timing_reps(rows, n, k)
+        # interleaved, the best of each: another process on the cores slows both alike
+        pairs = [(ext.time_gemm(0, rows, n, k, reps), ext.time_gemm(kind, rows, n, k, reps))
+                 for _ in range(3)]
+        fp32, bf16 = min(p[0] for p in pairs), min(p[1] for p in pairs)
+        return fp32 / bf16, (f"{GEMM_NAMES[kind]} {bf16 * 1e3:.3f} ms against fp32 sgemm "
+                             f"{fp32 * 1e3:.3f} ms at {rows}x{k}x{n}")

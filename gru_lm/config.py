@@ -90,25 +90,30 @@ class ModelConfig(_Section):
     weight_drop: float = Field(
         0.0, ge=0, lt=1, description="DropConnect on the recurrent weights W_h* (AWD-LSTM)"
     )
+    # option=True: a key only some models take (each model's `options` names the ones it
+    # does; recurrent.OPTIONS lists them all, read from these marks).
     embed_dropout: float = Field(
-        0.0, ge=0, lt=1, description="drop whole characters from the input embedding"
+        0.0, ge=0, lt=1, description="drop whole characters from the input embedding",
+        json_schema_extra={"option": True}
     )
     embed_dim: int | None = Field(
         None, ge=1, le=65536,
         description="input embedding size (default: torch.nn models a vocab_size-wide "
-        "lookup, scratch models the book's one-hot ids)"
+        "lookup, scratch models the book's one-hot ids)", json_schema_extra={"option": True}
     )
     tie_weights: bool = Field(
         False, description="torch.nn models: the output layer reuses the input embedding "
-        "(needs embed_dim = num_hiddens)"
+        "(needs embed_dim = num_hiddens)", json_schema_extra={"option": True}
     )
     bidirectional: bool = Field(False, description="refused: a language model must not peek")
     init: Literal["auto", "torch", "d2l", "xavier", "orthogonal"] = Field(
         "auto", description="weight init; auto = d2l for scratch models, torch for nn models"
     )
     forget_bias: float | None = Field(None, ge=-100, le=100,
-                                      description="initial LSTM forget-gate bias")
-    reset_after: bool = Field(False, description="gru-scratch: reset gate after W_hh (nn.GRU)")
+                                      description="initial LSTM forget-gate bias",
+                                      json_schema_extra={"option": True})
+    reset_after: bool = Field(False, description="gru-scratch: reset gate after W_hh (nn.GRU)",
+                              json_schema_extra={"option": True})
 
     @field_validator("bidirectional")
     @classmethod

@@ -38,7 +38,7 @@ def plan(cfg: Config, model, corpus: Corpus, device) -> Plan:
 def precision_notes(cfg: Config, model, device) -> list[str]:
     """bf16 on a CPU: refuse a wrong GRU_LM_BF16_GEMM, then time this model's recurrent
     products in bf16 and fp32 at its step's shape (a few tens of ms) and, when bf16 is not
-    faster here, say so with the figures (models.RecurrentLM.bf16_speed)."""
+    faster here, say so with the figures (the model's kernels.bf16_speed: gru_lm/cells.py)."""
     import torch
 
     from gru_lm._ext import cpu_has_bf16, cpu_summary
@@ -49,7 +49,7 @@ def precision_notes(cfg: Config, model, device) -> list[str]:
     bf16_pin()
     if torch.device(device).type != "cpu":
         return []
-    ratio, figures = model.bf16_speed(cfg.train.batch_size)
+    ratio, figures = model.kernels.bf16_speed(cfg.train.batch_size)
     if ratio >= 1:
         return []
     has = "" if cpu_has_bf16() else ", which has no bf16 arithmetic (avx512_bf16, amx_bf16)"
@@ -114,7 +114,7 @@ def announce(trainer, main: bool) -> dict:
         trainer.out.header(
             corpus=corpus, model=cfg.model.name, params=count_parameters(trainer.model),
             batches_per_epoch=trainer.batches_per_epoch, device=str(trainer.device),
-            kernels=trainer.model.kernel_path(trainer.device, cfg.train.precision),
+            kernels=trainer.model.kernels.path(trainer.device, cfg.train.precision),
             reference=reference,
             reference_split="val" if len(corpus.val) > 1 else "train")
     for note in trainer.notes:

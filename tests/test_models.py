@@ -475,8 +475,8 @@ def test_scratch_models_round_their_gemms_under_bf16_autocast(name):
         torch.testing.assert_close(s16, s32, atol=3e-2, rtol=3e-2)
     assert bf16.dtype == torch.float32
     torch.testing.assert_close(bf16, fp32, atol=5e-2, rtol=5e-2)
-    assert "bf16" in model.kernel_path("cpu", "bf16")
-    assert "bf16" not in model.kernel_path("cpu", "fp32")
+    assert "bf16" in model.kernels.path("cpu", "bf16")
+    assert "bf16" not in model.kernels.path("cpu", "fp32")
 
 
 @pytest.mark.parametrize("name", ["gru-scratch", "lstm-scratch", "rnn-scratch"])
@@ -499,7 +499,7 @@ def test_scratch_embedding_feeds_the_first_layer_vectors(name):
 @pytest.mark.parametrize("name", ["gru-scratch", "lstm-scratch", "gru", "lstm"])
 def test_bf16_speed_is_measured_at_the_step_shape(name):
     model = build_model(ModelConfig(name=name, num_hiddens=32), 10)
-    ratio, figures = model.bf16_speed(8)
+    ratio, figures = model.kernels.bf16_speed(8)
     assert ratio > 0 and " ms" in figures and "x32x" in figures
 
 
@@ -512,8 +512,11 @@ def test_the_trainer_says_when_bf16_does_not_pay(ratio, said):
         def bf16_speed(self, batch_size):
             return ratio, "kind 0.400 ms against fp32 0.320 ms"
 
+    class Model:
+        kernels = Timed()
+
     cfg = load_config(None, ["train.precision=bf16", "train.max_steps=1"])
-    notes = precision_notes(cfg, Timed(), "cpu")
+    notes = precision_notes(cfg, Model(), "cpu")
     assert bool(notes) == said
     if said:
         assert "does not pay on this CPU" in notes[0] and "0.80x fp32's speed" in notes[0]

@@ -156,7 +156,8 @@ def test_the_trainer_notes_bf16_when_it_does_not_pay(tmp_path, monkeypatch, rati
         cfg = validate({"model": {"name": name, "num_hiddens": 8},
                         "train": {"max_steps": 1, "precision": "bf16"}})
         m = build_model(cfg.model, 6)
-        monkeypatch.setattr(type(m), "bf16_speed", lambda self, b: (ratio, "x 1 ms against y 1 ms"))
+        monkeypatch.setattr(type(m.kernels), "bf16_speed",
+                            lambda self, b: (ratio, "x 1 ms against y 1 ms"))
         trainer = Trainer(cfg, m, torch.optim.SGD(m.parameters(), lr=1), _corpus(),
                           run=RunDir(tmp_path / name))
         notes = [n for n in trainer.notes if n.startswith("train.precision=bf16")]
