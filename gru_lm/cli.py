@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.markup import escape
 
 from gru_lm import __version__
 from gru_lm.terminal import (
@@ -24,9 +23,19 @@ from gru_lm.terminal import (
     flags_given,
     handle_errors,
     main_streams,
-    print_table,
     stdout,
     with_flags,
+)
+from gru_lm.views import (
+    said_newest,
+    show_comparison,
+    show_continuations,
+    show_corpus,
+    show_evaluation,
+    show_gates,
+    show_models,
+    show_runs,
+    show_summary,
 )
 
 app = typer.Typer(
@@ -129,31 +138,12 @@ def data_info(config: ConfigOpt = None, overrides: Overrides = None,
               top: Annotated[int, typer.Option(help="How many frequent tokens to show.")] = 8,
               ) -> None:
     """Show corpus statistics: characters, tokens, vocabulary, splits."""
-    from rich.table import Table
 
     from gru_lm.api import corpus_info
 
     in_range("--top", top, 1, 1000)
     info = corpus_info(config, *(overrides or []), offline=_offline(offline))
-    table = Table(title=f"corpus: {info.source}")
-    table.add_column("what")
-    table.add_column("value")
-    table.add_row("source", info.origin)
-    table.add_row("raw characters", f"{info.raw_chars:,}")
-    table.add_row(f"tokens ({info.preset} preset)", f"{info.num_tokens:,}")
-    if info.note:
-        table.add_row("preprocessing", info.note)
-    table.add_row("vocabulary size", str(info.vocab_size))
-    shown = (lambda t: repr(t.encode("latin-1"))) if info.preset == "bytes" else repr
-    freqs = ", ".join(f"{shown(t)} {f:,}" for t, f in info.token_freqs[:top])
-    table.add_row(f"top {top} tokens", freqs)
-    table.add_row("train / val / test tokens", f"{info.train:,} / {info.val:,} / {info.test:,}")
-    table.add_row("token store", f"{info.store} ("
-                  f"{'reused' if info.store_reused else 'prepared now'}, "
-                  f"{info.bytes_per_token} byte(s) a token)")
-    if info.store_note:
-        table.add_row("note", info.store_note)
-    print_table(table)
+    show_corpus(info, top)
 
 
 # ---------------------------------------------------------------- config
@@ -190,17 +180,11 @@ def models_cmd(
     vocab_size: Annotated[int, typer.Option(help="Vocabulary size for the count.")] = 28,
 ) -> None:
     """List the registered models with their parameter counts."""
-    from rich.table import Table
 
     from gru_lm.api import list_models
 
     found = list_models(num_hiddens, vocab_size)
-    table = Table(title=f"models ({num_hiddens} hiddens, 1 layer, vocab {vocab_size})")
-    for col in ("name", "description", "parameters"):
-        table.add_column(col, justify="right" if col == "parameters" else "left")
-    for m in found:
-        table.add_row(m.name, m.description, f"{m.parameters:,}")
-    print_table(table)
+    show_models(found, num_hiddens, vocab_size)
 
 
 # ---------------------------------------------------------------- train
@@ -248,7 +232,7 @@ def train_cmd(
     run = train(config, *(overrides or []), name=name, resume=resume, init_from=init_from,
                 offline=_offline(offline), show=not quiet, console=None if quiet else console)
     if world_from_env().is_main:
-        _print_summary(run.summary or {"run": run.path.name, "steps": 0,
+        show_summary(run.summary or {"run": run.path.name, "steps": 0,
                                        "stop_reason": "", "tokens_per_s": 0.0})
 
 
@@ -273,17 +257,6 @@ def _launch(nproc: int, config: Path | None, overrides: list[str], resume: Path 
     return launch(nproc, ["train", *args])
 
 
-def _print_summary(summary: dict) -> None:
-    parts = [f"[bold green]done[/bold green] {summary['run']}: {summary['steps']} steps",
-             f"stop: {summary['stop_reason']}"]
-    for key, label in (("best_val_ppl", "best val ppl"), ("best_test_ppl", "test ppl"),
-                       ("final_train_ppl", "train ppl")):
-        if key in summary:
-            parts.append(f"{label} {summary[key]:.3f}")
-    parts.append(f"{summary['tokens_per_s']:,.0f} tok/s")
-    console.print(" | ".join(parts), highlight=False)
-
-
 # ---------------------------------------------------------------- runs
 
 
@@ -291,57 +264,15 @@ def _print_summary(summary: dict) -> None:
 @handle_errors
 def runs_cmd(runs_dir: RunsDirOpt = Path("runs")) -> None:
     """List the runs under --runs-dir, newest first: model, steps, perplexity, status."""
-    import time
 
-    from rich.table import Table
 
     from gru_lm.api import runs
-    from gru_lm.display import rate
 
     rows = runs(runs_dir)
-    if not rows:
-        console.print(f"no runs under {runs_dir}/; train one with `gru-lm train --config "
-                      "configs/gru.yaml`", highlight=False)
-        return
-    table = Table(title=f"runs in {runs_dir}/ (newest first)")
-    for col in ("name", "model", "steps", "best val ppl", "test ppl", "tok/s", "status", "age"):
-        table.add_column(col, justify="left" if col in ("name", "model", "status") else "right")
-
-    def f(x, fmt):
-        return "-" if x is None else format(x, fmt)
-
-    now = time.time()
-    for r in rows:
-        mark = "" if r.one_stream else "*"
-        table.add_row(r.name, r.model or "?", f(r.steps, ","),
-                      f(r.best_val_ppl, ".3f") + mark, f(r.test_ppl, ".3f") + mark,
-                      rate(r.tokens_per_s), r.status,
-                      "-" if r.modified is None else _age(now - r.modified))
-    print_table(table)
-    if not all(r.one_stream for r in rows):
-        console.print("* scored by an older gru-lm as parallel streams from a zero state, about "
-                      "1.5% too high; `gru-lm evaluate --run DIR --split val` (or test) scores "
-                      "it as one stream", highlight=False)
-
-
-def _age(seconds: float) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.0f} {unit}"
-    return f"{max(seconds, 0):.0f} s"
-
-
-def _said_newest(path: Path) -> None:
-    """Say on stderr (stdout stays clean for pipes) that the newest run was taken: after a
-    smoke test the newest run may not be the one meant."""
-    err_console.print(f"using {path} (the newest run; choose with --run, see `gru-lm runs`)",
-                      highlight=False, style="dim", soft_wrap=True)
+    show_runs(rows, runs_dir)
 
 
 # ---------------------------------------------------------------- predict / evaluate
-
-
-ECHO_PREFIX = 1_000  # characters of the prefix printed before each continuation
 
 
 @app.command("predict", epilog=example(
@@ -382,23 +313,7 @@ def predict_cmd(
     r = continue_text(_prefix(prefix, prefix_file), _one_of(run, checkpoint), num_samples,
                       num_chars, temperature=temperature, top_k=top_k, top_p=top_p,
                       seed=seed, greedy=greedy, unknown=unknown.value, runs_dir=runs_dir)
-    if r.newest:
-        _said_newest(r.checkpoint)
-    for note in (f"dropped {r.how.skipped:,} character(s) of the prefix that the corpus does "
-                 "not have (--unknown skip)" if r.how.skipped else "", r.how.note):
-        if note:
-            err_console.print(note, highlight=False, style="dim", soft_wrap=True)
-    prompt = r.prompt
-    if len(prompt) > ECHO_PREFIX:  # a chapter used as a prime is not echoed whole, per sample
-        err_console.print(f"(the prefix has {len(prompt):,} characters; each sample shows its "
-                          f"last {ECHO_PREFIX:,})", highlight=False, style="dim")
-        prompt = "…" + prompt[-ECHO_PREFIX:]
-    for text in r.outputs:
-        if console.is_terminal:
-            console.print(f"[bold cyan]{escape(prompt)}[/bold cyan]{escape(text)}",
-                          highlight=False, markup=True)
-        else:
-            stdout.write(prompt + text + "\n")
+    show_continuations(r)
 
 
 def _prefix(prefix: str | None, prefix_file: Path | None) -> str:
@@ -466,58 +381,11 @@ def evaluate_cmd(
     paths: list[str | Path] = [*(run or []), *(checkpoint or [])]
     if not paths:
         where = locate(None, runs_dir)
-        _said_newest(where.checkpoint)
+        said_newest(where.checkpoint)
         paths = [where.checkpoint]
     r = evaluate(paths, split.value, text=text, offline=_offline(offline),
                  methods=flags_given(methods, _methods()), ngram_order=ngram_order)
-    _print_evaluation(r, len(paths), "text" if text is not None else split.value)
-
-
-def _print_evaluation(r, members: int, target: str) -> None:
-    from gru_lm.display import references_text
-
-    if r.note:  # before the figure: most of a text may not be scored at all
-        console.print(f"[yellow]note:[/yellow] {escape(r.note)}", highlight=False)
-    console.print(f"{r.what}: {r.tokens:,} tokens, scored as one stream | loss {r.loss:.4f} | "
-                  f"ppl {r.ppl:.3f} | {r.bpc:.3f} bits/{r.unit}", highlight=False)
-    if r.per_char:
-        console.print(f"per character: ppl {r.per_char['ppl']:.3f} over its "
-                      f"{r.per_char['chars']:,} characters (the byte-level loss, summed over "
-                      "each character's bytes)", highlight=False)
-    if r.references is not None:
-        console.print(f"references (counted on the training split): "
-                      f"{references_text(r.references)}", highlight=False)
-    if members > 1:
-        console.print(f"ensemble of {members} runs (their probabilities averaged): "
-                      f"{', '.join(r.checkpoints)}", highlight=False, soft_wrap=True)
-    if len(r.rows) > 1 or members > 1:
-        _print_score_rows(r, target)
-    if r.unknown:
-        console.print(f"[yellow]note:[/yellow] {r.unknown} token(s) outside the vocabulary "
-                      "were scored as <unk>", highlight=False)
-
-
-def _print_score_rows(r, target: str) -> None:
-    """One row a way of scoring (evaluation.Evaluation's rows): its ppl on the target,
-    bits/char, val ppl, what val chose; then the one val prefers."""
-    from rich.table import Table
-
-    from gru_lm.display import settings_text
-
-    table = Table(box=None, pad_edge=False)
-    for col in ("scored", f"{target} ppl", f"bits/{r.unit}", "val ppl", "chosen on val"):
-        table.add_column(col, justify="left" if col in ("scored", "chosen on val") else "right")
-    for row in r.rows:
-        table.add_row(row.name, f"{row.ppl:.3f}", f"{row.bpc:.3f}",
-                      "-" if row.val_ppl is None else f"{row.val_ppl:.3f}",
-                      settings_text(row.settings))
-    print_table(table)
-    if r.best is not None:
-        console.print(f"best on val: {r.best.name}, {target} ppl {r.best.ppl:.3f}",
-                      highlight=False)
-    if r.tuned_on_target:
-        console.print("note: val chose every setting and is also the split scored, so these "
-                      "figures are optimistic; report --split test", highlight=False)
+    show_evaluation(r, len(paths), "text" if text is not None else split.value)
 
 
 # ---------------------------------------------------------------- compare / plot
@@ -563,56 +431,7 @@ def compare_cmd(
                      seeds=seeds, budget_s=budget_s, epochs=epochs, tokens=tokens, out=out,
                      resume=resume, runs_dir=runs_dir, offline=_offline(offline),
                      console=None if quiet else console)
-    _print_comparison(result, wide)
-
-
-def _print_comparison(result, wide: bool = False) -> None:
-    """comparison.Comparison as a table that fits 80 columns: model, seeds, val and test ppl (mean ±
-    the 95% CI's half width over seeds), tok/s; --wide adds the rest. Then a verdict on every
-    pair."""
-    from rich.table import Table
-
-    from gru_lm.display import rate
-
-    def f(x, fmt):
-        return "-" if x is None else format(x, fmt)
-
-    def ci(mean, iv):
-        return f(mean, ".3f") + (f" ± {(iv['high'] - iv['low']) / 2:.3f}" if iv else "")
-
-    target = result.target_val_ppl
-    columns = ["model", "seeds", "val ppl", "test ppl", "tok/s"]
-    if wide:
-        columns += ["params", "train ppl", "bits/char", "wall s",
-                    f"s to val ppl {f(target, '.2f')}", "stopped by"]
-    table = Table(title="comparison (mean ± 95% CI over seeds)")
-    for col in columns:
-        # a name too long for the terminal folds onto a second line; it is never cut
-        table.add_column(col, justify="left" if col in ("model", "stopped by") else "right",
-                         no_wrap=col not in ("model", "stopped by"), overflow="fold")
-    for r in result.rows:
-        name = "  ensemble" if r.kind == "ensemble" else r.model  # of the row above
-        cells = [name, str(r.seeds), ci(r.val_ppl_mean, r.val_ppl_ci95),
-                 ci(r.test_ppl_mean, r.test_ppl_ci95), rate(r.tokens_per_s_mean)]
-        if wide:
-            cells += [f(r.params, ","), f(r.train_ppl_mean, ".3f"), f(r.val_bpc_mean, ".3f"),
-                      f(r.wall_s_mean, ".1f"), f(r.time_to_target_s_mean, ".1f"),
-                      ", ".join(r.stopped_by)]
-        table.add_row(*cells)
-    print_table(table, width=200 if wide else None)
-    refs = result.references
-    if "ngram_ppl" in refs:
-        from gru_lm.display import references_text
-
-        console.print(f"references on the val split: {references_text(refs)}",
-                      highlight=False)
-    for r in result.rows:
-        if r.differs:
-            console.print(f"note: {r.model} is {r.differs}", highlight=False, soft_wrap=True)
-    for line in result.verdicts:
-        console.print(f"verdict: {line}", highlight=False, soft_wrap=True)
-    console.print(f"wrote {result.out}/results.csv, results.json, verdicts.csv, curves.png, "
-                  "samples.md", highlight=False)
+    show_comparison(result, wide)
 
 
 @app.command("plot", epilog=example(
@@ -666,21 +485,7 @@ def gates_cmd(
         figure_format(png)
     g = gates(text, _one_of(run, checkpoint), layer, units, figure=png is not None,
               runs_dir=runs_dir)
-    if g.newest:
-        _said_newest(g.checkpoint)
-    report, trained, path = g.report, g.run, g.checkpoint
-    name = trained.config.model.name
-    console.print(f"{name} layer {layer}, {report.trace.H.shape[1]} units, from {path}",
-                  highlight=False)
-    for strip in report.strips():
-        console.print(strip)
-    console.print(report.legend(), highlight=False, markup=False)
-    if png is not None:
-        report.write_png(png, title=f"{name} gates, layer {layer}, run {trained.path.name}")
-        console.print(f"wrote {png}", highlight=False)
-    if json_out is not None:
-        report.write_json(json_out)
-        console.print(f"wrote {json_out}", highlight=False)
+    show_gates(g, layer, png, json_out)
 
 
 def main() -> None:

@@ -188,8 +188,8 @@ def test_compare_table_fits_80_columns(tiny_run, monkeypatch):
 def test_compare_table_keeps_every_name_whole_at_any_speed(rate, monkeypatch, capsys):
     """The measured speed is injected: from a slow CPU (10^3 tok/s) to a GPU (10^8) the
     80-column table keeps every model name whole and every line within 80 columns."""
-    from gru_lm.cli import _print_comparison
     from gru_lm.comparison import Comparison, ResultRow
+    from gru_lm.views import show_comparison
 
     monkeypatch.setenv("COLUMNS", "80")
     iv = {"low": 15.2, "high": 16.5}
@@ -198,7 +198,7 @@ def test_compare_table_keeps_every_name_whole_at_any_speed(rate, monkeypatch, ca
                       val_ppl_mean=15.859, val_ppl_ci95=iv, test_ppl_mean=16.123,
                       test_ppl_ci95=iv, val_bpc_mean=4.0, stopped_by=[],
                       tokens_per_s_mean=rate * (1 + i)) for i, n in enumerate(names)]
-    _print_comparison(Comparison(rows=rows, comparisons=[], verdicts=[], references={},
+    show_comparison(Comparison(rows=rows, comparisons=[], verdicts=[], references={},
                                  members=[], out=Path("runs/cmp")))
     out = capsys.readouterr().out
     table = [line for line in out.splitlines() if line[:1] in "┏┃┡│└"]
