@@ -219,7 +219,7 @@ def plot(runs: Sequence[str | Path], out: str | Path | None = None):
     """Train and val perplexity of one or more runs against steps: written to `out` (png,
     svg or pdf, by its suffix) with the notes for the user returned, or without `out` the
     matplotlib Figure (drawn in a notebook)."""
-    from gru_lm.comparison import plot_runs
+    from gru_lm.plots import plot_runs
 
     if not runs:
         raise GruLmError("give at least one run folder to plot (see gru_lm.runs())")

@@ -251,74 +251,91 @@ def download(
 ) -> Path:
     """Stream `url` into a temp file beside `dest`, verify SHA-1 (unless None: an archive
     whose members are verified instead), then move it into place."""
-    import hashlib
-
     import requests
 
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     session = _session(retries)
     deadline = time.monotonic() + total_timeout_s
-    current = url
     try:
-        for _ in range(MAX_REDIRECTS + 1):
-            resp = session.get(current, stream=True, timeout=timeout, allow_redirects=False)
-            if resp.is_redirect:
-                target = urljoin(current, resp.headers.get("Location", ""))
-                resp.close()
-                if urlparse(current).scheme == "https" and urlparse(target).scheme != "https":
-                    raise DataError(f"download of {url} refused: redirect from https to "
-                                    f"{target} would downgrade the connection")
-                current = target
-                continue
-            break
-        else:
-            raise DataError(f"download of {url} failed: more than {MAX_REDIRECTS} redirects")
-        with resp:
-            if resp.status_code != 200:
-                raise DataError(f"download of {url} failed: HTTP {resp.status_code} "
-                                f"{resp.reason or ''}".rstrip() + "; check the URL")
-            ctype = resp.headers.get("Content-Type", "").lower()
-            if "text/html" in ctype:
-                raise DataError(f"download of {url} failed: the server sent an HTML page, "
-                                "not the text file; check the URL")
-            total = int(resp.headers.get("Content-Length") or 0) or None
-            h = hashlib.sha1()
-            # The verified file replaces `dest` atomically; a bad or partial one never lands.
-            with atomic_writer(dest, "wb") as f, _progress(progress, dest.name, total) as advance:
-                first = True
-                for chunk in resp.iter_content(chunk_size=1 << 16):
-                    if first and chunk.lstrip()[:15].lower().startswith(
-                        (b"<!doctype html", b"<html")
-                    ):
-                        raise DataError(f"download of {url} failed: the server sent an "
-                                        "HTML page, not the text file; check the URL")
-                    first = False
-                    f.write(chunk)
-                    h.update(chunk)
-                    advance(len(chunk))
-                    if time.monotonic() > deadline:
-                        raise DataError(f"download of {url} took longer than "
-                                        f"{total_timeout_s:g}s; try again later")
-                actual = h.hexdigest()
-                if sha1 is not None and actual != sha1:
-                    raise DataError(f"download of {url} has the wrong SHA-1: expected {sha1}, "
-                                    f"got {actual}; the file was not saved")
-    except requests.exceptions.Timeout:
-        raise DataError(f"download of {url} timed out (connect {timeout[0]:g}s, read "
-                        f"{timeout[1]:g}s); check the network or use GRU_LM_DATA_DIR") from None
-    except (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError) as e:
-        if _is_timeout(e):
-            raise DataError(f"download of {url} timed out (connect {timeout[0]:g}s, read "
-                            f"{timeout[1]:g}s); check the network or use GRU_LM_DATA_DIR"
-                            ) from None
-        raise DataError(f"download of {url} failed: connection error ({type(e).__name__}); "
-                        "check the network or use GRU_LM_DATA_DIR") from None
+        with _follow(session, url, timeout) as resp:
+            _save(resp, url, sha1, dest, progress, deadline, total_timeout_s)
     except requests.exceptions.RequestException as e:
-        raise DataError(f"download of {url} failed: {type(e).__name__}: {e}") from None
+        raise _request_error(url, e, timeout) from None
     finally:
         session.close()
     return dest
+
+
+def _follow(session, url: str, timeout: tuple[float, float]):
+    """The response at the end of `url`'s redirects (at most MAX_REDIRECTS, never from https
+    down to http), checked to be a 200 that is not an HTML page."""
+    current = url
+    for _ in range(MAX_REDIRECTS + 1):
+        resp = session.get(current, stream=True, timeout=timeout, allow_redirects=False)
+        if not resp.is_redirect:
+            break
+        target = urljoin(current, resp.headers.get("Location", ""))
+        resp.close()
+        if urlparse(current).scheme == "https" and urlparse(target).scheme != "https":
+            raise DataError(f"download of {url} refused: redirect from https to {target} "
+                            "would downgrade the connection")
+        current = target
+    else:
+        raise DataError(f"download of {url} failed: more than {MAX_REDIRECTS} redirects")
+    if resp.status_code != 200:
+        resp.close()
+        raise DataError(f"download of {url} failed: HTTP {resp.status_code} "
+                        f"{resp.reason or ''}".rstrip() + "; check the URL")
+    if "text/html" in resp.headers.get("Content-Type", "").lower():
+        resp.close()
+        raise DataError(f"download of {url} failed: the server sent an HTML page, not the "
+                        "text file; check the URL")
+    return resp
+
+
+def _save(resp, url: str, sha1: str | None, dest: Path, progress: bool, deadline: float,
+          total_timeout_s: float) -> None:
+    """Stream the body into `dest`: the verified file replaces it atomically, and a bad or
+    partial one never lands."""
+    import hashlib
+
+    total = int(resp.headers.get("Content-Length") or 0) or None
+    h = hashlib.sha1()
+    with atomic_writer(dest, "wb") as f, _progress(progress, dest.name, total) as advance:
+        first = True
+        for chunk in resp.iter_content(chunk_size=1 << 16):
+            if first and chunk.lstrip()[:15].lower().startswith((b"<!doctype html", b"<html")):
+                raise DataError(f"download of {url} failed: the server sent an HTML page, "
+                                "not the text file; check the URL")
+            first = False
+            f.write(chunk)
+            h.update(chunk)
+            advance(len(chunk))
+            if time.monotonic() > deadline:
+                raise DataError(f"download of {url} took longer than {total_timeout_s:g}s; "
+                                "try again later")
+        actual = h.hexdigest()
+        if sha1 is not None and actual != sha1:
+            raise DataError(f"download of {url} has the wrong SHA-1: expected {sha1}, got "
+                            f"{actual}; the file was not saved")
+
+
+def _request_error(url: str, e: Exception, timeout: tuple[float, float]) -> DataError:
+    """A requests failure as one line that says what to check."""
+    import requests
+
+    slow = (f"download of {url} timed out (connect {timeout[0]:g}s, read {timeout[1]:g}s); "
+            "check the network or use GRU_LM_DATA_DIR")
+    if isinstance(e, requests.exceptions.Timeout):
+        return DataError(slow)
+    broken = requests.exceptions.ConnectionError | requests.exceptions.ChunkedEncodingError
+    if isinstance(e, broken):
+        if _is_timeout(e):
+            return DataError(slow)
+        return DataError(f"download of {url} failed: connection error ({type(e).__name__}); "
+                         "check the network or use GRU_LM_DATA_DIR")
+    return DataError(f"download of {url} failed: {type(e).__name__}: {e}")
 
 
 def _is_timeout(exc: BaseException) -> bool:

@@ -230,8 +230,6 @@ def show_comparison(result, wide: bool = False) -> None:
     print_table(table, width=200 if wide else None)
     refs = result.references
     if "ngram_ppl" in refs:
-        from gru_lm.display import references_text
-
         console.print(f"references on the val split: {references_text(refs)}",
                       highlight=False)
     for r in result.rows:

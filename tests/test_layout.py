@@ -20,7 +20,7 @@ LAYERS = ["__init__", "errors", "utils", "stats", "distributed", "config", "down
           "metrics", "cache", "dynamic", "sampling", "checkpoint",
           "rundir", "schedule", "ema", "display", "members", "scorers", "evaluation",
           "trainstate", "resume", "preflight", "trainer", "building", "runner",
-          "comparison", "gates", "api", "terminal", "views", "cli", "__main__"]
+          "plots", "comparison", "gates", "api", "terminal", "views", "cli", "__main__"]
 REEXPORTED = {"api", "errors"}  # the package re-exports them lazily (gru_lm.train, ...)
 
 
