@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 CONFIG ?= configs/gru-scratch.yaml
 PREFIX ?= time traveller
 
-.PHONY: install test lint train predict bench clean
+.PHONY: install test lint typecheck train predict bench clean
 
 install: $(STAMP)
 
@@ -20,7 +20,11 @@ $(STAMP): pyproject.toml constraints.txt
 lint: install
 	$(PY) -m ruff check .
 
-test: install lint
+# The annotations are checked, not only written: mypy over gru_lm/ (pyproject.toml's [tool.mypy]).
+typecheck: install
+	$(PY) -m mypy
+
+test: install lint typecheck
 	$(PY) -m pytest
 
 train: install
@@ -37,4 +41,4 @@ bench: install
 	$(PY) benchmarks/ddp.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info gru_lm/__pycache__ tests/__pycache__
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache build *.egg-info gru_lm/__pycache__ tests/__pycache__

@@ -18,6 +18,7 @@ import platform
 import sys
 import warnings
 from pathlib import Path
+from typing import TypedDict
 
 SOURCE = Path(__file__).with_name("csrc") / "cells.cpp"
 # -fopenmp makes at::parallel_for parallel; libgomp is torch's own (same soname, already
@@ -45,7 +46,13 @@ ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile",
              "asimd", "sve", "bf16")
 
 
-def cpu_summary() -> dict[str, object]:
+class CpuSummary(TypedDict):
+    model: str
+    isa: list[str]
+    cores: int | None
+
+
+def cpu_summary() -> CpuSummary:
     """The CPU's model name and which of ISA_FLAGS it has, for benchmark headers and JSON:
     a speed figure means little without the chip it came from."""
     sig = cpu_signature()
@@ -152,8 +159,9 @@ def _build_lock(folder: Path | None):
     try:
         import fcntl
     except ImportError:  # not POSIX: torch's lock alone
-        fcntl = None
-    if fcntl is None or folder is None:
+        yield
+        return
+    if folder is None:
         yield
         return
     with open(folder / "gru_lm.flock", "a") as handle:

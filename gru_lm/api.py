@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from gru_lm.comparison import Comparison
 from gru_lm.errors import GruLmError
 from gru_lm.evaluation import Evaluation
-from gru_lm.members import load_member, locate
+from gru_lm.members import Member, load_member, locate
 from gru_lm.rundir import RunDir
 
 if TYPE_CHECKING:
@@ -241,7 +241,7 @@ class Run:
         self.dir = RunDir(path)
         self.path = self.dir.path
         self._checkpoint = Path(checkpoint) if checkpoint is not None else None
-        self._loaded = None
+        self._loaded: Member | None = None
         self._loaded_from: tuple | None = None  # (path, inode, size, mtime) of what is loaded
 
     def __repr__(self) -> str:

@@ -73,6 +73,8 @@ def _init_state(cfg: Config, vocab):
     from gru_lm.errors import DataError
     from gru_lm.members import locate
 
+    if cfg.train.init_from is None:
+        raise ValueError("train.init_from is not set")
     source = Path(cfg.train.init_from)
     path = locate(source).checkpoint
     ck = load_checkpoint(path)

@@ -50,11 +50,12 @@ class ContinuousCache:
         the window's pairs enter the cache (targets -100 stay out)."""
         B, T, H = features.shape
         feats = features.float()
-        if self.keys is None:
-            self.keys = feats.new_zeros(B, self.size, H)
-            self.vals = torch.full((B, self.size), -100, dtype=torch.long, device=Y.device)
-        keys = torch.cat([self.keys, feats], dim=1)  # (streams, size + T, num_hiddens)
-        vals = torch.cat([self.vals, Y], dim=1)  # (streams, size + T)
+        old_keys, old_vals = self.keys, self.vals
+        if old_keys is None or old_vals is None:
+            old_keys = feats.new_zeros(B, self.size, H)
+            old_vals = torch.full((B, self.size), -100, dtype=torch.long, device=Y.device)
+        keys = torch.cat([old_keys, feats], dim=1)  # (streams, size + T, num_hiddens)
+        vals = torch.cat([old_vals, Y], dim=1)  # (streams, size + T)
         scores = feats @ keys.transpose(1, 2)  # (streams, T, size + T)
         j = torch.arange(self.size + T, device=Y.device)
         t = torch.arange(T, device=Y.device).unsqueeze(1) + self.size  # query t's own index
@@ -94,6 +95,8 @@ def choose(logp_model: torch.Tensor, grid: torch.Tensor, windows, thetas) -> Cac
             nll = -float(with_cache(logp_model, logc, lam).double().sum())
             if nll < best_nll:
                 best, best_nll = CacheSettings(window, theta, lam), nll
+    if best is None:
+        raise ValueError("no (window, theta) gave a finite likelihood: the scores hold NaN")
     return best
 
 
@@ -114,6 +117,7 @@ def cache_scores(model, tokens: torch.Tensor, streams: int, num_steps: int, warm
     model_parts, cache_parts = [], []
     for w in read_streams(model, tokens, streams, num_steps, max(warmup, cache.size),
                           device=device, autocast=autocast or nullcontext, features=True):
+        assert w.features is not None  # (asked for)
         grid = cache.read(w.features, w.Y)  # (windows, thetas, streams, window)
         if not w.warmup:
             model_parts.append(target_log_probs(w.logits, w.Y).cpu())

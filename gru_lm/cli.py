@@ -425,9 +425,10 @@ def compare_cmd(
     from gru_lm.api import compare
     from gru_lm.errors import GruLmError
 
-    if runs and not configs:
+    given = list(configs or [])
+    if runs and not given:
         raise GruLmError("--runs needs run folders, e.g. gru-lm compare --runs runs/a runs/b")
-    result = compare([] if runs else list(configs), runs=list(configs) if runs else [],
+    result = compare([] if runs else given, runs=given if runs else [],
                      seeds=seeds, budget_s=budget_s, epochs=epochs, tokens=tokens, out=out,
                      resume=resume, runs_dir=runs_dir, offline=_offline(offline),
                      console=None if quiet else console)

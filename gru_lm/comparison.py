@@ -43,6 +43,7 @@ class Budget:
             return off + [f"train.time_budget_s={self.seconds}"]
         if self.epochs is not None:
             return off + [f"train.epochs={self.epochs}"]
+        assert self.tokens is not None  # (the one left)
         steps = max(1, math.ceil(self.tokens / (batch_size * num_steps)))
         return off + [f"train.max_steps={steps}"]
 
@@ -264,7 +265,6 @@ def _mean_nll(by_seed: dict[int, dict], seeds: list[int]):
 def _comparisons(groups: dict[str, list[dict]]) -> list[dict[str, Any]]:
     """Every pair of models: the change of test perplexity over paired seeds (t interval) and
     over blocks of the test text (paired bootstrap of the mean over seeds), and a verdict."""
-    from gru_lm.evaluation import perplexity_of
     from gru_lm.stats import block_bootstrap, paired_seeds, verdict
 
     out = []
@@ -279,8 +279,8 @@ def _comparisons(groups: dict[str, list[dict]]) -> list[dict[str, Any]]:
                 continue
             nll = {x: _mean_nll(by_seed[x], seeds) for x in (a, b)}
             lo, hi = (a, b) if nll[a].mean() <= nll[b].mean() else (b, a)  # lo: the better
-            seed_iv = paired_seeds([perplexity_of(by_seed[lo][s]["test"]) for s in seeds],
-                                   [perplexity_of(by_seed[hi][s]["test"]) for s in seeds])
+            seed_iv = paired_seeds([_ppl(by_seed[lo][s]["test"]) for s in seeds],
+                                   [_ppl(by_seed[hi][s]["test"]) for s in seeds])
             text_iv = block_bootstrap(nll[lo], nll[hi])
             out.append({
                 "better": lo, "worse": hi, "paired_seeds": seeds,
@@ -289,6 +289,15 @@ def _comparisons(groups: dict[str, list[dict]]) -> list[dict[str, Any]]:
                 "bootstrap_ci_pct": [text_iv.low, text_iv.high],
                 "verdict": verdict(lo, hi, seed_iv, text_iv)})
     return out
+
+
+def _ppl(logp) -> float:
+    """A member's perplexity on a split it was scored on (it has tokens)."""
+    from gru_lm.evaluation import perplexity_of
+
+    ppl = perplexity_of(logp)
+    assert ppl is not None
+    return ppl
 
 
 def _check_one_experiment_each(runs: list[dict]) -> None:

@@ -222,7 +222,8 @@ class Config(_Section):
         return self.model_dump(mode="json")
 
 
-SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "run": RunConfig}
+SECTIONS: dict[str, type[_Section]] = {"data": DataConfig, "model": ModelConfig,
+                                       "train": TrainConfig, "run": RunConfig}
 
 
 def short(value: Any, limit: int = ECHO) -> str:
@@ -479,14 +480,14 @@ def described_yaml(cfg: Config, sources: dict[str, str] | None = None) -> str:
     defaults = Config()
     sources = sources or {}
     lines = []
-    for section, cls in SECTIONS.items():
+    for section, section_cls in SECTIONS.items():
         lines.append(f"{section}:")
         values = getattr(cfg, section).model_dump(mode="json")
         default_values = getattr(defaults, section).model_dump(mode="json")
         rows = [(f"  {key}: {_flow(value)}", key, value) for key, value in values.items()]
         width = max(len(r[0]) for r in rows)
         for text, key, value in rows:
-            note = cls.model_fields[key].description or ""
+            note = section_cls.model_fields[key].description or ""
             if value != default_values[key]:
                 where = sources.get(f"{section}.{key}")
                 note += (f" [default: {_flow(default_values[key])}"

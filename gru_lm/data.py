@@ -278,13 +278,13 @@ def load_corpus(cfg: DataConfig, vocab: Vocab | None = None, offline: bool | Non
     path = corpus_path(cfg, offline=offline, progress=progress)
     builder = ByteVocab.from_counts if cfg.preset == "bytes" else Vocab.from_counts
     store = open_store(path, cfg, cfg.cache_dir, builder)
-    ids = store.ids
+    stored = store.ids
     if vocab is not None and vocab.idx_to_token != store.vocab.idx_to_token:
         remap = np.array([vocab.token_to_idx.get(t, 0) for t in store.vocab.idx_to_token],
                          dtype=np.uint8 if len(vocab) <= 256 else np.int32)
-        ids = remap[ids]
+        stored = remap[stored]
     vocab = vocab or store.vocab
-    ids = torch.from_numpy(ids)  # (num_tokens,)
+    ids = torch.from_numpy(stored)  # (num_tokens,)
     n = len(ids)
     n_train = int(n * cfg.train_fraction)
     n_val = int(n * cfg.val_fraction)
@@ -384,15 +384,16 @@ class Cursor:
 
     def epoch_ends(self, next_batch: int) -> bool:
         """Whether `next_batch` is past the current epoch (which is then closed)."""
-        if next_batch < len(self.batches):
+        if self.batches is not None and next_batch < len(self.batches):
             return False
         self.batches = None
         return True
 
     def state(self) -> torch.Tensor:
         """What a checkpoint stores: the generator as it was before the open epoch."""
-        return self.drawn_from if self.batches is not None else \
-            self.loader.generator.get_state()
+        if self.batches is not None and self.drawn_from is not None:
+            return self.drawn_from
+        return self.loader.generator.get_state()
 
     def restore(self, state: torch.Tensor, batch_in_epoch: int) -> None:
         self.loader.generator.set_state(state)

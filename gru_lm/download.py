@@ -139,6 +139,8 @@ def extract(spec: DatasetSpec, archive: Path, dest: Path, label: str | None = No
     import zipfile
     import zlib
 
+    if spec.member is None:
+        raise ValueError(f"dataset {spec.name} is not an archive member")
     h = hashlib.sha1()
     label = label or str(archive)
     try:

@@ -148,4 +148,6 @@ def tune(model, val: torch.Tensor, ms: dict[str, torch.Tensor], device="cpu",
             trials.append({"lr": lr, "decay": decay, "val_ppl": math.exp(nll / len(logp))})
             if best is None or nll < best[0]:
                 best = (nll, s, logp)
+    if best is None:
+        raise ValueError("tune needs at least one lr and one decay")
     return best[1], best[2], trials

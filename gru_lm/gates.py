@@ -39,8 +39,8 @@ def trace_gates(layers: list[LayerWeights], ids: list[int], layer: int) -> GateT
                          f"layer(s): 0..{len(layers) - 1}")
     X = torch.tensor(ids)
     inputs: Tensor | None = None
-    for k, w in enumerate(layers[: layer + 1]):
-        if k == 0:
+    for w in layers[: layer + 1]:
+        if inputs is None:  # the first layer reads token ids
             x = w.embedding[X] @ w.W_x if w.embedding is not None else w.W_x[X]
         else:
             x = inputs @ w.W_x
@@ -48,7 +48,8 @@ def trace_gates(layers: list[LayerWeights], ids: list[int], layer: int) -> GateT
         nh = w.W_h.shape[0]
         H = torch.zeros(nh, dtype=P.dtype)
         C = torch.zeros(nh, dtype=P.dtype)
-        outs, rec = [], {name: [] for name in GATE_NAMES[w.kind]}
+        outs: list[Tensor] = []
+        rec: dict[str, list[Tensor]] = {name: [] for name in GATE_NAMES[w.kind]}
         for p in P:
             if w.kind == "gru":
                 A = H @ w.W_h + w.b_h
@@ -73,6 +74,7 @@ def trace_gates(layers: list[LayerWeights], ids: list[int], layer: int) -> GateT
                 rec["O"].append(O)
             outs.append(H)
         inputs = torch.stack(outs)  # (num_chars, num_hiddens)
+    assert inputs is not None  # (layer is in range: at least one layer ran)
     prev = torch.cat([torch.zeros_like(inputs[:1]), inputs[:-1]])
     return GateTrace(kind=w.kind, gates={k: torch.stack(v) for k, v in rec.items()},
                      H=inputs, delta_H=(inputs - prev).norm(dim=-1))

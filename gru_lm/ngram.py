@@ -22,8 +22,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, TypeAlias
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+# Token ids: a torch tensor (a store's uint8/uint16/int64 view), an array or a list.
+Tokens: TypeAlias = "Sequence[int] | np.ndarray | torch.Tensor"
 
 MAX_TRAIN_TOKENS = 10_000_000  # bigger corpora count their first 10M training tokens
 CHUNK = 1 << 18  # targets scored per block, so memory does not grow with the text
@@ -93,12 +100,12 @@ def _bincount(codes: np.ndarray, size: int) -> np.ndarray:
 
 
 class KneserNey:
-    def __init__(self, tokens: Sequence[int], vocab_size: int, order: int = 5,
+    def __init__(self, tokens: Tokens, vocab_size: int, order: int = 5,
                  max_tokens: int = MAX_TRAIN_TOKENS):
         if order < 1:
             raise ValueError("order must be >= 1")
-        toks = tokens[:max_tokens]  # a store's uint8/uint16 ids stay as they are
-        toks = toks.numpy() if hasattr(toks, "numpy") else np.asarray(toks)
+        head = tokens[:max_tokens]  # a store's uint8/uint16 ids stay as they are
+        toks = head.numpy() if hasattr(head, "numpy") else np.asarray(head)
         self.order, self.vocab_size = order, vocab_size
         V, N = vocab_size, len(toks)
         keys: list[np.ndarray] = []
@@ -145,7 +152,7 @@ class KneserNey:
             prev = code
         return p
 
-    def prob_blocks(self, tokens: Sequence[int], chunk: int = CHUNK) -> Iterator[np.ndarray]:
+    def prob_blocks(self, tokens: Tokens, chunk: int = CHUNK) -> Iterator[np.ndarray]:
         """P(tokens[i] | the tokens before it) for i = 1.., in blocks of `chunk` (float64)."""
         q = _as_array(tokens)
         k = self.order - 1
@@ -160,13 +167,13 @@ class KneserNey:
     def distribution(self, context: Sequence[int]) -> list[float]:
         return [self.prob(context, w) for w in range(self.vocab_size)]
 
-    def log_probs(self, tokens: Sequence[int]) -> np.ndarray:
+    def log_probs(self, tokens: Tokens) -> np.ndarray:
         """log P(tokens[i] | tokens before it) for i = 1.., the tokens a neural model's
         evaluation scores, in the same order (float64)."""
         blocks = [np.log(b) for b in self.prob_blocks(tokens)]
         return np.concatenate(blocks) if blocks else np.zeros(0)
 
-    def nll(self, tokens: Sequence[int]) -> tuple[float, int]:
+    def nll(self, tokens: Tokens) -> tuple[float, int]:
         """Total NLL (nats) of tokens[1:], each given the tokens before it, in blocks."""
         total = math.fsum(float(np.log(b).sum()) for b in self.prob_blocks(tokens))
         return -total, max(0, len(tokens) - 1)

@@ -28,7 +28,7 @@ State = Tensor | tuple[Tensor, ...]
 # Config keys that only some models take (the ModelConfig fields marked as options); each
 # model lists the ones it takes in `options`.
 OPTIONS = tuple(k for k, f in ModelConfig.model_fields.items()
-                if (f.json_schema_extra or {}).get("option"))
+                if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("option"))
 
 _REGISTRY: dict[str, type[RecurrentLM]] = {}
 

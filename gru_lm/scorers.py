@@ -111,13 +111,8 @@ def register(cls):
 
 def options() -> dict[str, str]:
     """Every method a user may ask for (scorers and mixers, not combinations): name -> help."""
-    return {n: c.help for n, c in (*SCORERS.items(), *MIXERS.items())
-            if n != STATIC and not getattr(c, "combines", ())}
-
-
-def keyword(name: str) -> str:
-    """A method's API keyword and option stem: "mix-ngram" -> "mix_ngram"."""
-    return name.replace("-", "_").replace(" ", "_")
+    scorers = {n: c.help for n, c in SCORERS.items() if n != STATIC and not c.combines}
+    return {**scorers, **{n: c.help for n, c in MIXERS.items()}}
 
 
 def chosen_scorers(asked: set[str]) -> list[Scorer]:
@@ -217,10 +212,12 @@ class DynamicCache(Scorer):
         ms, best = chosen["dynamic"]
         cache = chosen["cache"]
         val_d, val_c = dynamic_log_probs(m.model, texts.tune_on, ms, best, cache=cache)
+        assert val_c is not None  # (a cache was given)
         known = ~torch.isnan(val_c)
         lam = mixture_weight(val_d[known], val_c[known]) if known.any() else 0.0
         tgt_d, tgt_c = (val_d, val_c) if texts.same else dynamic_log_probs(
             m.model, texts.target, ms, best, cache=cache)
+        assert tgt_c is not None
         return Scored(with_cache(val_d, val_c, lam), with_cache(tgt_d, tgt_c, lam),
                       [{"lr": best.lr, "decay": best.decay, "segment": best.segment,
                         "window": cache.window, "theta": cache.theta, "lambda": lam}])

@@ -36,6 +36,7 @@ class _ScratchLayer(nn.Module):
     """One layer's parameters, named as the book names them; `gates` lists the blocks."""
 
     gates: tuple[str, ...] = ()
+    reset_after = False  # GRU layers: R multiplies (H W_hh + b_hh), as torch.nn's GRU
 
     def __init__(self, num_inputs: int, num_hiddens: int, init: str, weight_drop: float = 0.0):
         super().__init__()
@@ -53,6 +54,12 @@ class _ScratchLayer(nn.Module):
             bound = 1 / math.sqrt(num_hiddens)
             for g in self.gates:
                 nn.init.uniform_(getattr(self, f"b_{g}"), -bound, bound)
+
+    def param(self, name: str) -> Tensor:
+        """A parameter by its book name (made by setattr in __init__)."""
+        p = getattr(self, name)
+        assert isinstance(p, Tensor)
+        return p
 
     def _fused(self, prefix: str) -> Tensor:
         parts = [getattr(self, f"{prefix}{g}") for g in self.gates]
@@ -97,9 +104,9 @@ class GRULayer(_ScratchLayer):
             Y = GRUResetAfterFunction.apply(P, ids, H, self.recurrent(self._fused("W_h")),
                                             self.b_hh, bf16)
         else:
-            W_hzr = torch.cat([self.W_hz, self.W_hr], dim=1)  # (num_hiddens, 2 * num_hiddens)
-            Y = GRUFunction.apply(P, ids, H, self.recurrent(W_hzr), self.recurrent(self.W_hh),
-                                  bf16)
+            W_hzr = torch.cat([self.param("W_hz"), self.param("W_hr")], dim=1)  # (nh, 2 nh)
+            Y = GRUFunction.apply(P, ids, H, self.recurrent(W_hzr),
+                                  self.recurrent(self.param("W_hh")), bf16)
         return Y, Y[-1]
 
 
@@ -110,7 +117,7 @@ class LSTMLayer(_ScratchLayer):
                  weight_drop: float = 0.0):
         super().__init__(num_inputs, num_hiddens, init, weight_drop)
         if forget_bias is not None:
-            nn.init.constant_(self.b_f, forget_bias)
+            nn.init.constant_(self.param("b_f"), forget_bias)
 
     def forward(self, inputs: Tensor, state: tuple[Tensor, Tensor], bf16: bool = False):
         H, C = state
@@ -123,7 +130,8 @@ class RNNLayer(_ScratchLayer):
     gates = ("h",)
 
     def forward(self, inputs: Tensor, H: Tensor, bf16: bool = False) -> tuple[Tensor, Tensor]:
-        Y = RNNFunction.apply(*self.project(inputs, bf16), H, self.recurrent(self.W_hh), bf16)
+        Y = RNNFunction.apply(*self.project(inputs, bf16), H,
+                              self.recurrent(self.param("W_hh")), bf16)
         return Y, Y[-1]
 
 
@@ -162,6 +170,9 @@ class ScratchLM(RecurrentLM):
 
     def make_layer(self, num_inputs: int, cfg: ModelConfig, init: str) -> nn.Module:
         raise NotImplementedError
+
+    def scratch_layers(self) -> list[_ScratchLayer]:
+        return [layer for layer in self.layers if isinstance(layer, _ScratchLayer)]
 
     def input_embedding(self, layer: int) -> Tensor | None:
         """The embedding that turns ids into layer `layer`'s inputs (first layer only)."""
@@ -221,10 +232,10 @@ class GRUScratch(ScratchLM):
 
     def gate_weights(self) -> list:
         out = []
-        for k, layer in enumerate(self.layers):
+        for k, layer in enumerate(self.scratch_layers()):
             b_h = torch.zeros(3 * self.num_hiddens)
             if layer.reset_after:
-                b_h[2 * self.num_hiddens:] = layer.b_hh.detach()
+                b_h[2 * self.num_hiddens:] = layer.param("b_hh").detach()
             out.append(LayerWeights("gru", layer._fused("W_x").detach(),
                                     layer._fused("b_").detach(), layer._fused("W_h").detach(),
                                     b_h, reset_after=layer.reset_after,
@@ -245,7 +256,7 @@ class LSTMScratch(ScratchLM):
         return [LayerWeights("lstm", layer._fused("W_x").detach(), layer._fused("b_").detach(),
                              layer._fused("W_h").detach(), torch.zeros(4 * self.num_hiddens),
                              embedding=self.input_embedding(k))
-                for k, layer in enumerate(self.layers)]
+                for k, layer in enumerate(self.scratch_layers())]
 
 
 @register_model("rnn-scratch")

@@ -12,7 +12,8 @@ import inspect
 import io
 import os
 import sys
-from typing import Annotated, Any
+from collections.abc import Sequence
+from typing import Annotated, Any, TextIO, cast
 
 import typer
 from rich.console import Console
@@ -32,8 +33,8 @@ def _plain_metavars(params) -> None:
         elif p.param_type_name == "argument":
             p.metavar = p.name.upper()
             p.display_type_rich = lambda ctx: None  # the name says it; no second column
-        elif getattr(desc, "choices", None):
-            p.metavar = "|".join(str(getattr(c, "value", c)) for c in desc.choices)
+        elif choices := getattr(desc, "choices", None):
+            p.metavar = "|".join(str(getattr(c, "value", c)) for c in choices)
         elif hasattr(p, "bare_type"):
             bare = p.bare_type().removeprefix("list[").removesuffix("]")
             p.metavar = {"int": "INT", "float": "FLOAT", "Path": "PATH"}.get(bare, "TEXT")
@@ -66,13 +67,17 @@ class PlainGroup(TyperGroup):
         _plain_metavars(params)
         return params
 
-    def main(self, *args, standalone_mode: bool = True, **kwargs):
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True,
+             windows_expand_args: bool = True, **kwargs: Any) -> Any:
         """A usage error (unknown option, bad value) is one `error:` line too, like every
         other error, instead of Typer's framed panel."""
         if not standalone_mode:
-            return super().main(*args, standalone_mode=False, **kwargs)
+            return super().main(args, prog_name, complete_var, False, windows_expand_args,
+                                **kwargs)
         try:
-            code = super().main(*args, standalone_mode=False, **kwargs)
+            code = super().main(args, prog_name, complete_var, False, windows_expand_args,
+                                **kwargs)
         except typer.Abort:
             err_console.print("[red]aborted[/red]")
             sys.exit(1)
@@ -163,21 +168,23 @@ class Stdout:
         return getattr(sys.stdout, "encoding", None) or "utf-8"
 
 
+# Console takes any object with write/flush/isatty/fileno/encoding; Stdout is one.
 stdout = Stdout()
-console = Console(file=stdout, soft_wrap=True)
+_stdout_file = cast(TextIO, stdout)
+console = Console(file=_stdout_file, soft_wrap=True)
 err_console = Console(stderr=True)
 
 def print_table(table, width: int | None = None) -> None:
     """Tables fit the terminal; piped, they keep their columns (160 wide, or $COLUMNS);
     `width` forces one (--wide: every column whole, however narrow the terminal)."""
     if width is not None:
-        Console(file=stdout, width=width).print(table)
+        Console(file=_stdout_file, width=width).print(table)
         return
     if console.is_terminal:
         console.print(table)
         return
     columns = os.environ.get("COLUMNS", "")
-    Console(file=stdout, width=int(columns) if columns.isdigit() and int(columns) > 0 else 160
+    Console(file=_stdout_file, width=int(columns) if columns.isdigit() and int(columns) > 0 else 160
             ).print(table)
 
 

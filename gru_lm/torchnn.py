@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -23,7 +25,7 @@ from gru_lm.recurrent import (
 class TorchLM(RecurrentLM):
     """Embedding lookup -> torch.nn recurrent layers -> dropout -> nn.Linear."""
 
-    rnn_cls: type[nn.RNNBase] = nn.GRU
+    rnn_cls: Callable[..., nn.RNNBase] = nn.GRU
     options = frozenset({"embed_dim", "embed_dropout", "tie_weights"})
 
     @classmethod
@@ -80,7 +82,8 @@ class TorchLM(RecurrentLM):
         # (batch_size, num_steps, vocab_size), the state, (batch_size, num_steps, num_hiddens)
         return self.output(out).transpose(0, 1), state, Y.transpose(0, 1)
 
-    def _layer_tensors(self, k: int, order: tuple[int, ...]):
+    def _layer_tensors(self, k: int, order: tuple[int, ...]
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """torch.nn's stacked gate rows, reordered into our blocks and transposed."""
         nh = self.num_hiddens
 

@@ -135,8 +135,8 @@ class Trainer:
         bad = (~torch.isfinite(losses)).nonzero()
         if len(bad):
             raise nonfinite(float(losses[int(bad[0])]), p.step - n + int(bad[0]) + 1,
-                            self.cfg.train, self.run.checkpoint(LAST),
-                            self.run.resume_command(self.world.size))
+                            self.cfg.train, self.folder.checkpoint(LAST),
+                            self.folder.resume_command(self.world.size))
         tokens = self.tokens_per_step
         # Added one by one so a resume that syncs at another step sums the same floats.
         for x in losses.tolist():
@@ -144,19 +144,25 @@ class Trainer:
         p.interval_tokens += n * tokens
         self._interval_count = 0
 
+    @property
+    def folder(self) -> RunDir:
+        """The run's folder: training, saving and the records need one."""
+        if self.run is None:
+            raise ValueError("Trainer.fit needs a run directory (Trainer(..., run=RunDir(...)))")
+        return self.run
+
     # -------------------------------------------------------------- the loop
 
     def fit(self) -> dict[str, Any]:
         """Train until a stop condition; returns the summary (also written to summary.json)."""
-        if self.run is None:
-            raise ValueError("Trainer.fit needs a run directory (Trainer(..., run=RunDir(...)))")
+        _ = self.folder  # (refused before anything starts when there is none)
         main = self.world.is_main
         if main:
-            self.run.checkpoints.mkdir(parents=True, exist_ok=True)
+            self.folder.checkpoints.mkdir(parents=True, exist_ok=True)
         self.reference = preflight.announce(self, main)  # the header and the notes
         total = total_steps(self.cfg.train, self.batches_per_epoch)
         if self.cfg.train.tensorboard and main:
-            self.tensorboard = TensorBoard(self.run.path / "tensorboard",
+            self.tensorboard = TensorBoard(self.folder.path / "tensorboard",
                                            purge_step=self.progress.step or None)
         try:
             with caught_signals(into=self._signals), self.out.live(self.cfg.train, total) as bar:
@@ -234,7 +240,7 @@ class Trainer:
         metric = rec.get("ema_val_ppl" if weights == "ema" else "val_ppl", rec["train_ppl"])
         improved = p.note_eval(metric, weights, t)
         if self.world.is_main:
-            self.run.append_record(rec)
+            self.folder.append_record(rec)
         if self.tensorboard is not None:
             self.tensorboard.scalars(rec)
         self.out.eval_line(rec)
@@ -256,7 +262,7 @@ class Trainer:
             out = generate(self.model, ids, t.sample_length, temperature=t.sample_temperature,
                            seed=t.seed if t.sample_temperature else None, device=self.device)[0]
             lines.append(f"step {self.progress.step}: {self.vocab.decode(ids + out)}")
-        self.run.append_samples(lines)
+        self.folder.append_samples(lines)
         self.out.samples(lines)
 
     # -------------------------------------------------------------- checkpoints
@@ -271,19 +277,19 @@ class Trainer:
         return self.corpus.fingerprint()
 
     def save(self, name: str, ema: bool = False) -> None:
-        path = self.run.checkpoint(name)
+        path = self.folder.checkpoint(name)
         payload = self.checkpoint_payload(ema)  # (collective when distributed)
         if not self.world.is_main:
             return
         try:
             save_checkpoint(payload, path)
             if not self._config_saved:  # config.yaml describes the checkpoints beside it,
-                self.run.write_config(self.cfg)  # written once one is saved with it
+                self.folder.write_config(self.cfg)  # written once one is saved with it
                 self._config_saved = True
         except OSError as e:
             raise GruLmError(f"cannot write checkpoint {path}: {e.strerror or e}; free disk "
                              "space or fix permissions (the previous checkpoint is intact), "
-                             f"then `{self.run.resume_command(self.world.size)}`") from None
+                             f"then `{self.folder.resume_command(self.world.size)}`") from None
 
     def restore(self, ck: dict[str, Any], path) -> None:
         """Continue from checkpoint `ck` (read from `path`) exactly where it stopped
@@ -298,9 +304,10 @@ class Trainer:
         self.save(LAST)
         code = 130 if signum == signal.SIGINT else 143
         name = "SIGINT" if code == 130 else "SIGTERM"
+        run = self.folder
         raise TrainingInterrupted(
             f"{name}: stopped at step {self.progress.step}, checkpoint saved to "
-            f"{self.run.checkpoint(LAST)}; resume with: {self.run.resume_command(self.world.size)}",
+            f"{run.checkpoint(LAST)}; resume with: {run.resume_command(self.world.size)}",
             exit_code=code)
 
     # -------------------------------------------------------------- the end
@@ -308,17 +315,17 @@ class Trainer:
     def _finish(self) -> dict[str, Any]:
         t, p = self.cfg.train, self.progress
         if not self.world.is_main:  # rank 0 writes the summary
-            return {"run": self.run.name, "path": str(self.run.path), "steps": p.step,
+            return {"run": self.folder.name, "path": str(self.folder.path), "steps": p.step,
                     "stop_reason": p.stop_reason,
                     "tokens_per_s": p.tokens_per_s}
-        summary = {"run": self.run.name, **run_summary(
+        summary = {"run": self.folder.name, **run_summary(
             self.cfg, self.model, p, device=self.device, world=self.world,
             batches_per_epoch=self.batches_per_epoch, reference=self.reference,
             speed_warning=self.speed.warning)}
-        evals = self.run.evals()[-1:]
+        evals = self.folder.evals()[-1:]
         summary.update({f"final_{k}": e[k] for e in evals for k in ("train_ppl", "val_ppl")
                         if k in e})
-        best_path = self.run.checkpoint(BEST)
+        best_path = self.folder.checkpoint(BEST)
         if best_path.exists():
             load_state(self.model, load_checkpoint(best_path)["model"], best_path)
         for split, tokens in self.eval_splits.items():
@@ -327,5 +334,5 @@ class Trainer:
                                   autocast=self.autocast)
                 summary[f"best_{split}_ppl"] = perplexity(nll, n)
                 summary[f"best_{split}_bpc"] = bits_per_char(nll, n)
-        self.run.write_summary(summary)
-        return {**summary, "path": str(self.run.path)}
+        self.folder.write_summary(summary)
+        return {**summary, "path": str(self.folder.path)}

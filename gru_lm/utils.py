@@ -46,7 +46,7 @@ def atomic_write_text(path: Path, text: str) -> None:
         f.write(text)
 
 
-def write_output(path: Path, write: Callable[[IO], None], mode: str = "wb") -> None:
+def write_output(path: Path, write: Callable[[IO], object], mode: str = "wb") -> None:
     """Write a file the user named (--out, --png, --json) without ever replacing something
     that is not a plain file: a device or FIFO (/dev/stdout, a pipe) is written through, a
     symlink's target is replaced (the link stays), and errors name `path`, not a temp file."""
