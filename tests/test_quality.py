@@ -17,15 +17,9 @@ from gru_lm.config import ModelConfig
 from gru_lm.dynamic import DynamicSettings, dynamic_nll, gradient_ms
 from gru_lm.ema import EMA
 from gru_lm.metrics import evaluate, mixture_log_probs, mixture_weight, token_log_probs
-from gru_lm.models import (
-    build_model,
-    drop_weight,
-    embedding_dropout,
-    keep_mask,
-    list_models,
-    sequence_dropout,
-)
+from gru_lm.models import build_model, list_models
 from gru_lm.ngram import KneserNey
+from gru_lm.recurrent import drop_weight, embedding_dropout, keep_mask, sequence_dropout
 
 V = 11
 
