@@ -533,6 +533,9 @@ class CorpusInfo:
     store_reused: bool
     store_note: str
     bytes_per_token: int
+    min_freq: int = 0
+    unk_types: int = 0  # distinct characters mapped to <unk> (rarer than min_freq)
+    unk_share: float = 0.0  # the share of the text's tokens that are <unk>
 
 
 @_checked
@@ -545,10 +548,12 @@ def corpus_info(config=None, *overrides: str, offline: bool | None = None,
     c = load_corpus(cfg.data, offline=offline)
     d = cfg.data
     origin = d.url if d.url else f"data.path {d.path}" if d.path else f"dataset {d.dataset}"
+    unk_types, unk_tokens = c.vocab.unk_counts()
     return CorpusInfo(c.source, origin, d.preset, c.raw_chars, c.num_tokens, c.note,
                       len(c.vocab), list(c.vocab.token_freqs), len(c.train), len(c.val),
                       len(c.test), c.store, c.store_reused, c.store_note,
-                      c.train.element_size())
+                      c.train.element_size(), d.min_freq, unk_types,
+                      unk_tokens / max(1, c.num_tokens))
 
 
 @dataclass

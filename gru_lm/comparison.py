@@ -241,7 +241,7 @@ def _score_members(runs: list[dict], offline: bool | None = None) -> None:
     corpus = scoring_corpus(members, offline)
     cap = members[0].cfg.train.eval_max_tokens
     for r, m in zip(runs, members, strict=True):
-        r["member"] = m
+        r["member"], r["corpus"] = m, corpus
         for split in ("val", "test"):
             ids = getattr(corpus, split)[:cap]
             r[split] = token_log_probs(m.model, ids, *m.cfg.train.reading) if len(ids) > 1 \
@@ -489,23 +489,23 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def write_samples(groups: dict[str, list[dict]], path: Path) -> None:
-    """Continuations of each recipe's own train.sample_prefixes (the config says which
-    prefixes suit its corpus), greedy and sampled, from its first seed's model (loaded once,
-    when it was scored)."""
+    """Continuations of each recipe's own sample prefixes (train.sample_prefixes, or ones
+    from its text: sampling.run_prefixes), greedy and sampled, from its first seed's model
+    (loaded once, when it was scored)."""
     lines = ["# Samples", "", "Sampled (each model's train.sample_temperature, seed 0) and "
              "greedy (the book's argmax) continuations of each model's train.sample_prefixes, "
              "from its first seed's best checkpoint; each line holds the continuation only, "
              "after the prefix it continues.", ""]
     for label, g in groups.items():
-        lines += [f"## {label}", "", *_sample_lines(g[0]["member"]), ""]
+        lines += [f"## {label}", "", *_sample_lines(g[0]["member"], g[0]["corpus"]), ""]
     write_output(path, lambda f: f.write("\n".join(lines)), "w")
 
 
-def _sample_lines(m) -> list[str]:
-    from gru_lm.sampling import DEFAULT_TEMPERATURE, encode_prefix, generate
+def _sample_lines(m, corpus) -> list[str]:
+    from gru_lm.sampling import DEFAULT_TEMPERATURE, encode_prefix, generate, run_prefixes
 
     cfg, vocab, lines = m.cfg, m.vocab, []
-    for prefix in cfg.train.sample_prefixes:
+    for prefix in run_prefixes(cfg, corpus):
         try:
             ids, _ = encode_prefix(prefix, vocab, cfg.data.preset, cfg.data.lowercase)
         except GruLmError as e:

@@ -169,9 +169,10 @@ class TrainConfig(_Section):
         "(needs the tensorboard extra)"
     )
     sample_interval: int = Field(500, ge=1, le=BIG, description="steps between samples")
-    sample_prefixes: list[str] = Field(
-        default_factory=lambda: ["time traveller", "traveller"], max_length=64,
-        description="sample prefixes"
+    sample_prefixes: list[str] | None = Field(
+        None, max_length=64,
+        description="sample prefixes (default: 'time traveller' and 'traveller' on The Time "
+        "Machine; on any other text, the first words of its training split and of its middle)"
     )
     sample_length: int = Field(50, ge=1, le=10000, description="characters per sample")
     sample_temperature: float | None = Field(

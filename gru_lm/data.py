@@ -81,6 +81,12 @@ class Vocab:
     def decode(self, indices) -> str:
         return "".join(self.idx_to_token[int(i)] for i in indices)
 
+    def unk_counts(self) -> tuple[int, int]:
+        """How many distinct tokens of the text the vocabulary was built from map to <unk>
+        (rarer than data.min_freq), and how many of the text's tokens that makes."""
+        dropped = [f for t, f in self.token_freqs if t not in self.token_to_idx]
+        return len(dropped), sum(dropped)
+
     def token_freq(self, token: str) -> int:
         """How often `token` occurs in the text the vocabulary was built from."""
         return dict(self.token_freqs).get(token, 0)

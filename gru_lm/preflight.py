@@ -60,12 +60,16 @@ def precision_notes(cfg: Config, model, device) -> list[str]:
 
 
 def sample_prefixes(cfg: Config, corpus: Corpus, notes: list[str]) -> list[list[int]]:
-    """The sample prefixes as ids; one that this corpus cannot encode (the default "time
-    traveller" on a French text, say) becomes the corpus' first characters, with a note."""
-    from gru_lm.sampling import encode_prefix
+    """The sample prefixes as ids (sampling.run_prefixes: the config's, or ones from the
+    text); one that this corpus cannot encode becomes the corpus' first characters, with a
+    note."""
+    from gru_lm.sampling import encode_prefix, run_prefixes
 
     out = []
-    for i, prefix in enumerate(cfg.train.sample_prefixes):
+    prefixes = run_prefixes(cfg, corpus)
+    if not prefixes:  # a text none of whose first words can be encoded back
+        prefixes = [corpus.vocab.decode(corpus.train[:1].tolist())]
+    for i, prefix in enumerate(prefixes):
         try:
             out.append(encode_prefix(prefix, corpus.vocab, cfg.data.preset,
                                      cfg.data.lowercase)[0])

@@ -194,3 +194,55 @@ def generate(model, prefix_ids: list[int], num_chars: int, *, temperature: float
         return out.tolist()
     finally:
         model.train(was_training)
+
+
+# ---------------------------------------------------------------- prefixes that fit the text
+
+
+# The book's prefixes, for The Time Machine; any other text gets prefixes from itself.
+TIME_MACHINE_PREFIXES = ("time traveller", "traveller")
+PREFIX_CHARS = 4  # a text without spaces between words (Chinese, Japanese): 4 characters
+
+
+def run_prefixes(cfg, corpus) -> list[str]:
+    """The prefixes a run samples from: train.sample_prefixes when set; else the book's two on
+    The Time Machine, and on any other text (any preset, any language) the first words of
+    its training split and of the training split's middle, so a Chinese text is never asked
+    to continue "time traveller"."""
+    if cfg.train.sample_prefixes is not None:
+        return list(cfg.train.sample_prefixes)
+    d = cfg.data
+    if d.path is None and d.url is None and d.dataset == "timemachine":
+        return list(TIME_MACHINE_PREFIXES)
+    out: list[str] = []
+    for start in (0, len(corpus.train) // 2):
+        text = corpus.vocab.decode(corpus.train[start:start + 400].tolist())
+        prefix = first_words(text, mid_text=start > 0)
+        if prefix and prefix not in out and _fits(prefix, corpus.vocab, d):
+            out.append(prefix)
+    return out
+
+
+def first_words(text: str, mid_text: bool = False) -> str:
+    """The first two words of `text` (its first PREFIX_CHARS characters when it does not
+    separate words by spaces); `mid_text`: the text starts inside a word or a line, so begin
+    at the next line, or else the next space."""
+    text = text.replace("\ufffd", " ")  # (bytes cut inside a character)
+    if mid_text:
+        cut = text.find("\n")
+        cut = cut if 0 <= cut < len(text) // 2 else text.find(" ")
+        text = text[cut + 1:] if cut >= 0 else text
+    text = text.strip()
+    words = text.split()
+    if len(words) > 2 and all(len(w) <= 20 for w in words[:2]):
+        return " ".join(words[:2])
+    line = text.splitlines()[0].strip() if text else ""
+    return line[:PREFIX_CHARS]
+
+
+def _fits(prefix: str, vocab: Vocab, data) -> bool:
+    try:
+        encode_prefix(prefix, vocab, data.preset, data.lowercase)
+    except GruLmError:  # (an <unk>'s name decoded into the text, say)
+        return False
+    return True

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rich.cells import cell_len
 from rich.markup import escape
 from rich.table import Table
 
@@ -29,7 +30,9 @@ def show_corpus(info, top: int) -> None:
     table.add_row(f"tokens ({info.preset} preset)", f"{info.num_tokens:,}")
     if info.note:
         table.add_row("preprocessing", info.note)
-    table.add_row("vocabulary size", str(info.vocab_size))
+    table.add_row("vocabulary size", f"{info.vocab_size:,}")
+    if info.preset != "bytes":
+        table.add_row("rare characters", _rare(info))
     shown = (lambda t: repr(t.encode("latin-1"))) if info.preset == "bytes" else repr
     freqs = ", ".join(f"{shown(t)} {f:,}" for t, f in info.token_freqs[:top])
     table.add_row(f"top {top} tokens", freqs)
@@ -40,6 +43,15 @@ def show_corpus(info, top: int) -> None:
     if info.store_note:
         table.add_row("note", info.store_note)
     print_table(table)
+
+
+def _rare(info) -> str:
+    """How data.min_freq handles rare characters, and what share of the text it costs."""
+    if not info.min_freq:
+        return ("data.min_freq 0: every character has a token of its own (set data.min_freq "
+                "N to map characters seen fewer than N times to <unk>)")
+    return (f"data.min_freq {info.min_freq}: {info.unk_types:,} character(s) seen fewer than "
+            f"{info.min_freq} times map to <unk>, {info.unk_share:.2%} of the text")
 
 
 def show_models(found, num_hiddens: int, vocab_size: int) -> None:
@@ -61,8 +73,15 @@ def show_runs(rows, runs_dir: Path) -> None:
                       "configs/gru.yaml`", highlight=False)
         return
     table = Table(title=f"runs in {runs_dir}/ (newest first)")
+    # Widths in terminal cells (a Chinese character takes two): a model name is never cut (it
+    # names the code), a run name too long for its column folds onto further lines, and the
+    # figures stay whole.
+    widths = {"model": max(cell_len(r.model or "?") for r in rows)}
     for col in ("name", "model", "steps", "best val ppl", "test ppl", "tok/s", "status", "age"):
-        table.add_column(col, justify="left" if col in ("name", "model", "status") else "right")
+        table.add_column(col, justify="left" if col in ("name", "model", "status") else "right",
+                         overflow="fold",
+                         no_wrap=col not in ("name", "best val ppl", "test ppl"),
+                         min_width=widths.get(col))
 
     now = time.time()
     for r in rows:

@@ -76,8 +76,10 @@ def data_dir(monkeypatch) -> Path:
 
 @pytest.fixture
 def workdir(tmp_path, monkeypatch, data_dir) -> Path:
-    """A fresh working directory with configs/ copied in and the corpus available offline."""
+    """A fresh working directory with configs/ and examples/ copied in and the corpus
+    available offline."""
     shutil.copytree(ROOT / "configs", tmp_path / "configs")
+    shutil.copytree(ROOT / "examples", tmp_path / "examples")
     monkeypatch.chdir(tmp_path)
     return tmp_path
 

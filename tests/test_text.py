@@ -4,6 +4,7 @@ preset, and fine-tuning one run from another."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -110,3 +111,105 @@ def test_init_from_refuses_another_vocabulary_or_shape_and_leaves_no_run(workdir
                        source, "model.num_hiddens=64"), "--init-from", "model.num_hiddens")
     one_line_error(cli("train", "--resume", source, "--init-from", source), "--init-from")
     assert sorted(p.name for p in Path("runs").iterdir()) == ["src"]
+
+
+# ---------------------------------------------------------------- Chinese as characters
+
+CLASSICS = Path(__file__).resolve().parents[1] / "examples" / "classics-zh.txt"
+
+
+def _is_chinese(c: str) -> bool:
+    return "\u4e00" <= c <= "\u9fff"
+
+
+def test_the_shipped_chinese_text_trains_as_characters(workdir):
+    """configs/classics-zh.yaml: one token per character of the shipped classical text;
+    the samples start from the text's own first words (not "time traveller") and are valid
+    Chinese; predict's -n counts characters; evaluate scores per character."""
+    r = cli("train", "--config", "configs/classics-zh.yaml", "--name", "zh",
+            "train.max_steps=60", "train.eval_interval=30", "train.sample_interval=60")
+    assert r.exit_code == 0, r.output
+    text = CLASSICS.read_text(encoding="utf-8")
+    vocab = json.loads(Path("runs/zh/vocab.json").read_text(encoding="utf-8"))
+    assert len(vocab["idx_to_token"]) == len(set(text.rstrip("\n"))) + 1  # + <unk>
+    samples = Path("runs/zh/samples.txt").read_text(encoding="utf-8")
+    assert "time traveller" not in samples
+    first = re.findall(r"step \d+: (.*?)(?=\nstep \d+: |\Z)", samples, re.S)[0]
+    assert first.startswith(text[:4])  # "论语·学": the training split's first characters
+    assert sum(map(_is_chinese, first)) > 20, first  # (its line breaks are the text's)
+    r = cli("predict", "子曰", "--run", "runs/zh", "-n", "30")
+    assert r.exit_code == 0, r.output
+    out = r.stdout.rstrip("\n")
+    assert out.startswith("子曰") and len(out) == 2 + 30, out  # characters, not bytes
+    out.encode("utf-8").decode("utf-8")
+    r = cli("evaluate", "--run", "runs/zh")
+    assert r.exit_code == 0 and "bits/char" in r.output, r.output
+
+
+def test_prefixes_come_from_the_text_unless_set_or_the_time_machine(workdir):
+    """train.sample_prefixes unset: the book's two on The Time Machine; on any other text the
+    first words of its training split and of its middle, for every preset; set: as given."""
+    from types import SimpleNamespace
+
+    from gru_lm.config import load_config
+    from gru_lm.data import load_corpus
+    from gru_lm.sampling import TIME_MACHINE_PREFIXES, run_prefixes
+
+    english = "The quick brown fox jumps over the lazy dog.\n" * 40
+    Path("en.txt").write_text(english, encoding="utf-8")
+    Path("zh.txt").write_text(CHINESE * 20, encoding="utf-8")
+    cases = [([], list(TIME_MACHINE_PREFIXES)),
+             (["data.dataset=null", "data.path=en.txt", "data.preset=raw"],
+              ["The quick", "The quick"]),
+             (["data.dataset=null", "data.path=en.txt"], ["the quick", "the quick"]),
+             (["data.dataset=null", "data.path=zh.txt", "data.preset=raw"],
+              [CHINESE[:4]]),
+             (["data.dataset=null", "data.path=zh.txt", "data.preset=bytes"], [CHINESE[:4]]),
+             (["data.dataset=null", "data.path=en.txt", "train.sample_prefixes=['x']"], ["x"])]
+    for overrides, expected in cases:
+        cfg = load_config(Path("configs/tiny.yaml"), overrides)
+        corpus = load_corpus(cfg.data, progress=False)
+        got = run_prefixes(cfg, corpus)
+        assert got[0] == expected[0], (overrides, got)
+        if not any("sample_prefixes" in o for o in overrides) and overrides:
+            middle = corpus.vocab.decode(corpus.train[len(corpus.train) // 2:][:400].tolist())
+            assert all(p.split()[0] in middle or p in CHINESE for p in got), (overrides, got)
+    empty = SimpleNamespace(train=torch.zeros(0, dtype=torch.long), vocab=ByteVocab())
+    cfg = load_config(Path("configs/tiny.yaml"), ["data.dataset=null", "data.path=en.txt"])
+    assert run_prefixes(cfg, empty) == []
+
+
+def test_data_info_shows_the_vocabulary_and_what_becomes_unk(workdir):
+    from collections import Counter
+
+    counts = Counter(CLASSICS.read_text(encoding="utf-8").rstrip("\n"))
+    rare = [c for c, n in counts.items() if n < 2]
+    share = sum(counts[c] for c in rare) / sum(counts.values())
+    r = cli("data", "info", "--config", "configs/classics-zh.yaml", "data.min_freq=2")
+    assert r.exit_code == 0, r.output
+    flat = " ".join(r.output.replace("│", " ").split())
+    assert f"vocabulary size {len(counts) - len(rare) + 1}" in flat
+    assert f"{len(rare)} character(s) seen fewer than 2 times map to <unk>, {share:.2%}" in flat
+    r = cli("data", "info", "--config", "configs/classics-zh.yaml")
+    assert "data.min_freq 0: every character has a token of its own" in \
+        " ".join(r.output.replace("│", " ").split())
+
+
+def test_runs_with_chinese_names_fit_80_columns_and_nothing_is_cut(tiny_run, monkeypatch):
+    """A Chinese character takes two terminal cells: at 80 columns a run named 中文模型 (or a
+    longer name) folds onto further lines instead of cutting the model column."""
+    from rich.cells import cell_len
+
+    names = ["中文模型", "古文字符模型实验第一次", "tiny"]
+    for n in names:
+        tiny_run(n)
+    monkeypatch.setenv("COLUMNS", "80")
+    r = cli("runs")
+    assert r.exit_code == 0, r.output
+    lines = [line for line in r.output.splitlines() if line[:1] in "┏┃┡│└"]
+    assert all(cell_len(line) <= 80 for line in lines), r.output
+    assert "…" not in r.output
+    rows = [line.split("│") for line in lines if line.startswith("│")]
+    assert sum("gru-scratch" in cells[2] for cells in rows) == 3, r.output
+    folded = "".join(cells[1].strip() for cells in rows)
+    assert all(n in folded for n in names), folded
