@@ -99,7 +99,7 @@ class ModelConfig(_Section):
     embed_dim: int | None = Field(
         None, ge=1, le=65536,
         description="input embedding size (default: torch.nn models a vocab_size-wide "
-        "lookup, scratch models the book's one-hot ids)", json_schema_extra={"option": True}
+        "lookup, at most 256 wide; scratch models the book's one-hot ids)", json_schema_extra={"option": True}
     )
     tie_weights: bool = Field(
         False, description="torch.nn models: the output layer reuses the input embedding "

@@ -22,6 +22,9 @@ from gru_lm.recurrent import (
 )
 
 
+DEFAULT_EMBED_MAX = 256  # the widest default embedding (bytes: 256, d2l: 28, unchanged)
+
+
 class TorchLM(RecurrentLM):
     """Embedding lookup -> torch.nn recurrent layers -> dropout -> nn.Linear."""
 
@@ -39,8 +42,10 @@ class TorchLM(RecurrentLM):
 
     def __init__(self, cfg: ModelConfig, vocab_size: int):
         super().__init__(cfg, vocab_size)
-        # Default: a vocab_size-wide lookup, the same function class as the book's one-hot.
-        embed_dim = cfg.embed_dim or vocab_size
+        # Default: a vocab_size-wide lookup, the same function class as the book's one-hot,
+        # up to DEFAULT_EMBED_MAX wide: a 5,000-character vocabulary would otherwise make a
+        # 5,000 x 5,000 table and a 5,000-wide input product (25M + 10M parameters).
+        embed_dim = cfg.embed_dim or min(vocab_size, DEFAULT_EMBED_MAX)
         self.embedding = nn.Embedding(vocab_size, embed_dim)
         # The one place where d2l's names meet torch.nn's: num_hiddens -> hidden_size.
         self.rnn = self.rnn_cls(

@@ -522,3 +522,17 @@ def test_the_trainer_says_when_bf16_does_not_pay(ratio, said):
         assert "does not pay on this CPU" in notes[0] and "0.80x fp32's speed" in notes[0]
         assert "measured now" in notes[0]
     assert precision_notes(load_config(None, ["train.max_steps=1"]), Timed(), "cpu") == []
+
+
+@pytest.mark.parametrize("name", ["gru", "lstm", "rnn"])
+def test_a_large_vocabulary_gets_an_embedding_at_most_256_wide(name):
+    """A Chinese text as characters has thousands of tokens: the default embedding stays
+    vocab_size wide up to 256 (d2l's 28, bytes' 256: unchanged) and 256 beyond."""
+    from gru_lm.torchnn import DEFAULT_EMBED_MAX
+
+    for vocab, width in ((28, 28), (256, 256), (5001, DEFAULT_EMBED_MAX)):
+        model = build_model(ModelConfig(name=name, num_hiddens=NH), vocab)
+        assert tuple(model.embedding.weight.shape) == (vocab, width)
+    assert DEFAULT_EMBED_MAX == 256
+    explicit = build_model(ModelConfig(name=name, num_hiddens=NH, embed_dim=600), 5001)
+    assert explicit.embedding.weight.shape[1] == 600
