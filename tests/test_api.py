@@ -128,15 +128,17 @@ def test_no_notebook_no_display(workdir, capsys):
     assert "run directory: runs/loud" in capsys.readouterr().out
 
 
-def test_the_chapter_9_notebook_runs(workdir, monkeypatch):
-    """docs/chapter9.ipynb executed headless, every training cut to a few steps
-    (GRU_LM_SMOKE=1): no cell may fail, and training draws its live figure."""
+@pytest.mark.parametrize("notebook, runs, trained", [("chapter9", "chapter9", 5),
+                                                     ("chapter9.zh-CN", "chapter9.zh-CN", 6)])
+def test_the_chapter_9_notebook_runs(workdir, monkeypatch, notebook, runs, trained):
+    """docs/chapter9.ipynb and its Chinese edition executed headless, every training cut to
+    a few steps (GRU_LM_SMOKE=1): no cell may fail, and training draws its live figure."""
     import nbformat
     from conftest import ROOT
     from nbclient import NotebookClient
 
     Path("docs").mkdir()
-    nb = nbformat.read(ROOT / "docs" / "chapter9.ipynb", as_version=4)
+    nb = nbformat.read(ROOT / "docs" / f"{notebook}.ipynb", as_version=4)
     monkeypatch.setenv("GRU_LM_SMOKE", "1")
     NotebookClient(nb, timeout=600, kernel_name="python3",
                    resources={"metadata": {"path": str(Path("docs").resolve())}}).execute()
@@ -144,7 +146,7 @@ def test_the_chapter_9_notebook_runs(workdir, monkeypatch):
     assert not [o for o in outputs if o.output_type == "error"]
     assert any("image/png" in o.get("data", {}) for o in outputs)  # the live figure
     assert any("text/html" in o.get("data", {}) for o in outputs)  # tables and gates
-    assert len(list(Path("runs/chapter9").iterdir())) >= 5
+    assert len(list(Path("runs", runs).iterdir())) >= trained
     assert not Path("docs/data").exists()  # caches stay in the repository's data/
 
 

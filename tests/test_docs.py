@@ -16,7 +16,7 @@ from conftest import ROOT, cli
 
 from gru_lm.config import SECTIONS
 
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+DOCS = [ROOT / "README.md", ROOT / "README.zh-CN.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```[a-z]*\n(.*?)^```", re.M | re.S)
 INLINE = re.compile(r"`(gru-lm [^`\n]+)`")
 KEY = re.compile(r"\b(data|model|train|run)\.([a-z][a-z0-9_]*)\b(?![./(])")
@@ -145,3 +145,36 @@ def test_the_layout_table_lists_every_module_in_layer_order():
     modules = [m for m in LAYERS if m not in ("__init__", "__main__")]
     assert listed == modules, "docs/development.md's layout table: " + ", ".join(
         m for m in modules if m not in listed) + " missing, or out of layer order"
+
+
+# ---------------------------------------------------------------- the Chinese README
+
+TERMS = ["门控循环单元", "重置门", "更新门", "困惑度", "梯度裁剪", "顺序分区", "随机采样"]
+
+
+def _section(text: str, heading: str) -> str:
+    start = text.index(heading)
+    end = text.find("\n## ", start + len(heading))
+    return text[start:end if end >= 0 else None]
+
+
+def _table_figures(section: str) -> list[str]:
+    rows = [line for line in section.splitlines() if line.startswith("|")]
+    return [n for line in rows for n in re.findall(r"\d[\d,.]*", line)]
+
+
+def test_the_chinese_readme_keeps_step_with_the_english_one():
+    """README.zh-CN.md is linked both ways, uses the book's Chinese terms, shows the same two
+    quick-start commands and the same figures in its results table as README.md."""
+    en = (ROOT / "README.md").read_text(encoding="utf-8")
+    zh = (ROOT / "README.zh-CN.md").read_text(encoding="utf-8")
+    assert "(README.zh-CN.md)" in en.split("\n## ")[0] and "(README.md)" in zh.split("\n## ")[0]
+    assert [t for t in TERMS if t not in zh] == []
+
+    def make_commands(section: str) -> list[str]:
+        return re.findall(r"^(make \w+)", FENCE.findall(section)[0], re.M)
+
+    assert make_commands(_section(zh, "## 快速上手")) == make_commands(
+        _section(en, "## Quick start")) == ["make test", "make train"]
+    figures = _table_figures(_section(en, "## Results"))
+    assert len(figures) > 20 and _table_figures(_section(zh, "## 结果")) == figures
