@@ -528,3 +528,13 @@ class FusedPath(TorchPath):
         fp32, bf16 = min(p[0] for p in pairs), min(p[1] for p in pairs)
         return fp32 / bf16, (f"{GEMM_NAMES[kind]} {bf16 * 1e3:.3f} ms against fp32 sgemm "
                              f"{fp32 * 1e3:.3f} ms at {rows}x{k}x{n}")
+
+
+@dataclass(frozen=True)
+class LoopPath(TorchPath):
+    """A recurrence stepped in Python with PyTorch ops (autograd builds the backward): the
+    Mogrifier LSTM, whose every step's input depends on the previous output."""
+
+    def path(self, device: torch.device | str, precision: str = "fp32") -> str:
+        return "PyTorch step loop (autograd)" + (" under bf16 autocast" if precision == "bf16"
+                                                 else "")

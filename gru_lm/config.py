@@ -99,7 +99,8 @@ class ModelConfig(_Section):
     embed_dim: int | None = Field(
         None, ge=1, le=65536,
         description="input embedding size (default: torch.nn models a vocab_size-wide "
-        "lookup, at most 256 wide; scratch models the book's one-hot ids)", json_schema_extra={"option": True}
+        "lookup, at most 256 wide; scratch models the book's one-hot ids)",
+        json_schema_extra={"option": True}
     )
     tie_weights: bool = Field(
         False, description="torch.nn models: the output layer reuses the input embedding "
@@ -114,6 +115,13 @@ class ModelConfig(_Section):
                                       json_schema_extra={"option": True})
     reset_after: bool = Field(False, description="gru-scratch: reset gate after W_hh (nn.GRU)",
                               json_schema_extra={"option": True})
+    rounds: int | None = Field(None, ge=0, le=16,
+                               description="mogrifier: rounds of x and h gating each other "
+                               "before each step (default 4; 0: exactly an LSTM)",
+                               json_schema_extra={"option": True})
+    rank: int | None = Field(None, ge=0, le=4096,
+                             description="mogrifier: rank of the rounds' matrices (default "
+                             "24; 0: full rank)", json_schema_extra={"option": True})
 
     @field_validator("bidirectional")
     @classmethod

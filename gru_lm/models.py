@@ -1,13 +1,14 @@
 """The models by name: the registry filled by the families (scratch.py, torchnn.py) and
 build_model, which checks a config against the model and the machine's memory before a
-weight is allocated. A new family is one module plus its import below.
+weight is allocated. A new family is one module plus its import below and its place in
+FAMILIES.
 """
 
 from __future__ import annotations
 
 import torch
 
-from gru_lm import scratch, torchnn  # noqa: F401  (their classes register themselves)
+from gru_lm import mogrifier, scratch, torchnn  # (their classes register on import)
 from gru_lm.config import ModelConfig
 from gru_lm.errors import ConfigError
 from gru_lm.recurrent import (  # noqa: F401  (the interface, for callers of gru_lm.models)
@@ -22,6 +23,21 @@ from gru_lm.recurrent import (  # noqa: F401  (the interface, for callers of gru
     state_to,
 )
 from gru_lm.utils import available_memory
+
+# The families in the order `gru-lm models` lists them (a new family: import it above and
+# name it here).
+FAMILIES = (scratch, torchnn, mogrifier)
+
+
+def _in_family_order() -> None:
+    """The registry in FAMILIES' order (a family may import another, registering it first)."""
+    order = [f.__name__ for f in FAMILIES]
+    ordered = sorted(_REGISTRY.items(), key=lambda kv: order.index(kv[1].__module__))
+    _REGISTRY.clear()
+    _REGISTRY.update(ordered)
+
+
+_in_family_order()
 
 
 def list_models() -> list[str]:

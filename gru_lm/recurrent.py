@@ -113,6 +113,15 @@ def init_weight(w: Tensor, scheme: str, recurrent: bool, fan_in: int) -> None:
         nn.init.uniform_(w, -bound, bound)
 
 
+def tie_weights_problems(cfg: ModelConfig) -> list[str]:
+    """model.tie_weights needs an embedding as wide as the output layer's input."""
+    if cfg.tie_weights and cfg.embed_dim != cfg.num_hiddens:
+        return [f"model.tie_weights: the output layer can reuse the embedding only when "
+                f"model.embed_dim ({cfg.embed_dim}) = model.num_hiddens ({cfg.num_hiddens}); "
+                f"set model.embed_dim={cfg.num_hiddens}"]
+    return []
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

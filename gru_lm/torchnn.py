@@ -19,8 +19,8 @@ from gru_lm.recurrent import (
     init_weight,
     register_model,
     sequence_dropout,
+    tie_weights_problems,
 )
-
 
 DEFAULT_EMBED_MAX = 256  # the widest default embedding (bytes: 256, d2l: 28, unchanged)
 
@@ -33,12 +33,7 @@ class TorchLM(RecurrentLM):
 
     @classmethod
     def check_config(cls, cfg: ModelConfig) -> list[str]:
-        problems = super().check_config(cfg)
-        if cfg.tie_weights and cfg.embed_dim != cfg.num_hiddens:
-            problems.append(f"model.tie_weights: the output layer can reuse the embedding only "
-                            f"when model.embed_dim ({cfg.embed_dim}) = model.num_hiddens "
-                            f"({cfg.num_hiddens}); set model.embed_dim={cfg.num_hiddens}")
-        return problems
+        return super().check_config(cfg) + tie_weights_problems(cfg)
 
     def __init__(self, cfg: ModelConfig, vocab_size: int):
         super().__init__(cfg, vocab_size)

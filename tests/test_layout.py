@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "gru_lm"
 # Bottom to top: a module may import only from modules listed before it (lazy imports too).
 LAYERS = ["__init__", "errors", "utils", "stats", "distributed", "config", "download",
           "tokenstore", "data", "ngram", "_ext",
-          "cells", "recurrent", "scratch", "torchnn", "models",
+          "cells", "recurrent", "scratch", "torchnn", "mogrifier", "models",
           "metrics", "cache", "dynamic", "sampling", "checkpoint",
           "rundir", "schedule", "ema", "display", "members", "scorers", "evaluation",
           "trainstate", "resume", "preflight", "trainer", "building", "runner",

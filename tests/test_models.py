@@ -224,7 +224,8 @@ def test_every_model_declares_only_known_options(name):
         kwargs = {"reset_after": {"reset_after": True}, "forget_bias": {"forget_bias": 1.0},
                   "embed_dim": {"embed_dim": 16},
                   "embed_dropout": {"embed_dropout": 0.1, "embed_dim": 16},
-                  "tie_weights": {"tie_weights": True, "embed_dim": NH}}[key]
+                  "tie_weights": {"tie_weights": True, "embed_dim": NH},
+                  "rounds": {"rounds": 2}, "rank": {"rank": 3}}[key]
         build_model(ModelConfig(name=name, num_hiddens=NH, **kwargs), V)
 
 
@@ -250,7 +251,7 @@ def test_tied_weights_share_one_matrix_and_stay_shared(name):
 def test_tied_weights_need_matching_sizes():
     with pytest.raises(ConfigError, match="model.tie_weights.*set model.embed_dim=32"):
         build_model(ModelConfig(name="gru", num_hiddens=32, tie_weights=True), V)
-    with pytest.raises(ConfigError, match="model.tie_weights: only gru, lstm, rnn take"):
+    with pytest.raises(ConfigError, match="model.tie_weights: only gru, lstm, rnn, mogrifier take"):
         build_model(ModelConfig(name="gru-scratch", num_hiddens=32, tie_weights=True), V)
 
 
@@ -536,3 +537,66 @@ def test_a_large_vocabulary_gets_an_embedding_at_most_256_wide(name):
     assert DEFAULT_EMBED_MAX == 256
     explicit = build_model(ModelConfig(name=name, num_hiddens=NH, embed_dim=600), 5001)
     assert explicit.embedding.weight.shape[1] == 600
+
+
+# ---------------------------------------------------------------- the Mogrifier LSTM
+
+
+def test_a_mogrifier_of_zero_rounds_is_exactly_an_lstm():
+    """rounds = 0: the same weights give nn.LSTM's logits and states."""
+    torch.manual_seed(0)
+    lstm = build_model(ModelConfig(name="lstm", num_hiddens=NH, num_layers=2), V).eval()
+    mog = build_model(ModelConfig(name="mogrifier", num_hiddens=NH, num_layers=2, rounds=0),
+                      V).eval()
+    with torch.no_grad():
+        mog.embedding.weight.copy_(lstm.embedding.weight)
+        mog.output.load_state_dict(lstm.output.state_dict())
+        for k, layer in enumerate(mog.layers):
+            layer.W_x.copy_(getattr(lstm.rnn, f"weight_ih_l{k}").t())
+            layer.W_h.copy_(getattr(lstm.rnn, f"weight_hh_l{k}").t())
+            layer.b.copy_(getattr(lstm.rnn, f"bias_ih_l{k}") + getattr(lstm.rnn, f"bias_hh_l{k}"))
+    X = _ids()
+    (a, (ha, ca)), (b, (hb, cb)) = lstm(X), mog(X)
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hb, ha, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cb, ca, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rank", [0, 3])
+def test_the_mogrifier_rounds_follow_the_equations(rank):
+    """Round 1 rescales x by 2 σ(Q h + b), round 2 h by 2 σ(R x + b), round 3 x again (with
+    the rescaled h); Q and R of rank `rank` (0: full), written out by hand."""
+    from gru_lm.mogrifier import MogrifierLayer
+
+    torch.manual_seed(1)
+    layer = MogrifierLayer(5, NH, rounds=3, rank=rank)
+    with torch.no_grad():
+        for p in layer.masks:
+            p.normal_()
+    x, h = torch.randn(B, 5), torch.randn(B, NH)
+
+    def matrix(factors):
+        W = factors[0]
+        for f in factors[1:]:
+            W = W @ f
+        return W
+
+    (q1, b1), (r2, b2), (q3, b3) = [(matrix(f), b) for f, b in layer.rounds()]
+    assert q1.shape == (NH, 5) and r2.shape == (5, NH)
+    x1 = 2 * torch.sigmoid(h @ q1 + b1) * x
+    h2 = 2 * torch.sigmoid(x1 @ r2 + b2) * h
+    x3 = 2 * torch.sigmoid(h2 @ q3 + b3) * x1
+    xm, hm, masks = layer.mogrify(x, h)
+    torch.testing.assert_close(xm, x3)
+    torch.testing.assert_close(hm, h2)
+    assert len(masks) == 3 and all(((m > 0) & (m < 2)).all() for m in masks)
+
+
+def test_mogrifier_options_belong_to_the_mogrifier():
+    from gru_lm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.rounds: only mogrifier take"):
+        build_model(ModelConfig(name="lstm", num_hiddens=NH, rounds=2), V)
+    model = build_model(ModelConfig(name="mogrifier", num_hiddens=NH), V)
+    assert [len(layer.shapes) for layer in model.layers] == [4]  # the default: 4 rounds
+    assert model.layers[0].rounds()[0][0][0].shape == (NH, 24)  # of rank 24

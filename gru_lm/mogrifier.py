@@ -1,0 +1,169 @@
+"""The Mogrifier LSTM (Melis, Kočiský and Blunsom, "Mogrifier LSTM", ICLR 2020): before each
+LSTM step, the input and the previous output gate each other for a number of rounds.
+
+With x^{-1} = x_t and h^0 = h_{t-1}, for i = 1 .. rounds:
+
+    odd i:   x^i = 2 σ(Q^i h^{i-1} + b_Q^i) ⊙ x^{i-2}      (the state rescales the input)
+    even i:  h^i = 2 σ(R^i x^{i-1} + b_R^i) ⊙ h^{i-2}      (the input rescales the state)
+
+then an ordinary LSTM step reads the last x and h of the rounds:
+
+    I, F, G, O = σ, σ, tanh, σ of (x W_x + h W_h + b), split in four   (torch.nn's order)
+    c_t = F ⊙ c_{t-1} + I ⊙ G,    h_t = O ⊙ tanh(c_t)
+
+The cell c_{t-1} is carried unchanged; the mogrified h only feeds the gates, and h_t is the
+LSTM's own output. Q^i and R^i have rank `rank` (Q = Q_a Q_b, as DeepMind's lamb
+factorises them; rank 0: full matrices), their biases start at zero. With rounds = 0 the
+model is exactly an LSTM (the test suite checks it against nn.LSTM with the same weights).
+The step loop is PyTorch's (autograd): each step's input depends on the previous output, so
+no input product can be computed for all steps at once as the LSTM's can.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gru_lm.cells import LoopPath
+from gru_lm.config import ModelConfig
+from gru_lm.recurrent import (
+    LayerWeights,
+    RecurrentLM,
+    State,
+    drop_weight,
+    embedding_dropout,
+    register_model,
+    sequence_dropout,
+    tie_weights_problems,
+)
+from gru_lm.torchnn import DEFAULT_EMBED_MAX
+
+DEFAULT_ROUNDS, DEFAULT_RANK = 4, 24  # lamb's PTB-character configuration
+
+
+def _uniform(*shape: int, fan_in: int) -> nn.Parameter:
+    bound = 1 / math.sqrt(fan_in)
+    return nn.Parameter(torch.empty(*shape).uniform_(-bound, bound))
+
+
+class MogrifierLayer(nn.Module):
+    """One layer: the rounds' factors (Q for odd rounds, R for even), then the LSTM's
+    W_x (num_inputs, 4 H), W_h (H, 4 H) and b (4 H), gate blocks [i | f | g | o]."""
+
+    def __init__(self, num_inputs: int, num_hiddens: int, rounds: int, rank: int,
+                 weight_drop: float = 0.0):
+        super().__init__()
+        E, H = num_inputs, num_hiddens
+        self.weight_drop = weight_drop
+        self.W_x = _uniform(E, 4 * H, fan_in=H)
+        self.W_h = _uniform(H, 4 * H, fan_in=H)
+        self.b = _uniform(4 * H, fan_in=H)
+        self.masks = nn.ParameterList()  # per round: factors (or one matrix), then the bias
+        self.shapes: list[int] = []  # parameters per round
+        for i in range(rounds):
+            src, dst = (H, E) if i % 2 == 0 else (E, H)  # round 1 (i = 0) rescales x
+            factors = [_uniform(src, dst, fan_in=src)] if not rank else \
+                [_uniform(src, rank, fan_in=src), _uniform(rank, dst, fan_in=rank)]
+            self.masks.extend([*factors, nn.Parameter(torch.zeros(dst))])
+            self.shapes.append(len(factors) + 1)
+
+    def rounds(self) -> list[tuple[list[Tensor], Tensor]]:
+        """Each round's factors and bias, in order."""
+        out, k = [], 0
+        params = list(self.masks)
+        for n in self.shapes:
+            out.append((params[k:k + n - 1], params[k + n - 1]))
+            k += n
+        return out
+
+    def mogrify(self, x: Tensor, h: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """x and h after the rounds, and each round's mask (2 σ(...), for inspection)."""
+        masks = []
+        for i, (factors, bias) in enumerate(self.rounds()):
+            src = h if i % 2 == 0 else x
+            for W in factors:
+                src = src @ W
+            mask = 2 * torch.sigmoid(src + bias)
+            masks.append(mask)
+            if i % 2 == 0:
+                x = mask * x
+            else:
+                h = mask * h
+        return x, h, masks
+
+    def forward(self, inputs: Tensor, state: tuple[Tensor, Tensor]
+                ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """inputs (num_steps, batch_size, num_inputs) -> outputs (num_steps, batch_size, H)."""
+        h, c = state
+        W_h = drop_weight(self.W_h, self.weight_drop, self.training)
+        outs = []
+        for x in inputs:
+            xm, hm, _ = self.mogrify(x, h)
+            i, f, g, o = torch.addmm(torch.addmm(self.b, xm, self.W_x), hm, W_h).chunk(4, -1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            outs.append(h)
+        return torch.stack(outs), (h, c)
+
+
+@register_model("mogrifier")
+class Mogrifier(RecurrentLM):
+    description = "Mogrifier LSTM: input and state gate each other before each step"
+    num_states, num_gates = 2, 4
+    options = frozenset({"embed_dim", "embed_dropout", "tie_weights", "rounds", "rank"})
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int):
+        super().__init__(cfg, vocab_size)
+        embed_dim = cfg.embed_dim or min(vocab_size, DEFAULT_EMBED_MAX)
+        self.embedding = nn.Embedding(vocab_size, embed_dim)
+        rounds = DEFAULT_ROUNDS if cfg.rounds is None else cfg.rounds
+        rank = DEFAULT_RANK if cfg.rank is None else cfg.rank
+        self.layers = nn.ModuleList(
+            MogrifierLayer(embed_dim if k == 0 else cfg.num_hiddens, cfg.num_hiddens, rounds,
+                           rank, cfg.weight_drop) for k in range(cfg.num_layers))
+        self.output = nn.Linear(cfg.num_hiddens, vocab_size)
+        if cfg.tie_weights:
+            self.output.weight = self.embedding.weight
+
+    @classmethod
+    def check_config(cls, cfg: ModelConfig) -> list[str]:
+        return super().check_config(cfg) + tie_weights_problems(cfg)
+
+    @property
+    def kernels(self) -> LoopPath:
+        return LoopPath(self.num_gates, self.num_hiddens)
+
+    def mogrifier_layers(self) -> list[MogrifierLayer]:
+        return [layer for layer in self.layers if isinstance(layer, MogrifierLayer)]
+
+    def forward_features(self, X: Tensor, state: State | None = None
+                         ) -> tuple[Tensor, State, Tensor]:
+        if state is None:
+            state = self.begin_state(X.shape[0], X.device)
+        assert isinstance(state, tuple)
+        E = embedding_dropout(self.embedding.weight, self.cfg.embed_dropout, self.training)
+        inputs = F.embedding(X.t(), E)  # (num_steps, batch_size, embed_dim)
+        hs, cs = [], []
+        for k, layer in enumerate(self.mogrifier_layers()):
+            inputs, (h, c) = layer(inputs, (state[0][k], state[1][k]))
+            hs.append(h)
+            cs.append(c)
+            if k < self.num_layers - 1:
+                inputs = sequence_dropout(inputs, self.dropout, self.training,
+                                          self.locked_dropout)
+        out = sequence_dropout(inputs, self.dropout, self.training, self.locked_dropout)
+        logits = self.output(out).transpose(0, 1)  # (batch_size, num_steps, vocab_size)
+        return logits, (torch.stack(hs), torch.stack(cs)), inputs.transpose(0, 1)
+
+    def gate_weights(self) -> list:
+        """The LSTM gates' weights; exact for the gates only with rounds = 0 (the rounds
+        rescale x and h before they reach the gates: see masks())."""
+        if any(layer.shapes for layer in self.mogrifier_layers()):
+            return super().gate_weights()
+        emb = self.embedding.weight.detach()
+        return [LayerWeights("lstm", layer.W_x.detach(), layer.b.detach(), layer.W_h.detach(),
+                             torch.zeros_like(layer.b), embedding=emb if k == 0 else None)
+                for k, layer in enumerate(self.mogrifier_layers())]
