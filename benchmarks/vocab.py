@@ -10,7 +10,8 @@ each figure to the 28-token run measured in the same call. The output layer (num
 vocabulary) is what grows.
 
 Run: python benchmarks/vocab.py [--models lstm gru-scratch] [--vocab 5000] [--steps 40]
-     [--json out.json]   (nothing else running: the ratios assume a quiet machine)
+     [--json out.json]   (nothing else running: the ratios assume a quiet machine;
+     --vocab 0 sets the models side by side on The Time Machine alone)
 """
 
 from __future__ import annotations
@@ -74,12 +75,16 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         text = Path(tmp) / "zh.txt"
-        synthetic_text(text, args.vocab, args.chars)
+        if args.vocab:
+            synthetic_text(text, args.vocab, args.chars)
         corpora = {"28 (The Time Machine, d2l)": [],
                    f"{args.vocab + 1:,} (synthetic Chinese, raw)":
                        ["data.dataset=null", f"data.path={text}", "data.preset=raw"]}
+        if not args.vocab:  # --vocab 0: the models side by side on The Time Machine only
+            corpora.popitem()
+        base = None  # the reference: each model's 28-token run (--vocab 0: the first model's)
         for model in args.models:
-            base = None
+            base = base if not args.vocab else None
             for label, data in corpora.items():
                 r = measure(model, data, args.steps, Path(tmp) / "runs", f"{model}-{len(rows)}")
                 base = base or r

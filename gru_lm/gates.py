@@ -20,7 +20,8 @@ from gru_lm.models import LayerWeights
 
 GATE_NAMES = {"gru": ("Z", "R"), "lstm": ("I", "F", "O")}
 GATE_TITLES = {"Z": "update gate Z", "R": "reset gate R", "I": "input gate I",
-               "F": "forget gate F", "O": "output gate O"}
+               "F": "forget gate F", "O": "output gate O",
+               **{f"M{r}": f"state mask of round {r} (2σ(R x), halved)" for r in (2, 4, 6, 8)}}
 
 
 @dataclass
@@ -146,6 +147,8 @@ class GateReport:
         means = ", ".join(f"mean {k} {v.mean():.2f}" for k, v in self.trace.gates.items())
         how = ("Z near 1 keeps the old state, R near 0 forgets it." if self.trace.kind == "gru"
                else "F near 1 keeps the cell state, I lets new input in.")
+        if self.trace.kind == "mogrifier":
+            how += " M2, M4: the input's rescaling of the state before the gates (0.5: none)."
         return f"colour: blue 0 → red 1 (ΔH scaled to its max); {means}. {how}"
 
     def to_json(self) -> dict:
@@ -200,6 +203,19 @@ def check_text(text: str, figure: bool) -> None:
                          f"{limit:,}: give a shorter text" + (" or drop --png" if figure else ""))
 
 
+def _trace(model, ids: list[int], layer: int) -> GateTrace:
+    """The gates of `layer` at every token: recomputed from the weights (gate_weights), or
+    traced by a model that has its own (the Mogrifier LSTM: trace(), with its masks)."""
+    if not hasattr(model, "trace"):
+        return trace_gates(model.gate_weights(), ids, layer)
+    if not 0 <= layer < model.num_layers:
+        raise GruLmError(f"--layer {layer} is out of range; the model has {model.num_layers} "
+                         f"layer(s): 0..{model.num_layers - 1}")
+    gates, H = model.trace(ids, layer)
+    prev = torch.cat([torch.zeros_like(H[:1]), H[:-1]])
+    return GateTrace(kind="mogrifier", gates=gates, H=H, delta_H=(H - prev).norm(dim=-1))
+
+
 def gate_report(model, vocab, preset: str, lowercase: bool, text: str, layer: int,
                 units: int) -> GateReport:
     """Run `text` (preprocessed as the corpus was) through `model` and pick the busiest units."""
@@ -207,9 +223,8 @@ def gate_report(model, vocab, preset: str, lowercase: bool, text: str, layer: in
     from gru_lm.sampling import encode_prefix
 
     check_units(units)
-    weights = model.gate_weights()
     ids, _ = encode_prefix(text, vocab, preset, lowercase)
-    trace = trace_gates(weights, ids, layer)
+    trace = _trace(model, ids, layer)
     if preset == "bytes":  # one column a character: the gates once its last byte is read
         keep = char_ends(ids)
         trace = GateTrace(trace.kind, {k: v[keep] for k, v in trace.gates.items()},

@@ -158,6 +158,41 @@ class Mogrifier(RecurrentLM):
         logits = self.output(out).transpose(0, 1)  # (batch_size, num_steps, vocab_size)
         return logits, (torch.stack(hs), torch.stack(cs)), inputs.transpose(0, 1)
 
+    @torch.no_grad()
+    def trace(self, ids: list[int], layer: int) -> tuple[dict[str, Tensor], Tensor]:
+        """Layer `layer`'s gates I, F, O and the masks of its state rounds (rounds 2, 4, ...:
+        2 σ(R x + b), halved into [0, 1]) at every token of `ids`, each (tokens, num_hiddens),
+        and its outputs H, read one token at a time from a zero state in eval mode (what
+        `gru-lm gates` shows). The input rounds' masks have the embedding's width, not the
+        state's, and are left out."""
+        was = self.training
+        self.eval()
+        try:
+            inputs = self.embedding.weight[torch.tensor(ids)].unsqueeze(1)  # (T, 1, E)
+            for k, lay in enumerate(self.mogrifier_layers()[: layer + 1]):
+                H = torch.zeros(1, self.num_hiddens)
+                C = torch.zeros(1, self.num_hiddens)
+                rec: dict[str, list[Tensor]] = {}
+                outs = []
+                for x in inputs:
+                    xm, hm, masks = lay.mogrify(x, H)
+                    i, f, g, o = torch.addmm(torch.addmm(lay.b, xm, lay.W_x), hm,
+                                             lay.W_h).chunk(4, -1)
+                    C = torch.sigmoid(f) * C + torch.sigmoid(i) * torch.tanh(g)
+                    H = torch.sigmoid(o) * torch.tanh(C)
+                    named = {"I": torch.sigmoid(i), "F": torch.sigmoid(f),
+                             "O": torch.sigmoid(o),
+                             **{f"M{r + 1}": m / 2 for r, m in enumerate(masks) if r % 2}}
+                    for name, v in named.items():
+                        rec.setdefault(name, []).append(v[0])
+                    outs.append(H)
+                inputs = torch.stack(outs)  # (T, 1, H)
+                if k == layer:
+                    return {n: torch.stack(v) for n, v in rec.items()}, inputs[:, 0]
+            raise IndexError(layer)
+        finally:
+            self.train(was)
+
     def gate_weights(self) -> list:
         """The LSTM gates' weights; exact for the gates only with rounds = 0 (the rounds
         rescale x and h before they reach the gates: see masks())."""

@@ -88,3 +88,18 @@ def test_layer_out_of_range(workdir, tiny_run):
     tiny_run("g")
     r = cli("gates", TEXT, "--run", "runs/g", "--layer", "3")
     assert r.exit_code == 1 and "--layer 3 is out of range" in r.output
+
+
+def test_a_mogrifier_run_shows_its_gates_and_state_masks(workdir):
+    """`gru-lm gates` on a Mogrifier run: I, F, O and the masks of its state rounds, each a
+    strip, written to JSON too; a layer out of range is one line."""
+    from conftest import train_tiny
+
+    run = train_tiny("mog", "model.name=mogrifier", "train.max_steps=4")
+    r = cli("gates", "the time traveller", "--run", run, "--json", "g.json")
+    assert r.exit_code == 0, r.output
+    data = json.loads(Path("g.json").read_text())
+    assert data["kind"] == "mogrifier" and set(data["mean"]) == {"I", "F", "O", "M2", "M4"}
+    assert " M2 " in r.output and "M2, M4: the input's rescaling of the state" in r.output
+    r = cli("gates", "the time", "--run", run, "--layer", "3")
+    assert r.exit_code == 1 and "--layer 3 is out of range" in r.output

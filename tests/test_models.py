@@ -600,3 +600,22 @@ def test_mogrifier_options_belong_to_the_mogrifier():
     model = build_model(ModelConfig(name="mogrifier", num_hiddens=NH), V)
     assert [len(layer.shapes) for layer in model.layers] == [4]  # the default: 4 rounds
     assert model.layers[0].rounds()[0][0][0].shape == (NH, 24)  # of rank 24
+
+
+def test_the_mogrifier_shows_its_gates_and_state_masks():
+    """trace(): with rounds 0 its I, F, O and outputs are gates.trace_gates' for the LSTM
+    it is; with 4 rounds it adds the masks of rounds 2 and 4 (halved into [0, 1])."""
+    from gru_lm.gates import trace_gates
+
+    ids = _ids()[0].tolist()
+    lstm_like = build_model(ModelConfig(name="mogrifier", num_hiddens=NH, rounds=0), V)
+    gates, H = lstm_like.trace(ids, 0)
+    reference = trace_gates(lstm_like.gate_weights(), ids, 0)
+    assert set(gates) == {"I", "F", "O"}
+    for name in gates:
+        torch.testing.assert_close(gates[name], reference.gates[name])
+    torch.testing.assert_close(H, reference.H)
+    model = build_model(ModelConfig(name="mogrifier", num_hiddens=NH), V)
+    gates, H = model.trace(ids, 0)
+    assert set(gates) == {"I", "F", "O", "M2", "M4"} and H.shape == (len(ids), NH)
+    assert all(((g >= 0) & (g <= 1)).all() and g.shape == (len(ids), NH) for g in gates.values())
