@@ -267,7 +267,8 @@ def test_own_text_is_named_and_described(workdir):
 
 def test_prefixes_that_do_not_fit_the_corpus_become_its_first_characters(workdir):
     Path("cats.txt").write_text("the cat sat on the mat. " * 400)  # no 'v' for "traveller"
-    run = train_tiny("cats", "data.path=cats.txt")
+    run = train_tiny("cats", "data.path=cats.txt",
+                     "train.sample_prefixes=[time traveller, traveller]")
     samples = (run / "samples.txt").read_text()
     assert "traveller" not in samples
     assert samples.splitlines()[:2] == [  # as long as the prefixes they replace
@@ -275,11 +276,16 @@ def test_prefixes_that_do_not_fit_the_corpus_become_its_first_characters(workdir
         "step 30: the cat " + samples.splitlines()[1][17:]]
     assert samples.splitlines()[1].startswith("step 30: the cat s")
     r = cli("train", "--config", "configs/tiny.yaml", "--name", "cats2", "data.path=cats.txt",
-            "train.max_steps=10")
+            "train.max_steps=10", "train.sample_prefixes=[time traveller]")
     assert r.exit_code == 0, r.output
     assert "corpus cats.txt: 9,600 characters" in r.output
     assert "train.sample_prefixes[0] does not fit this corpus" in r.output
     assert "'the cat sat on' instead" in r.output
+    # unset, the prefixes are the text's own first words: nothing to replace, no note
+    own = train_tiny("cats3", "data.path=cats.txt")
+    assert (own / "samples.txt").read_text().startswith("step 30: the cat")
+    assert "does not fit" not in cli("train", "--config", "configs/tiny.yaml", "--name",
+                                     "cats4", "data.path=cats.txt", "train.max_steps=10").output
 
 
 # ---------------------------------------------------------------- plots and gates
