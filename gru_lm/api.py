@@ -20,14 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gru_lm.comparison import Comparison
 from gru_lm.errors import GruLmError
-from gru_lm.evaluation import Evaluation
 from gru_lm.members import Member, load_member, locate
 from gru_lm.rundir import RunDir
 
 if TYPE_CHECKING:
+    from gru_lm.comparison import Comparison
     from gru_lm.config import Config
+    from gru_lm.evaluation import Evaluation
     from gru_lm.gates import GateReport
 
 
@@ -580,6 +580,20 @@ def list_models(num_hiddens: int = 256, vocab_size: int = 28) -> list[ModelInfo]
         model = build_model(ModelConfig(name=name, num_hiddens=num_hiddens), vocab_size)
         out.append(ModelInfo(name, model_class(name).description, count_parameters(model)))
     return out
+
+
+def __getattr__(name: str):
+    """The result types Comparison and Evaluation, imported on first use: their modules bring
+    torch and pydantic, which `gru-lm runs` and `gru-lm config show` do without."""
+    if name == "Comparison":
+        from gru_lm.comparison import Comparison
+
+        return Comparison
+    if name == "Evaluation":
+        from gru_lm.evaluation import Evaluation
+
+        return Evaluation
+    raise AttributeError(f"module 'gru_lm.api' has no attribute {name!r}")
 
 
 __all__ = ["Comparison", "Continuations", "CorpusInfo", "Evaluation", "Gates", "ModelInfo",

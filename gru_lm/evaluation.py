@@ -21,12 +21,12 @@ import torch
 
 from gru_lm.errors import DataError, GruLmError
 from gru_lm.members import Member, check_distinct, load_member, scoring_corpus
+from gru_lm.ngram import KneserNey
 from gru_lm.scorers import MIXERS, SCORERS, Scored, Texts, chosen_scorers, ensemble, options
 
 if TYPE_CHECKING:
     from gru_lm.config import Config
     from gru_lm.data import Corpus, Vocab
-    from gru_lm.ngram import KneserNey
 
 SPLITS = ("val", "test", "train")
 
@@ -133,7 +133,7 @@ def evaluate(checkpoints: list[Path], split: str = "test", *, text: Path | None 
         raise GruLmError(f"{flag} chooses its settings on the val split, and this run has "
                          f"none (data.val_fraction = 0); evaluate without {flag}")
     order = ngram_order or cfg.train.ngram_order
-    ngram = None if corpus is None else _kneser_ney(corpus, len(vocab), order)
+    ngram = None if corpus is None else KneserNey(corpus.train, len(vocab), order)
     rows = score(members, Texts(val, ids, None if corpus is None else corpus.train), asked,
                  ngram)
     return _result(members, checkpoints, rows, ids, what, unknown, note, corpus, ngram,
@@ -171,12 +171,6 @@ def _target(cfg: Config, vocab: Vocab, corpus: Corpus | None, split: str,
         ids = ids[:cap]
         what += f" (its first {cap:,} tokens: train.eval_max_tokens)"
     return ids, what, 0, ""
-
-
-def _kneser_ney(corpus: Corpus, vocab_size: int, order: int) -> KneserNey:
-    from gru_lm.ngram import KneserNey
-
-    return KneserNey(corpus.train, vocab_size, order)
 
 
 def score(members: list[Member], texts: Texts, methods: Iterable[str] = (),

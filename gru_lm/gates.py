@@ -35,9 +35,7 @@ class GateTrace:
 @torch.no_grad()
 def trace_gates(layers: list[LayerWeights], ids: list[int], layer: int) -> GateTrace:
     """Run `ids` through layers 0..layer from a zero state; return the gates of `layer`."""
-    if not 0 <= layer < len(layers):
-        raise GruLmError(f"--layer {layer} is out of range; the model has {len(layers)} "
-                         f"layer(s): 0..{len(layers) - 1}")
+    _check_layer(layer, len(layers))
     X = torch.tensor(ids)
     inputs: Tensor | None = None
     for w in layers[: layer + 1]:
@@ -76,9 +74,19 @@ def trace_gates(layers: list[LayerWeights], ids: list[int], layer: int) -> GateT
             outs.append(H)
         inputs = torch.stack(outs)  # (num_chars, num_hiddens)
     assert inputs is not None  # (layer is in range: at least one layer ran)
-    prev = torch.cat([torch.zeros_like(inputs[:1]), inputs[:-1]])
     return GateTrace(kind=w.kind, gates={k: torch.stack(v) for k, v in rec.items()},
-                     H=inputs, delta_H=(inputs - prev).norm(dim=-1))
+                     H=inputs, delta_H=_delta(inputs))
+
+
+def _check_layer(layer: int, count: int) -> None:
+    if not 0 <= layer < count:
+        raise GruLmError(f"--layer {layer} is out of range; the model has {count} layer(s): "
+                         f"0..{count - 1}")
+
+
+def _delta(H: Tensor) -> Tensor:
+    """||H_t - H_{t-1}|| at every step (H_{-1} = 0)."""
+    return (H - torch.cat([torch.zeros_like(H[:1]), H[:-1]])).norm(dim=-1)
 
 
 def top_units(trace: GateTrace, n: int) -> list[int]:
@@ -208,12 +216,9 @@ def _trace(model, ids: list[int], layer: int) -> GateTrace:
     traced by a model that has its own (the Mogrifier LSTM: trace(), with its masks)."""
     if not hasattr(model, "trace"):
         return trace_gates(model.gate_weights(), ids, layer)
-    if not 0 <= layer < model.num_layers:
-        raise GruLmError(f"--layer {layer} is out of range; the model has {model.num_layers} "
-                         f"layer(s): 0..{model.num_layers - 1}")
+    _check_layer(layer, model.num_layers)
     gates, H = model.trace(ids, layer)
-    prev = torch.cat([torch.zeros_like(H[:1]), H[:-1]])
-    return GateTrace(kind="mogrifier", gates=gates, H=H, delta_H=(H - prev).norm(dim=-1))
+    return GateTrace(kind="mogrifier", gates=gates, H=H, delta_H=_delta(H))
 
 
 def gate_report(model, vocab, preset: str, lowercase: bool, text: str, layer: int,

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 from gru_lm.errors import DataError, GruLmError
 from gru_lm.rundir import RunDir, find_latest
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # (torch is imported by what loads a model: `gru-lm runs` needs none)
+    import torch
+
     from gru_lm.config import Config
     from gru_lm.data import Corpus, Vocab
 

@@ -30,7 +30,6 @@ from torch import Tensor, nn
 from gru_lm.cells import LoopPath
 from gru_lm.config import ModelConfig
 from gru_lm.recurrent import (
-    LayerWeights,
     RecurrentLM,
     State,
     drop_weight,
@@ -192,13 +191,3 @@ class Mogrifier(RecurrentLM):
             raise IndexError(layer)
         finally:
             self.train(was)
-
-    def gate_weights(self) -> list:
-        """The LSTM gates' weights; exact for the gates only with rounds = 0 (the rounds
-        rescale x and h before they reach the gates: see masks())."""
-        if any(layer.shapes for layer in self.mogrifier_layers()):
-            return super().gate_weights()
-        emb = self.embedding.weight.detach()
-        return [LayerWeights("lstm", layer.W_x.detach(), layer.b.detach(), layer.W_h.detach(),
-                             torch.zeros_like(layer.b), embedding=emb if k == 0 else None)
-                for k, layer in enumerate(self.mogrifier_layers())]

@@ -202,7 +202,7 @@ class RecurrentLM(nn.Module):
     def gate_weights(self) -> list:
         """Per-layer weights in the canonical layout of gru_lm.gates (gated models only)."""
         raise GruLmError(f"model '{self.registry_name}' has no gates to show; `gru-lm gates` "
-                         "works with gru-scratch, gru, lstm-scratch and lstm runs")
+                         "works with gru-scratch, gru, lstm-scratch, lstm and mogrifier runs")
 
 
 

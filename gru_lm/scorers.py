@@ -79,10 +79,6 @@ class Scorer:
         may reuse."""
         raise NotImplementedError
 
-    @staticmethod
-    def reading(m: Member) -> tuple[int, int, int]:
-        return m.cfg.train.reading
-
 
 class Mixer:
     """A post-pass: each scorer's (ensembled) result mixed with another model."""
@@ -143,9 +139,9 @@ class Static(Scorer):
         from gru_lm.metrics import token_log_probs
 
         val = None if texts.val is None else token_log_probs(m.model, texts.val,
-                                                             *self.reading(m))
+                                                             *m.cfg.train.reading)
         return Scored(val, val if val is not None and texts.same else
-                      token_log_probs(m.model, texts.target, *self.reading(m)))
+                      token_log_probs(m.model, texts.target, *m.cfg.train.reading))
 
 
 @register
@@ -158,14 +154,14 @@ class Cache(Scorer):
     def score(self, m, texts, chosen):
         from gru_lm.cache import THETAS, WINDOWS, cache_scores, choose, with_cache
 
-        logp_v, grid_v = cache_scores(m.model, texts.tune_on, *self.reading(m))
+        logp_v, grid_v = cache_scores(m.model, texts.tune_on, *m.cfg.train.reading)
         best = choose(logp_v, grid_v, WINDOWS, THETAS)
         a, b = WINDOWS.index(best.window), THETAS.index(best.theta)
         if texts.same:
             logp_t, grid_t = logp_v, grid_v[a, b]
         else:
-            logp_t, grid = cache_scores(m.model, texts.target, *self.reading(m),
-                                        (best.window,), (best.theta,))
+            logp_t, grid = cache_scores(m.model, texts.target, *m.cfg.train.reading,
+                                        windows=(best.window,), thetas=(best.theta,))
             grid_t = grid[0, 0]
         chosen[self.name] = best
         return Scored(with_cache(logp_v, grid_v[a, b], best.lam),
@@ -257,11 +253,11 @@ class Temperature(Scorer):
     help = "Also score with the softmax temperature chosen on val (logits / T)."
 
     def score(self, m, texts, chosen):
-        grid = tempered_log_probs(m.model, texts.tune_on, TEMPERATURES, *self.reading(m))
+        grid = tempered_log_probs(m.model, texts.tune_on, TEMPERATURES, *m.cfg.train.reading)
         i = int(grid.double().sum(1).argmax())
         t = TEMPERATURES[i]
         target = grid[i] if texts.same else tempered_log_probs(
-            m.model, texts.target, (t,), *self.reading(m))[0]
+            m.model, texts.target, (t,), *m.cfg.train.reading)[0]
         return Scored(grid[i], target, [{"temperature": t}])
 
 

@@ -24,6 +24,18 @@ def test_help_does_not_import_torch():
     assert "train" in out.stdout and "predict" in out.stdout
 
 
+def test_config_show_does_not_import_torch(workdir):
+    """`gru-lm config show` reads YAML: the API it calls loads no model code (the result
+    types of evaluate and compare, which bring torch, are imported on first use)."""
+    code = ("import sys; from gru_lm.cli import app\n"
+            "sys.argv=['gru-lm','config','show','--config','configs/tiny.yaml']\n"
+            "try:\n    app()\nexcept SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules, 'torch imported'; print('OK')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and "OK" in out.stdout and "num_hiddens: 32" in out.stdout, \
+        out.stderr
+
+
 def test_version():
     r = cli("--version")
     assert r.exit_code == 0 and r.output.startswith("gru-lm 0.")

@@ -606,11 +606,15 @@ def test_the_mogrifier_shows_its_gates_and_state_masks():
     """trace(): with rounds 0 its I, F, O and outputs are gates.trace_gates' for the LSTM
     it is; with 4 rounds it adds the masks of rounds 2 and 4 (halved into [0, 1])."""
     from gru_lm.gates import trace_gates
+    from gru_lm.recurrent import LayerWeights
 
     ids = _ids()[0].tolist()
     lstm_like = build_model(ModelConfig(name="mogrifier", num_hiddens=NH, rounds=0), V)
     gates, H = lstm_like.trace(ids, 0)
-    reference = trace_gates(lstm_like.gate_weights(), ids, 0)
+    layer = lstm_like.layers[0]  # the LSTM it is, in gates.py's layout
+    weights = LayerWeights("lstm", layer.W_x.detach(), layer.b.detach(), layer.W_h.detach(),
+                           torch.zeros_like(layer.b), embedding=lstm_like.embedding.weight.detach())
+    reference = trace_gates([weights], ids, 0)
     assert set(gates) == {"I", "F", "O"}
     for name in gates:
         torch.testing.assert_close(gates[name], reference.gates[name])
