@@ -135,7 +135,7 @@ class Static(Scorer):
 
     name = STATIC
 
-    def score(self, m, texts, chosen):
+    def score(self, m: Member, texts: Texts, chosen: dict[str, Any]) -> Scored:
         from gru_lm.metrics import token_log_probs
 
         val = None if texts.val is None else token_log_probs(m.model, texts.val,
@@ -151,7 +151,7 @@ class Cache(Scorer):
     name = "cache"
     help = "Also score with a continuous cache (window, theta and lambda chosen on val)."
 
-    def score(self, m, texts, chosen):
+    def score(self, m: Member, texts: Texts, chosen: dict[str, Any]) -> Scored:
         from gru_lm.cache import THETAS, WINDOWS, cache_scores, choose, with_cache
 
         logp_v, grid_v = cache_scores(m.model, texts.tune_on, *m.cfg.train.reading)
@@ -176,7 +176,7 @@ class Dynamic(Scorer):
     name = "dynamic"
     help = "Also score with dynamic evaluation (settings chosen on val)."
 
-    def score(self, m, texts, chosen):
+    def score(self, m: Member, texts: Texts, chosen: dict[str, Any]) -> Scored:
         from gru_lm.dynamic import dynamic_log_probs, gradient_ms, tune
 
         if texts.train is None:
@@ -198,7 +198,7 @@ class DynamicCache(Scorer):
     name = "dynamic + cache"
     combines = ("dynamic", "cache")
 
-    def score(self, m, texts, chosen):
+    def score(self, m: Member, texts: Texts, chosen: dict[str, Any]) -> Scored:
         import torch
 
         from gru_lm.cache import with_cache
@@ -252,7 +252,7 @@ class Temperature(Scorer):
     name = "temperature"
     help = "Also score with the softmax temperature chosen on val (logits / T)."
 
-    def score(self, m, texts, chosen):
+    def score(self, m: Member, texts: Texts, chosen: dict[str, Any]) -> Scored:
         grid = tempered_log_probs(m.model, texts.tune_on, TEMPERATURES, *m.cfg.train.reading)
         i = int(grid.double().sum(1).argmax())
         t = TEMPERATURES[i]
@@ -270,7 +270,8 @@ class NgramMix(Mixer):
     help = ("Also score each of the above interpolated with the Kneser-Ney n-gram model "
             "(weight chosen on val).")
 
-    def mix(self, variants, texts, ngram):
+    def mix(self, variants: dict[str, Scored], texts: Texts, ngram: KneserNey
+            ) -> dict[str, Scored]:
         import torch
 
         from gru_lm.metrics import mixture_log_probs, mixture_weight
