@@ -169,16 +169,17 @@ def runs(runs_dir: str | Path = "runs") -> list[RunInfo]:
 def evaluate(runs: Sequence[str | Path] | str | Path, split: str = "test", *,
              text: str | Path | None = None, methods: Sequence[str] = (),
              ngram_order: int | None = None, offline: bool | None = None,
-             **asked: bool) -> Evaluation:
-    """Score runs (or checkpoints) on a split or a text file; several are an ensemble.
-    Ways of scoring beyond the static one are named in `methods` or as keywords set to True
-    (cache=True, dynamic=True, mix_ngram=True, temperature=True: gru_lm/scorers.py)."""
+             weighted: bool = False, **asked: bool) -> Evaluation:
+    """Score runs (or checkpoints) on a split or a text file; several are an ensemble
+    (`weighted`: its member weights fitted on val by EM, else equal). Ways of scoring beyond
+    the static one are named in `methods` or as keywords set to True (cache=True,
+    dynamic=True, mix_ngram=True, temperature=True: gru_lm/scorers.py)."""
     from gru_lm.evaluation import evaluate as score
 
     paths = [locate(r).checkpoint for r in ([runs] if isinstance(runs, str | Path) else runs)]
     return score(paths, split, text=None if text is None else Path(text),
                  methods=[*methods, *(k for k, on in asked.items() if on)],
-                 ngram_order=ngram_order, offline=offline)
+                 ngram_order=ngram_order, offline=offline, weighted=weighted)
 
 
 @_checked

@@ -368,6 +368,9 @@ def evaluate_cmd(
     ngram_order: Annotated[int | None, typer.Option(
         help="Order of the Kneser-Ney model, 1..8 (default: the run's train.ngram_order).")
                            ] = None,
+    weighted: Annotated[bool, typer.Option(
+        "--weighted", help="Weight an ensemble's members by EM on the val split (default: "
+        "equal weights).")] = False,
     offline: OfflineOpt = False,
     runs_dir: RunsDirOpt = Path("runs"),
     **methods: Any,
@@ -384,7 +387,8 @@ def evaluate_cmd(
         said_newest(where.checkpoint)
         paths = [where.checkpoint]
     r = evaluate(paths, split.value, text=text, offline=_offline(offline),
-                 methods=flags_given(methods, _methods()), ngram_order=ngram_order)
+                 methods=flags_given(methods, _methods()), ngram_order=ngram_order,
+                 weighted=weighted)
     show_evaluation(r, len(paths), "text" if text is not None else split.value)
 
 

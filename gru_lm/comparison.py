@@ -317,11 +317,12 @@ def _check_one_experiment_each(runs: list[dict]) -> None:
 
 @dataclass
 class ResultRow:
-    """One line of the comparison: a recipe over its seeds (mean, std, 95% interval), or
-    ("ensemble") the average of its seeds' probabilities."""
+    """One line of the comparison: a recipe over its seeds (mean, std, 95% interval),
+    ("ensemble") the average of its seeds' probabilities, or ("weighted") every run of every
+    recipe mixed with weights fitted on val."""
 
     model: str  # the recipe's label (its first member's folder without -sN)
-    kind: str  # "seeds" or "ensemble"
+    kind: str  # "seeds", "ensemble" or "weighted"
     name: str | None  # the registered model
     seeds: int
     params: int | None
@@ -340,6 +341,7 @@ class ResultRow:
     tokens_seen_mean: float | None = None
     target_val_ppl: float | None = None
     time_to_target_s_mean: float | None = None
+    member_weights: dict[str, float] | None = None  # "weighted": each run's weight (val)
 
 
 @dataclass
@@ -395,6 +397,8 @@ def report(run_dirs: list[Path], out: Path, offline: bool | None = None) -> Comp
         rows.append(_seed_row(label, g, differs.get(label, ""), target))
         if len(g) > 1 and g[0]["val"] is not None:
             rows.append(_ensemble_row(label, g))
+    if len(groups) > 1 and runs[0]["val"] is not None:
+        rows.append(_weighted_row(runs))
     comparisons = _comparisons(groups)
     first = runs[0]["summary"]
     result = Comparison(
@@ -403,7 +407,8 @@ def report(run_dirs: list[Path], out: Path, offline: bool | None = None) -> Comp
                                           "ngram_ppl") if k in first},
         members=[str(r["dir"]) for r in runs], out=out, target_val_ppl=target,
         scoring="best checkpoint of each member, val and test each read as one stream; "
-                "ensembles average the seeds' probabilities")
+                "ensembles average the seeds' probabilities; the ensemble of every run "
+                "weights them by EM on val")
     _write_report(result, groups, out)
     return result
 
@@ -452,6 +457,25 @@ def _ensemble_row(label: str, g: list[dict]) -> ResultRow:
         val_bpc_mean=None if val is None else math.log2(val), stopped_by=[])
 
 
+def _weighted_row(runs: list[dict]) -> ResultRow:
+    """Every run of every recipe in one ensemble, its member weights fitted on val (EM on
+    the next-character mixture): what diversity gives beside more seeds of one model."""
+    from gru_lm.evaluation import perplexity_of
+    from gru_lm.metrics import mixture_weights
+    from gru_lm.scorers import ensemble
+
+    weights = mixture_weights([r["val"] for r in runs])
+    val = perplexity_of(ensemble([r["val"] for r in runs], weights))
+    params = [r["summary"].get("params") for r in runs]
+    return ResultRow(
+        model="all runs, weighted on val", kind="weighted", name=None, seeds=len(runs),
+        params=sum(params) if all(params) else None, val_ppl_mean=val,
+        test_ppl_mean=perplexity_of(ensemble([r["test"] for r in runs], weights))
+        if runs[0]["test"] is not None else None,
+        val_bpc_mean=None if val is None else math.log2(val), stopped_by=[],
+        member_weights={Path(r["dir"]).name: w for r, w in zip(runs, weights, strict=True)})
+
+
 def _write_report(result: Comparison, groups: dict[str, list[dict]], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     data = result.to_json()
@@ -473,16 +497,24 @@ def _write_report(result: Comparison, groups: dict[str, list[dict]], out: Path) 
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    """One CSV line a row (lists joined with "; ", intervals as low..high), written whole."""
+    """One CSV line a row (lists joined with "; ", intervals as low..high, member weights as
+    "name w; ..."), written whole."""
     buf = io.StringIO()
     fields = list(dict.fromkeys(k for row in rows for k in row)) or ["verdict"]
     writer = csv.DictWriter(buf, fieldnames=fields, restval="")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: ("; ".join(v) if isinstance(v, list) else
-                             f"{v['low']}..{v['high']}" if isinstance(v, dict) else v)
-                         for k, v in row.items()})
+        writer.writerow({k: _csv_cell(v) for k, v in row.items()})
     write_output(path, lambda f: f.write(buf.getvalue()), "w")
+
+
+def _csv_cell(v: Any) -> Any:
+    if isinstance(v, list):
+        return "; ".join(v)
+    if isinstance(v, dict):
+        return f"{v['low']}..{v['high']}" if "low" in v else \
+            "; ".join(f"{k} {w}" for k, w in v.items())
+    return v
 
 
 # ---------------------------------------------------------------- samples

@@ -6,7 +6,8 @@ with all the text before it in the split as context. The ways of scoring are the
 of gru_lm/scorers.py (static, cache, dynamic, dynamic + cache, temperature; the n-gram
 mixture as a post-pass); whatever has a setting chooses it on the val split, and the target
 is then scored once with it. An ensemble averages its members' next-character
-probabilities, each member scored (and adapted) on its own.
+probabilities, each member scored (and adapted) on its own: equally, or (weighted) with
+member weights fitted on val by EM, as the n-gram mixture's weight is.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class Evaluation:
     checkpoints: list[str]
     tuned_on_target: bool
     note: str = ""  # what the preset changed in a --text file (what it dropped)
+    weighted: bool = False  # the ensemble's member weights were fitted on val
 
     @property
     def best(self) -> Row | None:
@@ -110,34 +112,40 @@ def check_ngram_order(order: int | None) -> None:
 
 def evaluate(checkpoints: list[Path], split: str = "test", *, text: Path | None = None,
              methods: Iterable[str] = (), ngram_order: int | None = None,
-             offline: bool | None = None) -> Evaluation:
+             offline: bool | None = None, weighted: bool = False) -> Evaluation:
     """Score a split or a text file with `checkpoints` (several: their ensemble), beside the
     references counted on the training split; every token once, as one stream. `methods`
     name the scorers and mixers (gru_lm/scorers.py) to add to the static score; each
-    chooses its settings on the val split."""
+    chooses its settings on the val split. `weighted`: the ensemble's member weights are
+    fitted on val (EM) instead of equal."""
     if not checkpoints:
         raise GruLmError("give at least one run or checkpoint to evaluate")
     check_split(split)
     check_ngram_order(ngram_order)
     asked = check_methods(methods)
     check_distinct(checkpoints)
+    if weighted and len(checkpoints) < 2:
+        raise GruLmError("--weighted fits the weights of an ensemble's members; give two or "
+                         "more runs (--run A --run B)")
     members = [load_member(p) for p in checkpoints]
     cfg, vocab = members[0].cfg, members[0].vocab
-    corpus = _corpus(members, offline, text is not None and not asked)
+    corpus = _corpus(members, offline, text is not None and not asked and not weighted)
     ids, what, unknown, note = _target(cfg, vocab, corpus, split, text)
     val = None
     if corpus is not None and len(corpus.val) > 1:
         val = ids if split == "val" and text is None else corpus.val[:cfg.train.eval_max_tokens]
-    if asked and val is None:  # (the corpus is loaded whenever a method is asked)
-        flag = "--" + sorted(asked)[0]
+    if (asked or weighted) and val is None:  # (the corpus is loaded whenever one is asked)
+        flag = "--" + (sorted(asked)[0] if asked else "weighted")
         raise GruLmError(f"{flag} chooses its settings on the val split, and this run has "
                          f"none (data.val_fraction = 0); evaluate without {flag}")
     order = ngram_order or cfg.train.ngram_order
     ngram = None if corpus is None else KneserNey(corpus.train, len(vocab), order)
     rows = score(members, Texts(val, ids, None if corpus is None else corpus.train), asked,
-                 ngram)
-    return _result(members, checkpoints, rows, ids, what, unknown, note, corpus, ngram,
-                   tuned_on_target=val is ids)
+                 ngram, weighted)
+    result = _result(members, checkpoints, rows, ids, what, unknown, note, corpus, ngram,
+                     tuned_on_target=val is ids)
+    result.weighted = weighted
+    return result
 
 
 def _corpus(members: list[Member], offline: bool | None, optional: bool) -> Corpus | None:
@@ -174,7 +182,7 @@ def _target(cfg: Config, vocab: Vocab, corpus: Corpus | None, split: str,
 
 
 def score(members: list[Member], texts: Texts, methods: Iterable[str] = (),
-          ngram: KneserNey | None = None) -> list[Row]:
+          ngram: KneserNey | None = None, weighted: bool = False) -> list[Row]:
     """The rows of `gru-lm evaluate`: each scorer asked for (and static) of the (ensembled)
     members, then each of them through each mixer asked for."""
     from gru_lm.metrics import LN2, evaluate, perplexity
@@ -186,7 +194,7 @@ def score(members: list[Member], texts: Texts, methods: Iterable[str] = (),
         val_ppl = None if texts.val is None else ppl if texts.same else \
             perplexity(*evaluate(m.model, texts.val, *m.cfg.train.reading))
         return [Row("static", ppl, math.log(ppl) / LN2, val_ppl, [])]
-    variants = _ensembled([member_scores(m, texts, asked) for m in members], texts)
+    variants = _ensembled([member_scores(m, texts, asked) for m in members], texts, weighted)
     for name, mixer in MIXERS.items():
         if name in asked:
             assert ngram is not None
@@ -205,15 +213,23 @@ def member_scores(m: Member, texts: Texts, asked: Iterable[str]) -> dict[str, Sc
     return {s.name: s.score(m, texts, chosen) for s in chosen_scorers(set(asked))}
 
 
-def _ensembled(per_member: list[dict[str, Scored]], texts: Texts) -> dict[str, Scored]:
-    """Each variant's members averaged in probability (one member: itself)."""
+def _ensembled(per_member: list[dict[str, Scored]], texts: Texts, weighted: bool = False
+               ) -> dict[str, Scored]:
+    """Each variant's members averaged in probability (one member: itself), equally or with
+    weights fitted on val (one set a variant; its settings end with them)."""
+    from gru_lm.metrics import mixture_weights
+
     out = {}
     for name in per_member[0]:
         parts = [pm[name] for pm in per_member]
         vals = [p.val for p in parts if p.val is not None]
-        out[name] = Scored(ensemble(vals) if texts.val is not None else None,
-                           ensemble([p.target for p in parts]),
-                           [s for p in parts for s in p.settings])
+        settings = [s for p in parts for s in p.settings]
+        weights = None
+        if weighted and len(parts) > 1:
+            weights = mixture_weights(vals)
+            settings.append({"member_weights": " ".join(f"{w:.3f}" for w in weights)})
+        out[name] = Scored(ensemble(vals, weights) if texts.val is not None else None,
+                           ensemble([p.target for p in parts], weights), settings)
     return out
 
 

@@ -211,16 +211,26 @@ def token_log_probs(model, tokens: torch.Tensor, streams: int, num_steps: int,
 
 def mixture_weight(logp_a: torch.Tensor, logp_b: torch.Tensor, iterations: int = 100) -> float:
     """The weight w of b in w * P_b + (1 - w) * P_a that maximises the likelihood of the
-    tokens (EM for a two-component mixture: each step cannot lower the likelihood)."""
-    pa, pb = logp_a.exp(), logp_b.exp()
-    w = 0.5
+    tokens (mixture_weights of the two)."""
+    return mixture_weights([logp_a, logp_b], iterations)[1]
+
+
+def mixture_weights(parts: list[torch.Tensor], iterations: int = 2000) -> list[float]:
+    """The weights w_k (summing to 1) of the mixture sum_k w_k P_k that maximise the
+    likelihood of the tokens, P_k given as per-token log-probabilities: EM, from equal
+    weights (each step cannot lower the likelihood; the new w_k is the mean share of
+    component k in the tokens' mixed probability). Components that predict alike (seeds of
+    one model) slow EM down: up to `iterations` steps, until no weight moves by 1e-8."""
+    logp = torch.stack(parts).double()  # (K, N)
+    w = torch.full((len(parts), 1), 1 / len(parts), dtype=torch.float64)
     for _ in range(iterations):
-        share = w * pb / (w * pb + (1 - w) * pa)
-        w_new = float(share.mean())
-        if abs(w_new - w) < 1e-7:
-            return w_new
-        w = w_new
-    return w
+        joint = logp + w.log()
+        new = (joint - joint.logsumexp(0)).exp().mean(1, keepdim=True)
+        done = float((new - w).abs().max()) < 1e-8
+        w = new
+        if done:
+            break
+    return [float(x) for x in w.flatten()]
 
 
 def mixture_log_probs(logp_a: torch.Tensor, logp_b: torch.Tensor, w: float) -> torch.Tensor:

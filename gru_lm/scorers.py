@@ -94,6 +94,7 @@ class Mixer:
 SCORERS: dict[str, type[Scorer]] = {}
 MIXERS: dict[str, type[Mixer]] = {}
 STATIC = "static"
+RESERVED = frozenset({"weighted", "split", "text", "offline"})  # evaluate's own options
 
 
 def register(cls):
@@ -101,6 +102,9 @@ def register(cls):
     table: dict[str, Any] = MIXERS if issubclass(cls, Mixer) else SCORERS
     if cls.name in SCORERS or cls.name in MIXERS:
         raise ValueError(f"a scorer named {cls.name!r} is registered already")
+    if cls.name in RESERVED:
+        raise ValueError(f"{cls.name!r} is an option of evaluate already; name the scorer "
+                         "otherwise")
     table[cls.name] = cls
     return cls
 
@@ -117,13 +121,17 @@ def chosen_scorers(asked: set[str]) -> list[Scorer]:
             if name == STATIC or name in asked or (cls.combines and set(cls.combines) <= asked)]
 
 
-def ensemble(parts: list[torch.Tensor]) -> torch.Tensor:
-    """log of the mean of the members' probabilities, token by token."""
+def ensemble(parts: list[torch.Tensor], weights: list[float] | None = None) -> torch.Tensor:
+    """log of the members' probabilities averaged token by token, with `weights` (summing
+    to 1) or equally."""
     import torch
 
     if len(parts) == 1:
         return parts[0]
-    return torch.logsumexp(torch.stack(parts), dim=0) - math.log(len(parts))
+    if weights is None:
+        return torch.logsumexp(torch.stack(parts), dim=0) - math.log(len(parts))
+    logw = torch.tensor(weights, dtype=torch.float64).log().unsqueeze(1)
+    return torch.logsumexp(torch.stack(parts).double() + logw, dim=0).float()
 
 
 # ---------------------------------------------------------------- the scorers

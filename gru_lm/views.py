@@ -182,7 +182,8 @@ def show_evaluation(r, members: int, target: str) -> None:
         console.print(f"references (counted on the training split): "
                       f"{references_text(r.references)}", highlight=False)
     if members > 1:
-        console.print(f"ensemble of {members} runs (their probabilities averaged): "
+        how = "weights fitted on val" if r.weighted else "their probabilities averaged"
+        console.print(f"ensemble of {members} runs ({how}): "
                       f"{', '.join(r.checkpoints)}", highlight=False, soft_wrap=True)
     if len(r.rows) > 1 or members > 1:
         _score_rows(r, target)
@@ -254,6 +255,10 @@ def show_comparison(result, wide: bool = False) -> None:
     for r in result.rows:
         if r.differs:
             console.print(f"note: {r.model} is {r.differs}", highlight=False, soft_wrap=True)
+        if r.member_weights:
+            console.print("weights fitted on val: " + ", ".join(
+                f"{k} {w:.3f}" for k, w in r.member_weights.items()), highlight=False,
+                soft_wrap=True)
     for line in result.verdicts:
         console.print(f"verdict: {line}", highlight=False, soft_wrap=True)
     console.print(f"wrote {result.out}/results.csv, results.json, verdicts.csv, curves.png, "

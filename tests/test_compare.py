@@ -19,7 +19,7 @@ def test_compare_two_configs_two_seeds(workdir):
     out = Path("cmp")
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [row["model"] for row in rows] == ["tiny", "tiny ensemble", "tiny-lstm",
-                                              "tiny-lstm ensemble"]
+                                              "tiny-lstm ensemble", "all runs, weighted on val"]
     png = (out / "curves.png").read_bytes()
     assert png.startswith(PNG) and len(png) > 10_000
     samples = (out / "samples.md").read_text()
@@ -28,7 +28,7 @@ def test_compare_two_configs_two_seeds(workdir):
     assert "\n  - greedy: `" in samples
     result = json.loads((out / "results.json").read_text())
     for row in result["rows"]:
-        if row["kind"] == "ensemble":
+        if row["kind"] != "seeds":
             continue
         members = [json.loads((out / f"{row['model']}-s{s}" / "summary.json").read_text())
                    for s in range(2)]
@@ -39,6 +39,19 @@ def test_compare_two_configs_two_seeds(workdir):
             mean = sum(m[f"best_{key}_ppl"] for m in members) / 2
             assert row[f"{key}_ppl_mean"] == pytest.approx(mean, rel=1e-5)
             assert f"{row[f'{key}_ppl_mean']:.3f} ± " in r.output
+    # every run in one ensemble, weights fitted on val: EM maximises the val likelihood over
+    # all weightings, so it is no worse on val than any recipe's equal-weight ensemble (up
+    # to where EM stops: the tiny runs predict alike, EM's slowest case)
+    weighted = result["rows"][-1]
+    assert weighted["kind"] == "weighted" and weighted["seeds"] == 4
+    weights = weighted["member_weights"]
+    assert sorted(weights) == ["tiny-lstm-s0", "tiny-lstm-s1", "tiny-s0", "tiny-s1"]
+    assert sum(weights.values()) == pytest.approx(1) and min(weights.values()) >= 0
+    assert weighted["val_ppl_mean"] <= min(
+        row["val_ppl_mean"] for row in result["rows"][:-1]) * (1 + 1e-4)
+    assert "weights fitted on val: tiny-s0 0." in r.output
+    cells = dict(cell.split() for cell in rows[-1]["member_weights"].split("; "))
+    assert {k: float(v) for k, v in cells.items()} == weights
     assert len(result["comparisons"]) == 1 and result["comparisons"][0]["paired_seeds"] == [0, 1]
     assert "verdict: " in r.output
     verdicts = list(csv.DictReader((out / "verdicts.csv").open()))

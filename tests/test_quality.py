@@ -245,6 +245,30 @@ def test_the_mixture_weight_maximises_the_likelihood():
     assert mixture_weight(a.double(), a.double() - 5) < 0.01  # b is worse everywhere
 
 
+def test_mixture_weights_maximise_the_likelihood_of_several_components():
+    from gru_lm.metrics import mixture_weights
+    from gru_lm.scorers import ensemble
+
+    g = torch.Generator().manual_seed(3)
+    parts = [torch.rand(800, generator=g).log() for _ in range(3)]
+    w = mixture_weights(parts)
+    assert sum(w) == pytest.approx(1) and min(w) > 0
+
+    def ll(weights):
+        return float(ensemble(parts, weights).double().sum())
+
+    assert ll(w) >= ll([1 / 3] * 3) - 1e-6
+    for k in range(3):  # moving weight towards any component lowers the likelihood
+        moved = [x * 0.95 + (0.05 if i == k else 0) for i, x in enumerate(w)]
+        assert ll(w) >= ll(moved) - 1e-6
+    # two components: the n-gram mixture's weight; a copy shares equally; a worse one fades
+    assert mixture_weights(parts[:2])[1] == pytest.approx(mixture_weight(*parts[:2]))
+    assert mixture_weights([parts[0], parts[0]]) == pytest.approx([0.5, 0.5])
+    assert mixture_weights([parts[0], parts[1], parts[0] - 5])[2] < 0.01
+    # equal weights are the plain average
+    assert torch.allclose(ensemble(parts, [1 / 3] * 3), ensemble(parts), atol=1e-5)
+
+
 def score_row(output: str, name: str) -> list[str]:
     """The cells of the row `name` in evaluate's table of ways of scoring."""
     for line in output.splitlines():

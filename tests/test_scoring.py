@@ -93,6 +93,29 @@ def test_an_ensemble_of_a_run_and_its_copy_equals_the_run(tiny_run):
     assert ppl in both.output.split("| ppl ")[1].split()[0]
 
 
+def test_a_weighted_ensemble_fits_its_member_weights_on_val(tiny_run):
+    import gru_lm
+    from gru_lm.checkpoint import load_checkpoint, save_checkpoint
+
+    run = tiny_run("a")
+    shutil.copytree(run, "runs/weak")  # the same run, every weight shrunk: near uniform
+    best = Path("runs/weak/checkpoints/best.pt")
+    payload = load_checkpoint(best)
+    payload["model"] = {k: v * 0.05 for k, v in payload["model"].items()}
+    save_checkpoint(payload, best)
+    equal = gru_lm.evaluate(["runs/a", "runs/weak"])
+    fitted = gru_lm.evaluate(["runs/a", "runs/weak"], weighted=True)
+    w = [float(x) for x in fitted.rows[0].settings[-1]["member_weights"].split()]
+    assert len(w) == 2 and sum(w) == pytest.approx(1, abs=2e-3) and w[0] > 0.5 > w[1]
+    assert fitted.rows[0].val_ppl < equal.rows[0].val_ppl  # what it maximised
+    assert fitted.ppl != equal.ppl and fitted.weighted and not equal.weighted
+    r = cli("evaluate", "--run", run, "--run", "runs/weak", "--weighted")
+    assert r.exit_code == 0, r.output
+    assert "ensemble of 2 runs (weights fitted on val)" in r.output
+    assert f"member weights {w[0]:.3f} {w[1]:.3f}" in r.output
+    one_line_error(cli("evaluate", "--run", run, "--weighted"), "--weighted", "two or more")
+
+
 def test_an_ensemble_refuses_a_member_with_another_vocabulary(tiny_run):
     from conftest import train_tiny
 
