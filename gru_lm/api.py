@@ -187,9 +187,10 @@ def compare(configs: Sequence[str | Path] = (), *, runs: Sequence[str | Path] = 
             seeds: int = 1, budget_s: float | None = None, epochs: int | None = None,
             tokens: int | None = None, out: str | Path | None = None, resume: bool = False,
             runs_dir: str | Path = "runs", offline: bool | None = None,
-            show: bool = False, console=None) -> Comparison:
+            show: bool = False, console=None, jobs: int = 1) -> Comparison:
     """Train configs x seeds under one budget (or gather finished `runs`) and compare them:
-    perplexities with 95% intervals over seeds, ensembles, a verdict on every pair."""
+    perplexities with 95% intervals over seeds, ensembles, a verdict on every pair. `jobs`:
+    members trained at a time, each in a process of its own with its share of the cores."""
     from gru_lm.comparison import Budget, report, run_comparison, timestamped_out
 
     if configs and runs:
@@ -202,7 +203,7 @@ def compare(configs: Sequence[str | Path] = (), *, runs: Sequence[str | Path] = 
         return report([Path(r) for r in runs], dest, offline)
     return run_comparison([Path(c) for c in configs], seeds=seeds,
                           budget=Budget(budget_s, epochs, tokens), out=dest, resume=resume,
-                          offline=offline,
+                          offline=offline, jobs=jobs,
                           console=console if console is not None else _console(show))
 
 

@@ -416,6 +416,9 @@ def compare_cmd(
                     ] = False,
     resume: Annotated[bool, typer.Option(help="Skip finished member runs, resume the rest.")
                       ] = False,
+    jobs: Annotated[int, typer.Option(
+        help="Train N members at a time, each in a process of its own with 1/N of the "
+        "cores (its output in OUT/NAME.log).")] = 1,
     wide: Annotated[bool, typer.Option(
         "--wide", help="All columns (params, train ppl, bits/char, time, time to target, stop "
         "reason); results.csv and results.json always have them.")] = False,
@@ -435,7 +438,7 @@ def compare_cmd(
     result = compare([] if runs else given, runs=given if runs else [],
                      seeds=seeds, budget_s=budget_s, epochs=epochs, tokens=tokens, out=out,
                      resume=resume, runs_dir=runs_dir, offline=_offline(offline),
-                     console=None if quiet else console)
+                     console=None if quiet else console, jobs=jobs)
     show_comparison(result, wide)
 
 

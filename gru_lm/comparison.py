@@ -56,13 +56,16 @@ def _check_budget(budget: Budget) -> None:
 
 
 def run_comparison(configs: list[Path], *, seeds: int, budget: Budget, out: Path,
-                   resume: bool, offline: bool | None, console=None) -> Comparison:
-    """Train every config x seed into `out`, then write the report."""
+                   resume: bool, offline: bool | None, console=None, jobs: int = 1
+                   ) -> Comparison:
+    """Train every config x seed into `out` (`jobs` members at a time, each in a process of
+    its own), then write the report."""
     if not configs:
         raise GruLmError("give at least one config (e.g. configs/gru.yaml configs/lstm.yaml) "
                          "or --runs DIR ...")
     if not 1 <= seeds <= 100:
         raise GruLmError(f"--seeds {seeds} is out of range; give 1..100")
+    _check_jobs(jobs)
     _check_budget(budget)
     stems = [Path(c).stem for c in configs]
     if len(set(stems)) != len(stems):
@@ -89,7 +92,7 @@ def run_comparison(configs: list[Path], *, seeds: int, budget: Budget, out: Path
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        _train_members(configs, loaded, seeds, budget, out, offline, console)
+        _train_members(configs, loaded, seeds, budget, out, offline, console, jobs)
     except BaseException:
         if created and not any(out.iterdir()):
             out.rmdir()  # a comparison that failed to start leaves no empty folder
@@ -98,48 +101,174 @@ def run_comparison(configs: list[Path], *, seeds: int, budget: Budget, out: Path
                   offline)
 
 
-def _train_members(configs: list[Path], loaded: list, seeds: int, budget: Budget, out: Path,
-                   offline: bool | None, console) -> None:
-    from gru_lm.runner import train_run
+def _check_jobs(jobs: int) -> None:
+    from gru_lm.building import usable_cores
 
-    total = len(configs) * seeds
-    durations: list[float] = []  # wall seconds of the members trained in this call
-    member = 0
+    if not 1 <= jobs <= usable_cores():
+        raise GruLmError(f"--jobs {jobs} is out of range: this machine has {usable_cores()} "
+                         f"usable core(s); give 1..{usable_cores()} (each job needs a core)")
+
+
+@dataclass
+class _Member:
+    """One config x seed of a comparison: its folder, and how to train (or continue) it."""
+
+    number: int
+    name: str
+    run: RunDir
+    config: Path
+    overrides: list[str]
+
+
+def _members(configs: list[Path], loaded: list, seeds: int, budget: Budget, out: Path
+             ) -> list[_Member]:
+    """Every member, in order, each kept folder checked against this call's recipe."""
+    members = []
     for cfg_path, cfg in zip(configs, loaded, strict=True):
         for seed in range(seeds):
-            member += 1
             name = f"{Path(cfg_path).stem}-s{seed}"
-            run = RunDir(out / name)
-            overrides = [f"train.seed={seed}", f"run.runs_dir={out}",
-                         *budget.overrides(cfg.train.batch_size, cfg.train.num_steps)]
-            if run.config.is_file():
-                _check_same_recipe(run, Path(cfg_path), overrides)
-            if run.summary.is_file():
-                if console is not None:
-                    console.print(f"[dim]{escape(f'member {member}/{total} {name}')}: "
-                                  "finished earlier, kept[/dim]")
-                continue
+            m = _Member(len(members) + 1, name, RunDir(out / name), Path(cfg_path),
+                        [f"train.seed={seed}", f"run.runs_dir={out}",
+                         *budget.overrides(cfg.train.batch_size, cfg.train.num_steps)])
+            if m.run.config.is_file():
+                _check_same_recipe(m.run, m.config, m.overrides)
+            if m.run.path.exists() and not m.run.summary.is_file() and \
+                    not m.run.checkpoint().is_file():
+                raise GruLmError(f"{m.run} exists without a checkpoint; remove that folder "
+                                 "and run again with --resume")
+            members.append(m)
+    return members
+
+
+def _train_members(configs: list[Path], loaded: list, seeds: int, budget: Budget, out: Path,
+                   offline: bool | None, console, jobs: int = 1) -> None:
+    members = _members(configs, loaded, seeds, budget, out)
+    todo = []
+    for m in members:
+        if m.run.summary.is_file():
             if console is not None:
-                eta = (f", about {_duration(statistics.fmean(durations) * (total - member + 1))}"
-                       " left" if durations else "")
-                console.rule(escape(f"member {member}/{total}: {name}{eta}"))
-            started = time.perf_counter()
-            try:
-                if run.checkpoint().is_file():
-                    train_run(None, [], resume=run.path, offline=offline, console=console)
-                elif run.path.exists():
-                    raise GruLmError(f"{run} exists without a checkpoint; remove that "
-                                     "folder and run again with --resume")
+                console.print(f"[dim]{escape(f'member {m.number}/{len(members)} {m.name}')}: "
+                              "finished earlier, kept[/dim]")
+        else:
+            todo.append(m)
+    try:
+        if jobs > 1:
+            _train_in_processes(todo, len(members), jobs, offline, console)
+        else:
+            _train_here(todo, len(members), offline, console)
+    except TrainingInterrupted as e:  # (its message: the members it stopped)
+        args = " ".join(str(c) for c in configs)
+        more = f" --jobs {jobs}" if jobs > 1 else ""
+        raise TrainingInterrupted(
+            f"comparison interrupted in {e}; finished members are kept. Continue with: gru-lm "
+            f"compare {args} --seeds {seeds}{more} --out {out} --resume (and the same budget "
+            "option)", exit_code=e.exit_code) from None
+
+
+def _train_here(todo: list[_Member], total: int, offline: bool | None, console) -> None:
+    """The members one after another, in this process."""
+    from gru_lm.runner import train_run
+
+    durations: list[float] = []  # wall seconds of the members trained in this call
+    for k, m in enumerate(todo):
+        if console is not None:
+            left = len(todo) - k
+            eta = (f", about {_duration(statistics.fmean(durations) * left)} left"
+                   if durations else "")
+            console.rule(escape(f"member {m.number}/{total}: {m.name}{eta}"))
+        started = time.perf_counter()
+        try:
+            if m.run.checkpoint().is_file():
+                train_run(None, [], resume=m.run.path, offline=offline, console=console)
+            else:
+                train_run(m.config, m.overrides, name=m.name, offline=offline,
+                          console=console)
+        except TrainingInterrupted as e:
+            raise TrainingInterrupted(m.name, exit_code=e.exit_code) from None
+        durations.append(time.perf_counter() - started)
+
+
+def _train_in_processes(todo: list[_Member], total: int, jobs: int, offline: bool | None,
+                        console) -> None:
+    """The members `jobs` at a time, each a `gru-lm train` process of its own with
+    usable cores // jobs threads, its output in OUT/NAME.log. Ctrl-C and SIGTERM reach every
+    running member once (each saves a checkpoint and stops; none more is started); a member
+    that fails stops none of the others, and the comparison then fails naming it."""
+    import signal
+    import subprocess
+    import sys
+
+    from gru_lm.building import usable_cores
+
+    threads = max(1, usable_cores() // jobs)
+    running: dict[str, tuple[_Member, subprocess.Popen, float]] = {}
+    stopped: list[int] = []
+    failed: list[str] = []
+    interrupted: list[str] = []
+
+    def forward(signum, _frame) -> None:
+        if not stopped:
+            stopped.append(signum)
+            stopped.append(int(time.monotonic()))
+        for _, p, _ in running.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    queue = list(todo)
+    try:
+        while queue or running:
+            while queue and len(running) < jobs and not stopped:
+                m = queue.pop(0)
+                args = ["--resume", str(m.run.path)] if m.run.checkpoint().is_file() else \
+                    ["--config", str(m.config), "--name", m.name, *m.overrides]
+                log = m.run.path.parent / f"{m.name}.log"
+                with open(log, "w", encoding="utf-8") as f:  # (the child holds its own copy)
+                    p = subprocess.Popen(
+                        [sys.executable, "-m", "gru_lm", "train", "--quiet", *args,
+                         *(["--offline"] if offline else []), f"train.threads={threads}"],
+                        stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+                running[m.name] = (m, p, time.perf_counter())
+                _say(console, f"member {m.number}/{total} {m.name}: started ({threads} "
+                     f"thread{'s' * (threads > 1)}, output in {log})")
+            for name, (m, p, started) in list(running.items()):
+                if p.poll() is None:
+                    if stopped and time.monotonic() - stopped[1] > STOP_GRACE_S:
+                        p.kill()  # (it had a minute to save its checkpoint)
+                    continue
+                del running[name]
+                took = _duration(time.perf_counter() - started)
+                if p.returncode == 0:
+                    _say(console, f"member {m.number}/{total} {name}: finished in {took}")
+                elif stopped:
+                    interrupted.append(name)
                 else:
-                    train_run(Path(cfg_path), overrides, name=name, offline=offline,
-                              console=console)
-            except TrainingInterrupted as e:
-                args = " ".join(str(c) for c in configs)
-                raise TrainingInterrupted(
-                    f"comparison interrupted in {name}; finished members are kept. Continue "
-                    f"with: gru-lm compare {args} --seeds {seeds} --out {out} --resume "
-                    "(and the same budget option)", exit_code=e.exit_code) from None
-            durations.append(time.perf_counter() - started)
+                    failed.append(f"{name} (exit {p.returncode}: "
+                                  f"{_last_line(m.run.path.parent / f'{name}.log')})")
+            time.sleep(0.2)
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    if stopped:
+        raise TrainingInterrupted(", ".join(interrupted) or "no member",
+                                  exit_code=128 + stopped[0])
+    if failed:
+        raise GruLmError(f"member {failed[0]}; its output is in {todo[0].run.path.parent}/"
+                         f"{failed[0].split()[0]}.log")
+
+
+STOP_GRACE_S = 60  # how long an interrupted member may take to save before it is killed
+
+
+def _say(console, text: str) -> None:
+    if console is not None:
+        console.print(escape(text), highlight=False)
+
+
+def _last_line(log: Path) -> str:
+    lines = [ln for ln in log.read_text(encoding="utf-8", errors="replace").splitlines()
+             if ln.strip()]
+    return lines[-1].strip() if lines else "no output"
 
 
 def _check_same_recipe(run: RunDir, config: Path, overrides: list[str]) -> None:

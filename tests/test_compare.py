@@ -105,3 +105,65 @@ def test_interrupted_comparison_keeps_members_and_says_how_to_resume(workdir, mo
     assert r.exit_code == 130
     assert "--out ci --resume" in r.output
     assert Path("ci/tiny-s0/summary.json").is_file()
+
+
+@pytest.mark.slow
+def test_compare_jobs_trains_members_at_once_and_ctrl_c_stops_them_all(workdir):
+    """--jobs 2: both members train at once in processes of their own; Ctrl-C reaches both,
+    each saves a checkpoint, one message says how to go on, and that command finishes them."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = ["compare", "configs/tiny.yaml", "--seeds", "2", "--jobs", "2", "--budget-s", "6",
+            "--out", "cj"]
+    proc = subprocess.Popen([sys.executable, "-m", "gru_lm", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    metrics = [Path(f"cj/tiny-s{s}/metrics.jsonl") for s in (0, 1)]
+    deadline = time.monotonic() + 120
+    while not all(m.is_file() and m.stat().st_size for m in metrics):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    children = [int(c) for c in
+                Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+    assert len(children) == 2  # both members at once
+    os.killpg(proc.pid, signal.SIGINT)  # the launcher's group: the members have their own
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert err.startswith("interrupted: comparison interrupted in tiny-s") and "tiny-s0" in err \
+        and "tiny-s1" in err and err.count("\n") == 1, err
+    for pid in children:  # (reaped: no process is left behind)
+        assert not Path(f"/proc/{pid}").exists()
+    for s in (0, 1):
+        assert Path(f"cj/tiny-s{s}/checkpoints/last.pt").is_file()
+        assert not Path(f"cj/tiny-s{s}/summary.json").exists()
+        assert "interrupted" in Path(f"cj/tiny-s{s}.log").read_text()
+    hint = err.split("Continue with: ")[1].split(" (and")[0].split()
+    assert hint[1:] == ["compare", "configs/tiny.yaml", "--seeds", "2", "--jobs", "2", "--out",
+                        "cj", "--resume"], err
+    r = subprocess.run([sys.executable, "-m", "gru_lm", *hint[1:], "--budget-s", "6", "-q"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "tiny ensemble" not in r.stdout and "  ensemble" in r.stdout
+    for s in (0, 1):
+        assert Path(f"cj/tiny-s{s}/summary.json").is_file()
+
+
+def test_compare_jobs_is_checked_and_a_failed_member_is_named(workdir, monkeypatch):
+    r = cli("compare", "configs/tiny.yaml", "--jobs", "0", "--out", "cx")
+    assert r.exit_code == 1 and "--jobs 0 is out of range" in r.output and "give 1.." in r.output
+    assert not Path("cx").exists()
+    monkeypatch.setattr("gru_lm.building.usable_cores", lambda: 2)
+    Path("mine.txt").write_text("the time machine " * 400)
+    tiny = Path("configs/tiny.yaml").read_text()
+    Path("configs/mine.yaml").write_text(tiny.replace("dataset: timemachine",
+                                                      "dataset: null\n  path: mine.txt"))
+    Path("mine.txt").unlink()  # (gone once the comparison has checked its configs)
+    r = cli("compare", "configs/mine.yaml", "--seeds", "2", "--jobs", "2", "--out", "cm")
+    assert r.exit_code == 1, r.output
+    line = r.output.strip().splitlines()[-1]
+    assert line.startswith("error: member mine-s0 (exit 1: error: ") and "mine.txt" in line \
+        and "its output is in cm/mine-s0.log" in line, r.output
