@@ -2,8 +2,10 @@
 
 For each run: static, cache, dynamic and dynamic + cache scores of val and test (each
 member's settings chosen on its val split, gru_lm/evaluation.py), kept per token; then, for
-every group of runs (the seeds of a config, and all of them together), the same rows for
-the ensemble, and every row mixed with the Kneser-Ney n-gram model (weight chosen on val).
+every group of runs (the seeds of a config, all of them together, and each --set), the
+same rows for the ensemble, equally weighted and with member weights fitted on val (EM),
+and every row mixed with the Kneser-Ney n-gram model (weight chosen on val). Each group's
+training cost is the core-minutes its runs trained (train_time_s x threads).
 Single-run rows are reported as mean ± std over the runs of a config. Each run's scores are
 computed once, so the ensembles cost no second pass; `gru-lm evaluate --run A --run B ...`
 gives the same figures one ensemble at a time.
@@ -11,6 +13,7 @@ gives the same figures one ensemble at a time.
 Run: python benchmarks/heldout.py runs/cmp/lstm-s0 runs/cmp/lstm-s1 ... [--order 8]
      [--json out.json] [--scores DIR [--only-score]]  (DIR keeps each run's scores, so runs
      can be scored in separate calls, on separate cores, and combined in the last)
+     [--set NAME=RUN,RUN,...]  (a group of your own, runs named by folder name)
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ def main() -> None:
     from gru_lm.evaluation import check_methods, member_scores
     from gru_lm.evaluation import perplexity_of as ppl
     from gru_lm.members import load_member, locate, scoring_corpus
-    from gru_lm.metrics import mixture_log_probs, mixture_weight
+    from gru_lm.metrics import mixture_log_probs, mixture_weight, mixture_weights
     from gru_lm.ngram import KneserNey
     from gru_lm.scorers import Scored, Texts, ensemble
 
@@ -49,6 +52,8 @@ def main() -> None:
                     help="the scorers beside static, comma-separated (gru_lm/scorers.py)")
     ap.add_argument("--only-score", action="store_true",
                     help="score the runs (into --scores) and stop")
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=RUN,RUN",
+                    help="one more group of the given runs (folder names); repeatable")
     args = ap.parse_args()
     print(cpu_line(), f"| {torch.get_num_threads()} threads", flush=True)
     methods = check_methods(m for m in args.methods.split(",") if m)
@@ -82,6 +87,20 @@ def main() -> None:
         groups.setdefault(label(run), []).append(str(run))
     if len(groups) > 1:
         groups["all"] = [str(r) for r in args.runs]
+    by_name = {r.name: str(r) for r in args.runs}
+    for spec in args.set:
+        name, _, members_ = spec.partition("=")
+        unknown = [x for x in members_.split(",") if x not in by_name]
+        if not name or unknown or not members_:
+            sys.exit(f"--set {spec}: give NAME=RUN,RUN with runs among the arguments "
+                     f"(unknown: {', '.join(unknown) or 'none given'})")
+        groups[name] = [by_name[x] for x in members_.split(",")]
+    cost = {str(r): _core_minutes(r) for r in args.runs}
+
+    def mixed(val_lp, test_lp):
+        w = mixture_weight(val_lp, counted["val"])
+        return (ppl(mixture_log_probs(val_lp, counted["val"], w)),
+                ppl(mixture_log_probs(test_lp, counted["test"], w)))
 
     rows = []
     names = list(next(iter(scores.values())))
@@ -89,40 +108,54 @@ def main() -> None:
         for name in names:
             parts = [scores[r][name] for r in runs]
             singles = [(ppl(p.val), ppl(p.target)) for p in parts]
-            ens_val = ensemble([p.val for p in parts])
-            ens_test = ensemble([p.target for p in parts])
-            w = mixture_weight(ens_val, counted["val"])
-            mixed = (ppl(mixture_log_probs(ens_val, counted["val"], w)),
-                     ppl(mixture_log_probs(ens_test, counted["test"], w)))
-            single_mixed = []
-            for p in parts:
-                ws = mixture_weight(p.val, counted["val"])
-                single_mixed.append((ppl(mixture_log_probs(p.val, counted["val"], ws)),
-                                     ppl(mixture_log_probs(p.target, counted["test"], ws))))
-            for how, single, ens in ((name, singles, (ppl(ens_val), ppl(ens_test))),
-                                     (f"{name} + {args.order}-gram", single_mixed, mixed)):
-                row = {"group": group, "scored": how, "runs": len(runs),
-                       "val_mean": statistics.fmean(v for v, _ in single),
-                       "test_mean": statistics.fmean(t for _, t in single),
-                       "val_std": statistics.stdev(v for v, _ in single) if len(runs) > 1
-                       else 0.0,
-                       "test_std": statistics.stdev(t for _, t in single) if len(runs) > 1
-                       else 0.0,
-                       "ensemble_val": ens[0], "ensemble_test": ens[1]}
-                rows.append(row)
-    print(f"{'group':<12} {'scored':<26} {'val (mean ± std)':>17} {'test (mean ± std)':>18} "
-          f"{'ens. val':>9} {'ens. test':>9}")
+            single_mixed = [mixed(p.val, p.target) for p in parts]
+            weights = mixture_weights([p.val for p in parts]) if len(parts) > 1 else [1.0]
+            uniform = [ensemble([p.val for p in parts]), ensemble([p.target for p in parts])]
+            fitted = [ensemble([p.val for p in parts], weights),
+                      ensemble([p.target for p in parts], weights)]
+            for how, single, ens, ens_w in (
+                    (name, singles, [ppl(x) for x in uniform], [ppl(x) for x in fitted]),
+                    (f"{name} + {args.order}-gram", single_mixed, mixed(*uniform),
+                     mixed(*fitted))):
+                rows.append({
+                    "group": group, "scored": how, "runs": len(runs),
+                    "core_minutes": sum(cost[r] for r in runs),
+                    "val_mean": statistics.fmean(v for v, _ in single),
+                    "test_mean": statistics.fmean(t for _, t in single),
+                    "val_std": statistics.stdev(v for v, _ in single) if len(runs) > 1
+                    else 0.0,
+                    "test_std": statistics.stdev(t for _, t in single) if len(runs) > 1
+                    else 0.0,
+                    "ensemble_val": ens[0], "ensemble_test": ens[1],
+                    "weighted_val": ens_w[0], "weighted_test": ens_w[1],
+                    "weights": dict(zip([Path(r).name for r in runs], weights, strict=True))})
+    print(f"{'group':<12} {'scored':<26} {'core-min':>8} {'val (mean ± std)':>17} "
+          f"{'test (mean ± std)':>18} {'ens. val':>9} {'ens. test':>9} {'wtd val':>8} "
+          f"{'wtd test':>8}")
     for r in rows:
-        print(f"{r['group']:<12} {r['scored']:<26} {r['val_mean']:8.3f} ± {r['val_std']:.3f} "
-              f"{r['test_mean']:9.3f} ± {r['test_std']:.3f} {r['ensemble_val']:9.3f} "
-              f"{r['ensemble_test']:9.3f}")
-    best = min(rows, key=lambda r: r["ensemble_val"])
+        print(f"{r['group']:<12} {r['scored']:<26} {r['core_minutes']:8.1f} "
+              f"{r['val_mean']:8.3f} ± {r['val_std']:.3f} {r['test_mean']:9.3f} ± "
+              f"{r['test_std']:.3f} {r['ensemble_val']:9.3f} {r['ensemble_test']:9.3f} "
+              f"{r['weighted_val']:8.3f} {r['weighted_test']:8.3f}")
+    for group, runs in groups.items():
+        if len(runs) > 1:
+            w = next(r["weights"] for r in rows if r["group"] == group)
+            print(f"weights of {group} ({names[0]}): " +
+                  ", ".join(f"{k} {v:.3f}" for k, v in w.items()))
+    best = min(rows, key=lambda r: min(r["ensemble_val"], r["weighted_val"]))
     print(f"best on val: {best['group']} {best['scored']}, ensemble of {best['runs']}: "
-          f"val {best['ensemble_val']:.3f}, test {best['ensemble_test']:.3f}")
+          f"val {best['ensemble_val']:.3f}, test {best['ensemble_test']:.3f} (weighted: val "
+          f"{best['weighted_val']:.3f}, test {best['weighted_test']:.3f})")
     if args.json:
         settings = {r: {k: v.settings for k, v in s.items()} for r, s in scores.items()}
         args.json.write_text(json.dumps({"cpu": cpu_line(), "rows": rows,
                                          "settings": settings}, indent=2))
+
+
+def _core_minutes(run: Path) -> float:
+    """The core-minutes a run trained: its training seconds times its threads, / 60."""
+    s = json.loads((run / "summary.json").read_text())
+    return s["train_time_s"] * (s.get("threads") or 1) * (s.get("processes") or 1) / 60
 
 
 if __name__ == "__main__":

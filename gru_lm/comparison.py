@@ -123,7 +123,7 @@ class _Member:
 def _members(configs: list[Path], loaded: list, seeds: int, budget: Budget, out: Path
              ) -> list[_Member]:
     """Every member, in order, each kept folder checked against this call's recipe."""
-    members = []
+    members: list[_Member] = []
     for cfg_path, cfg in zip(configs, loaded, strict=True):
         for seed in range(seeds):
             name = f"{Path(cfg_path).stem}-s{seed}"

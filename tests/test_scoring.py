@@ -425,3 +425,33 @@ def test_an_unknown_method_is_one_line(tiny_run):
 
     with pytest.raises(GruLmError, match="unknown way of scoring 'cachee'; the methods are"):
         gru_lm.evaluate(tiny_run(), cachee=True)
+
+
+def test_the_heldout_benchmark_weighs_ensembles_and_counts_their_cost(tiny_run):
+    """benchmarks/heldout.py: a --set of runs gets equal-weight and val-weighted ensemble
+    columns, its weights and its training cost (the runs' core-minutes, summed)."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT, reseed
+
+    a, b = tiny_run("x-s0"), reseed(tiny_run("x-s1"), 1)
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "heldout.py"), str(a), str(b),
+                        "--methods", "temperature", "--order", "3", "--set", "pair=x-s1,x-s0",
+                        "--json", "h.json"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(Path("h.json").read_text())["rows"]
+    pair = [row for row in rows if row["group"] == "pair"]
+    assert [row["scored"] for row in pair] == ["static", "static + 3-gram", "temperature",
+                                               "temperature + 3-gram"]
+    summary = json.loads((a / "summary.json").read_text())
+    assert pair[0]["core_minutes"] == pytest.approx(
+        2 * summary["train_time_s"] * summary["threads"] / 60)
+    assert sum(pair[0]["weights"].values()) == pytest.approx(1)
+    assert pair[0]["weighted_val"] <= pair[0]["ensemble_val"] * (1 + 1e-4)
+    assert "weights of pair (static): x-s1 0." in r.stdout
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "heldout.py"), str(a),
+                          "--set", "pair=x-s0,nope"], capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode != 0 and "unknown: nope" in bad.stderr
