@@ -195,74 +195,98 @@ def _train_in_processes(todo: list[_Member], total: int, jobs: int, offline: boo
     running member once (each saves a checkpoint and stops; none more is started); a member
     that fails stops none of the others, and the comparison then fails naming it."""
     import signal
-    import subprocess
-    import sys
 
     from gru_lm.building import usable_cores
 
-    threads = max(1, usable_cores() // jobs)
-    running: dict[str, tuple[_Member, subprocess.Popen, float]] = {}
-    stopped: list[int] = []
-    failed: list[str] = []
-    interrupted: list[str] = []
+    pool = _Pool(max(1, usable_cores() // jobs), offline, console, total)
+    old = {s: signal.signal(s, pool.stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    queue = list(todo)
+    try:
+        while queue or pool.running:
+            while queue and len(pool.running) < jobs and pool.stopped_by is None:
+                pool.start(queue.pop(0))
+            pool.reap()
+            time.sleep(0.2)
+    finally:
+        if pool.running:  # (an error here: the members are not left behind)
+            pool.stop(signal.SIGTERM, None)
+            while pool.running:
+                pool.reap()
+                time.sleep(0.2)
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    if pool.stopped_by is not None:
+        raise TrainingInterrupted(", ".join(pool.interrupted) or "no member",
+                                  exit_code=128 + pool.stopped_by)
+    if pool.failed:
+        m, why = min(pool.failed, key=lambda f: f[0].number)  # (the first by number)
+        raise GruLmError(f"member {m.name} ({why}); its output is in {pool.log(m)}")
 
-    def forward(signum, _frame) -> None:
-        if not stopped:
-            stopped.append(signum)
-            stopped.append(int(time.monotonic()))
-        for _, p, _ in running.values():
+
+class _Pool:
+    """The member processes of `compare --jobs`: started, reaped, stopped together."""
+
+    def __init__(self, threads: int, offline: bool | None, console, total: int):
+        self.threads, self.offline, self.console, self.total = threads, offline, console, total
+        self.running: dict[str, tuple[_Member, Any, float]] = {}  # name: member, Popen, start
+        self.stopped_by: int | None = None  # the signal that stopped the comparison
+        self.stopped_at = 0.0
+        self.interrupted: list[str] = []
+        self.failed: list[tuple[_Member, str]] = []  # with its exit status and last line
+
+    def start(self, m: _Member) -> None:
+        import subprocess
+        import sys
+
+        args = ["--resume", str(m.run.path)] if m.run.checkpoint().is_file() else \
+            ["--config", str(m.config), "--name", m.name, *m.overrides]
+        log = self.log(m)
+        with open(log, "w", encoding="utf-8") as f:  # (the child holds its own copy)
+            p = subprocess.Popen(
+                [sys.executable, "-m", "gru_lm", "train", "--quiet", *args,
+                 *(["--offline"] if self.offline else []), f"train.threads={self.threads}"],
+                stdout=f, stderr=subprocess.STDOUT, start_new_session=True)  # (own Ctrl-C)
+        self.running[m.name] = (m, p, time.perf_counter())
+        self.say(m, f"started ({self.threads} thread{'s' * (self.threads > 1)}, output in "
+                    f"{log})")
+
+    def reap(self) -> None:
+        """Note the members that ended; kill one still running a minute after a stop."""
+        for name, (m, p, started) in list(self.running.items()):
+            if p.poll() is None:
+                if self.stopped_by is not None and \
+                        time.monotonic() - self.stopped_at > STOP_GRACE_S:
+                    p.kill()
+                continue
+            del self.running[name]
+            if p.returncode == 0:
+                self.say(m, f"finished in {_duration(time.perf_counter() - started)}")
+            elif self.stopped_by is not None:
+                self.interrupted.append(name)
+            else:
+                self.failed.append((m, f"exit {p.returncode}: {_last_line(self.log(m))}"))
+
+    def stop(self, signum: int, _frame) -> None:
+        """A signal handler: SIGINT to every running member (each saves and stops)."""
+        import signal
+
+        if self.stopped_by is None:
+            self.stopped_by, self.stopped_at = signum, time.monotonic()
+        for _, p, _ in self.running.values():
             if p.poll() is None:
                 p.send_signal(signal.SIGINT)
 
-    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
-    queue = list(todo)
-    try:
-        while queue or running:
-            while queue and len(running) < jobs and not stopped:
-                m = queue.pop(0)
-                args = ["--resume", str(m.run.path)] if m.run.checkpoint().is_file() else \
-                    ["--config", str(m.config), "--name", m.name, *m.overrides]
-                log = m.run.path.parent / f"{m.name}.log"
-                with open(log, "w", encoding="utf-8") as f:  # (the child holds its own copy)
-                    p = subprocess.Popen(
-                        [sys.executable, "-m", "gru_lm", "train", "--quiet", *args,
-                         *(["--offline"] if offline else []), f"train.threads={threads}"],
-                        stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-                running[m.name] = (m, p, time.perf_counter())
-                _say(console, f"member {m.number}/{total} {m.name}: started ({threads} "
-                     f"thread{'s' * (threads > 1)}, output in {log})")
-            for name, (m, p, started) in list(running.items()):
-                if p.poll() is None:
-                    if stopped and time.monotonic() - stopped[1] > STOP_GRACE_S:
-                        p.kill()  # (it had a minute to save its checkpoint)
-                    continue
-                del running[name]
-                took = _duration(time.perf_counter() - started)
-                if p.returncode == 0:
-                    _say(console, f"member {m.number}/{total} {name}: finished in {took}")
-                elif stopped:
-                    interrupted.append(name)
-                else:
-                    failed.append(f"{name} (exit {p.returncode}: "
-                                  f"{_last_line(m.run.path.parent / f'{name}.log')})")
-            time.sleep(0.2)
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
-    if stopped:
-        raise TrainingInterrupted(", ".join(interrupted) or "no member",
-                                  exit_code=128 + stopped[0])
-    if failed:
-        raise GruLmError(f"member {failed[0]}; its output is in {todo[0].run.path.parent}/"
-                         f"{failed[0].split()[0]}.log")
+    @staticmethod
+    def log(m: _Member) -> Path:
+        return m.run.path.parent / f"{m.name}.log"
+
+    def say(self, m: _Member, text: str) -> None:
+        if self.console is not None:
+            self.console.print(escape(f"member {m.number}/{self.total} {m.name}: {text}"),
+                               highlight=False)
 
 
 STOP_GRACE_S = 60  # how long an interrupted member may take to save before it is killed
-
-
-def _say(console, text: str) -> None:
-    if console is not None:
-        console.print(escape(text), highlight=False)
 
 
 def _last_line(log: Path) -> str:
