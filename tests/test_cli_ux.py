@@ -173,8 +173,9 @@ def test_compare_table_fits_80_columns(tiny_run, monkeypatch):
     r = cli("compare", "--runs", *runs, "--out", "runs/cmp-out")
     assert r.exit_code == 0, r.output
     table = [line for line in r.stdout.splitlines() if line[:1] in "┏┃┡│└"]
-    assert len(table) == 7 and all(len(line) <= 80 for line in table), r.stdout
+    assert len(table) == 8 and all(len(line) <= 80 for line in table), r.stdout
     assert table[4].startswith("│   ensemble ")  # the two seeds of a, averaged
+    assert table[6].startswith("│ all runs, weighted on val ")  # every run: two recipes
     assert "…" not in r.stdout
     row_b = next(line for line in table if "│ b " in line)
     assert "±" not in row_b  # one seed: no spread to show
