@@ -55,6 +55,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="NAME=RUN,RUN",
                     help="one more group of the given runs (folder names); repeatable")
     args = ap.parse_args()
+    sets = _sets(args.set, args.runs)  # (checked before anything is scored)
     print(cpu_line(), f"| {torch.get_num_threads()} threads", flush=True)
     methods = check_methods(m for m in args.methods.split(",") if m)
     members = [load_member(locate(r).checkpoint) for r in args.runs]
@@ -87,14 +88,7 @@ def main() -> None:
         groups.setdefault(label(run), []).append(str(run))
     if len(groups) > 1:
         groups["all"] = [str(r) for r in args.runs]
-    by_name = {r.name: str(r) for r in args.runs}
-    for spec in args.set:
-        name, _, members_ = spec.partition("=")
-        unknown = [x for x in members_.split(",") if x not in by_name]
-        if not name or unknown or not members_:
-            sys.exit(f"--set {spec}: give NAME=RUN,RUN with runs among the arguments "
-                     f"(unknown: {', '.join(unknown) or 'none given'})")
-        groups[name] = [by_name[x] for x in members_.split(",")]
+    groups.update(sets)
     cost = {str(r): _core_minutes(r) for r in args.runs}
 
     def mixed(val_lp, test_lp):
@@ -150,6 +144,20 @@ def main() -> None:
         settings = {r: {k: v.settings for k, v in s.items()} for r, s in scores.items()}
         args.json.write_text(json.dumps({"cpu": cpu_line(), "rows": rows,
                                          "settings": settings}, indent=2))
+
+
+def _sets(specs: list[str], runs: list[Path]) -> dict[str, list[str]]:
+    """--set NAME=RUN,RUN,... as groups of run paths (runs named by folder name)."""
+    by_name = {r.name: str(r) for r in runs}
+    sets = {}
+    for spec in specs:
+        name, _, members = spec.partition("=")
+        unknown = [x for x in members.split(",") if x not in by_name]
+        if not name or unknown or not members:
+            sys.exit(f"--set {spec}: give NAME=RUN,RUN with runs among the arguments "
+                     f"(unknown: {', '.join(unknown) or 'none given'})")
+        sets[name] = [by_name[x] for x in members.split(",")]
+    return sets
 
 
 def _core_minutes(run: Path) -> float:
