@@ -94,7 +94,8 @@ class Mixer:
 SCORERS: dict[str, type[Scorer]] = {}
 MIXERS: dict[str, type[Mixer]] = {}
 STATIC = "static"
-RESERVED = frozenset({"weighted", "split", "text", "offline"})  # evaluate's own options
+RESERVED = frozenset({"run", "checkpoint", "split", "text", "ngram-order", "ngram_order",
+                      "weighted", "offline", "runs-dir", "runs_dir", "methods"})  # evaluate's
 
 
 def register(cls):

@@ -419,6 +419,16 @@ def test_evaluate_lists_every_registered_method_as_an_option():
         assert f"--{name}" in r.output, (name, r.output)
 
 
+def test_a_scorer_cannot_take_the_name_of_an_evaluate_option():
+    from gru_lm import scorers
+
+    for name in ("weighted", "split", "ngram-order"):
+        cls = type("Clash", (scorers.Scorer,), {"name": name})
+        with pytest.raises(ValueError, match="an option of evaluate already"):
+            scorers.register(cls)
+        assert name not in scorers.SCORERS
+
+
 def test_an_unknown_method_is_one_line(tiny_run):
     import gru_lm
     from gru_lm.errors import GruLmError
