@@ -549,9 +549,9 @@ def report(run_dirs: list[Path], out: Path, offline: bool | None = None) -> Comp
     for label, g in groups.items():
         rows.append(_seed_row(label, g, differs.get(label, ""), target))
         if len(g) > 1 and g[0]["val"] is not None:
-            rows.append(_ensemble_row(label, g))
+            rows.append(_ensemble_row(f"{label} ensemble", g))
     if len(groups) > 1 and runs[0]["val"] is not None:
-        rows.append(_weighted_row(runs))
+        rows.append(_ensemble_row("all runs, weighted on val", runs, weighted=True))
     comparisons = _comparisons(groups)
     first = runs[0]["summary"]
     result = Comparison(
@@ -596,37 +596,26 @@ def _seed_row(label: str, g: list[dict], differs: str, target: float | None) -> 
         if target else None)
 
 
-def _ensemble_row(label: str, g: list[dict]) -> ResultRow:
-    from gru_lm.evaluation import perplexity_of
-    from gru_lm.scorers import ensemble
-
-    first = g[0]["summary"]
-    val = perplexity_of(ensemble([r["val"] for r in g]))
-    return ResultRow(
-        model=f"{label} ensemble", kind="ensemble", name=first.get("model"), seeds=len(g),
-        params=first["params"] * len(g) if first.get("params") else None, val_ppl_mean=val,
-        test_ppl_mean=perplexity_of(ensemble([r["test"] for r in g]))
-        if g[0]["test"] is not None else None,
-        val_bpc_mean=None if val is None else math.log2(val), stopped_by=[])
-
-
-def _weighted_row(runs: list[dict]) -> ResultRow:
-    """Every run of every recipe in one ensemble, its member weights fitted on val (EM on
-    the next-character mixture): what diversity gives beside more seeds of one model."""
+def _ensemble_row(label: str, g: list[dict], weighted: bool = False) -> ResultRow:
+    """The runs of `g` in one ensemble: their probabilities averaged ("ensemble": the seeds
+    of one recipe) or mixed with weights fitted on val ("weighted", EM on the next-character
+    mixture: every run of every recipe, what diversity gives beside more seeds)."""
     from gru_lm.evaluation import perplexity_of
     from gru_lm.metrics import mixture_weights
     from gru_lm.scorers import ensemble
 
-    weights = mixture_weights([r["val"] for r in runs])
-    val = perplexity_of(ensemble([r["val"] for r in runs], weights))
-    params = [r["summary"].get("params") for r in runs]
+    weights = mixture_weights([r["val"] for r in g]) if weighted else None
+    val = perplexity_of(ensemble([r["val"] for r in g], weights))
+    params = [r["summary"].get("params") for r in g]
     return ResultRow(
-        model="all runs, weighted on val", kind="weighted", name=None, seeds=len(runs),
+        model=label, kind="weighted" if weighted else "ensemble",
+        name=None if weighted else g[0]["summary"].get("model"), seeds=len(g),
         params=sum(params) if all(params) else None, val_ppl_mean=val,
-        test_ppl_mean=perplexity_of(ensemble([r["test"] for r in runs], weights))
-        if runs[0]["test"] is not None else None,
+        test_ppl_mean=perplexity_of(ensemble([r["test"] for r in g], weights))
+        if g[0]["test"] is not None else None,
         val_bpc_mean=None if val is None else math.log2(val), stopped_by=[],
-        member_weights={Path(r["dir"]).name: w for r, w in zip(runs, weights, strict=True)})
+        member_weights=None if weights is None else
+        {Path(r["dir"]).name: w for r, w in zip(g, weights, strict=True)})
 
 
 def _write_report(result: Comparison, groups: dict[str, list[dict]], out: Path) -> None:

@@ -142,10 +142,8 @@ def evaluate(checkpoints: list[Path], split: str = "test", *, text: Path | None 
     ngram = None if corpus is None else KneserNey(corpus.train, len(vocab), order)
     rows = score(members, Texts(val, ids, None if corpus is None else corpus.train), asked,
                  ngram, weighted)
-    result = _result(members, checkpoints, rows, ids, what, unknown, note, corpus, ngram,
-                     tuned_on_target=val is ids)
-    result.weighted = weighted
-    return result
+    return _result(members, checkpoints, rows, ids, what, unknown, note, corpus, ngram,
+                   tuned_on_target=val is ids, weighted=weighted)
 
 
 def _corpus(members: list[Member], offline: bool | None, optional: bool) -> Corpus | None:
@@ -235,7 +233,7 @@ def _ensembled(per_member: list[dict[str, Scored]], texts: Texts, weighted: bool
 
 def _result(members: list[Member], checkpoints: list[Path], rows: list[Row],
             ids: torch.Tensor, what: str, unknown: int, note: str, corpus: Corpus | None,
-            ngram: KneserNey | None, tuned_on_target: bool) -> Evaluation:
+            ngram: KneserNey | None, tuned_on_target: bool, weighted: bool) -> Evaluation:
     from gru_lm.metrics import bits_per_char, reference_baselines
 
     cfg, vocab = members[0].cfg, members[0].vocab
@@ -253,7 +251,7 @@ def _result(members: list[Member], checkpoints: list[Path], rows: list[Row],
                       bpc=bits_per_char(math.log(static.ppl) * n, n), per_char=per_char,
                       unknown=unknown, references=references, rows=rows,
                       checkpoints=[str(p) for p in checkpoints],
-                      tuned_on_target=tuned_on_target, note=note)
+                      tuned_on_target=tuned_on_target, note=note, weighted=weighted)
 
 
 __all__ = ["SCORERS", "Evaluation", "Row", "evaluate", "member_scores", "perplexity_of",

@@ -93,6 +93,18 @@ class MogrifierLayer(nn.Module):
                 h = mask * h
         return x, h, masks
 
+    def step(self, x: Tensor, h: Tensor, c: Tensor, W_h: Tensor
+             ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """One step: the rounds, then the LSTM's; the new h and c, and (for inspection) the
+        gates I, F, O and each round's mask M1, M2, ... (2 σ(...))."""
+        xm, hm, masks = self.mogrify(x, h)
+        i, f, g, o = torch.addmm(torch.addmm(self.b, xm, self.W_x), hm, W_h).chunk(4, -1)
+        gate_i, gate_f, gate_o = torch.sigmoid(i), torch.sigmoid(f), torch.sigmoid(o)
+        c = gate_f * c + gate_i * torch.tanh(g)
+        h = gate_o * torch.tanh(c)
+        return h, c, {"I": gate_i, "F": gate_f, "O": gate_o,
+                      **{f"M{r + 1}": m for r, m in enumerate(masks)}}
+
     def forward(self, inputs: Tensor, state: tuple[Tensor, Tensor]
                 ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """inputs (num_steps, batch_size, num_inputs) -> outputs (num_steps, batch_size, H)."""
@@ -100,10 +112,7 @@ class MogrifierLayer(nn.Module):
         W_h = drop_weight(self.W_h, self.weight_drop, self.training)
         outs = []
         for x in inputs:
-            xm, hm, _ = self.mogrify(x, h)
-            i, f, g, o = torch.addmm(torch.addmm(self.b, xm, self.W_x), hm, W_h).chunk(4, -1)
-            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            h = torch.sigmoid(o) * torch.tanh(c)
+            h, c, _ = self.step(x, h, c, W_h)
             outs.append(h)
         return torch.stack(outs), (h, c)
 
@@ -174,16 +183,12 @@ class Mogrifier(RecurrentLM):
                 rec: dict[str, list[Tensor]] = {}
                 outs = []
                 for x in inputs:
-                    xm, hm, masks = lay.mogrify(x, H)
-                    i, f, g, o = torch.addmm(torch.addmm(lay.b, xm, lay.W_x), hm,
-                                             lay.W_h).chunk(4, -1)
-                    C = torch.sigmoid(f) * C + torch.sigmoid(i) * torch.tanh(g)
-                    H = torch.sigmoid(o) * torch.tanh(C)
-                    named = {"I": torch.sigmoid(i), "F": torch.sigmoid(f),
-                             "O": torch.sigmoid(o),
-                             **{f"M{r + 1}": m / 2 for r, m in enumerate(masks) if r % 2}}
-                    for name, v in named.items():
-                        rec.setdefault(name, []).append(v[0])
+                    H, C, gates = lay.step(x, H, C, lay.W_h)
+                    for name, v in gates.items():
+                        if name[0] != "M":
+                            rec.setdefault(name, []).append(v[0])
+                        elif int(name[1:]) % 2 == 0:  # a state round's mask, halved to [0, 1]
+                            rec.setdefault(name, []).append(v[0] / 2)
                     outs.append(H)
                 inputs = torch.stack(outs)  # (T, 1, H)
                 if k == layer:
