@@ -323,8 +323,7 @@ class Run:
         how = _sampling(prefix, num_samples, num_chars, temperature, top_k, top_p, seed,
                         greedy, unknown)
         cfg, vocab, model = self._model()
-        ids, skipped = encode_prefix(prefix, vocab, cfg.data.preset, cfg.data.lowercase,
-                                     unknown == "skip")
+        ids, skipped = encode_prefix(prefix, vocab, cfg.data, unknown == "skip")
         outs = generate(model, ids, num_chars, temperature=how.temperature, top_k=top_k,
                         top_p=top_p, num_samples=num_samples, seed=how.seed)
         return (vocab.decode(ids), [vocab.decode(o) for o in outs],
@@ -348,8 +347,7 @@ class Run:
 
         _gate_args(text, units, figure)
         cfg, vocab, model = self._model()
-        return gate_report(model, vocab, cfg.data.preset, cfg.data.lowercase, text, layer,
-                           units)
+        return gate_report(model, vocab, cfg.data, text, layer, units)
 
     @_checked
     def plot(self, out: str | Path | None = None):

@@ -112,21 +112,23 @@ def in_range(flag: str, value: int | None, lo: int, hi: int) -> None:
 @handle_errors
 def data_download(
     dataset: Annotated[str, typer.Option(
-        help="Registered dataset name: timemachine, text8 or enwik8.")] = "timemachine",
+        help="Registered dataset name: timemachine, text8, enwik8, or chinese-poetry's tang, "
+        "songci, tang300, lunyu.")] = "timemachine",
     cache_dir: Annotated[Path, typer.Option(help="Download cache folder.")] = Path("data"),
     offline: OfflineOpt = False,
 ) -> None:
-    """Download a dataset into the cache (verified by SHA-1)."""
+    """Download a dataset into the cache (verified by SHA-1, or SHA-256 file by file)."""
     from gru_lm.download import fetch, find_local, get_dataset
 
     spec = get_dataset(dataset)
     found = find_local(spec, cache_dir)
     if found is not None:
-        console.print(f"{dataset}: {found[0]} (found in {found[1]}, SHA-1 verified; nothing "
-                      "downloaded)", highlight=False)
+        console.print(f"{dataset}: {found[0]} (found in {found[1]}, {spec.digest_name} "
+                      "verified; nothing downloaded)", highlight=False)
         return
     path = fetch(spec, cache_dir, offline=_offline(offline))
-    console.print(f"{dataset}: downloaded to {path} (SHA-1 verified)", highlight=False)
+    console.print(f"{dataset}: downloaded to {path} ({spec.digest_name} verified)",
+                  highlight=False)
 
 
 @data_app.command("info", epilog=example(

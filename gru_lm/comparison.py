@@ -681,7 +681,7 @@ def _sample_lines(m, corpus) -> list[str]:
     cfg, vocab, lines = m.cfg, m.vocab, []
     for prefix in run_prefixes(cfg, corpus):
         try:
-            ids, _ = encode_prefix(prefix, vocab, cfg.data.preset, cfg.data.lowercase)
+            ids, _ = encode_prefix(prefix, vocab, cfg.data)
         except GruLmError as e:
             lines.append(f"- `{prefix}`: (no sample: {e})")
             continue

@@ -39,6 +39,9 @@ class DataConfig(_Section):
         "d2l", description="preprocessing preset: d2l (letters and spaces, lowercase), raw "
         "(every character), bytes (the UTF-8 bytes: one vocabulary for every text)")
     lowercase: bool = Field(False, description="lowercase the text (raw preset)")
+    script: Literal["as-is", "simplified", "traditional"] = Field(
+        "as-is", description="Chinese text in simplified or traditional characters, converted "
+        "by OpenCC (raw and bytes presets): the corpus, evaluate --text and every prefix")
     min_freq: int = Field(0, ge=0, le=BIG, description="tokens rarer than this map to <unk>")
     reserved_tokens: list[str] = Field(default_factory=list, max_length=1000,
                                        description="extra special tokens")
@@ -73,6 +76,9 @@ class DataConfig(_Section):
             )
         if self.url is not None and self.sha1 is None:
             raise ValueError("`url` needs `sha1` so the download can be verified")
+        if self.preset == "d2l" and self.script != "as-is":
+            raise ValueError(f"script={self.script}: the d2l preset keeps only the letters a-z, "
+                             "so there are no Chinese characters to convert; set preset=raw")
         if self.preset == "bytes" and (self.min_freq or self.reserved_tokens or self.lowercase):
             raise ValueError("the bytes preset's vocabulary is the 256 byte values, fixed: "
                              "drop min_freq, reserved_tokens and lowercase")

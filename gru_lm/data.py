@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gru_lm.errors import DataError
+from gru_lm.script import convert
 
 if TYPE_CHECKING:
     import torch
@@ -21,17 +22,19 @@ UNK = "<unk>"
 _NON_LETTERS = re.compile(r"[^A-Za-z]+")
 
 
-def preprocess(text: str, preset: str = "d2l", lowercase: bool = False) -> list[str]:
-    """Turn raw text into a list of character tokens."""
+def preprocess(text: str, preset: str = "d2l", lowercase: bool = False,
+               script: str = "as-is") -> list[str]:
+    """Turn raw text into a list of character tokens (`script`: Chinese characters converted,
+    raw and bytes presets)."""
     if preset == "d2l":
         # As the book: per line, non-letters -> one space, strip, lowercase, no separator.
         lines = (_NON_LETTERS.sub(" ", line).strip().lower() for line in text.split("\n"))
         return list("".join(lines))
     if preset == "raw":
-        text = unicodedata.normalize("NFC", text)
+        text = convert(unicodedata.normalize("NFC", text), script)
         return list(text.lower() if lowercase else text)
     if preset == "bytes":  # one token a UTF-8 byte, written as the latin-1 character of it
-        return list(text.encode("utf-8").decode("latin-1"))
+        return list(convert(text, script).encode("utf-8").decode("latin-1"))
     raise DataError(f"unknown preprocessing preset '{preset}'; choose d2l, raw or bytes")
 
 
@@ -204,12 +207,13 @@ FINGERPRINT_CHUNK = 1 << 20
 
 def corpus_path(cfg: DataConfig, offline: bool | None = None, progress: bool = True) -> Path:
     """Resolve the configured corpus to a local, verified file."""
-    from gru_lm.download import DatasetSpec, fetch, get_dataset
+    from gru_lm.download import Collection, DatasetSpec, fetch, get_dataset
 
     if cfg.path is not None:
         if not cfg.path.is_file():
             raise DataError(f"data.path {cfg.path} is not a file; point it at a UTF-8 text file")
         return cfg.path
+    spec: DatasetSpec | Collection
     if cfg.url is not None:
         name = Path(cfg.url.split("?")[0]).name or "corpus.txt"
         spec = DatasetSpec(name=name, url=cfg.url, sha1=cfg.sha1 or "", filename=name)
@@ -261,7 +265,7 @@ def encode_file(path: Path, cfg: DataConfig, vocab: Vocab, what: str = "--text"
             lut[ord(token)], known[ord(token)] = idx, True
     parts, unknown, spaces, stats = [], 0, 0, Stats()
     for piece in token_pieces(Path(path), cfg.preset, cfg.lowercase, stats,
-                              limit=MAX_TEXT_BYTES, what=what):
+                              limit=MAX_TEXT_BYTES, what=what, script=cfg.script):
         parts.append(lut[piece])
         unknown += int((~known[piece]).sum())
         spaces += int(np.count_nonzero(piece == 32))

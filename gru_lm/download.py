@@ -1,16 +1,20 @@
-"""Find a corpus file: $GRU_LM_DATA_DIR, then the cache, then a verified download."""
+"""Find a corpus file: $GRU_LM_DATA_DIR, then the cache, then a verified download. A
+collection (several files of one repository at one commit, such as chinese-poetry's) is
+found file by file the same way and turned into one text, written once into the cache."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urljoin, urlparse
+from urllib.parse import quote, urljoin, urlparse
 
+from gru_lm import poetry
 from gru_lm.errors import DataError
-from gru_lm.utils import atomic_writer, file_digest
+from gru_lm.utils import atomic_write_text, atomic_writer, file_digest
 
 CONNECT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 30.0
@@ -32,12 +36,35 @@ class DatasetSpec:
     member: str | None = None
     archive: str | None = None
     archive_sha1: str | None = None
+    digest_name = "SHA-1"
 
 
-DATASETS: dict[str, DatasetSpec] = {}
+@dataclass(frozen=True)
+class Collection:
+    """A corpus made from several files of one repository at one commit: every file verified
+    by its SHA-256 (found under GRU_LM_DATA_DIR/`folder`/ at its repository path, or in the
+    cache's `folder`/, or downloaded there from `base_url` + its path), then turned into one
+    text by `build` (the verified files, in `files`' order), written once into the cache
+    as NAME-KEY.txt (KEY: of the files' sums and `version`, the build's format)."""
+
+    name: str
+    base_url: str
+    folder: str
+    files: tuple[tuple[str, str], ...]  # (path inside the repository, SHA-256)
+    build: Callable[[list[Path]], str]
+    description: str = ""
+    version: int = 1
+    digest_name = "SHA-256"
+
+    @property
+    def filename(self) -> str:
+        return f"{self.name}.txt"
 
 
-def register_dataset(spec: DatasetSpec) -> DatasetSpec:
+DATASETS: dict[str, DatasetSpec | Collection] = {}
+
+
+def register_dataset(spec: DatasetSpec | Collection) -> DatasetSpec | Collection:
     DATASETS[spec.name] = spec
     return spec
 
@@ -81,7 +108,13 @@ register_dataset(
 )
 
 
-def get_dataset(name: str) -> DatasetSpec:
+for _corpus in poetry.CORPORA:
+    register_dataset(Collection(name=_corpus.name, base_url=poetry.BASE_URL,
+                                folder=poetry.FOLDER, files=tuple(_corpus.files()),
+                                build=_corpus.text, description=_corpus.description))
+
+
+def get_dataset(name: str) -> DatasetSpec | Collection:
     if name not in DATASETS:
         raise DataError(
             f"unknown dataset '{name}'; registered: {', '.join(sorted(DATASETS))}, "
@@ -95,7 +128,7 @@ def offline_from_env() -> bool:
 
 
 def fetch(
-    spec: DatasetSpec,
+    spec: DatasetSpec | Collection,
     cache_dir: Path,
     *,
     offline: bool | None = None,
@@ -104,8 +137,13 @@ def fetch(
     retries: int = 3,
     progress: bool = True,
 ) -> Path:
-    """Return a local path to `spec`'s file whose SHA-1 matches, downloading if needed."""
+    """Return a local path to `spec`'s file whose SHA-1 matches (a collection: its text,
+    built from files whose SHA-256 match), downloading if needed."""
     offline = offline_from_env() if offline is None else offline
+    if isinstance(spec, Collection):
+        return fetch_collection(spec, cache_dir, offline=offline, timeout=timeout,
+                                total_timeout_s=total_timeout_s, retries=retries,
+                                progress=progress)
     found = find_local(spec, cache_dir)
     if found is not None:
         return found[0]
@@ -164,9 +202,11 @@ def extract(spec: DatasetSpec, archive: Path, dest: Path, label: str | None = No
     return dest
 
 
-def find_local(spec: DatasetSpec, cache_dir: Path) -> tuple[Path, str] | None:
+def find_local(spec: DatasetSpec | Collection, cache_dir: Path) -> tuple[Path, str] | None:
     """A verified copy that needs no download, and where it was found ("GRU_LM_DATA_DIR" or
     "the cache"); None when there is none."""
+    if isinstance(spec, Collection):
+        return _collection_local(spec, cache_dir)
     env_dir = os.environ.get("GRU_LM_DATA_DIR")
     if env_dir:
         local = _from_data_dir(Path(env_dir), spec)
@@ -188,6 +228,123 @@ def _archive_in(data_dir: Path, spec: DatasetSpec) -> Path | None:
         return None
     path = data_dir / (spec.archive or Path(spec.url).name)
     return path if path.is_file() else None
+
+
+# ---------------------------------------------------------------- collections
+
+
+def collection_text_path(spec: Collection, cache_dir: Path) -> Path:
+    """Where a collection's text is built: named by its files' sums and the build's format."""
+    import hashlib
+    import json
+
+    key = hashlib.sha256(json.dumps([spec.version, spec.files]).encode()).hexdigest()[:8]
+    return Path(cache_dir) / f"{spec.name}-{key}.txt"
+
+
+def _built(spec: Collection, cache_dir: Path) -> Path | None:
+    """The collection's text in the cache, when its SHA-256 is the one recorded beside it."""
+    text = collection_text_path(spec, cache_dir)
+    sidecar = text.with_suffix(".sha256")
+    try:
+        recorded = sidecar.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return text if text.is_file() and file_digest(text, "sha256") == recorded else None
+
+
+def _member(spec: Collection, path: str, digest: str, cache_dir: Path
+            ) -> tuple[Path, str] | None:
+    """One file of a collection, verified, and where it was found; None when neither
+    GRU_LM_DATA_DIR nor the cache holds it. A damaged file under GRU_LM_DATA_DIR is an error
+    naming it: the user pointed there on purpose."""
+    env_dir = os.environ.get("GRU_LM_DATA_DIR")
+    if env_dir:
+        data_dir = Path(env_dir)
+        if not data_dir.is_dir():
+            what = "is a file, not a folder" if data_dir.exists() else "does not exist"
+            raise DataError(f"GRU_LM_DATA_DIR={data_dir} {what}; point it at a folder holding "
+                            f"{spec.folder}/ or unset it")
+        local = data_dir / spec.folder / path
+        if local.exists():
+            if not local.is_file() or file_digest(local, "sha256") != digest:
+                raise DataError(
+                    f"{local} (in GRU_LM_DATA_DIR) has the wrong SHA-256 (damaged, or another "
+                    f"version of the file); replace it with the file whose SHA-256 is {digest} "
+                    f"({spec.base_url}{path}), or remove it to download it")
+            return local, "GRU_LM_DATA_DIR"
+    cached = Path(cache_dir) / spec.folder / path
+    if cached.is_file() and file_digest(cached, "sha256") == digest:
+        return cached, "the cache"
+    return None
+
+
+def _collection_local(spec: Collection, cache_dir: Path,
+                      found: list[tuple[Path, str] | None] | None = None
+                      ) -> tuple[Path, str] | None:
+    """The collection's text when no download is needed (built now from local files if it
+    is not built yet), and where its files were found; None when a file is missing.
+    `found`: each file's _member, when already looked up."""
+    if found is None:
+        found = [_member(spec, path, digest, cache_dir) for path, digest in spec.files]
+    where = "GRU_LM_DATA_DIR" if any(f and f[1] == "GRU_LM_DATA_DIR" for f in found) \
+        else "the cache"
+    built = _built(spec, cache_dir)
+    if built is not None:
+        return built, where
+    paths = [f[0] for f in found if f is not None]
+    return (_build(spec, paths, cache_dir), where) if len(paths) == len(found) else None
+
+
+def _build(spec: Collection, paths: list[Path], cache_dir: Path) -> Path:
+    """Write the collection's text (and its SHA-256 beside it) into the cache, atomically."""
+    import hashlib
+
+    text = spec.build(paths).encode("utf-8")
+    dest = collection_text_path(spec, cache_dir)
+    try:
+        with atomic_writer(dest, "wb") as f:
+            f.write(text)
+        atomic_write_text(dest.with_suffix(".sha256"), hashlib.sha256(text).hexdigest() + "\n")
+    except OSError as e:
+        raise DataError(f"cannot write {dest}: {e.strerror or e}; free disk space or set "
+                        "data.cache_dir") from None
+    return dest
+
+
+def fetch_collection(spec: Collection, cache_dir: Path, *, offline: bool,
+                     timeout: tuple[float, float] = (CONNECT_TIMEOUT_S, READ_TIMEOUT_S),
+                     total_timeout_s: float = TOTAL_TIMEOUT_S, retries: int = 3,
+                     progress: bool = True) -> Path:
+    """The collection's text: built from verified local files, downloading the missing ones
+    into the cache first, one at a time (each lands whole and verified or not at all, so an
+    interrupted download goes on from the files it had)."""
+    members = [_member(spec, path, digest, cache_dir) for path, digest in spec.files]
+    local = _collection_local(spec, cache_dir, members)
+    if local is not None:
+        return local[0]
+    missing = [pd for pd, f in zip(spec.files, members, strict=True) if f is None]
+    if offline:
+        env_dir = os.environ.get("GRU_LM_DATA_DIR")
+        where = f"{env_dir}/{spec.folder}/" if env_dir else f"{cache_dir}/{spec.folder}/"
+        raise DataError(
+            f"offline and {len(missing)} of the {len(spec.files)} files of {spec.name} are not "
+            f"available (the first: {missing[0][0]}); put {spec.base_url}'s files under their "
+            f"paths into {where} (or set GRU_LM_DATA_DIR to a folder holding {spec.folder}/), "
+            "or unset GRU_LM_OFFLINE to download them")
+    with _progress(progress, f"{spec.name}: {len(missing)} files", len(missing),
+                   count=True) as advance:
+        for path, digest in missing:
+            download(spec.base_url + quote(path), digest,
+                     Path(cache_dir) / spec.folder / path, timeout=timeout,
+                     total_timeout_s=total_timeout_s, retries=retries, progress=False,
+                     algorithm="sha256")
+            advance(1)
+    found = _collection_local(spec, cache_dir)
+    if found is None:  # (a file vanished from the cache while the others downloaded)
+        raise DataError(f"the files of {spec.name} in {cache_dir}/{spec.folder}/ changed "
+                        "while downloading; run the command again")
+    return found[0]
 
 
 def cache_path(spec: DatasetSpec, cache_dir: Path) -> Path:
@@ -250,9 +407,10 @@ def download(
     total_timeout_s: float = TOTAL_TIMEOUT_S,
     retries: int = 3,
     progress: bool = True,
+    algorithm: str = "sha1",
 ) -> Path:
-    """Stream `url` into a temp file beside `dest`, verify SHA-1 (unless None: an archive
-    whose members are verified instead), then move it into place."""
+    """Stream `url` into a temp file beside `dest`, verify its digest (`algorithm`: sha1 or
+    sha256; None: an archive whose members are verified instead), then move it into place."""
     import requests
 
     dest = Path(dest)
@@ -261,7 +419,7 @@ def download(
     deadline = time.monotonic() + total_timeout_s
     try:
         with _follow(session, url, timeout) as resp:
-            _save(resp, url, sha1, dest, progress, deadline, total_timeout_s)
+            _save(resp, url, sha1, dest, progress, deadline, total_timeout_s, algorithm)
     except requests.exceptions.RequestException as e:
         raise _request_error(url, e, timeout) from None
     finally:
@@ -297,13 +455,13 @@ def _follow(session, url: str, timeout: tuple[float, float]):
 
 
 def _save(resp, url: str, sha1: str | None, dest: Path, progress: bool, deadline: float,
-          total_timeout_s: float) -> None:
+          total_timeout_s: float, algorithm: str = "sha1") -> None:
     """Stream the body into `dest`: the verified file replaces it atomically, and a bad or
     partial one never lands."""
     import hashlib
 
     total = int(resp.headers.get("Content-Length") or 0) or None
-    h = hashlib.sha1()
+    h = hashlib.new(algorithm)
     with atomic_writer(dest, "wb") as f, _progress(progress, dest.name, total) as advance:
         first = True
         for chunk in resp.iter_content(chunk_size=1 << 16):
@@ -319,8 +477,8 @@ def _save(resp, url: str, sha1: str | None, dest: Path, progress: bool, deadline
                                 "try again later")
         actual = h.hexdigest()
         if sha1 is not None and actual != sha1:
-            raise DataError(f"download of {url} has the wrong SHA-1: expected {sha1}, got "
-                            f"{actual}; the file was not saved")
+            raise DataError(f"download of {url} has the wrong {DIGEST_NAMES[algorithm]}: "
+                            f"expected {sha1}, got {actual}; the file was not saved")
 
 
 def _request_error(url: str, e: Exception, timeout: tuple[float, float]) -> DataError:
@@ -351,20 +509,26 @@ def _is_timeout(exc: BaseException) -> bool:
     return False
 
 
+DIGEST_NAMES = {"sha1": "SHA-1", "sha256": "SHA-256"}
+
+
 @contextlib.contextmanager
-def _progress(enabled: bool, name: str, total: int | None):
+def _progress(enabled: bool, name: str, total: int | None, count: bool = False):
+    """A transient progress bar of bytes (or, `count`, of files) while downloading."""
     if not enabled:
         yield lambda n: None
         return
     from rich.progress import (
         BarColumn,
         DownloadColumn,
+        MofNCompleteColumn,
         Progress,
         TextColumn,
         TransferSpeedColumn,
     )
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                  TransferSpeedColumn(), transient=True) as bar:
+    columns = (MofNCompleteColumn(),) if count else (DownloadColumn(), TransferSpeedColumn())
+    with Progress(TextColumn("{task.description}"), BarColumn(), *columns,
+                  transient=True) as bar:
         task = bar.add_task(f"downloading {name}", total=total)
         yield lambda n: bar.advance(task, n)

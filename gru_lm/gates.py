@@ -221,16 +221,16 @@ def _trace(model, ids: list[int], layer: int) -> GateTrace:
     return GateTrace(kind="mogrifier", gates=gates, H=H, delta_H=_delta(H))
 
 
-def gate_report(model, vocab, preset: str, lowercase: bool, text: str, layer: int,
-                units: int) -> GateReport:
-    """Run `text` (preprocessed as the corpus was) through `model` and pick the busiest units."""
+def gate_report(model, vocab, data, text: str, layer: int, units: int) -> GateReport:
+    """Run `text` (preprocessed as the corpus was: `data`, the run's data section) through
+    `model` and pick the busiest units."""
     from gru_lm.data import char_ends
     from gru_lm.sampling import encode_prefix
 
     check_units(units)
-    ids, _ = encode_prefix(text, vocab, preset, lowercase)
+    ids, _ = encode_prefix(text, vocab, data)
     trace = _trace(model, ids, layer)
-    if preset == "bytes":  # one column a character: the gates once its last byte is read
+    if data.preset == "bytes":  # one column a character: the gates once its last byte is read
         keep = char_ends(ids)
         trace = GateTrace(trace.kind, {k: v[keep] for k, v in trace.gates.items()},
                           trace.H[keep], trace.delta_H[keep])

@@ -71,8 +71,7 @@ def sample_prefixes(cfg: Config, corpus: Corpus, notes: list[str]) -> list[list[
         prefixes = [corpus.vocab.decode(corpus.train[:1].tolist())]
     for i, prefix in enumerate(prefixes):
         try:
-            out.append(encode_prefix(prefix, corpus.vocab, cfg.data.preset,
-                                     cfg.data.lowercase)[0])
+            out.append(encode_prefix(prefix, corpus.vocab, cfg.data)[0])
         except GruLmError as e:
             ids = corpus.train[:max(1, min(len(prefix), 20))].tolist()
             out.append(ids)

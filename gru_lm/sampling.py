@@ -9,9 +9,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from gru_lm.config import short
+from gru_lm.config import DataConfig, short
 from gru_lm.data import Vocab, preprocess
 from gru_lm.errors import GruLmError
+from gru_lm.script import OTHER as OTHER_SCRIPT
 
 MAX_CHARS = 10_000
 MAX_SAMPLES = 1_000
@@ -125,27 +126,52 @@ def read_prefix_file(path: Path | str, stdin=None) -> str:
     return text.removesuffix("\n").removesuffix("\r")
 
 
-def encode_prefix(prefix: str, vocab: Vocab, preset: str, lowercase: bool,
-                  skip_unknown: bool = False) -> tuple[list[int], int]:
-    """Preprocess a prefix like the run's corpus and encode it: the ids, and how many
-    characters outside the vocabulary were dropped (`skip_unknown`; else they are an error)."""
+def encode_prefix(prefix: str, vocab: Vocab, data: DataConfig, skip_unknown: bool = False
+                  ) -> tuple[list[int], int]:
+    """Preprocess a prefix like the run's corpus (`data`, its data section: preset, lowercase,
+    script) and encode it: the ids, and how many characters outside the vocabulary were
+    dropped (`skip_unknown`; else they are an error)."""
     check_prefix(prefix)
-    tokens = preprocess(prefix, preset, lowercase)
+    tokens = preprocess(prefix, data.preset, data.lowercase, data.script)
     unknown = vocab.unknown(tokens)
     skipped = 0
     if unknown and skip_unknown:
         kept = [t for t in tokens if t in vocab.token_to_idx]
         skipped, tokens = len(tokens) - len(kept), kept
     elif unknown:
-        raise GruLmError(f"the prefix has characters outside the vocabulary: "
-                         f"{short(''.join(unknown))}; use only "
-                         f"{short(''.join(vocab.idx_to_token[1:]), 200)}, or --unknown skip "
-                         "to drop the others")
+        raise GruLmError(unknown_message("the prefix", unknown, vocab, data) +
+                         ", or --unknown skip to drop them")
     if not tokens:
-        raise GruLmError(f"the prefix {short(prefix)} is empty after the '{preset}' preprocessing"
-                         f"{' and dropping unknown characters' if skipped else ''}; give "
-                         "letters the corpus has")
+        raise GruLmError(f"the prefix {short(prefix)} is empty after the '{data.preset}' "
+                         f"preprocessing{' and dropping unknown characters' if skipped else ''}"
+                         "; give letters the corpus has")
     return vocab.encode(tokens), skipped
+
+
+SHOWN_UNKNOWN = 8  # characters an error shows of those the vocabulary lacks
+LISTED_VOCAB = 100  # a vocabulary this small is listed in full in the error
+
+
+def unknown_message(what: str, unknown: list[str], vocab: Vocab, data: DataConfig) -> str:
+    """One line: how many characters of `what` the vocabulary lacks, the first few, and what
+    to write instead: the other script, when converting covers them (a simplified prefix on
+    a model of traditional 全唐诗), or the vocabulary itself, when it is small."""
+    from gru_lm.script import covering_script
+
+    shown = "".join(unknown[:SHOWN_UNKNOWN]) + ("…" if len(unknown) > SHOWN_UNKNOWN else "")
+    many = f"{len(unknown)} characters" if len(unknown) > 1 else "a character"
+    line = f"{what} has {many} outside the vocabulary: {short(shown)}"
+    script, written = covering_script(unknown[:SHOWN_UNKNOWN], vocab.token_to_idx)
+    if script:
+        trained = ("its corpus as it is" if data.script == "as-is"
+                   else f"data.script={data.script}")
+        line += (f"; the run reads {script} characters ({trained}): write {short(written)}, "
+                 f"or train with data.script={OTHER_SCRIPT[script]}")
+    elif len(vocab) <= LISTED_VOCAB:
+        line += f"; use only {short(''.join(vocab.idx_to_token[1:]), 200)}"
+    else:
+        line += f" of {len(vocab):,} tokens"
+    return line
 
 
 def _pick(logits: Tensor, temperature: float | None, top_k: int | None, top_p: float | None,
@@ -242,7 +268,7 @@ def first_words(text: str, mid_text: bool = False) -> str:
 
 def _fits(prefix: str, vocab: Vocab, data) -> bool:
     try:
-        encode_prefix(prefix, vocab, data.preset, data.lowercase)
+        encode_prefix(prefix, vocab, data)
     except GruLmError:  # (an <unk>'s name decoded into the text, say)
         return False
     return True

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from gru_lm.errors import DataError
+from gru_lm.script import convert
 from gru_lm.utils import atomic_write_text, atomic_writer, file_digest
 
 if TYPE_CHECKING:
@@ -224,9 +225,10 @@ def _after_last(mask: np.ndarray) -> int:
 
 def token_pieces(path: Path, preset: str, lowercase: bool, stats: Stats | None = None,
                  block_bytes: int = BLOCK_BYTES, limit: int | None = None,
-                 what: str = "corpus") -> Iterator[np.ndarray]:
+                 what: str = "corpus", script: str = "as-is") -> Iterator[np.ndarray]:
     """The preprocessed text of `path` (gru_lm.data.preprocess) as code points, piece by
-    piece: uint8 arrays for ASCII pieces, else uint32."""
+    piece: uint8 arrays for ASCII pieces, else uint32. `script`: Chinese characters
+    converted (pieces are cut after whitespace, so no phrase is cut when lines are short)."""
     if preset not in ("d2l", "raw", "bytes"):
         raise DataError(f"unknown preprocessing preset '{preset}'; choose d2l, raw or bytes")
     d2l = D2lStream() if preset == "d2l" else None
@@ -234,11 +236,13 @@ def token_pieces(path: Path, preset: str, lowercase: bool, stats: Stats | None =
         if stats is not None:
             stats.add(block)
         if preset == "bytes":  # the bytes are the tokens (and their latin-1 code points)
+            if script != "as-is":
+                block = convert(block.decode("utf-8"), script).encode("utf-8")
             yield np.frombuffer(block, dtype=np.uint8)
         elif d2l is not None:
             yield d2l.feed(block)
         else:
-            text = unicodedata.normalize("NFC", block.decode("utf-8"))
+            text = convert(unicodedata.normalize("NFC", block.decode("utf-8")), script)
             yield code_points(text.lower() if lowercase else text)
     if d2l is not None:
         yield d2l.feed(b"", final=True)
@@ -274,6 +278,8 @@ def store_paths(source: Path, cfg: DataConfig, cache_dir: Path) -> tuple[Path, P
               "preset": cfg.preset, "lowercase": cfg.lowercase and cfg.preset == "raw",
               "min_freq": cfg.min_freq, "reserved_tokens": list(cfg.reserved_tokens),
               "max_tokens": cfg.max_tokens}
+    if cfg.script != "as-is":  # (absent otherwise: the stores made before it keep their key)
+        fields["script"] = cfg.script
     key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
     stem = re.sub(r"[^A-Za-z0-9._-]", "_", Path(source).stem)[:60] or "corpus"
     folder = Path(cache_dir) / "tokens"
@@ -377,8 +383,8 @@ def prepare(source: Path, cfg: DataConfig, bin_path: Path, meta_path: Path, fiel
     stats = Stats()
     counts = np.zeros(0x110000, dtype=np.int64)
     num_tokens = 0
-    for piece in _limited(token_pieces(source, cfg.preset, cfg.lowercase, stats, block_bytes),
-                          cfg.max_tokens):
+    for piece in _limited(token_pieces(source, cfg.preset, cfg.lowercase, stats, block_bytes,
+                                       script=cfg.script), cfg.max_tokens):
         cps = piece
         num_tokens += len(cps)
         if cps.dtype == np.uint8:
@@ -409,7 +415,8 @@ def prepare(source: Path, cfg: DataConfig, bin_path: Path, meta_path: Path, fiel
     try:
         with atomic_writer(bin_path, "wb") as f:
             for piece in _limited(token_pieces(source, cfg.preset, cfg.lowercase,
-                                               block_bytes=block_bytes), cfg.max_tokens):
+                                               block_bytes=block_bytes, script=cfg.script),
+                                  cfg.max_tokens):
                 f.write(lut[piece].tobytes())
         meta = {"key": fields, "source": str(source), "dtype": np.dtype(dtype).name,
                 "num_tokens": num_tokens, "idx_to_token": vocab.idx_to_token,

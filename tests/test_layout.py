@@ -14,8 +14,8 @@ from gru_lm.rundir import RunDir
 
 PACKAGE = Path(__file__).resolve().parents[1] / "gru_lm"
 # Bottom to top: a module may import only from modules listed before it (lazy imports too).
-LAYERS = ["__init__", "errors", "utils", "stats", "distributed", "config", "download",
-          "tokenstore", "data", "ngram", "_ext",
+LAYERS = ["__init__", "errors", "utils", "stats", "distributed", "config", "script", "poetry",
+          "download", "tokenstore", "data", "ngram", "_ext",
           "cells", "recurrent", "scratch", "torchnn", "mogrifier", "models",
           "metrics", "cache", "dynamic", "sampling", "checkpoint",
           "rundir", "schedule", "ema", "display", "members", "scorers", "evaluation",
