@@ -128,6 +128,28 @@ class ModelConfig(_Section):
     rank: int | None = Field(None, ge=0, le=4096,
                              description="mogrifier: rank of the rounds' matrices (default "
                              "24; 0: full rank)", json_schema_extra={"option": True})
+    softmax: Literal["full", "adaptive"] = Field(
+        "full", description="output layer: full (one matrix over the vocabulary) or adaptive "
+        "(frequent tokens in a small head, rarer ones in clusters of narrower rows: for "
+        "vocabularies of thousands; scoring and sampling use the whole distribution)")
+    cutoffs: list[int] | None = Field(
+        None, max_length=16, description="adaptive: the frequency ranks where the clusters "
+        "start (default 250, 1000, 4000; those past the vocabulary are dropped)")
+
+    @field_validator("cutoffs")
+    @classmethod
+    def _increasing(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or v[0] < 1
+                              or any(b <= a for a, b in zip(v, v[1:], strict=False))):
+            raise ValueError("must be increasing positive ranks, e.g. [250, 1000, 4000]")
+        return v
+
+    @model_validator(mode="after")
+    def _cutoffs_need_adaptive(self) -> ModelConfig:
+        if self.cutoffs is not None and self.softmax != "adaptive":
+            raise ValueError("cutoffs: only the adaptive softmax has clusters; set "
+                             "softmax=adaptive or drop cutoffs")
+        return self
 
     @field_validator("bidirectional")
     @classmethod

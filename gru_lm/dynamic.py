@@ -24,8 +24,8 @@ import torch
 
 from gru_lm.cache import CacheSettings, ContinuousCache
 from gru_lm.data import eval_batches
-from gru_lm.metrics import evaluating, time_major_loss
-from gru_lm.models import detach_state
+from gru_lm.metrics import evaluating
+from gru_lm.models import detach_state, time_major_loss
 
 EPS = 1e-4
 # A small grid around what scored best on The Time Machine (lr 4e-5..8e-5, decay 2e-3,

@@ -8,7 +8,6 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from gru_lm.data import Corpus, eval_batches
 
@@ -76,18 +75,6 @@ def corpus_baselines(corpus: Corpus, ngram_order: int = 5,
     target = val if len(val) > 1 else corpus.train[:MAX_REFERENCE_TARGET]
     return reference_baselines(corpus.train, target, len(corpus.vocab), ngram_order,
                                has_unk=corpus.vocab.has_unk)
-
-
-def time_major_loss(logits: torch.Tensor, Y: torch.Tensor, reduction: str = "mean",
-                    ignore_index: int = -100) -> torch.Tensor:
-    """Cross-entropy over every token, read in (num_steps, batch_size) order.
-
-    The models compute time-major and hand back a transposed view, so reading it time-major
-    costs no copy of the logits (only of the small target tensor).
-    """
-    V = logits.shape[-1]
-    return F.cross_entropy(logits.transpose(0, 1).reshape(-1, V).float(), Y.t().reshape(-1),
-                           reduction=reduction, ignore_index=ignore_index)
 
 
 EVAL_WARMUP = 100  # tokens each parallel stream reads before it scores (see read_streams)

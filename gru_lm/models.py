@@ -21,6 +21,7 @@ from gru_lm.recurrent import (  # noqa: F401  (the interface, for callers of gru
     detach_state,
     register_model,
     state_to,
+    time_major_loss,
 )
 from gru_lm.utils import available_memory
 

@@ -132,9 +132,10 @@ class Mogrifier(RecurrentLM):
         self.layers = nn.ModuleList(
             MogrifierLayer(embed_dim if k == 0 else cfg.num_hiddens, cfg.num_hiddens, rounds,
                            rank, cfg.weight_drop) for k in range(cfg.num_layers))
-        self.output = nn.Linear(cfg.num_hiddens, vocab_size)
-        if cfg.tie_weights:
-            self.output.weight = self.embedding.weight
+        if self.adaptive is None:
+            self.output = nn.Linear(cfg.num_hiddens, vocab_size)
+            if cfg.tie_weights:
+                self.output.weight = self.embedding.weight
 
     @classmethod
     def check_config(cls, cfg: ModelConfig) -> list[str]:
@@ -147,8 +148,7 @@ class Mogrifier(RecurrentLM):
     def mogrifier_layers(self) -> list[MogrifierLayer]:
         return [layer for layer in self.layers if isinstance(layer, MogrifierLayer)]
 
-    def forward_features(self, X: Tensor, state: State | None = None
-                         ) -> tuple[Tensor, State, Tensor]:
+    def hidden(self, X: Tensor, state: State | None = None) -> tuple[Tensor, State, Tensor]:
         if state is None:
             state = self.begin_state(X.shape[0], X.device)
         assert isinstance(state, tuple)
@@ -163,8 +163,10 @@ class Mogrifier(RecurrentLM):
                 inputs = sequence_dropout(inputs, self.dropout, self.training,
                                           self.locked_dropout)
         out = sequence_dropout(inputs, self.dropout, self.training, self.locked_dropout)
-        logits = self.output(out).transpose(0, 1)  # (batch_size, num_steps, vocab_size)
-        return logits, (torch.stack(hs), torch.stack(cs)), inputs.transpose(0, 1)
+        return out, (torch.stack(hs), torch.stack(cs)), inputs.transpose(0, 1)
+
+    def logits(self, out: Tensor) -> Tensor:
+        return self.output(out)  # (num_steps, batch_size, vocab_size)
 
     @torch.no_grad()
     def trace(self, ids: list[int], layer: int) -> tuple[dict[str, Tensor], Tensor]:

@@ -1,9 +1,12 @@
 """The one interface every model has (RecurrentLM), and the registry the models join.
 
 Every model: forward(X, state) -> (logits, state), X (batch_size, num_steps) int64,
-logits (batch_size, num_steps, vocab_size); begin_state(batch_size, device). Each model
-implements forward_features(X, state) -> (logits, state, features), the features being its
-last layer's outputs (batch_size, num_steps, num_hiddens), which a continuous cache keys on.
+logits (batch_size, num_steps, vocab_size); forward(X, state, targets=Y) -> (loss, state),
+the mean log-loss of Y (what training minimises, cheaper than the logits with an adaptive
+softmax); forward_features(X, state) -> (logits, state, features), the features being its
+last layer's outputs (batch_size, num_steps, num_hiddens), which a continuous cache keys on;
+begin_state(batch_size, device). A family implements hidden(X, state) (everything up to the
+output layer) and, for the full softmax, logits(out).
 
 A model family is one module (scratch.py: the book's equations; torchnn.py: torch.nn's
 layers) whose classes join the registry with @register_model; models.py imports the
@@ -17,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gru_lm.cells import TorchPath
@@ -122,6 +126,69 @@ def tie_weights_problems(cfg: ModelConfig) -> list[str]:
     return []
 
 
+def time_major_loss(logits: Tensor, Y: Tensor, reduction: str = "mean",
+                    ignore_index: int = -100) -> Tensor:
+    """Cross-entropy over every token, read in (num_steps, batch_size) order.
+
+    The models compute time-major and hand back a transposed view, so reading it time-major
+    costs no copy of the logits (only of the small target tensor).
+    """
+    V = logits.shape[-1]
+    return F.cross_entropy(logits.transpose(0, 1).reshape(-1, V).float(), Y.t().reshape(-1),
+                           reduction=reduction, ignore_index=ignore_index)
+
+
+# The adaptive softmax's clusters start at these frequency ranks (the vocabulary is ordered by
+# frequency): on 全唐诗 the head's 250 characters are 57% of the text, 1,000 84%, 4,000 99%.
+DEFAULT_CUTOFFS = (250, 1000, 4000)
+ADAPTIVE_DIV = 4.0  # each cluster's rows are 4x narrower than the one before (torch's default)
+
+
+def adaptive_cutoffs(cfg: ModelConfig, vocab_size: int) -> list[int]:
+    """The clusters' first ranks that fall inside this vocabulary ([]: a full softmax)."""
+    if cfg.softmax != "adaptive":
+        return []
+    return [c for c in (cfg.cutoffs or DEFAULT_CUTOFFS) if c < vocab_size]
+
+
+class AdaptiveOutput(nn.AdaptiveLogSoftmaxWithLoss):
+    """The adaptive softmax (Grave et al., 2017) as an output layer: the frequent tokens and
+    one entry per cluster in a head; a cluster's tokens scored through a narrower projection,
+    only for the rows whose target falls in it when training. log_probs gives the exact
+    log-distribution over the whole vocabulary (scoring, sampling)."""
+
+    def __init__(self, num_hiddens: int, vocab_size: int, cutoffs: list[int]):
+        import warnings
+
+        with warnings.catch_warnings():  # (the zero-wide rows replaced below)
+            warnings.filterwarnings("ignore", "Initializing zero-element tensors")
+            super().__init__(num_hiddens, vocab_size, cutoffs, div_value=ADAPTIVE_DIV,
+                             head_bias=True)
+        for i, size in enumerate(b - a for a, b in zip(self.cutoffs, self.cutoffs[1:],
+                                                          strict=False)):
+            if num_hiddens // ADAPTIVE_DIV ** (i + 1) < 1:  # a small model's last clusters
+                self.tail[i] = nn.Sequential(nn.Linear(num_hiddens, 1, bias=False),
+                                             nn.Linear(1, size, bias=False))
+
+    def log_probs(self, out: Tensor) -> Tensor:
+        """(num_steps, batch_size, num_hiddens) -> (num_steps, batch_size, vocab_size)."""
+        T, B, H = out.shape
+        with torch.autocast(out.device.type, enabled=False):
+            return self.log_prob(out.reshape(T * B, H).float()).view(T, B, -1)
+
+    def nll(self, out: Tensor, Y: Tensor) -> Tensor:
+        """Mean log-loss of the targets Y (num_steps, batch_size; -100: not scored). Every
+        cluster takes part (0 x its weights when no target falls in it), so each weight has
+        a gradient at every step, as distributed training needs."""
+        H = out.shape[-1]
+        flat, targets = out.reshape(-1, H).float(), Y.reshape(-1)
+        keep = targets >= 0
+        with torch.autocast(out.device.type, enabled=False):
+            loss = self(flat[keep], targets[keep]).loss
+        touch = sum(p.view(-1)[0] for p in self.tail.parameters())
+        return loss + 0.0 * touch
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -161,11 +228,18 @@ class RecurrentLM(nn.Module):
         self.dropout = cfg.dropout
         self.locked_dropout = cfg.locked_dropout
         self.weight_drop = cfg.weight_drop
+        # The output layer: an adaptive softmax, or (None) the family's own full one.
+        cutoffs = adaptive_cutoffs(cfg, vocab_size)
+        self.adaptive = AdaptiveOutput(cfg.num_hiddens, vocab_size, cutoffs) if cutoffs \
+            else None
 
     @classmethod
     def check_config(cls, cfg: ModelConfig) -> list[str]:
         """Refuse every option set away from its default that this model does not take."""
         problems = []
+        if cfg.tie_weights and cfg.softmax == "adaptive":
+            problems.append("model.tie_weights: the adaptive softmax has no one output matrix "
+                            "to share with the embedding; drop one of the two")
         for key in OPTIONS:
             if key in cls.options or getattr(cfg, key) == ModelConfig.model_fields[key].default:
                 continue
@@ -189,14 +263,38 @@ class RecurrentLM(nn.Module):
         zeros = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(self.num_states)]
         return zeros[0] if self.num_states == 1 else tuple(zeros)
 
-    def forward(self, X: Tensor, state: State | None = None) -> tuple[Tensor, State]:
-        logits, state, _ = self.forward_features(X, state)
-        return logits, state
+    def forward(self, X: Tensor, state: State | None = None, targets: Tensor | None = None
+                ) -> tuple[Tensor, State]:
+        """(logits, state); with `targets` (batch_size, num_steps; -100: not scored), (the
+        mean log-loss of the targets, state) instead."""
+        out, state, _ = self.hidden(X, state)
+        if targets is not None:
+            if self.adaptive is not None:
+                return self.adaptive.nll(out, targets.t()), state
+            return time_major_loss(self.logits(out).transpose(0, 1), targets), state
+        return self.readout(out), state
 
     def forward_features(self, X: Tensor, state: State | None = None
                          ) -> tuple[Tensor, State, Tensor]:
         """forward, plus the last layer's outputs before the output dropout (batch_size,
         num_steps, num_hiddens)."""
+        out, state, features = self.hidden(X, state)
+        return self.readout(out), state, features
+
+    def readout(self, out: Tensor) -> Tensor:
+        """The output layer on (num_steps, batch_size, num_hiddens): (batch_size, num_steps,
+        vocab_size) logits (the adaptive softmax's are log-probabilities)."""
+        scores = self.logits(out) if self.adaptive is None else self.adaptive.log_probs(out)
+        return scores.transpose(0, 1)
+
+    def hidden(self, X: Tensor, state: State | None = None) -> tuple[Tensor, State, Tensor]:
+        """Everything before the output layer: the last layer's outputs after the output
+        dropout (num_steps, batch_size, num_hiddens), the state, and the features."""
+        raise NotImplementedError
+
+    def logits(self, out: Tensor) -> Tensor:
+        """The full softmax's logits of (num_steps, batch_size, num_hiddens) outputs,
+        (num_steps, batch_size, vocab_size)."""
         raise NotImplementedError
 
     def gate_weights(self) -> list:

@@ -164,9 +164,10 @@ class ScratchLM(RecurrentLM):
                             init)
             for i in range(cfg.num_layers)
         )
-        self.W_hq = nn.Parameter(torch.empty(cfg.num_hiddens, vocab_size))
-        init_weight(self.W_hq.data, init, False, cfg.num_hiddens)
-        self.b_q = nn.Parameter(torch.zeros(vocab_size))
+        if self.adaptive is None:  # the book's output layer
+            self.W_hq = nn.Parameter(torch.empty(cfg.num_hiddens, vocab_size))
+            init_weight(self.W_hq.data, init, False, cfg.num_hiddens)
+            self.b_q = nn.Parameter(torch.zeros(vocab_size))
 
     def make_layer(self, num_inputs: int, cfg: ModelConfig, init: str) -> nn.Module:
         raise NotImplementedError
@@ -188,18 +189,25 @@ class ScratchLM(RecurrentLM):
             return tuple(torch.stack(s) for s in zip(*states, strict=True))
         return torch.stack(states)
 
-    def forward_features(self, X: Tensor, state: State | None = None
-                         ) -> tuple[Tensor, State, Tensor]:
-        # Under bf16 autocast (train.precision=bf16) every GEMM of this model takes bf16-rounded
-        # operands and accumulates in fp32, by this model's own code rather than autocast's
-        # (whose bf16 matmuls output bf16, and run ~50x slower than fp32 on a CPU without bf16
-        # instructions); states and weights stay fp32.
+    # Under bf16 autocast (train.precision=bf16) every GEMM of this model takes bf16-rounded
+    # operands and accumulates in fp32, by this model's own code rather than autocast's
+    # (whose bf16 matmuls output bf16, and run ~50x slower than fp32 on a CPU without bf16
+    # instructions); states and weights stay fp32.
+
+    def hidden(self, X: Tensor, state: State | None = None) -> tuple[Tensor, State, Tensor]:
         bf16 = autocast_bf16(X.device.type)
         with torch.autocast(X.device.type, enabled=False):
-            return self._forward(X, state, bf16)
+            return self._hidden(X, state, bf16)
 
-    def _forward(self, X: Tensor, state: State | None, bf16: bool
-                 ) -> tuple[Tensor, State, Tensor]:
+    def logits(self, out: Tensor) -> Tensor:
+        # F.linear on W_hq^T: one addmm forward, and its weight gradient comes out as
+        # dlogits^T @ out, the faster GEMM orientation for a small vocabulary.
+        r = bf16_operands(autocast_bf16(out.device.type))
+        with torch.autocast(out.device.type, enabled=False):
+            return F.linear(r(out), r(self.W_hq).t(), self.b_q)  # (num_steps, batch, vocab)
+
+    def _hidden(self, X: Tensor, state: State | None, bf16: bool
+                ) -> tuple[Tensor, State, Tensor]:
         if state is None:
             state = self.begin_state(X.shape[0], X.device)
         inputs = X.t()  # (num_steps, batch_size) token ids
@@ -214,12 +222,7 @@ class ScratchLM(RecurrentLM):
                 inputs = sequence_dropout(inputs, self.dropout, self.training,
                                           self.locked_dropout)
         out = sequence_dropout(inputs, self.dropout, self.training, self.locked_dropout)
-        # F.linear on W_hq^T: one addmm forward, and its weight gradient comes out as
-        # dlogits^T @ out, the faster GEMM orientation for a small vocabulary.
-        r = bf16_operands(bf16)
-        logits = F.linear(r(out), r(self.W_hq).t(), self.b_q)  # (num_steps, batch, vocab)
-        logits = logits.transpose(0, 1)  # (batch_size, num_steps, vocab_size)
-        return logits, self.stack_states(new_states), inputs.transpose(0, 1)
+        return out, self.stack_states(new_states), inputs.transpose(0, 1)
 
 
 @register_model("gru-scratch")

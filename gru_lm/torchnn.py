@@ -49,9 +49,10 @@ class TorchLM(RecurrentLM):
             num_layers=cfg.num_layers,
             dropout=cfg.dropout if cfg.num_layers > 1 else 0.0,
         )
-        self.output = nn.Linear(cfg.num_hiddens, vocab_size)
-        if cfg.tie_weights:  # one matrix both reads characters in and scores them out
-            self.output.weight = self.embedding.weight
+        if self.adaptive is None:
+            self.output = nn.Linear(cfg.num_hiddens, vocab_size)
+            if cfg.tie_weights:  # one matrix both reads characters in and scores them out
+                self.output.weight = self.embedding.weight
         if cfg.init not in ("auto", "torch"):
             for name, p in self.named_parameters():
                 if p.dim() == 2 and name != "embedding.weight":
@@ -64,8 +65,7 @@ class TorchLM(RecurrentLM):
                 getattr(self.rnn, f"bias_ih_l{layer}").data[nh:2 * nh] = cfg.forget_bias
                 getattr(self.rnn, f"bias_hh_l{layer}").data[nh:2 * nh] = 0.0
 
-    def forward_features(self, X: Tensor, state: State | None = None
-                         ) -> tuple[Tensor, State, Tensor]:
+    def hidden(self, X: Tensor, state: State | None = None) -> tuple[Tensor, State, Tensor]:
         if state is None:
             state = self.begin_state(X.shape[0], X.device)
         E = embedding_dropout(self.embedding.weight, self.cfg.embed_dropout, self.training)
@@ -79,8 +79,11 @@ class TorchLM(RecurrentLM):
         else:
             Y, state = self.rnn(emb, state)  # (num_steps, batch_size, num_hiddens)
         out = sequence_dropout(Y, self.dropout, self.training, self.locked_dropout)
-        # (batch_size, num_steps, vocab_size), the state, (batch_size, num_steps, num_hiddens)
-        return self.output(out).transpose(0, 1), state, Y.transpose(0, 1)
+        # (num_steps, batch_size, num_hiddens) twice, and the state
+        return out, state, Y.transpose(0, 1)
+
+    def logits(self, out: Tensor) -> Tensor:
+        return self.output(out)  # (num_steps, batch_size, vocab_size)
 
     def _layer_tensors(self, k: int, order: tuple[int, ...]
                        ) -> tuple[Tensor, Tensor, Tensor, Tensor]:

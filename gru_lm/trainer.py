@@ -23,7 +23,7 @@ from gru_lm.display import Reporter, TensorBoard, tensorboard_writer
 from gru_lm.distributed import SINGLE, World, agree_on_stop, mean, wrap
 from gru_lm.ema import EMA
 from gru_lm.errors import GruLmError, TrainingInterrupted
-from gru_lm.metrics import bits_per_char, evaluate, perplexity, time_major_loss
+from gru_lm.metrics import bits_per_char, evaluate, perplexity
 from gru_lm.models import RecurrentLM, detach_state
 from gru_lm.resume import payload
 from gru_lm.rundir import BEST, LAST, RunDir
@@ -87,8 +87,7 @@ class Trainer:
         state = (self.model.begin_state(X.shape[0], self.device)
                  if self.state is None or not carries else detach_state(self.state))
         with self.autocast():
-            logits, state = self.ddp(X, state)  # (batch_size, num_steps, vocab_size)
-        loss = time_major_loss(logits, Y)
+            loss, state = self.ddp(X, state, targets=Y)  # the mean log-loss of Y
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg.train.grad_clip is not None:

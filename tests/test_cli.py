@@ -132,7 +132,8 @@ def _final_state(run: Path):
     ["model.dropout=0.3", "model.num_layers=2", "train.sampler=random"],
     ["model.dropout=0.3", "model.locked_dropout=true", "model.weight_drop=0.3",
      "train.ema_decay=0.9"],
-], ids=["sequential", "dropout-random", "regularized-ema"])
+    ["model.name=lstm", "model.softmax=adaptive", "model.cutoffs=[5,12,20]"],
+], ids=["sequential", "dropout-random", "regularized-ema", "adaptive-softmax"])
 def test_resume_is_exact(workdir, extra):
     straight = train_tiny("straight", "train.max_steps=40", *extra)
     part = train_tiny("part", "train.max_steps=20", *extra)

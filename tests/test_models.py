@@ -623,3 +623,64 @@ def test_the_mogrifier_shows_its_gates_and_state_masks():
     gates, H = model.trace(ids, 0)
     assert set(gates) == {"I", "F", "O", "M2", "M4"} and H.shape == (len(ids), NH)
     assert all(((g >= 0) & (g <= 1)).all() and g.shape == (len(ids), NH) for g in gates.values())
+
+
+# ---------------------------------------------------------------- the adaptive softmax
+
+VA = 60  # a vocabulary with three clusters past a head of 10
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_the_adaptive_softmax_scores_the_whole_vocabulary_exactly(name):
+    torch.manual_seed(0)
+    cfg = ModelConfig(name=name, num_hiddens=NH, softmax="adaptive", cutoffs=[10, 25, 45],
+                      embed_dim=6 if "scratch" in name else None)
+    model = build_model(cfg, VA).eval()
+    assert model.adaptive is not None and not hasattr(model, "output") and \
+        not hasattr(model, "W_hq")
+    X = torch.randint(0, VA, (3, 9), generator=torch.Generator().manual_seed(1))
+    Y = torch.randint(0, VA, (3, 9), generator=torch.Generator().manual_seed(2))
+    logp, state = model(X)
+    assert logp.shape == (3, 9, VA)
+    torch.testing.assert_close(logp.logsumexp(-1), torch.zeros(3, 9), atol=1e-5, rtol=0)
+    loss, state2 = model(X, targets=Y)  # the cheap training loss is the exact log-loss
+    by_hand = -logp.gather(-1, Y.unsqueeze(-1)).mean()
+    torch.testing.assert_close(loss, by_hand, atol=1e-5, rtol=1e-5)
+    for a, b in zip(state if isinstance(state, tuple) else (state,),
+                    state2 if isinstance(state2, tuple) else (state2,), strict=True):
+        assert torch.equal(a, b)
+    Y[0, :4] = -100  # not scored
+    keep = Y >= 0
+    loss = model(X, targets=Y)[0]
+    torch.testing.assert_close(loss, -logp.gather(-1, Y.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+                               [keep].mean(), atol=1e-5, rtol=1e-5)
+
+
+def test_every_cluster_gets_a_gradient_even_without_its_tokens():
+    model = build_model(ModelConfig(name="lstm", num_hiddens=NH, softmax="adaptive",
+                                    cutoffs=[10, 25, 45]), VA)
+    X = torch.randint(0, 10, (2, 5), generator=torch.Generator().manual_seed(0))
+    model(X, targets=X)[0].backward()  # only head tokens: the clusters are not read
+    grads = [p.grad for p in model.adaptive.tail.parameters()]
+    assert all(g is not None and not g.any() for g in grads)
+    assert model.adaptive.head.weight.grad.any()
+
+
+def test_a_vocabulary_below_the_first_cutoff_gets_the_full_softmax():
+    full = build_model(ModelConfig(name="gru-scratch", num_hiddens=NH), V)
+    small = build_model(ModelConfig(name="gru-scratch", num_hiddens=NH, softmax="adaptive"), V)
+    assert small.adaptive is None and list(small.state_dict()) == list(full.state_dict())
+    big = build_model(ModelConfig(name="lstm", num_hiddens=NH, softmax="adaptive"), 1500)
+    assert big.adaptive is not None and big.adaptive.cutoffs == [250, 1000, 1500]
+
+
+def test_adaptive_settings_are_checked():
+    with pytest.raises(ConfigError, match="no one output matrix"):
+        build_model(ModelConfig(name="lstm", num_hiddens=NH, embed_dim=NH, tie_weights=True,
+                                softmax="adaptive"), 300)
+    from gru_lm.config import validate
+
+    with pytest.raises(ConfigError, match="only the adaptive softmax has clusters"):
+        validate({"model": {"cutoffs": [10]}})
+    with pytest.raises(ConfigError, match="must be increasing positive ranks"):
+        validate({"model": {"softmax": "adaptive", "cutoffs": [10, 10]}})
