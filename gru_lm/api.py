@@ -290,43 +290,53 @@ class Run:
         return self._here().evals()
 
     @_checked
-    def predict(self, prefix: str, num_chars: int = 50, *, temperature: float | None = None,
-                top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                greedy: bool = False, unknown: str = "error") -> str:
-        """The prefix and its continuation, as the book's predict_ch8: sampled at
-        temperature 0.6 with seed 0 unless told otherwise, or greedy (argmax)."""
-        return self.samples(prefix, 1, num_chars, temperature=temperature, top_k=top_k,
-                            top_p=top_p, seed=seed, greedy=greedy, unknown=unknown)[0]
-
-    @_checked
-    def samples(self, prefix: str, num_samples: int = 3, num_chars: int = 50, *,
+    def predict(self, prefix: str | None = None, num_chars: int | None = None, *,
                 temperature: float | None = None, top_k: int | None = None,
                 top_p: float | None = None, seed: int | None = None, greedy: bool = False,
-                unknown: str = "error") -> list[str]:
+                unknown: str = "error", acrostic: str | None = None,
+                form: str | None = None) -> str:
+        """The prefix and its continuation, as the book's predict_ch8: sampled at
+        temperature 0.6 with seed 0 unless told otherwise, or greedy (argmax); 50
+        characters, or a poem in a form (`form`: 五绝, 七绝, 五律, 七律; `acrostic`: the
+        characters that start its lines, 藏头诗), which needs no prefix."""
+        return self.samples(prefix, 1, num_chars, temperature=temperature, top_k=top_k,
+                            top_p=top_p, seed=seed, greedy=greedy, unknown=unknown,
+                            acrostic=acrostic, form=form)[0]
+
+    @_checked
+    def samples(self, prefix: str | None = None, num_samples: int = 3,
+                num_chars: int | None = None, *, temperature: float | None = None,
+                top_k: int | None = None, top_p: float | None = None,
+                seed: int | None = None, greedy: bool = False, unknown: str = "error",
+                acrostic: str | None = None, form: str | None = None) -> list[str]:
         """`num_samples` continuations of `prefix`, each with the prefix before it."""
         prompt, outs, _ = self.continuations(prefix, num_samples, num_chars,
                                              temperature=temperature, top_k=top_k,
                                              top_p=top_p, seed=seed, greedy=greedy,
-                                             unknown=unknown)
+                                             unknown=unknown, acrostic=acrostic, form=form)
         return [prompt + o for o in outs]
 
     @_checked
-    def continuations(self, prefix: str, num_samples: int = 1, num_chars: int = 50, *,
-                      temperature: float | None = None, top_k: int | None = None,
-                      top_p: float | None = None, seed: int | None = None,
-                      greedy: bool = False, unknown: str = "error"
+    def continuations(self, prefix: str | None = None, num_samples: int = 1,
+                      num_chars: int | None = None, *, temperature: float | None = None,
+                      top_k: int | None = None, top_p: float | None = None,
+                      seed: int | None = None, greedy: bool = False, unknown: str = "error",
+                      acrostic: str | None = None, form: str | None = None
                       ) -> tuple[str, list[str], Any]:
-        """The prefix as the model read it, the continuations alone, and how they were
-        drawn (sampling.Sampling, whose note says which defaults were taken)."""
-        from gru_lm.sampling import encode_prefix, generate
+        """The prefix as the model read it ("" for a poem started without one), the
+        continuations alone, and how they were drawn (sampling.Sampling, whose note says
+        which defaults were taken)."""
+        from gru_lm.sampling import encode_prefix, generate, poem_start, poem_writer
 
         how = _sampling(prefix, num_samples, num_chars, temperature, top_k, top_p, seed,
-                        greedy, unknown)
+                        greedy, unknown, acrostic, form)
         cfg, vocab, model = self._model()
-        ids, skipped = encode_prefix(prefix, vocab, cfg.data, unknown == "skip")
-        outs = generate(model, ids, num_chars, temperature=how.temperature, top_k=top_k,
-                        top_p=top_p, num_samples=num_samples, seed=how.seed)
-        return (vocab.decode(ids), [vocab.decode(o) for o in outs],
+        poem = poem_writer(how.poem, vocab, cfg.data, num_samples)
+        ids, skipped = encode_prefix(prefix, vocab, cfg.data, unknown == "skip") \
+            if prefix is not None else (poem_start(vocab), 0)
+        outs = generate(model, ids, how.num_chars, temperature=how.temperature, top_k=top_k,
+                        top_p=top_p, num_samples=num_samples, seed=how.seed, poem=poem)
+        return ("" if prefix is None else vocab.decode(ids), [vocab.decode(o) for o in outs],
                 dataclasses.replace(how, skipped=skipped))
 
     @_checked
@@ -369,18 +379,33 @@ class Run:
         return html_table(f"run {self.path.name}", ["", ""], rows)
 
 
-def _sampling(prefix: str, num_samples: int, num_chars: int, temperature: float | None,
-              top_k: int | None, top_p: float | None, seed: int | None, greedy: bool,
-              unknown: str):
+def _sampling(prefix: str | None, num_samples: int, num_chars: int | None,
+              temperature: float | None, top_k: int | None, top_p: float | None,
+              seed: int | None, greedy: bool, unknown: str, acrostic: str | None = None,
+              form: str | None = None):
     """Every sampling argument checked (before any checkpoint is looked for), and how the
     samples will be drawn (sampling.Sampling)."""
-    from gru_lm.sampling import check_prefix, check_sampling_args, sampling_settings
+    from gru_lm.poems import poem_form
+    from gru_lm.sampling import (
+        DEFAULT_CHARS,
+        check_prefix,
+        check_sampling_args,
+        sampling_settings,
+    )
 
     if unknown not in ("error", "skip"):
         raise GruLmError(f"--unknown {unknown!r}: give 'error' or 'skip'")
-    check_prefix(prefix)
+    poem = poem_form(acrostic, form)
+    if prefix is not None or poem is None:
+        check_prefix(prefix or "")
+    if poem is not None and num_chars is not None:
+        raise GruLmError(f"--num-chars {num_chars} means nothing with "
+                         f"{'--form' if form is not None else '--acrostic'}: the form sets "
+                         "the poem's length; drop one of the two")
+    num_chars = DEFAULT_CHARS if num_chars is None else num_chars
     check_sampling_args(num_chars, temperature, top_k, top_p, num_samples, seed)
-    return sampling_settings(greedy, temperature, top_k, top_p, num_samples, seed)
+    how = sampling_settings(greedy, temperature, top_k, top_p, num_samples, seed)
+    return dataclasses.replace(how, num_chars=num_chars, poem=poem)
 
 
 @dataclass
@@ -396,18 +421,21 @@ class Continuations:
 
 
 @_checked
-def continue_text(prefix: str, run: str | Path | None = None, num_samples: int = 1,
-                  num_chars: int = 50, *, temperature: float | None = None,
-                  top_k: int | None = None, top_p: float | None = None,
-                  seed: int | None = None, greedy: bool = False, unknown: str = "error",
-                  runs_dir: str | Path = "runs") -> Continuations:
-    """Continue `prefix` with a run or checkpoint (None: the newest run under runs_dir);
-    the arguments are checked before any run is looked for."""
-    _sampling(prefix, num_samples, num_chars, temperature, top_k, top_p, seed, greedy, unknown)
+def continue_text(prefix: str | None = None, run: str | Path | None = None,
+                  num_samples: int = 1, num_chars: int | None = None, *,
+                  temperature: float | None = None, top_k: int | None = None,
+                  top_p: float | None = None, seed: int | None = None, greedy: bool = False,
+                  unknown: str = "error", runs_dir: str | Path = "runs",
+                  acrostic: str | None = None, form: str | None = None) -> Continuations:
+    """Continue `prefix` with a run or checkpoint (None: the newest run under runs_dir), or
+    write a poem in a form (`form`, `acrostic`: see Run.predict); the arguments are checked
+    before any run is looked for."""
+    _sampling(prefix, num_samples, num_chars, temperature, top_k, top_p, seed, greedy, unknown,
+              acrostic, form)
     where = locate(run, runs_dir)
     prompt, outs, how = Run(where.run.path, checkpoint=where.checkpoint).continuations(
         prefix, num_samples, num_chars, temperature=temperature, top_k=top_k, top_p=top_p,
-        seed=seed, greedy=greedy, unknown=unknown)
+        seed=seed, greedy=greedy, unknown=unknown, acrostic=acrostic, form=form)
     return Continuations(prompt, outs, how, where.checkpoint, where.newest)
 
 

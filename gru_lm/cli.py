@@ -282,7 +282,8 @@ def runs_cmd(runs_dir: RunsDirOpt = Path("runs")) -> None:
     'gru-lm predict "time traveller" --greedy',
     'gru-lm predict "the machine" -n 200 --num-samples 3 --seed 1',
     "gru-lm predict --prefix-file chapter1.txt --run runs/lstm-20261123-101500",
-    "echo 'the time' | gru-lm predict --prefix-file - --temperature 0.8 --top-p 0.95"))
+    "echo 'the time' | gru-lm predict --prefix-file - --temperature 0.8 --top-p 0.95",
+    "gru-lm predict --acrostic 春夏秋冬 --form 五绝 --run runs/tang"))
 @handle_errors
 def predict_cmd(
     prefix: Annotated[str | None, typer.Argument(
@@ -292,7 +293,9 @@ def predict_cmd(
                            ] = None,
     run: RunOpt = None,
     checkpoint: CkptOpt = None,
-    num_chars: Annotated[int, typer.Option("--num-chars", "-n", help="Characters to add.")] = 50,
+    num_chars: Annotated[int | None, typer.Option(
+        "--num-chars", "-n", help="Characters to add (default 50; a form sets its own).",
+        show_default=False)] = None,
     temperature: Annotated[float | None, typer.Option(
         help="Sampling temperature (default 0.6: the shipped models read well there).")
                            ] = None,
@@ -306,23 +309,36 @@ def predict_cmd(
     unknown: Annotated[UnknownChars, typer.Option(
         help="Prefix characters the corpus lacks: error (list them) or skip (drop them).")
                        ] = UnknownChars.error,
+    acrostic: Annotated[str | None, typer.Option(
+        help="A 藏头诗: line k starts with the k-th of these characters (one line each, of 5 "
+        "or 7, unless --form says).", show_default=False)] = None,
+    form: Annotated[str | None, typer.Option(
+        help="A poem in a form: 五绝, 七绝, 五律 or 七律 (5 or 7 characters a line, 4 or 8 "
+        "lines, ，and 。 in their places).", show_default=False)] = None,
     runs_dir: RunsDirOpt = Path("runs"),
 ) -> None:
     """Continue a prefix with a trained model: sampled at temperature 0.6 with seed 0 by
-    default (the same text every time), or --greedy as the book."""
+    default (the same text every time), or --greedy as the book; or write a poem in a form
+    (--form, --acrostic), with or without a prefix."""
     from gru_lm.api import continue_text
 
-    r = continue_text(_prefix(prefix, prefix_file), _one_of(run, checkpoint), num_samples,
-                      num_chars, temperature=temperature, top_k=top_k, top_p=top_p,
-                      seed=seed, greedy=greedy, unknown=unknown.value, runs_dir=runs_dir)
+    poem = acrostic is not None or form is not None
+    r = continue_text(_prefix(prefix, prefix_file, optional=poem), _one_of(run, checkpoint),
+                      num_samples, num_chars, temperature=temperature, top_k=top_k,
+                      top_p=top_p, seed=seed, greedy=greedy, unknown=unknown.value,
+                      runs_dir=runs_dir, acrostic=acrostic, form=form)
     show_continuations(r)
 
 
-def _prefix(prefix: str | None, prefix_file: Path | None) -> str:
-    """The prefix argument, or the text of --prefix-file (- : stdin)."""
+def _prefix(prefix: str | None, prefix_file: Path | None, optional: bool = False
+            ) -> str | None:
+    """The prefix argument, or the text of --prefix-file (- : stdin); None when neither is
+    given and the prefix is `optional` (a poem in a form)."""
     from gru_lm.errors import GruLmError
     from gru_lm.sampling import read_prefix_file
 
+    if optional and prefix is None and prefix_file is None:
+        return None
     if (prefix is None) == (prefix_file is None):
         raise GruLmError("give the prefix as an argument or with --prefix-file FILE (- for "
                          "stdin), not both" if prefix is not None else

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,7 @@ from torch import Tensor
 from gru_lm.config import DataConfig, short
 from gru_lm.data import Vocab, preprocess
 from gru_lm.errors import GruLmError
+from gru_lm.poems import PoemForm, PoemWriter
 from gru_lm.script import OTHER as OTHER_SCRIPT
 
 MAX_CHARS = 10_000
@@ -64,6 +66,9 @@ DEFAULT_TEMPERATURE = 0.6
 DEFAULT_SEED = 0
 
 
+DEFAULT_CHARS = 50  # characters a continuation adds unless told otherwise
+
+
 @dataclass(frozen=True)
 class Sampling:
     """How to continue a prefix: temperature None is greedy (argmax, as the book)."""
@@ -72,6 +77,8 @@ class Sampling:
     seed: int | None
     note: str = ""  # the defaults that were taken, and how to change them
     skipped: int = 0  # prefix characters the corpus lacks, dropped (unknown="skip")
+    num_chars: int = DEFAULT_CHARS
+    poem: PoemForm | None = None  # a form the continuation takes (--form, --acrostic)
 
 
 def sampling_settings(greedy: bool, temperature: float | None, top_k: int | None,
@@ -160,7 +167,8 @@ def unknown_message(what: str, unknown: list[str], vocab: Vocab, data: DataConfi
 
     shown = "".join(unknown[:SHOWN_UNKNOWN]) + ("…" if len(unknown) > SHOWN_UNKNOWN else "")
     many = f"{len(unknown)} characters" if len(unknown) > 1 else "a character"
-    line = f"{what} has {many} outside the vocabulary: {short(shown)}"
+    size = f" ({len(vocab):,} tokens)" if len(vocab) > LISTED_VOCAB else ""
+    line = f"{what} has {many} outside the vocabulary{size}: {short(shown)}"
     script, written = covering_script(unknown[:SHOWN_UNKNOWN], vocab.token_to_idx)
     if script:
         trained = ("its corpus as it is" if data.script == "as-is"
@@ -169,14 +177,40 @@ def unknown_message(what: str, unknown: list[str], vocab: Vocab, data: DataConfi
                  f"or train with data.script={OTHER_SCRIPT[script]}")
     elif len(vocab) <= LISTED_VOCAB:
         line += f"; use only {short(''.join(vocab.idx_to_token[1:]), 200)}"
-    else:
-        line += f" of {len(vocab):,} tokens"
     return line
 
 
+POEM_START = "\n"  # a poem asked for without a prefix starts a line, as poems do in the corpus
+
+
+def poem_start(vocab: Vocab) -> list[int]:
+    """What a poem without a prefix follows: a line break (in the chinese-poetry corpora,
+    the end of the poem before)."""
+    if POEM_START not in vocab.token_to_idx:
+        raise GruLmError("this run's vocabulary has no line break to start a poem after; give "
+                         "a prefix to continue, e.g. the poem's first characters")
+    return [vocab.token_to_idx[POEM_START]]
+
+
+def poem_writer(form: PoemForm | None, vocab: Vocab, data: DataConfig, num_samples: int
+                ) -> PoemWriter | None:
+    """A form bound to a run: its heads read like a prefix (the run's script), each one a
+    token of the vocabulary (else one line naming the missing ones)."""
+    if form is None:
+        return None
+    heads = "".join(preprocess(form.heads, data.preset, data.lowercase, data.script))
+    missing = vocab.unknown(list(heads))
+    if missing:
+        raise GruLmError(unknown_message("--acrostic", missing, vocab, data))
+    what = "--form" if form.name else "--acrostic"
+    return PoemWriter(dataclasses.replace(form, heads=heads), vocab, num_samples, what)
+
+
 def _pick(logits: Tensor, temperature: float | None, top_k: int | None, top_p: float | None,
-          generator: torch.Generator | None) -> Tensor:
+          generator: torch.Generator | None, allowed: Tensor | None = None) -> Tensor:
     logits = logits.float().clone()
+    if allowed is not None:  # a form's constraint: the distribution renormalised over these
+        logits = logits.masked_fill(~allowed.to(logits.device), -math.inf)
     logits[:, 0] = -math.inf  # never emit <unk>
     if temperature is None and top_k is None and top_p is None:
         return logits.argmax(dim=-1)
@@ -197,8 +231,10 @@ def _pick(logits: Tensor, temperature: float | None, top_k: int | None, top_p: f
 @torch.no_grad()
 def generate(model, prefix_ids: list[int], num_chars: int, *, temperature: float | None = None,
              top_k: int | None = None, top_p: float | None = None, num_samples: int = 1,
-             seed: int | None = None, device: torch.device | str = "cpu") -> list[list[int]]:
-    """Warm the state up on the prefix, then emit `num_chars` tokens per sample."""
+             seed: int | None = None, device: torch.device | str = "cpu",
+             poem: PoemWriter | None = None) -> list[list[int]]:
+    """Warm the state up on the prefix, then emit `num_chars` tokens per sample (`poem`: as
+    many as its form takes, each drawn among the tokens the form allows there)."""
     was_training = model.training
     model.eval()
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -212,12 +248,20 @@ def generate(model, prefix_ids: list[int], num_chars: int, *, temperature: float
         logits = logits[:, -1:].expand(num_samples, 1, -1)  # (num_samples, 1, vocab_size)
         state = tuple(s.repeat(1, num_samples, 1) for s in state) if isinstance(state, tuple) \
             else state.repeat(1, num_samples, 1)  # (num_layers, num_samples, num_hiddens)
-        out = torch.empty(num_samples, num_chars, dtype=torch.long, device=device)
-        for i in range(num_chars):
-            nxt = _pick(logits[:, -1], temperature, top_k, top_p, generator)  # (num_samples,)
-            out[:, i] = nxt
+        steps = num_chars if poem is None else poem.form.max_chars
+        out = torch.empty(num_samples, steps, dtype=torch.long, device=device)
+        ends = [steps] * num_samples  # where each sample's poem is complete
+        for i in range(steps):
+            allowed = None if poem is None else poem.allowed()  # (num_samples, vocab_size)
+            nxt = _pick(logits[:, -1], temperature, top_k, top_p, generator, allowed)
+            out[:, i] = nxt  # (num_samples,)
+            if poem is not None:
+                poem.advance(nxt.tolist())
+                ends = [min(e, i + 1) if d else e for e, d in zip(ends, poem.done, strict=True)]
+                if all(poem.done):
+                    break
             logits, state = model(nxt.unsqueeze(1), state)
-        return out.tolist()
+        return [row[:end] for row, end in zip(out.tolist(), ends, strict=True)]
     finally:
         model.train(was_training)
 

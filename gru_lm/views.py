@@ -111,7 +111,10 @@ def show_continuations(r) -> None:
         err_console.print(f"(the prefix has {len(prompt):,} characters; each sample shows its "
                           f"last {ECHO_PREFIX:,})", highlight=False, style="dim")
         prompt = "…" + prompt[-ECHO_PREFIX:]
-    for text in r.outputs:
+    poem = r.how.poem is not None
+    for i, text in enumerate(r.outputs):
+        if poem:  # a couplet a line, a blank line between poems
+            text = ("\n" if i else "") + text.replace("。", "。\n").rstrip("\n")
         if console.is_terminal:
             console.print(f"[bold cyan]{escape(prompt)}[/bold cyan]{escape(text)}",
                           highlight=False, markup=True)

@@ -167,7 +167,8 @@ def test_a_damaged_built_text_is_built_again(tmp_path, collection):
 
 
 def test_the_script_is_converted_by_phrases():
-    assert preprocess("學而時習之，不亦說乎", "raw", script="simplified") == list("学而时习之，不亦说乎")
+    simplified = preprocess("學而時習之，不亦說乎", "raw", script="simplified")
+    assert simplified == list("学而时习之，不亦说乎")
     assert "".join(preprocess("头发", "raw", script="traditional")) == "頭髮"  # 发 -> 髮 here
     assert preprocess("學", "raw") == ["學"]
 
