@@ -241,12 +241,13 @@ def tempered_log_probs(model, tokens: torch.Tensor, temperatures: tuple[float, .
 
     from gru_lm.metrics import read_streams, target_log_probs
 
-    temps = torch.tensor(temperatures).view(-1, 1, 1, 1)
     parts = []
     for w in read_streams(model, tokens, streams, num_steps, warmup):
-        if not w.warmup:  # (temperatures, streams, window)
-            parts.append(target_log_probs(w.logits.float().unsqueeze(0) / temps,
-                                          w.Y.expand(len(temperatures), *w.Y.shape)))
+        if not w.warmup:  # (temperatures, streams, window), one temperature at a time: a
+            # vocabulary of thousands makes every temperature's logits hundreds of MB
+            logits = w.logits.float()
+            parts.append(torch.stack([target_log_probs(logits / t, w.Y)
+                                      for t in temperatures]))
     if not parts:
         return torch.zeros(len(temperatures), 0)
     return torch.cat(parts, dim=2).reshape(len(temperatures), -1)[:, :len(tokens) - 1]
