@@ -326,18 +326,22 @@ class Run:
         """The prefix as the model read it ("" for a poem started without one), the
         continuations alone, and how they were drawn (sampling.Sampling, whose note says
         which defaults were taken)."""
-        from gru_lm.sampling import encode_prefix, generate, poem_start, poem_writer
+        from gru_lm.sampling import encode_prefix, generate, poem_context, poem_writer
 
         how = _sampling(prefix, num_samples, num_chars, temperature, top_k, top_p, seed,
                         greedy, unknown, acrostic, form)
         cfg, vocab, model = self._model()
         poem = poem_writer(how.poem, vocab, cfg.data, num_samples)
-        ids, skipped = encode_prefix(prefix, vocab, cfg.data, unknown == "skip") \
-            if prefix is not None else (poem_start(vocab), 0)
+        skip = unknown == "skip"
+        if poem is not None:
+            ids, skipped = poem_context(prefix, vocab, cfg.data, poem, skip)
+        else:
+            assert prefix is not None  # (_sampling refused a missing one)
+            ids, skipped = encode_prefix(prefix, vocab, cfg.data, skip)
         outs = generate(model, ids, how.num_chars, temperature=how.temperature, top_k=top_k,
                         top_p=top_p, num_samples=num_samples, seed=how.seed, poem=poem)
-        return ("" if prefix is None else vocab.decode(ids), [vocab.decode(o) for o in outs],
-                dataclasses.replace(how, skipped=skipped))
+        shown = "" if prefix is None or not prefix.strip() else vocab.decode(ids)
+        return shown, [vocab.decode(o) for o in outs], dataclasses.replace(how, skipped=skipped)
 
     @_checked
     def evaluate(self, split: str = "test", *, text: str | Path | None = None,
@@ -396,8 +400,11 @@ def _sampling(prefix: str | None, num_samples: int, num_chars: int | None,
     if unknown not in ("error", "skip"):
         raise GruLmError(f"--unknown {unknown!r}: give 'error' or 'skip'")
     poem = poem_form(acrostic, form)
-    if prefix is not None or poem is None:
-        check_prefix(prefix or "")
+    if prefix is None and poem is None:
+        raise GruLmError("give a prefix to continue, e.g. \"time traveller\" (only a poem in "
+                         "a form, form= or acrostic=, starts without one)")
+    if prefix is not None and (poem is None or prefix.strip()):  # (a poem needs none)
+        check_prefix(prefix)
     if poem is not None and num_chars is not None:
         raise GruLmError(f"--num-chars {num_chars} means nothing with "
                          f"{'--form' if form is not None else '--acrostic'}: the form sets "
@@ -564,6 +571,7 @@ class CorpusInfo:
     min_freq: int = 0
     unk_types: int = 0  # distinct characters mapped to <unk> (rarer than min_freq)
     unk_share: float = 0.0  # the share of the text's tokens that are <unk>
+    script: str = "as-is"  # data.script: the Chinese characters converted to
 
 
 @_checked
@@ -581,7 +589,7 @@ def corpus_info(config=None, *overrides: str, offline: bool | None = None,
                       len(c.vocab), list(c.vocab.token_freqs), len(c.train), len(c.val),
                       len(c.test), c.store, c.store_reused, c.store_note,
                       c.train.element_size(), d.min_freq, unk_types,
-                      unk_tokens / max(1, c.num_tokens))
+                      unk_tokens / max(1, c.num_tokens), d.script)
 
 
 @dataclass

@@ -10,7 +10,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from gru_lm.errors import ConfigError
 
@@ -132,7 +140,7 @@ class ModelConfig(_Section):
         "full", description="output layer: full (one matrix over the vocabulary) or adaptive "
         "(frequent tokens in a small head, rarer ones in clusters of narrower rows: for "
         "vocabularies of thousands; scoring and sampling use the whole distribution)")
-    cutoffs: list[int] | None = Field(
+    cutoffs: list[StrictInt] | None = Field(
         None, max_length=16, description="adaptive: the frequency ranks where the clusters "
         "start (default 250, 1000, 4000; those past the vocabulary are dropped)")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gru_lm.errors import DataError
-from gru_lm.script import convert
+from gru_lm.script import OTHER, convert, covering_script
 
 if TYPE_CHECKING:
     import torch
@@ -246,8 +246,9 @@ def encode_file(path: Path, cfg: DataConfig, vocab: Vocab, what: str = "--text"
                 ) -> tuple[torch.Tensor, int, str]:
     """A text file preprocessed as the run's corpus and encoded with its vocabulary, streamed
     (ids as uint8, uint16 or int32: no list of characters); how many of its tokens are
-    outside the vocabulary (encoded as <unk>); and what the d2l preset changed ("" for the
-    others), as `train` and `data info` say it of a corpus."""
+    outside the vocabulary (encoded as <unk>); and a note: what the d2l preset changed, as
+    `train` and `data info` say it of a corpus, and, when the other Chinese script would
+    have covered the unknown characters, that ("" when there is nothing to say)."""
     import numpy as np
     import torch
 
@@ -264,15 +265,26 @@ def encode_file(path: Path, cfg: DataConfig, vocab: Vocab, what: str = "--text"
         if len(token) == 1:
             lut[ord(token)], known[ord(token)] = idx, True
     parts, unknown, spaces, stats = [], 0, 0, Stats()
+    strangers: set[int] = set()  # the distinct code points outside the vocabulary
     for piece in token_pieces(Path(path), cfg.preset, cfg.lowercase, stats,
                               limit=MAX_TEXT_BYTES, what=what, script=cfg.script):
         parts.append(lut[piece])
-        unknown += int((~known[piece]).sum())
+        outside = ~known[piece]
+        unknown += int(outside.sum())
+        if len(strangers) < 64:
+            strangers.update(np.unique(piece[outside])[:64].tolist())
         spaces += int(np.count_nonzero(piece == 32))
     ids = np.concatenate(parts) if parts else np.zeros(0, dtype)
     note = "" if cfg.preset != "d2l" else (
         f"{what} {path}: {stats.raw_chars:,} characters became {len(ids):,} tokens; "
         + describe_preset(stats.non_letters, stats.non_ascii, spaces, stats.capitals))
+    script, _ = covering_script([chr(c) for c in sorted(strangers)], vocab.token_to_idx,
+                                share=0.5) if strangers and cfg.preset == "raw" else ("", "")
+    if script:
+        note = (f"{what} {path} has characters this run does not know in their "
+                f"{OTHER[script]} form but does in their {script} one (the run reads its "
+                f"corpus{'' if cfg.script == 'as-is' else ' in ' + cfg.script}): convert the "
+                f"text to {script} characters for a fair score")
     return torch.from_numpy(ids), unknown, note
 
 

@@ -78,7 +78,7 @@ class Reporter:
                reference_split: str) -> None:
         train, val, test = len(corpus.train), len(corpus.val), len(corpus.test)
         self._print(f"corpus {corpus.source}: {corpus.raw_chars:,} characters, "
-                    f"{corpus.num_tokens:,} tokens, vocabulary {len(corpus.vocab)}",
+                    f"{corpus.num_tokens:,} tokens, vocabulary {len(corpus.vocab):,}",
                     markup=False)
         if corpus.note:
             self._print(f"[dim]{escape(corpus.note)}[/dim]")

@@ -248,9 +248,9 @@ def _built(spec: Collection, cache_dir: Path) -> Path | None:
     sidecar = text.with_suffix(".sha256")
     try:
         recorded = sidecar.read_text(encoding="utf-8").strip()
+        return text if text.is_file() and file_digest(text, "sha256") == recorded else None
     except (OSError, UnicodeDecodeError):
         return None
-    return text if text.is_file() and file_digest(text, "sha256") == recorded else None
 
 
 def _member(spec: Collection, path: str, digest: str, cache_dir: Path
@@ -266,17 +266,29 @@ def _member(spec: Collection, path: str, digest: str, cache_dir: Path
             raise DataError(f"GRU_LM_DATA_DIR={data_dir} {what}; point it at a folder holding "
                             f"{spec.folder}/ or unset it")
         local = data_dir / spec.folder / path
-        if local.exists():
-            if not local.is_file() or file_digest(local, "sha256") != digest:
-                raise DataError(
-                    f"{local} (in GRU_LM_DATA_DIR) has the wrong SHA-256 (damaged, or another "
-                    f"version of the file); replace it with the file whose SHA-256 is {digest} "
-                    f"({spec.base_url}{path}), or remove it to download it")
+        if local.exists() or local.is_symlink():
+            fix = (f"replace it with the file whose SHA-256 is {digest} ({spec.base_url}"
+                   f"{path}), or remove it to download it")
+            if not local.is_file():
+                what = "a link to nothing" if not local.exists() else "not a regular file"
+                raise DataError(f"{local} (in GRU_LM_DATA_DIR) is {what}; {fix}")
+            if _digest(local) != digest:
+                raise DataError(f"{local} (in GRU_LM_DATA_DIR) has the wrong SHA-256 (damaged, "
+                                f"or another version of the file); {fix}")
             return local, "GRU_LM_DATA_DIR"
     cached = Path(cache_dir) / spec.folder / path
-    if cached.is_file() and file_digest(cached, "sha256") == digest:
+    if cached.is_file() and _digest(cached) == digest:
         return cached, "the cache"
     return None
+
+
+def _digest(path: Path) -> str:
+    """SHA-256 of a collection's file; a file that cannot be read is an error naming it."""
+    try:
+        return file_digest(path, "sha256")
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror or e}; replace the file or fix its "
+                        "permissions") from None
 
 
 def _collection_local(spec: Collection, cache_dir: Path,
@@ -307,8 +319,8 @@ def _build(spec: Collection, paths: list[Path], cache_dir: Path) -> Path:
             f.write(text)
         atomic_write_text(dest.with_suffix(".sha256"), hashlib.sha256(text).hexdigest() + "\n")
     except OSError as e:
-        raise DataError(f"cannot write {dest}: {e.strerror or e}; free disk space or set "
-                        "data.cache_dir") from None
+        raise DataError(f"cannot write {dest}: {e.strerror or e}; data.cache_dir must be a "
+                        "writable folder with free space") from None
     return dest
 
 
@@ -327,6 +339,9 @@ def fetch_collection(spec: Collection, cache_dir: Path, *, offline: bool,
     if offline:
         env_dir = os.environ.get("GRU_LM_DATA_DIR")
         where = f"{env_dir}/{spec.folder}/" if env_dir else f"{cache_dir}/{spec.folder}/"
+        if env_dir and (Path(env_dir) / missing[0][0]).exists():
+            raise DataError(f"GRU_LM_DATA_DIR={env_dir} holds {spec.folder}'s files itself; "
+                            f"point it at the folder above, the one holding {spec.folder}/")
         raise DataError(
             f"offline and {len(missing)} of the {len(spec.files)} files of {spec.name} are not "
             f"available (the first: {missing[0][0]}); put {spec.base_url}'s files under their "
@@ -499,13 +514,15 @@ def _request_error(url: str, e: Exception, timeout: tuple[float, float]) -> Data
 
 
 def _is_timeout(exc: BaseException) -> bool:
-    """urllib3 reports a read timeout under retries as a ConnectionError; look inside."""
+    """urllib3 reports a read timeout under retries as a ConnectionError; look inside (a
+    failed name lookup subclasses its ConnectTimeoutError, but is no timeout)."""
+    from urllib3.exceptions import NameResolutionError
     from urllib3.exceptions import TimeoutError as Urllib3Timeout
 
     for arg in exc.args:
-        if isinstance(arg, Urllib3Timeout) or isinstance(getattr(arg, "reason", None),
-                                                          Urllib3Timeout):
-            return True
+        for e in (arg, getattr(arg, "reason", None)):
+            if isinstance(e, Urllib3Timeout) and not isinstance(e, NameResolutionError):
+                return True
     return False
 
 

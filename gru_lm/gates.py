@@ -228,7 +228,7 @@ def gate_report(model, vocab, data, text: str, layer: int, units: int) -> GateRe
     from gru_lm.sampling import encode_prefix
 
     check_units(units)
-    ids, _ = encode_prefix(text, vocab, data)
+    ids, _ = encode_prefix(text, vocab, data, what="the text", skip_hint=False)
     trace = _trace(model, ids, layer)
     if data.preset == "bytes":  # one column a character: the gates once its last byte is read
         keep = char_ends(ids)

@@ -30,6 +30,7 @@ class Plan:
 def plan(cfg: Config, model, corpus: Corpus, device) -> Plan:
     """Check the run's settings against this machine and corpus, and say what matters."""
     notes = [corpus.store_note] if corpus.store_note else []
+    notes += [model.output_note()] if model.output_note() else []
     notes += precision_notes(cfg, model, device)
     prefix_ids = sample_prefixes(cfg, corpus, notes)
     return Plan(prefix_ids, eval_splits(cfg, corpus, notes), notes)
@@ -117,7 +118,8 @@ def announce(trainer, main: bool) -> dict:
         trainer.out.header(
             corpus=corpus, model=cfg.model.name, params=count_parameters(trainer.model),
             batches_per_epoch=trainer.batches_per_epoch, device=str(trainer.device),
-            kernels=trainer.model.kernels.path(trainer.device, cfg.train.precision),
+            kernels=trainer.model.kernels.path(trainer.device, cfg.train.precision) +
+            ("" if trainer.model.adaptive is None else f" | {trainer.model.output_layer}"),
             reference=reference,
             reference_split="val" if len(corpus.val) > 1 else "train")
     for note in trainer.notes:

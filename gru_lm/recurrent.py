@@ -251,6 +251,25 @@ class RecurrentLM(nn.Module):
     num_gates: int = 3  # blocks of the recurrent weight: 3 GRU, 4 LSTM, 1 RNN
 
     @property
+    def output_layer(self) -> str:
+        """The output layer in words, for the run header and summary.json."""
+        if self.adaptive is None:
+            return "full softmax"
+        cuts = self.adaptive.cutoffs  # [head size, ..., vocab_size]
+        clusters = ", ".join(f"{a:,}-{b:,}" for a, b in zip(cuts, cuts[1:], strict=False))
+        return f"adaptive softmax ({cuts[0]:,} tokens in the head; clusters {clusters})"
+
+    def output_note(self) -> str:
+        """What the run should be told about its output layer ("" : nothing): that
+        model.softmax=adaptive found no cutoff inside the vocabulary."""
+        if self.cfg.softmax != "adaptive" or self.adaptive is not None:
+            return ""
+        cuts = ", ".join(f"{c:,}" for c in (self.cfg.cutoffs or DEFAULT_CUTOFFS))
+        return (f"model.softmax=adaptive: no cutoff ({cuts}) falls inside the vocabulary of "
+                f"{self.vocab_size:,} tokens, so the output layer is the full softmax (as "
+                "fast here); lower model.cutoffs for clusters")
+
+    @property
     def kernels(self) -> TorchPath:
         """The code that runs the recurrence (gru_lm/cells.py): its name for the run header
         and summary.json (`kernels.path(device, precision)`) and its bf16 timing

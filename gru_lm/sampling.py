@@ -47,7 +47,7 @@ def check_sampling_args(num_chars: int, temperature: float | None, top_k: int | 
     if temperature is not None and not (math.isfinite(_float32(temperature))
                                         and _float32(temperature) >= _float32(MIN_TEMPERATURE)):
         raise GruLmError(f"--temperature {temperature} is invalid; give a number from "
-                         f"{MIN_TEMPERATURE:g} to 3.4e38 (omit it for greedy decoding)")
+                         f"{MIN_TEMPERATURE:g} to 3.4e38 (or --greedy for greedy decoding)")
     if top_k is not None and top_k < 1:
         raise GruLmError(f"--top-k {top_k} is invalid; give an integer >= 1")
     if top_p is not None and not (math.isfinite(top_p) and 0 < _float32(top_p) <= 1):
@@ -133,8 +133,8 @@ def read_prefix_file(path: Path | str, stdin=None) -> str:
     return text.removesuffix("\n").removesuffix("\r")
 
 
-def encode_prefix(prefix: str, vocab: Vocab, data: DataConfig, skip_unknown: bool = False
-                  ) -> tuple[list[int], int]:
+def encode_prefix(prefix: str, vocab: Vocab, data: DataConfig, skip_unknown: bool = False,
+                  what: str = "the prefix", skip_hint: bool = True) -> tuple[list[int], int]:
     """Preprocess a prefix like the run's corpus (`data`, its data section: preset, lowercase,
     script) and encode it: the ids, and how many characters outside the vocabulary were
     dropped (`skip_unknown`; else they are an error)."""
@@ -146,12 +146,13 @@ def encode_prefix(prefix: str, vocab: Vocab, data: DataConfig, skip_unknown: boo
         kept = [t for t in tokens if t in vocab.token_to_idx]
         skipped, tokens = len(tokens) - len(kept), kept
     elif unknown:
-        raise GruLmError(unknown_message("the prefix", unknown, vocab, data) +
-                         ", or --unknown skip to drop them")
+        raise GruLmError(unknown_message(what, unknown, vocab, data) +
+                         ("; leave them out, or --unknown skip drops them" if skip_hint else
+                          "; leave them out"))
     if not tokens:
-        raise GruLmError(f"the prefix {short(prefix)} is empty after the '{data.preset}' "
+        raise GruLmError(f"{what} {short(prefix)} is empty after the '{data.preset}' "
                          f"preprocessing{' and dropping unknown characters' if skipped else ''}"
-                         "; give letters the corpus has")
+                         "; give characters the corpus has")
     return vocab.encode(tokens), skipped
 
 
@@ -201,9 +202,24 @@ def poem_writer(form: PoemForm | None, vocab: Vocab, data: DataConfig, num_sampl
     heads = "".join(preprocess(form.heads, data.preset, data.lowercase, data.script))
     missing = vocab.unknown(list(heads))
     if missing:
-        raise GruLmError(unknown_message("--acrostic", missing, vocab, data))
+        raise GruLmError(unknown_message("--acrostic", missing, vocab, data) +
+                         "; choose characters the run's corpus has")
     what = "--form" if form.name else "--acrostic"
-    return PoemWriter(dataclasses.replace(form, heads=heads), vocab, num_samples, what)
+    return PoemWriter(dataclasses.replace(form, heads=heads), vocab, num_samples, what,
+                      data.preset)
+
+
+def poem_context(prefix: str | None, vocab: Vocab, data: DataConfig, poem: PoemWriter,
+                 skip_unknown: bool = False) -> tuple[list[int], int]:
+    """The ids a poem is written after, and the prefix characters dropped: a line break
+    without a prefix; else the prefix, whose last line begins the poem (a line break is
+    added after it when that line is a whole poem already)."""
+    if prefix is None or not prefix.strip():
+        return poem_start(vocab), 0
+    ids, skipped = encode_prefix(prefix, vocab, data, skip_unknown)
+    if poem.begin(vocab.decode(ids).rpartition(POEM_START)[2]):
+        ids = ids + poem_start(vocab)
+    return ids, skipped
 
 
 def _pick(logits: Tensor, temperature: float | None, top_k: int | None, top_p: float | None,

@@ -31,13 +31,15 @@ def convert(text: str, script: str) -> str:
     return _converter(script).convert(text)
 
 
-def covering_script(missing: list[str], known: set[str] | dict[str, int]) -> tuple[str, str]:
-    """The script in which every character of `missing` becomes one `known` has, and those
-    characters (("", "") when neither script does): what a prefix written in the other script
-    should have been."""
+def covering_script(missing: list[str], known: set[str] | dict[str, int],
+                    share: float = 1.0) -> tuple[str, str]:
+    """The script in which the characters of `missing` (at least `share` of them; all by
+    default) become ones `known` has, and those characters (("", "") when neither script
+    does): what a prefix written in the other script should have been."""
     for script in ("traditional", "simplified"):
         converted = [convert(c, script) for c in missing]
-        if all(c != m and all(ch in known for ch in c)
-               for c, m in zip(converted, missing, strict=True)):
+        covered = sum(c != m and all(ch in known for ch in c)
+                      for c, m in zip(converted, missing, strict=True))
+        if missing and covered >= share * len(missing):
             return script, "".join(converted)
     return "", ""

@@ -394,8 +394,10 @@ def prepare(source: Path, cfg: DataConfig, bin_path: Path, meta_path: Path, fiel
     if not stats.has_text:
         raise DataError(f"corpus {source} is empty; give a file with text in it")
     if num_tokens < 2:
+        fix = ("the d2l preset keeps only the letters a-z: set data.preset=raw for any other "
+               "script" if cfg.preset == "d2l" else "give a longer text")
         raise DataError(f"corpus {source} has {num_tokens} token(s) after the '{cfg.preset}' "
-                        "preprocessing; it needs at least 2")
+                        f"preprocessing; it needs at least 2 ({fix})")
     seen = np.nonzero(counts)[0]
     token_counts = {chr(int(c)): int(counts[c]) for c in seen}
     vocab = make_vocab(token_counts, min_freq=cfg.min_freq,

@@ -86,6 +86,7 @@ def run_summary(cfg, model, p: TrainProgress, *, device, world, batches_per_epoc
     summary: dict[str, Any] = {
         "model": cfg.model.name, "params": count_parameters(model),
         "device": str(device), "kernels": model.kernels.path(device, t.precision),
+        "output_layer": model.output_layer,
         "steps": p.step, "epochs": p.epoch + p.batch_in_epoch / max(1, batches_per_epoch),
         "tokens_seen": p.tokens_seen, "train_time_s": round(p.train_time_s, 3),
         "elapsed_s": round(p.elapsed_s, 3),

@@ -28,6 +28,8 @@ def show_corpus(info, top: int) -> None:
     table.add_row("source", info.origin)
     table.add_row("raw characters", f"{info.raw_chars:,}")
     table.add_row(f"tokens ({info.preset} preset)", f"{info.num_tokens:,}")
+    if info.script != "as-is":
+        table.add_row("script", f"{info.script} (data.script: converted by OpenCC)")
     if info.note:
         table.add_row("preprocessing", info.note)
     table.add_row("vocabulary size", f"{info.vocab_size:,}")
@@ -111,15 +113,27 @@ def show_continuations(r) -> None:
         err_console.print(f"(the prefix has {len(prompt):,} characters; each sample shows its "
                           f"last {ECHO_PREFIX:,})", highlight=False, style="dim")
         prompt = "…" + prompt[-ECHO_PREFIX:]
-    poem = r.how.poem is not None
-    for i, text in enumerate(r.outputs):
-        if poem:  # a couplet a line, a blank line between poems
-            text = ("\n" if i else "") + text.replace("。", "。\n").rstrip("\n")
+    if r.how.poem is not None:
+        show_poems(prompt, r.outputs)
+        return
+    for text in r.outputs:
         if console.is_terminal:
             console.print(f"[bold cyan]{escape(prompt)}[/bold cyan]{escape(text)}",
                           highlight=False, markup=True)
         else:
             stdout.write(prompt + text + "\n")
+
+
+def show_poems(prompt: str, poems: list[str]) -> None:
+    """Poems in a form after their prefix: the poem's line (begun by the prefix's last line)
+    a couplet a line, a blank line between samples."""
+    for i, text in enumerate(poems):
+        before, sep, line = (prompt + text).rpartition("\n")
+        shown = before + sep + line.replace("。", "。\n").rstrip("\n")
+        if console.is_terminal:
+            console.print(("\n" if i else "") + escape(shown), highlight=False, markup=True)
+        else:
+            stdout.write(("\n" if i else "") + shown + "\n")
 
 
 def show_gates(g, layer: int, png: Path | None, json_out: Path | None) -> None:

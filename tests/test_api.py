@@ -171,7 +171,7 @@ WRONG_TYPES = [
     (lambda run: run.predict("time", num_chars="5"), "num_chars='5' is a str, not int"),
     (lambda run: run.predict("time", seed=1.5), "seed=1.5 is a float"),
     (lambda run: run.predict(b"time"), "prefix=b'time' is a bytes, not str"),
-    (lambda run: run.predict(), "missing a required argument: 'prefix'"),
+    (lambda run: run.predict(), "give a prefix to continue"),
     (lambda run: run.gates("the", layer="0"), "layer='0' is a str, not int"),
     (lambda run: run.evaluate(split=1), "split=1 is an int"),
     (lambda run: gru_lm.evaluate(run.path, ngram_order=2.5), "ngram_order=2.5 is a float"),
@@ -219,3 +219,32 @@ def test_a_run_is_a_view_of_its_folder(workdir):
                 lambda: run.config):
         with pytest.raises(GruLmError, match="runs/r does not exist"):
             use()
+
+
+@pytest.mark.parametrize("notebook", ["chapter9", "chapter9.zh-CN"])
+def test_the_notebooks_install_gru_lm_where_it_is_missing(notebook, tmp_path, monkeypatch):
+    """The first code cell (for Colab and Kaggle): where gru_lm does not import, it runs
+    `pip install -e` on the repository it is opened from (the notebook's torch stays) and
+    makes gru_lm importable without a restart; where it imports, it does nothing."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    import nbformat
+    from conftest import ROOT
+
+    nb = nbformat.read(ROOT / "docs" / f"{notebook}.ipynb", as_version=4)
+    cell = next(c.source for c in nb.cells if c.cell_type == "code")
+    ran: list[list[str]] = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: ran.append(cmd))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.chdir(ROOT / "docs")
+    exec(cell, {})
+    assert ran == []  # gru_lm imports here: nothing to do
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    exec(cell, {})
+    assert ran == [[sys.executable, "-m", "pip", "install", "-q", "-e", str(ROOT)]]
+    assert sys.path[0] == str(ROOT)
+    monkeypatch.chdir(tmp_path)  # not inside a clone: one line says what to do
+    with pytest.raises(RuntimeError, match="git clone"):
+        exec(cell, {})

@@ -684,3 +684,28 @@ def test_adaptive_settings_are_checked():
         validate({"model": {"cutoffs": [10]}})
     with pytest.raises(ConfigError, match="must be increasing positive ranks"):
         validate({"model": {"softmax": "adaptive", "cutoffs": [10, 10]}})
+
+
+def test_cutoffs_are_whole_numbers_not_flags():
+    from gru_lm.config import validate
+
+    with pytest.raises(ConfigError, match="cutoffs.0"):
+        validate({"model": {"softmax": "adaptive", "cutoffs": [True]}})
+
+
+def test_the_run_says_which_output_layer_it_has(workdir):
+    from conftest import cli
+
+    r = cli("train", "-c", "configs/tiny.yaml", "--name", "a", "model.softmax=adaptive")
+    assert r.exit_code == 0, r.output
+    assert "no cutoff (250, 1,000, 4,000) falls inside the vocabulary of 28 tokens, so the " \
+           "output layer is the full softmax" in " ".join(r.output.split())
+    r = cli("train", "-c", "configs/tiny.yaml", "--name", "b", "model.softmax=adaptive",
+            "model.cutoffs=[8,20]")
+    assert r.exit_code == 0, r.output
+    layer = "adaptive softmax (8 tokens in the head; clusters 8-20, 20-28)"
+    assert layer in r.output
+    import json
+
+    summary = json.loads(Path("runs/b/summary.json").read_text())
+    assert summary["output_layer"] == layer

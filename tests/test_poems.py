@@ -7,14 +7,11 @@ import math
 
 import pytest
 import torch
-from conftest import cli, one_line_error, train_tiny
+from conftest import ZH, cli, one_line_error, train_tiny
 
 import gru_lm
 from gru_lm.poems import FORMS, is_hanzi
 from gru_lm.sampling import _pick
-
-ZH = ("data.dataset=null", "data.path=examples/classics-zh.txt", "data.preset=raw",
-      "data.max_tokens=null")
 
 
 @pytest.fixture
@@ -58,9 +55,9 @@ def test_every_form_from_the_api(zh_run, form):
     width, lines = FORMS[form]
     for seed in range(3):
         check(run.predict(form=form, seed=seed), width, lines)
-    for poem in run.samples("子曰", 2, form=form, temperature=1.5):
+    for poem in run.samples("子曰", 2, form=form, temperature=1.5):  # its first characters
         assert poem.startswith("子曰")
-        check(poem[2:], width, lines)
+        check(poem, width, lines)
     check(run.predict(form=form, greedy=True), width, lines)
 
 
@@ -107,3 +104,47 @@ def test_forms_are_refused_where_they_make_no_sense(zh_run, tiny_run):
     one_line_error(cli("predict", "--form", "六绝", "--run", zh_run),
                    "--form '六绝' is not a form gru-lm knows; give one of 五绝, 七绝, 五律, 七律")
     one_line_error(cli("predict", "--run", zh_run), "give a prefix to continue")
+
+
+def test_a_prefix_begins_the_poem_and_a_whole_one_comes_before_it(zh_run):
+    run = gru_lm.load(zh_run)
+    poem = run.predict("学而", form="五绝")  # the prefix is the first line's beginning
+    assert poem.startswith("学而")
+    check(poem, 5, 4)
+    poem = run.predict("学而时习之，", acrostic="学不人子", form="五绝")
+    check(poem, 5, 4, "学不人子")
+    first = run.predict(form="五绝")
+    after = run.predict(first, form="五绝")  # a whole poem: the next starts on a new line
+    assert after.startswith(first + "\n")
+    check(after[len(first) + 1:], 5, 4)
+    with pytest.raises(gru_lm.GruLmError, match=r"the prefix does not begin a 五绝: line 1, "
+                       r"character 6 must be ， \(a line has 5 characters\), not '而'"):
+        run.predict("学而时习之而", form="五绝")
+    with pytest.raises(gru_lm.GruLmError, match="line 1, character 1 must be 子"):
+        run.predict("学", acrostic="子")
+
+
+def test_the_cli_prints_a_couplet_a_line_after_the_prefix(zh_run):
+    r = cli("predict", "子曰：\n学而", "--form", "五绝", "--num-samples", "2", "--run", zh_run)
+    assert r.exit_code == 0, r.output
+    first, second = r.stdout.split("\n\n")
+    for poem in (first, second):
+        lines = poem.splitlines()
+        assert lines[0] == "子曰：" and lines[1].startswith("学而") and len(lines) == 3
+        check("".join(lines[1:]), 5, 4)
+
+
+@pytest.mark.parametrize("spelling", ["五言绝句", "五絕", "五言絕句", " 五 绝 "])
+def test_forms_go_by_their_usual_names(zh_run, spelling):
+    check(gru_lm.load(zh_run).predict(form=spelling), 5, 4)
+
+
+def test_ling_is_a_chinese_character():
+    assert is_hanzi("〇") and is_hanzi("字") and is_hanzi("𠀀") and not is_hanzi("，")
+
+
+def test_a_byte_level_run_is_told_forms_need_characters(workdir):
+    run = train_tiny("zhb", *ZH, "data.preset=bytes")
+    one_line_error(cli("predict", "--form", "五绝", "--run", run),
+                   "reads its text with data.preset=bytes; use a run trained with "
+                   "data.preset=raw")

@@ -194,3 +194,56 @@ def test_a_run_trained_in_simplified_reads_traditional_prefixes(workdir):
                    "the prefix has 3 characters outside the vocabulary: '学时习'",
                    "the run reads traditional characters (its corpus as it is): write '學時習'",
                    "or train with data.script=simplified")
+
+
+def test_the_chinese_corpora_under_the_d2l_preset_say_to_use_raw(workdir):
+    one_line_error(cli("data", "info", "data.dataset=lunyu"),
+                   "has 0 token(s) after the 'd2l' preprocessing",
+                   "set data.preset=raw for any other script")
+
+
+def test_a_folder_in_place_of_a_file_is_not_called_damaged(tmp_path, monkeypatch):
+    (tmp_path / poetry.FOLDER / "论语" / "lunyu.json").mkdir(parents=True)
+    monkeypatch.setenv("GRU_LM_DATA_DIR", str(tmp_path))
+    with pytest.raises(DataError, match="lunyu.json \\(in GRU_LM_DATA_DIR\\) is not a regular "
+                                        "file; replace it with the file whose SHA-256 is"):
+        fetch(DATASETS["lunyu"], tmp_path / "cache", offline=True, progress=False)
+
+
+def test_the_data_dir_pointing_inside_the_collection_is_explained(tmp_path, monkeypatch):
+    shutil.copytree(poetry_dir() / "论语", tmp_path / "论语")
+    monkeypatch.setenv("GRU_LM_DATA_DIR", str(tmp_path))
+    with pytest.raises(DataError, match="holds chinese-poetry's files itself; point it at the "
+                                        "folder above"):
+        fetch(DATASETS["lunyu"], tmp_path / "cache", offline=True, progress=False)
+
+
+def test_a_failed_name_lookup_is_not_called_a_timeout():
+    import requests
+    from urllib3.exceptions import MaxRetryError, NameResolutionError
+
+    from gru_lm.download import _request_error
+
+    lookup = NameResolutionError("raw.githubusercontent.com", None, OSError("no DNS"))
+    e = requests.exceptions.ConnectionError(MaxRetryError(None, "/x", lookup))
+    message = str(_request_error("https://host/x", e, (10, 30)))
+    assert "connection error" in message and "timed out" not in message
+
+
+def test_data_info_shows_the_script(workdir):
+    r = cli("data", "info", "data.dataset=lunyu", "data.preset=raw", "data.script=traditional")
+    assert r.exit_code == 0, r.output
+    assert "traditional (data.script: converted by OpenCC)" in " ".join(r.output.split())
+
+
+def test_evaluate_text_in_the_other_script_says_so(workdir):
+    Path("t.txt").write_text(TRADITIONAL * 80, encoding="utf-8")
+    run = train_tiny("trad", "data.dataset=null", "data.path=t.txt", "data.preset=raw",
+                     "data.max_tokens=null")
+    from gru_lm.script import convert
+
+    Path("s.txt").write_text(convert(TRADITIONAL * 3, "simplified"), encoding="utf-8")
+    r = cli("evaluate", "--run", run, "--text", "s.txt")
+    assert r.exit_code == 0, r.output
+    assert "has characters this run does not know in their simplified form but does in " \
+           "their traditional one" in " ".join(r.output.split())

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from conftest import cli, one_line_error, train_tiny
+from conftest import CLASSICS, ZH, cli, one_line_error, train_tiny
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -115,19 +115,18 @@ def test_init_from_refuses_another_vocabulary_or_shape_and_leaves_no_run(workdir
 
 # ---------------------------------------------------------------- Chinese as characters
 
-CLASSICS = Path(__file__).resolve().parents[1] / "examples" / "classics-zh.txt"
-
 
 def _is_chinese(c: str) -> bool:
     return "\u4e00" <= c <= "\u9fff"
 
 
-def test_the_shipped_chinese_text_trains_as_characters(workdir):
-    """configs/classics-zh.yaml: one token per character of the shipped classical text;
-    the samples start from the text's own first words (not "time traveller") and are valid
-    Chinese; predict's -n counts characters; evaluate scores per character."""
-    r = cli("train", "--config", "configs/classics-zh.yaml", "--name", "zh",
-            "train.max_steps=60", "train.eval_interval=30", "train.sample_interval=60")
+def test_a_chinese_text_trains_as_characters(workdir):
+    """The raw preset: one token per character of a classical text; the samples start from
+    the text's own first words (not "time traveller") and are valid Chinese; predict's -n
+    counts characters; evaluate scores per character."""
+    r = cli("train", "--config", "configs/tiny.yaml", *ZH, "--name", "zh", "model.name=lstm",
+            "model.num_hiddens=64", "train.max_steps=60", "train.eval_interval=30",
+            "train.sample_interval=60", "train.sample_length=40")
     assert r.exit_code == 0, r.output
     text = CLASSICS.read_text(encoding="utf-8")
     vocab = json.loads(Path("runs/zh/vocab.json").read_text(encoding="utf-8"))
@@ -185,12 +184,12 @@ def test_data_info_shows_the_vocabulary_and_what_becomes_unk(workdir):
     counts = Counter(CLASSICS.read_text(encoding="utf-8").rstrip("\n"))
     rare = [c for c, n in counts.items() if n < 2]
     share = sum(counts[c] for c in rare) / sum(counts.values())
-    r = cli("data", "info", "--config", "configs/classics-zh.yaml", "data.min_freq=2")
+    r = cli("data", "info", "--config", "configs/tiny.yaml", *ZH, "data.min_freq=2")
     assert r.exit_code == 0, r.output
     flat = " ".join(r.output.replace("│", " ").split())
     assert f"vocabulary size {len(counts) - len(rare) + 1}" in flat
     assert f"{len(rare)} character(s) seen fewer than 2 times map to <unk>, {share:.2%}" in flat
-    r = cli("data", "info", "--config", "configs/classics-zh.yaml")
+    r = cli("data", "info", "--config", "configs/tiny.yaml", *ZH)
     assert "data.min_freq 0: every character has a token of its own" in \
         " ".join(r.output.replace("│", " ").split())
 
