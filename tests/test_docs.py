@@ -178,3 +178,48 @@ def test_the_chinese_readme_keeps_step_with_the_english_one():
         _section(en, "## Quick start")) == ["make test", "make train"]
     figures = _table_figures(_section(en, "## Results"))
     assert len(figures) > 20 and _table_figures(_section(zh, "## 结果")) == figures
+
+
+# ---------------------------------------------------------------- the Chinese pages
+
+CHINESE_PAGES = ["README.zh-CN.md", *(str(p.relative_to(ROOT)) for p in
+                                      sorted((ROOT / "docs").glob("*.zh-CN.*")))]
+
+
+def _prose(page: str) -> str:
+    """The text a Markdown renderer joins lines of: a page's Markdown (a notebook's markdown
+    cells), without its fenced code, whose line breaks are real."""
+    import json
+
+    text = (ROOT / page).read_text(encoding="utf-8")
+    if page.endswith(".ipynb"):
+        text = "\n\n".join("".join(c["source"]) for c in json.loads(text)["cells"]
+                           if c["cell_type"] == "markdown")
+    return FENCE.sub("", text)
+
+
+def _wide(c: str) -> bool:
+    import unicodedata
+
+    return unicodedata.east_asian_width(c) in "WF"
+
+
+@pytest.mark.parametrize("page", CHINESE_PAGES)
+def test_no_line_break_between_two_chinese_characters(page):
+    """A line break inside a paragraph renders as a space; between two Chinese characters
+    (or full-width marks) that space is a stray gap, so a Chinese paragraph is one line."""
+    text = _prose(page)
+    breaks = [text[max(0, m.start() - 12):m.end() + 12].replace("\n", "⏎")
+              for m in re.finditer(r"(?<=.)\n(?=.)", text)
+              if _wide(text[m.start() - 1]) and _wide(text[m.end()])]
+    assert not breaks, f"{page}: {len(breaks)} line break(s) between Chinese characters: " \
+        f"{breaks[:3]}"
+
+
+def test_the_chinese_pages_use_the_books_terms():
+    """The terms of 《动手学深度学习》's Chinese edition, not their near-synonyms."""
+    wrong = {"时间机器": "时光机器", "字表": "词表", "参照": "基线", "从零实现": "从零开始实现"}
+    for page in CHINESE_PAGES:
+        text = _prose(page)
+        found = [f"{w} (the book says {right})" for w, right in wrong.items() if w in text]
+        assert not found, f"{page}: {found}"
