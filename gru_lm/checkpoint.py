@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from gru_lm.errors import CheckpointError
-from gru_lm.utils import atomic_write_text, atomic_writer, file_digest
+from gru_lm.utils import atomic_write_text, atomic_writer, file_digest, missing_reason
 
 FORMAT = "gru-lm-checkpoint"
 VERSION = 1
@@ -63,8 +63,8 @@ def load_checkpoint(path: Path, map_location: str = "cpu") -> dict[str, Any]:
 
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist; train a run first or pass "
-                              "--checkpoint / --run pointing at one")
+        raise CheckpointError(f"checkpoint {path} {missing_reason(path)}; train a run first "
+                              "or pass --checkpoint / --run pointing at one")
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes); use another checkpoint "
                               "(e.g. checkpoints/best.pt) or retrain")

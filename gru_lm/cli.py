@@ -323,11 +323,21 @@ def predict_cmd(
     from gru_lm.api import continue_text
 
     poem = acrostic is not None or form is not None
+    drawn = num_samples * (num_chars if num_chars is not None else 50)
+    if drawn >= BIG_PREDICT and not poem:
+        err_console.print(
+            f"note: {num_samples:,} samples × {drawn // num_samples:,} characters is {drawn:,} "
+            "characters to draw: this can take minutes on a CPU, and the samples show when "
+            "the last is done (Ctrl-C stops it)",
+            highlight=False, soft_wrap=True)
     r = continue_text(_prefix(prefix, prefix_file, optional=poem), _one_of(run, checkpoint),
                       num_samples, num_chars, temperature=temperature, top_k=top_k,
                       top_p=top_p, seed=seed, greedy=greedy, unknown=unknown.value,
                       runs_dir=runs_dir, acrostic=acrostic, form=form)
     show_continuations(r)
+
+
+BIG_PREDICT = 1_000_000  # characters to draw beyond which predict says what it costs
 
 
 def _prefix(prefix: str | None, prefix_file: Path | None, optional: bool = False

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from gru_lm.errors import DataError
 from gru_lm.script import OTHER, convert, covering_script
+from gru_lm.utils import missing_reason
 
 if TYPE_CHECKING:
     import torch
@@ -230,7 +231,7 @@ def read_text(path: Path) -> str:
     except OSError as e:
         raise DataError(f"cannot read corpus {path}: {e.strerror}") from None
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8").removeprefix("\ufeff")  # (a byte-order mark is not text)
     except UnicodeDecodeError as e:
         raise DataError(f"corpus {path} is not UTF-8 (byte {e.start}); convert it with "
                         "`iconv -t utf-8`") from None
@@ -257,7 +258,7 @@ def encode_file(path: Path, cfg: DataConfig, vocab: Vocab, what: str = "--text"
     if Path(path).is_dir():
         raise DataError(f"{what} {path} is a directory; give a text file")
     if not Path(path).exists():
-        raise DataError(f"{what} {path} does not exist; give a text file")
+        raise DataError(f"{what} {path} {missing_reason(path)}; give a text file")
     dtype = np.uint8 if len(vocab) <= 256 else np.uint16 if len(vocab) <= 65536 else np.int32
     lut = np.zeros(0x110000, dtype=dtype)  # code point -> id; unknown -> <unk> (0)
     known = np.zeros(0x110000, dtype=bool)

@@ -112,7 +112,7 @@ def save_heatmap(text: str, trace: GateTrace, units: list[int], path,
                  title: str = "") -> None:
     """One panel per gate: a row per chosen unit and, on top, the mean over all units; the
     figure format follows the suffix of `path` (png, svg or pdf)."""
-    from gru_lm.utils import figure, figure_format, write_output
+    from gru_lm.utils import figure, figure_format, say_glyph_note, write_output
 
     fmt = figure_format(path)
     names = list(trace.gates)
@@ -134,6 +134,7 @@ def save_heatmap(text: str, trace: GateTrace, units: list[int], path,
     fig.suptitle(title or "gate values per character", fontsize=10)
     fig.tight_layout()
     write_output(path, lambda f: fig.savefig(f, format=fmt))
+    say_glyph_note(fig)
 
 
 @dataclass

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from gru_lm.errors import DataError, GruLmError
 from gru_lm.rundir import RunDir, find_latest
+from gru_lm.utils import missing_reason
 
 if TYPE_CHECKING:  # (torch is imported by what loads a model: `gru-lm runs` needs none)
     import torch
@@ -46,10 +47,35 @@ def locate(path: str | Path | None, runs_dir: str | Path = "runs") -> Located:
         run = RunDir(p)
         return Located(run, run.best_or_last())
     if not p.exists():
-        raise GruLmError(f"{p} does not exist; give a run folder (see `gru-lm runs`) or a "
+        raise GruLmError(f"{p} {missing_reason(p)}; give a run folder (see `gru-lm runs`) or a "
                          "checkpoint file")
+    check_checkpoint_file(p)
     folder = p.parent.parent if p.parent.name == "checkpoints" else p.parent
     return Located(RunDir(folder), p)
+
+
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
+
+
+def check_checkpoint_file(p: Path) -> None:
+    """Refuse, by its first bytes, a file that is not a checkpoint (a config, a text) given
+    where a run or a checkpoint belongs. A file with a .sha256 beside it is one gru-lm wrote:
+    load_checkpoint says what is wrong with it, if anything."""
+    from gru_lm.checkpoint import digest_path
+
+    if digest_path(p).exists():
+        return
+    try:
+        with open(p, "rb") as f:
+            head = f.read(len(ZIP_MAGIC))
+    except OSError as e:
+        raise GruLmError(f"cannot read {p} ({e.strerror}); give a run folder (see `gru-lm "
+                         "runs`) or a checkpoint file") from None
+    if head != ZIP_MAGIC:
+        hint = (f"; a config trains a new run: gru-lm train --config {p}"
+                if p.suffix.lower() in (".yaml", ".yml") else "")
+        raise GruLmError(f"{p} is not a run folder or a checkpoint (a .pt file gru-lm wrote)"
+                         f"{hint}; give a run folder (see `gru-lm runs`)")
 
 
 @dataclass

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from gru_lm.errors import GruLmError
 from gru_lm.rundir import RunDir
-from gru_lm.utils import figure, figure_format, write_output
+from gru_lm.utils import figure, figure_format, glyph_note, say_glyph_note, write_output
 
 
 def plot_curves(groups: dict[str, list[dict]], path: Path) -> None:
@@ -30,6 +30,7 @@ def plot_curves(groups: dict[str, list[dict]], path: Path) -> None:
     fig.suptitle("validation perplexity (mean over seeds, min-max band)")
     fig.tight_layout()
     write_output(path, lambda f: fig.savefig(f, format="png"))
+    say_glyph_note(fig)
 
 
 def _band(evals_per_seed: list[list[dict]], x_key: str):
@@ -71,7 +72,8 @@ def plot_runs(run_dirs: list[Path], path: Path | None):
     if path is None:
         return fig
     write_output(path, lambda f: fig.savefig(f, format=fmt))
-    return notes
+    note = glyph_note(fig)
+    return [*notes, *([note] if note else [])]
 
 
 def _draw_run(ax, i: int, run_dir: Path, evals: list[dict]) -> list[str]:

@@ -15,6 +15,7 @@ from gru_lm.data import Vocab, preprocess
 from gru_lm.errors import GruLmError
 from gru_lm.poems import PoemForm, PoemWriter
 from gru_lm.script import OTHER as OTHER_SCRIPT
+from gru_lm.utils import missing_reason
 
 MAX_CHARS = 10_000
 MAX_SAMPLES = 1_000
@@ -120,8 +121,8 @@ def read_prefix_file(path: Path | str, stdin=None) -> str:
             if path.is_dir():
                 raise GruLmError(f"--prefix-file {path} is a directory; give a text file")
             if not path.exists():
-                raise GruLmError(f"--prefix-file {path} does not exist; give a text file or - "
-                                 "for stdin")
+                raise GruLmError(f"--prefix-file {path} {missing_reason(path)}; give a text "
+                                 "file or - for stdin")
             with open(path, encoding="utf-8") as f:
                 text = f.read(MAX_PREFIX_CHARS + 1)
     except UnicodeDecodeError as e:
@@ -130,7 +131,7 @@ def read_prefix_file(path: Path | str, stdin=None) -> str:
     if len(text) > MAX_PREFIX_CHARS:
         raise GruLmError(f"the prefix from {where} is over {MAX_PREFIX_CHARS:,} characters; "
                          "give its last part (it only primes the state)")
-    return text.removesuffix("\n").removesuffix("\r")
+    return text.removeprefix("\ufeff").removesuffix("\n").removesuffix("\r")
 
 
 def encode_prefix(prefix: str, vocab: Vocab, data: DataConfig, skip_unknown: bool = False,

@@ -176,16 +176,62 @@ err_console = Console(stderr=True)
 
 def print_table(table, width: int | None = None) -> None:
     """Tables fit the terminal; piped, they keep their columns (160 wide, or $COLUMNS);
-    `width` forces one (--wide: every column whole, however narrow the terminal)."""
+    `width` forces one (--wide: every column whole, however narrow the terminal). A table too
+    wide for its frame loses the frame (columns two spaces apart); one too wide even so folds
+    into a block of `column: value` lines a row: no column is dropped and no figure cut."""
     if width is not None:
         Console(file=_stdout_file, width=width).print(table)
         return
-    if console.is_terminal:
-        console.print(table)
-        return
-    columns = os.environ.get("COLUMNS", "")
-    Console(file=_stdout_file, width=int(columns) if columns.isdigit() and int(columns) > 0 else 160
-            ).print(table)
+    out = console
+    if not console.is_terminal:
+        columns = os.environ.get("COLUMNS", "")
+        out = Console(file=_stdout_file,
+                      width=int(columns) if columns.isdigit() and int(columns) > 0 else 160)
+    content = needed_width(table)
+    n = len(table.columns)
+    if content + 3 * n + 1 <= out.width:
+        out.print(table)
+    elif content + 2 * (n - 1) <= out.width:
+        table.box, table.show_edge, table.pad_edge = None, False, False
+        out.print(table)
+    else:
+        print_folded(table, out)
+
+
+FOLD_MIN = 6  # cells a column of names may fold to (3 Chinese characters) before the frame goes
+
+
+def needed_width(table) -> int:
+    """Terminal cells the columns of a rich Table need, borders and padding aside: a no-wrap
+    column its widest cell and header, a column that may wrap its widest cell up to FOLD_MIN
+    (or its min_width: a column of figures sets it to keep them whole) and its longest
+    header word."""
+    from rich.cells import cell_len
+
+    total = 0
+    for col in table.columns:
+        widest = max((cell_len(str(c)) for c in col.cells), default=0)
+        header = str(col.header)
+        if col.no_wrap:
+            total += max(cell_len(header), widest)
+        else:
+            words = max((cell_len(w) for w in header.split()), default=0)
+            total += max(words, col.min_width or 0, min(widest, FOLD_MIN))
+    return total
+
+
+def print_folded(table, out: Console) -> None:
+    """A table too wide for `out`, as one block a row: `column: value`, names aligned."""
+    if table.title:
+        out.print(escape(str(table.title)), highlight=False)
+    headers = [str(c.header) for c in table.columns]
+    pad = max(map(len, headers))
+    rows = zip(*(list(c.cells) for c in table.columns), strict=True)
+    for i, row in enumerate(rows):
+        if i:
+            out.print("")
+        for header, cell in zip(headers, row, strict=True):
+            out.print(escape(f"{header.rjust(pad)}: {cell}"), highlight=False)
 
 
 def handle_errors(fn):

@@ -71,6 +71,9 @@ def code_points(text: str) -> np.ndarray:
     return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
 
 
+BOM = b"\xef\xbb\xbf"  # U+FEFF in UTF-8
+
+
 def read_blocks(path: Path, block_bytes: int = BLOCK_BYTES, limit: int | None = None,
                 what: str = "corpus") -> Iterator[bytes]:
     """The bytes of `path`, checked to be UTF-8, in pieces cut where neither NFC nor
@@ -81,6 +84,7 @@ def read_blocks(path: Path, block_bytes: int = BLOCK_BYTES, limit: int | None = 
         f = open(path, "rb")  # noqa: SIM115 (closed below; an error must name the byte)
     except OSError as e:
         raise DataError(f"cannot read corpus {path}: {e.strerror}") from None
+    first = True
     with f:
         while True:
             try:
@@ -88,6 +92,10 @@ def read_blocks(path: Path, block_bytes: int = BLOCK_BYTES, limit: int | None = 
             except OSError as e:
                 raise DataError(f"cannot read {what} {path}: {e.strerror}") from None
             total += len(block)
+            if first:  # a byte-order mark (Windows' Notepad writes one) is not text
+                first = False
+                if block.startswith(BOM):
+                    block, offset = block[len(BOM):], len(BOM)
             if limit is not None and total > limit:
                 raise DataError(f"{what} {path} is over {limit:,} bytes; give a shorter text "
                                 "(its first part: head -c BYTES FILE > part.txt)")

@@ -12,6 +12,28 @@ from pathlib import Path
 from typing import IO
 
 
+def missing_reason(path: str | Path) -> str:
+    """Why a path is not a file that can be read, in words: a symbolic link that leads back to
+    itself (which Python 3.13's pathlib reports as a missing file), a link to a file that is
+    gone, "does not exist", a folder, or a pipe or a device."""
+    import errno
+
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "is a symbolic link that leads back to itself (a loop)"
+        if os.path.islink(path):
+            return f"is a symbolic link to {os.readlink(path)}, which does not exist"
+        if e.errno == errno.EACCES:
+            return "cannot be reached (permission denied)"
+        if e.errno == errno.ENOTDIR:
+            return "does not exist (a part of the path is a file, not a folder)"
+        return "does not exist"
+    return "is a folder, not a file" if os.path.isdir(path) else \
+        "is not a regular file (a pipe or a device)"
+
+
 @contextlib.contextmanager
 def atomic_writer(path: Path, mode: str = "wb") -> Iterator[IO]:
     """Write to a temp file in the same folder, fsync, then os.replace onto `path`."""
@@ -168,9 +190,71 @@ def figure_format(path) -> str:
 
 def figure(**kwargs):
     """A matplotlib Figure of its own: no pyplot state and no backend switch, so it neither
-    needs a display nor disturbs a notebook's plots; SVG keeps its text as text."""
+    needs a display nor disturbs a notebook's plots; SVG keeps its text as text. Chinese
+    characters are drawn with an installed font that has them (cjk_font)."""
     import matplotlib
     from matplotlib.figure import Figure
 
     matplotlib.rcParams["svg.fonttype"] = "none"
+    cjk_font()
     return Figure(**kwargs)
+
+
+# Fonts with the Chinese characters, the first installed one drawing what DejaVu Sans lacks.
+CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans CJK TC", "Noto Sans CJK JP", "Noto Sans SC",
+             "Source Han Sans SC", "Source Han Sans CN", "WenQuanYi Zen Hei",
+             "WenQuanYi Micro Hei", "Droid Sans Fallback", "AR PL UMing CN", "AR PL UKai CN",
+             "Microsoft YaHei", "SimHei", "PingFang SC", "Hiragino Sans GB", "Heiti SC",
+             "Noto Serif CJK SC", "Arial Unicode MS")
+_FONTS: dict[str, str | None] = {}
+_GLYPH_NOTE = ("no installed font has Chinese characters, so the figure draws them as boxes; "
+               "install one (Debian and Ubuntu: apt-get install fonts-noto-cjk) and draw it "
+               "again")
+
+
+def cjk_font() -> str | None:
+    """Once a process: the first of CJK_FONTS that is installed, set behind matplotlib's
+    default font (which then draws what it has, and that font the rest); None when there is
+    none, and matplotlib's warning per missing character is then silenced (glyph_note says
+    it once)."""
+    if "cjk" not in _FONTS:
+        import warnings
+
+        import matplotlib
+        from matplotlib import font_manager
+
+        names = {f.name for f in font_manager.fontManager.ttflist}
+        found = next((n for n in CJK_FONTS if n in names), None)
+        _FONTS["cjk"] = found
+        if found is not None:
+            first = matplotlib.rcParams["font.sans-serif"][:1]
+            matplotlib.rcParams["font.family"] = [*first, found]
+        else:
+            warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from",
+                                    category=UserWarning)
+    return _FONTS["cjk"]
+
+
+def glyph_note(fig) -> str | None:
+    """A note, once a process, when `fig` has Chinese (or other wide) characters and no
+    installed font draws them; None otherwise."""
+    import unicodedata
+
+    from matplotlib.text import Text
+
+    if cjk_font() is not None or _FONTS.get("said"):
+        return None
+    text = "".join(t.get_text() for t in fig.findobj(Text))
+    if not any(unicodedata.east_asian_width(c) in "WF" for c in text):
+        return None
+    _FONTS["said"] = "yes"
+    return _GLYPH_NOTE
+
+
+def say_glyph_note(fig) -> None:
+    """glyph_note on stderr, for a figure written where no notes are returned."""
+    import sys
+
+    note = glyph_note(fig)
+    if note:
+        print(f"note: {note}", file=sys.stderr)

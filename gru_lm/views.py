@@ -78,7 +78,9 @@ def show_runs(rows, runs_dir: Path) -> None:
     # Widths in terminal cells (a Chinese character takes two): a model name is never cut (it
     # names the code), a run name too long for its column folds onto further lines, and the
     # figures stay whole.
-    widths = {"model": max(cell_len(r.model or "?") for r in rows)}
+    widths = {"model": max(cell_len(r.model or "?") for r in rows),
+              "best val ppl": max(len(_f(r.best_val_ppl, ".3f")) + 1 for r in rows),
+              "test ppl": max(len(_f(r.test_ppl, ".3f")) + 1 for r in rows)}
     for col in ("name", "model", "steps", "best val ppl", "test ppl", "tok/s", "status", "age"):
         table.add_column(col, justify="left" if col in ("name", "model", "status") else "right",
                          overflow="fold",

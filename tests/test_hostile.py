@@ -401,3 +401,110 @@ def test_the_resume_hint_survives_pasting_into_a_shell(workdir):
     command = r.output.split("`")[1]
     assert shlex.split(command) == ["gru-lm", "train", "--resume", "runs/my run",
                                     "train.max_steps=60"]  # (finished: train on)
+
+
+# ---------------------------------------------------------------- 11. round 5 (issue 44)
+
+
+def test_a_file_that_is_no_checkpoint_is_called_not_a_run(tiny_run):
+    import gru_lm
+
+    tiny_run()
+    for bad, hint in [("configs/tiny.yaml", "a config trains a new run: gru-lm train --config"),
+                      ("notes.txt", "give a run folder")]:
+        Path("notes.txt").write_text("hello\n")
+        r = cli("predict", "the", "--run", bad)
+        one_line_error(r, f"{bad} is not a run folder or a checkpoint", hint)
+        assert ".sha256" not in r.output
+        with pytest.raises(gru_lm.GruLmError, match="is not a run folder or a checkpoint"):
+            gru_lm.load(bad)
+
+
+def test_a_symbolic_link_loop_is_named_as_one(tiny_run):
+    run = tiny_run()
+    Path("loop.txt").symlink_to("loop.txt")
+    Path("gone.txt").symlink_to("nowhere.txt")
+    r = cli("evaluate", "--run", run, "--text", "loop.txt")
+    one_line_error(r, "loop.txt is a symbolic link that leads back to itself")
+    r = cli("evaluate", "--run", run, "--text", "gone.txt")
+    one_line_error(r, "gone.txt is a symbolic link to nowhere.txt, which does not exist")
+    r = cli("train", "--config", "loop.txt")
+    one_line_error(r, "loop.txt is a symbolic link that leads back to itself")
+
+
+def test_a_byte_order_mark_is_not_a_token(workdir):
+    from gru_lm.config import DataConfig
+    from gru_lm.data import load_corpus
+
+    text = "the time machine\n" * 50
+    Path("bom.txt").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    Path("plain.txt").write_text(text)
+    for preset in ("raw", "d2l"):
+        bom, plain = (load_corpus(DataConfig(dataset=None, path=Path(f), preset=preset),
+                                  offline=True) for f in ("bom.txt", "plain.txt"))
+        assert "\ufeff" not in bom.vocab.token_to_idx
+        assert bom.vocab.token_to_idx == plain.vocab.token_to_idx
+        assert torch.equal(bom.train, plain.train)
+
+
+def test_predict_says_what_a_very_long_draw_costs(tiny_run, monkeypatch):
+    import gru_lm.cli
+
+    run = tiny_run()
+    monkeypatch.setattr(gru_lm.cli, "BIG_PREDICT", 60)
+    r = cli("predict", "the", "--run", run, "-n", "30", "--num-samples", "2")
+    assert r.exit_code == 0 and "note: 2 samples × 30 characters is 60 characters to draw" \
+        in r.output
+    r = cli("predict", "the", "--run", run, "-n", "29", "--num-samples", "2")
+    assert r.exit_code == 0 and "note:" not in r.output
+
+
+@pytest.mark.parametrize("columns", [40, 60, 200])
+def test_a_narrow_table_folds_and_keeps_every_column_and_figure(tiny_run, columns):
+    from gru_lm.api import runs
+
+    tiny_run("a-run-with-a-rather-long-name")
+    tiny_run("short")
+    r = subprocess.run([sys.executable, "-m", "gru_lm", "runs"], capture_output=True,
+                       text=True, env={**os.environ, "COLUMNS": str(columns)}, timeout=120)
+    assert r.returncode == 0, r.stderr
+    rows = runs()
+    assert all(len(line) <= columns for line in r.stdout.splitlines()), r.stdout
+    flat = r.stdout.replace("\n", "").replace(" ", "").replace("│", "")
+    for row in rows:
+        assert row.name.replace("-", "") in flat.replace("-", "")  # folded, never dropped
+        assert f"{row.best_val_ppl:.3f}" in r.stdout  # figures whole, on one line
+    assert "tok/s" in r.stdout and "status" in r.stdout
+
+
+def test_a_plot_of_runs_with_chinese_names_says_once_that_no_font_has_them(
+        tiny_run, monkeypatch, recwarn):
+    from gru_lm import utils
+    from gru_lm.plots import plot_runs
+
+    a, b = tiny_run("唐诗"), tiny_run("宋词")
+    monkeypatch.setattr(utils, "_FONTS", {})
+    monkeypatch.setattr(utils, "CJK_FONTS", ("No Such Font",))
+    notes = plot_runs([a, b], Path("p.png"))
+    assert [n for n in notes if "no installed font has Chinese characters" in n]
+    assert not [w for w in recwarn if "missing from" in str(w.message)]
+    assert not [n for n in plot_runs([a], Path("q.png")) if "font" in n]  # said once
+    # with a font that has them, nothing to say (DejaVu Sans stands in for one here)
+    monkeypatch.setattr(utils, "_FONTS", {})
+    monkeypatch.setattr(utils, "CJK_FONTS", ("DejaVu Sans",))
+    assert not [n for n in plot_runs([a], Path("r.png")) if "font" in n]
+
+
+def test_compare_names_members_whose_folders_share_a_name(workdir, tmp_path):
+    a = train_tiny("base")
+    train_tiny("base", "run.runs_dir=other", "train.lr=0.02")
+    b = Path("other/base")
+    r = cli("compare", "--runs", a, b, "--out", tmp_path / "c")
+    assert r.exit_code == 0, r.output
+    weights = json.loads((tmp_path / "c" / "results.json").read_text())["rows"][-1][
+        "member_weights"]
+    assert sorted(weights) == ["other/base", "runs/base"]
+    import re
+
+    assert re.search(r"weights fitted on val: runs/base [01]\.\d{3}, other/base [01]\.\d{3}",
+                     r.output), r.output
