@@ -106,27 +106,33 @@ def resolve_config(config=None, *overrides: str, **sections: Mapping[str, Any]) 
     """A validated Config from a YAML path, a dict or a Config (None: the defaults), then
     dotted overrides ("train.lr=0.01") and section dicts (train={"lr": 0.01}), all checked
     as the CLI checks them."""
-    from gru_lm.config import Config, apply_overrides, load_config, validate
+    from gru_lm.config import Config, apply_overrides, load_config, model_needs_checks, validate
 
     pairs = [*overrides, *_section_pairs(sections)]
     if config is None or isinstance(config, str | Path):
-        return load_config(None if config is None else Path(config), pairs)
-    if isinstance(config, Config):
-        config = config.to_dict()
-    if not isinstance(config, Mapping):
-        raise GruLmError(f"config must be a YAML path, a dict or a Config, not "
-                         f"{type(config).__name__}")
-    return validate(apply_overrides(dict(config), pairs), source="config")
+        cfg = load_config(None if config is None else Path(config), pairs)
+    else:
+        if isinstance(config, Config):
+            config = config.to_dict()
+        if not isinstance(config, Mapping):
+            raise GruLmError(f"config must be a YAML path, a dict or a Config, not "
+                             f"{type(config).__name__}")
+        cfg = validate(apply_overrides(dict(config), pairs), source="config", overrides=pairs)
+    if model_needs_checks(cfg.model):
+        from gru_lm.models import check_model_config
+
+        check_model_config(cfg.model)
+    return cfg
 
 
 @_checked
 def config_sources(config: str | Path | None = None, *overrides: str) -> dict[str, str]:
     """Where each key of a config came from: its file (or a `base:` file it names), or
     "override"; keys at their default are absent."""
-    from gru_lm.config import resolve_yaml
+    from gru_lm.config import override_keys, resolve_yaml
 
     sources = resolve_yaml(Path(config))[1] if isinstance(config, str | Path) else {}
-    sources.update({o.partition("=")[0].strip(): "override" for o in overrides})
+    sources.update(dict.fromkeys(override_keys(list(overrides)), "override"))
     return sources
 
 

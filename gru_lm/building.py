@@ -172,5 +172,6 @@ def load_new_config(config: Path | Config | None, overrides: list[str]) -> Confi
         raise GruLmError("no config given; pass --config configs/gru.yaml (or configs/tiny.yaml "
                          "for a quick try)")
     if isinstance(config, Config):
-        return validate(apply_overrides(config.to_dict(), overrides), source="config")
+        return validate(apply_overrides(config.to_dict(), overrides), source="config",
+                        overrides=overrides)
     return load_config(config, overrides)

@@ -21,6 +21,7 @@ from pydantic import (
 )
 
 from gru_lm.errors import ConfigError
+from gru_lm.utils import missing_reason
 
 # Every number has a range: floats are finite (pydantic refuses inf/nan), counts fit a 64-bit
 # integer, and sizes stop where a run could no longer start (memory is checked by the models).
@@ -171,6 +172,16 @@ class ModelConfig(_Section):
         return v
 
 
+def model_needs_checks(m: ModelConfig) -> bool:
+    """Whether the model's own checks (models.check_model_config, which loads the model code
+    and torch) could refuse anything in `m`: the Mogrifier has checks of its own, every other
+    model refuses only options set away from their defaults. So `config show` of a plain config
+    stays quick and imports no torch."""
+    options = [k for k, f in ModelConfig.model_fields.items()
+               if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("option")]
+    return m.name == "mogrifier" or any(
+        getattr(m, k) != ModelConfig.model_fields[k].default for k in options)
+
 class TrainConfig(_Section):
     optimizer: Literal["sgd", "adam", "adamw"] = Field("adam", description="optimizer")
     lr: float = Field(0.003, gt=0, le=1000, description="learning rate")
@@ -287,11 +298,14 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
     return cls
 
 
-def _format_errors(err: ValidationError) -> list[str]:
+def _format_errors(err: ValidationError, overridden: frozenset[str] = frozenset()
+                   ) -> list[str]:
     problems = []
     for e in err.errors():
         loc = tuple(p for p in e["loc"] if p not in ("function-after",))
         key = ".".join(str(p)[:ECHO] for p in loc) or "<top>"
+        if key in overridden:
+            key = f"override {key}"
         if e["type"] == "extra_forbidden":
             parent = _model_at(loc[:-1])
             hint = ""
@@ -312,8 +326,10 @@ def _format_errors(err: ValidationError) -> list[str]:
     return problems
 
 
-def validate(raw: dict[str, Any], source: str = "config") -> Config:
-    """Validate a raw config dict, raising one ConfigError that lists every problem."""
+def validate(raw: dict[str, Any], source: str = "config",
+             overrides: list[str] | None = None) -> Config:
+    """Validate a raw config dict, raising one ConfigError that lists every problem; a
+    problem with a key that `overrides` set is called an override's, not the file's."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping with sections "
                           f"{', '.join(SECTIONS)}; got {type(raw).__name__}")
@@ -321,7 +337,8 @@ def validate(raw: dict[str, Any], source: str = "config") -> Config:
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(problem_text(source, _format_errors(err))) from None
+        overridden = frozenset(override_keys(overrides or []))
+        raise ConfigError(problem_text(source, _format_errors(err, overridden))) from None
     return cfg
 
 
@@ -360,19 +377,29 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     """PyYAML's safe loader, refusing a mapping that states a key twice: the plain loader
     keeps the last silently, and the first section's values would be lost without a word."""
 
+    MERGE = "tag:yaml.org,2002:merge"
+
     def construct_mapping(self, node, deep=False):
+        # Only the mapping's own keys are checked, by value, wherever they stand (two on one
+        # line in a flow mapping count too); the keys a merge (`<<: *defaults`) brings in may
+        # be replaced by the mapping's own, as YAML means them to be.
         seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            try:
-                first = seen.setdefault(key, key_node.start_mark.line + 1)
-            except TypeError:  # an unhashable key: the plain loader says what is wrong
-                continue
-            if first != key_node.start_mark.line + 1:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {short(key, 40)} is given twice (first on line {first}); "
-                    "the second would silently replace the first: state it once",
-                    key_node.start_mark)
+        if isinstance(node, yaml.MappingNode):
+            for key_node, _ in node.value:
+                if key_node.tag == self.MERGE:
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: the plain loader says what is wrong
+                    continue
+                if first is not None:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {short(key, 40)} is given twice (first on line "
+                        f"{first}); the second would silently replace the first: state it once",
+                        key_node.start_mark)
+                seen[key] = key_node.start_mark.line + 1
+            self.flatten_mapping(node)
         return super().construct_mapping(node, deep)
 
 
@@ -385,7 +412,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     """Read a YAML config file into a dict, with file:line:column on syntax errors."""
     path = Path(path)
     if not path.exists():
-        raise ConfigError(f"config file {path} does not exist; pass an existing YAML file, "
+        raise ConfigError(f"config file {path} {missing_reason(path)}; pass an existing YAML file, "
                           "e.g. --config configs/gru.yaml")
     if path.is_dir():
         raise ConfigError(f"config path {path} is a directory; pass a YAML file inside it")
@@ -416,7 +443,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping with sections "
                           f"{', '.join(SECTIONS)}; got {type(raw).__name__}")
-    return raw
+    # Top-level keys that start with x- hold YAML anchors for merge keys (`<<: *name`), as in
+    # Docker Compose files: they are read, and set nothing themselves.
+    return {k: v for k, v in raw.items() if not (isinstance(k, str) and k.startswith("x-"))}
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -429,6 +458,11 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if not sep or not key or any(not p for p in key.split(".")):
             problems.append(f"{short(item)}: an override has the form key.sub=value, "
                             "e.g. train.lr=0.5")
+            continue
+        if key.split(".")[0] == "base":
+            problems.append(f"{short(item)}: base: names the file a config file builds on, "
+                            "so only a config file may give it (write `base: FILE` at its "
+                            "top); an override sets a key, e.g. train.lr=0.5")
             continue
         if key.count(".") >= MAX_KEY_PARTS:
             problems.append(f"{short(key)}: a config key is section.key (e.g. train.lr); this "
@@ -452,11 +486,44 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
                 break
             node = child
         else:
-            node[parts[-1]] = parsed
+            _merge_into(node, parts[-1], parsed)
     if problems:
         raise ConfigError(problem_text("bad override", problems))
     check_size(out, "overrides")
     return out
+
+
+def _merge_into(node: dict[str, Any], key: str, value: Any) -> None:
+    """node[key] = value, except that a mapping given for a section (train={lr: 0.5}) merges
+    into the section's keys rather than replacing them all with their defaults."""
+    old = node.get(key)
+    if isinstance(value, dict) and isinstance(old, dict):
+        for k, v in value.items():
+            _merge_into(old, k, v)
+    else:
+        node[key] = value
+
+
+def override_keys(overrides: list[str]) -> list[str]:
+    """The dotted keys a list of overrides sets: `train.lr=0.5` sets train.lr, and
+    `train={lr: 0.5, max_steps: 5}` sets train.lr and train.max_steps."""
+    keys = []
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for k, v in value.items():
+                walk(f"{prefix}.{k}", v)
+        else:
+            keys.append(prefix)
+
+    for item in overrides:
+        key, _, value = item.partition("=")
+        try:
+            parsed = load_yaml(value) if value.strip() else None
+        except (yaml.YAMLError, ValueError, RecursionError):
+            parsed = None
+        walk(key.strip(), parsed)
+    return keys
 
 
 MAX_BASES = 16  # how deep `base:` may chain
@@ -479,6 +546,10 @@ def resolve_yaml(path: Path, _seen: tuple[Path, ...] = ()) -> tuple[dict[str, An
         raise ConfigError(f"{path}: base: must be the path of another config file, e.g. "
                           "base: recipe.yaml; got " + short(base))
     target = Path(os.path.normpath(path.parent / base))  # (resolved only to find cycles)
+    if not target.exists():  # (a symbolic-link loop too: named alike on every Python)
+        raise ConfigError(f"{path}: base: {base} {missing_reason(target)} (looked for "
+                          f"{target}); give the path of a YAML config file, relative to this "
+                          "file's folder")
     try:
         chain, resolved = (*_seen, path.resolve()), target.resolve()
     except (RuntimeError, OSError) as e:  # Python 3.11 says "Symlink loop" as RuntimeError
@@ -491,8 +562,7 @@ def resolve_yaml(path: Path, _seen: tuple[Path, ...] = ()) -> tuple[dict[str, An
     if len(chain) > MAX_BASES:
         raise ConfigError(f"{path}: base: chains more than {MAX_BASES} files; flatten them")
     if not target.is_file():
-        what = ("is a folder" if target.is_dir() else "is not a regular file (a pipe or a "
-                "device)" if target.exists() else "does not exist")
+        what = "is a folder" if target.is_dir() else "is not a regular file (a pipe or a device)"
         raise ConfigError(f"{path}: base: {base} {what} (looked for {resolved}); give the "
                           "path of a YAML config file, relative to this file's folder")
     merged, sources = resolve_yaml(target, chain)
@@ -509,7 +579,8 @@ def load_config(path: Path | None, overrides: list[str] | None = None) -> Config
     overrides."""
     raw = resolve_yaml(path)[0] if path is not None else {}
     raw = apply_overrides(raw, overrides or [])
-    return validate(raw, source=str(path) if path is not None else "config")
+    return validate(raw, source=str(path) if path is not None else "config",
+                    overrides=overrides)
 
 
 def _flow(value: Any) -> str:

@@ -52,12 +52,20 @@ def model_class(name: str) -> type[RecurrentLM]:
     return _REGISTRY[name]
 
 
-def build_model(cfg: ModelConfig, vocab_size: int) -> RecurrentLM:
-    """Build the registered model named by `cfg.name` for a vocabulary of `vocab_size`."""
+def check_model_config(cfg: ModelConfig) -> type[RecurrentLM]:
+    """The model class `cfg` names, once its keys are checked against what that model takes
+    (an option of another model, a mogrifier rank past full rank): what `config show` and
+    `train` both refuse."""
     cls = model_class(cfg.name)
     problems = cls.check_config(cfg)
     if problems:
         raise ConfigError("; ".join(problems))
+    return cls
+
+
+def build_model(cfg: ModelConfig, vocab_size: int) -> RecurrentLM:
+    """Build the registered model named by `cfg.name` for a vocabulary of `vocab_size`."""
+    cls = check_model_config(cfg)
     if not 1 <= vocab_size <= MAX_VOCAB:
         raise ConfigError(f"a vocabulary of {vocab_size:,} tokens is out of range; "
                           f"1..{MAX_VOCAB:,} are supported")

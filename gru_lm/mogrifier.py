@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from gru_lm.cells import LoopPath
 from gru_lm.config import ModelConfig
+from gru_lm.errors import ConfigError
 from gru_lm.recurrent import (
     RecurrentLM,
     State,
@@ -117,6 +118,18 @@ class MogrifierLayer(nn.Module):
         return torch.stack(outs), (h, c)
 
 
+def rank_problems(cfg: ModelConfig, embed_dim: int) -> list[str]:
+    """A rank at or above full rank (min of the embedding and the hidden width) only adds
+    parameters: a full matrix is smaller and spans as much."""
+    full = min(embed_dim, cfg.num_hiddens)
+    if cfg.rank and cfg.rank >= full:
+        return [f"model.rank={cfg.rank} is not below full rank ({full}: the smaller of "
+                f"{embed_dim} inputs and {cfg.num_hiddens} hidden units), so the factors "
+                f"hold more than a full matrix; set model.rank below {full}, or 0 for full "
+                "matrices"]
+    return []
+
+
 @register_model("mogrifier")
 class Mogrifier(RecurrentLM):
     description = "Mogrifier LSTM: input and state gate each other before each step"
@@ -129,6 +142,9 @@ class Mogrifier(RecurrentLM):
         self.embedding = nn.Embedding(vocab_size, embed_dim)
         rounds = DEFAULT_ROUNDS if cfg.rounds is None else cfg.rounds
         rank = DEFAULT_RANK if cfg.rank is None else cfg.rank
+        problems = rank_problems(cfg, embed_dim)
+        if problems:
+            raise ConfigError(problems[0])
         self.layers = nn.ModuleList(
             MogrifierLayer(embed_dim if k == 0 else cfg.num_hiddens, cfg.num_hiddens, rounds,
                            rank, cfg.weight_drop) for k in range(cfg.num_layers))
@@ -139,7 +155,12 @@ class Mogrifier(RecurrentLM):
 
     @classmethod
     def check_config(cls, cfg: ModelConfig) -> list[str]:
-        return super().check_config(cfg) + tie_weights_problems(cfg)
+        problems = super().check_config(cfg) + tie_weights_problems(cfg)
+        if cfg.init != "auto":
+            problems.append(f"model.init={cfg.init}: the mogrifier draws its weights as "
+                            "DeepMind's lamb does (uniform, ±1/√fan-in), whatever init says; "
+                            "drop model.init")
+        return problems + rank_problems(cfg, cfg.embed_dim or DEFAULT_EMBED_MAX)
 
     @property
     def kernels(self) -> LoopPath:

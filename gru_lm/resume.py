@@ -176,7 +176,8 @@ def resume_config(run: RunDir, config: Path | None, overrides: list[str]) -> Con
     if config is None and not overrides:
         return saved
     raw = resolve_yaml(config)[0] if config is not None else saved.to_dict()
-    new = validate(apply_overrides(raw, overrides), source=str(config or run.config))
+    new = validate(apply_overrides(raw, overrides), source=str(config or run.config),
+                   overrides=overrides)
     old_d, new_d = saved.to_dict(), new.to_dict()
     changed = fixed_keys_changed(old_d, new_d)
     if changed:

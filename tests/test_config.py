@@ -124,7 +124,8 @@ def test_bad_bases_are_one_line_errors(tmp_path, files, message):
 def test_a_base_that_is_a_symlink_loop_a_folder_or_a_pipe_is_named(tmp_path):
     (tmp_path / "a.yaml").write_text("base: loop.yaml\n")
     (tmp_path / "loop.yaml").symlink_to(tmp_path / "loop.yaml")
-    with pytest.raises(ConfigError, match="base: loop.yaml cannot be followed"):
+    with pytest.raises(ConfigError, match="base: loop.yaml is a symbolic link that leads back "
+                       "to itself"):
         load_config(tmp_path / "a.yaml")
     (tmp_path / "folder").mkdir()
     (tmp_path / "a.yaml").write_text("base: folder\n")
@@ -140,6 +141,9 @@ def test_a_base_that_is_a_symlink_loop_a_folder_or_a_pipe_is_named(tmp_path):
     ("train: {lr: 0.1}\nmodel: {name: lstm}\ntrain: {max_steps: 5}\n", 3, "'train'"),
     ("base: a.yaml\nbase: b.yaml\n", 2, "'base'"),
     ("train:\n  lr: 0.1\n  lr: 0.2\n", 3, "'lr'"),
+    # on one line, in a flow mapping: the key, not its line, is what counts
+    ("train: {lr: 0.5, lr: 0.02}\n", 1, "'lr'"),
+    ("{base: a.yaml, base: b.yaml}\n", 1, "'base'"),
 ])
 def test_a_key_stated_twice_is_refused_with_its_line(tmp_path, text, line, key):
     (tmp_path / "c.yaml").write_text(text)
@@ -148,6 +152,45 @@ def test_a_key_stated_twice_is_refused_with_its_line(tmp_path, text, line, key):
     assert str(e.value).startswith(f"{tmp_path / 'c.yaml'}:{line}:")
     assert f"key {key} is given twice (first on line" in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_merge_keys_bring_an_anchor_s_keys_and_the_mapping_s_own_win(tmp_path):
+    (tmp_path / "c.yaml").write_text(
+        "x-small: &small {num_hiddens: 16, num_layers: 2}\n"
+        "x-short: &short\n  max_steps: 5\n  lr: 0.02\n"
+        "model:\n  <<: *small\n  name: lstm\n  num_hiddens: 24\n"
+        "train:\n  <<: *short\n  lr: 0.05\n")
+    cfg = load_config(tmp_path / "c.yaml")
+    assert (cfg.model.name, cfg.model.num_hiddens, cfg.model.num_layers) == ("lstm", 24, 2)
+    assert (cfg.train.max_steps, cfg.train.lr) == (5, 0.05)
+    # the mapping's own keys are still checked for duplicates
+    (tmp_path / "c.yaml").write_text("x-d: &d {lr: 1}\ntrain: {<<: *d, max_steps: 5, "
+                                     "max_steps: 6}\n")
+    with pytest.raises(ConfigError, match="key 'max_steps' is given twice"):
+        load_config(tmp_path / "c.yaml")
+
+
+def test_a_section_given_as_a_mapping_merges_into_the_file_s_section(tmp_path):
+    from gru_lm.api import config_sources
+
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    cfg = load_config(tiny, ["train={lr: 0.5, max_steps: 5}"])
+    assert (cfg.train.lr, cfg.train.max_steps) == (0.5, 5)
+    assert (cfg.train.batch_size, cfg.train.num_steps) == (8, 16)  # the file's, kept
+    sources = config_sources(tiny, "train={lr: 0.5, max_steps: 5}")
+    assert sources["train.lr"] == sources["train.max_steps"] == "override"
+    assert sources["train.batch_size"] == str(tiny)
+
+
+def test_an_override_s_problem_is_called_an_override_s(tmp_path):
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    with pytest.raises(ConfigError, match=r"tiny.yaml: override train.lr: -1 is invalid"):
+        load_config(tiny, ["train.lr=-1"])
+    with pytest.raises(ConfigError, match=r"override model.foo: unknown key"):
+        load_config(tiny, ["model={foo: 1}"])
+    with pytest.raises(ConfigError, match=r"'base=x.yaml': base: names the file a config "
+                       "file builds on, so only a config file may give it"):
+        load_config(tiny, ["base=x.yaml"])
 
 
 def test_an_override_with_thousands_of_dotted_parts_is_one_line():

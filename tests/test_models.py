@@ -175,7 +175,8 @@ def test_interface_shapes_and_split_sequence(name):
 @pytest.mark.parametrize("name", list_models())
 def test_every_model_learns_a_tiny_corpus(name):
     torch.manual_seed(0)
-    model = build_model(ModelConfig(name=name, num_hiddens=32, init="xavier"), V)
+    init = "auto" if name == "mogrifier" else "xavier"  # (the mogrifier has its own)
+    model = build_model(ModelConfig(name=name, num_hiddens=32, init=init), V)
     opt = torch.optim.Adam(model.parameters(), lr=0.02)
     seq = torch.tensor([i % 5 + 1 for i in range(41)])  # "abcde" repeated
     X, Y = seq[:-1].view(2, 20), seq[1:].view(2, 20)
@@ -590,6 +591,24 @@ def test_the_mogrifier_rounds_follow_the_equations(rank):
     torch.testing.assert_close(xm, x3)
     torch.testing.assert_close(hm, h2)
     assert len(masks) == 3 and all(((m > 0) & (m < 2)).all() for m in masks)
+
+
+def test_the_mogrifier_refuses_an_init_it_would_ignore_and_a_rank_past_full_rank():
+    import gru_lm
+
+    with pytest.raises(ConfigError, match="model.init=d2l: the mogrifier draws its weights"):
+        build_model(ModelConfig(name="mogrifier", num_hiddens=NH, init="d2l"), V)
+    # full rank is min(inputs, hidden units): the embedding is min(vocab, 256) wide
+    with pytest.raises(ConfigError, match=f"model.rank={V} is not below full rank \\({V}"):
+        build_model(ModelConfig(name="mogrifier", num_hiddens=64, rank=V), V)
+    assert build_model(ModelConfig(name="mogrifier", num_hiddens=64, rank=V - 1), V)
+    # config show checks what train checks: before any data is read
+    root = Path(__file__).resolve().parents[1]
+    for overrides, said in [(("model.name=mogrifier", "model.rank=4096"), "model.rank=4096"),
+                            (("model.name=gru-scratch", "model.rounds=2"),
+                             "model.rounds: only mogrifier take")]:
+        with pytest.raises(gru_lm.GruLmError, match=said):
+            gru_lm.resolve_config(root / "configs/tiny.yaml", *overrides)
 
 
 def test_mogrifier_options_belong_to_the_mogrifier():
