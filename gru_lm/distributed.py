@@ -56,7 +56,8 @@ def world_from_env() -> World:
     return World(rank, size, local_rank, max(1, local_size))
 
 
-LAUNCHER = "GRU_LM_LAUNCHER_PID"  # set by launch(): the process whose death ends the workers
+LAUNCHER = "GRU_LM_LAUNCHER_PID"  # set by launch() and compare --jobs: the process whose death
+# ends its children (a worker, a member)
 PR_SET_PDEATHSIG = 1
 
 
@@ -220,6 +221,60 @@ def check_same_corpus(world: World, corpus) -> None:
                 f"{theirs['source']}, whose tokens differ from those process 0 reads "
                 f"({first['source']} on node {first['node']}): every node needs the same "
                 "corpus file and data settings; copy node 0's file there and start again")
+            raise e if world.is_main else _silent(e)
+
+
+# Settings that are local by nature: where this node finds or writes its files, its threads
+# and device. Every other key of a config must be the same on every process of a training.
+LOCAL_KEYS = ("data.path", "data.cache_dir", "train.threads", "train.device",
+              "train.init_from", "train.tensorboard", "run.name", "run.runs_dir")
+
+
+def flat_settings(raw: dict[str, Any]) -> dict[str, Any]:
+    """A config dict as {dotted key: value}, without the LOCAL_KEYS."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif prefix not in LOCAL_KEYS:
+            out[prefix] = value
+
+    walk("", raw)
+    return out
+
+
+def check_same_settings(world: World, settings: dict[str, Any], what: str = "has") -> None:
+    """Refuse, before the first step, a process whose settings (flat_settings of its config)
+    differ from process 0's, in one line naming the key, both values and the node: a
+    training whose processes disagree would deadlock (max_steps), or train what no file
+    records (lr). Every process raises; process 0 alone says it."""
+    import socket
+
+    if not world.active:
+        return
+
+    def show(values: dict[str, Any], key: str) -> str:
+        text = f"{key}={values[key]!r}" if key in values else f"{key} unset"
+        return text if len(text) <= 80 else text[:79] + "…"
+
+    mine = {"settings": settings, "host": socket.gethostname(), "node": node_rank()}
+    everyone = gather(world, mine)
+    first = everyone[0]
+    for rank, theirs in enumerate(everyone):
+        a, b = first["settings"], theirs["settings"]
+        differ = [k for k in sorted(set(a) | set(b))
+                  if (k in a, a.get(k)) != (k in b, b.get(k))]
+        if differ:
+            key = differ[0]
+            more = f" (and {len(differ) - 1} other setting(s))" if len(differ) > 1 else ""
+            e = GruLmError(
+                f"node {theirs['node']} (host {theirs['host']}, process {rank}) {what} "
+                f"{show(b, key)} where process 0 (node {first['node']}) {what} "
+                f"{show(a, key)}{more}: every process of a "
+                "training needs the same settings (all but "
+                f"{', '.join(LOCAL_KEYS)}); start every node with the same config and overrides")
             raise e if world.is_main else _silent(e)
 
 

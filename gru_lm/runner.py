@@ -62,8 +62,13 @@ def train_run(config: Path | Config | None, overrides: list[str], *, name: str |
         if not world.active or not distributed.lost_peer(e):
             raise
         run = where.get("run") or (RunDir(resume) if resume is not None else None)
-        hint = (f"the last checkpoint is kept; resume with: {run.resume_command(world.size)}"
-                if run is not None else "no run folder was made yet; start it again")
+        if run is not None and run.checkpoint(LAST).is_file():
+            hint = f"the last checkpoint is kept; resume with: {run.resume_command(world.size)}"
+        elif run is not None and run.path.is_dir():
+            hint = (f"no checkpoint was written yet; {run.resume_command(world.size)} starts "
+                    "it again from step 0")
+        else:
+            hint = "no run folder was made yet; start it again"
         raise GruLmError("another process of this training stopped (killed, or failed: see "
                          f"its message); {hint}") from None
     finally:
@@ -92,6 +97,7 @@ def _train(world: World, config, overrides, name, resume, offline, out, signals,
     from gru_lm import distributed
 
     distributed.start(world)
+    _check_same_settings(world, config, overrides, resume)
     if resume is not None:
         if name is not None:
             raise GruLmError(f"--name cannot rename a resumed run; drop --name (the run stays in "
@@ -133,6 +139,25 @@ def _train(world: World, config, overrides, name, resume, offline, out, signals,
             distributed.mark_launch(run.path)
         out.note(f"run directory: {run}{f' ({world.size} processes)' if world.active else ''}")
         return trainer.fit()
+
+
+def _check_same_settings(world: World, config, overrides: list[str],
+                         resume: Path | None) -> None:
+    """Every process must ask for the same training: a new run's config (after overrides),
+    or what a resume changes (its --config and overrides, as only process 0 reads the run)."""
+    from gru_lm import distributed
+    from gru_lm.config import apply_overrides, resolve_yaml
+
+    if not world.active:
+        return
+    if resume is None:
+        raw = load_new_config(config, overrides).to_dict()
+        distributed.check_same_settings(world, distributed.flat_settings(raw))
+        return
+    raw = resolve_yaml(config)[0] if isinstance(config, Path) else {}
+    raw = apply_overrides(raw, [o for o in overrides if not renames(o)])
+    distributed.check_same_settings(world, distributed.flat_settings(raw),
+                                    what="resumes with")
 
 
 def _elastic_restart(world: World, cfg: Config, name: str | None) -> Path | None:

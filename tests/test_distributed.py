@@ -232,7 +232,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _two_nodes(folders: list[Path], *args: str) -> list[subprocess.CompletedProcess]:
+def _two_nodes(folders: list[Path], *args: str, per_node: list[list[str]] | None = None
+               ) -> list[subprocess.CompletedProcess]:
     """`gru-lm train ARGS` as a job of two nodes, one process each: two torchrun launches
     with a c10d rendezvous on 127.0.0.1, each in its own folder (no shared disk) and with its
     own copy of the corpus. Node 0 is started first: c10d ranks the agents of one host by
@@ -244,7 +245,7 @@ def _two_nodes(folders: list[Path], *args: str) -> list[subprocess.CompletedProc
             [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
              "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-id", "gru-lm-test",
              "--rdzv-endpoint", f"127.0.0.1:{port}", "--max-restarts", "0",
-             "-m", "gru_lm", "train", *args],
+             "-m", "gru_lm", "train", *args, *(per_node[node] if per_node else [])],
             cwd=folder, env={**os.environ, "GRU_LM_DATA_DIR": str(folder / "data"),
                              "GRU_LM_OFFLINE": "1"},
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
@@ -267,6 +268,54 @@ def _node_folders(root: Path, data_dir: Path) -> list[Path]:
         shutil.copy(data_dir / "timemachine.txt", folder / "data" / "timemachine.txt")
         folders.append(folder)
     return folders
+
+
+def _settings(*overrides: str) -> dict:
+    from gru_lm.config import load_config
+    from gru_lm.distributed import flat_settings
+
+    root = Path(__file__).resolve().parents[1]
+    return flat_settings(load_config(root / "configs/tiny.yaml", list(overrides)).to_dict())
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_processes_whose_settings_differ_are_refused_naming_both_values(monkeypatch, rank):
+    from gru_lm import distributed
+    from gru_lm.errors import GruLmError
+
+    mine, theirs = _settings("train.max_steps=30"), _settings("train.max_steps=20")
+    monkeypatch.setattr(distributed, "gather", lambda world, obj: [
+        {"settings": mine, "host": "h0", "node": 0},
+        {"settings": theirs, "host": "h1", "node": 1}])
+    with pytest.raises(GruLmError) as e:
+        distributed.check_same_settings(distributed.World(rank, 2), mine)
+    said = str(e.value)
+    assert said.startswith("node 1 (host h1, process 1) has train.max_steps=20 where process 0 "
+                           "(node 0) has train.max_steps=30: every process"), said
+    assert "\n" not in said
+    assert getattr(e.value, "silent", False) == (rank != 0)  # process 0 alone says it
+
+
+def test_local_settings_may_differ_between_nodes():
+    a = _settings("train.threads=1", "data.cache_dir=/a", "run.name=x", "train.device=cpu")
+    b = _settings("train.threads=2", "data.cache_dir=/b", "run.runs_dir=elsewhere")
+    assert a == b
+    assert a != _settings("train.lr=0.05") and a != _settings("model.num_hiddens=64")
+    assert "train.lr" in a and "model.num_hiddens" in a and "data.max_tokens" in a
+
+
+@pytest.mark.slow
+def test_two_nodes_with_another_learning_rate_are_refused_before_the_first_step(
+        workdir, data_dir):
+    node0, node1 = _node_folders(workdir, data_dir)
+    opts = [*TINY, "--name", "two", "train.max_steps=20"]
+    r = _two_nodes([node0, node1], *opts, per_node=[["train.lr=0.01"], ["train.lr=0.05"]])
+    assert all(x.returncode != 0 for x in r)
+    said = [line for x in r for line in x.stderr.splitlines() if line.startswith("error:")]
+    assert len(said) == 1, [x.stderr[-2000:] for x in r]
+    assert "node 1" in said[0] and "train.lr=0.05 where process 0 (node 0) has train.lr=0.01" \
+        in said[0]
+    assert not (node0 / "runs/two").exists()
 
 
 @pytest.mark.slow
