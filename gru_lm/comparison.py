@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import math
+import os
 import re
 import statistics
 import time
@@ -238,14 +239,27 @@ class _Pool:
         import subprocess
         import sys
 
-        args = ["--resume", str(m.run.path)] if m.run.checkpoint().is_file() else \
+        from gru_lm.distributed import LAUNCHER
+
+        resuming = m.run.checkpoint().is_file()
+        args = ["--resume", str(m.run.path)] if resuming else \
             ["--config", str(m.config), "--name", m.name, *m.overrides]
         log = self.log(m)
-        with open(log, "w", encoding="utf-8") as f:  # (the child holds its own copy)
+        # A resumed member's output goes on after what it wrote before; a new one's replaces
+        # the log of an attempt that left no checkpoint.
+        with open(log, "a" if resuming else "w", encoding="utf-8") as f:
+            if resuming and f.tell():
+                f.write(f"--- resumed by gru-lm compare at {time.strftime('%Y-%m-%d %H:%M:%S')}"
+                        " ---\n")
+                f.flush()
+            # Its own session (a Ctrl-C at the terminal reaches it once, through stop()), and
+            # the parent-death signal (LAUNCHER): if this process dies, even by kill -9, the
+            # member saves a checkpoint and stops instead of training on unseen.
             p = subprocess.Popen(
                 [sys.executable, "-m", "gru_lm", "train", "--quiet", *args,
                  *(["--offline"] if self.offline else []), f"train.threads={self.threads}"],
-                stdout=f, stderr=subprocess.STDOUT, start_new_session=True)  # (own Ctrl-C)
+                stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+                env={**os.environ, LAUNCHER: str(os.getpid())})
         self.running[m.name] = (m, p, time.perf_counter())
         self.say(m, f"started ({self.threads} thread{'s' * (self.threads > 1)}, output in "
                     f"{log})")
@@ -615,7 +629,22 @@ def _ensemble_row(label: str, g: list[dict], weighted: bool = False) -> ResultRo
         if g[0]["test"] is not None else None,
         val_bpc_mean=None if val is None else math.log2(val), stopped_by=[],
         member_weights=None if weights is None else
-        {Path(r["dir"]).name: w for r, w in zip(g, weights, strict=True)})
+        dict(zip(distinct_names([Path(r["dir"]) for r in g]), weights, strict=True)))
+
+
+def distinct_names(paths: list[Path]) -> list[str]:
+    """A name for each run folder that tells it from the others: its own name, or as many of
+    its parent folders as it takes (runs/base and other/base: runs/base, other/base)."""
+    parts = [Path(os.path.abspath(p)).parts for p in paths]
+    depth = [1] * len(paths)
+    while True:
+        names = ["/".join(pp[-d:]) for pp, d in zip(parts, depth, strict=True)]
+        clash = {n for n in names if names.count(n) > 1}
+        grow = [i for i, n in enumerate(names) if n in clash and depth[i] < len(parts[i])]
+        if not grow:
+            return names
+        for i in grow:
+            depth[i] += 1
 
 
 def _write_report(result: Comparison, groups: dict[str, list[dict]], out: Path) -> None:

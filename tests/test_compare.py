@@ -150,6 +150,47 @@ def test_compare_jobs_trains_members_at_once_and_ctrl_c_stops_them_all(workdir):
     assert "tiny ensemble" not in r.stdout and "  ensemble" in r.stdout
     for s in (0, 1):
         assert Path(f"cj/tiny-s{s}/summary.json").is_file()
+        log = Path(f"cj/tiny-s{s}.log").read_text()  # appended to, not replaced
+        assert log.index("interrupted") < log.index("--- resumed by gru-lm compare at ")
+
+
+@pytest.mark.slow
+def test_no_member_outlives_a_compare_killed_by_kill_9(workdir):
+    """The members run in sessions of their own (a terminal's Ctrl-C must not reach them
+    twice), so nothing of a kill -9 reaches them but the parent-death signal: each saves a
+    checkpoint and stops."""
+    import subprocess
+    import sys
+    import time
+
+    args = ["compare", "configs/tiny.yaml", "--seeds", "2", "--jobs", "2", "--budget-s", "60",
+            "--out", "ck"]
+    proc = subprocess.Popen([sys.executable, "-m", "gru_lm", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    metrics = [Path(f"ck/tiny-s{s}/metrics.jsonl") for s in (0, 1)]
+    deadline = time.monotonic() + 120
+    while not all(m.is_file() and m.stat().st_size for m in metrics):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    children = [int(c) for c in
+                Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+    assert len(children) == 2
+    proc.kill()
+    proc.wait()
+
+    def alive(pid: int) -> bool:
+        try:
+            return "zombie" not in Path(f"/proc/{pid}/status").read_text()
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 60
+    while any(alive(pid) for pid in children):
+        assert time.monotonic() < deadline, "a member trained on after its parent died"
+        time.sleep(0.1)
+    for s in (0, 1):
+        assert Path(f"ck/tiny-s{s}/checkpoints/last.pt").is_file()
+        assert not Path(f"ck/tiny-s{s}/summary.json").exists()
 
 
 def test_compare_jobs_is_checked_and_a_failed_member_is_named(workdir, monkeypatch):
