@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 CONFIG ?= configs/gru-scratch.yaml
 PREFIX ?= time traveller
 
-.PHONY: install test lint typecheck train predict recipe bench clean
+.PHONY: install test test-compat lint typecheck train predict recipe bench clean
 
 install: $(STAMP)
 
@@ -26,6 +26,25 @@ typecheck: install
 
 test: install lint typecheck
 	$(PY) -m pytest
+
+# The other end of what pyproject.toml declares, as a Colab notebook has it: Python 3.13 and
+# torch 2.11, installed with a plain `pip install -e .` (no constraints file: the newest
+# releases of everything else), in a venv of its own. torch 2.11 for Python 3.13 comes from
+# PyPI as its CUDA build (about 5 GB with its CUDA libraries), which runs on the CPU.
+COMPAT_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3.13) \
+	$(shell command -v python3.13 2>/dev/null))
+COMPAT_TORCH ?= 2.11.0
+COMPAT_VENV := .venv-compat
+test-compat:
+	@test -n "$(COMPAT_PYTHON)" || { echo "make test-compat needs Python 3.13: install it \
+	(pyenv install 3.13) or name it with COMPAT_PYTHON=/path/to/python3.13" >&2; exit 2; }
+	test -x $(COMPAT_VENV)/bin/python || $(COMPAT_PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(COMPAT_VENV)/bin/python -m pip install --quiet "torch==$(COMPAT_TORCH)"
+	$(COMPAT_VENV)/bin/python -m pip install --quiet -e ".[dev]"
+	$(COMPAT_VENV)/bin/python -c "import sys, torch; print('compat:', sys.version.split()[0], \
+	'torch', torch.__version__)"
+	$(COMPAT_VENV)/bin/python -m pytest -p no:cacheprovider
 
 train: install
 	$(VENV)/bin/gru-lm train --config $(CONFIG)
@@ -50,4 +69,4 @@ bench: install
 	$(PY) benchmarks/ddp.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache build *.egg-info gru_lm/__pycache__ tests/__pycache__
+	rm -rf $(VENV) $(COMPAT_VENV) .pytest_cache .ruff_cache .mypy_cache build *.egg-info gru_lm/__pycache__ tests/__pycache__
