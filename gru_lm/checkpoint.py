@@ -57,6 +57,22 @@ def save_checkpoint(payload: dict[str, Any], path: Path) -> None:
     atomic_write_text(digest_path(path), f"{new}  {path.name}\n")
 
 
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
+
+
+def looks_like_checkpoint(path: Path) -> bool:
+    """Whether `path` could be a checkpoint: one gru-lm wrote (a .sha256 beside it; whatever is
+    wrong with it, load_checkpoint says) or a zip archive as torch.save writes, not a config
+    or a text given where a checkpoint belongs."""
+    if digest_path(path).exists():
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(ZIP_MAGIC)) == ZIP_MAGIC
+    except OSError:
+        return True  # (unreadable: load_checkpoint names the reason)
+
+
 def load_checkpoint(path: Path, map_location: str = "cpu") -> dict[str, Any]:
     """Load a checkpoint safely: hash-checked, weights_only, with errors naming the file."""
     import torch
@@ -68,6 +84,9 @@ def load_checkpoint(path: Path, map_location: str = "cpu") -> dict[str, Any]:
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes); use another checkpoint "
                               "(e.g. checkpoints/best.pt) or retrain")
+    if not looks_like_checkpoint(path):
+        raise CheckpointError(f"{path} is not a checkpoint (a .pt file gru-lm wrote); give "
+                              "one, e.g. RUN/checkpoints/best.pt")
     digests = _read_digests(path)
     if not digests and digest_path(path).exists():
         raise CheckpointError(f"checkpoint {path}: {digest_path(path).name} beside it is damaged "

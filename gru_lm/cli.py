@@ -277,6 +277,9 @@ def runs_cmd(runs_dir: RunsDirOpt = Path("runs")) -> None:
 # ---------------------------------------------------------------- predict / evaluate
 
 
+BIG_PREDICT = 1_000_000  # characters to draw beyond which predict says what it costs
+
+
 @app.command("predict", epilog=example(
     'gru-lm predict "time traveller"',
     'gru-lm predict "time traveller" --greedy',
@@ -321,9 +324,10 @@ def predict_cmd(
     default (the same text every time), or --greedy as the book; or write a poem in a form
     (--form, --acrostic), with or without a prefix."""
     from gru_lm.api import continue_text
+    from gru_lm.sampling import DEFAULT_CHARS
 
     poem = acrostic is not None or form is not None
-    drawn = num_samples * (num_chars if num_chars is not None else 50)
+    drawn = num_samples * (num_chars if num_chars is not None else DEFAULT_CHARS)
     if drawn >= BIG_PREDICT and not poem:
         err_console.print(
             f"note: {num_samples:,} samples × {drawn // num_samples:,} characters is {drawn:,} "
@@ -335,9 +339,6 @@ def predict_cmd(
                       top_p=top_p, seed=seed, greedy=greedy, unknown=unknown.value,
                       runs_dir=runs_dir, acrostic=acrostic, form=form)
     show_continuations(r)
-
-
-BIG_PREDICT = 1_000_000  # characters to draw beyond which predict says what it costs
 
 
 def _prefix(prefix: str | None, prefix_file: Path | None, optional: bool = False

@@ -21,7 +21,7 @@ from pydantic import (
 )
 
 from gru_lm.errors import ConfigError
-from gru_lm.utils import missing_reason
+from gru_lm.utils import flatten, missing_reason
 
 # Every number has a range: floats are finite (pydantic refuses inf/nan), counts fit a 64-bit
 # integer, and sizes stop where a run could no longer start (memory is checked by the models).
@@ -106,7 +106,7 @@ class ModelConfig(_Section):
         0.0, ge=0, lt=1, description="DropConnect on the recurrent weights W_h* (AWD-LSTM)"
     )
     # option=True: a key only some models take (each model's `options` names the ones it
-    # does; recurrent.OPTIONS lists them all, read from these marks).
+    # does; MODEL_OPTIONS lists them all, read from these marks).
     embed_dropout: float = Field(
         0.0, ge=0, lt=1, description="drop whole characters from the input embedding",
         json_schema_extra={"option": True}
@@ -172,15 +172,21 @@ class ModelConfig(_Section):
         return v
 
 
+# Model keys that only some models take (the fields marked as options above); each model lists
+# the ones it takes in its `options`.
+MODEL_OPTIONS = tuple(
+    k for k, f in ModelConfig.model_fields.items()
+    if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("option"))
+
+
 def model_needs_checks(m: ModelConfig) -> bool:
     """Whether the model's own checks (models.check_model_config, which loads the model code
     and torch) could refuse anything in `m`: the Mogrifier has checks of its own, every other
     model refuses only options set away from their defaults. So `config show` of a plain config
     stays quick and imports no torch."""
-    options = [k for k, f in ModelConfig.model_fields.items()
-               if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("option")]
     return m.name == "mogrifier" or any(
-        getattr(m, k) != ModelConfig.model_fields[k].default for k in options)
+        getattr(m, k) != ModelConfig.model_fields[k].default for k in MODEL_OPTIONS)
+
 
 class TrainConfig(_Section):
     optimizer: Literal["sgd", "adam", "adamw"] = Field("adam", description="optimizer")
@@ -507,22 +513,14 @@ def _merge_into(node: dict[str, Any], key: str, value: Any) -> None:
 def override_keys(overrides: list[str]) -> list[str]:
     """The dotted keys a list of overrides sets: `train.lr=0.5` sets train.lr, and
     `train={lr: 0.5, max_steps: 5}` sets train.lr and train.max_steps."""
-    keys = []
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict) and value:
-            for k, v in value.items():
-                walk(f"{prefix}.{k}", v)
-        else:
-            keys.append(prefix)
-
+    keys: list[str] = []
     for item in overrides:
         key, _, value = item.partition("=")
         try:
             parsed = load_yaml(value) if value.strip() else None
         except (yaml.YAMLError, ValueError, RecursionError):
             parsed = None
-        walk(key.strip(), parsed)
+        keys += flatten({key.strip(): parsed})
     return keys
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from gru_lm.errors import GruLmError
+from gru_lm.utils import flatten
 
 
 @dataclass(frozen=True)
@@ -232,17 +233,7 @@ LOCAL_KEYS = ("data.path", "data.cache_dir", "train.threads", "train.device",
 
 def flat_settings(raw: dict[str, Any]) -> dict[str, Any]:
     """A config dict as {dotted key: value}, without the LOCAL_KEYS."""
-    out: dict[str, Any] = {}
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict) and value:
-            for k, v in value.items():
-                walk(f"{prefix}.{k}" if prefix else str(k), v)
-        elif prefix not in LOCAL_KEYS:
-            out[prefix] = value
-
-    walk("", raw)
-    return out
+    return {k: v for k, v in flatten(raw).items() if k not in LOCAL_KEYS}
 
 
 def check_same_settings(world: World, settings: dict[str, Any], what: str = "has") -> None:

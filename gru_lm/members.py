@@ -54,24 +54,12 @@ def locate(path: str | Path | None, runs_dir: str | Path = "runs") -> Located:
     return Located(RunDir(folder), p)
 
 
-ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
-
-
 def check_checkpoint_file(p: Path) -> None:
-    """Refuse, by its first bytes, a file that is not a checkpoint (a config, a text) given
-    where a run or a checkpoint belongs. A file with a .sha256 beside it is one gru-lm wrote:
-    load_checkpoint says what is wrong with it, if anything."""
-    from gru_lm.checkpoint import digest_path
+    """Refuse a file that is not a checkpoint (a config, a text) given where a run or a
+    checkpoint belongs, saying what to give instead."""
+    from gru_lm.checkpoint import looks_like_checkpoint
 
-    if digest_path(p).exists():
-        return
-    try:
-        with open(p, "rb") as f:
-            head = f.read(len(ZIP_MAGIC))
-    except OSError as e:
-        raise GruLmError(f"cannot read {p} ({e.strerror}); give a run folder (see `gru-lm "
-                         "runs`) or a checkpoint file") from None
-    if head != ZIP_MAGIC:
+    if not looks_like_checkpoint(p):
         hint = (f"; a config trains a new run: gru-lm train --config {p}"
                 if p.suffix.lower() in (".yaml", ".yml") else "")
         raise GruLmError(f"{p} is not a run folder or a checkpoint (a .pt file gru-lm wrote)"

@@ -13,7 +13,6 @@ from gru_lm.config import ModelConfig
 from gru_lm.errors import ConfigError
 from gru_lm.recurrent import (  # noqa: F401  (the interface, for callers of gru_lm.models)
     _REGISTRY,
-    OPTIONS,
     LayerWeights,
     RecurrentLM,
     State,

@@ -24,15 +24,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gru_lm.cells import TorchPath
-from gru_lm.config import ModelConfig
+from gru_lm.config import MODEL_OPTIONS, ModelConfig
 from gru_lm.errors import GruLmError
 
 State = Tensor | tuple[Tensor, ...]
 
-# Config keys that only some models take (the ModelConfig fields marked as options); each
-# model lists the ones it takes in `options`.
-OPTIONS = tuple(k for k, f in ModelConfig.model_fields.items()
-                if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("option"))
 
 _REGISTRY: dict[str, type[RecurrentLM]] = {}
 
@@ -217,7 +213,7 @@ class RecurrentLM(nn.Module):
     registry_name: str = ""
     description: str = ""
     num_states: int = 1  # 2 for LSTMs: (H, C)
-    options: frozenset[str] = frozenset()  # the keys of OPTIONS this model takes
+    options: frozenset[str] = frozenset()  # the keys of MODEL_OPTIONS this model takes
 
     def __init__(self, cfg: ModelConfig, vocab_size: int):
         super().__init__()
@@ -240,7 +236,7 @@ class RecurrentLM(nn.Module):
         if cfg.tie_weights and cfg.softmax == "adaptive":
             problems.append("model.tie_weights: the adaptive softmax has no one output matrix "
                             "to share with the embedding; drop one of the two")
-        for key in OPTIONS:
+        for key in MODEL_OPTIONS:
             if key in cls.options or getattr(cfg, key) == ModelConfig.model_fields[key].default:
                 continue
             takers = [n for n, c in _REGISTRY.items() if key in c.options]

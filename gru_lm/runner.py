@@ -97,8 +97,8 @@ def _train(world: World, config, overrides, name, resume, offline, out, signals,
     from gru_lm import distributed
 
     distributed.start(world)
-    _check_same_settings(world, config, overrides, resume)
     if resume is not None:
+        _check_same_resume(world, config, overrides)
         if name is not None:
             raise GruLmError(f"--name cannot rename a resumed run; drop --name (the run stays in "
                              f"{resume})")
@@ -120,6 +120,8 @@ def _train(world: World, config, overrides, name, resume, offline, out, signals,
             out.note(f"resuming {run} at step {trainer.progress.step}")
             return trainer.fit()
     cfg = load_new_config(config, overrides)
+    # Every process must ask for the same training, before the first step.
+    distributed.check_same_settings(world, distributed.flat_settings(cfg.to_dict()))
     config = config if isinstance(config, Path) else None  # (its name names the run)
     restarted = _elastic_restart(world, cfg, name)
     if restarted is not None:  # torchrun restarted this launch: go on where it stopped
@@ -141,18 +143,13 @@ def _train(world: World, config, overrides, name, resume, offline, out, signals,
         return trainer.fit()
 
 
-def _check_same_settings(world: World, config, overrides: list[str],
-                         resume: Path | None) -> None:
-    """Every process must ask for the same training: a new run's config (after overrides),
-    or what a resume changes (its --config and overrides, as only process 0 reads the run)."""
+def _check_same_resume(world: World, config, overrides: list[str]) -> None:
+    """Every process of a resume must change the same settings (its --config and overrides;
+    only process 0 reads the run itself)."""
     from gru_lm import distributed
     from gru_lm.config import apply_overrides, resolve_yaml
 
     if not world.active:
-        return
-    if resume is None:
-        raw = load_new_config(config, overrides).to_dict()
-        distributed.check_same_settings(world, distributed.flat_settings(raw))
         return
     raw = resolve_yaml(config)[0] if isinstance(config, Path) else {}
     raw = apply_overrides(raw, [o for o in overrides if not renames(o)])

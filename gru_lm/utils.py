@@ -9,7 +9,19 @@ import signal
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
+
+
+def flatten(raw: dict[str, Any]) -> dict[str, Any]:
+    """A nested config dict as {dotted key: value}: {"train": {"lr": 0.5}} is
+    {"train.lr": 0.5} (an empty mapping is a value of its own)."""
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if isinstance(value, dict) and value:
+            out.update({f"{key}.{k}": v for k, v in flatten(value).items()})
+        else:
+            out[str(key)] = value
+    return out
 
 
 def missing_reason(path: str | Path) -> str:

@@ -418,6 +418,11 @@ def test_a_file_that_is_no_checkpoint_is_called_not_a_run(tiny_run):
         assert ".sha256" not in r.output
         with pytest.raises(gru_lm.GruLmError, match="is not a run folder or a checkpoint"):
             gru_lm.load(bad)
+    # where a checkpoint is loaded (train.init_from, --resume), not its missing .sha256 either
+    from gru_lm.checkpoint import load_checkpoint
+
+    with pytest.raises(gru_lm.GruLmError, match=r"configs/tiny.yaml is not a checkpoint \("):
+        load_checkpoint(Path("configs/tiny.yaml"))
 
 
 def test_a_symbolic_link_loop_is_named_as_one(tiny_run):

@@ -218,9 +218,10 @@ def test_options_for_other_models_are_refused():
 
 @pytest.mark.parametrize("name", list_models())
 def test_every_model_declares_only_known_options(name):
-    from gru_lm.models import OPTIONS, model_class
+    from gru_lm.config import MODEL_OPTIONS
+    from gru_lm.models import model_class
 
-    assert model_class(name).options <= set(OPTIONS)
+    assert model_class(name).options <= set(MODEL_OPTIONS)
     for key in model_class(name).options:  # and each declared option is accepted
         kwargs = {"reset_after": {"reset_after": True}, "forget_bias": {"forget_bias": 1.0},
                   "embed_dim": {"embed_dim": 16},
