@@ -17,9 +17,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
 
-_API = ("Comparison", "Continuations", "CorpusInfo", "Evaluation", "Gates", "ModelInfo", "Run",
-        "RunInfo", "compare", "config_sources", "continue_text", "corpus_info", "evaluate",
-        "gates", "list_models", "load", "plot", "resolve_config", "runs", "train")
+_API = ("Comparison", "Continuations", "CorpusInfo", "Decoding", "Evaluation", "Exported",
+        "Gates", "ModelInfo", "Run", "RunInfo", "compare", "config_sources", "continue_text",
+        "corpus_info", "evaluate", "export", "gates", "list_models", "load", "plot",
+        "resolve_config", "runs", "train")
 __all__ = ["GruLmError", "__version__", *_API]
 
 

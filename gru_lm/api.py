@@ -18,8 +18,9 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Unpack
 
+from gru_lm.decoding import Decoding, DecodingOptions, decoding_of
 from gru_lm.errors import GruLmError
 from gru_lm.members import Member, load_member, locate
 from gru_lm.rundir import RunDir
@@ -67,12 +68,19 @@ def _checked(fn):
                      else value.items() if kind is inspect.Parameter.VAR_KEYWORD
                      else [(name, value)])
             for key, v in named:
+                adapter = adapters[name]
+                wanted = sig.parameters[name].annotation
+                if isinstance(adapter, dict):  # **options: Unpack[a TypedDict]
+                    if key not in adapter:
+                        raise GruLmError(f"gru_lm.{where}: no argument {key}=; it takes "
+                                         f"{', '.join(adapter)}; see help(gru_lm.{where})")
+                    adapter, wanted = adapter[key]
                 try:
-                    adapters[name].validate_python(v, strict=True)
+                    adapter.validate_python(v, strict=True)
                 except ValidationError:
                     raise GruLmError(
                         f"gru_lm.{where}: {key}={short(v, 40)} is {_a(type(v).__name__)}, not "
-                        f"{sig.parameters[name].annotation}; see help(gru_lm.{where})"
+                        f"{wanted}; see help(gru_lm.{where})"
                     ) from None
         return fn(*args, **kwargs)
 
@@ -81,17 +89,31 @@ def _checked(fn):
 
 def _adapters(fn, sig) -> dict[str, Any]:
     """A pydantic TypeAdapter for each annotated argument of `fn` (its annotations are text:
-    this module has `from __future__ import annotations`)."""
+    this module has `from __future__ import annotations`); for **options: Unpack[a
+    TypedDict], {key: (adapter, its type's name)} of the TypedDict's keys."""
+    import typing
+
     from pydantic import ConfigDict, TypeAdapter
 
-    out = {}
+    config = ConfigDict(arbitrary_types_allowed=True)
+    out: dict[str, Any] = {}
     for name, p in sig.parameters.items():
-        if p.annotation is p.empty or name == "self":
+        if p.annotation is p.empty or name in ("self", "decoding"):  # (decoding_of checks it)
             continue
         hint = eval(p.annotation, fn.__globals__) if isinstance(p.annotation, str) \
             else p.annotation  # (annotations of this module's own signatures only)
-        out[name] = TypeAdapter(hint, config=ConfigDict(arbitrary_types_allowed=True))
+        if typing.get_origin(hint) is Unpack:
+            (typed,) = typing.get_args(hint)
+            out[name] = {key: (TypeAdapter(t, config=config), _type_name(t))
+                         for key, t in typing.get_type_hints(typed).items()}
+        else:
+            out[name] = TypeAdapter(hint, config=config)
     return out
+
+
+def _type_name(t: Any) -> str:
+    """`float | None`, `bool`: a type as it is written."""
+    return t.__name__ if isinstance(t, type) else str(t)
 
 
 def _a(noun: str) -> str:
@@ -297,57 +319,70 @@ class Run:
 
     @_checked
     def predict(self, prefix: str | None = None, num_chars: int | None = None, *,
-                temperature: float | None = None, top_k: int | None = None,
-                top_p: float | None = None, seed: int | None = None, greedy: bool = False,
-                unknown: str = "error", acrostic: str | None = None,
-                form: str | None = None) -> str:
+                unknown: str = "error", decoding: Decoding | None = None,
+                **options: Unpack[DecodingOptions]) -> str:
         """The prefix and its continuation, as the book's predict_ch8: sampled at
-        temperature 0.6 with seed 0 unless told otherwise, or greedy (argmax); 50
-        characters, or a poem in a form (`form`: 五绝, 七绝, 五律, 七律; `acrostic`: the
-        characters that start its lines, 藏头诗), which needs no prefix."""
-        return self.samples(prefix, 1, num_chars, temperature=temperature, top_k=top_k,
-                            top_p=top_p, seed=seed, greedy=greedy, unknown=unknown,
-                            acrostic=acrostic, form=form)[0]
+        temperature 0.6 with seed 0 unless told otherwise (temperature=, top_k=, top_p=,
+        seed=), greedy=True (argmax), or beam=K (the likeliest of K beams); 50 characters,
+        or a poem in a form (`form`: 五绝, 七绝, 五律, 七律; `acrostic`: the characters that
+        start its lines, 藏头诗), which needs no prefix. no_repeat=N: no N characters twice
+        in a row. `decoding`: a gru_lm.Decoding holding all of these instead."""
+        d = decoding_of(decoding, num_chars, 1, options)
+        return self.continuations(prefix, unknown=unknown, decoding=d).texts[0]
 
     @_checked
-    def samples(self, prefix: str | None = None, num_samples: int = 3,
-                num_chars: int | None = None, *, temperature: float | None = None,
-                top_k: int | None = None, top_p: float | None = None,
-                seed: int | None = None, greedy: bool = False, unknown: str = "error",
-                acrostic: str | None = None, form: str | None = None) -> list[str]:
-        """`num_samples` continuations of `prefix`, each with the prefix before it."""
-        prompt, outs, _ = self.continuations(prefix, num_samples, num_chars,
-                                             temperature=temperature, top_k=top_k,
-                                             top_p=top_p, seed=seed, greedy=greedy,
-                                             unknown=unknown, acrostic=acrostic, form=form)
-        return [prompt + o for o in outs]
+    def samples(self, prefix: str | None = None, num_samples: int | None = None,
+                num_chars: int | None = None, *, unknown: str = "error",
+                decoding: Decoding | None = None, **options: Unpack[DecodingOptions]
+                ) -> list[str]:
+        """`num_samples` continuations of `prefix` (default 3; with beam=K, the K beams best
+        first), each with the prefix before it; the options are Run.predict's."""
+        if num_samples is None:
+            num_samples = 1 if options.get("beam") is not None else 3
+        d = decoding_of(decoding, num_chars, num_samples, options)
+        return self.continuations(prefix, unknown=unknown, decoding=d).texts
 
     @_checked
     def continuations(self, prefix: str | None = None, num_samples: int = 1,
-                      num_chars: int | None = None, *, temperature: float | None = None,
-                      top_k: int | None = None, top_p: float | None = None,
-                      seed: int | None = None, greedy: bool = False, unknown: str = "error",
-                      acrostic: str | None = None, form: str | None = None
-                      ) -> tuple[str, list[str], Any]:
+                      num_chars: int | None = None, *, unknown: str = "error",
+                      decoding: Decoding | None = None, **options: Unpack[DecodingOptions]
+                      ) -> Continuations:
         """The prefix as the model read it ("" for a poem started without one), the
-        continuations alone, and how they were drawn (sampling.Sampling, whose note says
-        which defaults were taken)."""
-        from gru_lm.sampling import encode_prefix, generate, poem_context, poem_writer
+        continuations alone, how they were drawn (a Decoding, whose note says which defaults
+        were taken) and, for beams, each one's mean log-loss; the options are Run.predict's."""
+        d = decoding_of(decoding, num_chars, num_samples, options)
+        _check_prompt(prefix, d, unknown)
+        return self._continue(prefix, d, unknown)
 
-        how = _sampling(prefix, num_samples, num_chars, temperature, top_k, top_p, seed,
-                        greedy, unknown, acrostic, form)
+    def _continue(self, prefix: str | None, d: Decoding, unknown: str = "error",
+                  deadline: float | None = None) -> Continuations:
+        """continuations, with its arguments checked (`deadline`: a time.monotonic() past
+        which it stops with sampling.TimedOut, as the server bounds a request)."""
+        from gru_lm.sampling import (
+            beam_search,
+            encode_prefix,
+            generate,
+            poem_context,
+            poem_writer,
+        )
+
         cfg, vocab, model = self._model()
-        poem = poem_writer(how.poem, vocab, cfg.data, num_samples)
+        poem = poem_writer(d.poem, vocab, cfg.data, d.num_samples)
         skip = unknown == "skip"
         if poem is not None:
             ids, skipped = poem_context(prefix, vocab, cfg.data, poem, skip)
         else:
-            assert prefix is not None  # (_sampling refused a missing one)
+            assert prefix is not None  # (_check_prompt refused a missing one)
             ids, skipped = encode_prefix(prefix, vocab, cfg.data, skip)
-        outs = generate(model, ids, how.num_chars, temperature=how.temperature, top_k=top_k,
-                        top_p=top_p, num_samples=num_samples, seed=how.seed, poem=poem)
+        losses = None
+        if d.beam is not None:
+            beams = beam_search(model, ids, d, deadline=deadline)
+            outs, losses = [b.ids for b in beams], [b.log_loss for b in beams]
+        else:
+            outs = generate(model, ids, d, poem=poem, deadline=deadline)
         shown = "" if prefix is None or not prefix.strip() else vocab.decode(ids)
-        return shown, [vocab.decode(o) for o in outs], dataclasses.replace(how, skipped=skipped)
+        return Continuations(shown, [vocab.decode(o) for o in outs], d, self.checkpoint,
+                             skipped=skipped, log_losses=losses)
 
     @_checked
     def evaluate(self, split: str = "test", *, text: str | Path | None = None,
@@ -389,67 +424,56 @@ class Run:
         return html_table(f"run {self.path.name}", ["", ""], rows)
 
 
-def _sampling(prefix: str | None, num_samples: int, num_chars: int | None,
-              temperature: float | None, top_k: int | None, top_p: float | None,
-              seed: int | None, greedy: bool, unknown: str, acrostic: str | None = None,
-              form: str | None = None):
-    """Every sampling argument checked (before any checkpoint is looked for), and how the
-    samples will be drawn (sampling.Sampling)."""
-    from gru_lm.poems import poem_form
-    from gru_lm.sampling import (
-        DEFAULT_CHARS,
-        check_prefix,
-        check_sampling_args,
-        sampling_settings,
-    )
+def _check_prompt(prefix: str | None, d: Decoding, unknown: str) -> None:
+    """The prefix and --unknown checked against the decoding (before any checkpoint is
+    looked for)."""
+    from gru_lm.sampling import check_prefix
 
     if unknown not in ("error", "skip"):
         raise GruLmError(f"--unknown {unknown!r}: give 'error' or 'skip'")
-    poem = poem_form(acrostic, form)
-    if prefix is None and poem is None:
+    if prefix is None and d.poem is None:
         raise GruLmError("give a prefix to continue, e.g. \"time traveller\" (only a poem in "
                          "a form, form= or acrostic=, starts without one)")
-    if prefix is not None and (poem is None or prefix.strip()):  # (a poem needs none)
+    if prefix is not None and (d.poem is None or prefix.strip()):  # (a poem needs none)
         check_prefix(prefix)
-    if poem is not None and num_chars is not None:
-        raise GruLmError(f"--num-chars {num_chars} means nothing with "
-                         f"{'--form' if form is not None else '--acrostic'}: the form sets "
-                         "the poem's length; drop one of the two")
-    num_chars = DEFAULT_CHARS if num_chars is None else num_chars
-    check_sampling_args(num_chars, temperature, top_k, top_p, num_samples, seed)
-    how = sampling_settings(greedy, temperature, top_k, top_p, num_samples, seed)
-    return dataclasses.replace(how, num_chars=num_chars, poem=poem)
 
 
 @dataclass
 class Continuations:
     """What `gru-lm predict` prints: the prefix as the model read it, the continuations
-    alone, how they were drawn, and the checkpoint (`newest`: no run was named)."""
+    alone, how they were drawn (a Decoding), the prefix characters dropped (unknown="skip"),
+    each beam's mean log-loss in nats per character (beam search only), and the checkpoint
+    (`newest`: no run was named, the newest was taken)."""
 
     prompt: str
     outputs: list[str]
-    how: Any  # sampling.Sampling
+    decoding: Decoding
     checkpoint: Path
-    newest: bool
+    skipped: int = 0
+    log_losses: list[float] | None = None
+    newest: bool = False
+
+    @property
+    def texts(self) -> list[str]:
+        """Each continuation after the prefix."""
+        return [self.prompt + o for o in self.outputs]
 
 
 @_checked
 def continue_text(prefix: str | None = None, run: str | Path | None = None,
                   num_samples: int = 1, num_chars: int | None = None, *,
-                  temperature: float | None = None, top_k: int | None = None,
-                  top_p: float | None = None, seed: int | None = None, greedy: bool = False,
                   unknown: str = "error", runs_dir: str | Path = "runs",
-                  acrostic: str | None = None, form: str | None = None) -> Continuations:
+                  decoding: Decoding | None = None, **options: Unpack[DecodingOptions]
+                  ) -> Continuations:
     """Continue `prefix` with a run or checkpoint (None: the newest run under runs_dir), or
-    write a poem in a form (`form`, `acrostic`: see Run.predict); the arguments are checked
-    before any run is looked for."""
-    _sampling(prefix, num_samples, num_chars, temperature, top_k, top_p, seed, greedy, unknown,
-              acrostic, form)
+    write a poem in a form; the options are Run.predict's, checked before any run is looked
+    for."""
+    d = decoding_of(decoding, num_chars, num_samples, options)
+    _check_prompt(prefix, d, unknown)
     where = locate(run, runs_dir)
-    prompt, outs, how = Run(where.run.path, checkpoint=where.checkpoint).continuations(
-        prefix, num_samples, num_chars, temperature=temperature, top_k=top_k, top_p=top_p,
-        seed=seed, greedy=greedy, unknown=unknown, acrostic=acrostic, form=form)
-    return Continuations(prompt, outs, how, where.checkpoint, where.newest)
+    r = Run(where.run.path, checkpoint=where.checkpoint).continuations(
+        prefix, unknown=unknown, decoding=d)
+    return dataclasses.replace(r, checkpoint=where.checkpoint, newest=where.newest)
 
 
 def _gate_args(text: str, units: int, figure: bool) -> None:
@@ -480,6 +504,40 @@ def gates(text: str, run: str | Path | None = None, layer: int = 0, units: int =
     trained = Run(where.run.path, checkpoint=where.checkpoint)
     return Gates(trained.gates(text, layer, units, figure=figure), trained, where.checkpoint,
                  where.newest)
+
+
+@dataclass
+class Exported:
+    """What `gru-lm export` wrote: the folder, the format and its files."""
+
+    folder: Path
+    format: str
+    files: list[Path]
+    checkpoint: Path
+    newest: bool = False
+
+
+@_checked
+def export(run: str | Path | None = None, format: str = "safetensors",
+           out: str | Path | None = None, *, runs_dir: str | Path = "runs") -> Exported:
+    """Write a run (None: the newest under runs_dir) as `format` into the folder `out`
+    (default exports/RUN-FORMAT): "safetensors" (weights, config.json, vocab.json and a model
+    card; gru_lm.load() reads the folder back) or "onnx" (a one-step graph, model.onnx, with
+    the same JSON files). Needs the export extra: pip install "gru-lm[export]"."""
+    from gru_lm.exporting import FORMATS, model_card, write_export
+    from gru_lm.recurrent import count_parameters
+
+    if format not in FORMATS:
+        raise GruLmError(f"--format {format!r}: give one of {', '.join(FORMATS)}")
+    where = locate(run, runs_dir)
+    name = where.run.path.resolve().name
+    folder = Path(out) if out is not None else Path("exports") / f"{name}-{format}"
+    m = load_member(where.checkpoint)
+    summary = Run(where.run.path, checkpoint=where.checkpoint).summary
+    card = model_card(name, m.cfg, m.vocab, count_parameters(m.model), summary, format,
+                      where.checkpoint)
+    files = write_export(format, folder, m.cfg, m.vocab, m.model, card)
+    return Exported(folder, format, files, where.checkpoint, where.newest)
 
 
 @_checked
@@ -638,6 +696,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'gru_lm.api' has no attribute {name!r}")
 
 
-__all__ = ["Comparison", "Continuations", "CorpusInfo", "Evaluation", "Gates", "ModelInfo",
-           "Run", "RunInfo", "compare", "config_sources", "continue_text", "corpus_info",
-           "evaluate", "gates", "list_models", "load", "plot", "resolve_config", "runs", "train"]
+__all__ = ["Comparison", "Continuations", "CorpusInfo", "Decoding", "Evaluation", "Exported",
+           "Gates", "ModelInfo", "Run", "RunInfo", "compare", "config_sources", "continue_text",
+           "corpus_info", "evaluate", "export", "gates", "list_models", "load", "plot",
+           "resolve_config", "runs", "train"]

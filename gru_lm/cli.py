@@ -32,6 +32,7 @@ from gru_lm.views import (
     show_continuations,
     show_corpus,
     show_evaluation,
+    show_export,
     show_gates,
     show_models,
     show_runs,
@@ -70,6 +71,11 @@ RunsDirOpt = Annotated[Path, typer.Option("--runs-dir", metavar="DIR", help="Whe
 class UnknownChars(StrEnum):
     error = "error"
     skip = "skip"
+
+
+class ExportFormat(StrEnum):
+    safetensors = "safetensors"
+    onnx = "onnx"
 
 
 class Split(StrEnum):
@@ -286,6 +292,7 @@ BIG_PREDICT = 1_000_000  # characters to draw beyond which predict says what it 
     'gru-lm predict "the machine" -n 200 --num-samples 3 --seed 1',
     "gru-lm predict --prefix-file chapter1.txt --run runs/lstm-20261123-101500",
     "echo 'the time' | gru-lm predict --prefix-file - --temperature 0.8 --top-p 0.95",
+    'gru-lm predict "the time machine" --beam 5 --no-repeat 4',
     "gru-lm predict --acrostic 春夏秋冬 --form 五绝 --run runs/tang"))
 @handle_errors
 def predict_cmd(
@@ -309,6 +316,12 @@ def predict_cmd(
     greedy: Annotated[bool, typer.Option(
         "--greedy", help="Take the likeliest character every time (the book's predict_ch8).")
                       ] = False,
+    beam: Annotated[int | None, typer.Option(
+        "--beam", metavar="K", help="Beam search: the K likeliest continuations, best first, "
+        "each with its mean log-loss (nats per character).", show_default=False)] = None,
+    no_repeat: Annotated[int | None, typer.Option(
+        "--no-repeat", metavar="N", help="No N characters in a row twice in a continuation "
+        "(beam search loops without it).", show_default=False)] = None,
     unknown: Annotated[UnknownChars, typer.Option(
         help="Prefix characters the corpus lacks: error (list them) or skip (drop them).")
                        ] = UnknownChars.error,
@@ -321,10 +334,10 @@ def predict_cmd(
     runs_dir: RunsDirOpt = Path("runs"),
 ) -> None:
     """Continue a prefix with a trained model: sampled at temperature 0.6 with seed 0 by
-    default (the same text every time), or --greedy as the book; or write a poem in a form
-    (--form, --acrostic), with or without a prefix."""
+    default (the same text every time), --greedy as the book, or --beam K; or write a poem
+    in a form (--form, --acrostic), with or without a prefix."""
     from gru_lm.api import continue_text
-    from gru_lm.sampling import DEFAULT_CHARS
+    from gru_lm.decoding import DEFAULT_CHARS
 
     poem = acrostic is not None or form is not None
     drawn = num_samples * (num_chars if num_chars is not None else DEFAULT_CHARS)
@@ -335,9 +348,10 @@ def predict_cmd(
             "the last is done (Ctrl-C stops it)",
             highlight=False, soft_wrap=True)
     r = continue_text(_prefix(prefix, prefix_file, optional=poem), _one_of(run, checkpoint),
-                      num_samples, num_chars, temperature=temperature, top_k=top_k,
-                      top_p=top_p, seed=seed, greedy=greedy, unknown=unknown.value,
-                      runs_dir=runs_dir, acrostic=acrostic, form=form)
+                      num_samples, num_chars, unknown=unknown.value, runs_dir=runs_dir,
+                      temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                      greedy=greedy, beam=beam, no_repeat=no_repeat, acrostic=acrostic,
+                      form=form)
     show_continuations(r)
 
 
@@ -523,6 +537,76 @@ def gates_cmd(
     g = gates(text, _one_of(run, checkpoint), layer, units, figure=png is not None,
               runs_dir=runs_dir)
     show_gates(g, layer, png, json_out)
+
+
+# ---------------------------------------------------------------- a model that leaves gru-lm
+
+
+@app.command("export", epilog=example(
+    "gru-lm export runs/lstm-20261123-101500",
+    "gru-lm export runs/lstm-20261123-101500 --format onnx --out lstm-onnx",
+    "gru-lm predict \"time traveller\" --run exports/lstm-20261123-101500-safetensors"))
+@handle_errors
+def export_cmd(
+    run: Annotated[str | None, typer.Argument(
+        help="Run folder or checkpoint (default: the newest run).",
+        show_default=False)] = None,
+    fmt: Annotated[ExportFormat, typer.Option(
+        "--format", help="safetensors: weights + config + vocabulary + model card, no pickle "
+        "(gru-lm loads it again); onnx: a one-step graph for onnxruntime.")
+                   ] = ExportFormat.safetensors,
+    out: Annotated[Path | None, typer.Option(
+        "--out", metavar="DIR", help="Folder to write (default exports/RUN-FORMAT); an "
+        "earlier export there is replaced.", show_default=False)] = None,
+    runs_dir: RunsDirOpt = Path("runs"),
+) -> None:
+    """Write a trained model for use outside gru-lm: safetensors or ONNX (needs the export
+    extra: pip install "gru-lm\\[export]")."""
+    from gru_lm.api import export
+
+    show_export(export(run, fmt.value, out, runs_dir=runs_dir))
+
+
+@app.command("serve", epilog=example(
+    "gru-lm serve runs/lstm-20261123-101500",
+    "gru-lm serve exports/lstm-20261123-101500-safetensors --port 8080 --max-concurrent 8"))
+@handle_errors
+def serve_cmd(
+    run: Annotated[str | None, typer.Argument(
+        help="Run folder, checkpoint or safetensors export (default: the "
+        "newest run).", show_default=False)] = None,
+    host: Annotated[str, typer.Option(
+        help="Address to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port (0: any free one).")] = 8000,
+    max_concurrent: Annotated[int, typer.Option(
+        help="Generations at a time; past it a request gets HTTP 429.")] = 4,
+    max_chars: Annotated[int, typer.Option(
+        help="Most characters a request may ask for.")] = 2_000,
+    max_prefix: Annotated[int, typer.Option(
+        help="Longest prefix (or text for the gates), in characters.")] = 10_000,
+    max_samples: Annotated[int, typer.Option(
+        help="Most samples (or beams) a request may ask for.")] = 8,
+    timeout: Annotated[float, typer.Option(
+        help="Seconds a generation may take; past it HTTP 504.")] = 30.0,
+    threads: Annotated[int | None, typer.Option(
+        help="CPU threads for the model (default: torch's).", show_default=False)] = None,
+    runs_dir: RunsDirOpt = Path("runs"),
+) -> None:
+    """Serve a trained model: a JSON API (OpenAPI docs at /docs) and a web page that
+    continues a prefix as it is drawn and shows its gates (needs the serve extra: pip
+    install "gru-lm\\[serve]")."""
+    from gru_lm.server import LOOPBACK, Limits, serve
+
+    limits = Limits(max_prefix, max_chars, max_samples, max_concurrent, timeout)
+    if host not in LOOPBACK:
+        err_console.print(f"note: listening on {host}: other machines can reach this server "
+                          "(it has no authentication)", highlight=False, soft_wrap=True)
+
+    def ready(url: str) -> None:
+        err_console.print(f"serving on {url} (the page; the API's docs at {url}/docs); "
+                          "Ctrl-C stops it", highlight=False, soft_wrap=True)
+
+    serve(run, host, port, limits, runs_dir=runs_dir, threads=threads, ready=ready)
 
 
 def main() -> None:

@@ -704,8 +704,12 @@ def write_samples(groups: dict[str, list[dict]], path: Path) -> None:
     write_output(path, lambda f: f.write("\n".join(lines)), "w")
 
 
+SAMPLE_CHARS = 80  # characters of each continuation in samples.md
+
+
 def _sample_lines(m, corpus) -> list[str]:
-    from gru_lm.sampling import DEFAULT_TEMPERATURE, encode_prefix, generate, run_prefixes
+    from gru_lm.decoding import DEFAULT_TEMPERATURE, Decoding
+    from gru_lm.sampling import encode_prefix, generate, run_prefixes
 
     cfg, vocab, lines = m.cfg, m.vocab, []
     for prefix in run_prefixes(cfg, corpus):
@@ -715,8 +719,8 @@ def _sample_lines(m, corpus) -> list[str]:
             lines.append(f"- `{prefix}`: (no sample: {e})")
             continue
         t = cfg.train.sample_temperature or DEFAULT_TEMPERATURE
-        sampled = vocab.decode(generate(m.model, ids, 80, temperature=t, seed=0)[0])
-        greedy = vocab.decode(generate(m.model, ids, 80)[0])
+        sampled = vocab.decode(generate(m.model, ids, Decoding(SAMPLE_CHARS, t))[0])
+        greedy = vocab.decode(generate(m.model, ids, Decoding(SAMPLE_CHARS, None, seed=None))[0])
         lines += [f"- prefix `{vocab.decode(ids)}`, continued:",
                   f"  - sampled at {t:g}: `{sampled}`", f"  - greedy: `{greedy}`"]
     return lines

@@ -19,10 +19,9 @@ from gru_lm.rundir import RunDir, find_latest
 from gru_lm.utils import missing_reason
 
 if TYPE_CHECKING:  # (torch is imported by what loads a model: `gru-lm runs` needs none)
-    import torch
-
     from gru_lm.config import Config
     from gru_lm.data import Corpus, Vocab
+    from gru_lm.models import RecurrentLM
 
 
 @dataclass(frozen=True)
@@ -44,6 +43,10 @@ def locate(path: str | Path | None, runs_dir: str | Path = "runs") -> Located:
         return Located(run, run.best_or_last(), newest=True)
     p = Path(path)
     if p.is_dir():
+        from gru_lm.exporting import WEIGHTS, is_export
+
+        if is_export(p):  # (a folder `gru-lm export --format safetensors` wrote)
+            return Located(RunDir(p), p / WEIGHTS)
         run = RunDir(p)
         return Located(run, run.best_or_last())
     if not p.exists():
@@ -73,14 +76,19 @@ class Member:
     path: Path
     cfg: Config
     vocab: Vocab
-    model: torch.nn.Module
+    model: RecurrentLM
     fingerprint: str | None  # of the corpus it was trained on (None: an old checkpoint)
 
 
 def load_member(path: Path) -> Member:
-    """The one loader: a checkpoint file -> its model (in eval mode) with what it needs."""
+    """The one loader: a checkpoint file (or an export's model.safetensors) -> its model (in
+    eval mode) with what it needs."""
     from gru_lm.checkpoint import load_checkpoint, restore_model
+    from gru_lm.exporting import WEIGHTS, load_export
 
+    if Path(path).name == WEIGHTS:
+        cfg, vocab, model = load_export(Path(path).parent)
+        return Member(Path(path), cfg, vocab, model, None)
     ck = load_checkpoint(path)
     cfg, vocab, model = restore_model(ck, path)
     model.eval()

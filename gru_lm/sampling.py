@@ -1,9 +1,12 @@
-"""Continue a prefix: greedy (as the book) or sampled with temperature / top-k / top-p."""
+"""Continue a prefix as a Decoding says: greedy (as the book), sampled with temperature /
+top-k / top-p, or by beam search; repeated N-grams blocked on request."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,99 +15,20 @@ from torch import Tensor
 
 from gru_lm.config import DataConfig, short
 from gru_lm.data import Vocab, preprocess
+from gru_lm.decoding import Decoding
 from gru_lm.errors import GruLmError
 from gru_lm.poems import PoemForm, PoemWriter
 from gru_lm.script import OTHER as OTHER_SCRIPT
 from gru_lm.utils import missing_reason
 
-MAX_CHARS = 10_000
-MAX_SAMPLES = 1_000
 MAX_PREFIX_CHARS = 10_000_000
 PREFIX_WINDOW = 4096  # prefix tokens read per forward call
-# Below this, logits / temperature overflow float32 and the softmax is NaN; sampling that
-# cold is greedy decoding anyway.
-MIN_TEMPERATURE = 1e-6
 
 
 def check_prefix(prefix: str) -> None:
     if not prefix or not prefix.strip():
         raise GruLmError("the prefix is empty; give some text to continue, e.g. "
                          "\"time traveller\"")
-
-
-def _float32(x: float) -> float:
-    """The value the model computes with: 1e-50 is 0 and 1e39 is inf in float32."""
-    return float(torch.tensor(x, dtype=torch.float32))
-
-
-def check_sampling_args(num_chars: int, temperature: float | None, top_k: int | None,
-                        top_p: float | None, num_samples: int, seed: int | None = None) -> None:
-    """Validate generation arguments before any model is loaded."""
-    from gru_lm.config import MAX_SEED
-
-    if not 1 <= num_chars <= MAX_CHARS:
-        raise GruLmError(f"--num-chars {num_chars} is out of range; give 1..{MAX_CHARS}")
-    # (compared in float32, as computed: 1e-6 itself is 9.99999997e-07 there)
-    if temperature is not None and not (math.isfinite(_float32(temperature))
-                                        and _float32(temperature) >= _float32(MIN_TEMPERATURE)):
-        raise GruLmError(f"--temperature {temperature} is invalid; give a number from "
-                         f"{MIN_TEMPERATURE:g} to 3.4e38 (or --greedy for greedy decoding)")
-    if top_k is not None and top_k < 1:
-        raise GruLmError(f"--top-k {top_k} is invalid; give an integer >= 1")
-    if top_p is not None and not (math.isfinite(top_p) and 0 < _float32(top_p) <= 1):
-        raise GruLmError(f"--top-p {top_p} is invalid; give a number in (0, 1] "
-                         "(at least 1.5e-45, the smallest float32)")
-    if not 1 <= num_samples <= MAX_SAMPLES:
-        raise GruLmError(f"--num-samples {num_samples} is out of range; give 1..{MAX_SAMPLES}")
-    if seed is not None and not 0 <= seed <= MAX_SEED:
-        raise GruLmError(f"--seed {seed} is out of range; give 0..{MAX_SEED}")
-
-
-# Measured on configs/lstm.yaml's best checkpoint, 20 samples of 300 characters after "time
-# traveller": greedy repeats itself (95% of its 20-character windows are repeats); at 0.6
-# 98.3% of the words are the book's and 1.4% of the windows repeat; at 1.0 only 82% are words.
-DEFAULT_TEMPERATURE = 0.6
-DEFAULT_SEED = 0
-
-
-DEFAULT_CHARS = 50  # characters a continuation adds unless told otherwise
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How to continue a prefix: temperature None is greedy (argmax, as the book)."""
-
-    temperature: float | None
-    seed: int | None
-    note: str = ""  # the defaults that were taken, and how to change them
-    skipped: int = 0  # prefix characters the corpus lacks, dropped (unknown="skip")
-    num_chars: int = DEFAULT_CHARS
-    poem: PoemForm | None = None  # a form the continuation takes (--form, --acrostic)
-
-
-def sampling_settings(greedy: bool, temperature: float | None, top_k: int | None,
-                      top_p: float | None, num_samples: int, seed: int | None) -> Sampling:
-    """Sampled by default, at DEFAULT_TEMPERATURE and with DEFAULT_SEED, so the first sample a
-    person sees reads well and repeats; --greedy is the book's argmax and takes no sampling
-    option (N greedy samples would be N copies)."""
-    if greedy:
-        given = [flag for flag, v in (("--temperature", temperature), ("--top-k", top_k),
-                                      ("--top-p", top_p), ("--seed", seed)) if v is not None]
-        if num_samples > 1:
-            given.append("--num-samples")
-        if given:
-            raise GruLmError(f"--greedy takes the most likely character every time, so "
-                             f"{given[0]} means nothing with it; drop one of the two")
-        return Sampling(None, None)
-    taken = []
-    if temperature is None:
-        temperature = DEFAULT_TEMPERATURE
-        taken.append(f"temperature {DEFAULT_TEMPERATURE} (--temperature T)")
-    if seed is None:
-        seed = DEFAULT_SEED
-        taken.append(f"seed {DEFAULT_SEED} (--seed N for other samples)")
-    note = f"sampled at {', '.join(taken)}; --greedy for the book's argmax" if taken else ""
-    return Sampling(temperature, seed, note)
 
 
 def read_prefix_file(path: Path | str, stdin=None) -> str:
@@ -223,62 +147,207 @@ def poem_context(prefix: str | None, vocab: Vocab, data: DataConfig, poem: PoemW
     return ids, skipped
 
 
-def _pick(logits: Tensor, temperature: float | None, top_k: int | None, top_p: float | None,
-          generator: torch.Generator | None, allowed: Tensor | None = None) -> Tensor:
+def _pick(logits: Tensor, d: Decoding, generator: torch.Generator | None,
+          allowed: Tensor | None = None) -> Tensor:
     logits = logits.float().clone()
-    if allowed is not None:  # a form's constraint: the distribution renormalised over these
+    if allowed is not None:  # a form's constraint, blocked repeats: renormalised over these
         logits = logits.masked_fill(~allowed.to(logits.device), -math.inf)
     logits[:, 0] = -math.inf  # never emit <unk>
-    if temperature is None and top_k is None and top_p is None:
+    if d.temperature is None:
         return logits.argmax(dim=-1)
-    logits = logits / (temperature or 1.0)
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+    logits = logits / d.temperature
+    if d.top_k is not None and d.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, d.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, -math.inf)
-    if top_p is not None and top_p < 1:  # (the top token is always kept: never an empty set)
+    if d.top_p is not None and d.top_p < 1:  # (the top token is always kept: never empty)
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest set reaching top_p
+        drop = cum - sorted_logits.softmax(-1) >= d.top_p  # the smallest set reaching top_p
         sorted_logits = sorted_logits.masked_fill(drop, -math.inf)
         logits = torch.full_like(logits, -math.inf).scatter(-1, order, sorted_logits)
     probs = logits.softmax(-1)
     return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
 
 
+class NoRepeat:
+    """Blocks every token that would complete an N-gram already written: the N-grams of
+    each row's tail of the prefix (its last N-1 tokens) and continuation so far. A row whose
+    every token is blocked is left free (a character must follow)."""
+
+    def __init__(self, n: int, prefix_ids: list[int], rows: int, vocab_size: int):
+        self.n, self.vocab_size = n, vocab_size
+        self.seqs = [list(prefix_ids[-(n - 1):]) for _ in range(rows)]
+        # (the prefix's tail alone holds no whole N-gram: only N-grams that end in the
+        # continuation are counted, those across the seam included)
+        self.seen: list[dict[tuple[int, ...], set[int]]] = [{} for _ in range(rows)]
+
+    def allowed(self) -> Tensor:
+        out = torch.ones(len(self.seqs), self.vocab_size, dtype=torch.bool)
+        for r, (seq, seen) in enumerate(zip(self.seqs, self.seen, strict=True)):
+            blocked = seen.get(tuple(seq[len(seq) - self.n + 1:]), set()) \
+                if len(seq) >= self.n - 1 else set()
+            if blocked and len(blocked) < self.vocab_size - 1:  # (<unk> is never emitted)
+                out[r, list(blocked)] = False
+        return out
+
+    def advance(self, tokens: list[int], parents: list[int] | None = None) -> None:
+        """Each row writes its token (`parents`: row r continues row parents[r] first, as
+        beams do)."""
+        if parents is not None:
+            self.seqs = [list(self.seqs[p]) for p in parents]
+            self.seen = [{k: set(v) for k, v in self.seen[p].items()} for p in parents]
+        for seq, seen, t in zip(self.seqs, self.seen, tokens, strict=True):
+            seq.append(t)
+            if len(seq) >= self.n:
+                seen.setdefault(tuple(seq[-self.n:-1]), set()).add(seq[-1])
+
+
+def _both(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    return b if a is None else a if b is None else a & b
+
+
 @torch.no_grad()
-def generate(model, prefix_ids: list[int], num_chars: int, *, temperature: float | None = None,
-             top_k: int | None = None, top_p: float | None = None, num_samples: int = 1,
-             seed: int | None = None, device: torch.device | str = "cpu",
-             poem: PoemWriter | None = None) -> list[list[int]]:
-    """Warm the state up on the prefix, then emit `num_chars` tokens per sample (`poem`: as
-    many as its form takes, each drawn among the tokens the form allows there)."""
+def _read_prefix(model, prefix_ids: list[int], device) -> tuple[Tensor, object]:
+    """The state after the prefix and the logits of the token after it, (1, vocab_size). The
+    prefix is read in windows (a prefix of millions of characters needs no more memory than
+    a short one)."""
+    prefix = torch.tensor(prefix_ids, device=device)
+    state = model.begin_state(1, device)
+    for i in range(0, len(prefix), PREFIX_WINDOW):
+        logits, state = model(prefix[i:i + PREFIX_WINDOW].unsqueeze(0), state)
+    return logits[:, -1], state
+
+
+def _select(state, rows: Tensor):
+    """The state of the given rows (batch is dim 1), in that order: copies of the prefix's
+    final state for every sample, or the parents' of the beams kept."""
+    return tuple(s.index_select(1, rows) for s in state) if isinstance(state, tuple) \
+        else state.index_select(1, rows)
+
+
+class TimedOut(GruLmError):
+    """A continuation ran past its deadline (the server's request timeout)."""
+
+
+def _check_deadline(deadline: float | None) -> None:
+    if deadline is not None and time.monotonic() > deadline:
+        raise TimedOut("the continuation took longer than the time allowed; ask for fewer "
+                       "characters or samples")
+
+
+def generate(model, prefix_ids: list[int], decoding: Decoding, *,
+             device: torch.device | str = "cpu", poem: PoemWriter | None = None,
+             deadline: float | None = None) -> list[list[int]]:
+    """Warm the state up on the prefix, then emit decoding.num_chars tokens per sample
+    (`poem`: as many as its form takes, each drawn among the tokens the form allows there).
+    A beam search (decoding.beam) gives its beams, best first (beam_search has their
+    scores). `deadline`: a time.monotonic() past which it stops with TimedOut."""
+    if decoding.beam is not None:
+        return [b.ids for b in beam_search(model, prefix_ids, decoding, device=device,
+                                           deadline=deadline)]
+    outs: list[list[int]] = [[] for _ in range(decoding.num_samples)]
+    for step in draw(model, prefix_ids, decoding, device=device, poem=poem,
+                     deadline=deadline):
+        for out, t in zip(outs, step, strict=True):
+            if t is not None:
+                out.append(t)
+    return outs
+
+
+def draw(model, prefix_ids: list[int], decoding: Decoding, *,
+         device: torch.device | str = "cpu", poem: PoemWriter | None = None,
+         deadline: float | None = None) -> Iterator[list[int | None]]:
+    """generate, a step at a time: each step's token for every sample (None: that sample's
+    poem is complete), as they are drawn (the server streams them)."""
     was_training = model.training
     model.eval()
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    n = decoding.num_samples
+    generator = torch.Generator().manual_seed(decoding.seed) \
+        if decoding.seed is not None and decoding.sampled else None
     try:
-        # The prefix is read once, in windows (a prefix of millions of characters needs no
-        # more memory than a short one), and its final state copied to every sample.
-        prefix = torch.tensor(prefix_ids, device=device)
-        state = model.begin_state(1, device)
-        for i in range(0, len(prefix), PREFIX_WINDOW):
-            logits, state = model(prefix[i:i + PREFIX_WINDOW].unsqueeze(0), state)
-        logits = logits[:, -1:].expand(num_samples, 1, -1)  # (num_samples, 1, vocab_size)
-        state = tuple(s.repeat(1, num_samples, 1) for s in state) if isinstance(state, tuple) \
-            else state.repeat(1, num_samples, 1)  # (num_layers, num_samples, num_hiddens)
-        steps = num_chars if poem is None else poem.form.max_chars
-        out = torch.empty(num_samples, steps, dtype=torch.long, device=device)
-        ends = [steps] * num_samples  # where each sample's poem is complete
-        for i in range(steps):
-            allowed = None if poem is None else poem.allowed()  # (num_samples, vocab_size)
-            nxt = _pick(logits[:, -1], temperature, top_k, top_p, generator, allowed)
-            out[:, i] = nxt  # (num_samples,)
+        with torch.no_grad():
+            last, state = _read_prefix(model, prefix_ids, device)
+            logits = last.expand(n, -1)  # (num_samples, vocab_size)
+            state = _select(state, torch.zeros(n, dtype=torch.long, device=device))
+        steps = decoding.num_chars if poem is None else poem.form.max_chars
+        blocker = None if decoding.no_repeat is None else \
+            NoRepeat(decoding.no_repeat, prefix_ids, n, logits.shape[-1])
+        done = [False] * n
+        for _ in range(steps):
+            _check_deadline(deadline)
+            allowed = _both(None if poem is None else poem.allowed(),  # (n, vocab_size)
+                            None if blocker is None else blocker.allowed())
+            nxt = _pick(logits, decoding, generator, allowed)
+            tokens = nxt.tolist()
+            yield [None if d else t for d, t in zip(done, tokens, strict=True)]
+            if blocker is not None:
+                blocker.advance(tokens)
             if poem is not None:
-                poem.advance(nxt.tolist())
-                ends = [min(e, i + 1) if d else e for e, d in zip(ends, poem.done, strict=True)]
-                if all(poem.done):
+                poem.advance(tokens)
+                done = list(poem.done)
+                if all(done):
                     break
-            logits, state = model(nxt.unsqueeze(1), state)
-        return [row[:end] for row, end in zip(out.tolist(), ends, strict=True)]
+            with torch.no_grad():
+                step_logits, state = model(nxt.unsqueeze(1), state)
+            logits = step_logits[:, -1]
+    finally:
+        model.train(was_training)
+
+
+@dataclass(frozen=True)
+class Beam:
+    """A continuation found by beam search: its tokens, and their log-probability under the
+    model (natural log, temperature 1, summed over the tokens)."""
+
+    ids: list[int]
+    log_prob: float
+
+    @property
+    def log_loss(self) -> float:
+        """The mean per-token log-loss (nats); exp() of it is the continuation's perplexity."""
+        return -self.log_prob / max(len(self.ids), 1)
+
+
+@torch.no_grad()
+def beam_search(model, prefix_ids: list[int], decoding: Decoding, *,
+                device: torch.device | str = "cpu", deadline: float | None = None
+                ) -> list[Beam]:
+    """The decoding.beam most likely continuations of decoding.num_chars tokens (as far as a
+    beam of that width finds them), best first, all distinct: at each step every kept beam
+    is extended by every token, and the best `beam` of those are kept (<unk> never; an
+    N-gram written twice never, with decoding.no_repeat). Width 1 is greedy decoding."""
+    assert decoding.beam is not None
+    was_training = model.training
+    model.eval()
+    try:
+        last, state = _read_prefix(model, prefix_ids, device)
+        V = last.shape[-1]
+        if decoding.beam > V - 1:
+            raise GruLmError(f"--beam {decoding.beam} is more than this run's vocabulary "
+                             f"offers ({V - 1:,} characters); give at most {V - 1}")
+        scores = torch.zeros(1, device=device)  # (beams,) log-probabilities so far
+        seqs = torch.empty(1, 0, dtype=torch.long, device=device)
+        blocker = None if decoding.no_repeat is None else \
+            NoRepeat(decoding.no_repeat, prefix_ids, 1, V)
+        logits = last
+        for _ in range(decoding.num_chars):
+            _check_deadline(deadline)
+            logp = logits.float().log_softmax(-1)  # (beams, V)
+            logp[:, 0] = -math.inf  # never <unk>
+            if blocker is not None:
+                logp = logp.masked_fill(~blocker.allowed().to(logp.device), -math.inf)
+            total = (scores.unsqueeze(1) + logp).flatten()  # (beams * V,)
+            keep = min(decoding.beam, int(torch.isfinite(total).sum()))
+            top, flat = torch.topk(total, keep)
+            parents, tokens = flat // V, flat % V
+            scores = top
+            seqs = torch.cat([seqs.index_select(0, parents), tokens.unsqueeze(1)], dim=1)
+            if blocker is not None:
+                blocker.advance(tokens.tolist(), parents.tolist())
+            step_logits, state = model(tokens.unsqueeze(1), _select(state, parents))
+            logits = step_logits[:, -1]
+        return [Beam(ids, float(s)) for ids, s in zip(seqs.tolist(), scores.tolist(),
+                                                      strict=True)]
     finally:
         model.train(was_training)
 

@@ -19,6 +19,7 @@ from gru_lm import preflight
 from gru_lm.checkpoint import load_checkpoint, load_state, save_checkpoint
 from gru_lm.config import Config
 from gru_lm.data import BatchLoader, Corpus, Cursor
+from gru_lm.decoding import Decoding
 from gru_lm.display import Reporter, TensorBoard, tensorboard_writer
 from gru_lm.distributed import SINGLE, World, agree_on_stop, mean, wrap
 from gru_lm.ema import EMA
@@ -254,12 +255,18 @@ class Trainer:
                           device=self.device, autocast=self.autocast)
         return perplexity(nll, n), bits_per_char(nll, n)
 
+    @functools.cached_property
+    def sample_decoding(self) -> Decoding:
+        """How the samples written while training are drawn: train.sample_length characters
+        at train.sample_temperature (null: greedy), seeded by train.seed."""
+        t = self.cfg.train
+        return Decoding(t.sample_length, t.sample_temperature,
+                        seed=t.seed if t.sample_temperature is not None else None)
+
     def _write_samples(self) -> None:
         lines = []
-        t = self.cfg.train
         for ids in self.prefix_ids:  # (their own generator: training's random draws stay)
-            out = generate(self.model, ids, t.sample_length, temperature=t.sample_temperature,
-                           seed=t.seed if t.sample_temperature else None, device=self.device)[0]
+            out = generate(self.model, ids, self.sample_decoding, device=self.device)[0]
             lines.append(f"step {self.progress.step}: {self.vocab.decode(ids + out)}")
         self.folder.append_samples(lines)
         self.out.samples(lines)

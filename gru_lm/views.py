@@ -106,8 +106,12 @@ def show_continuations(r) -> None:
     what was chosen or dropped on stderr."""
     if r.newest:
         said_newest(r.checkpoint)
-    for note in (f"dropped {r.how.skipped:,} character(s) of the prefix that the corpus does "
-                 "not have (--unknown skip)" if r.how.skipped else "", r.how.note):
+    d = r.decoding
+    beams = (f"beam search, width {d.beam}: the {d.beam} likeliest continuations found, best "
+             "first, each after its mean log-loss (nats per character; e^loss is its "
+             "perplexity)" if r.log_losses is not None else "")
+    for note in (f"dropped {r.skipped:,} character(s) of the prefix that the corpus does "
+                 "not have (--unknown skip)" if r.skipped else "", d.note, beams):
         if note:
             err_console.print(note, highlight=False, style="dim", soft_wrap=True)
     prompt = r.prompt
@@ -115,15 +119,27 @@ def show_continuations(r) -> None:
         err_console.print(f"(the prefix has {len(prompt):,} characters; each sample shows its "
                           f"last {ECHO_PREFIX:,})", highlight=False, style="dim")
         prompt = "…" + prompt[-ECHO_PREFIX:]
-    if r.how.poem is not None:
+    if d.poem is not None:
         show_poems(prompt, r.outputs)
         return
-    for text in r.outputs:
+    losses = r.log_losses or [None] * len(r.outputs)
+    for text, loss in zip(r.outputs, losses, strict=True):
+        before = "" if loss is None else f"{loss:.4f}\t"  # (a beam's mean log-loss)
         if console.is_terminal:
-            console.print(f"[bold cyan]{escape(prompt)}[/bold cyan]{escape(text)}",
-                          highlight=False, markup=True)
+            console.print(f"[dim]{before}[/dim][bold cyan]{escape(prompt)}[/bold cyan]"
+                          f"{escape(text)}", highlight=False, markup=True)
         else:
-            stdout.write(prompt + text + "\n")
+            stdout.write(before + prompt + text + "\n")
+
+
+def show_export(r) -> None:
+    """api.Exported (`gru-lm export`): the folder and each file with its size."""
+    if r.newest:
+        said_newest(r.checkpoint)
+    console.print(f"wrote {r.folder} ({r.format}, from {r.checkpoint}):", highlight=False,
+                  soft_wrap=True)
+    for f in r.files:
+        console.print(f"  {f.name}  {f.stat().st_size:,} bytes", highlight=False)
 
 
 def show_poems(prompt: str, poems: list[str]) -> None:

@@ -17,7 +17,8 @@ from conftest import cli, one_line_error, reseed, train_tiny
 from gru_lm.config import described_yaml, load_config, validate
 
 COMMANDS = [["models"], ["train"], ["runs"], ["predict"], ["evaluate"], ["compare"], ["plot"],
-            ["gates"], ["data", "download"], ["data", "info"], ["config", "show"]]
+            ["gates"], ["export"], ["serve"], ["data", "download"], ["data", "info"],
+            ["config", "show"]]
 
 
 # ---------------------------------------------------------------- help and completion
@@ -91,19 +92,18 @@ def test_config_show_errors_are_one_line(tmp_path):
 
 
 def test_sampling_is_the_default_and_greedy_takes_no_sampling_option():
+    from gru_lm.decoding import DEFAULT_SEED, DEFAULT_TEMPERATURE, Decoding
     from gru_lm.errors import GruLmError
-    from gru_lm.sampling import DEFAULT_SEED, DEFAULT_TEMPERATURE, sampling_settings
 
-    how = sampling_settings(False, None, None, None, 1, None)
+    how = Decoding.of()
     assert (how.temperature, how.seed) == (DEFAULT_TEMPERATURE, DEFAULT_SEED)
     assert "--seed N" in how.note and "--greedy" in how.note
-    assert sampling_settings(False, 0.9, None, None, 1, 3).note == ""  # nothing defaulted
-    assert sampling_settings(True, None, None, None, 1, None).temperature is None
-    for args in ((0.5, None, None, 1, None), (None, 5, None, 1, None),
-                 (None, None, 0.9, 1, None), (None, None, None, 3, None),
-                 (None, None, None, 1, 7)):
+    assert Decoding.of(temperature=0.9, seed=3).note == ""  # nothing defaulted
+    assert Decoding.of(greedy=True).temperature is None and Decoding.of(greedy=True).greedy
+    for kwargs in ({"temperature": 0.5}, {"top_k": 5}, {"top_p": 0.9}, {"num_samples": 3},
+                   {"seed": 7}):
         with pytest.raises(GruLmError, match="--greedy takes"):
-            sampling_settings(True, *args)
+            Decoding.of(greedy=True, **kwargs)
 
 
 def test_default_predict_repeats_itself_and_differs_from_greedy(tiny_run):

@@ -20,7 +20,8 @@ DOCS = [ROOT / "README.md", ROOT / "README.zh-CN.md", *sorted((ROOT / "docs").gl
 FENCE = re.compile(r"^```[a-z]*\n(.*?)^```", re.M | re.S)
 INLINE = re.compile(r"`(gru-lm [^`\n]+)`")
 KEY = re.compile(r"\b(data|model|train|run)\.([a-z][a-z0-9_]*)\b(?![./(])")
-NOT_KEYS = {"py", "pt", "yaml", "json", "jsonl", "txt", "png", "svg", "pdf", "md", "bin"}
+NOT_KEYS = {"py", "pt", "yaml", "json", "jsonl", "txt", "png", "svg", "pdf", "md", "bin", "onnx",
+            "safetensors"}
 
 
 SHELL = re.compile(r"(?:^|\|\s*)(?:[A-Z_]+=\S+\s+)*(gru-lm\s[^|]*)")

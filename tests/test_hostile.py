@@ -124,7 +124,7 @@ def test_sampling_values_that_break_float32_or_the_generator_are_refused(tiny_ru
 
 
 def test_the_smallest_temperature_the_message_names_is_accepted(tiny_run):
-    from gru_lm.sampling import MIN_TEMPERATURE
+    from gru_lm.decoding import MIN_TEMPERATURE
 
     r = cli("predict", "time", "--run", tiny_run(), "--temperature", f"{MIN_TEMPERATURE:g}")
     assert r.exit_code == 0, r.output

@@ -17,10 +17,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "gru_lm"
 LAYERS = ["__init__", "errors", "utils", "stats", "distributed", "config", "script", "poetry",
           "download", "tokenstore", "data", "ngram", "_ext",
           "cells", "recurrent", "scratch", "torchnn", "mogrifier", "models",
-          "metrics", "cache", "dynamic", "poems", "sampling", "checkpoint",
+          "metrics", "cache", "dynamic", "poems", "decoding", "sampling", "checkpoint", "exporting",
           "rundir", "schedule", "ema", "display", "members", "scorers", "evaluation",
           "trainstate", "resume", "preflight", "trainer", "building", "runner",
-          "plots", "comparison", "gates", "api", "terminal", "views", "cli", "__main__"]
+          "plots", "comparison", "gates", "api", "server", "terminal", "views", "cli", "__main__"]
 REEXPORTED = {"api", "errors"}  # the package re-exports them lazily (gru_lm.train, ...)
 
 

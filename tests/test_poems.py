@@ -10,6 +10,7 @@ import torch
 from conftest import ZH, cli, one_line_error, train_tiny
 
 import gru_lm
+from gru_lm.decoding import Decoding
 from gru_lm.poems import FORMS, is_hanzi
 from gru_lm.sampling import _pick
 
@@ -79,12 +80,12 @@ def test_the_form_renormalises_the_models_distribution():
     logits = torch.randn(2, 12, generator=torch.Generator().manual_seed(0))
     allowed = torch.zeros(2, 12, dtype=torch.bool)
     allowed[:, [3, 5, 8]] = True
-    picked = _pick(logits, 0.7, None, None, torch.Generator().manual_seed(1), allowed)
+    picked = _pick(logits, Decoding(temperature=0.7), torch.Generator().manual_seed(1), allowed)
     probs = torch.zeros_like(logits)
     probs[:, [3, 5, 8]] = (logits[:, [3, 5, 8]] / 0.7).softmax(-1)
     expected = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(1))
     assert torch.equal(picked, expected.squeeze(-1))
-    best = _pick(logits, None, None, None, None, allowed)
+    best = _pick(logits, Decoding(temperature=None, seed=None), None, allowed)
     assert torch.equal(best, logits.masked_fill(~allowed, -math.inf).argmax(-1))
 
 

@@ -231,7 +231,8 @@ def test_a_long_text_is_scored_without_holding_its_characters(tiny_run, data_dir
 
 @pytest.mark.slow
 def test_the_longest_prefix_with_the_most_samples(tiny_run):
-    from gru_lm.sampling import MAX_PREFIX_CHARS, MAX_SAMPLES
+    from gru_lm.decoding import MAX_SAMPLES
+    from gru_lm.sampling import MAX_PREFIX_CHARS
 
     run = tiny_run()
     Path("p.txt").write_text("the time machine " * (MAX_PREFIX_CHARS // 17))
