@@ -63,7 +63,7 @@ def main() -> None:
             got = None
             with c.stream("POST", "/api/stream", json={"prefix": prefix, "seed": seed,
                                                        "num_chars": args.chars}) as s:
-                for line in s.iter_lines():
+                for _line in s.iter_lines():
                     if got is None:
                         got = time.perf_counter() - t
             first.append(got)
