@@ -65,6 +65,12 @@ class DataConfig(_Section):
     val_fraction: float = Field(0.05, ge=0, lt=1, description="share for validation")
     test_fraction: float = Field(0.05, ge=0, lt=1, description="share for the test split")
 
+    @property
+    def text_name(self) -> str:
+        """The corpus as a person names it: the dataset, or the file or URL given instead."""
+        return self.dataset or "" if self.path is None and self.url is None \
+            else str(self.path or self.url)
+
     @field_validator("reserved_tokens")
     @classmethod
     def _tokens(cls, v: list[str]) -> list[str]:

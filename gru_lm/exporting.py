@@ -27,10 +27,10 @@ import torch
 from torch import nn
 
 from gru_lm import __version__
-from gru_lm.config import Config, validate
-from gru_lm.data import Vocab, vocab_from_dict
-from gru_lm.errors import ConfigError, DataError, GruLmError
-from gru_lm.models import RecurrentLM, build_model
+from gru_lm.config import Config
+from gru_lm.data import Vocab
+from gru_lm.errors import GruLmError
+from gru_lm.models import RecurrentLM
 
 WEIGHTS = "model.safetensors"
 ONNX = "model.onnx"
@@ -205,19 +205,15 @@ def load_export(folder: Path):
         raise GruLmError(f"{folder}: {CONFIG} or {VOCAB} is not valid JSON ({e}); export the "
                          "run again") from None
     try:
-        cfg = validate(raw_cfg, source=str(folder / CONFIG))
-        vocab = vocab_from_dict(raw_vocab)
-        model = build_model(cfg.model, len(vocab))
-    except (ConfigError, DataError) as e:
-        raise GruLmError(f"{folder}: {e}") from None
-    try:
         state = load_file(str(folder / WEIGHTS))
     except Exception as e:  # (safetensors' own errors: a damaged file)
         raise GruLmError(f"{folder / WEIGHTS} is not a readable safetensors file "
                          f"({type(e).__name__}: {e}); export the run again") from None
-    from gru_lm.checkpoint import load_state
+    from gru_lm.checkpoint import restore_model
 
-    load_state(model, state, folder / WEIGHTS)
+    # (the checkpoint's own checks: a config, vocabulary or tensor that disagrees is named)
+    cfg, vocab, model = restore_model({"config": raw_cfg, "vocab": raw_vocab, "model": state},
+                                      folder / WEIGHTS)
     return cfg, vocab, model.eval()
 
 
@@ -229,7 +225,6 @@ def model_card(name: str, cfg: Config, vocab: Vocab, params: int,
     """README.md of an export: what the model is, what it was trained on, how well it does on
     held-out text, and how to load it."""
     d, m, s = cfg.data, cfg.model, summary or {}
-    data = d.dataset if d.path is None and d.url is None else str(d.path or d.url)
 
     def num(key: str, fmt_: str = ",.2f") -> str:
         v = s.get(key)
@@ -239,7 +234,7 @@ def model_card(name: str, cfg: Config, vocab: Vocab, params: int,
         f"# {name}: a character-level language model trained with gru-lm", "",
         f"- model: {m.name}, {m.num_layers} layer(s) of {m.num_hiddens} units, "
         f"{params:,} parameters, {'adaptive' if m.softmax == 'adaptive' else 'full'} softmax",
-        f"- data: {data} (preset {d.preset}, script {d.script}), a vocabulary of "
+        f"- data: {d.text_name} (preset {d.preset}, script {d.script}), a vocabulary of "
         f"{len(vocab):,} tokens; contiguous train/val/test split "
         f"{d.train_fraction:g}/{d.val_fraction:g}/{d.test_fraction:g}",
         f"- training: {num('steps', ',')} steps of {cfg.train.batch_size} x "

@@ -66,14 +66,27 @@ class Slots:
         self._sem = threading.BoundedSemaphore(n)
         self.n = n
 
-    @contextmanager
-    def take(self):
+    def hold(self):
+        """Take a slot (else Busy); the function returned gives it back, once however often
+        it is called (a stream gives it back when it ends, or when its client leaves before
+        it starts)."""
         if not self._sem.acquire(blocking=False):
             raise Busy(f"all {self.n} generation slots are busy; try again in a moment")
+        once = threading.Lock()
+
+        def release() -> None:
+            if once.acquire(blocking=False):
+                self._sem.release()
+
+        return release
+
+    @contextmanager
+    def take(self):
+        release = self.hold()
         try:
             yield
         finally:
-            self._sem.release()
+            release()
 
 
 class Body(BaseModel):
@@ -204,8 +217,8 @@ def create_app(run: Run, limits: Limits = Limits()):
                              "/api/continue for several")
         assert req.prefix is not None
         ids, _ = encode_prefix(req.prefix, vocab, cfg.data)
-        release = _held(slots)  # (held while the stream runs; released when it ends, or
-        # when the client goes away before it starts: the background task)
+        release = slots.hold()  # (while the stream runs; the background task gives it
+        # back too, should the client leave before the stream starts)
 
         def lines() -> Iterator[str]:
             out: list[int] = []
@@ -239,21 +252,6 @@ def create_app(run: Run, limits: Limits = Limits()):
     return app
 
 
-def _held(slots: Slots):
-    """Take a slot (or Busy) for a stream; the function returned gives it back, once."""
-    taken = slots.take()
-    taken.__enter__()
-    lock, done = threading.Lock(), [False]
-
-    def release() -> None:
-        with lock:
-            if not done[0]:
-                done[0] = True
-                taken.__exit__(None, None, None)
-
-    return release
-
-
 def _deadline(limits: Limits) -> float:
     return time.monotonic() + limits.timeout_s
 
@@ -266,6 +264,7 @@ def _described(d: Decoding) -> dict[str, Any]:
 def _card(run: Run, limits: Limits) -> dict[str, Any]:
     from gru_lm import __version__
     from gru_lm.decoding import DEFAULT_CHARS, DEFAULT_TEMPERATURE
+    from gru_lm.recurrent import count_parameters
 
     cfg, vocab, model = run._model()
     s = run.summary or {}
@@ -273,8 +272,7 @@ def _card(run: Run, limits: Limits) -> dict[str, Any]:
     return {"run": Path(run.path).resolve().name, "checkpoint": str(run.checkpoint),
             "model": cfg.model.name, "num_hiddens": cfg.model.num_hiddens,
             "num_layers": cfg.model.num_layers,
-            "params": sum(p.numel() for p in model.parameters()),
-            "data": d.dataset if d.path is None and d.url is None else str(d.path or d.url),
+            "params": count_parameters(model), "data": d.text_name,
             "preset": d.preset, "vocab_size": len(vocab), "steps": s.get("steps"),
             "val_ppl": s.get("best_val_ppl"), "test_ppl": s.get("best_test_ppl"),
             "defaults": {"temperature": DEFAULT_TEMPERATURE, "num_chars": DEFAULT_CHARS},

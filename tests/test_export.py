@@ -85,6 +85,11 @@ def test_without_the_extra_export_says_what_to_install(tiny_run, monkeypatch):
 
 def test_a_damaged_export_is_named(tiny_run):
     gru_lm.export(tiny_run(), out="ex")
+    vocab = json.loads(Path("ex/vocab.json").read_text())
+    Path("ex/vocab.json").write_text(json.dumps({"idx_to_token": vocab["idx_to_token"][:-1]}))
+    one_line_error(cli("predict", "time", "--run", "ex"), "ex/model.safetensors",
+                   "does not match the weights")
+    Path("ex/vocab.json").write_text(json.dumps(vocab))
     weights = Path("ex/model.safetensors")
     weights.write_bytes(weights.read_bytes()[:100])
     one_line_error(cli("predict", "time", "--run", "ex"), "ex/model.safetensors",
