@@ -142,6 +142,7 @@ def create_app(run: Run, limits: Limits = Limits()):
 
     app = FastAPI(title="gru-lm", version=card["gru_lm"],
                   description=f"The run {card['run']} ({card['model']}), served by gru-lm.")
+    app.state.slots = slots
 
     def one_line(status: int, message: str):
         return JSONResponse({"error": " ".join(str(message).split())}, status_code=status)
