@@ -34,12 +34,12 @@ from gru_lm._ext import cpu_line  # noqa: E402
 def main() -> None:
     import torch
 
-    from gru_lm.comparison import _SEEDED
     from gru_lm.evaluation import check_methods, member_scores
     from gru_lm.evaluation import perplexity_of as ppl
     from gru_lm.members import load_member, locate, scoring_corpus
     from gru_lm.metrics import mixture_log_probs, mixture_weight, mixture_weights
     from gru_lm.ngram import KneserNey
+    from gru_lm.report import SEEDED
     from gru_lm.scorers import Scored, Texts, ensemble
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -80,7 +80,7 @@ def main() -> None:
         return
 
     def label(run: Path) -> str:
-        m = _SEEDED.match(run.name)
+        m = SEEDED.match(run.name)
         return m.group("label") if m else run.name
 
     groups: dict[str, list[str]] = {}

@@ -26,10 +26,10 @@ from gru_lm.members import Member, load_member, locate
 from gru_lm.rundir import RunDir
 
 if TYPE_CHECKING:
-    from gru_lm.comparison import Comparison
     from gru_lm.config import Config
     from gru_lm.evaluation import Evaluation
     from gru_lm.gates import GateReport
+    from gru_lm.report import Comparison
 
 
 # ---------------------------------------------------------------- arguments
@@ -219,7 +219,8 @@ def compare(configs: Sequence[str | Path] = (), *, runs: Sequence[str | Path] = 
     """Train configs x seeds under one budget (or gather finished `runs`) and compare them:
     perplexities with 95% intervals over seeds, ensembles, a verdict on every pair. `jobs`:
     members trained at a time, each in a process of its own with its share of the cores."""
-    from gru_lm.comparison import Budget, report, run_comparison, timestamped_out
+    from gru_lm.campaign import Budget, run_comparison, timestamped_out
+    from gru_lm.report import report
 
     if configs and runs:
         raise GruLmError("give configs to train or finished runs to gather, not both")
@@ -686,7 +687,7 @@ def __getattr__(name: str):
     """The result types Comparison and Evaluation, imported on first use: their modules bring
     torch and pydantic, which `gru-lm runs` and `gru-lm config show` do without."""
     if name == "Comparison":
-        from gru_lm.comparison import Comparison
+        from gru_lm.report import Comparison
 
         return Comparison
     if name == "Evaluation":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import json
 import math
 import os
 from pathlib import Path
@@ -106,6 +107,13 @@ class DataConfig(_Section):
         return self
 
 
+def marked(section: type[BaseModel], mark: str, value: Any = True) -> tuple[str, ...]:
+    """The keys of a config section whose field carries json_schema_extra {mark: value}."""
+    return tuple(k for k, f in section.model_fields.items()
+                 if isinstance(f.json_schema_extra, dict) and
+                 f.json_schema_extra.get(mark, not value) == value)
+
+
 class ModelConfig(_Section):
     name: str = Field("gru", description="registered model name (see `gru-lm models`)")
     num_hiddens: int = Field(256, ge=1, le=MAX_HIDDENS, description="hidden units per layer")
@@ -186,9 +194,7 @@ class ModelConfig(_Section):
 
 # Model keys that only some models take (the fields marked as options above); each model lists
 # the ones it takes in its `options`.
-MODEL_OPTIONS = tuple(
-    k for k, f in ModelConfig.model_fields.items()
-    if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("option"))
+MODEL_OPTIONS = marked(ModelConfig, "option")
 
 
 def model_needs_checks(m: ModelConfig) -> bool:
@@ -200,8 +206,17 @@ def model_needs_checks(m: ModelConfig) -> bool:
         getattr(m, k) != ModelConfig.model_fields[k].default for k in MODEL_OPTIONS)
 
 
+# Marks on TrainConfig's fields, read by code instead of lists kept beside them: FIXED, what a
+# resume cannot change (the weights, batches and optimizer state were built from it);
+# NOT_RECIPE, what does not change what a run learns (runs differing only there are seeds of
+# one recipe: compare groups them).
+FIXED: dict[str, Any] = {"fixed": True}
+NOT_RECIPE: dict[str, Any] = {"recipe": False}
+
+
 class TrainConfig(_Section):
-    optimizer: Literal["sgd", "adam", "adamw"] = Field("adam", description="optimizer")
+    optimizer: Literal["sgd", "adam", "adamw"] = Field("adam", description="optimizer",
+                                                       json_schema_extra=FIXED)
     lr: float = Field(0.003, gt=0, le=1000, description="learning rate")
     momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum")
     weight_decay: float = Field(0.0, ge=0, le=1000, description="weight decay")
@@ -209,9 +224,12 @@ class TrainConfig(_Section):
     max_steps: int | None = Field(None, ge=1, le=BIG, description="stop after this many steps")
     time_budget_s: float | None = Field(None, gt=0, le=1e8,
                                         description="stop after this many seconds")
-    batch_size: int = Field(32, ge=1, le=2**20, description="sequences per batch")
-    num_steps: int = Field(35, ge=1, le=2**20, description="time steps per window (TBPTT length)")
-    sampler: Literal["random", "sequential"] = Field("sequential", description="batching")
+    batch_size: int = Field(32, ge=1, le=2**20, description="sequences per batch",
+                            json_schema_extra=FIXED)
+    num_steps: int = Field(35, ge=1, le=2**20, description="time steps per window (TBPTT "
+                           "length)", json_schema_extra=FIXED)
+    sampler: Literal["random", "sequential"] = Field("sequential", description="batching",
+                                                     json_schema_extra=FIXED)
     grad_clip: float | None = Field(1.0, gt=0, le=1e6,
                                     description="clip the global grad norm; null=off")
     lr_schedule: Literal["none", "cosine", "plateau"] = Field("none", description="lr schedule")
@@ -236,33 +254,42 @@ class TrainConfig(_Section):
         None, ge=2, le=2**62,
         description="score only the first N tokens of val and test (big corpora); null=all"
     )
-    log_interval: int = Field(10, ge=1, le=10**6, description="steps between display updates")
+    log_interval: int = Field(10, ge=1, le=10**6, description="steps between display updates",
+                              json_schema_extra=NOT_RECIPE)
     tensorboard: bool = Field(
         False, description="also write metrics as TensorBoard events in RUN/tensorboard "
-        "(needs the tensorboard extra)"
+        "(needs the tensorboard extra)", json_schema_extra=NOT_RECIPE
     )
-    sample_interval: int = Field(500, ge=1, le=BIG, description="steps between samples")
+    sample_interval: int = Field(500, ge=1, le=BIG, description="steps between samples",
+                                 json_schema_extra=NOT_RECIPE)
     sample_prefixes: list[str] | None = Field(
         None, max_length=64,
         description="sample prefixes (default: 'time traveller' and 'traveller' on The Time "
-        "Machine; on any other text, the first words of its training split and of its middle)"
+        "Machine; on any other text, the first words of its training split and of its middle)",
+        json_schema_extra=NOT_RECIPE
     )
-    sample_length: int = Field(50, ge=1, le=10000, description="characters per sample")
+    sample_length: int = Field(50, ge=1, le=10000, description="characters per sample",
+                               json_schema_extra=NOT_RECIPE)
     sample_temperature: float | None = Field(
         DEFAULT_TEMPERATURE, ge=1e-6, le=1e6, description="temperature of the samples "
-        "written while training (seeded by train.seed); null: greedy, as the book")
-    seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of every random number generator")
+        "written while training (seeded by train.seed); null: greedy, as the book",
+        json_schema_extra=NOT_RECIPE)
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of every random number generator",
+                      json_schema_extra=FIXED | NOT_RECIPE)
     init_from: Path | None = Field(
         None, description="start from this run's (or checkpoint's) weights, with a fresh "
-        "optimizer and schedule (fine-tuning); model and vocabulary must match")
-    device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="device")
+        "optimizer and schedule (fine-tuning); model and vocabulary must match",
+        json_schema_extra=FIXED)
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="device",
+                                                          json_schema_extra=NOT_RECIPE)
     precision: Literal["fp32", "bf16"] = Field(
         "fp32", description="bf16: torch.nn models run under autocast; scratch models give "
         "every GEMM bf16-rounded operands with fp32 accumulation (state and weights stay fp32)"
     )
     threads: int | None = Field(
         None, ge=1, le=1024,
-        description="torch CPU threads (default: the cores this process may use)"
+        description="torch CPU threads (default: the cores this process may use)",
+        json_schema_extra=NOT_RECIPE
     )
 
     @property
@@ -294,6 +321,20 @@ class Config(_Section):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+    def recipe(self) -> dict[str, Any]:
+        """What a run is, as flat dotted keys: the config without the run section and the
+        train keys marked NOT_RECIPE (the seed, and how the run is shown or how fast it
+        runs)."""
+        shown = {f"train.{k}" for k in marked(TrainConfig, "recipe", False)}
+        return {f"{section}.{k}": v for section, values in self.to_dict().items()
+                if section != "run" for k, v in values.items() if f"{section}.{k}" not in shown}
+
+
+def recipe_key(recipe: dict[str, Any]) -> str:
+    """A recipe (Config.recipe) as one comparable string: runs with equal keys are seeds of
+    one recipe."""
+    return json.dumps(recipe, sort_keys=True)
 
 
 SECTIONS: dict[str, type[_Section]] = {"data": DataConfig, "model": ModelConfig,

@@ -12,14 +12,23 @@ state, the random streams) is gathered into rank 0's checkpoints.
 
 from __future__ import annotations
 
+import ctypes
+import json
 import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gru_lm.errors import GruLmError
-from gru_lm.utils import flatten
+from gru_lm.supervisor import Supervisor
+from gru_lm.utils import atomic_write_text, flatten
 
 
 @dataclass(frozen=True)
@@ -66,14 +75,10 @@ def die_with_launcher() -> None:
     """A process started by `gru-lm train --nproc` gets SIGTERM when its launcher dies, even
     by kill -9 (Linux's parent-death signal): it saves a checkpoint and stops, instead of
     training on unseen and holding the run's lock. No-op elsewhere."""
-    import signal
-
     pid = os.environ.get(LAUNCHER)
     if not pid:
         return
     try:
-        import ctypes
-
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     except (OSError, AttributeError):  # not Linux: the launcher's own handlers must do
@@ -207,7 +212,6 @@ def node_rank() -> int:
 def check_same_corpus(world: World, corpus) -> None:
     """Refuse, before the first step, a process whose corpus is not process 0's text (another
     file, another version of it, another preprocessing): every node reads its own copy."""
-    import socket
 
     if not world.active:
         return
@@ -241,7 +245,6 @@ def check_same_settings(world: World, settings: dict[str, Any], what: str = "has
     differ from process 0's, in one line naming the key, both values and the node: a
     training whose processes disagree would deadlock (max_steps), or train what no file
     records (lr). Every process raises; process 0 alone says it."""
-    import socket
 
     if not world.active:
         return
@@ -293,7 +296,6 @@ LAUNCH_MARK = ".launch.json"  # in a run folder: the torchrun launch that create
 def _launch_identity() -> dict[str, Any]:
     """This torchrun launch, as process 0 sees it: the rendezvous id, the host and the agent
     (the parent process, with its start time, so that a reused pid is not taken for it)."""
-    import socket
 
     agent = os.getppid()
     try:
@@ -307,9 +309,7 @@ def _launch_identity() -> dict[str, Any]:
 def mark_launch(run_path) -> None:
     """Under torchrun with restarts allowed: record in a new run's folder which launch
     created it, so that only a restart of this launch continues it."""
-    import json
 
-    from gru_lm.utils import atomic_write_text
 
     if elastic_env().max_restarts > 0:
         atomic_write_text(Path(run_path) / LAUNCH_MARK, json.dumps(_launch_identity()) + "\n")
@@ -317,7 +317,6 @@ def mark_launch(run_path) -> None:
 
 def launched_here(run_path) -> bool:
     """Whether the run folder was created by this torchrun launch (before a restart)."""
-    import json
 
     try:
         mark = json.loads((Path(run_path) / LAUNCH_MARK).read_text(encoding="utf-8"))
@@ -351,52 +350,36 @@ def launch(nproc: int, args: list[str]) -> int:
     would give them (env:// rendezvous on 127.0.0.1). Ctrl-C and SIGTERM are passed on; when
     one process fails the others are stopped. Returns the first failing exit status (rank 0's
     first), else 0."""
-    import signal
-    import socket
-    import subprocess
-    import sys
-    import time
 
     with socket.socket() as sock:  # a free port for the rendezvous
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
             "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc), LAUNCHER: str(os.getpid())}
-    procs: list[subprocess.Popen] = []
-    forwarded: list[int] = []
-
-    def forward(signum, _frame):
-        forwarded.append(signum)
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signum)
-
-    # (passed on from before the first process starts: none of them misses a Ctrl-C)
-    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    ranks = Supervisor()
     pumps = []
-    try:
-        for r in range(nproc):
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "gru_lm", *args],
-                env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, stderr=subprocess.PIPE,
-                preexec_fn=_hold_signals))
-        if forwarded:  # a signal came while they were being started
-            forward(forwarded[-1], None)
-        pumps = _forward_once([p.stderr for p in procs])
-        while any(p.poll() is None for p in procs):
-            # One failed: stop the rest. After a Ctrl-C or SIGTERM every process stops by
-            # itself at the same step boundary (a step, a checkpoint), so none is cut short.
-            if not forwarded and any(p.poll() not in (None, 0) for p in procs):
-                time.sleep(2)  # (those stopping for the same reason exit by themselves)
-                _stop(procs)
-                break
-            time.sleep(0.1)
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
-        for t in pumps:
-            t.join(timeout=5)
-    codes = [p.returncode for p in procs]
+    # (passed on from before the first process starts: none of them misses a Ctrl-C)
+    with ranks.forwarding():
+        try:
+            for r in range(nproc):
+                ranks.start(f"rank {r}", [sys.executable, "-m", "gru_lm", *args],
+                            env={**base, "RANK": str(r), "LOCAL_RANK": str(r)},
+                            stderr=subprocess.PIPE, preexec_fn=_hold_signals)
+            procs = [c.process for c in ranks.running.values()]
+            pumps = _forward_once([p.stderr for p in procs])
+            while ranks.running:
+                ranks.reap()
+                # One failed: stop the rest. After a Ctrl-C or SIGTERM every process stops by
+                # itself at the same step boundary (a step, a checkpoint), so none is cut short.
+                if ranks.stopped_by is None and ranks.failed():
+                    time.sleep(2)  # (those stopping for the same reason exit by themselves)
+                    ranks.terminate()
+                    break
+                time.sleep(0.1)
+        finally:
+            for t in pumps:
+                t.join(timeout=5)
+    codes = [c.code for c in sorted(ranks.ended, key=lambda c: c.started)]
     return next((c for c in codes if c), 0)
 
 
@@ -404,36 +387,12 @@ def _hold_signals() -> None:
     """In a worker between fork and exec: SIGINT and SIGTERM wait (blocked, kept pending)
     until gru_lm.utils.record_signals_early can record them; a Ctrl-C while Python starts
     would otherwise be a KeyboardInterrupt traceback from an import."""
-    import signal
-
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-
-
-STOP_GRACE_S = 60  # how long a stopped process may take to save before it is killed
-
-
-def _stop(procs) -> None:
-    """SIGTERM to the processes still running (each records it and stops at its next step
-    boundary), then SIGKILL to any that has not stopped within STOP_GRACE_S (one held in a
-    rendezvous by a peer that is gone)."""
-    import subprocess
-
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-    for p in procs:
-        try:
-            p.wait(timeout=STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
 
 
 def _forward_once(streams) -> list:
     """Copy the processes' stderr lines to ours, each distinct line once: an error that
     every process meets (a bad corpus, a peer that died) is said once, not once a process."""
-    import sys
-    import threading
 
     seen: set[bytes] = set()
     lock = threading.Lock()

@@ -12,12 +12,14 @@ from gru_lm.rundir import RunDir
 from gru_lm.utils import figure, figure_format, glyph_note, say_glyph_note, write_output
 
 
-def plot_curves(groups: dict[str, list[dict]], path: Path) -> None:
+def plot_curves(groups: dict[str, list[list[dict]]], path: Path) -> None:
+    """Val perplexity against tokens seen and seconds: a line per recipe (its seeds' mean)
+    with their min-max band; `groups`: each recipe's seeds' evaluation records."""
     fig = figure(figsize=(10, 4), dpi=80)
     axes = fig.subplots(1, 2)
     for label, g in groups.items():
         for ax, key in zip(axes, ("tokens_seen", "elapsed_s"), strict=True):
-            xs, mean, lo, hi = _band([r["evals"] for r in g], key)
+            xs, mean, lo, hi = _band(g, key)
             if xs:
                 (line,) = ax.plot(xs, mean, label=label)
                 ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from gru_lm.config import Config, apply_overrides, resolve_yaml, validate
+from gru_lm.config import Config, TrainConfig, apply_overrides, marked, resolve_yaml, validate
 from gru_lm.errors import CheckpointError, ConfigError, GruLmError
 from gru_lm.rundir import LAST, RunDir
 from gru_lm.trainstate import TrainProgress
@@ -188,14 +188,12 @@ def resume_config(run: RunDir, config: Path | None, overrides: list[str]) -> Con
     return new
 
 
-# What a resume cannot change: the weights, batches and optimizer state were built from them.
-FIXED_TRAIN_KEYS = ("batch_size", "num_steps", "sampler", "seed", "optimizer", "init_from")
-
-
 def fixed_keys_changed(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     changed = diff_keys(old["model"], new["model"], "model")
     changed += diff_keys(old["data"], new["data"], "data")
-    for key in FIXED_TRAIN_KEYS:
+    # (the train keys marked FIXED: the weights, batches and optimizer state were built
+    # from them)
+    for key in marked(TrainConfig, "fixed"):
         changed += diff_keys(old["train"][key], new["train"][key], f"train.{key}")
     return changed
 

@@ -189,7 +189,7 @@ def test_compare_table_fits_80_columns(tiny_run, monkeypatch):
 def test_compare_table_keeps_every_name_whole_at_any_speed(rate, monkeypatch, capsys):
     """The measured speed is injected: from a slow CPU (10^3 tok/s) to a GPU (10^8) the
     80-column table keeps every model name whole and every line within 80 columns."""
-    from gru_lm.comparison import Comparison, ResultRow
+    from gru_lm.report import Comparison, ResultRow
     from gru_lm.views import show_comparison
 
     monkeypatch.setenv("COLUMNS", "80")

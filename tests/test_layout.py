@@ -14,13 +14,14 @@ from gru_lm.rundir import RunDir
 
 PACKAGE = Path(__file__).resolve().parents[1] / "gru_lm"
 # Bottom to top: a module may import only from modules listed before it (lazy imports too).
-LAYERS = ["__init__", "errors", "utils", "stats", "distributed", "config", "script", "poetry",
-          "download", "tokenstore", "data", "ngram", "_ext",
+LAYERS = ["__init__", "errors", "utils", "stats", "supervisor", "distributed", "config",
+          "script", "poetry", "download", "tokenstore", "data", "ngram", "_ext",
           "cells", "recurrent", "scratch", "torchnn", "mogrifier", "models",
           "metrics", "cache", "dynamic", "poems", "decoding", "sampling", "checkpoint", "exporting",
           "rundir", "schedule", "ema", "display", "members", "scorers", "evaluation",
           "trainstate", "resume", "preflight", "trainer", "building", "runner",
-          "plots", "comparison", "gates", "api", "server", "terminal", "views", "cli", "__main__"]
+          "plots", "report", "campaign", "gates", "api", "server", "terminal", "views", "cli",
+          "__main__"]
 REEXPORTED = {"api", "errors"}  # the package re-exports them lazily (gru_lm.train, ...)
 
 
