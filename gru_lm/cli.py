@@ -7,15 +7,31 @@ Heavy modules (torch, pydantic, matplotlib) are imported inside the commands so 
 from __future__ import annotations
 
 import os
-from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from gru_lm import __version__
+from gru_lm.cliargs import (
+    CkptOpt,
+    ConfigOpt,
+    ExportFormat,
+    OfflineOpt,
+    Overrides,
+    RunOpt,
+    RunsDirOpt,
+    Split,
+    UnknownChars,
+    in_range,
+    offline_flag,
+    one_of,
+    read_prefix,
+    scorer_flags,
+)
+from gru_lm.clidata import config_app, data_app
+from gru_lm.errors import GruLmError
 from gru_lm.terminal import (
-    CLOSED,
     PlainGroup,
     console,
     err_console,
@@ -30,7 +46,6 @@ from gru_lm.views import (
     said_newest,
     show_comparison,
     show_continuations,
-    show_corpus,
     show_evaluation,
     show_export,
     show_gates,
@@ -49,39 +64,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-data_app = typer.Typer(help="Download and inspect corpora.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-config_app = typer.Typer(help="Show the configuration keys and their values.",
-                         no_args_is_help=True)
 app.add_typer(config_app, name="config")
-
-
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", metavar="FILE",
-                                               help="YAML config file.")]
-Overrides = Annotated[list[str] | None, typer.Argument(
-    help="Overrides like train.lr=0.5 model.num_hiddens=512.", show_default=False)]
-OfflineOpt = Annotated[bool, typer.Option("--offline", help="Never touch the network.")]
-RunOpt = Annotated[Path | None, typer.Option("--run", metavar="DIR",
-                                            help="Run directory (default: the newest run).")]
-CkptOpt = Annotated[Path | None, typer.Option("--checkpoint", metavar="FILE",
-                                              help="Checkpoint file.")]
-RunsDirOpt = Annotated[Path, typer.Option("--runs-dir", metavar="DIR", help="Where runs live.")]
-
-
-class UnknownChars(StrEnum):
-    error = "error"
-    skip = "skip"
-
-
-class ExportFormat(StrEnum):
-    safetensors = "safetensors"
-    onnx = "onnx"
-
-
-class Split(StrEnum):
-    val = "val"
-    test = "test"
-    train = "train"
 
 
 def _version(value: bool) -> None:
@@ -96,85 +80,6 @@ def root(
                                           help="Print the version and exit.")] = False,
 ) -> None:
     """Train, sample and honestly compare character-level recurrent language models."""
-
-
-def _offline(flag: bool) -> bool | None:
-    return True if flag else None
-
-
-def in_range(flag: str, value: int | None, lo: int, hi: int) -> None:
-    """Refuse an integer option outside lo..hi before anything is built from it."""
-    if value is not None and not lo <= value <= hi:
-        from gru_lm.errors import GruLmError
-
-        raise GruLmError(f"{flag} {value} is out of range; give {lo:,}..{hi:,}")
-
-
-# ---------------------------------------------------------------- data
-
-
-@data_app.command("download", epilog=example(
-    "gru-lm data download", "GRU_LM_DATA_DIR=/mnt/corpora gru-lm data download --offline"))
-@handle_errors
-def data_download(
-    dataset: Annotated[str, typer.Option(
-        help="Registered dataset name: timemachine, text8, enwik8, or chinese-poetry's tang, "
-        "songci, tang300, lunyu.")] = "timemachine",
-    cache_dir: Annotated[Path, typer.Option(help="Download cache folder.")] = Path("data"),
-    offline: OfflineOpt = False,
-) -> None:
-    """Download a dataset into the cache (verified by SHA-1, or SHA-256 file by file)."""
-    from gru_lm.download import fetch, find_local, get_dataset
-
-    spec = get_dataset(dataset)
-    found = find_local(spec, cache_dir)
-    if found is not None:
-        console.print(f"{dataset}: {found[0]} (found in {found[1]}, {spec.digest_name} "
-                      "verified; nothing downloaded)", highlight=False)
-        return
-    path = fetch(spec, cache_dir, offline=_offline(offline))
-    console.print(f"{dataset}: downloaded to {path} ({spec.digest_name} verified)",
-                  highlight=False)
-
-
-@data_app.command("info", epilog=example(
-    "gru-lm data info", "gru-lm data info --config configs/gru.yaml data.path=my.txt "
-    "data.preset=raw"))
-@handle_errors
-def data_info(config: ConfigOpt = None, overrides: Overrides = None,
-              offline: OfflineOpt = False,
-              top: Annotated[int, typer.Option(help="How many frequent tokens to show.")] = 8,
-              ) -> None:
-    """Show corpus statistics: characters, tokens, vocabulary, splits."""
-
-    from gru_lm.api import corpus_info
-
-    in_range("--top", top, 1, 1000)
-    info = corpus_info(config, *(overrides or []), offline=_offline(offline))
-    show_corpus(info, top)
-
-
-# ---------------------------------------------------------------- config
-
-
-@config_app.command("show", epilog=example(
-    "gru-lm config show", "gru-lm config show --config configs/gru.yaml train.lr=0.005"))
-@handle_errors
-def config_show(config: ConfigOpt = None, overrides: Overrides = None) -> None:
-    """Print the resolved config as YAML, with what each key means.
-
-    Defaults, then the file (its `base:` first), then the overrides; a value that differs
-    from the default shows the default and where it was set. The output is a valid config
-    file."""
-    from gru_lm.api import config_sources, resolve_config
-    from gru_lm.config import described_yaml
-
-    cfg = resolve_config(config, *(overrides or []))
-    sources = config_sources(config, *(overrides or []))
-    console.print(f"# resolved from {config or 'the defaults'}"
-                  f"{' + ' + ' '.join(overrides) if overrides else ''}", highlight=False,
-                  markup=False)
-    console.print(described_yaml(cfg, sources), highlight=False, markup=False, end="")
 
 
 # ---------------------------------------------------------------- models
@@ -238,7 +143,7 @@ def train_cmd(
 
     stdout.keep_going = True
     run = train(config, *(overrides or []), name=name, resume=resume, init_from=init_from,
-                offline=_offline(offline), show=not quiet, console=None if quiet else console)
+                offline=offline_flag(offline), show=not quiet, console=None if quiet else console)
     if world_from_env().is_main:
         show_summary(run.summary or {"run": run.path.name, "steps": 0,
                                        "stop_reason": "", "tokens_per_s": 0.0})
@@ -250,7 +155,6 @@ def _launch(nproc: int, config: Path | None, overrides: list[str], resume: Path 
     here, once, before any process starts."""
     from gru_lm.building import gpu_count, load_new_config, new_run, usable_cores
     from gru_lm.distributed import launch
-    from gru_lm.errors import GruLmError
 
     if os.environ.get("WORLD_SIZE"):
         raise GruLmError("--nproc inside a torchrun job; drop --nproc (torchrun already "
@@ -347,7 +251,7 @@ def predict_cmd(
             "characters to draw: this can take minutes on a CPU, and the samples show when "
             "the last is done (Ctrl-C stops it)",
             highlight=False, soft_wrap=True)
-    r = continue_text(_prefix(prefix, prefix_file, optional=poem), _one_of(run, checkpoint),
+    r = continue_text(read_prefix(prefix, prefix_file, optional=poem), one_of(run, checkpoint),
                       num_samples, num_chars, unknown=unknown.value, runs_dir=runs_dir,
                       temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                       greedy=greedy, beam=beam, no_repeat=no_repeat, acrostic=acrostic,
@@ -355,49 +259,12 @@ def predict_cmd(
     show_continuations(r)
 
 
-def _prefix(prefix: str | None, prefix_file: Path | None, optional: bool = False
-            ) -> str | None:
-    """The prefix argument, or the text of --prefix-file (- : stdin); None when neither is
-    given and the prefix is `optional` (a poem in a form)."""
-    from gru_lm.errors import GruLmError
-    from gru_lm.sampling import read_prefix_file
-
-    if optional and prefix is None and prefix_file is None:
-        return None
-    if (prefix is None) == (prefix_file is None):
-        raise GruLmError("give the prefix as an argument or with --prefix-file FILE (- for "
-                         "stdin), not both" if prefix is not None else
-                         "give a prefix to continue, e.g. gru-lm predict \"time traveller\"")
-    if prefix_file is None:
-        assert prefix is not None
-        return prefix
-    if str(prefix_file) == "-" and "stdin" in CLOSED:
-        raise GruLmError("--prefix-file -: stdin is closed; pipe text into gru-lm or give a "
-                         "file")
-    return read_prefix_file(prefix_file)
-
-
-def _one_of(run: Path | None, checkpoint: Path | None) -> Path | None:
-    if run is not None and checkpoint is not None:
-        from gru_lm.errors import GruLmError
-
-        raise GruLmError("give --run or --checkpoint, not both")
-    return run if run is not None else checkpoint
-
-
-def _methods() -> dict[str, str]:
-    """evaluate's --METHOD options: the scorers and mixers of gru_lm/scorers.py."""
-    from gru_lm.scorers import options
-
-    return options()
-
-
 @app.command("evaluate", epilog=example(
     "gru-lm evaluate", "gru-lm evaluate --run runs/lstm-20261123-101500 --dynamic --mix-ngram",
     "gru-lm evaluate --run runs/cmp/lstm-s0 --run runs/cmp/lstm-s1 --cache",
     "gru-lm evaluate --text my.txt"))
 @handle_errors
-@with_flags(_methods(), before="ngram_order")
+@with_flags(scorer_flags(), before="ngram_order")
 def evaluate_cmd(
     run: Annotated[list[Path] | None, typer.Option(
         "--run", metavar="DIR", help="Run directory (default: the newest run); repeat it to "
@@ -429,8 +296,8 @@ def evaluate_cmd(
         where = locate(None, runs_dir)
         said_newest(where.checkpoint)
         paths = [where.checkpoint]
-    r = evaluate(paths, split.value, text=text, offline=_offline(offline),
-                 methods=flags_given(methods, _methods()), ngram_order=ngram_order,
+    r = evaluate(paths, split.value, text=text, offline=offline_flag(offline),
+                 methods=flags_given(methods, scorer_flags()), ngram_order=ngram_order,
                  weighted=weighted)
     show_evaluation(r, len(paths), "text" if text is not None else split.value)
 
@@ -473,14 +340,13 @@ def compare_cmd(
 ) -> None:
     """Train configs x seeds under one budget and report perplexity, speed, curves, samples."""
     from gru_lm.api import compare
-    from gru_lm.errors import GruLmError
 
     given = list(configs or [])
     if runs and not given:
         raise GruLmError("--runs needs run folders, e.g. gru-lm compare --runs runs/a runs/b")
     result = compare([] if runs else given, runs=given if runs else [],
                      seeds=seeds, budget_s=budget_s, epochs=epochs, tokens=tokens, out=out,
-                     resume=resume, runs_dir=runs_dir, offline=_offline(offline),
+                     resume=resume, runs_dir=runs_dir, offline=offline_flag(offline),
                      console=None if quiet else console, jobs=jobs)
     show_comparison(result, wide)
 
@@ -534,7 +400,7 @@ def gates_cmd(
         from gru_lm.utils import figure_format
 
         figure_format(png)
-    g = gates(text, _one_of(run, checkpoint), layer, units, figure=png is not None,
+    g = gates(text, one_of(run, checkpoint), layer, units, figure=png is not None,
               runs_dir=runs_dir)
     show_gates(g, layer, png, json_out)
 

@@ -20,8 +20,8 @@ LAYERS = ["__init__", "errors", "utils", "stats", "supervisor", "distributed", "
           "metrics", "cache", "dynamic", "poems", "decoding", "sampling", "checkpoint", "exporting",
           "rundir", "schedule", "ema", "display", "members", "scorers", "evaluation",
           "trainstate", "resume", "preflight", "trainer", "building", "runner",
-          "plots", "report", "campaign", "gates", "api", "server", "terminal", "views", "cli",
-          "__main__"]
+          "plots", "report", "campaign", "gates", "argcheck", "trained", "api", "server",
+          "terminal", "views", "cliargs", "clidata", "cli", "__main__"]
 REEXPORTED = {"api", "errors"}  # the package re-exports them lazily (gru_lm.train, ...)
 
 
