@@ -49,7 +49,8 @@ def resolve_config(config=None, *overrides: str, **sections: Mapping[str, Any]) 
     """A validated Config from a YAML path, a dict or a Config (None: the defaults), then
     dotted overrides ("train.lr=0.01") and section dicts (train={"lr": 0.01}), all checked
     as the CLI checks them."""
-    from gru_lm.config import Config, apply_overrides, load_config, model_needs_checks, validate
+    from gru_lm.config import Config, load_config, model_needs_checks, validate
+    from gru_lm.yamlconf import apply_overrides
 
     pairs = [*overrides, *_section_pairs(sections)]
     if config is None or isinstance(config, str | Path):
@@ -72,7 +73,7 @@ def resolve_config(config=None, *overrides: str, **sections: Mapping[str, Any]) 
 def config_sources(config: str | Path | None = None, *overrides: str) -> dict[str, str]:
     """Where each key of a config came from: its file (or a `base:` file it names), or
     "override"; keys at their default are absent."""
-    from gru_lm.config import override_keys, resolve_yaml
+    from gru_lm.yamlconf import override_keys, resolve_yaml
 
     sources = resolve_yaml(Path(config))[1] if isinstance(config, str | Path) else {}
     sources.update(dict.fromkeys(override_keys(list(overrides)), "override"))

@@ -9,8 +9,8 @@ import inspect
 import typing
 from typing import Any, Unpack
 
-from gru_lm.config import short
 from gru_lm.errors import GruLmError
+from gru_lm.yamlconf import short
 
 
 def checked(fn):

@@ -6,11 +6,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from gru_lm.config import Config, apply_overrides, load_config, validate
+from gru_lm.config import Config, load_config, validate
 from gru_lm.distributed import SINGLE, World
 from gru_lm.errors import ConfigError, GruLmError
 from gru_lm.resume import diff_keys
 from gru_lm.rundir import RunDir
+from gru_lm.yamlconf import apply_overrides
 
 
 def resolve_device(name: str):

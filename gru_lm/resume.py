@@ -13,10 +13,11 @@ from typing import Any
 
 import torch
 
-from gru_lm.config import Config, TrainConfig, apply_overrides, marked, resolve_yaml, validate
+from gru_lm.config import Config, TrainConfig, marked, validate
 from gru_lm.errors import CheckpointError, ConfigError, GruLmError
 from gru_lm.rundir import LAST, RunDir
 from gru_lm.trainstate import TrainProgress
+from gru_lm.yamlconf import apply_overrides, resolve_yaml
 
 # ---------------------------------------------------------------- what a checkpoint holds
 

@@ -126,7 +126,8 @@ class RunDir:
     # -------------------------------------------------------------- config and vocabulary
 
     def read_config(self) -> Config:
-        from gru_lm.config import read_yaml, validate
+        from gru_lm.config import validate
+        from gru_lm.yamlconf import read_yaml
 
         if not self.config.is_file():
             raise GruLmError(f"{self.path} is not a gru-lm run (no config.yaml); pass a run "

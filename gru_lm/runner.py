@@ -147,7 +147,7 @@ def _check_same_resume(world: World, config, overrides: list[str]) -> None:
     """Every process of a resume must change the same settings (its --config and overrides;
     only process 0 reads the run itself)."""
     from gru_lm import distributed
-    from gru_lm.config import apply_overrides, resolve_yaml
+    from gru_lm.yamlconf import apply_overrides, resolve_yaml
 
     if not world.active:
         return

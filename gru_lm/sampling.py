@@ -13,13 +13,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from gru_lm.config import DataConfig, short
+from gru_lm.config import DataConfig
 from gru_lm.data import Vocab, preprocess
 from gru_lm.decoding import Decoding
 from gru_lm.errors import GruLmError
 from gru_lm.poems import PoemForm, PoemWriter
 from gru_lm.script import OTHER as OTHER_SCRIPT
 from gru_lm.utils import missing_reason
+from gru_lm.yamlconf import short
 
 MAX_PREFIX_CHARS = 10_000_000
 PREFIX_WINDOW = 4096  # prefix tokens read per forward call

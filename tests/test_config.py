@@ -7,9 +7,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gru_lm.config import apply_overrides, load_config, validate
+from gru_lm.config import load_config, validate
 from gru_lm.errors import ConfigError, GruLmError
 from gru_lm.models import build_model
+from gru_lm.yamlconf import apply_overrides
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 

@@ -22,9 +22,10 @@ from conftest import cli, one_line_error, reseed, train_tiny
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gru_lm.config import ECHO, MAX_NODES, SECTIONS, apply_overrides, read_yaml, validate
+from gru_lm.config import SECTIONS, validate
 from gru_lm.errors import ConfigError
 from gru_lm.rundir import RunDir
+from gru_lm.yamlconf import ECHO, MAX_NODES, apply_overrides, read_yaml
 
 # ---------------------------------------------------------------- 1. every number has a range
 

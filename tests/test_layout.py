@@ -14,8 +14,9 @@ from gru_lm.rundir import RunDir
 
 PACKAGE = Path(__file__).resolve().parents[1] / "gru_lm"
 # Bottom to top: a module may import only from modules listed before it (lazy imports too).
-LAYERS = ["__init__", "errors", "utils", "stats", "supervisor", "distributed", "config",
-          "script", "poetry", "download", "tokenstore", "data", "ngram", "_ext",
+LAYERS = ["__init__", "errors", "utils", "stats", "supervisor", "distributed", "yamlconf",
+          "config",
+          "script", "poetry", "httpget", "download", "tokenstore", "data", "ngram", "_ext",
           "cells", "recurrent", "scratch", "torchnn", "mogrifier", "models",
           "metrics", "cache", "dynamic", "poems", "decoding", "sampling", "checkpoint", "exporting",
           "rundir", "schedule", "ema", "display", "members", "scorers", "evaluation",

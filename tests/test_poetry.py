@@ -222,7 +222,7 @@ def test_a_failed_name_lookup_is_not_called_a_timeout():
     import requests
     from urllib3.exceptions import MaxRetryError, NameResolutionError
 
-    from gru_lm.download import _request_error
+    from gru_lm.httpget import _request_error
 
     lookup = NameResolutionError("raw.githubusercontent.com", None, OSError("no DNS"))
     e = requests.exceptions.ConnectionError(MaxRetryError(None, "/x", lookup))
