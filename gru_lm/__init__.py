@@ -17,6 +17,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
 
+# api.__all__, copied so that `import gru_lm` (and `gru-lm --help`) need not import the API;
+# tests/test_house.py checks that the two agree.
 _API = ("Comparison", "Continuations", "CorpusInfo", "Decoding", "Evaluation", "Exported",
         "Gates", "ModelInfo", "Run", "RunInfo", "compare", "config_sources", "continue_text",
         "corpus_info", "evaluate", "export", "gates", "list_models", "load", "plot",

@@ -1,13 +1,13 @@
-"""Look inside gated cells: recompute update/reset (GRU) or input/forget/output (LSTM) gates.
+"""Look inside gated cells: what `gru-lm gates` shows and writes (strips, PNG, JSON, a
+notebook's HTML) from the gates a model traces through a text.
 
-Each gated model exposes its weights per layer in one layout (`gate_weights`, a list of
-models.LayerWeights); this module steps through a text with them, one character at a time,
-records the gates, and builds what `gru-lm gates` shows and writes (strips, PNG, JSON), so
-the trainer and the models need no extra hooks.
+Each family shows its own gates (RecurrentLM.gate_trace: the book's cells recompute theirs
+from their weights, the Mogrifier traces its masks too); this module names no family.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,77 +16,7 @@ import torch
 from torch import Tensor
 
 from gru_lm.errors import GruLmError
-from gru_lm.models import LayerWeights
-
-GATE_NAMES = {"gru": ("Z", "R"), "lstm": ("I", "F", "O")}
-GATE_TITLES = {"Z": "update gate Z", "R": "reset gate R", "I": "input gate I",
-               "F": "forget gate F", "O": "output gate O",
-               **{f"M{r}": f"state mask of round {r} (2σ(R x), halved)" for r in (2, 4, 6, 8)}}
-
-
-@dataclass
-class GateTrace:
-    kind: str
-    gates: dict[str, Tensor]  # name -> (num_chars, num_hiddens)
-    H: Tensor  # (num_chars, num_hiddens)
-    delta_H: Tensor  # (num_chars,) ||H_t - H_{t-1}||
-
-
-@torch.no_grad()
-def trace_gates(layers: list[LayerWeights], ids: list[int], layer: int) -> GateTrace:
-    """Run `ids` through layers 0..layer from a zero state; return the gates of `layer`."""
-    _check_layer(layer, len(layers))
-    X = torch.tensor(ids)
-    inputs: Tensor | None = None
-    for w in layers[: layer + 1]:
-        if inputs is None:  # the first layer reads token ids
-            x = w.embedding[X] @ w.W_x if w.embedding is not None else w.W_x[X]
-        else:
-            x = inputs @ w.W_x
-        P = x + w.b_x  # (num_chars, G * num_hiddens)
-        nh = w.W_h.shape[0]
-        H = torch.zeros(nh, dtype=P.dtype)
-        C = torch.zeros(nh, dtype=P.dtype)
-        outs: list[Tensor] = []
-        rec: dict[str, list[Tensor]] = {name: [] for name in GATE_NAMES[w.kind]}
-        for p in P:
-            if w.kind == "gru":
-                A = H @ w.W_h + w.b_h
-                Z = torch.sigmoid(p[:nh] + A[:nh])
-                R = torch.sigmoid(p[nh:2 * nh] + A[nh:2 * nh])
-                if w.reset_after:
-                    H_tilde = torch.tanh(p[2 * nh:] + R * A[2 * nh:])
-                else:
-                    H_tilde = torch.tanh(p[2 * nh:] + (R * H) @ w.W_h[:, 2 * nh:]
-                                         + w.b_h[2 * nh:])
-                H = Z * H + (1 - Z) * H_tilde
-                rec["Z"].append(Z)
-                rec["R"].append(R)
-            else:
-                A = p + H @ w.W_h + w.b_h
-                I, F = torch.sigmoid(A[:nh]), torch.sigmoid(A[nh:2 * nh])
-                G, O = torch.tanh(A[2 * nh:3 * nh]), torch.sigmoid(A[3 * nh:])
-                C = F * C + I * G
-                H = O * torch.tanh(C)
-                rec["I"].append(I)
-                rec["F"].append(F)
-                rec["O"].append(O)
-            outs.append(H)
-        inputs = torch.stack(outs)  # (num_chars, num_hiddens)
-    assert inputs is not None  # (layer is in range: at least one layer ran)
-    return GateTrace(kind=w.kind, gates={k: torch.stack(v) for k, v in rec.items()},
-                     H=inputs, delta_H=_delta(inputs))
-
-
-def _check_layer(layer: int, count: int) -> None:
-    if not 0 <= layer < count:
-        raise GruLmError(f"--layer {layer} is out of range; the model has {count} layer(s): "
-                         f"0..{count - 1}")
-
-
-def _delta(H: Tensor) -> Tensor:
-    """||H_t - H_{t-1}|| at every step (H_{-1} = 0)."""
-    return (H - torch.cat([torch.zeros_like(H[:1]), H[:-1]])).norm(dim=-1)
+from gru_lm.recurrent import GateTrace
 
 
 def top_units(trace: GateTrace, n: int) -> list[int]:
@@ -128,7 +58,7 @@ def save_heatmap(text: str, trace: GateTrace, units: list[int], path,
         ax.set_xticks(range(len(text)), ["␣" if c == " " else c for c in text])
         ax.set_yticks(range(rows), ["mean of all"] + [f"unit {u}" for u in units],
                       fontsize=6)
-        ax.set_title(GATE_TITLES.get(name, name), fontsize=9, loc="left")
+        ax.set_title(trace.titles.get(name, name), fontsize=9, loc="left")
         bar = fig.colorbar(im, ax=ax, fraction=0.02)
         bar.set_label(f"{name} (0 to 1)", fontsize=7)
     fig.suptitle(title or "gate values per character", fontsize=10)
@@ -154,11 +84,7 @@ class GateReport:
 
     def legend(self) -> str:
         means = ", ".join(f"mean {k} {v.mean():.2f}" for k, v in self.trace.gates.items())
-        how = ("Z near 1 keeps the old state, R near 0 forgets it." if self.trace.kind == "gru"
-               else "F near 1 keeps the cell state, I lets new input in.")
-        if self.trace.kind == "mogrifier":
-            how += " M2, M4: the input's rescaling of the state before the gates (0.5: none)."
-        return f"colour: blue 0 → red 1 (ΔH scaled to its max); {means}. {how}"
+        return f"colour: blue 0 → red 1 (ΔH scaled to its max); {means}. {self.trace.how}"
 
     def to_json(self) -> dict:
         g = self.trace.gates
@@ -190,7 +116,7 @@ class GateReport:
                 cells.append(f"<span title='{name} = {v:.3f}' style='background:{color};"
                              f"color:white;padding:1px'>{shown}</span>")
             rows.append(f"<div style='font-family:monospace;margin:2px 0'>"
-                        f"<b>{html.escape(GATE_TITLES.get(name, name))}</b><br>"
+                        f"<b>{html.escape(self.trace.titles.get(name, name))}</b><br>"
                         f"{''.join(cells)}</div>")
         return "".join(rows) + f"<p>{html.escape(self.legend())}</p>"
 
@@ -212,16 +138,6 @@ def check_text(text: str, figure: bool) -> None:
                          f"{limit:,}: give a shorter text" + (" or drop --png" if figure else ""))
 
 
-def _trace(model, ids: list[int], layer: int) -> GateTrace:
-    """The gates of `layer` at every token: recomputed from the weights (gate_weights), or
-    traced by a model that has its own (the Mogrifier LSTM: trace(), with its masks)."""
-    if not hasattr(model, "trace"):
-        return trace_gates(model.gate_weights(), ids, layer)
-    _check_layer(layer, model.num_layers)
-    gates, H = model.trace(ids, layer)
-    return GateTrace(kind="mogrifier", gates=gates, H=H, delta_H=_delta(H))
-
-
 def gate_report(model, vocab, data, text: str, layer: int, units: int) -> GateReport:
     """Run `text` (preprocessed as the corpus was: `data`, the run's data section) through
     `model` and pick the busiest units."""
@@ -230,9 +146,9 @@ def gate_report(model, vocab, data, text: str, layer: int, units: int) -> GateRe
 
     check_units(units)
     ids, _ = encode_prefix(text, vocab, data, what="the text", skip_hint=False)
-    trace = _trace(model, ids, layer)
+    trace = model.gate_trace(ids, layer)
     if data.preset == "bytes":  # one column a character: the gates once its last byte is read
         keep = char_ends(ids)
-        trace = GateTrace(trace.kind, {k: v[keep] for k, v in trace.gates.items()},
-                          trace.H[keep], trace.delta_H[keep])
+        trace = dataclasses.replace(trace, gates={k: v[keep] for k, v in trace.gates.items()},
+                                    H=trace.H[keep], delta_H=trace.delta_H[keep])
     return GateReport(vocab.decode(ids), layer, trace, top_units(trace, units))

@@ -31,8 +31,12 @@ from gru_lm.cells import LoopPath
 from gru_lm.config import ModelConfig
 from gru_lm.errors import ConfigError
 from gru_lm.recurrent import (
+    BOOK_GATES,
+    BOOK_HOW,
+    GateTrace,
     RecurrentLM,
     State,
+    check_layer,
     drop_weight,
     embedding_dropout,
     register_model,
@@ -188,6 +192,16 @@ class Mogrifier(RecurrentLM):
 
     def logits(self, out: Tensor) -> Tensor:
         return self.output(out)  # (num_steps, batch_size, vocab_size)
+
+    def gate_trace(self, ids: list[int], layer: int) -> GateTrace:
+        """The LSTM's gates and the masks of the state rounds (see trace)."""
+        check_layer(layer, self.num_layers)
+        gates, H = self.trace(ids, layer)
+        titles = {**BOOK_GATES["lstm"], **{name: f"state mask of round {name[1:]} (2σ(R x), "
+                                                 "halved)" for name in gates if name[0] == "M"}}
+        how = (BOOK_HOW["lstm"] + " M2, M4: the input's rescaling of the state before the "
+               "gates (0.5: none).")
+        return GateTrace.of("mogrifier", gates, H, titles, how)
 
     @torch.no_grad()
     def trace(self, ids: list[int], layer: int) -> tuple[dict[str, Tensor], Tensor]:

@@ -207,6 +207,90 @@ class LayerWeights:
     embedding: Tensor | None = None  # torch.nn models: token id -> input vector
 
 
+@dataclass
+class GateTrace:
+    """A layer's gates at every token of a text, as `gru-lm gates` shows them: the family's
+    kind, each gate's values in [0, 1], the layer's outputs H and how far each step moved
+    them, a title for each gate and a sentence on how to read them."""
+
+    kind: str
+    gates: dict[str, Tensor]  # name -> (num_chars, num_hiddens)
+    H: Tensor  # (num_chars, num_hiddens)
+    delta_H: Tensor  # (num_chars,) ||H_t - H_{t-1}||
+    titles: dict[str, str]
+    how: str
+
+    @classmethod
+    def of(cls, kind: str, gates: dict[str, Tensor], H: Tensor, titles: dict[str, str],
+           how: str) -> GateTrace:
+        return cls(kind, gates, H, _delta(H), titles, how)
+
+
+# The book's cells: their gates' names and titles, and how to read them.
+BOOK_GATES = {"gru": {"Z": "update gate Z", "R": "reset gate R"},
+              "lstm": {"I": "input gate I", "F": "forget gate F", "O": "output gate O"}}
+BOOK_HOW = {"gru": "Z near 1 keeps the old state, R near 0 forgets it.",
+            "lstm": "F near 1 keeps the cell state, I lets new input in."}
+
+
+@torch.no_grad()
+def trace_gates(layers: list[LayerWeights], ids: list[int], layer: int) -> GateTrace:
+    """The book's cells (LayerWeights): `ids` through layers 0..layer from a zero state, one
+    token at a time; the gates of `layer`."""
+    check_layer(layer, len(layers))
+    X = torch.tensor(ids)
+    inputs: Tensor | None = None
+    for w in layers[: layer + 1]:
+        if inputs is None:  # the first layer reads token ids
+            x = w.embedding[X] @ w.W_x if w.embedding is not None else w.W_x[X]
+        else:
+            x = inputs @ w.W_x
+        P = x + w.b_x  # (num_chars, G * num_hiddens)
+        nh = w.W_h.shape[0]
+        H = torch.zeros(nh, dtype=P.dtype)
+        C = torch.zeros(nh, dtype=P.dtype)
+        outs: list[Tensor] = []
+        rec: dict[str, list[Tensor]] = {name: [] for name in BOOK_GATES[w.kind]}
+        for p in P:
+            if w.kind == "gru":
+                A = H @ w.W_h + w.b_h
+                Z = torch.sigmoid(p[:nh] + A[:nh])
+                R = torch.sigmoid(p[nh:2 * nh] + A[nh:2 * nh])
+                if w.reset_after:
+                    H_tilde = torch.tanh(p[2 * nh:] + R * A[2 * nh:])
+                else:
+                    H_tilde = torch.tanh(p[2 * nh:] + (R * H) @ w.W_h[:, 2 * nh:]
+                                         + w.b_h[2 * nh:])
+                H = Z * H + (1 - Z) * H_tilde
+                rec["Z"].append(Z)
+                rec["R"].append(R)
+            else:
+                A = p + H @ w.W_h + w.b_h
+                I, F = torch.sigmoid(A[:nh]), torch.sigmoid(A[nh:2 * nh])
+                G, O = torch.tanh(A[2 * nh:3 * nh]), torch.sigmoid(A[3 * nh:])
+                C = F * C + I * G
+                H = O * torch.tanh(C)
+                rec["I"].append(I)
+                rec["F"].append(F)
+                rec["O"].append(O)
+            outs.append(H)
+        inputs = torch.stack(outs)  # (num_chars, num_hiddens)
+    assert inputs is not None  # (layer is in range: at least one layer ran)
+    return GateTrace.of(w.kind, {k: torch.stack(v) for k, v in rec.items()}, inputs,
+                        BOOK_GATES[w.kind], BOOK_HOW[w.kind])
+
+
+def check_layer(layer: int, count: int) -> None:
+    if not 0 <= layer < count:
+        raise GruLmError(f"--layer {layer} is out of range; the model has {count} layer(s): "
+                         f"0..{count - 1}")
+
+
+def _delta(H: Tensor) -> Tensor:
+    """||H_t - H_{t-1}|| at every step (H_{-1} = 0)."""
+    return (H - torch.cat([torch.zeros_like(H[:1]), H[:-1]])).norm(dim=-1)
+
+
 class RecurrentLM(nn.Module):
     """The one interface: token ids -> recurrent layers -> dropout -> vocabulary logits."""
 
@@ -312,8 +396,14 @@ class RecurrentLM(nn.Module):
         (num_steps, batch_size, vocab_size)."""
         raise NotImplementedError
 
-    def gate_weights(self) -> list:
-        """Per-layer weights in the canonical layout of gru_lm.gates (gated models only)."""
+    def gate_trace(self, ids: list[int], layer: int) -> GateTrace:
+        """Layer `layer`'s gates at every token of `ids`, read one token at a time from a
+        zero state (what `gru-lm gates` shows): the book's cells recompute them from
+        gate_weights(); a family with other gates overrides this."""
+        return trace_gates(self.gate_weights(), ids, layer)
+
+    def gate_weights(self) -> list[LayerWeights]:
+        """Per-layer weights in the one layout of LayerWeights (the book's gated cells)."""
         raise GruLmError(f"model '{self.registry_name}' has no gates to show; `gru-lm gates` "
                          "works with gru-scratch, gru, lstm-scratch, lstm and mogrifier runs")
 

@@ -11,14 +11,27 @@ import sys
 from pathlib import Path
 
 import pytest
+import typer
 import yaml
 from conftest import cli, one_line_error, reseed, train_tiny
 
+from gru_lm.cli import app
 from gru_lm.config import described_yaml, load_config, validate
 
-COMMANDS = [["models"], ["train"], ["runs"], ["predict"], ["evaluate"], ["compare"], ["plot"],
-            ["gates"], ["export"], ["serve"], ["data", "download"], ["data", "info"],
-            ["config", "show"]]
+
+def _commands(group, path: tuple[str, ...] = ()) -> list[list[str]]:
+    """Every command of the app, as the words that call it (read from the Typer app, so a
+    new command is checked without being listed here)."""
+    out = []
+    for name, cmd in group.commands.items():
+        if getattr(cmd, "commands", None) is not None:  # a group (data, config)
+            out += _commands(cmd, (*path, name))
+        else:
+            out.append([*path, name])
+    return out
+
+
+COMMANDS = _commands(typer.main.get_command(app))
 
 
 # ---------------------------------------------------------------- help and completion

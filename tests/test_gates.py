@@ -8,9 +8,9 @@ import torch
 from conftest import cli
 
 from gru_lm.config import ModelConfig
-from gru_lm.gates import trace_gates
 from gru_lm.members import load_member
 from gru_lm.models import build_model
+from gru_lm.recurrent import trace_gates
 
 TEXT = "the time traveller smiled"
 

@@ -623,10 +623,9 @@ def test_mogrifier_options_belong_to_the_mogrifier():
 
 
 def test_the_mogrifier_shows_its_gates_and_state_masks():
-    """trace(): with rounds 0 its I, F, O and outputs are gates.trace_gates' for the LSTM
+    """trace(): with rounds 0 its I, F, O and outputs are recurrent.trace_gates' for the LSTM
     it is; with 4 rounds it adds the masks of rounds 2 and 4 (halved into [0, 1])."""
-    from gru_lm.gates import trace_gates
-    from gru_lm.recurrent import LayerWeights
+    from gru_lm.recurrent import LayerWeights, trace_gates
 
     ids = _ids()[0].tolist()
     lstm_like = build_model(ModelConfig(name="mogrifier", num_hiddens=NH, rounds=0), V)
