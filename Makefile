@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 CONFIG ?= configs/gru-scratch.yaml
 PREFIX ?= time traveller
 
-.PHONY: install test test-compat lint typecheck train predict recipe bench clean
+.PHONY: install test test-quick test-compat lint typecheck train predict recipe bench clean
 
 install: $(STAMP)
 
@@ -26,6 +26,11 @@ typecheck: install
 
 test: install lint typecheck
 	$(PY) -m pytest
+
+# The edit-test loop: lint, types and every module's tests except the slow ones (training
+# subprocesses, signals, several processes, the notebooks); `make test` runs them all.
+test-quick: install lint typecheck
+	$(PY) -m pytest -m "not slow"
 
 # The other end of what pyproject.toml declares, as a Colab notebook has it: Python 3.13 and
 # torch 2.11, installed with a plain `pip install -e .` (no constraints file: the newest

@@ -21,8 +21,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gru_lm.argcheck import checked
+from gru_lm.config import (
+    MAX_HIDDENS,
+    SECTIONS,
+    Config,
+    ModelConfig,
+    load_config,
+    model_needs_checks,
+    validate,
+)
 from gru_lm.decoding import Decoding
 from gru_lm.errors import GruLmError
+from gru_lm.rundir import list_runs
 from gru_lm.trained import (
     Continuations,
     Exported,
@@ -34,9 +44,9 @@ from gru_lm.trained import (
     gates,
     load,
 )
+from gru_lm.yamlconf import apply_overrides, override_keys, resolve_yaml
 
 if TYPE_CHECKING:
-    from gru_lm.config import Config
     from gru_lm.evaluation import Evaluation
     from gru_lm.report import Comparison
 
@@ -49,9 +59,6 @@ def resolve_config(config=None, *overrides: str, **sections: Mapping[str, Any]) 
     """A validated Config from a YAML path, a dict or a Config (None: the defaults), then
     dotted overrides ("train.lr=0.01") and section dicts (train={"lr": 0.01}), all checked
     as the CLI checks them."""
-    from gru_lm.config import Config, load_config, model_needs_checks, validate
-    from gru_lm.yamlconf import apply_overrides
-
     pairs = [*overrides, *_section_pairs(sections)]
     if config is None or isinstance(config, str | Path):
         cfg = load_config(None if config is None else Path(config), pairs)
@@ -73,8 +80,6 @@ def resolve_config(config=None, *overrides: str, **sections: Mapping[str, Any]) 
 def config_sources(config: str | Path | None = None, *overrides: str) -> dict[str, str]:
     """Where each key of a config came from: its file (or a `base:` file it names), or
     "override"; keys at their default are absent."""
-    from gru_lm.yamlconf import override_keys, resolve_yaml
-
     sources = resolve_yaml(Path(config))[1] if isinstance(config, str | Path) else {}
     sources.update(dict.fromkeys(override_keys(list(overrides)), "override"))
     return sources
@@ -110,8 +115,6 @@ class RunInfo:
 @checked
 def runs(runs_dir: str | Path = "runs") -> list[RunInfo]:
     """Every run under `runs_dir`, newest first."""
-    from gru_lm.rundir import list_runs
-
     return [RunInfo(**{**r, "path": Path(r["path"])}) for r in list_runs(Path(runs_dir))]
 
 
@@ -197,8 +200,6 @@ def train(config=None, *overrides: str, name: str | None = None,
 
 def _section_pairs(sections: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """train={"lr": 0.01} -> ["train.lr=0.01"], refusing what is not a section of dicts."""
-    from gru_lm.config import SECTIONS
-
     pairs = []
     for section, values in sections.items():
         if section not in SECTIONS:
@@ -280,7 +281,6 @@ class ModelInfo:
 @checked
 def list_models(num_hiddens: int = 256, vocab_size: int = 28) -> list[ModelInfo]:
     """The registered models and their parameter counts at this size (1 layer)."""
-    from gru_lm.config import MAX_HIDDENS, ModelConfig
     from gru_lm.models import MAX_VOCAB, build_model, count_parameters, model_class
     from gru_lm.models import list_models as names
 

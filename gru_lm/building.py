@@ -6,11 +6,17 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from gru_lm import distributed
+from gru_lm.checkpoint import load_checkpoint, load_state, seed_everything
 from gru_lm.config import Config, load_config, validate
+from gru_lm.data import vocab_from_dict
 from gru_lm.distributed import SINGLE, World
-from gru_lm.errors import ConfigError, GruLmError
+from gru_lm.errors import ConfigError, DataError, GruLmError
+from gru_lm.members import locate
+from gru_lm.models import build_model
 from gru_lm.resume import diff_keys
 from gru_lm.rundir import RunDir
+from gru_lm.trainer import Trainer
 from gru_lm.yamlconf import apply_overrides
 
 
@@ -60,20 +66,12 @@ def init_weights(model, cfg: Config, vocab, world: World = SINGLE) -> None:
     """Load train.init_from's weights into `model` (fine-tuning): its model section and its
     vocabulary must be this run's, or one line says which differs. Distributed, process 0
     reads the file and hands the weights on: the other nodes need no copy of it."""
-    from gru_lm import distributed
-    from gru_lm.checkpoint import load_state
-
     state, path = distributed.from_main(world, lambda: _init_state(cfg, vocab))
     load_state(model, state, path)
 
 
 def _init_state(cfg: Config, vocab):
     """train.init_from's weights and the checkpoint they come from, checked."""
-    from gru_lm.checkpoint import load_checkpoint
-    from gru_lm.data import vocab_from_dict
-    from gru_lm.errors import DataError
-    from gru_lm.members import locate
-
     if cfg.train.init_from is None:
         raise ValueError("train.init_from is not set")
     source = Path(cfg.train.init_from)
@@ -104,9 +102,6 @@ def build_trainer(cfg: Config, corpus, run: RunDir | None = None, reporter=None,
     from `cfg`, then the Trainer."""
     import torch
 
-    from gru_lm.checkpoint import seed_everything
-    from gru_lm.models import build_model
-    from gru_lm.trainer import Trainer
 
     t = cfg.train
     # torchrun's processes share the cores: each takes its share, never all of them.

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from gru_lm.metrics import mixture_log_probs, mixture_weight, read_streams, target_log_probs
+
 # What scored best on The Time Machine's val split lies inside these grids (configs/lstm.yaml:
 # window 10000, theta 0.5; see README). A window longer than the text holds all of it.
 WINDOWS = (1000, 3000, 10000)
@@ -74,8 +76,6 @@ class ContinuousCache:
 
 def with_cache(logp_model: torch.Tensor, logp_cache: torch.Tensor, lam: float) -> torch.Tensor:
     """log((1 - lambda) p_model + lambda p_cache); the model alone where the cache is empty."""
-    from gru_lm.metrics import mixture_log_probs
-
     empty = torch.isnan(logp_cache)
     mixed = mixture_log_probs(logp_model, logp_cache.masked_fill(empty, 0.0), lam)
     return torch.where(empty, logp_model, mixed)
@@ -84,8 +84,6 @@ def with_cache(logp_model: torch.Tensor, logp_cache: torch.Tensor, lam: float) -
 def choose(logp_model: torch.Tensor, grid: torch.Tensor, windows, thetas) -> CacheSettings:
     """The (window, theta) whose cache, mixed with lambda fitted by EM, gives the highest
     likelihood of these tokens (val); grid: (windows, thetas, tokens) log p_cache."""
-    from gru_lm.metrics import mixture_weight
-
     best, best_nll = None, math.inf
     for a, window in enumerate(windows):
         for b, theta in enumerate(thetas):
@@ -109,8 +107,6 @@ def cache_scores(model, tokens: torch.Tensor, streams: int, num_steps: int, warm
     largest window, so each stream's cache holds the text before it as one stream's would
     (`warmup`: the least warm-up, train.eval_warmup)."""
     from contextlib import nullcontext
-
-    from gru_lm.metrics import read_streams, target_log_probs
 
     cache = ContinuousCache(windows, thetas)
     streams = min(streams, max(1, MAX_CACHE_FLOATS // (cache.size * model.num_hiddens)))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from rich.markup import escape
 
-from gru_lm.building import usable_cores
+from gru_lm import building
 from gru_lm.config import Config, load_config, recipe_key
 from gru_lm.distributed import LAUNCHER
 from gru_lm.errors import GruLmError, TrainingInterrupted
@@ -104,9 +104,10 @@ def run_comparison(configs: list[Path], *, seeds: int, budget: Budget, out: Path
 
 
 def _check_jobs(jobs: int) -> None:
-    if not 1 <= jobs <= usable_cores():
-        raise GruLmError(f"--jobs {jobs} is out of range: this machine has {usable_cores()} "
-                         f"usable core(s); give 1..{usable_cores()} (each job needs a core)")
+    cores = building.usable_cores()
+    if not 1 <= jobs <= cores:
+        raise GruLmError(f"--jobs {jobs} is out of range: this machine has {cores} usable "
+                         f"core(s); give 1..{cores} (each job needs a core)")
 
 
 @dataclass
@@ -192,7 +193,7 @@ def _train_in_processes(todo: list[_Member], total: int, jobs: int, offline: boo
     usable cores // jobs threads, its output in OUT/NAME.log. Ctrl-C and SIGTERM reach every
     running member once (each saves a checkpoint and stops; none more is started); a member
     that fails stops none of the others, and the comparison then fails naming it."""
-    threads = max(1, usable_cores() // jobs)
+    threads = max(1, building.usable_cores() // jobs)
     by_name = {m.name: m for m in todo}
     pool = Supervisor()
 

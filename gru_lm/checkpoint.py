@@ -9,7 +9,10 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from gru_lm.errors import CheckpointError
+from gru_lm.config import validate
+from gru_lm.data import vocab_from_dict
+from gru_lm.errors import CheckpointError, ConfigError, DataError
+from gru_lm.models import build_model
 from gru_lm.utils import atomic_write_text, atomic_writer, file_digest, missing_reason
 
 FORMAT = "gru-lm-checkpoint"
@@ -179,11 +182,6 @@ def check_fields(payload: dict[str, Any], path: Path) -> None:
 
 def restore_model(payload: dict[str, Any], path: Path):
     """Rebuild config, vocab and model from a checkpoint, naming any field that disagrees."""
-    from gru_lm.config import validate
-    from gru_lm.data import vocab_from_dict
-    from gru_lm.errors import ConfigError, DataError
-    from gru_lm.models import build_model
-
     try:
         cfg = validate(payload["config"], source=f"{path} (field 'config')")
     except ConfigError as e:

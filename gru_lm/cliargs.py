@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from gru_lm.errors import GruLmError
+from gru_lm.scorers import options
 from gru_lm.terminal import CLOSED
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", metavar="FILE",
@@ -81,6 +82,4 @@ def one_of(run: Path | None, checkpoint: Path | None) -> Path | None:
 
 def scorer_flags() -> dict[str, str]:
     """evaluate's --METHOD options: the scorers and mixers of gru_lm/scorers.py."""
-    from gru_lm.scorers import options
-
     return options()

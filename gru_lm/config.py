@@ -21,6 +21,7 @@ from pydantic import (
 )
 
 from gru_lm.errors import ConfigError
+from gru_lm.utils import atomic_write_text
 from gru_lm.yamlconf import (
     ECHO,
     apply_overrides,
@@ -438,6 +439,4 @@ def described_yaml(cfg: Config, sources: dict[str, str] | None = None) -> str:
 
 
 def save_config(cfg: Config, path: Path) -> None:
-    from gru_lm.utils import atomic_write_text
-
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

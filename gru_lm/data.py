@@ -10,8 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from gru_lm.download import Collection, DatasetSpec, fetch, get_dataset
 from gru_lm.errors import DataError
 from gru_lm.script import OTHER, convert, covering_script
+from gru_lm.tokenstore import Stats, open_store, token_pieces
 from gru_lm.utils import missing_reason
 
 if TYPE_CHECKING:
@@ -208,8 +210,6 @@ FINGERPRINT_CHUNK = 1 << 20
 
 def corpus_path(cfg: DataConfig, offline: bool | None = None, progress: bool = True) -> Path:
     """Resolve the configured corpus to a local, verified file."""
-    from gru_lm.download import Collection, DatasetSpec, fetch, get_dataset
-
     if cfg.path is not None:
         if not cfg.path.is_file():
             raise DataError(f"data.path {cfg.path} is not a file; point it at a UTF-8 text file")
@@ -253,8 +253,6 @@ def encode_file(path: Path, cfg: DataConfig, vocab: Vocab, what: str = "--text"
     import numpy as np
     import torch
 
-    from gru_lm.tokenstore import Stats, token_pieces
-
     if Path(path).is_dir():
         raise DataError(f"{what} {path} is a directory; give a text file")
     if not Path(path).exists():
@@ -296,8 +294,6 @@ def load_corpus(cfg: DataConfig, vocab: Vocab | None = None, offline: bool | Non
     import numpy as np
     import torch
 
-    from gru_lm.tokenstore import open_store
-
     path = corpus_path(cfg, offline=offline, progress=progress)
     builder = ByteVocab.from_counts if cfg.preset == "bytes" else Vocab.from_counts
     store = open_store(path, cfg, cfg.cache_dir, builder)
@@ -337,7 +333,6 @@ class BatchLoader:
     `rank * batch_size ...` of each: its own contiguous streams, or its share of the windows.
     Batches are cut when asked for, so an epoch costs no copy of the corpus.
     """
-
     def __init__(self, tokens: torch.Tensor, batch_size: int, num_steps: int,
                  sampler: str = "sequential", seed: int = 0, split: str = "train",
                  part: tuple[int, int] = (0, 1)):

@@ -11,7 +11,10 @@ from typing import Any
 
 from rich.markup import escape
 
+from gru_lm.errors import ConfigError
 from gru_lm.metrics import perplexity
+from gru_lm.schedule import fraction_done
+from gru_lm.utils import figure
 
 
 class TensorBoard:
@@ -36,8 +39,6 @@ def tensorboard_writer():
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        from gru_lm.errors import ConfigError
-
         raise ConfigError("train.tensorboard needs the tensorboard package: pip install "
                           "'gru-lm[tensorboard]' (or set train.tensorboard=false)") from None
     return SummaryWriter
@@ -117,8 +118,6 @@ class Reporter:
             return
         from rich.progress import BarColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
         from rich.progress import Progress as Bar
-
-        from gru_lm.schedule import fraction_done
 
         bar = Bar(TextColumn("[bold blue]train"), BarColumn(), TextColumn("{task.fields[where]}"),
                   TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"),
@@ -202,8 +201,6 @@ class NotebookReporter(Reporter):
 
         from IPython.display import Image
 
-        from gru_lm.utils import figure
-
         fig = figure(figsize=(5.5, 3.2), dpi=90)
         ax = fig.subplots()
         ax.plot(self.steps, self.train, linestyle="--", label="train ppl")
@@ -221,8 +218,6 @@ class NotebookReporter(Reporter):
 
     @contextlib.contextmanager
     def live(self, train_cfg, total_steps: int | None) -> Iterator[Callable[[Any], None]]:
-        from gru_lm.schedule import fraction_done
-
         def update(progress) -> None:
             parts = [progress_where(train_cfg, progress.step, progress.elapsed_s, total_steps)]
             if progress.interval_tokens:

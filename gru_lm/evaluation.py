@@ -20,8 +20,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from gru_lm import metrics
+from gru_lm.config import MAX_NGRAM_ORDER
+from gru_lm.data import char_ends, encode_file
+from gru_lm.display import html_table, settings_text
 from gru_lm.errors import DataError, GruLmError
 from gru_lm.members import Member, check_distinct, load_member, scoring_corpus
+from gru_lm.metrics import LN2, bits_per_char, mixture_weights, perplexity, reference_baselines
 from gru_lm.ngram import KneserNey
 from gru_lm.scorers import MIXERS, SCORERS, Scored, Texts, chosen_scorers, ensemble, options
 
@@ -70,8 +75,6 @@ class Evaluation:
         return min(scored, key=lambda r: r.val_ppl or math.inf) if len(scored) > 1 else None
 
     def _repr_html_(self) -> str:
-        from gru_lm.display import html_table, settings_text
-
         rows = [(r.name, r.ppl, r.bpc, r.val_ppl, settings_text(r.settings))
                 for r in self.rows]
         return html_table(f"{self.what}: {self.tokens:,} tokens, one stream",
@@ -104,8 +107,6 @@ def check_split(split: str) -> None:
 
 
 def check_ngram_order(order: int | None) -> None:
-    from gru_lm.config import MAX_NGRAM_ORDER
-
     if order is not None and not 1 <= order <= MAX_NGRAM_ORDER:
         raise GruLmError(f"--ngram-order {order} is out of range; give 1..{MAX_NGRAM_ORDER}")
 
@@ -160,8 +161,6 @@ def _corpus(members: list[Member], offline: bool | None, optional: bool) -> Corp
 def _target(cfg: Config, vocab: Vocab, corpus: Corpus | None, split: str,
             text: Path | None) -> tuple[torch.Tensor, str, int, str]:
     """The tokens to score, what they are, how many were unknown, and the preset's note."""
-    from gru_lm.data import encode_file
-
     if text is not None:
         ids, unknown, note = encode_file(text, cfg.data, vocab)
         if len(ids) < 2:
@@ -183,14 +182,12 @@ def score(members: list[Member], texts: Texts, methods: Iterable[str] = (),
           ngram: KneserNey | None = None, weighted: bool = False) -> list[Row]:
     """The rows of `gru-lm evaluate`: each scorer asked for (and static) of the (ensembled)
     members, then each of them through each mixer asked for."""
-    from gru_lm.metrics import LN2, evaluate, perplexity
-
     asked = set(methods)
     if len(members) == 1 and not asked:
         m = members[0]  # only sums are needed: memory does not grow with the text
-        ppl = perplexity(*evaluate(m.model, texts.target, *m.cfg.train.reading))
+        ppl = perplexity(*metrics.evaluate(m.model, texts.target, *m.cfg.train.reading))
         val_ppl = None if texts.val is None else ppl if texts.same else \
-            perplexity(*evaluate(m.model, texts.val, *m.cfg.train.reading))
+            perplexity(*metrics.evaluate(m.model, texts.val, *m.cfg.train.reading))
         return [Row("static", ppl, math.log(ppl) / LN2, val_ppl, [])]
     variants = _ensembled([member_scores(m, texts, asked) for m in members], texts, weighted)
     for name, mixer in MIXERS.items():
@@ -215,8 +212,6 @@ def _ensembled(per_member: list[dict[str, Scored]], texts: Texts, weighted: bool
                ) -> dict[str, Scored]:
     """Each variant's members averaged in probability (one member: itself), equally or with
     weights fitted on val (one set a variant; its settings end with them)."""
-    from gru_lm.metrics import mixture_weights
-
     out = {}
     for name in per_member[0]:
         parts = [pm[name] for pm in per_member]
@@ -234,13 +229,10 @@ def _ensembled(per_member: list[dict[str, Scored]], texts: Texts, weighted: bool
 def _result(members: list[Member], checkpoints: list[Path], rows: list[Row],
             ids: torch.Tensor, what: str, unknown: int, note: str, corpus: Corpus | None,
             ngram: KneserNey | None, tuned_on_target: bool, weighted: bool) -> Evaluation:
-    from gru_lm.metrics import bits_per_char, reference_baselines
-
     cfg, vocab = members[0].cfg, members[0].vocab
     static, n = rows[0], len(ids) - 1
     per_char = None
     if cfg.data.preset == "bytes":  # the same text's perplexity per character, to set beside
-        from gru_lm.data import char_ends  # a character-level model's
 
         chars = len(char_ends(ids[1:].numpy()))
         per_char = {"chars": chars, "ppl": math.exp(math.log(static.ppl) * n / chars)}

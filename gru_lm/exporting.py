@@ -26,7 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from gru_lm import __version__
+from gru_lm import __version__, cells
+from gru_lm.checkpoint import restore_model
 from gru_lm.config import Config
 from gru_lm.data import Vocab
 from gru_lm.errors import GruLmError
@@ -145,8 +146,6 @@ def state_names(n: int) -> list[str]:
 def write_onnx(model: RecurrentLM, path: Path) -> None:
     """The one-step graph of `model`, batch dynamic, run by the portable loops (the fused
     CPU kernels are not ONNX operators)."""
-    from gru_lm import cells
-
     model.eval()
     state = model.begin_state(2, "cpu")
     states = list(state) if isinstance(state, tuple) else [state]
@@ -209,7 +208,6 @@ def load_export(folder: Path):
     except Exception as e:  # (safetensors' own errors: a damaged file)
         raise GruLmError(f"{folder / WEIGHTS} is not a readable safetensors file "
                          f"({type(e).__name__}: {e}); export the run again") from None
-    from gru_lm.checkpoint import restore_model
 
     # (the checkpoint's own checks: a config, vocabulary or tensor that disagrees is named)
     cfg, vocab, model = restore_model({"config": raw_cfg, "vocab": raw_vocab, "model": state},

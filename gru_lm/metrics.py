@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from gru_lm.data import Corpus, eval_batches
+from gru_lm.ngram import KneserNey
 
 LN2 = math.log(2)
 MAX_REFERENCE_TARGET = 1_000_000  # without a val split, the references score train's first 1M
@@ -57,8 +58,6 @@ def reference_baselines(train: torch.Tensor, target: torch.Tensor, vocab_size: i
     """Uniform, unigram and Kneser-Ney n-gram perplexity of `target`, counted on `train`
     (`ngram`: the KneserNey model of `train` when the caller has built it already;
     `has_unk`: whether id 0 is <unk>, as in every vocabulary but the bytes preset's)."""
-    from gru_lm.ngram import KneserNey
-
     ngram = ngram or KneserNey(train, vocab_size, ngram_order)
     nll, n = ngram.nll(target)
     counts = token_counts(train, vocab_size)

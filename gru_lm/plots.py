@@ -8,6 +8,7 @@ import statistics
 from pathlib import Path
 
 from gru_lm.errors import GruLmError
+from gru_lm.members import check_distinct
 from gru_lm.rundir import RunDir
 from gru_lm.utils import figure, figure_format, glyph_note, say_glyph_note, write_output
 
@@ -53,8 +54,6 @@ def plot_runs(run_dirs: list[Path], path: Path | None):
     best evaluation starred, and the baselines of the first finished run as grey lines. The
     format follows the suffix of `path`; returns notes for the user (runs drawn as points,
     unfinished runs). Without `path`: the matplotlib Figure (for a notebook)."""
-    from gru_lm.members import check_distinct
-
     fmt = figure_format(path) if path is not None else None
     check_distinct(run_dirs, "run folder")
     series = [(Path(d), _read_metrics_only(Path(d))) for d in run_dirs]

@@ -7,7 +7,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from gru_lm import ngram
+from gru_lm._ext import cpu_has_bf16, cpu_summary
+from gru_lm.cells import bf16_pin
 from gru_lm.errors import GruLmError
+from gru_lm.metrics import corpus_baselines
+from gru_lm.models import count_parameters
+from gru_lm.sampling import encode_prefix, run_prefixes
 
 if TYPE_CHECKING:
     import torch
@@ -42,8 +48,6 @@ def precision_notes(cfg: Config, model, device) -> list[str]:
     faster here, say so with the figures (the model's kernels.bf16_speed: gru_lm/cells.py)."""
     import torch
 
-    from gru_lm._ext import cpu_has_bf16, cpu_summary
-    from gru_lm.cells import bf16_pin
 
     if cfg.train.precision != "bf16":
         return []
@@ -64,8 +68,6 @@ def sample_prefixes(cfg: Config, corpus: Corpus, notes: list[str]) -> list[list[
     """The sample prefixes as ids (sampling.run_prefixes: the config's, or ones from the
     text); one that this corpus cannot encode becomes the corpus' first characters, with a
     note."""
-    from gru_lm.sampling import encode_prefix, run_prefixes
-
     out = []
     prefixes = run_prefixes(cfg, corpus)
     if not prefixes:  # a text none of whose first words can be encoded back
@@ -85,8 +87,6 @@ def sample_prefixes(cfg: Config, corpus: Corpus, notes: list[str]) -> list[list[
 def eval_splits(cfg: Config, corpus: Corpus, notes: list[str]) -> dict[str, torch.Tensor]:
     """val and test as evaluated: their first train.eval_max_tokens tokens. Notes what is
     capped: those splits, and the training tokens the n-gram reference counts."""
-    from gru_lm.ngram import MAX_TRAIN_TOKENS
-
     cap = cfg.train.eval_max_tokens
     out = {s: getattr(corpus, s) for s in ("val", "test")}
     cut = [s for s, v in out.items() if cap is not None and len(v) > cap]
@@ -98,8 +98,8 @@ def eval_splits(cfg: Config, corpus: Corpus, notes: list[str]) -> dict[str, torc
     if big:
         notes.append(f"{' and '.join(f'{s} has {len(out[s]):,}' for s in big)} tokens; every "
                      "evaluation scores all of them; train.eval_max_tokens=N scores the first N")
-    if len(corpus.train) > MAX_TRAIN_TOKENS:
-        notes.append(f"the n-gram reference counts the first {MAX_TRAIN_TOKENS:,} of the "
+    if len(corpus.train) > ngram.MAX_TRAIN_TOKENS:
+        notes.append(f"the n-gram reference counts the first {ngram.MAX_TRAIN_TOKENS:,} of the "
                      f"{len(corpus.train):,} training tokens (about 10 bytes of memory a "
                      "token); the model trains on all of them")
     return {s: v[:cap] if cap is not None else v for s, v in out.items()}
@@ -108,9 +108,6 @@ def eval_splits(cfg: Config, corpus: Corpus, notes: list[str]) -> dict[str, torc
 def announce(trainer, main: bool) -> dict:
     """Before the first step: the header and the plan's notes (rank 0 alone prints); returns
     the n-gram references the header shows, which the summary keeps (rank 0's; {} else)."""
-    from gru_lm.metrics import corpus_baselines
-    from gru_lm.models import count_parameters
-
     cfg, corpus = trainer.cfg, trainer.corpus
     reference = corpus_baselines(corpus, cfg.train.ngram_order,
                                  trainer.eval_splits["val"]) if main else {}

@@ -191,7 +191,7 @@ def count_parameters(model: nn.Module) -> int:
 
 @dataclass
 class LayerWeights:
-    """One gated layer's weights in one layout, for recomputing its gates (gru_lm.gates).
+    """One gated layer's weights in one layout, for recomputing its gates (gru_lm.gatereport).
 
     x W_x + b_x and H W_h + b_h for every gate block, blocks along the last axis.
     kind "gru": blocks [z | r | h]; reset_after says whether R multiplies (H W_hh + b_hh)

@@ -13,9 +13,13 @@ from typing import Any
 
 import torch
 
+from gru_lm.checkpoint import load_checkpoint, load_state, rng_state, set_rng_state
 from gru_lm.config import Config, TrainConfig, marked, validate
+from gru_lm.distributed import gather
 from gru_lm.errors import CheckpointError, ConfigError, GruLmError
+from gru_lm.models import state_to
 from gru_lm.rundir import LAST, RunDir
+from gru_lm.schedule import stop_reason
 from gru_lm.trainstate import TrainProgress
 from gru_lm.yamlconf import apply_overrides, resolve_yaml
 
@@ -29,9 +33,6 @@ def payload(trainer, ema: bool = False) -> dict[str, Any]:
     carried state and generators are gathered under "ranks"."""
     from dataclasses import asdict
 
-    from gru_lm.checkpoint import rng_state
-    from gru_lm.distributed import gather
-    from gru_lm.models import state_to
 
     t = trainer
     out = {
@@ -130,9 +131,6 @@ def restore(trainer, ck: dict[str, Any], path: Path) -> None:
     """Continue `trainer` from checkpoint `ck` (read from `path`) exactly where it stopped:
     weights, optimizer, progress, batch cursor, generators, EMA and carried state, each
     checked to fit; the run's records and samples after the checkpoint's step are dropped."""
-    from gru_lm.checkpoint import load_state, set_rng_state
-    from gru_lm.models import state_to
-
     t = trainer
     load_state(t.model, ck["model"], path)
     mine = own_part(ck, t.world, path)  # this process' carried state and generators
@@ -212,8 +210,6 @@ def read_for_resume(run: RunDir, config: Path | None, overrides: list[str],
     `own_restart`: torchrun restarted the launch that made the run, so evaluations and
     samples written before its first checkpoint (a kill between the two) are its own, and
     start again with it."""
-    from gru_lm.checkpoint import load_checkpoint
-
     run.remove_temporaries()
     # config.yaml is rewritten by the trainer with its first checkpoint: a refused or failed
     # resume leaves it as it was.
@@ -244,8 +240,6 @@ def renames(override: str) -> bool:
 def _check_not_finished(run: RunDir, ck: dict[str, Any], cfg: Config) -> None:
     """A finished run whose limits are already reached has nothing to train: refuse before
     anything is touched (training zero steps would rewrite its summary)."""
-    from gru_lm.schedule import stop_reason
-
     if not run.summary.is_file():
         return
     p = progress_from(ck.get("progress", {}), run.checkpoint(LAST))

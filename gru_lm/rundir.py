@@ -22,8 +22,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gru_lm.errors import CheckpointError, GruLmError
+from gru_lm.config import save_config, validate
+from gru_lm.errors import CheckpointError, DataError, GruLmError
 from gru_lm.utils import append_line, atomic_write_text
+from gru_lm.yamlconf import read_yaml
 
 if TYPE_CHECKING:
     from gru_lm.config import Config
@@ -126,22 +128,16 @@ class RunDir:
     # -------------------------------------------------------------- config and vocabulary
 
     def read_config(self) -> Config:
-        from gru_lm.config import validate
-        from gru_lm.yamlconf import read_yaml
-
         if not self.config.is_file():
             raise GruLmError(f"{self.path} is not a gru-lm run (no config.yaml); pass a run "
                              "directory")
         return validate(read_yaml(self.config), source=str(self.config))
 
     def write_config(self, cfg: Config) -> None:
-        from gru_lm.config import save_config
-
         save_config(cfg, self.config)
 
     def read_vocab(self) -> Vocab:
         from gru_lm.data import vocab_from_dict
-        from gru_lm.errors import DataError
 
         try:
             return vocab_from_dict(json.loads(self.vocab.read_text(encoding="utf-8")))

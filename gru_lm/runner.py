@@ -8,13 +8,17 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
+from gru_lm import distributed
 from gru_lm.building import build_trainer, load_new_config, new_run
 from gru_lm.config import Config
+from gru_lm.data import load_corpus
+from gru_lm.display import Reporter
 from gru_lm.distributed import SINGLE, World
-from gru_lm.errors import GruLmError
+from gru_lm.errors import GruLmError, NonFiniteLoss, TrainingInterrupted
 from gru_lm.resume import check_run_dir, check_same_data, read_for_resume, renames
 from gru_lm.rundir import LAST, RunDir
 from gru_lm.utils import EARLY_SIGNALS, caught_signals
+from gru_lm.yamlconf import apply_overrides, resolve_yaml
 
 # ---------------------------------------------------------------- building from a config
 
@@ -29,10 +33,6 @@ def train_run(config: Path | Config | None, overrides: list[str], *, name: str |
     returns the run's summary, with "path", its folder. What it shows goes to `reporter`
     (display.Reporter; default: `console`, or nothing). Under torchrun, every process calls
     it; rank 0 alone prints and writes."""
-    from gru_lm import distributed
-    from gru_lm.display import Reporter
-    from gru_lm.errors import NonFiniteLoss, TrainingInterrupted
-
     world = distributed.world_from_env()
     distributed.die_with_launcher()
     out = reporter if reporter is not None else Reporter(console)
@@ -80,9 +80,6 @@ def _load_corpus(world: World, cfg: Config, offline, vocab=None):
     process of each node prepares its node's token store before the others open it (nodes
     share no disk), and a node whose text differs from process 0's is refused before the
     first step, naming the node and its file."""
-    from gru_lm import distributed
-    from gru_lm.data import load_corpus
-
     if world.local_rank != 0:
         distributed.barrier(world)
     corpus = load_corpus(cfg.data, vocab=vocab, offline=offline, progress=world.is_main)
@@ -94,8 +91,6 @@ def _load_corpus(world: World, cfg: Config, offline, vocab=None):
 
 def _train(world: World, config, overrides, name, resume, offline, out, signals, where,
            own_restart: bool = False):
-    from gru_lm import distributed
-
     distributed.start(world)
     if resume is not None:
         _check_same_resume(world, config, overrides)
@@ -146,9 +141,6 @@ def _train(world: World, config, overrides, name, resume, offline, out, signals,
 def _check_same_resume(world: World, config, overrides: list[str]) -> None:
     """Every process of a resume must change the same settings (its --config and overrides;
     only process 0 reads the run itself)."""
-    from gru_lm import distributed
-    from gru_lm.yamlconf import apply_overrides, resolve_yaml
-
     if not world.active:
         return
     raw = resolve_yaml(config)[0] if isinstance(config, Path) else {}
@@ -162,8 +154,6 @@ def _elastic_restart(world: World, cfg: Config, name: str | None) -> Path | None
     restarted this launch (TORCHELASTIC_RESTART_COUNT > 0) and the folder is the one this
     launch created (its launch mark); None for a first start. A restartable launch needs a
     run name: the default one holds the time, which a restart would not find."""
-    from gru_lm import distributed
-
     elastic = distributed.elastic_env()
     if elastic.max_restarts == 0:
         return None
@@ -183,8 +173,6 @@ def _restart(run: RunDir, cfg: Config, offline: bool | None, out,
              world: World = SINGLE, signals: list[int] | None = None) -> dict[str, Any]:
     """A run stopped before its first checkpoint (NaN at step 1, kill, full disk): nothing
     was learnt, so it starts again from step 0 in the same folder."""
-    from gru_lm import distributed
-
     corpus = _load_corpus(world, cfg, offline)
     trainer = build_trainer(cfg, corpus, run, out, world, signals=signals)
     if world.is_main:

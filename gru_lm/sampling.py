@@ -19,6 +19,7 @@ from gru_lm.decoding import Decoding
 from gru_lm.errors import GruLmError
 from gru_lm.poems import PoemForm, PoemWriter
 from gru_lm.script import OTHER as OTHER_SCRIPT
+from gru_lm.script import covering_script
 from gru_lm.utils import missing_reason
 from gru_lm.yamlconf import short
 
@@ -90,8 +91,6 @@ def unknown_message(what: str, unknown: list[str], vocab: Vocab, data: DataConfi
     """One line: how many characters of `what` the vocabulary lacks, the first few, and what
     to write instead: the other script, when converting covers them (a simplified prefix on
     a model of traditional 全唐诗), or the vocabulary itself, when it is small."""
-    from gru_lm.script import covering_script
-
     shown = "".join(unknown[:SHOWN_UNKNOWN]) + ("…" if len(unknown) > SHOWN_UNKNOWN else "")
     many = f"{len(unknown)} characters" if len(unknown) > 1 else "a character"
     size = f" ({len(vocab):,} tokens)" if len(vocab) > LISTED_VOCAB else ""

@@ -28,9 +28,13 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from gru_lm.api import Run, _check_prompt
-from gru_lm.decoding import Decoding
+from gru_lm import __version__
+from gru_lm.decoding import DEFAULT_CHARS, DEFAULT_TEMPERATURE, Decoding
 from gru_lm.errors import GruLmError
+from gru_lm.members import locate
+from gru_lm.recurrent import count_parameters
+from gru_lm.sampling import TimedOut, draw, encode_prefix
+from gru_lm.trained import Run, _check_prompt
 
 EXTRA = 'pip install "gru-lm[serve]"'
 
@@ -133,8 +137,6 @@ def create_app(run: Run, limits: Limits = Limits()):
     from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
     from starlette.background import BackgroundTask
 
-    from gru_lm.sampling import TimedOut
-
     limits.check()
     cfg, vocab, model = run._model()  # (loaded once: every request shares it)
     slots = Slots(limits.max_concurrent)
@@ -210,8 +212,6 @@ def create_app(run: Run, limits: Limits = Limits()):
         """One sample, streamed as it is drawn: NDJSON lines {"text": "..."} (a character,
         or more where the vocabulary's tokens are), then {"done": true, "chars": N}, or
         {"error": "..."} if it stops early."""
-        from gru_lm.sampling import draw, encode_prefix
-
         d = decoding(req)
         if d.count != 1 or d.beam is not None or d.poem is not None:
             raise GruLmError("/api/stream draws one sample (no beam, no form); use "
@@ -263,9 +263,6 @@ def _described(d: Decoding) -> dict[str, Any]:
 
 
 def _card(run: Run, limits: Limits) -> dict[str, Any]:
-    from gru_lm import __version__
-    from gru_lm.decoding import DEFAULT_CHARS, DEFAULT_TEMPERATURE
-    from gru_lm.recurrent import count_parameters
 
     cfg, vocab, model = run._model()
     s = run.summary or {}
@@ -292,8 +289,6 @@ def serve(run: str | Path | None, host: str = "127.0.0.1", port: int = 8000,
           ready=None) -> None:
     """Serve a run (None: the newest under runs_dir) until Ctrl-C. `ready(url)` is called
     once the server listens."""
-    from gru_lm.members import locate
-
     _fastapi()
     try:
         import uvicorn

@@ -20,6 +20,8 @@ from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperGroup
 
+from gru_lm.errors import GruLmError, TrainingInterrupted
+
 
 def _plain_metavars(params) -> None:
     """`--seeds INT`, `--run DIR`, nothing after a flag, where Typer would print `<int>`,
@@ -239,8 +241,6 @@ def handle_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from gru_lm.errors import GruLmError, TrainingInterrupted
-
         try:
             result = fn(*args, **kwargs)
             _output_lost()

@@ -22,7 +22,7 @@ from gru_lm.rundir import RunDir
 if TYPE_CHECKING:
     from gru_lm.config import Config
     from gru_lm.evaluation import Evaluation
-    from gru_lm.gates import GateReport
+    from gru_lm.gatereport import GateReport
 
 
 @checked
@@ -182,7 +182,7 @@ class Run:
         """The update/reset (LSTM: input/forget/output) gates at every character of `text`;
         in a notebook, the text shaded by each gate (`figure`: a text short enough to draw
         as a heatmap)."""
-        from gru_lm.gates import gate_report
+        from gru_lm.gatereport import gate_report
 
         _gate_args(text, units, figure)
         cfg, vocab, model = self._model()
@@ -263,7 +263,7 @@ def continue_text(prefix: str | None = None, run: str | Path | None = None,
 
 
 def _gate_args(text: str, units: int, figure: bool) -> None:
-    from gru_lm.gates import check_text, check_units
+    from gru_lm.gatereport import check_text, check_units
 
     check_units(units)
     check_text(text, figure)

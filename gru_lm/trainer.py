@@ -26,7 +26,7 @@ from gru_lm.ema import EMA
 from gru_lm.errors import GruLmError, TrainingInterrupted
 from gru_lm.metrics import bits_per_char, evaluate, perplexity
 from gru_lm.models import RecurrentLM, detach_state
-from gru_lm.resume import payload
+from gru_lm.resume import payload, restore
 from gru_lm.rundir import BEST, LAST, RunDir
 from gru_lm.sampling import generate
 from gru_lm.schedule import (
@@ -300,8 +300,6 @@ class Trainer:
     def restore(self, ck: dict[str, Any], path) -> None:
         """Continue from checkpoint `ck` (read from `path`) exactly where it stopped
         (resume.restore)."""
-        from gru_lm.resume import restore
-
         restore(self, ck, path)
 
     def _interrupt(self, signum: int) -> None:

@@ -11,7 +11,9 @@ from typing import Any
 import torch
 
 from gru_lm.errors import GruLmError, NonFiniteLoss
+from gru_lm.metrics import bits_per_char, perplexity
 from gru_lm.models import count_parameters
+from gru_lm.schedule import plateau
 
 
 @dataclass
@@ -43,8 +45,6 @@ class TrainProgress:
     def eval_record(self, frac: float, lr: float) -> dict[str, Any]:
         """A metrics.jsonl record of this step (the evaluator adds val figures); the train
         perplexity of the steps since the last one, which starts a new interval."""
-        from gru_lm.metrics import bits_per_char, perplexity
-
         nll, n = self.interval_nll, self.interval_tokens
         self.interval_nll, self.interval_tokens = 0.0, 0
         return {"kind": "eval", "step": self.step, "epoch": self.epoch,
@@ -56,8 +56,6 @@ class TrainProgress:
     def note_eval(self, metric: float, weights: str, t) -> bool:
         """Record an evaluation's metric (val ppl of the weights that scored best, `weights`):
         best so far, evaluations since, the plateau schedule. Returns whether it improved."""
-        from gru_lm.schedule import plateau
-
         improved = math.isfinite(metric) and metric < self.best_metric
         if improved:
             self.best_metric, self.best_step, self.evals_since_best = metric, self.step, 0

@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from gru_lm.errors import GruLmError
+
 
 def flatten(raw: dict[str, Any]) -> dict[str, Any]:
     """A nested config dict as {dotted key: value}: {"train": {"lr": 0.5}} is
@@ -85,8 +87,6 @@ def write_output(path: Path, write: Callable[[IO], object], mode: str = "wb") ->
     that is not a plain file: a device or FIFO (/dev/stdout, a pipe) is written through, a
     symlink's target is replaced (the link stays), and errors name `path`, not a temp file."""
     import stat
-
-    from gru_lm.errors import GruLmError
 
     path = Path(path)
     try:
@@ -189,8 +189,6 @@ FIGURE_FORMATS = ("png", "svg", "pdf")
 
 def figure_format(path) -> str:
     """The image format that the suffix of `path` names; refused before anything is drawn."""
-    from gru_lm.errors import GruLmError
-
     if Path(path).is_dir():
         raise GruLmError(f"{path} is a folder; give a file name ending in .png, .svg or .pdf")
     suffix = Path(path).suffix.lower().lstrip(".")

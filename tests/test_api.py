@@ -128,6 +128,7 @@ def test_no_notebook_no_display(workdir, capsys):
     assert "run directory: runs/loud" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # (each notebook trains its models: ~20 s)
 @pytest.mark.parametrize("notebook, runs, trained", [("chapter9", "chapter9", 5),
                                                      ("chapter9.zh-CN", "chapter9.zh-CN", 6)])
 def test_the_chapter_9_notebook_runs(workdir, monkeypatch, notebook, runs, trained):

@@ -371,6 +371,7 @@ def test_brackets_in_errors_and_samples_are_printed_as_they_are(workdir):
     assert "step 10: [a] " in r.output
 
 
+@pytest.mark.slow  # (trains in a process on a pseudo-terminal)
 def test_training_on_a_terminal_shows_the_bar_and_finishes(workdir):
     """On a terminal the live bar runs (and must not loop on its own output, as it did when
     rich redirected sys.stdout into the console that writes to sys.stdout)."""

@@ -110,9 +110,11 @@ def _text_ids(n: int) -> tuple[Vocab, list[int]]:
 
 
 FAMILIES = [*list_models(), "lstm+adaptive", "gru-scratch+adaptive"]
+QUICK = ("gru-scratch", "lstm")  # the others run with `make test` (slow: ~2 s each)
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", [n if n in QUICK else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in FAMILIES])
 def test_onnx_agrees_with_torch_over_real_text(name, tmp_path):
     """Every model family (and the adaptive softmax) as a one-step graph: onnxruntime's
     log-probs agree with the torch model's (fused kernels where they load) to 1e-4 over

@@ -5,6 +5,8 @@ from __future__ import annotations
 import ast
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +23,7 @@ LAYERS = ["__init__", "errors", "utils", "stats", "supervisor", "distributed", "
           "metrics", "cache", "dynamic", "poems", "decoding", "sampling", "checkpoint", "exporting",
           "rundir", "schedule", "ema", "display", "members", "scorers", "evaluation",
           "trainstate", "resume", "preflight", "trainer", "building", "runner",
-          "plots", "report", "campaign", "gates", "argcheck", "trained", "api", "server",
+          "plots", "report", "campaign", "gatereport", "argcheck", "trained", "api", "server",
           "terminal", "views", "cliargs", "clidata", "cli", "__main__"]
 REEXPORTED = {"api", "errors"}  # the package re-exports them lazily (gru_lm.train, ...)
 
@@ -172,3 +174,44 @@ def test_the_trainer_class_stays_small_and_model_agnostic():
     names = {n.id for n in ast.walk(trainer) if isinstance(n, ast.Name)}
     assert not names & {"isinstance", "ScratchLM", "TorchLM", "GRUScratch", "LSTMScratch",
                          "RNNScratch", "TorchGRU", "TorchLSTM", "TorchRNN"}
+
+
+# ---------------------------------------------------------------- imports at the top
+
+
+def _loaded_by(code: str) -> set[str]:
+    """The gru_lm modules a fresh interpreter has loaded after `code` (torch must not be)."""
+    out = subprocess.run([sys.executable, "-c", f"{code}\nimport sys\nassert 'torch' not in "
+                          "sys.modules\nprint(' '.join(m for m in sys.modules if m.startswith("
+                          "'gru_lm')))"], capture_output=True, text=True, check=True)
+    return {m.removeprefix("gru_lm.") if m != "gru_lm" else "__init__"
+            for m in out.stdout.split()}
+
+
+def test_modules_import_at_the_top_unless_start_up_time_needs_otherwise():
+    """An import inside a function hides the structure from readers and tools: one is
+    allowed only where importing at the top would load more than its module needs at start,
+    i.e. a module that `gru-lm --help` loads importing one it does not, or a module that
+    the torch-free commands (`gru-lm runs`, `config show`: the API) load importing one that
+    brings torch. The package's lazy re-exports (gru_lm.train, ...) are the other case."""
+    help_set = _loaded_by("import gru_lm.cli")
+    torch_free = _loaded_by("import gru_lm.cli, gru_lm.api")
+    late = []
+    for module in LAYERS:
+        tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+        typing_only = {id(n) for node in tree.body if isinstance(node, ast.If)
+                       and "TYPE_CHECKING" in ast.unparse(node.test) for n in ast.walk(node)}
+        top = {id(n) for n in tree.body}
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.ImportFrom) or id(node) in top | typing_only or \
+                    not (node.module or "").startswith("gru_lm"):
+                continue
+            target = node.module.removeprefix("gru_lm").lstrip(".")
+            for t in [a.name for a in node.names] if not target else [target]:
+                if module == "__init__" and t in REEXPORTED:
+                    continue
+                if (module in help_set and t not in help_set) or \
+                        (module in torch_free and t not in torch_free):
+                    continue
+                late.append(f"gru_lm/{module}.py:{node.lineno} imports gru_lm.{t}")
+    assert not late, "imports that belong at the top:\n" + "\n".join(late)

@@ -630,7 +630,7 @@ def test_the_mogrifier_shows_its_gates_and_state_masks():
     ids = _ids()[0].tolist()
     lstm_like = build_model(ModelConfig(name="mogrifier", num_hiddens=NH, rounds=0), V)
     gates, H = lstm_like.trace(ids, 0)
-    layer = lstm_like.layers[0]  # the LSTM it is, in gates.py's layout
+    layer = lstm_like.layers[0]  # the LSTM it is, in LayerWeights' layout
     weights = LayerWeights("lstm", layer.W_x.detach(), layer.b.detach(), layer.W_h.detach(),
                            torch.zeros_like(layer.b), embedding=lstm_like.embedding.weight.detach())
     reference = trace_gates([weights], ids, 0)

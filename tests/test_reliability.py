@@ -244,7 +244,7 @@ def test_the_longest_prefix_with_the_most_samples(tiny_run):
 
 @pytest.mark.slow
 def test_gates_refuses_texts_it_cannot_show(tiny_run):
-    from gru_lm.gates import MAX_CHARS, MAX_FIGURE_CHARS
+    from gru_lm.gatereport import MAX_CHARS, MAX_FIGURE_CHARS
 
     run = tiny_run()
     one_line_error(cli("gates", "a" * (MAX_CHARS + 1), "--run", run), "at most 10,000")
@@ -366,6 +366,7 @@ def _gru_lm(*args: str, **kw) -> subprocess.CompletedProcess:
                           text=True, timeout=300, **kw)
 
 
+@pytest.mark.slow  # (a gru-lm process per case)
 @pytest.mark.parametrize("args", [["models"], ["--help"], ["--version"], ["data", "info"]])
 def test_a_stdout_that_takes_nothing_is_one_line(workdir, args):
     with open("/dev/full", "w") as full:

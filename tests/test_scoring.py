@@ -437,6 +437,7 @@ def test_an_unknown_method_is_one_line(tiny_run):
         gru_lm.evaluate(tiny_run(), cachee=True)
 
 
+@pytest.mark.slow  # (runs benchmarks/heldout.py in a process of its own)
 def test_the_heldout_benchmark_weighs_ensembles_and_counts_their_cost(tiny_run):
     """benchmarks/heldout.py: a --set of runs gets equal-weight and val-weighted ensemble
     columns, its weights and its training cost (the runs' core-minutes, summed)."""

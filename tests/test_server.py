@@ -181,6 +181,7 @@ def test_the_page_continues_a_prefix_and_draws_the_gates_in_a_browser(served):
             browser.close()
 
 
+@pytest.mark.slow  # (a gru-lm serve process, stopped by a signal)
 def test_gru_lm_serve_listens_on_loopback_says_where_and_stops_on_ctrl_c(tiny_run):
     import os
     import re

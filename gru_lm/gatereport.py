@@ -15,8 +15,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from gru_lm.data import char_ends
 from gru_lm.errors import GruLmError
 from gru_lm.recurrent import GateTrace
+from gru_lm.sampling import encode_prefix
+from gru_lm.utils import figure, figure_format, say_glyph_note, write_output
 
 
 def top_units(trace: GateTrace, n: int) -> list[int]:
@@ -42,8 +45,6 @@ def save_heatmap(text: str, trace: GateTrace, units: list[int], path,
                  title: str = "") -> None:
     """One panel per gate: a row per chosen unit and, on top, the mean over all units; the
     figure format follows the suffix of `path` (png, svg or pdf)."""
-    from gru_lm.utils import figure, figure_format, say_glyph_note, write_output
-
     fmt = figure_format(path)
     names = list(trace.gates)
     rows = len(units) + 1
@@ -94,8 +95,6 @@ class GateReport:
                 "delta_H": self.trace.delta_H.tolist()}
 
     def write_json(self, path: Path) -> None:
-        from gru_lm.utils import write_output
-
         write_output(path, lambda f: f.write(json.dumps(self.to_json()) + "\n"), "w")
 
     def write_png(self, path: Path, title: str = "") -> None:
@@ -141,9 +140,6 @@ def check_text(text: str, figure: bool) -> None:
 def gate_report(model, vocab, data, text: str, layer: int, units: int) -> GateReport:
     """Run `text` (preprocessed as the corpus was: `data`, the run's data section) through
     `model` and pick the busiest units."""
-    from gru_lm.data import char_ends
-    from gru_lm.sampling import encode_prefix
-
     check_units(units)
     ids, _ = encode_prefix(text, vocab, data, what="the text", skip_hint=False)
     trace = model.gate_trace(ids, layer)
