@@ -128,8 +128,11 @@ class KneserNey:
                        for n, (k, c) in enumerate(zip(keys, counts, strict=True))]
         self.discounts = [0.0] + [lv.discount for lv in self.levels]
 
-    def _block(self, q: np.ndarray, first: int) -> np.ndarray:
-        """P(q[j] | up to order - 1 tokens before it) for j = first.. len(q) - 1."""
+    def _block(self, q: np.ndarray, first: int, orders: list[np.ndarray] | None = None
+               ) -> np.ndarray:
+        """P(q[j] | up to order - 1 tokens before it) for j = first.. len(q) - 1; `orders`:
+        also each order's estimate n = 1..order (the interpolation as it stands after level
+        n), appended to it."""
         V, M = self.vocab_size, len(q)
         p = np.full(M - first, 1.0 / V)
         prev = np.zeros(M + 1, np.int64)  # codes of the (n-1)-grams starting at each position
@@ -150,6 +153,8 @@ class KneserNey:
                     seen, lv.totals[hc], 1.0)
                 p[j - first] = np.where(seen, new, old)
             prev = code
+            if orders is not None:
+                orders.append(p.copy())
         return p
 
     def prob_blocks(self, tokens: Tokens, chunk: int = CHUNK) -> Iterator[np.ndarray]:
@@ -159,6 +164,20 @@ class KneserNey:
         for a in range(1, len(q), chunk):
             start = max(0, a - k)
             yield self._block(q[start:min(len(q), a + chunk)], a - start)
+
+    def probs_by_order(self, tokens: Tokens, chunk: int = CHUNK) -> np.ndarray:
+        """P(tokens[i] | the tokens before it) for i = 1.. as estimated by each order n =
+        1..order of the interpolation (row n - 1; the last row is prob_blocks'): the
+        predictors a context mixer weighs. (order, len(tokens) - 1), float64."""
+        q = _as_array(tokens)
+        k = self.order - 1
+        parts = []
+        for a in range(1, len(q), chunk):
+            start = max(0, a - k)
+            rows: list[np.ndarray] = []
+            self._block(q[start:min(len(q), a + chunk)], a - start, rows)
+            parts.append(np.stack(rows))
+        return np.concatenate(parts, axis=1) if parts else np.zeros((self.order, 0))
 
     def prob(self, context: Sequence[int], w: int) -> float:
         """P(w | context), using at most the last order - 1 tokens of the context."""

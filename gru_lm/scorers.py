@@ -299,3 +299,64 @@ class NgramMix(Mixer):
                 mixture_log_probs(sc.val, counted_val, w),
                 mixture_log_probs(sc.target, counted, w), [{"ngram_weight": w}])
         return out
+
+
+@register
+class ContextMix(Mixer):
+    """Each scorer's result mixed with the Kneser-Ney estimate of every order 1..N and a
+    match model (gru_lm/mixing.py), by weight sets that the match's length selects and that
+    learn as the text is read: over val (where the learning rate is chosen), then on over
+    the target, every token scored before the weights learn from it."""
+
+    name = "mix-context"
+    help = ("Also score each of the above mixed with every order of the n-gram model and a "
+            "match model, by weights learned as the text is read (context mixing; its "
+            "learning rate chosen on val).")
+
+    def mix(self, variants: dict[str, Scored], texts: Texts, ngram: KneserNey
+            ) -> dict[str, Scored]:
+        import numpy as np
+        import torch
+
+        from gru_lm.mixing import (
+            ETAS,
+            MAX_HISTORY,
+            find_matches,
+            initial_weights,
+            match_probs,
+            mix,
+        )
+
+        val = texts.tune_on.numpy().astype(np.int64)
+        train = np.zeros(0, np.int64) if texts.train is None else texts.train
+
+        def predictors(text: np.ndarray, history, counts):
+            """(positions, N + 1): every order's probability, then the match model's."""
+            matches = find_matches(history, text)
+            matched, counts = match_probs(matches, text[1:], ngram.vocab_size, counts)
+            return np.vstack([ngram.probs_by_order(text), matched[None]]).T, \
+                matches.sets, counts
+
+        p_val, sets_val, counts = predictors(val, train, None)
+        if not texts.same:
+            target = texts.target.numpy().astype(np.int64)
+            tail = train[max(0, len(train) - MAX_HISTORY):]  # (what a match may reach)
+            history = np.concatenate([np.asarray(tail, np.int64), val])
+            p_tgt, sets_tgt, _ = predictors(target, history, counts)
+        out = {}
+        for name, sc in variants.items():
+            assert sc.val is not None  # (every scorer that mixes read val)
+            full_val = np.hstack([np.exp(sc.val.double().numpy())[:, None], p_val])
+            w0 = initial_weights(full_val.shape[1])
+            tried = {eta: mix(full_val, sets_val, eta, w0) for eta in ETAS}
+            eta = max(ETAS, key=lambda e: tried[e][0].sum())
+            val_lp, w = tried[eta]
+            if texts.same:
+                tgt_lp = val_lp
+            else:
+                full_tgt = np.hstack([np.exp(sc.target.double().numpy())[:, None], p_tgt])
+                tgt_lp = mix(full_tgt, sets_tgt, eta, w)[0]
+            out[f"{name} + context mix"] = Scored(
+                torch.from_numpy(val_lp).float(), torch.from_numpy(tgt_lp).float(),
+                [{"mix_eta": eta, "mix_inputs": full_val.shape[1]}])
+        return out

@@ -17,9 +17,8 @@ from gru_lm.rundir import RunDir
 PACKAGE = Path(__file__).resolve().parents[1] / "gru_lm"
 # Bottom to top: a module may import only from modules listed before it (lazy imports too).
 LAYERS = ["__init__", "errors", "utils", "stats", "supervisor", "distributed", "yamlconf",
-          "config",
-          "script", "poetry", "httpget", "download", "tokenstore", "data", "ngram", "_ext",
-          "cells", "recurrent", "scratch", "torchnn", "mogrifier", "models",
+          "config", "script", "poetry", "httpget", "download", "tokenstore", "data", "ngram",
+          "mixing", "_ext", "cells", "recurrent", "scratch", "torchnn", "mogrifier", "models",
           "metrics", "cache", "dynamic", "poems", "decoding", "sampling", "checkpoint", "exporting",
           "rundir", "schedule", "ema", "display", "members", "scorers", "evaluation",
           "trainstate", "resume", "preflight", "trainer", "building", "runner",
