@@ -296,8 +296,8 @@ def list_models(num_hiddens: int = 256, vocab_size: int = 28) -> list[ModelInfo]
     return out
 
 
-# The result types whose modules bring torch and pydantic (which `gru-lm runs` and `gru-lm
-# config show` do without), imported on first use: name -> module.
+# The result types whose modules bring torch (which `gru-lm runs` and `gru-lm config show`
+# do without), imported on first use: name -> module.
 LAZY = {"Comparison": "gru_lm.report", "Evaluation": "gru_lm.evaluation"}
 
 

@@ -9,6 +9,8 @@ import inspect
 import typing
 from typing import Any, Unpack
 
+from pydantic import ConfigDict, TypeAdapter, ValidationError
+
 from gru_lm.errors import GruLmError
 from gru_lm.yamlconf import short
 
@@ -25,8 +27,6 @@ def checked(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from pydantic import ValidationError  # (on first use: `import gru_lm` stays quick)
-
         if not adapters:
             adapters.update(_adapters(fn, sig))
         try:
@@ -64,8 +64,6 @@ def _adapters(fn, sig) -> dict[str, Any]:
     """A pydantic TypeAdapter for each annotated argument of `fn` (its annotations are text:
     this module has `from __future__ import annotations`); for **options: Unpack[a
     TypedDict], {key: (adapter, its type's name)} of the TypedDict's keys."""
-    from pydantic import ConfigDict, TypeAdapter
-
     config = ConfigDict(arbitrary_types_allowed=True)
     out: dict[str, Any] = {}
     for name, p in sig.parameters.items():

@@ -102,7 +102,6 @@ def build_trainer(cfg: Config, corpus, run: RunDir | None = None, reporter=None,
     from `cfg`, then the Trainer."""
     import torch
 
-
     t = cfg.train
     # torchrun's processes share the cores: each takes its share, never all of them.
     torch.set_num_threads(t.threads or max(1, usable_cores() // world.local_size))

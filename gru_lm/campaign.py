@@ -214,7 +214,7 @@ def _train_in_processes(todo: list[_Member], total: int, jobs: int, offline: boo
                     say(by_name[child.name], f"finished in {_duration(child.seconds)}")
             time.sleep(0.2)
     if pool.stopped_by is not None:
-        stopped = [c.name for c in pool.ended if c.code]
+        stopped = [c.name for c in pool.ended if c.code and c.after_stop]
         raise TrainingInterrupted(", ".join(stopped) or "no member",
                                   exit_code=128 + pool.stopped_by)
     failed = pool.failed()

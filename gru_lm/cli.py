@@ -177,7 +177,6 @@ def _launch(nproc: int, config: Path | None, overrides: list[str], resume: Path 
 def runs_cmd(runs_dir: RunsDirOpt = Path("runs")) -> None:
     """List the runs under --runs-dir, newest first: model, steps, perplexity, status."""
 
-
     from gru_lm.api import runs
 
     rows = runs(runs_dir)

@@ -329,9 +329,9 @@ class Config(_Section):
 
     def recipe(self) -> dict[str, Any]:
         """What a run is, as flat dotted keys: the config without the run section and the
-        train keys marked NOT_RECIPE (the seed, and how the run is shown or how fast it
-        runs)."""
-        shown = {f"train.{k}" for k in marked(TrainConfig, "recipe", False)}
+        keys marked NOT_RECIPE (the seed, and how the run is shown or how fast it runs)."""
+        shown = {f"{name}.{k}" for name, section in SECTIONS.items()
+                 for k in marked(section, "recipe", False)}
         return {f"{section}.{k}": v for section, values in self.to_dict().items()
                 if section != "run" for k, v in values.items() if f"{section}.{k}" not in shown}
 

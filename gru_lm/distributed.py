@@ -13,6 +13,7 @@ state, the random streams) is gathered into rank 0's checkpoints.
 from __future__ import annotations
 
 import ctypes
+import gc
 import json
 import os
 import signal
@@ -118,11 +119,36 @@ def start(world: World) -> None:
                             world_size=world.size)
 
 
-def stop(world: World) -> None:
+LEAVE_WAIT_S = 30.0  # how long a process waits for the others to close their group
+
+
+def stop(world: World, together: bool = False) -> None:
+    """Leave the process group; `together`: every process met at the end (a barrier), so
+    they leave it together. A process whose peer had already exited could abort in gloo's
+    teardown ("terminate called without an active exception", exit 250; CI saw it now and
+    then in the two-process tests), so: what still holds the group (a DDP model's reducer,
+    in a reference cycle) is collected while every peer is alive, each process closes its
+    group, and none exits before all have closed theirs (a count in the rendezvous store,
+    which outlives the group). After a lost peer nobody waits."""
     import torch.distributed as dist
 
-    if world.active and dist.is_initialized():
-        dist.destroy_process_group()
+    if not (world.active and dist.is_initialized()):
+        return
+    store = dist.distributed_c10d._get_default_store()
+    gc.collect()
+    dist.destroy_process_group()
+    if not together:
+        return
+    try:
+        store.add(LEFT_KEY, 1)
+        deadline = time.monotonic() + LEAVE_WAIT_S
+        while store.add(LEFT_KEY, 0) < world.size and time.monotonic() < deadline:
+            time.sleep(0.02)
+    except (RuntimeError, OSError):  # (the store's host saw everyone out and left first)
+        pass
+
+
+LEFT_KEY = "gru-lm/closed"  # how many processes have closed their group
 
 
 def barrier(world: World) -> None:
@@ -212,7 +238,6 @@ def node_rank() -> int:
 def check_same_corpus(world: World, corpus) -> None:
     """Refuse, before the first step, a process whose corpus is not process 0's text (another
     file, another version of it, another preprocessing): every node reads its own copy."""
-
     if not world.active:
         return
     mine = {"fingerprint": corpus.fingerprint(), "source": str(corpus.source),
@@ -245,7 +270,6 @@ def check_same_settings(world: World, settings: dict[str, Any], what: str = "has
     differ from process 0's, in one line naming the key, both values and the node: a
     training whose processes disagree would deadlock (max_steps), or train what no file
     records (lr). Every process raises; process 0 alone says it."""
-
     if not world.active:
         return
 
@@ -296,7 +320,6 @@ LAUNCH_MARK = ".launch.json"  # in a run folder: the torchrun launch that create
 def _launch_identity() -> dict[str, Any]:
     """This torchrun launch, as process 0 sees it: the rendezvous id, the host and the agent
     (the parent process, with its start time, so that a reused pid is not taken for it)."""
-
     agent = os.getppid()
     try:
         started = Path(f"/proc/{agent}/stat").read_text().rsplit(")", 1)[1].split()[19]
@@ -309,15 +332,12 @@ def _launch_identity() -> dict[str, Any]:
 def mark_launch(run_path) -> None:
     """Under torchrun with restarts allowed: record in a new run's folder which launch
     created it, so that only a restart of this launch continues it."""
-
-
     if elastic_env().max_restarts > 0:
         atomic_write_text(Path(run_path) / LAUNCH_MARK, json.dumps(_launch_identity()) + "\n")
 
 
 def launched_here(run_path) -> bool:
     """Whether the run folder was created by this torchrun launch (before a restart)."""
-
     try:
         mark = json.loads((Path(run_path) / LAUNCH_MARK).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -350,23 +370,21 @@ def launch(nproc: int, args: list[str]) -> int:
     would give them (env:// rendezvous on 127.0.0.1). Ctrl-C and SIGTERM are passed on; when
     one process fails the others are stopped. Returns the first failing exit status (rank 0's
     first), else 0."""
-
     with socket.socket() as sock:  # a free port for the rendezvous
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
             "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc), LAUNCHER: str(os.getpid())}
-    ranks = Supervisor()
-    pumps = []
-    # (passed on from before the first process starts: none of them misses a Ctrl-C)
-    with ranks.forwarding():
-        try:
+    ranks = Supervisor(kill_on_signal=False)  # (a rank may save for long after a Ctrl-C)
+    stderr = _ForwardOnce()
+    try:
+        # (passed on from before the first process starts: none of them misses a Ctrl-C)
+        with ranks.forwarding():
             for r in range(nproc):
-                ranks.start(f"rank {r}", [sys.executable, "-m", "gru_lm", *args],
-                            env={**base, "RANK": str(r), "LOCAL_RANK": str(r)},
-                            stderr=subprocess.PIPE, preexec_fn=_hold_signals)
-            procs = [c.process for c in ranks.running.values()]
-            pumps = _forward_once([p.stderr for p in procs])
+                child = ranks.start(f"rank {r}", [sys.executable, "-m", "gru_lm", *args],
+                                    env={**base, "RANK": str(r), "LOCAL_RANK": str(r)},
+                                    stderr=subprocess.PIPE, preexec_fn=_hold_signals)
+                stderr.pump(child.process.stderr)
             while ranks.running:
                 ranks.reap()
                 # One failed: stop the rest. After a Ctrl-C or SIGTERM every process stops by
@@ -376,9 +394,8 @@ def launch(nproc: int, args: list[str]) -> int:
                     ranks.terminate()
                     break
                 time.sleep(0.1)
-        finally:
-            for t in pumps:
-                t.join(timeout=5)
+    finally:
+        stderr.join()
     codes = [c.code for c in sorted(ranks.ended, key=lambda c: c.started)]
     return next((c for c in codes if c), 0)
 
@@ -390,19 +407,26 @@ def _hold_signals() -> None:
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
-def _forward_once(streams) -> list:
-    """Copy the processes' stderr lines to ours, each distinct line once: an error that
+class _ForwardOnce:
+    """The processes' stderr lines copied to ours, each distinct line once: an error that
     every process meets (a bad corpus, a peer that died) is said once, not once a process."""
+    def __init__(self) -> None:
+        self.seen: set[bytes] = set()
+        self.lock = threading.Lock()
+        self.threads: list[threading.Thread] = []
 
-    seen: set[bytes] = set()
-    lock = threading.Lock()
+    def pump(self, stream) -> None:
+        """Copy `stream` (a process's stderr) in a thread of its own until it closes."""
+        t = threading.Thread(target=self._copy, args=(stream,), daemon=True)
+        t.start()
+        self.threads.append(t)
 
-    def pump(stream) -> None:
+    def _copy(self, stream) -> None:
         for line in iter(stream.readline, b""):
-            with lock:
-                if line in seen:
+            with self.lock:
+                if line in self.seen:
                     continue
-                seen.add(line)
+                self.seen.add(line)
                 try:
                     sys.stderr.buffer.write(line)
                     sys.stderr.flush()
@@ -410,7 +434,6 @@ def _forward_once(streams) -> list:
                     pass
         stream.close()
 
-    threads = [threading.Thread(target=pump, args=(s,), daemon=True) for s in streams]
-    for t in threads:
-        t.start()
-    return threads
+    def join(self) -> None:
+        for t in self.threads:
+            t.join(timeout=5)

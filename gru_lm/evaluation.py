@@ -231,9 +231,8 @@ def _result(members: list[Member], checkpoints: list[Path], rows: list[Row],
             ngram: KneserNey | None, tuned_on_target: bool, weighted: bool) -> Evaluation:
     cfg, vocab = members[0].cfg, members[0].vocab
     static, n = rows[0], len(ids) - 1
-    per_char = None
+    per_char = None  # (bytes: what a character-level model's perplexity is set beside)
     if cfg.data.preset == "bytes":  # the same text's perplexity per character, to set beside
-
         chars = len(char_ends(ids[1:].numpy()))
         per_char = {"chars": chars, "ppl": math.exp(math.log(static.ppl) * n / chars)}
     references = None if corpus is None or ngram is None else reference_baselines(

@@ -129,12 +129,13 @@ def check_units(units: int) -> None:
         raise GruLmError(f"--units {units} is invalid; give an integer >= 1")
 
 
-def check_text(text: str, figure: bool) -> None:
-    """Refuse a text whose gates (or figure) would not fit, before the model is loaded."""
-    limit, what = (MAX_FIGURE_CHARS, "gates with --png") if figure else (MAX_CHARS, "gates")
+def check_text(text: str, drawn: bool) -> None:
+    """Refuse a text whose gates (or, `drawn`, its figure) would not fit, before the model
+    is loaded."""
+    limit, what = (MAX_FIGURE_CHARS, "gates with --png") if drawn else (MAX_CHARS, "gates")
     if len(text) > limit:
         raise GruLmError(f"the text has {len(text):,} characters; {what} shows at most "
-                         f"{limit:,}: give a shorter text" + (" or drop --png" if figure else ""))
+                         f"{limit:,}: give a shorter text" + (" or drop --png" if drawn else ""))
 
 
 def gate_report(model, vocab, data, text: str, layer: int, units: int) -> GateReport:

@@ -48,7 +48,6 @@ def precision_notes(cfg: Config, model, device) -> list[str]:
     faster here, say so with the figures (the model's kernels.bf16_speed: gru_lm/cells.py)."""
     import torch
 
-
     if cfg.train.precision != "bf16":
         return []
     bf16_pin()

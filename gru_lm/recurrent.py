@@ -191,7 +191,7 @@ def count_parameters(model: nn.Module) -> int:
 
 @dataclass
 class LayerWeights:
-    """One gated layer's weights in one layout, for recomputing its gates (gru_lm.gatereport).
+    """One gated layer's weights in one layout, for recomputing its gates (trace_gates).
 
     x W_x + b_x and H W_h + b_h for every gate block, blocks along the last axis.
     kind "gru": blocks [z | r | h]; reset_after says whether R multiplies (H W_hh + b_hh)
@@ -266,13 +266,13 @@ def trace_gates(layers: list[LayerWeights], ids: list[int], layer: int) -> GateT
                 rec["R"].append(R)
             else:
                 A = p + H @ w.W_h + w.b_h
-                I, F = torch.sigmoid(A[:nh]), torch.sigmoid(A[nh:2 * nh])
-                G, O = torch.tanh(A[2 * nh:3 * nh]), torch.sigmoid(A[3 * nh:])
-                C = F * C + I * G
-                H = O * torch.tanh(C)
-                rec["I"].append(I)
-                rec["F"].append(F)
-                rec["O"].append(O)
+                i, f = torch.sigmoid(A[:nh]), torch.sigmoid(A[nh:2 * nh])
+                g, o = torch.tanh(A[2 * nh:3 * nh]), torch.sigmoid(A[3 * nh:])
+                C = f * C + i * g
+                H = o * torch.tanh(C)
+                rec["I"].append(i)
+                rec["F"].append(f)
+                rec["O"].append(o)
             outs.append(H)
         inputs = torch.stack(outs)  # (num_chars, num_hiddens)
     assert inputs is not None  # (layer is in range: at least one layer ran)

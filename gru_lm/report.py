@@ -40,7 +40,7 @@ SEEDED = re.compile(r"^(?P<label>.+)-s(?P<seed>\d+)$")  # a member's folder: LAB
 @dataclass
 class ScoredRun:
     """A finished run as the report reads it: its folder, its recipe's label (the folder's
-    name without -sN), summary, evaluations, seed and recipe; once scored (score_members),
+    name without -sN), summary, evaluations, seed and recipe; once scored (_score_members),
     its best checkpoint loaded, the corpus it was scored on, and its per-token log-probs on
     val and test as one stream (None: a split with no tokens)."""
 

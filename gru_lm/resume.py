@@ -33,7 +33,6 @@ def payload(trainer, ema: bool = False) -> dict[str, Any]:
     carried state and generators are gathered under "ranks"."""
     from dataclasses import asdict
 
-
     t = trainer
     out = {
         "model": t.ema.averaged_state(t.model) if ema else t.model.state_dict(),

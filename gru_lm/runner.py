@@ -44,19 +44,23 @@ def train_run(config: Path | Config | None, overrides: list[str], *, name: str |
     # the run at its first step; one after the loop lets the run finish).
     signals = EARLY_SIGNALS if world.active else None
     where: dict[str, RunDir] = {}  # the run, once known: what a lost peer's hint resumes
+    together = False  # every process met at the end: they leave the group together
     try:
         with caught_signals(into=signals) if signals is not None else contextlib.nullcontext():
             try:
                 summary = _train(world, config, overrides, name, resume, offline, out,
                                  signals, where)
                 distributed.barrier(world)  # rank 0 evaluates last: the group ends together
+                together = True
                 return summary
             except TrainingInterrupted as e:
                 distributed.barrier(world)  # raised by every rank at the same step
+                together = True
                 e.silent = not world.is_main  # (torchrun shows every process' stderr)
                 raise
             except NonFiniteLoss:
                 distributed.barrier(world)
+                together = True
                 raise
     except RuntimeError as e:  # a collective failed: another process stopped or was killed
         if not world.active or not distributed.lost_peer(e):
@@ -72,7 +76,7 @@ def train_run(config: Path | Config | None, overrides: list[str], *, name: str |
         raise GruLmError("another process of this training stopped (killed, or failed: see "
                          f"its message); {hint}") from None
     finally:
-        distributed.stop(world)
+        distributed.stop(world, together)
 
 
 def _load_corpus(world: World, cfg: Config, offline, vocab=None):

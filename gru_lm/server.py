@@ -263,7 +263,6 @@ def _described(d: Decoding) -> dict[str, Any]:
 
 
 def _card(run: Run, limits: Limits) -> dict[str, Any]:
-
     cfg, vocab, model = run._model()
     s = run.summary or {}
     d = cfg.data

@@ -2,7 +2,7 @@
 and domain errors as one red line with a non-zero exit (never a traceback), a stdout that
 survives its reader leaving (`| head`) or being closed, and tables that fit the terminal.
 
-Nothing here knows a command; gru_lm/cli.py holds the commands.
+Nothing here knows a command; gru_lm/cli.py and gru_lm/clidata.py hold the commands.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """How each command's result looks in a terminal: the tables and lines the commands print
-(on stdout; notes about what was chosen for the user on stderr). The commands in cli.py
-parse, call the API and hand its typed result to one of these. (gru_lm.display is imported
-where it is used: it brings torch, and `gru-lm --help` stays fast.)"""
+(on stdout; notes about what was chosen for the user on stderr). The commands (cli.py,
+clidata.py) parse, call the API and hand its typed result to one of these.
+(gru_lm.display is imported where it is used: it brings torch, and `gru-lm --help` stays
+fast.)"""
 
 from __future__ import annotations
 
@@ -204,7 +205,6 @@ ECHO_PREFIX = 1_000  # characters of the prefix printed before each continuation
 def show_evaluation(r, members: int, target: str) -> None:
     from gru_lm.display import references_text
 
-
     if r.note:  # before the figure: most of a text may not be scored at all
         console.print(f"[yellow]note:[/yellow] {escape(r.note)}", highlight=False)
     console.print(f"{r.what}: {r.tokens:,} tokens, scored as one stream | loss {r.loss:.4f} | "
@@ -230,10 +230,8 @@ def show_evaluation(r, members: int, target: str) -> None:
 def _score_rows(r, target: str) -> None:
     """One row a way of scoring (evaluation.Evaluation's rows): its ppl on the target,
     bits/char, val ppl, what val chose; then the one val prefers."""
-    from rich.table import Table
 
     from gru_lm.display import settings_text
-
 
     table = Table(box=None, pad_edge=False)
     for col in ("scored", f"{target} ppl", f"bits/{r.unit}", "val ppl", "chosen on val"):
@@ -252,13 +250,10 @@ def _score_rows(r, target: str) -> None:
 
 
 def show_comparison(result, wide: bool = False) -> None:
-    """comparison.Comparison as a table that fits 80 columns: model, seeds, val and test ppl (mean ±
+    """report.Comparison as a table that fits 80 columns: model, seeds, val and test ppl (mean ±
     the 95% CI's half width over seeds), tok/s; --wide adds the rest. Then a verdict on every
     pair."""
-    from rich.table import Table
-
     from gru_lm.display import rate, references_text
-
 
     def ci(mean, iv):
         return _f(mean, ".3f") + (f" ± {(iv['high'] - iv['low']) / 2:.3f}" if iv else "")

@@ -50,6 +50,13 @@ def test_scorer_names_reserved_are_evaluates_own_options():
     assert scorers.RESERVED == cli_names | cli_flags | api_names
 
 
+def test_no_module_is_named_like_an_api_name():
+    """A submodule gru_lm.NAME, once imported, is the package's attribute NAME: it would hide
+    the API function of that name (gru_lm.gates was the gates module after `gru-lm gates`)."""
+    modules = {p.stem for p in PACKAGE.glob("*.py")}
+    assert not modules & set(gru_lm._API)
+
+
 def _strings(path: Path) -> set[str]:
     return {n.value for n in ast.walk(ast.parse(path.read_text()))
             if isinstance(n, ast.Constant) and isinstance(n.value, str)}

@@ -25,7 +25,9 @@ time.sleep(0.2)  # (a second signal, were one sent, would arrive now)
 open(sys.argv[1], "w").write(" ".join(str(s) for s in got))
 sys.exit(int(sys.argv[3]))
 """
-STUBBORN = "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(60)"
+# A child that ignores SIGINT (says so in a file once it does) and sleeps a minute.
+STUBBORN = ("import signal, sys, time; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+            "open(sys.argv[1] + '.up', 'w').close(); time.sleep(60)")
 
 
 def _child(pool: Supervisor, tmp_path, name: str, wait: float = 30, code: int = 0):
@@ -56,13 +58,30 @@ def test_a_signal_reaches_every_child_once_and_all_are_reaped(tmp_path):
 
 def test_a_child_past_the_grace_period_is_killed(tmp_path):
     pool = Supervisor(grace_s=0.3)
-    pool.start("stubborn", [sys.executable, "-c", STUBBORN])
-    time.sleep(0.5)  # (its handler is set)
+    pool.start("stubborn", [sys.executable, "-c", STUBBORN, str(tmp_path / "s")])
+    _until_up(tmp_path / "s")  # (it ignores SIGINT from now on)
     started = time.monotonic()
     pool.stop(signal.SIGINT)
     pool.wait(0.05)
     assert time.monotonic() - started < 10
-    assert [c.code for c in pool.ended] == [-signal.SIGKILL]
+    assert [c.code for c in pool.ended] == [-signal.SIGKILL] and pool.ended[0].after_stop
+
+
+def test_without_kill_on_signal_a_child_saves_as_long_as_it_needs_until_terminated(tmp_path):
+    """train --nproc: after a Ctrl-C a rank may take longer than the grace period to save
+    (an evaluation, a checkpoint of a big model): it is not killed for it; only when the
+    launcher stops the ranks itself (terminate) does the grace period count."""
+    pool = Supervisor(grace_s=0.2, kill_on_signal=False)
+    pool.start("rank 0", [sys.executable, "-c", STUBBORN, str(tmp_path / "r")])
+    _until_up(tmp_path / "r")
+    pool.stop(signal.SIGINT)
+    deadline = time.monotonic() + 1.0  # five grace periods
+    while time.monotonic() < deadline:
+        assert not pool.reap()  # still running: not killed
+        time.sleep(0.05)
+    started = time.monotonic()
+    pool.terminate()  # SIGTERM is not ignored: it ends at once
+    assert time.monotonic() - started < 10 and [c.code for c in pool.ended] == [-signal.SIGTERM]
 
 
 def test_failures_are_named_in_start_order_and_leaving_stops_the_rest(tmp_path):
