@@ -82,11 +82,14 @@ def gradient_ms(model, train: torch.Tensor, num_steps: int, batch_size: int = 32
 
 def dynamic_log_probs(model, tokens: torch.Tensor, ms: dict[str, torch.Tensor],
                       settings: DynamicSettings, device: torch.device | str = "cpu",
-                      cache: CacheSettings | None = None
+                      cache: CacheSettings | None = None,
+                      temperatures: tuple[float, ...] | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log P of tokens[1:] (float32, text order), adapting after each scored segment; and
     with `cache`, the continuous cache's log P of each token (NaN while it is empty), read
-    from the adapting model's features."""
+    from the adapting model's features. With `temperatures`, the first is instead log P
+    under softmax(logits / T) for each T, (len(temperatures), tokens - 1): the model still
+    adapts on its own loss, as without them."""
     params = _params(model)
     theta0 = {n: p.detach().clone() for n, p in params}
     scale = {n: ms[n].sqrt() + EPS for n, _ in params}
@@ -108,7 +111,10 @@ def dynamic_log_probs(model, tokens: torch.Tensor, ms: dict[str, torch.Tensor],
                     else:
                         logits, new_state, feats = model.forward_features(X, detach_state(state))
                     logp = logits.float().log_softmax(-1).gather(-1, Y.unsqueeze(-1)).squeeze(-1)
-                    scored.append(logp.detach().cpu().flatten())  # before the update
+                    if temperatures is None:
+                        scored.append(logp.detach().cpu().flatten())  # before the update
+                    else:
+                        scored.append(_tempered(logits.detach().float(), Y, temperatures))
                     if memory is not None:  # read before the segment's pairs enter it
                         cached.append(memory.read(feats.detach(), Y)[0, 0].cpu().flatten())
                     (-logp.mean()).backward()
@@ -123,8 +129,18 @@ def dynamic_log_probs(model, tokens: torch.Tensor, ms: dict[str, torch.Tensor],
             for n, p in params:
                 p.copy_(theta0[n])
         model.zero_grad(set_to_none=True)
-    logp = torch.cat(scored) if scored else torch.zeros(0)
+    if temperatures is None:
+        logp = torch.cat(scored) if scored else torch.zeros(0)
+    else:
+        logp = torch.cat(scored, 1) if scored else torch.zeros(len(temperatures), 0)
     return logp, (torch.cat(cached) if cached else torch.zeros(0)) if memory else None
+
+
+def _tempered(logits: torch.Tensor, Y: torch.Tensor, temperatures: tuple[float, ...]
+              ) -> torch.Tensor:
+    """log softmax(logits / T) of the targets Y, for each T: (temperatures, tokens)."""
+    return torch.stack([(logits / t).log_softmax(-1).gather(-1, Y.unsqueeze(-1)).flatten()
+                        for t in temperatures]).cpu()
 
 
 def dynamic_nll(model, tokens: torch.Tensor, ms: dict[str, torch.Tensor],

@@ -190,10 +190,11 @@ def score(members: list[Member], texts: Texts, methods: Iterable[str] = (),
             perplexity(*metrics.evaluate(m.model, texts.val, *m.cfg.train.reading))
         return [Row("static", ppl, math.log(ppl) / LN2, val_ppl, [])]
     variants = _ensembled([member_scores(m, texts, asked) for m in members], texts, weighted)
+    scored = dict(variants)  # each mixer mixes the scorers' rows, not another mixer's
     for name, mixer in MIXERS.items():
         if name in asked:
             assert ngram is not None
-            variants.update(mixer().mix(dict(variants), texts, ngram))
+            variants.update(mixer().mix(scored, texts, ngram))
     rows = []
     for name, sc in variants.items():
         ppl = perplexity_of(sc.target) or math.nan

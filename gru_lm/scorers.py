@@ -274,6 +274,28 @@ class Temperature(Scorer):
 
 
 @register
+class DynamicTemperature(Scorer):
+    """Both: the adapting model's distribution at the softmax temperature chosen on val
+    (dynamic evaluation's settings as it chose them alone; the model adapts on its own,
+    untempered loss, and T only changes how its output is read)."""
+
+    name = "dynamic + temperature"
+    combines = ("dynamic", "temperature")
+
+    def score(self, m: Member, texts: Texts, chosen: dict[str, Any]) -> Scored:
+        from gru_lm.dynamic import dynamic_log_probs
+
+        ms, best = chosen["dynamic"]
+        grid, _ = dynamic_log_probs(m.model, texts.tune_on, ms, best, temperatures=TEMPERATURES)
+        i = int(grid.double().sum(1).argmax())
+        t = TEMPERATURES[i]
+        target = grid[i] if texts.same else dynamic_log_probs(
+            m.model, texts.target, ms, best, temperatures=(t,))[0][0]
+        return Scored(grid[i], target, [{"lr": best.lr, "decay": best.decay,
+                                         "segment": best.segment, "temperature": t}])
+
+
+@register
 class NgramMix(Mixer):
     """Each scorer's result interpolated with the Kneser-Ney n-gram model counted on the
     training split, its weight fitted on val by EM."""

@@ -213,6 +213,23 @@ def test_dynamic_evaluation_adapts_to_a_repeating_text():
     assert static == pytest.approx(V) and adapted < 2.0
 
 
+def test_tempered_dynamic_evaluation_adapts_as_without_and_only_reads_the_output_otherwise():
+    """temperatures=(...): at T = 1 the scores are dynamic evaluation's own (the adaptation
+    does not change), and at T the adapting logits are divided by T before the softmax."""
+    from gru_lm.dynamic import dynamic_log_probs
+
+    tokens = torch.tensor([1, 2, 3, 4, 5, 6, 7, 8, 9, 10] * 20)
+    model = _Table()
+    ms = gradient_ms(model, tokens, num_steps=10)
+    s = DynamicSettings(1.0, 0.0)
+    plain, _ = dynamic_log_probs(model, tokens, ms, s)
+    grid, _ = dynamic_log_probs(model, tokens, ms, s, temperatures=(1.0, 0.5, 2.0))
+    assert grid.shape == (3, 199)
+    torch.testing.assert_close(grid[0], plain)
+    assert grid[1].sum() > grid[0].sum() > grid[2].sum()  # it learns the cycle: sharper wins
+    assert torch.equal(model.W, torch.zeros(V, V))  # trained weights restored
+
+
 # ---------------------------------------------------------------- mixing with the n-gram model
 
 
