@@ -24,7 +24,7 @@ import torch
 
 from gru_lm.cache import CacheSettings, ContinuousCache
 from gru_lm.data import eval_batches
-from gru_lm.metrics import evaluating
+from gru_lm.metrics import evaluating, target_log_probs
 from gru_lm.models import detach_state, time_major_loss
 
 EPS = 1e-4
@@ -114,7 +114,9 @@ def dynamic_log_probs(model, tokens: torch.Tensor, ms: dict[str, torch.Tensor],
                     if temperatures is None:
                         scored.append(logp.detach().cpu().flatten())  # before the update
                     else:
-                        scored.append(_tempered(logits.detach().float(), Y, temperatures))
+                        scored.append(torch.stack([  # (temperatures, segment)
+                            target_log_probs(logits.detach() / t, Y).flatten()
+                            for t in temperatures]).cpu())
                     if memory is not None:  # read before the segment's pairs enter it
                         cached.append(memory.read(feats.detach(), Y)[0, 0].cpu().flatten())
                     (-logp.mean()).backward()
@@ -134,13 +136,6 @@ def dynamic_log_probs(model, tokens: torch.Tensor, ms: dict[str, torch.Tensor],
     else:
         logp = torch.cat(scored, 1) if scored else torch.zeros(len(temperatures), 0)
     return logp, (torch.cat(cached) if cached else torch.zeros(0)) if memory else None
-
-
-def _tempered(logits: torch.Tensor, Y: torch.Tensor, temperatures: tuple[float, ...]
-              ) -> torch.Tensor:
-    """log softmax(logits / T) of the targets Y, for each T: (temperatures, tokens)."""
-    return torch.stack([(logits / t).log_softmax(-1).gather(-1, Y.unsqueeze(-1)).flatten()
-                        for t in temperatures]).cpu()
 
 
 def dynamic_nll(model, tokens: torch.Tensor, ms: dict[str, torch.Tensor],
