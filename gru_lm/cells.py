@@ -532,9 +532,20 @@ class FusedPath(TorchPath):
 
 @dataclass(frozen=True)
 class LoopPath(TorchPath):
-    """A recurrence stepped in Python with PyTorch ops (autograd builds the backward): the
-    Mogrifier LSTM, whose every step's input depends on the previous output."""
+    """The Mogrifier LSTM's recurrence, whose every step's input depends on the previous
+    output: in fp32 on the CPU, its own fused kernels where they load; else stepped in Python
+    with PyTorch ops (autograd builds the backward)."""
 
     def path(self, device: torch.device | str, precision: str = "fp32") -> str:
-        return "PyTorch step loop (autograd)" + (" under bf16 autocast" if precision == "bf16"
-                                                 else "")
+        if precision == "bf16":
+            return "PyTorch step loop (autograd) under bf16 autocast"
+        k = current()
+        if torch.device(device).type != "cpu":
+            why = f"no fused kernels for {torch.device(device).type}"
+        elif not k.fused:
+            why = "chosen by cells.portable_loops()"
+        elif k.library.load() is None:
+            why = str(k.library.why)
+        else:
+            return "fused kernels"
+        return f"PyTorch step loop (autograd): {why}"

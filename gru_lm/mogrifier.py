@@ -15,8 +15,11 @@ The cell c_{t-1} is carried unchanged; the mogrified h only feeds the gates, and
 LSTM's own output. Q^i and R^i have rank `rank` (Q = Q_a Q_b, as DeepMind's lamb
 factorises them; rank 0: full matrices), their biases start at zero. With rounds = 0 the
 model is exactly an LSTM (the test suite checks it against nn.LSTM with the same weights).
-The step loop is PyTorch's (autograd): each step's input depends on the previous output, so
-no input product can be computed for all steps at once as the LSTM's can.
+Each step's input depends on the previous output, so no input product can be computed for
+all steps at once as the LSTM's can: on the CPU in float32 the whole recurrence runs in the
+fused kernels of gru_lm/csrc/cells.cpp (rounds, products and LSTM step per step in C++,
+backward by hand; MogrifierFunction), elsewhere (a GPU, bf16 autocast, no compiler,
+cells.portable_loops()) in the PyTorch step loop below, through autograd.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gru_lm.cells import LoopPath
+from gru_lm.cells import LoopPath, current
 from gru_lm.config import ModelConfig
 from gru_lm.errors import ConfigError
 from gru_lm.recurrent import (
@@ -112,14 +115,99 @@ class MogrifierLayer(nn.Module):
 
     def forward(self, inputs: Tensor, state: tuple[Tensor, Tensor]
                 ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """inputs (num_steps, batch_size, num_inputs) -> outputs (num_steps, batch_size, H)."""
+        """inputs (num_steps, batch_size, num_inputs) -> outputs (num_steps, batch_size, H):
+        the fused CPU kernels where they load (float32 on the CPU, not under autocast), else
+        the step loop below."""
         h, c = state
         W_h = drop_weight(self.W_h, self.weight_drop, self.training)
+        if fused_library(inputs) is not None:
+            Y, c_T = MogrifierFunction.apply(inputs, h, c, self.W_x, W_h, self.b,
+                                             tuple(self.shapes), *self.masks)
+            return Y, (Y[-1], c_T)
         outs = []
         for x in inputs:
             h, c, _ = self.step(x, h, c, W_h)
             outs.append(h)
         return torch.stack(outs), (h, c)
+
+
+def fused_library(inputs: Tensor):
+    """The fused kernels for these inputs, or None (the step loop runs): float32 CPU tensors
+    outside autocast, kernels in force (cells.current()) and loadable (built on first use
+    only when training, as the scratch cells do)."""
+    if (inputs.dtype != torch.float32 or inputs.device.type != "cpu"
+            or torch.is_autocast_enabled("cpu")):
+        return None
+    k = current()
+    return k.library.load(build=torch.is_grad_enabled()) if k.fused else None
+
+
+class MogrifierFunction(torch.autograd.Function):
+    """A MogrifierLayer over all steps in the fused kernels (gru_lm/csrc/cells.cpp): the
+    rounds and the LSTM step per step in C++, forward and hand-written backward; the weight
+    gradients here, one GEMM each over all steps. Same numbers as the step loop (tested).
+
+    Inputs: X (T, B, E), H0 and C0 (B, H), W_x, W_h, b, each round's parameter count (2:
+    one matrix and its bias; 3: two factors and the bias), then the rounds' parameters.
+    Returns (Y (T, B, H), C_T (B, H))."""
+
+    @staticmethod
+    def forward(ctx, X: Tensor, H0: Tensor, C0: Tensor, W_x: Tensor, W_h: Tensor, b: Tensor,
+                shapes: tuple[int, ...], *params: Tensor):
+        ext = fused_library(X)
+        assert ext is not None  # (the layer checked)
+        mats, counts, biases = _split(shapes, params)
+        H0, C0 = H0.contiguous(), C0.contiguous()
+        out = ext.mogrifier_forward(X.contiguous(), H0, C0, W_x.contiguous(), W_h.contiguous(),
+                                    b.contiguous(), mats, counts, biases)
+        R = len(shapes)
+        Y, IFGO, Cs, Tc, XV, HV = out[:6]
+        ctx.ext, ctx.shapes, ctx.R = ext, shapes, R
+        ctx.save_for_backward(C0, W_x, W_h, IFGO, Cs, Tc, XV, HV, *out[6:], *params)
+        return Y, Cs[-1].clone()
+
+    @staticmethod
+    def backward(ctx, dY: Tensor, dC_T: Tensor | None):
+        C0, W_x, W_h, IFGO, Cs, Tc, XV, HV, *rest = ctx.saved_tensors
+        R = ctx.R
+        Ms, As, params = rest[:R], rest[R:2 * R], rest[2 * R:]
+        mats, counts, biases = _split(ctx.shapes, params)
+        if dY is None:
+            dY = torch.zeros_like(Cs)
+        out = ctx.ext.mogrifier_backward(dY.contiguous(), dC_T, C0, W_x.contiguous(),
+                                         W_h.contiguous(), mats, counts, biases, IFGO, Cs, Tc,
+                                         XV, HV, list(Ms))
+        dA, dX, dH0, dC0 = out[:4]
+        dS, dR = out[4:4 + R], out[4 + R:]
+        T, B, _ = Cs.shape
+        flat = dA.view(T * B, -1)
+        E, H = XV.shape[-1], HV.shape[-1]
+        grads = [XV[-1].reshape(-1, E).t() @ flat, HV[-1].reshape(-1, H).t() @ flat,
+                 flat.sum(0)]
+        for k in range(R):
+            src = (HV[k // 2].reshape(-1, H) if k % 2 == 0
+                   else XV[(k + 1) // 2].reshape(-1, E))
+            ds = dS[k].reshape(T * B, -1)
+            if counts[k] == 2:
+                rank = As[k].shape[-1]
+                grads += [src.t() @ dR[k].reshape(-1, rank), As[k].reshape(-1, rank).t() @ ds]
+            else:
+                grads.append(src.t() @ ds)
+            grads.append(ds.sum(0))
+        dW_x, dW_h, db, *dparams = grads
+        return dX, dH0, dC0, dW_x, dW_h, db, None, *dparams
+
+
+def _split(shapes: tuple[int, ...], params) -> tuple[list[Tensor], list[int], list[Tensor]]:
+    """A layer's round parameters (per round: factors, then bias) as the kernels take them:
+    the factors of all rounds, how many each round has, the biases."""
+    mats, counts, biases, k = [], [], [], 0
+    for n in shapes:
+        mats += [p.contiguous() for p in params[k:k + n - 1]]
+        counts.append(n - 1)
+        biases.append(params[k + n - 1].contiguous())
+        k += n
+    return mats, counts, biases
 
 
 def rank_problems(cfg: ModelConfig, embed_dim: int) -> list[str]:

@@ -594,6 +594,86 @@ def test_the_mogrifier_rounds_follow_the_equations(rank):
     assert len(masks) == 3 and all(((m > 0) & (m < 2)).all() for m in masks)
 
 
+@pytest.mark.parametrize("rounds,rank", [(0, 0), (2, 3), (3, 0), (5, 2)])
+def test_the_fused_mogrifier_matches_its_step_loop(rounds, rank):
+    """The fused kernels give the step loop's outputs, final state and every gradient
+    (input, state, weights, each round's factors and bias), rounds odd and even, factored
+    and full."""
+    from gru_lm.cells import portable_loops
+    from gru_lm.mogrifier import MogrifierLayer
+
+    _need_kernels()
+    torch.manual_seed(2)
+    layer = MogrifierLayer(5, NH, rounds=rounds, rank=rank)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(0.3 * torch.randn_like(p))  # biases away from 0, masks away from 1
+    X, h0, c0 = (torch.randn(*shape, requires_grad=True)
+                 for shape in ((T_, B_, 5), (B_, NH), (B_, NH)))
+    leaves = [X, h0, c0, *layer.parameters()]
+
+    def run():
+        for t in leaves:
+            t.grad = None
+        Y, (h, c) = layer(X, (h0, c0))
+        ran.append(type(Y.grad_fn).__name__)
+        g = torch.Generator().manual_seed(1)
+        ((Y * torch.randn(Y.shape, generator=g)).sum() + (c * c).sum() + h.sum()).backward()
+        return [Y.detach(), h.detach(), c.detach()] + [t.grad.clone() for t in leaves]
+
+    ran: list[str] = []
+    fast = run()
+    with portable_loops():
+        ref = run()
+    assert ran == ["MogrifierFunctionBackward", "StackBackward0"]
+    for a, b in zip(fast, ref, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_a_training_mogrifier_runs_its_fused_kernels_and_says_so():
+    """A whole model in training (DropConnect, dropout, two layers): the fused kernels
+    leave the loss and the gradients the loop gives, and the run header names them."""
+    from gru_lm.cells import portable_loops
+
+    _need_kernels()
+    cfg = ModelConfig(name="mogrifier", num_hiddens=NH, num_layers=2, rounds=2, rank=3,
+                      dropout=0.3, weight_drop=0.4)
+    model = build_model(cfg, V).train()
+    X = _ids()
+
+    def run():
+        torch.manual_seed(7)  # the same dropout and DropConnect masks
+        model.zero_grad()
+        logits, _ = model(X)
+        logits.float().log_softmax(-1).mean().backward()
+        return [logits.detach()] + [p.grad.clone() for p in model.parameters()]
+
+    fast = run()
+    with portable_loops():
+        ref = run()
+        assert model.kernels.path("cpu").startswith("PyTorch step loop (autograd): chosen by")
+    for a, b in zip(fast, ref, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert model.kernels.path("cpu") == "fused kernels"
+    assert "under bf16 autocast" in model.kernels.path("cpu", "bf16")
+
+
+def test_the_mogrifier_kernels_refuse_mismatched_rounds():
+    ext = _need_kernels()
+    E, H = 3, 4
+    X, H0 = torch.randn(T_, B_, E), torch.zeros(B_, H)
+    W_x, W_h, b = torch.randn(E, 4 * H), torch.randn(H, 4 * H), torch.zeros(4 * H)
+    ok = [torch.randn(H, 2), torch.randn(2, E)]
+    assert len(ext.mogrifier_forward(X, H0, H0, W_x, W_h, b, ok, [2], [torch.zeros(E)])) == 8
+    with pytest.raises(RuntimeError, match="a round's second factor must be"):
+        ext.mogrifier_forward(X, H0, H0, W_x, W_h, b, [ok[0], torch.randn(2, H)], [2],
+                              [torch.zeros(E)])
+    with pytest.raises(RuntimeError, match="one matrix or two factors"):
+        ext.mogrifier_forward(X, H0, H0, W_x, W_h, b, ok, [3], [torch.zeros(E)])
+    with pytest.raises(RuntimeError, match="a round's bias must be"):
+        ext.mogrifier_forward(X, H0, H0, W_x, W_h, b, ok, [2], [torch.zeros(H)])
+
+
 def test_the_mogrifier_refuses_an_init_it_would_ignore_and_a_rank_past_full_rank():
     import gru_lm
 

@@ -700,6 +700,267 @@ std::vector<Tensor> rnn_backward(Tensor dY, c10::optional<Tensor> ids, int64_t t
   return {ids ? dtable.result() : dA, carry, dW};
 }
 
+// ---------------------------------------------------------------- Mogrifier LSTM
+// Before each LSTM step, rounds k = 0 .. R-1 rescale the input and the state in turn:
+//   k even: x <- 2 s(h F_k + b_k) * x         k odd: h <- 2 s(x F_k + b_k) * h
+// F_k one matrix, or two factors of rank r applied in turn; then the LSTM's step on the last
+// x and h: gates = x W_x + h W_h + b, [i | f | g | o]. The input product cannot be done for
+// all steps at once (x depends on the previous output), so both products run in the loop.
+// Saved for backward: every version of x (XV[0] the input) and of h (HV[0] the previous
+// output), each round's mask 2 s(.) and, for a factored round, the product with its first
+// factor. Backward returns the per-step gradients (gate pre-activations dA, each round's
+// dS = d(pre-sigmoid) and, factored, dS F2^T); the weight gradients are sums over all steps,
+// done by the caller as one GEMM each (gru_lm/mogrifier.py).
+struct Round {
+  int64_t src = 0, dst = 0, rank = 0;  // rank 0: one (src, dst) matrix
+  const float* f1 = nullptr;           // (src, rank) or (src, dst)
+  const float* f2 = nullptr;           // (rank, dst)
+  const float* bias = nullptr;         // (dst)
+};
+
+std::vector<Round> rounds_of(const std::vector<Tensor>& mats, const std::vector<int64_t>& counts,
+                             const std::vector<Tensor>& biases, int64_t E, int64_t nh) {
+  TORCH_CHECK(counts.size() == biases.size(), "fused kernels: one bias per mogrifier round");
+  std::vector<Round> out;
+  size_t m = 0;
+  for (size_t k = 0; k < counts.size(); ++k) {
+    Round r;
+    r.src = k % 2 ? E : nh;
+    r.dst = k % 2 ? nh : E;
+    TORCH_CHECK((counts[k] == 1 || counts[k] == 2) && m + counts[k] <= mats.size(),
+                "fused kernels: a mogrifier round takes one matrix or two factors");
+    if (counts[k] == 1) {
+      check_matrix(mats[m], r.src, r.dst, "a round's matrix");
+      r.f1 = cptr(mats[m]);
+    } else {
+      r.rank = mats[m].dim() == 2 ? mats[m].size(1) : 0;
+      TORCH_CHECK(r.rank > 0, "fused kernels: a round's factors need a rank above 0");
+      check_matrix(mats[m], r.src, r.rank, "a round's first factor");
+      check_matrix(mats[m + 1], r.rank, r.dst, "a round's second factor");
+      r.f1 = cptr(mats[m]);
+      r.f2 = cptr(mats[m + 1]);
+    }
+    const Tensor& b = biases[k];
+    TORCH_CHECK(b.scalar_type() == at::kFloat && b.is_contiguous() && b.dim() == 1 &&
+                    b.size(0) == r.dst,
+                "fused kernels: a round's bias must be a contiguous float32 (", r.dst, ")");
+    r.bias = cptr(b);
+    out.push_back(r);
+    m += counts[k];
+  }
+  TORCH_CHECK(m == mats.size(), "fused kernels: more round matrices than the counts say");
+  return out;
+}
+
+inline Mat dense(const float* p, int64_t ld) { return {p, nullptr, ld}; }
+
+std::vector<Tensor> mogrifier_forward(Tensor X, Tensor H0, Tensor C0, Tensor W_x, Tensor W_h,
+                                      Tensor b, std::vector<Tensor> mats,
+                                      std::vector<int64_t> counts, std::vector<Tensor> biases) {
+  const Gemm gemm(kFp32);
+  TORCH_CHECK(X.scalar_type() == at::kFloat && X.device().is_cpu() && X.is_contiguous() &&
+                  X.dim() == 3,
+              "fused kernels: X must be a contiguous float32 (T, B, num_inputs) CPU tensor");
+  const int64_t T = X.size(0), B = X.size(1), E = X.size(2), nh = H0.size(1);
+  TORCH_CHECK(H0.scalar_type() == at::kFloat && H0.dim() == 2 && H0.size(0) == B &&
+                  H0.is_contiguous() && C0.sizes() == H0.sizes() && C0.is_contiguous(),
+              "fused kernels: H0 and C0 must be contiguous float32 (", B, ", num_hiddens)");
+  check_matrix(W_x, E, 4 * nh, "W_x");
+  check_matrix(W_h, nh, 4 * nh, "W_h");
+  TORCH_CHECK(b.is_contiguous() && b.numel() == 4 * nh, "fused kernels: b must be (4 nh)");
+  const std::vector<Round> rounds = rounds_of(mats, counts, biases, E, nh);
+  const int64_t R = rounds.size(), nx = (R + 1) / 2, nhr = R / 2, TB = T * B;
+  auto opts = X.options();
+  Tensor Y = at::empty({T, B, nh}, opts), IFGO = at::empty({T, B, 4 * nh}, opts);
+  Tensor Cs = at::empty({T, B, nh}, opts), Tc = at::empty({T, B, nh}, opts);
+  Tensor XV = at::empty({nx + 1, T, B, E}, opts), HV = at::empty({nhr + 1, T, B, nh}, opts);
+  std::vector<Tensor> Ms, As;
+  std::vector<float*> m_p, a_p;
+  for (const Round& r : rounds) {
+    Ms.push_back(at::empty({T, B, r.dst}, opts));
+    As.push_back(at::empty({r.rank ? T : 0, B, r.rank}, opts));
+    m_p.push_back(ptr(Ms.back()));
+    a_p.push_back(r.rank ? ptr(As.back()) : nullptr);
+  }
+  const float *x = cptr(X), *h0 = cptr(H0), *c0 = cptr(C0), *bias = cptr(b);
+  const Mat wx = dense(cptr(W_x), 4 * nh), wh = dense(cptr(W_h), 4 * nh);
+  float *y = ptr(Y), *ifgo = ptr(IFGO), *cs = ptr(Cs), *tc = ptr(Tc), *xv = ptr(XV),
+        *hv = ptr(HV);
+  over_rows(B, [&](int64_t b0, int64_t b1) {
+    const int64_t nb = b1 - b0;
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t r0 = t * B + b0;
+      std::memcpy(xv + r0 * E, x + r0 * E, nb * E * sizeof(float));
+      std::memcpy(hv + r0 * nh, t ? y + (r0 - B) * nh : h0 + b0 * nh, nb * nh * sizeof(float));
+      for (int64_t k = 0; k < R; ++k) {
+        const Round& rd = rounds[k];
+        const bool on_x = k % 2 == 0;
+        const float* src = on_x ? hv + ((k / 2) * TB + r0) * nh : xv + (((k + 1) / 2) * TB + r0) * E;
+        const float* old = on_x ? xv + ((k / 2) * TB + r0) * E : hv + (((k - 1) / 2) * TB + r0) * nh;
+        float* neu = on_x ? xv + ((k / 2 + 1) * TB + r0) * E : hv + (((k + 1) / 2) * TB + r0) * nh;
+        float* m = m_p[k] + r0 * rd.dst;
+        if (rd.rank) {
+          float* a = a_p[k] + r0 * rd.rank;
+          gemm(false, nb, rd.rank, rd.src, dense(src, rd.src), dense(rd.f1, rd.rank), 0.0f, a,
+               rd.rank);
+          gemm(false, nb, rd.dst, rd.rank, dense(a, rd.rank), dense(rd.f2, rd.dst), 0.0f, m,
+               rd.dst);
+        } else {
+          gemm(false, nb, rd.dst, rd.src, dense(src, rd.src), dense(rd.f1, rd.dst), 0.0f, m,
+               rd.dst);
+        }
+        const int64_t n = rd.dst;
+        for (int64_t bb = 0; bb < nb; ++bb)
+#pragma omp simd
+          for (int64_t j = 0; j < n; ++j) {
+            const float mv = 2.0f * sigm(m[bb * n + j] + rd.bias[j]);
+            m[bb * n + j] = mv;
+            neu[bb * n + j] = mv * old[bb * n + j];
+          }
+      }
+      float* ifgo_t = ifgo + r0 * 4 * nh;
+      gemm(false, nb, 4 * nh, E, dense(xv + (nx * TB + r0) * E, E), wx, 0.0f, ifgo_t, 4 * nh);
+      gemm(false, nb, 4 * nh, nh, dense(hv + (nhr * TB + r0) * nh, nh), wh, 1.0f, ifgo_t, 4 * nh);
+      const float* cprev = t ? cs + (r0 - B) * nh : c0 + b0 * nh;
+      for (int64_t bb = 0; bb < nb; ++bb) {
+        const int64_t r = r0 + bb;
+        float* gb = ifgo_t + bb * 4 * nh;
+#pragma omp simd
+        for (int64_t j = 0; j < nh; ++j) {
+          const float ig = sigm(gb[j] + bias[j]), fg = sigm(gb[nh + j] + bias[nh + j]);
+          const float cg = std::tanh(gb[2 * nh + j] + bias[2 * nh + j]);
+          const float og = sigm(gb[3 * nh + j] + bias[3 * nh + j]);
+          gb[j] = ig;
+          gb[nh + j] = fg;
+          gb[2 * nh + j] = cg;
+          gb[3 * nh + j] = og;
+          const float cn = fg * cprev[bb * nh + j] + ig * cg;
+          cs[r * nh + j] = cn;
+          const float th = std::tanh(cn);
+          tc[r * nh + j] = th;
+          y[r * nh + j] = og * th;
+        }
+      }
+    }
+  });
+  std::vector<Tensor> out = {Y, IFGO, Cs, Tc, XV, HV};
+  out.insert(out.end(), Ms.begin(), Ms.end());
+  out.insert(out.end(), As.begin(), As.end());
+  return out;
+}
+
+std::vector<Tensor> mogrifier_backward(Tensor dY, Tensor dC_T, Tensor C0, Tensor W_x,
+                                       Tensor W_h, std::vector<Tensor> mats,
+                                       std::vector<int64_t> counts, std::vector<Tensor> biases,
+                                       Tensor IFGO, Tensor Cs, Tensor Tc, Tensor XV, Tensor HV,
+                                       std::vector<Tensor> Ms) {
+  const Gemm gemm(kFp32);
+  const int64_t T = Cs.size(0), B = Cs.size(1), nh = Cs.size(2), E = XV.size(3), TB = T * B;
+  check_saved(IFGO, Cs, 4 * nh, "IFGO");
+  check_saved(Tc, Cs, nh, "Tc");
+  TORCH_CHECK(dY.scalar_type() == at::kFloat && dY.sizes() == Cs.sizes(),
+              "fused kernels: dY must be (T, B, num_hiddens)");
+  TORCH_CHECK(!dC_T.defined() || dC_T.numel() == B * nh,
+              "fused kernels: dC_T must be (batch_size, num_hiddens)");
+  check_matrix(W_x, E, 4 * nh, "W_x");
+  check_matrix(W_h, nh, 4 * nh, "W_h");
+  const std::vector<Round> rounds = rounds_of(mats, counts, biases, E, nh);
+  const int64_t R = rounds.size();
+  TORCH_CHECK(static_cast<int64_t>(Ms.size()) == R && XV.size(0) == (R + 1) / 2 + 1 &&
+                  HV.size(0) == R / 2 + 1 && XV.is_contiguous() && HV.is_contiguous(),
+              "fused kernels: the saved mogrifier versions do not match its rounds");
+  auto opts = Cs.options();
+  dY = dY.contiguous();
+  Tensor dA = at::empty({T, B, 4 * nh}, opts), dX = at::empty({T, B, E}, opts);
+  Tensor carry_h = at::zeros({B, nh}, opts);
+  Tensor carry_c = dC_T.defined() ? dC_T.contiguous().view({B, nh}).clone()
+                                  : at::zeros({B, nh}, opts);
+  Tensor W_x_T = transposed(W_x), W_h_T = transposed(W_h);
+  std::vector<Tensor> dS, dR, f1t, f2t;  // transposes of the factors, for the carries
+  std::vector<float*> ds_p, dr_p;
+  std::vector<const float*> m_p;
+  for (size_t k = 0; k < rounds.size(); ++k) {
+    const Round& r = rounds[k];
+    dS.push_back(at::empty({T, B, r.dst}, opts));
+    dR.push_back(at::empty({r.rank ? T : 0, B, r.rank}, opts));
+    ds_p.push_back(ptr(dS.back()));
+    dr_p.push_back(r.rank ? ptr(dR.back()) : nullptr);
+    TORCH_CHECK(Ms[k].is_contiguous() && Ms[k].numel() == TB * r.dst,
+                "fused kernels: a saved mask does not match its round");
+    m_p.push_back(cptr(Ms[k]));
+  }
+  size_t m = 0;
+  for (size_t k = 0; k < rounds.size(); ++k) {
+    f1t.push_back(transposed(mats[m]));
+    f2t.push_back(counts[k] == 2 ? transposed(mats[m + 1]) : Tensor());
+    m += counts[k];
+  }
+  const float *ifgo = cptr(IFGO), *cs = cptr(Cs), *tc = cptr(Tc), *dy = cptr(dY),
+              *c0 = cptr(C0), *xv = cptr(XV), *hv = cptr(HV);
+  const Mat wx_t = dense(cptr(W_x_T), E), wh_t = dense(cptr(W_h_T), nh);
+  float *da = ptr(dA), *dx = ptr(dX), *ch_all = ptr(carry_h), *cc_all = ptr(carry_c);
+  over_rows(B, [&](int64_t b0, int64_t b1) {
+    const int64_t nb = b1 - b0;
+    float *ch = ch_all + b0 * nh, *cc = cc_all + b0 * nh;
+    for (int64_t t = T - 1; t >= 0; --t) {
+      const int64_t r0 = t * B + b0;
+      const float* cp = t ? cs + (r0 - B) * nh : c0 + b0 * nh;
+      for (int64_t bb = 0; bb < nb; ++bb) {
+        const int64_t r = r0 + bb;
+        const float* gb = ifgo + r * 4 * nh;
+        float* dab = da + r * 4 * nh;
+#pragma omp simd
+        for (int64_t j = 0; j < nh; ++j) {
+          const int64_t i = bb * nh + j;
+          const float ig = gb[j], fg = gb[nh + j], cg = gb[2 * nh + j], og = gb[3 * nh + j];
+          const float dh = dy[r * nh + j] + ch[i];
+          const float th = tc[r * nh + j];
+          const float dc = cc[i] + dh * og * (1.0f - th * th);
+          dab[j] = dc * cg * ig * (1.0f - ig);
+          dab[nh + j] = dc * cp[i] * fg * (1.0f - fg);
+          dab[2 * nh + j] = dc * ig * (1.0f - cg * cg);
+          dab[3 * nh + j] = dh * th * og * (1.0f - og);
+          cc[i] = dc * fg;
+        }
+      }
+      const Mat da_t = dense(da + r0 * 4 * nh, 4 * nh);
+      float* gx = dx + r0 * E;  // the gradient of the newest x, then of older ones
+      gemm(false, nb, E, 4 * nh, da_t, wx_t, 0.0f, gx, E);
+      gemm(false, nb, nh, 4 * nh, da_t, wh_t, 0.0f, ch, nh);  // likewise for h
+      for (int64_t k = R - 1; k >= 0; --k) {
+        const Round& rd = rounds[k];
+        const bool on_x = k % 2 == 0;
+        float* g = on_x ? gx : ch;
+        float* gsrc = on_x ? ch : gx;
+        const float* old = on_x ? xv + ((k / 2) * TB + r0) * E : hv + (((k - 1) / 2) * TB + r0) * nh;
+        const float* mk = m_p[k] + r0 * rd.dst;
+        float* ds = ds_p[k] + r0 * rd.dst;
+        const int64_t n = rd.dst;
+#pragma omp simd
+        for (int64_t i = 0; i < nb * n; ++i) {
+          const float mv = mk[i], dm = g[i] * old[i];
+          g[i] *= mv;
+          ds[i] = dm * mv * (1.0f - 0.5f * mv);  // d(2 s(u))/du = m (1 - m / 2)
+        }
+        if (rd.rank) {
+          float* dr = dr_p[k] + r0 * rd.rank;
+          gemm(false, nb, rd.rank, n, dense(ds, n), dense(cptr(f2t[k]), rd.rank), 0.0f, dr,
+               rd.rank);
+          gemm(false, nb, rd.src, rd.rank, dense(dr, rd.rank), dense(cptr(f1t[k]), rd.src),
+               1.0f, gsrc, rd.src);
+        } else {
+          gemm(false, nb, rd.src, n, dense(ds, n), dense(cptr(f1t[k]), rd.src), 1.0f, gsrc,
+               rd.src);
+        }
+      }
+    }
+  });
+  std::vector<Tensor> out = {dA, dX, carry_h, carry_c};
+  out.insert(out.end(), dS.begin(), dS.end());
+  out.insert(out.end(), dR.begin(), dR.end());
+  return out;
+}
+
 // ---------------------------------------------------------------- choosing a GEMM
 std::vector<int64_t> gemm_kinds() {
   std::vector<int64_t> out;
@@ -741,6 +1002,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lstm_backward", &lstm_backward);
   m.def("rnn_forward", &rnn_forward);
   m.def("rnn_backward", &rnn_backward);
+  m.def("mogrifier_forward", &mogrifier_forward);
+  m.def("mogrifier_backward", &mogrifier_backward);
   m.def("gemm_kinds", &gemm_kinds);
   m.def("time_gemm", &time_gemm);
 }
