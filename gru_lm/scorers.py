@@ -296,6 +296,50 @@ class DynamicTemperature(Scorer):
 
 
 @register
+class DynamicCacheTemperature(Scorer):
+    """All three: the adapting model's distribution at a softmax temperature, mixed with the
+    cache its features fill (dynamic evaluation's and the cache's settings as each chose
+    them alone; T and the cache's lambda chosen together on val, lambda refitted at every T
+    of the grid, all read in one pass)."""
+
+    name = "dynamic + cache + temperature"
+    combines = ("dynamic", "cache", "temperature")
+
+    def score(self, m: Member, texts: Texts, chosen: dict[str, Any]) -> Scored:
+        import torch
+
+        from gru_lm.cache import with_cache
+        from gru_lm.dynamic import dynamic_log_probs
+        from gru_lm.metrics import mixture_weight
+
+        ms, best = chosen["dynamic"]
+        cache = chosen["cache"]
+        grid, val_c = dynamic_log_probs(m.model, texts.tune_on, ms, best, cache=cache,
+                                        temperatures=TEMPERATURES)
+        assert val_c is not None  # (a cache was given)
+        known = ~torch.isnan(val_c)
+
+        def mixed(i: int) -> tuple[float, torch.Tensor]:
+            lam = mixture_weight(grid[i][known], val_c[known]) if known.any() else 0.0
+            return lam, with_cache(grid[i], val_c, lam)
+
+        fits = [mixed(i) for i in range(len(TEMPERATURES))]
+        i = max(range(len(fits)), key=lambda k: fits[k][1].double().sum().item())
+        lam, val = fits[i]
+        t = TEMPERATURES[i]
+        if texts.same:
+            target = val
+        else:
+            tgt_grid, tgt_c = dynamic_log_probs(m.model, texts.target, ms, best, cache=cache,
+                                                temperatures=(t,))
+            assert tgt_c is not None
+            target = with_cache(tgt_grid[0], tgt_c, lam)
+        return Scored(val, target, [{"lr": best.lr, "decay": best.decay,
+                                     "segment": best.segment, "window": cache.window,
+                                     "theta": cache.theta, "lambda": lam, "temperature": t}])
+
+
+@register
 class NgramMix(Mixer):
     """Each scorer's result interpolated with the Kneser-Ney n-gram model counted on the
     training split, its weight fitted on val by EM."""

@@ -383,6 +383,27 @@ def test_the_temperature_chosen_on_val_undoes_a_scaled_output_layer(tiny_run):
     assert float(sharp.val.double().sum()) >= float(static.double().sum())
 
 
+def test_dynamic_cache_and_temperature_together_are_no_worse_on_val_than_each_pair():
+    """The three together choose T and the cache's lambda on val over a grid that holds
+    dynamic + cache (T = 1) and dynamic + temperature (lambda = 0): their val score is at
+    least as good as either's, with settings that say which T and lambda won."""
+    from gru_lm.evaluation import member_scores
+    from gru_lm.scorers import TEMPERATURES, Texts
+
+    m = _member()
+    g = torch.Generator().manual_seed(3)
+    cycle = torch.randint(0, 9, (40,), generator=g)  # repeats: the cache has something to say
+    train, val, test = cycle.repeat(15), cycle.repeat(8), cycle.repeat(8)
+    rows = member_scores(m, Texts(val, test, train), {"dynamic", "cache", "temperature"})
+    assert "dynamic + cache + temperature" in rows
+    three = rows["dynamic + cache + temperature"]
+    for pair in ("dynamic + cache", "dynamic + temperature"):
+        assert float(three.val.double().sum()) >= float(rows[pair].val.double().sum()) - 1e-3
+    chosen = three.settings[0]
+    assert chosen["temperature"] in TEMPERATURES and 0.0 <= chosen["lambda"] <= 1.0
+    assert len(three.target) == len(test) - 1
+
+
 def test_a_new_scorer_is_one_class(tiny_run, monkeypatch):
     """Registering a class is all it takes: `gru_lm.evaluate(run, NAME=True)` scores with it,
     and evaluate's --help lists its option (the CLI reads the registry)."""
