@@ -172,8 +172,6 @@ class MogrifierFunction(torch.autograd.Function):
         R = ctx.R
         Ms, As, params = rest[:R], rest[R:2 * R], rest[2 * R:]
         mats, counts, biases = _split(ctx.shapes, params)
-        if dY is None:
-            dY = torch.zeros_like(Cs)
         out = ctx.ext.mogrifier_backward(dY.contiguous(), dC_T, C0, W_x.contiguous(),
                                          W_h.contiguous(), mats, counts, biases, IFGO, Cs, Tc,
                                          XV, HV, list(Ms))

@@ -300,7 +300,8 @@ class DynamicCacheTemperature(Scorer):
     """All three: the adapting model's distribution at a softmax temperature, mixed with the
     cache its features fill (dynamic evaluation's and the cache's settings as each chose
     them alone; T and the cache's lambda chosen together on val, lambda refitted at every T
-    of the grid, all read in one pass)."""
+    of the grid (or 0, where no cache scores val better), all read in one pass): the grid
+    holds both pairs, dynamic + cache at T = 1 and dynamic + temperature at lambda 0."""
 
     name = "dynamic + cache + temperature"
     combines = ("dynamic", "cache", "temperature")
@@ -319,9 +320,12 @@ class DynamicCacheTemperature(Scorer):
         assert val_c is not None  # (a cache was given)
         known = ~torch.isnan(val_c)
 
-        def mixed(i: int) -> tuple[float, torch.Tensor]:
+        def mixed(i: int) -> tuple[float, torch.Tensor]:  # EM's lambda, or none if better
             lam = mixture_weight(grid[i][known], val_c[known]) if known.any() else 0.0
-            return lam, with_cache(grid[i], val_c, lam)
+            fitted = with_cache(grid[i], val_c, lam)
+            if fitted.double().sum() < grid[i].double().sum():
+                return 0.0, grid[i]
+            return lam, fitted
 
         fits = [mixed(i) for i in range(len(TEMPERATURES))]
         i = max(range(len(fits)), key=lambda k: fits[k][1].double().sum().item())

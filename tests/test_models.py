@@ -630,16 +630,22 @@ def test_the_fused_mogrifier_matches_its_step_loop(rounds, rank):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
-def test_a_training_mogrifier_runs_its_fused_kernels_and_says_so():
-    """A whole model in training (DropConnect, dropout, two layers): the fused kernels
-    leave the loss and the gradients the loop gives, and the run header names them."""
+def test_a_training_mogrifier_runs_its_fused_kernels_and_says_so(monkeypatch):
+    """A whole model in training (DropConnect, dropout, two layers): the fused kernels run
+    each layer and leave the loss and the gradients the loop gives; the run header names
+    the path."""
     from gru_lm.cells import portable_loops
+    from gru_lm.mogrifier import MogrifierFunction
 
     _need_kernels()
     cfg = ModelConfig(name="mogrifier", num_hiddens=NH, num_layers=2, rounds=2, rank=3,
                       dropout=0.3, weight_drop=0.4)
     model = build_model(cfg, V).train()
     X = _ids()
+
+    calls = []
+    fused = MogrifierFunction.apply
+    monkeypatch.setattr(MogrifierFunction, "apply", lambda *a: calls.append(1) or fused(*a))
 
     def run():
         torch.manual_seed(7)  # the same dropout and DropConnect masks
@@ -649,8 +655,11 @@ def test_a_training_mogrifier_runs_its_fused_kernels_and_says_so():
         return [logits.detach()] + [p.grad.clone() for p in model.parameters()]
 
     fast = run()
+    assert len(calls) == 2  # one per layer
     with portable_loops():
         ref = run()
+    assert len(calls) == 2  # the loop ran
+    with portable_loops():
         assert model.kernels.path("cpu").startswith("PyTorch step loop (autograd): chosen by")
     for a, b in zip(fast, ref, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

@@ -762,12 +762,15 @@ std::vector<Tensor> mogrifier_forward(Tensor X, Tensor H0, Tensor C0, Tensor W_x
                   X.dim() == 3,
               "fused kernels: X must be a contiguous float32 (T, B, num_inputs) CPU tensor");
   const int64_t T = X.size(0), B = X.size(1), E = X.size(2), nh = H0.size(1);
-  TORCH_CHECK(H0.scalar_type() == at::kFloat && H0.dim() == 2 && H0.size(0) == B &&
-                  H0.is_contiguous() && C0.sizes() == H0.sizes() && C0.is_contiguous(),
-              "fused kernels: H0 and C0 must be contiguous float32 (", B, ", num_hiddens)");
+  TORCH_CHECK(H0.scalar_type() == at::kFloat && H0.device().is_cpu() && H0.dim() == 2 &&
+                  H0.size(0) == B && H0.is_contiguous() && C0.scalar_type() == at::kFloat &&
+                  C0.device().is_cpu() && C0.sizes() == H0.sizes() && C0.is_contiguous(),
+              "fused kernels: H0 and C0 must be contiguous float32 CPU (", B, ", num_hiddens)");
   check_matrix(W_x, E, 4 * nh, "W_x");
   check_matrix(W_h, nh, 4 * nh, "W_h");
-  TORCH_CHECK(b.is_contiguous() && b.numel() == 4 * nh, "fused kernels: b must be (4 nh)");
+  TORCH_CHECK(b.scalar_type() == at::kFloat && b.device().is_cpu() && b.is_contiguous() &&
+                  b.numel() == 4 * nh,
+              "fused kernels: b must be a contiguous float32 CPU (", 4 * nh, ")");
   const std::vector<Round> rounds = rounds_of(mats, counts, biases, E, nh);
   const int64_t R = rounds.size(), nx = (R + 1) / 2, nhr = R / 2, TB = T * B;
   auto opts = X.options();
@@ -855,6 +858,9 @@ std::vector<Tensor> mogrifier_backward(Tensor dY, Tensor dC_T, Tensor C0, Tensor
                                        Tensor IFGO, Tensor Cs, Tensor Tc, Tensor XV, Tensor HV,
                                        std::vector<Tensor> Ms) {
   const Gemm gemm(kFp32);
+  TORCH_CHECK(Cs.scalar_type() == at::kFloat && Cs.dim() == 3 && Cs.is_contiguous() &&
+                  XV.dim() == 4,
+              "fused kernels: Cs must be a contiguous float32 (T, B, num_hiddens) tensor");
   const int64_t T = Cs.size(0), B = Cs.size(1), nh = Cs.size(2), E = XV.size(3), TB = T * B;
   check_saved(IFGO, Cs, 4 * nh, "IFGO");
   check_saved(Tc, Cs, nh, "Tc");
@@ -866,9 +872,15 @@ std::vector<Tensor> mogrifier_backward(Tensor dY, Tensor dC_T, Tensor C0, Tensor
   check_matrix(W_h, nh, 4 * nh, "W_h");
   const std::vector<Round> rounds = rounds_of(mats, counts, biases, E, nh);
   const int64_t R = rounds.size();
-  TORCH_CHECK(static_cast<int64_t>(Ms.size()) == R && XV.size(0) == (R + 1) / 2 + 1 &&
-                  HV.size(0) == R / 2 + 1 && XV.is_contiguous() && HV.is_contiguous(),
+  TORCH_CHECK(static_cast<int64_t>(Ms.size()) == R && XV.scalar_type() == at::kFloat &&
+                  HV.scalar_type() == at::kFloat && XV.dim() == 4 && HV.dim() == 4 &&
+                  XV.sizes() == at::IntArrayRef({(R + 1) / 2 + 1, T, B, E}) &&
+                  HV.sizes() == at::IntArrayRef({R / 2 + 1, T, B, nh}) &&
+                  XV.is_contiguous() && HV.is_contiguous(),
               "fused kernels: the saved mogrifier versions do not match its rounds");
+  TORCH_CHECK(C0.scalar_type() == at::kFloat && C0.is_contiguous() && C0.dim() == 2 &&
+                  C0.size(0) == B && C0.size(1) == nh,
+              "fused kernels: C0 must be a contiguous float32 (", B, ", ", nh, ")");
   auto opts = Cs.options();
   dY = dY.contiguous();
   Tensor dA = at::empty({T, B, 4 * nh}, opts), dX = at::empty({T, B, E}, opts);
