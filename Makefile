@@ -65,7 +65,7 @@ RECIPE_OUT ?= runs/recipe
 recipe: install
 	$(VENV)/bin/gru-lm compare configs/lstm.yaml configs/mogrifier.yaml --seeds 2 --jobs 2 \
 		--out $(RECIPE_OUT) --resume -q
-	$(VENV)/bin/gru-lm evaluate $(foreach m,lstm mogrifier,$(foreach s,0 1,--run $(RECIPE_OUT)/$(m)-s$(s))) \
+	$(VENV)/bin/gru-lm evaluate $(foreach r,lstm-s0 lstm-s1 mogrifier-s0 mogrifier-s1,--run $(RECIPE_OUT)/$(r)) \
 		--weighted --cache --dynamic --mix-ngram --ngram-order 8
 
 bench: install
