@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 CONFIG ?= configs/gru-scratch.yaml
 PREFIX ?= time traveller
 
-.PHONY: install test test-quick test-compat lint typecheck train predict recipe bench clean
+.PHONY: install test test-quick test-compat lint typecheck dist train predict recipe bench clean
 
 install: $(STAMP)
 
@@ -51,6 +51,11 @@ test-compat:
 	'torch', torch.__version__)"
 	$(COMPAT_VENV)/bin/python -m pytest -p no:cacheprovider
 
+# The sdist and the wheel (recipes, The Time Machine and the kernels' source inside), built
+# with this venv's setuptools: no download.
+dist: install
+	$(PY) -m build --no-isolation --outdir dist .
+
 train: install
 	$(VENV)/bin/gru-lm train --config $(CONFIG)
 
@@ -76,4 +81,4 @@ bench: install
 	$(PY) benchmarks/ddp.py
 
 clean:
-	rm -rf $(VENV) $(COMPAT_VENV) .pytest_cache .ruff_cache .mypy_cache build *.egg-info gru_lm/__pycache__ tests/__pycache__
+	rm -rf $(VENV) $(COMPAT_VENV) dist .pytest_cache .ruff_cache .mypy_cache build *.egg-info gru_lm/__pycache__ tests/__pycache__

@@ -20,9 +20,10 @@ __version__ = "0.1.0"
 # api.__all__, copied so that `import gru_lm` (and `gru-lm --help`) need not import the API;
 # tests/test_house.py checks that the two agree.
 _API = ("Comparison", "Continuations", "CorpusInfo", "Decoding", "Evaluation", "Exported",
-        "Gates", "ModelInfo", "Run", "RunInfo", "compare", "config_sources", "continue_text",
-        "corpus_info", "evaluate", "export", "gates", "list_models", "load", "plot",
-        "resolve_config", "runs", "train")
+        "Gates", "Imported", "ModelInfo", "RecipeInfo", "Run", "RunInfo", "compare",
+        "config_sources", "continue_text", "corpus_info", "evaluate", "export", "gates",
+        "import_corpus", "list_models", "list_recipes", "load", "plot", "resolve_config",
+        "runs", "train")
 __all__ = ["GruLmError", "__version__", *_API]
 
 

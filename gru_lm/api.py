@@ -32,6 +32,7 @@ from gru_lm.config import (
 )
 from gru_lm.decoding import Decoding
 from gru_lm.errors import GruLmError
+from gru_lm.importing import Imported, import_archive
 from gru_lm.rundir import list_runs
 from gru_lm.trained import (
     Continuations,
@@ -44,7 +45,7 @@ from gru_lm.trained import (
     gates,
     load,
 )
-from gru_lm.yamlconf import apply_overrides, override_keys, resolve_yaml
+from gru_lm.yamlconf import apply_overrides, override_keys, recipe_summary, recipes, resolve_yaml
 
 if TYPE_CHECKING:
     from gru_lm.evaluation import Evaluation
@@ -296,6 +297,35 @@ def list_models(num_hiddens: int = 256, vocab_size: int = 28) -> list[ModelInfo]
     return out
 
 
+@dataclass
+class RecipeInfo:
+    name: str  # what --config takes
+    path: Path
+    model: str
+    dataset: str  # data.dataset, or the file it reads
+    summary: str  # the first sentence of the comment at the top of its file
+
+
+@checked
+def list_recipes() -> list[RecipeInfo]:
+    """The recipes that ship in the package: `--config NAME` trains one from any folder."""
+    out = []
+    for name, path in recipes().items():
+        cfg = load_config(path)
+        d = cfg.data
+        data = d.dataset or (str(d.path) if d.path else d.url or "?")
+        out.append(RecipeInfo(name, path, cfg.model.name, data, recipe_summary(path)))
+    return out
+
+
+@checked
+def import_corpus(archive: str | Path, cache_dir: str | Path = "data") -> Imported:
+    """Put the chinese-poetry files found in `archive` (`npm pack chinese-poetry@2.0.1`'s
+    .tgz, another tar or zip, or a folder) where a download would: every file recognised by
+    its pinned SHA-256; a damaged archive imports nothing."""
+    return import_archive(Path(archive), Path(cache_dir))
+
+
 # The result types whose modules bring torch (which `gru-lm runs` and `gru-lm config show`
 # do without), imported on first use: name -> module.
 LAZY = {"Comparison": "gru_lm.report", "Evaluation": "gru_lm.evaluation"}
@@ -309,6 +339,7 @@ def __getattr__(name: str):
 
 # The API: gru_lm re-exports these names (gru_lm/__init__.py's _API, tested equal to this).
 __all__ = ["Comparison", "Continuations", "CorpusInfo", "Decoding", "Evaluation", "Exported",
-           "Gates", "ModelInfo", "Run", "RunInfo", "compare", "config_sources", "continue_text",
-           "corpus_info", "evaluate", "export", "gates", "list_models", "load", "plot",
-           "resolve_config", "runs", "train"]
+           "Gates", "Imported", "ModelInfo", "RecipeInfo", "Run", "RunInfo", "compare",
+           "config_sources", "continue_text", "corpus_info", "evaluate", "export", "gates",
+           "import_corpus", "list_models", "list_recipes", "load", "plot", "resolve_config",
+           "runs", "train"]

@@ -13,8 +13,9 @@ from gru_lm.errors import GruLmError
 from gru_lm.scorers import options
 from gru_lm.terminal import CLOSED
 
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", metavar="FILE",
-                                               help="YAML config file.")]
+ConfigOpt = Annotated[Path | None, typer.Option(
+    "--config", "-c", metavar="FILE|NAME",
+    help="YAML config file, or a shipped recipe's name (gru-lm config list).")]
 Overrides = Annotated[list[str] | None, typer.Argument(
     help="Overrides like train.lr=0.5 model.num_hiddens=512.", show_default=False)]
 OfflineOpt = Annotated[bool, typer.Option("--offline", help="Never touch the network.")]

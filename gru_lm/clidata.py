@@ -1,4 +1,5 @@
-"""The command groups `gru-lm data` (download, info) and `gru-lm config` (show)."""
+"""The command groups `gru-lm data` (download, import, info) and `gru-lm config` (list,
+show)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ import typer
 
 from gru_lm.cliargs import ConfigOpt, OfflineOpt, Overrides, in_range, offline_flag
 from gru_lm.terminal import console, example, handle_errors
-from gru_lm.views import show_corpus
+from gru_lm.views import show_corpus, show_recipes
 
 data_app = typer.Typer(help="Download and inspect corpora.", no_args_is_help=True)
-config_app = typer.Typer(help="Show the configuration keys and their values.",
+config_app = typer.Typer(help="List the shipped recipes; show configuration keys and values.",
                          no_args_is_help=True)
 
 
@@ -43,6 +44,30 @@ def data_download(
                   highlight=False)
 
 
+@data_app.command("import", epilog=example(
+    "npm pack chinese-poetry@2.0.1 && gru-lm data import chinese-poetry-2.0.1.tgz",
+    "gru-lm data import chinese-poetry-2.0.1.tgz --cache-dir /mnt/corpora/cache"))
+@handle_errors
+def data_import(
+    archive: Annotated[Path, typer.Argument(
+        help="npm pack chinese-poetry@2.0.1's .tgz (or another tar, a zip or a folder holding "
+        "the files).", show_default=False)],
+    cache_dir: Annotated[Path, typer.Option(help="Download cache folder.")] = Path("data"),
+) -> None:
+    """Import chinese-poetry's files from an archive, for machines that cannot reach GitHub.
+
+    Every file is recognised by its pinned SHA-256 and put where a download would put it; a
+    damaged archive imports nothing."""
+    from gru_lm.api import import_corpus
+
+    done = import_corpus(archive, cache_dir)
+    ready = ", ".join(done.complete) or "none"
+    console.print(f"{archive}: {done.files} of the {done.total} pinned files (SHA-256 verified) "
+                  f"now in {done.folder}/; corpora ready offline: {ready}"
+                  + (f"; still missing files: {', '.join(done.incomplete)}"
+                     if done.incomplete else ""), highlight=False)
+
+
 @data_app.command("info", epilog=example(
     "gru-lm data info", "gru-lm data info --config configs/gru.yaml data.path=my.txt "
     "data.preset=raw"))
@@ -61,6 +86,16 @@ def data_info(config: ConfigOpt = None, overrides: Overrides = None,
 
 
 # ---------------------------------------------------------------- config
+
+
+@config_app.command("list", epilog=example("gru-lm config list",
+                                           "gru-lm train --config tang"))
+@handle_errors
+def config_list() -> None:
+    """List the recipes that ship with gru-lm (train one with --config NAME)."""
+    from gru_lm.api import list_recipes
+
+    show_recipes(list_recipes())
 
 
 @config_app.command("show", epilog=example(

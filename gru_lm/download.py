@@ -1,4 +1,5 @@
-"""Find a corpus file: $GRU_LM_DATA_DIR, then the cache, then a verified download. A
+"""Find a corpus file: $GRU_LM_DATA_DIR, then the copy the package ships (The Time Machine),
+then the cache, then a verified download. A
 collection (several files of one repository at one commit, such as chinese-poetry's) is
 found file by file the same way and turned into one text, written once into the cache."""
 
@@ -36,6 +37,7 @@ class DatasetSpec:
     member: str | None = None
     archive: str | None = None
     archive_sha1: str | None = None
+    embedded: bool = False  # a copy ships inside the package (gru_lm/corpora/FILENAME)
     digest_name = "SHA-1"
 
 
@@ -75,9 +77,24 @@ register_dataset(
         url="http://d2l-data.s3-accelerate.amazonaws.com/timemachine.txt",
         sha1="090b5e7e70c295757f55df93cb0a180b9691891a",
         filename="timemachine.txt",
-        description="H. G. Wells, The Time Machine (d2l's copy)",
+        description="H. G. Wells, The Time Machine (d2l's copy; ships inside the package)",
+        embedded=True,
     )
 )
+
+
+EMBEDDED_DIR = Path(__file__).resolve().parent / "corpora"
+# Where find_local says a file was found.
+IN_DATA_DIR, IN_PACKAGE, IN_CACHE = "GRU_LM_DATA_DIR", "the package", "the cache"
+
+
+def embedded_path(spec: DatasetSpec) -> Path | None:
+    """The package's own verified copy of `spec`'s file; None when it ships none (or the copy
+    was damaged after installing, so a download or GRU_LM_DATA_DIR can still stand in)."""
+    if not spec.embedded:
+        return None
+    path = EMBEDDED_DIR / spec.filename
+    return path if path.is_file() and file_digest(path, "sha1") == spec.sha1 else None
 
 
 # Matt Mahoney's Large Text Compression Benchmark files (mattmahoney.net/dc/textdata.html):
@@ -203,22 +220,25 @@ def extract(spec: DatasetSpec, archive: Path, dest: Path, label: str | None = No
 
 
 def find_local(spec: DatasetSpec | Collection, cache_dir: Path) -> tuple[Path, str] | None:
-    """A verified copy that needs no download, and where it was found ("GRU_LM_DATA_DIR" or
-    "the cache"); None when there is none."""
+    """A verified copy that needs no download, and where it was found (IN_DATA_DIR,
+    IN_PACKAGE or IN_CACHE); None when there is none."""
     if isinstance(spec, Collection):
         return _collection_local(spec, cache_dir)
     env_dir = os.environ.get("GRU_LM_DATA_DIR")
     if env_dir:
         local = _from_data_dir(Path(env_dir), spec)
         if local is not None:
-            return local, "GRU_LM_DATA_DIR"
+            return local, IN_DATA_DIR
         zipped = _archive_in(Path(env_dir), spec)
         if zipped is not None:  # the archive only: extracted once into the cache
-            return extract(spec, zipped, cache_path(spec, cache_dir)), "GRU_LM_DATA_DIR"
+            return extract(spec, zipped, cache_path(spec, cache_dir)), IN_DATA_DIR
+    shipped = embedded_path(spec)
+    if shipped is not None:
+        return shipped, IN_PACKAGE
     # Files cached before the name held the hash are still used when they verify.
     for candidate in (cache_path(spec, cache_dir), Path(cache_dir) / spec.filename):
         if candidate.is_file() and file_digest(candidate, "sha1") == spec.sha1:
-            return candidate, "the cache"
+            return candidate, IN_CACHE
     return None
 
 
@@ -275,10 +295,10 @@ def _member(spec: Collection, path: str, digest: str, cache_dir: Path
             if _digest(local) != digest:
                 raise DataError(f"{local} (in GRU_LM_DATA_DIR) has the wrong SHA-256 (damaged, "
                                 f"or another version of the file); {fix}")
-            return local, "GRU_LM_DATA_DIR"
+            return local, IN_DATA_DIR
     cached = Path(cache_dir) / spec.folder / path
     if cached.is_file() and _digest(cached) == digest:
-        return cached, "the cache"
+        return cached, IN_CACHE
     return None
 
 
@@ -299,8 +319,7 @@ def _collection_local(spec: Collection, cache_dir: Path,
     `found`: each file's _member, when already looked up."""
     if found is None:
         found = [_member(spec, path, digest, cache_dir) for path, digest in spec.files]
-    where = "GRU_LM_DATA_DIR" if any(f and f[1] == "GRU_LM_DATA_DIR" for f in found) \
-        else "the cache"
+    where = IN_DATA_DIR if any(f and f[1] == IN_DATA_DIR for f in found) else IN_CACHE
     built = _built(spec, cache_dir)
     if built is not None:
         return built, where

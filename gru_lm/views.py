@@ -67,6 +67,16 @@ def show_models(found, num_hiddens: int, vocab_size: int) -> None:
     print_table(table)
 
 
+def show_recipes(rows) -> None:
+    """api.RecipeInfo rows as a table (`gru-lm config list`)."""
+    table = Table(title="recipes shipped with gru-lm (--config NAME)")
+    for col in ("name", "model", "data", "what it is"):
+        table.add_column(col, overflow="fold", no_wrap=col in ("name", "model"))
+    for r in rows:
+        table.add_row(r.name, r.model, r.dataset, r.summary)
+    print_table(table)
+
+
 def show_runs(rows, runs_dir: Path) -> None:
     """api.RunInfo rows as a table (`gru-lm runs`)."""
     from gru_lm.display import rate

@@ -18,6 +18,41 @@ from gru_lm.utils import flatten, missing_reason
 MAX_NODES = 100_000  # YAML nodes after expanding aliases
 ECHO = 80  # characters of user input quoted in an error
 MAX_CONFIG_BYTES = 1 << 20
+# The recipes that ship inside the package (a clone's configs/ is a link to this folder), so
+# `--config tang` works wherever gru-lm is installed.
+RECIPES_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def recipes() -> dict[str, Path]:
+    """The shipped recipes by name (the file name without .yaml), in name order."""
+    return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.yaml"))}
+
+
+def recipe_summary(path: Path) -> str:
+    """A recipe in one line: the first line of its file, a comment (tests hold every shipped
+    recipe to one sentence there)."""
+    first = Path(path).read_text(encoding="utf-8").partition("\n")[0]
+    return first.lstrip("#").strip() if first.startswith("#") else ""
+
+
+def locate_config(config: str | Path) -> Path:
+    """The file a --config value names: a path that exists wins; otherwise a bare name (with
+    or without .yaml) of a shipped recipe; otherwise the path, for read_yaml to say what is
+    missing."""
+    path = Path(config)
+    if path.exists() or path.is_symlink() or path.parent != Path("."):
+        return path
+    return recipes().get(path.name.removesuffix(".yaml"), path)
+
+
+def _missing_config(path: Path) -> str:
+    """What to do about a --config that names no file: the shipped recipes by name."""
+    names = recipes()
+    same = path.name.removesuffix(".yaml")
+    if same in names:  # e.g. configs/gru.yaml outside a clone
+        return f"the shipped recipe of that name is --config {same}"
+    return (f"pass an existing YAML file or a shipped recipe's name ({', '.join(names)}; "
+            "gru-lm config list says what each is)")
 
 
 def short(value: Any, limit: int = ECHO) -> str:
@@ -96,8 +131,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     """Read a YAML config file into a dict, with file:line:column on syntax errors."""
     path = Path(path)
     if not path.exists():
-        raise ConfigError(f"config file {path} {missing_reason(path)}; pass an existing YAML file, "
-                          "e.g. --config configs/gru.yaml")
+        raise ConfigError(f"config file {path} {missing_reason(path)}; {_missing_config(path)}")
     if path.is_dir():
         raise ConfigError(f"config path {path} is a directory; pass a YAML file inside it")
     try:
@@ -210,8 +244,8 @@ def resolve_yaml(path: Path, _seen: tuple[Path, ...] = ()) -> tuple[dict[str, An
     """A config file with its `base:` resolved: the base file's keys (a path relative to this
     file's folder, itself resolved the same way), then this file's on top. Returns the merged
     dict and, per dotted key, the file it came from. Cycles, missing files and a `base:`
-    that is not a path are refused in one line."""
-    path = Path(path)
+    that is not a path are refused in one line. `path` may name a shipped recipe."""
+    path = Path(path) if _seen else locate_config(path)
     raw = read_yaml(path)
     base = raw.pop("base", None)
     here = {f"{section}.{key}": str(path) for section, values in raw.items()

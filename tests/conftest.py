@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from gru_lm import poetry
 from gru_lm.cli import app
+from gru_lm.download import EMBEDDED_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 # 《论语》学而 and 为政, 《道德经》 1-8 (public domain): 1,518 汉字 and 550 punctuation marks and
@@ -52,15 +54,40 @@ def one_line_error(r, *parts: str) -> None:
         assert p in r.output, r.output
 
 
-def real_data_dir() -> Path:
+def _corpora() -> Path:
+    """Where the tests read the corpora: GRU_LM_DATA_DIR as the session starts (CI sets it to
+    ../shared/data, which also holds chinese-poetry's files), else the folder of the copy of
+    The Time Machine that the package ships. No test assumes this repository's neighbours."""
     env = os.environ.get("GRU_LM_DATA_DIR")
-    candidates = [Path(env)] if env else []
-    candidates.append(ROOT.parent / "shared" / "data")
-    for c in candidates:
-        if (c / "timemachine.txt").is_file():
-            return c.resolve()
-    pytest.fail("the Time Machine corpus is needed: set GRU_LM_DATA_DIR to a folder holding "
-                "timemachine.txt (CI sets it to ../shared/data)")
+    if env:
+        if not Path(env).is_dir():
+            raise pytest.UsageError(f"GRU_LM_DATA_DIR={env} is not a folder; point it at the "
+                                    "folder holding the corpora, or unset it")
+        return Path(env).resolve()
+    return EMBEDDED_DIR
+
+
+# Read once, before any test's monkeypatch can change the variable.
+CORPORA = _corpora()
+
+
+def real_data_dir() -> Path:
+    """A folder holding timemachine.txt: CORPORA, or the package's own copy when CORPORA
+    holds other corpora only."""
+    return CORPORA if (CORPORA / "timemachine.txt").is_file() else EMBEDDED_DIR
+
+
+def poetry_dir() -> Path:
+    """chinese-poetry's files at the pinned commit. Where they are not found the tests that
+    need them are skipped, saying why; with GRU_LM_REQUIRE_POETRY=1 (CI) that is a failure."""
+    folder = CORPORA / poetry.FOLDER
+    if (folder / "COMMIT").is_file():
+        return folder
+    why = (f"chinese-poetry's files are not in {CORPORA}/{poetry.FOLDER}/: set GRU_LM_DATA_DIR "
+           "to a folder holding them (docs/commands.md, 'gru-lm data import')")
+    if os.environ.get("GRU_LM_REQUIRE_POETRY") == "1":
+        pytest.fail(why + "; GRU_LM_REQUIRE_POETRY=1 asks for them")
+    pytest.skip(why)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -70,6 +97,13 @@ def _kernels_ready():
     from gru_lm._ext import kernels
 
     kernels()
+
+
+@pytest.fixture
+def poetry_files() -> Path:
+    """chinese-poetry's files (the test is skipped, or under GRU_LM_REQUIRE_POETRY=1 fails,
+    where they are not found)."""
+    return poetry_dir()
 
 
 @pytest.fixture

@@ -16,14 +16,14 @@ from gru_lm.rundir import RunDir
 
 PACKAGE = Path(__file__).resolve().parents[1] / "gru_lm"
 # Bottom to top: a module may import only from modules listed before it (lazy imports too).
-LAYERS = ["__init__", "errors", "utils", "stats", "supervisor", "distributed", "yamlconf",
-          "config", "script", "poetry", "httpget", "download", "tokenstore", "data", "ngram",
+LAYERS = ["__init__", "errors", "utils", "stats", "supervisor", "distributed", "yamlconf", "config",
+          "script", "poetry", "httpget", "download", "importing", "tokenstore", "data", "ngram",
           "mixing", "_ext", "cells", "recurrent", "scratch", "torchnn", "mogrifier", "models",
           "metrics", "cache", "dynamic", "poems", "decoding", "sampling", "checkpoint", "exporting",
-          "rundir", "schedule", "ema", "display", "members", "scorers", "evaluation",
-          "trainstate", "resume", "preflight", "trainer", "building", "runner",
-          "plots", "report", "campaign", "gatereport", "argcheck", "trained", "api", "server",
-          "terminal", "views", "cliargs", "clidata", "cli", "__main__"]
+          "rundir", "schedule", "ema", "display", "members", "scorers", "evaluation", "trainstate",
+          "resume", "preflight", "trainer", "building", "runner", "plots", "report", "campaign",
+          "gatereport", "argcheck", "trained", "api", "server", "terminal", "views", "cliargs",
+          "clidata", "cli", "__main__"]
 REEXPORTED = {"api", "errors"}  # the package re-exports them lazily (gru_lm.train, ...)
 
 

@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import cli, one_line_error, real_data_dir, train_tiny
+from conftest import cli, one_line_error, poetry_dir, train_tiny
 
 from gru_lm import poetry
 from gru_lm.data import preprocess
@@ -20,10 +20,6 @@ from gru_lm.download import DATASETS, Collection, collection_text_path, fetch
 from gru_lm.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def poetry_dir() -> Path:
-    return real_data_dir() / poetry.FOLDER
 
 
 def test_the_shipped_sums_are_those_of_the_pinned_files():
@@ -47,13 +43,14 @@ def test_files_are_read_in_numeric_order():
     ("tang300", 320, "寥落古行宮，宮花寂寞紅。白頭宮女在，閒坐說玄宗。"),
     ("lunyu", 512, "子曰：“学而时习之，不亦说乎？"),
 ])
-def test_offline_from_the_data_dir_one_poem_a_line(tmp_path, data_dir, name, lines, first):
+def test_offline_from_the_data_dir_one_poem_a_line(poetry_files, tmp_path, data_dir, name, lines,
+                                                    first):
     text = fetch(DATASETS[name], tmp_path, progress=False).read_text(encoding="utf-8")
     assert text.count("\n") == lines and text.endswith("\n")
     assert text.startswith(first)
 
 
-def test_data_info_of_tang_offline(workdir):
+def test_data_info_of_tang_offline(poetry_files, workdir):
     r = cli("data", "info", "data.dataset=tang", "data.preset=raw")
     assert r.exit_code == 0, r.output
     flat = " ".join(r.output.split())
@@ -196,7 +193,7 @@ def test_a_run_trained_in_simplified_reads_traditional_prefixes(workdir):
                    "or train with data.script=simplified")
 
 
-def test_the_chinese_corpora_under_the_d2l_preset_say_to_use_raw(workdir):
+def test_the_chinese_corpora_under_the_d2l_preset_say_to_use_raw(poetry_files, workdir):
     one_line_error(cli("data", "info", "data.dataset=lunyu"),
                    "has 0 token(s) after the 'd2l' preprocessing",
                    "set data.preset=raw for any other script")
@@ -230,7 +227,7 @@ def test_a_failed_name_lookup_is_not_called_a_timeout():
     assert "connection error" in message and "timed out" not in message
 
 
-def test_data_info_shows_the_script(workdir):
+def test_data_info_shows_the_script(poetry_files, workdir):
     r = cli("data", "info", "data.dataset=lunyu", "data.preset=raw", "data.script=traditional")
     assert r.exit_code == 0, r.output
     assert "traditional (data.script: converted by OpenCC)" in " ".join(r.output.split())

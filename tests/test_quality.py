@@ -386,7 +386,10 @@ def test_ema_and_weight_drop_runs_record_both_scores(tiny_run, workdir):
 
 def test_evaluating_a_text_needs_no_corpus(tiny_run, monkeypatch):
     run = tiny_run()
-    monkeypatch.delenv("GRU_LM_DATA_DIR")  # offline, and the corpus is nowhere to be found
+    import gru_lm.download
+
+    monkeypatch.delenv("GRU_LM_DATA_DIR")  # offline, and the corpus is nowhere to be found:
+    monkeypatch.setattr(gru_lm.download, "EMBEDDED_DIR", Path("no-such-folder"))  # not shipped
     Path("t.txt").write_text("the time machine\n")
     r = cli("evaluate", "--run", run, "--text", "t.txt")
     assert r.exit_code == 0, r.output
