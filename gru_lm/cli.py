@@ -236,9 +236,11 @@ def predict_cmd(
         "lines, ，and 。 in their places).", show_default=False)] = None,
     runs_dir: RunsDirOpt = Path("runs"),
 ) -> None:
-    """Continue a prefix with a trained model: sampled at temperature 0.6 with seed 0 by
-    default (the same text every time), --greedy as the book, or --beam K; or write a poem
-    in a form (--form, --acrostic), with or without a prefix."""
+    """Continue a prefix with a trained model, or write a poem in a form.
+
+    Sampled at temperature 0.6 with seed 0 by default (the same text every time);
+    --greedy decodes as the book; --beam K finds the likeliest continuations;
+    --form and --acrostic write a poem, with or without a prefix."""
     from gru_lm.api import continue_text
     from gru_lm.decoding import DEFAULT_CHARS
 

@@ -50,8 +50,12 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
+_WRITTEN_OUT = frozenset({"dataset", "path", "url", "sha1", "cache_dir"})  # (in every dump)
+
+
 class DataConfig(_Section):
-    dataset: str | None = Field("timemachine", description="registered dataset name")
+    dataset: str | None = Field("timemachine", description="registered dataset name (the "
+                                "default one only when neither path nor url is given)")
     path: Path | None = Field(None, description="a local UTF-8 text file instead of a dataset")
     url: str | None = Field(None, description="download URL of a custom corpus (needs sha1)")
     sha1: str | None = Field(None, description="SHA-1 of the file behind `url`")
@@ -77,6 +81,24 @@ class DataConfig(_Section):
         return self.dataset or "" if self.path is None and self.url is None \
             else str(self.path or self.url)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _one_corpus_named(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        # (the default dataset is what is read when no corpus is named; a file or a URL
+        # given without a dataset is not "both")
+        if "dataset" not in data and (data.get("path") is not None or data.get("url") is not None):
+            return {**data, "dataset": None}
+        # A config written out whole (a run's config.yaml, a checkpoint's, an export's: every
+        # key) before two corpora were refused may hold the default dataset beside the file
+        # or URL it read: it is read as it was then (a file first, then a URL).
+        if _WRITTEN_OUT <= data.keys() and data.get("path") is not None:
+            return {**data, "dataset": None, "url": None, "sha1": None}
+        if _WRITTEN_OUT <= data.keys() and data.get("url") is not None:
+            return {**data, "dataset": None}
+        return data
+
     @field_validator("reserved_tokens")
     @classmethod
     def _tokens(cls, v: list[str]) -> list[str]:
@@ -96,6 +118,14 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
+        corpora = {k: v for k in ("dataset", "path", "url") if (v := getattr(self, k)) is not None}
+        if len(corpora) > 1:
+            what = {"dataset": "the dataset", "path": "the file", "url": "the download"}
+            (a, b), named = list(corpora)[:2], [f"{k} {short(str(v))}" for k, v in corpora.items()]
+            raise ValueError(f"{', '.join(named[:-1])} and {named[-1]} "
+                             f"{'both' if len(named) == 2 else 'all'} name the corpus, and "
+                             f"one is read: keep one, e.g. data.{a}=null to read {what[b]} "
+                             f"(data.{b}=null reads {what[a]})")
         total = self.train_fraction + self.val_fraction + self.test_fraction
         if total > 1 + 1e-9:
             raise ValueError(
@@ -362,7 +392,9 @@ def _format_errors(err: ValidationError, overridden: frozenset[str] = frozenset(
     for e in err.errors():
         loc = tuple(p for p in e["loc"] if p not in ("function-after",))
         key = ".".join(str(p)[:ECHO] for p in loc) or "<top>"
-        if key in overridden:
+        # (an override's key or a part of its value: model.cutoffs=[5.5] is wrong at
+        # model.cutoffs.0)
+        if any(".".join(map(str, loc[:i])) in overridden for i in range(1, len(loc) + 1)):
             key = f"override {key}"
         if e["type"] == "extra_forbidden":
             parent = _model_at(loc[:-1])

@@ -169,23 +169,70 @@ def _pick(logits: Tensor, d: Decoding, generator: torch.Generator | None,
     return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
 
 
+class PersistentMap:
+    """An immutable hash map whose `set` returns a new map that shares all but one path with
+    the old one (a hash array mapped trie, like Clojure's maps): beam search hands every beam
+    its parent's blocked N-grams without copying them, and adding one copies a few 32-slot
+    nodes however many the map holds."""
+
+    __slots__ = ("root",)
+
+    def __init__(self, root: list | dict | None = None):
+        self.root = root
+
+    def get(self, key, default=None):
+        node, h, depth = self.root, hash(key), 0
+        while isinstance(node, list):  # an inner node: 32 children, by 5 bits of the hash
+            node = node[(h >> (_BITS * depth)) & _MASK]
+            depth += 1
+        return default if node is None else node.get(key, default)
+
+    def set(self, key, value) -> PersistentMap:
+        return PersistentMap(_put(self.root, key, hash(key), value, 0))
+
+
+_BITS, _MASK = 5, 31  # 32 children a node
+_LEAF = 8  # keys a leaf holds before it splits
+_MAX_DEPTH = 12  # 60 bits of the hash; a leaf that deep holds whatever collides there
+
+
+def _put(node, key, h: int, value, depth: int):
+    """`node` with key -> value, copying only the path down to the key's leaf."""
+    if isinstance(node, list):
+        i = (h >> (_BITS * depth)) & _MASK
+        node = list(node)
+        node[i] = _put(node[i], key, h, value, depth + 1)
+        return node
+    leaf = dict(node) if node else {}
+    leaf[key] = value
+    if len(leaf) <= _LEAF or depth >= _MAX_DEPTH:
+        return leaf
+    split: list = [None] * (_MASK + 1)
+    for k, v in leaf.items():
+        i = (hash(k) >> (_BITS * depth)) & _MASK
+        split[i] = {**(split[i] or {}), k: v}
+    return split
+
+
 class NoRepeat:
     """Blocks every token that would complete an N-gram already written: the N-grams of
     each row's tail of the prefix (its last N-1 tokens) and continuation so far. A row whose
-    every token is blocked is left free (a character must follow)."""
+    every token is blocked is left free (a character must follow). The work of a step does
+    not grow with the text: a row keeps its last N-1 tokens and a PersistentMap from each
+    N-1 tokens written to the tokens that followed them, which beams share with their
+    parents instead of copying."""
 
     def __init__(self, n: int, prefix_ids: list[int], rows: int, vocab_size: int):
         self.n, self.vocab_size = n, vocab_size
-        self.seqs = [list(prefix_ids[-(n - 1):]) for _ in range(rows)]
         # (the prefix's tail alone holds no whole N-gram: only N-grams that end in the
         # continuation are counted, those across the seam included)
-        self.seen: list[dict[tuple[int, ...], set[int]]] = [{} for _ in range(rows)]
+        self.tails: list[tuple[int, ...]] = [tuple(prefix_ids[-(n - 1):])] * rows
+        self.seen: list[PersistentMap] = [PersistentMap()] * rows
 
     def allowed(self) -> Tensor:
-        out = torch.ones(len(self.seqs), self.vocab_size, dtype=torch.bool)
-        for r, (seq, seen) in enumerate(zip(self.seqs, self.seen, strict=True)):
-            blocked = seen.get(tuple(seq[len(seq) - self.n + 1:]), set()) \
-                if len(seq) >= self.n - 1 else set()
+        out = torch.ones(len(self.tails), self.vocab_size, dtype=torch.bool)
+        for r, (tail, seen) in enumerate(zip(self.tails, self.seen, strict=True)):
+            blocked = seen.get(tail) if len(tail) == self.n - 1 else None
             if blocked and len(blocked) < self.vocab_size - 1:  # (<unk> is never emitted)
                 out[r, list(blocked)] = False
         return out
@@ -194,12 +241,13 @@ class NoRepeat:
         """Each row writes its token (`parents`: row r continues row parents[r] first, as
         beams do)."""
         if parents is not None:
-            self.seqs = [list(self.seqs[p]) for p in parents]
-            self.seen = [{k: set(v) for k, v in self.seen[p].items()} for p in parents]
-        for seq, seen, t in zip(self.seqs, self.seen, tokens, strict=True):
-            seq.append(t)
-            if len(seq) >= self.n:
-                seen.setdefault(tuple(seq[-self.n:-1]), set()).add(seq[-1])
+            self.tails = [self.tails[p] for p in parents]
+            self.seen = [self.seen[p] for p in parents]
+        for r, t in enumerate(tokens):
+            tail, seen = self.tails[r], self.seen[r]
+            if len(tail) == self.n - 1:
+                self.seen[r] = seen.set(tail, seen.get(tail, frozenset()) | {t})
+            self.tails[r] = (*tail, t)[-(self.n - 1):]
 
 
 def _both(a: Tensor | None, b: Tensor | None) -> Tensor | None:
@@ -326,7 +374,9 @@ def beam_search(model, prefix_ids: list[int], decoding: Decoding, *,
             raise GruLmError(f"--beam {decoding.beam} is more than this run's vocabulary "
                              f"offers ({V - 1:,} characters); give at most {V - 1}")
         scores = torch.zeros(1, device=device)  # (beams,) log-probabilities so far
-        seqs = torch.empty(1, 0, dtype=torch.long, device=device)
+        # Each step's (parents, tokens), (beams,) each: the beams are read back from the last
+        # step at the end, so a step's work does not grow with the text written.
+        steps: list[tuple[Tensor, Tensor]] = []
         blocker = None if decoding.no_repeat is None else \
             NoRepeat(decoding.no_repeat, prefix_ids, 1, V)
         logits = last
@@ -341,11 +391,16 @@ def beam_search(model, prefix_ids: list[int], decoding: Decoding, *,
             top, flat = torch.topk(total, keep)
             parents, tokens = flat // V, flat % V
             scores = top
-            seqs = torch.cat([seqs.index_select(0, parents), tokens.unsqueeze(1)], dim=1)
+            steps.append((parents, tokens))
             if blocker is not None:
                 blocker.advance(tokens.tolist(), parents.tolist())
             step_logits, state = model(tokens.unsqueeze(1), _select(state, parents))
             logits = step_logits[:, -1]
+        rows, columns = torch.arange(len(scores), device=device), []
+        for parents, tokens in reversed(steps):
+            columns.append(tokens[rows])
+            rows = parents[rows]
+        seqs = torch.stack(columns[::-1], dim=1)  # (beams, num_chars)
         return [Beam(ids, float(s)) for ids, s in zip(seqs.tolist(), scores.tolist(),
                                                       strict=True)]
     finally:

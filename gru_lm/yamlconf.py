@@ -92,6 +92,20 @@ def check_size(raw: Any, source: str) -> None:
                           "(aliases of aliases?); a config is a few dozen keys, write it out")
 
 
+class DuplicateKey(yaml.constructor.ConstructorError):
+    """A mapping states a key twice (`key` names it, `first` the line of the first)."""
+
+    fix = "the second would silently replace the first: state it once"
+
+    def __init__(self, key: Any, first: int, mark: yaml.Mark):
+        self.key, self.first = key, first
+        super().__init__(None, None, f"{self.what} (first on line {first}); {self.fix}", mark)
+
+    @property
+    def what(self) -> str:
+        return f"key {short(self.key, 40)} is given twice"
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """PyYAML's safe loader, refusing a mapping that states a key twice: the plain loader
     keeps the last silently, and the first section's values would be lost without a word."""
@@ -113,10 +127,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 except TypeError:  # an unhashable key: the plain loader says what is wrong
                     continue
                 if first is not None:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f"key {short(key, 40)} is given twice (first on line "
-                        f"{first}); the second would silently replace the first: state it once",
-                        key_node.start_mark)
+                    raise DuplicateKey(key, first, key_node.start_mark)
                 seen[key] = key_node.start_mark.line + 1
             self.flatten_mapping(node)
         return super().construct_mapping(node, deep)
@@ -170,6 +181,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     """Apply `key.sub=value` overrides (values parsed as YAML) to a copy of `raw`."""
     out = copy.deepcopy(raw)
     problems = []
+    named: dict[str, Any] = {}  # dotted key -> value, of every override
     for item in overrides:
         key, sep, value = item.partition("=")
         key = key.strip()
@@ -188,6 +200,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             continue
         try:
             parsed = load_yaml(value) if value.strip() else None
+        except DuplicateKey as e:  # (said as a file says it, less the line: an override has one)
+            problems.append(f"{short(item)}: {e.what}; {e.fix}")
+            continue
         except (yaml.YAMLError, ValueError, RecursionError):  # ValueError: 4,300+ digits
             parsed = value
         if isinstance(parsed, float) and not math.isfinite(parsed):
@@ -205,8 +220,10 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             node = child
         else:
             _merge_into(node, parts[-1], parsed)
+            named.update(flatten({key: parsed}))
     if problems:
         raise ConfigError(problem_text("bad override", problems))
+    keep_one_choice(out, named)
     check_size(out, "overrides")
     return out
 
@@ -224,19 +241,46 @@ def _merge_into(node: dict[str, Any], key: str, value: Any) -> None:
 
 def override_keys(overrides: list[str]) -> list[str]:
     """The dotted keys a list of overrides sets: `train.lr=0.5` sets train.lr, and
-    `train={lr: 0.5, max_steps: 5}` sets train.lr and train.max_steps."""
-    keys: list[str] = []
+    `train={lr: 0.5, max_steps: 5}` sets train.lr and train.max_steps; naming one of a
+    choice (CHOICES: data.path=my.txt) sets the others too (data.dataset is no longer read)."""
+    named: dict[str, Any] = {}
     for item in overrides:
         key, _, value = item.partition("=")
         try:
             parsed = load_yaml(value) if value.strip() else None
         except (yaml.YAMLError, ValueError, RecursionError):
             parsed = None
-        keys += flatten({key.strip(): parsed})
-    return keys
+        named.update(flatten({key.strip(): parsed}))
+    replaced = {section: {k: None for group in groups for k in group}
+                for section, groups in CHOICES.items()}
+    return [*named, *(k for k in keep_one_choice(replaced, named) if k not in named)]
 
 
 MAX_BASES = 16  # how deep `base:` may chain
+# Keys that make one choice between them, by section: the corpus is a dataset, a file or a
+# download (with its SHA-1). A layer (a file over its `base:`, overrides over the file) that
+# names one replaces what the layers below named, so `--config tiny data.path=my.txt` reads
+# my.txt; one layer that names two is refused (DataConfig).
+CHOICES: dict[str, tuple[tuple[str, ...], ...]] = {
+    "data": (("dataset",), ("path",), ("url", "sha1"))}
+
+
+def keep_one_choice(lower: dict[str, Any], upper: dict[str, Any]) -> list[str]:
+    """Drop from `lower` (a config as nested dicts) the keys of each choice (CHOICES) that
+    `upper` ({dotted key: value}, the layer above) did not name when it names another
+    alternative (a value other than null); the dotted keys dropped."""
+    dropped = []
+    for section, groups in CHOICES.items():
+        values = lower.get(section)
+        named = [g for g in groups if any(upper.get(f"{section}.{k}") is not None for k in g)]
+        if not named or not isinstance(values, dict):
+            continue
+        for group in groups:
+            for k in group:
+                if group not in named and f"{section}.{k}" not in upper and k in values:
+                    del values[k]
+                    dropped.append(f"{section}.{k}")
+    return dropped
 MAX_KEY_PARTS = 8  # dotted parts of an override's key (every key is section.key)
 
 
@@ -276,6 +320,8 @@ def resolve_yaml(path: Path, _seen: tuple[Path, ...] = ()) -> tuple[dict[str, An
         raise ConfigError(f"{path}: base: {base} {what} (looked for {resolved}); give the "
                           "path of a YAML config file, relative to this file's folder")
     merged, sources = resolve_yaml(target, chain)
+    for key in keep_one_choice(merged, flatten(raw)):
+        sources.pop(key, None)
     for section, values in raw.items():
         if isinstance(values, dict) and isinstance(merged.get(section), dict):
             merged[section] = {**merged[section], **values}

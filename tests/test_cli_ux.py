@@ -45,6 +45,41 @@ def test_every_command_has_short_help_with_examples_and_plain_metavars(command):
     assert not re.search(r"<(bool|int|float|path|str|list)", r.output), r.output
 
 
+def _summaries(group_words: list[str]) -> dict[str, str]:
+    """The Commands panel of `gru-lm WORDS --help` on a wide terminal: name -> its rows."""
+    from typer.testing import CliRunner
+
+    out = CliRunner().invoke(app, [*group_words, "--help"], env={"COLUMNS": "250"}).output
+    panel = out.split("Commands")[1].split("╰")[0]
+    rows: dict[str, str] = {}
+    name = ""
+    for line in panel.splitlines()[1:]:
+        cells = line.strip("│ ").split(None, 1)
+        if not cells:
+            continue
+        if line.startswith("│ ") and not line.startswith("│  "):  # a row that names a command
+            name = cells[0]
+            rows[name] = cells[1] if len(cells) > 1 else ""
+        else:  # (a row that goes on: a summary broken by a line break)
+            rows[name] += "\n" + line.strip("│ ")
+    return rows
+
+
+@pytest.mark.parametrize("group", [[], ["data"], ["config"]], ids=lambda g: " ".join(g) or "root")
+def test_every_summary_in_a_help_list_is_whole_sentences_on_one_line(group):
+    command = typer.main.get_command(app)
+    for word in group:
+        command = command.commands[word]
+    rows = _summaries(group)
+    assert set(rows) == set(command.commands)
+    for name, summary in rows.items():
+        assert "\n" not in summary and summary.endswith("."), (name, summary)
+        # (the whole first paragraph of its docstring, not a cut one)
+        sub = command.commands[name]
+        first = (sub.short_help or sub.help or "").split("\n\n")[0].strip()
+        assert "\n" not in first, (name, first)
+
+
 def test_metavars_name_what_to_give():
     out = cli("evaluate", "-h").output
     assert re.search(r"--split\s+val\|test\|train", out)

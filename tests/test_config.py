@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import pytest
+import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -192,6 +193,109 @@ def test_an_override_s_problem_is_called_an_override_s(tmp_path):
     with pytest.raises(ConfigError, match=r"'base=x.yaml': base: names the file a config "
                        "file builds on, so only a config file may give it"):
         load_config(tiny, ["base=x.yaml"])
+
+
+def test_a_key_given_twice_in_an_override_is_said_as_a_file_says_it():
+    for item, key in (("train={lr: 0.5, lr: 0.2}", "'lr'"),
+                      ("model={num_layers: 2, name: lstm, num_layers: 3}", "'num_layers'")):
+        with pytest.raises(ConfigError) as e:
+            load_config(None, [item])
+        assert str(e.value) == (f"bad override: {item!r}: key {key} is given twice; the second "
+                                "would silently replace the first: state it once")
+
+
+def test_a_bad_part_of_an_override_s_value_is_called_the_override_s():
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    with pytest.raises(ConfigError) as e:
+        load_config(tiny, ["model.softmax=adaptive", "model.cutoffs=[5.5]"])
+    assert str(e.value) == (f"{tiny}: override model.cutoffs.0: 5.5 is invalid: Input should "
+                            "be a valid integer")
+    with pytest.raises(ConfigError, match=r"override model.cutoffs.1: 'x' is invalid"):
+        load_config(tiny, ["model={softmax: adaptive, cutoffs: [5, x]}"])
+    # (the file's own problem stays the file's)
+    with pytest.raises(ConfigError, match=r"^tiny.yaml: train.lr: -1 is invalid"):
+        validate(apply_overrides({"train": {"lr": -1, "max_steps": 1}}, ["model.cutoffs=null"]),
+                 source="tiny.yaml", overrides=["model.cutoffs=null"])
+
+
+# ---------------------------------------------------------------- one corpus
+
+
+def test_a_layer_that_names_two_corpora_is_refused_in_one_line(tmp_path):
+    (tmp_path / "both.yaml").write_text("data:\n  dataset: timemachine\n  path: my.txt\n"
+                                        "train:\n  max_steps: 1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(tmp_path / "both.yaml")
+    assert str(e.value) == (
+        f"{tmp_path / 'both.yaml'}: data: dataset 'timemachine' and path 'my.txt' both name the "
+        "corpus, and one is read: keep one, e.g. data.dataset=null to read the file "
+        "(data.path=null reads the dataset)")
+    download = ["data.url=https://x/b.txt", f"data.sha1={'a' * 40}"]
+    for overrides, named in ((["data.dataset=tang", "data.path=my.txt"], "dataset 'tang' and "
+                              "path 'my.txt' both"),
+                             (["data.path=a.txt", *download],
+                              "path 'a.txt' and url 'https://x/b.txt' both")):
+        with pytest.raises(ConfigError, match=f"config: data: {named} name the corpus"):
+            load_config(None, overrides)
+    with pytest.raises(ConfigError, match="data.dataset=null to read the file"):
+        validate({"data": {"dataset": "tang", "path": "p.txt"}})
+
+
+def test_a_file_or_download_named_above_replaces_the_dataset_below(tmp_path):
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    # the defaults, a file, a file over its base, a saved config: a path named above reads it
+    assert load_config(None, ["data.path=my.txt"]).data.dataset is None
+    cfg = load_config(tiny, ["data.path=my.txt"])
+    assert (cfg.data.dataset, cfg.data.path, cfg.data.max_tokens) == (None, Path("my.txt"), 5000)
+    (tmp_path / "child.yaml").write_text(f"base: {tiny}\ndata:\n  path: my.txt\n")
+    assert load_config(tmp_path / "child.yaml").data.dataset is None
+    saved = load_config(tiny).to_dict()
+    assert validate(apply_overrides(saved, ["data={path: my.txt}"])).data.dataset is None
+    download = ["data.url=https://x/b.txt", f"data.sha1={'a' * 40}"]
+    url = load_config(tmp_path / "child.yaml", download)
+    assert (url.data.dataset, url.data.path, url.data.url) == (None, None, "https://x/b.txt")
+    # a dataset named above replaces a file below; a null names nothing
+    assert load_config(tmp_path / "child.yaml", ["data.dataset=tang"]).data.path is None
+    assert load_config(tmp_path / "child.yaml", ["data.dataset=null"]).data.path == Path("my.txt")
+    assert load_config(None).data.dataset == "timemachine"
+    from gru_lm.api import config_sources
+
+    assert config_sources(tiny, "data.path=my.txt")["data.dataset"] == "override"
+
+
+def test_a_run_written_before_two_corpora_were_refused_reads_its_file(tmp_path):
+    # (`--config configs/tiny.yaml data.path=my.txt` wrote the default dataset beside the
+    # file it read; such a run's config.yaml, checkpoint and export still load, as the file)
+    from gru_lm.rundir import RunDir
+
+    old = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml").to_dict()
+    old["data"].update(dataset="timemachine", path="my.txt")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    cfg = RunDir(tmp_path).read_config()
+    assert (cfg.data.dataset, cfg.data.path) == (None, Path("my.txt"))
+    old["data"].update(path=None, url="https://x/b.txt", sha1="a" * 40)
+    assert validate(old).data.dataset is None
+    del old["data"]["cache_dir"]  # (written by a person, not out whole: refused)
+    with pytest.raises(ConfigError, match="both name the corpus"):
+        validate(old)
+
+
+def test_every_documented_data_path_command_loads():
+    """The docs' and README's `data.path=...` examples read the file they name."""
+    root = Path(__file__).resolve().parents[1]
+    found = 0
+    for doc in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        for line in doc.read_text().splitlines():
+            words = line.removeprefix("$ ").split()
+            if line.startswith("$ gru-lm") and any(w.startswith("data.path=") for w in words):
+                config = words[words.index("--config") + 1] if "--config" in words else None
+                if config is not None and not (root / config).exists():
+                    continue  # (a file of the reader's, e.g. my.yaml)
+                overrides = [w.strip("'") for w in words if w.startswith(("data.", "'data."))]
+                cfg = load_config(None if config is None else root / config, overrides)
+                assert cfg.data.path is not None and cfg.data.dataset is None, line
+                found += 1
+    assert found
 
 
 def test_an_override_with_thousands_of_dotted_parts_is_one_line():
