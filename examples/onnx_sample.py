@@ -95,11 +95,21 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("folder", type=Path, help="what gru-lm export --format onnx wrote")
     ap.add_argument("prefix", help="text to continue")
-    ap.add_argument("--num-chars", "-n", type=int, default=50)
-    ap.add_argument("--temperature", type=float, default=0.6)
+    ap.add_argument("--num-chars", "-n", type=int, default=50, help="characters to write")
+    ap.add_argument("--temperature", type=float, default=0.6,
+                    help="above 0: lower is more conservative")
     ap.add_argument("--greedy", action="store_true", help="the likeliest character each time")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    if args.num_chars < 1:
+        raise SystemExit(f"error: --num-chars {args.num_chars}: give how many characters to "
+                         "write, 1 or more")
+    if not (args.temperature > 0 and np.isfinite(args.temperature)):
+        raise SystemExit(f"error: --temperature {args.temperature:g}: give a number above 0 "
+                         "(lower is more conservative), or --greedy for the likeliest "
+                         "character each time")
+    if args.seed < 0:
+        raise SystemExit(f"error: --seed {args.seed}: give a number 0 or more")
     if not (args.folder / "model.onnx").is_file():
         raise SystemExit(f"error: {args.folder} has no model.onnx; write one with gru-lm "
                          "export RUN --format onnx --out FOLDER")

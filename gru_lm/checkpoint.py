@@ -173,11 +173,29 @@ def check_fields(payload: dict[str, Any], path: Path) -> None:
     model = payload["model"]
     if not isinstance(model, dict):
         raise CheckpointError(f"checkpoint {path} field 'model' is not a state dict")
-    for name, value in model.items():
+    check_weights(model, path, f"checkpoint {path} field 'model'",
+                  "use another checkpoint or retrain")
+
+
+def check_weights(state: dict[str, Any], path: Path, where: str | None = None,
+                  fix: str = "export the run again") -> None:
+    """Refuse a weight that is not a tensor or holds NaN or infinity, naming it."""
+    for name, value in state.items():
         if not _finite_tensor(value):
             what = "is not a tensor" if not _is_tensor(value) else "holds NaN or infinity"
-            raise CheckpointError(f"checkpoint {path} field 'model': weight {str(name)[:80]!r} "
-                                  f"{what}; use another checkpoint or retrain")
+            raise CheckpointError(f"{where or path}: weight {str(name)[:80]!r} {what}; {fix}")
+
+
+def bad_token(vocab, cfg) -> str | None:
+    """What is wrong with a character-level vocabulary whose tokens are not one character
+    each (besides <unk> and data.reserved_tokens), or None."""
+    reserved = set(cfg.data.reserved_tokens)
+    for i, t in enumerate(vocab.idx_to_token[1:], start=1):
+        if len(t) != 1 and t not in reserved:
+            what = "is empty" if not t else f"{t[:20]!r} has {len(t)} characters"
+            return (f"token {i} {what}, but a character-level vocabulary holds one "
+                    "character a token (besides <unk> and data.reserved_tokens)")
+    return None
 
 
 def restore_model(payload: dict[str, Any], path: Path):
@@ -190,6 +208,10 @@ def restore_model(payload: dict[str, Any], path: Path):
         vocab = vocab_from_dict(payload["vocab"])
     except DataError as e:
         raise CheckpointError(f"checkpoint {path} field 'vocab': {e}") from None
+    bad = bad_token(vocab, cfg)
+    if bad:
+        raise CheckpointError(f"checkpoint {path} field 'vocab': {bad}; use another checkpoint "
+                              "or retrain")
     try:
         model = build_model(cfg.model, len(vocab))
     except ConfigError as e:

@@ -423,12 +423,14 @@ def export_cmd(
         "(gru-lm loads it again); onnx: a one-step graph for onnxruntime.")
                    ] = ExportFormat.safetensors,
     out: Annotated[Path | None, typer.Option(
-        "--out", metavar="DIR", help="Folder to write (default exports/RUN-FORMAT); an "
-        "earlier export there is replaced.", show_default=False)] = None,
+        "--out", metavar="DIR", help="Folder to write (default exports/RUN-FORMAT): new, "
+        "empty, or an earlier export, whose files are replaced (others there are kept).",
+        show_default=False)] = None,
     runs_dir: RunsDirOpt = Path("runs"),
 ) -> None:
-    """Write a trained model for use outside gru-lm: safetensors or ONNX (needs the export
-    extra: pip install "gru-lm\\[export]")."""
+    """Write a trained model for use outside gru-lm: safetensors or ONNX.
+
+    Needs the export extra: pip install "gru-lm\\[export]"."""
     from gru_lm.api import export
 
     show_export(export(run, fmt.value, out, runs_dir=runs_dir))

@@ -43,15 +43,20 @@ def locate(path: str | Path | None, runs_dir: str | Path = "runs") -> Located:
         return Located(run, run.best_or_last(), newest=True)
     p = Path(path)
     if p.is_dir():
-        from gru_lm.exporting import WEIGHTS, is_export
+        from gru_lm.exporting import export_weights, is_export
 
-        if is_export(p):  # (a folder `gru-lm export --format safetensors` wrote)
-            return Located(RunDir(p), p / WEIGHTS)
+        if is_export(p):  # (a folder `gru-lm export` wrote: its weights, or why there are none)
+            return Located(RunDir(p), export_weights(p))
         run = RunDir(p)
         return Located(run, run.best_or_last())
     if not p.exists():
         raise GruLmError(f"{p} {missing_reason(p)}; give a run folder (see `gru-lm runs`) or a "
                          "checkpoint file")
+    if p.suffix in (".safetensors", ".onnx"):  # (an export's file: the export it is in)
+        from gru_lm.exporting import ONNX, WEIGHTS, export_weights
+
+        if p.name in (WEIGHTS, ONNX):
+            return Located(RunDir(p.parent), export_weights(p.parent))
     check_checkpoint_file(p)
     folder = p.parent.parent if p.parent.name == "checkpoints" else p.parent
     return Located(RunDir(folder), p)

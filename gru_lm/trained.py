@@ -309,7 +309,9 @@ def export(run: str | Path | None = None, format: str = "safetensors",
     """Write a run (None: the newest under runs_dir) as `format` into the folder `out`
     (default exports/RUN-FORMAT): "safetensors" (weights, config.json, vocab.json and a model
     card; gru_lm.load() reads the folder back) or "onnx" (a one-step graph, model.onnx, with
-    the same JSON files). Needs the export extra: pip install "gru-lm[export]"."""
+    the same JSON files); export.json lists them with their SHA-256. `out` is new, empty or
+    an earlier export, of which only the files it wrote are replaced. Needs the export
+    extra: pip install "gru-lm[export]"."""
     from gru_lm.exporting import FORMATS, model_card, write_export
     from gru_lm.recurrent import count_parameters
 
