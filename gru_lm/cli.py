@@ -450,28 +450,35 @@ def serve_cmd(
     max_concurrent: Annotated[int, typer.Option(
         help="Generations at a time; past it a request gets HTTP 429.")] = 4,
     max_chars: Annotated[int, typer.Option(
-        help="Most characters a request may ask for.")] = 2_000,
+        help="Most characters a request may ask for (1..10000).")] = 2_000,
     max_prefix: Annotated[int, typer.Option(
         help="Longest prefix (or text for the gates), in characters.")] = 10_000,
     max_samples: Annotated[int, typer.Option(
         help="Most samples (or beams) a request may ask for.")] = 8,
     timeout: Annotated[float, typer.Option(
         help="Seconds a generation may take; past it HTTP 504.")] = 30.0,
+    max_body: Annotated[int | None, typer.Option(
+        help="Largest request body in bytes; past it HTTP 413 (default: 256 KiB, more if "
+        "--max-prefix needs it).", show_default=False)] = None,
     threads: Annotated[int | None, typer.Option(
-        help="CPU threads for the model (default: torch's).", show_default=False)] = None,
+        help="CPU threads for the model, 1 or more (default: torch's).",
+        show_default=False)] = None,
     runs_dir: RunsDirOpt = Path("runs"),
 ) -> None:
-    """Serve a trained model: a JSON API (OpenAPI docs at /docs) and a web page that
-    continues a prefix as it is drawn and shows its gates (needs the serve extra: pip
-    install "gru-lm\\[serve]")."""
+    """Serve a trained model: a JSON API and a web page that continues a prefix.
+
+    The page writes the continuation as it is drawn and shows the model's gates.
+    The API's OpenAPI docs are at /docs.
+    Needs the serve extra: pip install "gru-lm\\[serve]"."""
     from gru_lm.server import LOOPBACK, Limits, serve
 
-    limits = Limits(max_prefix, max_chars, max_samples, max_concurrent, timeout)
-    if host not in LOOPBACK:
-        err_console.print(f"note: listening on {host}: other machines can reach this server "
-                          "(it has no authentication)", highlight=False, soft_wrap=True)
+    limits = Limits(max_prefix, max_chars, max_samples, max_concurrent, timeout, max_body)
 
-    def ready(url: str) -> None:
+    def ready(url: str) -> None:  # (said once it listens: a bad --host is one error line)
+        if host not in LOOPBACK:
+            err_console.print(f"note: listening on {host}: other machines can reach this "
+                              "server (it has no authentication)", highlight=False,
+                              soft_wrap=True)
         err_console.print(f"serving on {url} (the page; the API's docs at {url}/docs); "
                           "Ctrl-C stops it", highlight=False, soft_wrap=True)
 
