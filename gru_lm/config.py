@@ -326,6 +326,11 @@ class TrainConfig(_Section):
         description="torch CPU threads (default: the cores this process may use)",
         json_schema_extra=NOT_RECIPE
     )
+    collective_timeout_s: float = Field(
+        1800, ge=1, le=1e6, description="several processes: how long one waits inside a "
+        "collective for the others (a frozen peer) before the run stops; it must cover the "
+        "longest wait of a live one (process 0's final evaluation)",
+        json_schema_extra=NOT_RECIPE)
 
     @property
     def reading(self) -> tuple[int, int, int]:

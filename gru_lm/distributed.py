@@ -12,6 +12,7 @@ state, the random streams) is gathered into rank 0's checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import json
@@ -22,7 +23,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,6 +119,25 @@ def start(world: World) -> None:
     store = dist.PrefixStore(f"gru-lm/attempt-{elastic_env().restart_count}", store)
     dist.init_process_group(backend=backend, store=store, rank=world.rank,
                             world_size=world.size)
+    global _WATCH
+    watch = Watch(world.rank)
+    peers = gather(world, watch.address)
+    watch.begin(dict(enumerate(peers)))
+    _WATCH = watch
+
+
+def set_timeout(world: World, seconds: float) -> None:
+    """Bound every later collective by `seconds` (train.collective_timeout_s): gloo's own
+    timeout, 30 minutes unless told, after which the collective raises (timed_out)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    if not (world.active and dist.is_initialized()):
+        return
+    dist.distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=seconds))
+    if _WATCH is not None:
+        _WATCH.timeout_s = seconds
 
 
 LEAVE_WAIT_S = 30.0  # how long a process waits for the others to close their group
@@ -134,6 +155,10 @@ def stop(world: World, together: bool = False) -> None:
 
     if not (world.active and dist.is_initialized()):
         return
+    global _WATCH
+    if _WATCH is not None:
+        _WATCH.close()
+        _WATCH = None
     store = dist.distributed_c10d._get_default_store()
     gc.collect()
     dist.destroy_process_group()
@@ -151,11 +176,195 @@ def stop(world: World, together: bool = False) -> None:
 LEFT_KEY = "gru-lm/closed"  # how many processes have closed their group
 
 
+# ---------------------------------------------------------------- a peer that does not answer
+
+WARN_AFTER_S = 60.0  # inside one collective this long (at most half the timeout): say so
+REPEAT_S = 300.0  # and again this often while the wait lasts
+PING_S = 5.0  # a peer whose watch has not answered in this long is taken for frozen
+
+
+class Watch:
+    """What this process waits for. The main thread says which collective it is inside
+    (`waiting`); when one lasts longer than `warn_after_s`, a thread asks every peer's watch,
+    over TCP, where it is, and writes one line to stderr naming the peers that do not answer:
+    a process stopped (SIGSTOP, Ctrl-Z), swapping, or on a machine that hung, whose threads
+    stand still. Gloo gives no word before its own timeout (train.collective_timeout_s) ends
+    the wait. The listener answers the others' questions with this process' position."""
+
+    def __init__(self, rank: int, timeout_s: float = 1800.0, out=None) -> None:
+        self.rank, self.timeout_s, self.step = rank, timeout_s, 0
+        self.inside: tuple[str, float] | None = None  # (what, since: time.monotonic())
+        self.left_in = ""  # the wait a collective failed in
+        self.silent: list[str] = []  # the peers that did not answer, as "rank R on HOST"
+        self.asked = False  # whether the peers were asked during a wait
+        self.peers: dict[int, tuple[str, str, int]] = {}  # rank: (host, ip, port)
+        self.out = out if out is not None else sys.stderr
+        self._closed = threading.Event()
+        ip = _outward_ip()
+        self._server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._server.bind((ip or "", 0))
+        self._server.listen(64)
+        self._server.settimeout(0.5)
+        host = socket.gethostname()
+        self.address = (host, ip or host, self._server.getsockname()[1])
+        self._threads: list[threading.Thread] = []
+
+    @property
+    def warn_after_s(self) -> float:
+        return min(WARN_AFTER_S, self.timeout_s / 2)
+
+    def begin(self, peers: dict[int, tuple[str, str, int]]) -> None:
+        """Start answering and watching; `peers`: every process' `address`, by rank."""
+        self.peers = {r: (a[0], a[1], int(a[2])) for r, a in peers.items() if r != self.rank}
+        for target in (self._answer, self._watch):
+            t = threading.Thread(target=target, daemon=True, name=f"gru-lm {target.__name__}")
+            t.start()
+            self._threads.append(t)
+
+    def close(self) -> None:
+        self._closed.set()
+        for t in self._threads:
+            t.join(timeout=2)
+        self._server.close()
+
+    @contextlib.contextmanager
+    def waiting(self, what: str) -> Iterator[None]:
+        outer, self.inside = self.inside, (what, time.monotonic())
+        if outer is None:  # (what the peers said in an earlier wait says nothing of this one)
+            self.asked, self.silent = False, []
+        try:
+            yield
+        except BaseException:
+            self.left_in = self.where(what)
+            raise
+        finally:
+            self.inside = outer
+
+    def where(self, what: str) -> str:
+        return f"{what}, at step {self.step}" if self.step else f"{what}, before the first step"
+
+    def position(self) -> str:
+        inside = self.inside
+        if inside is None:
+            return f"rank {self.rank}: at step {self.step}, outside any collective"
+        return (f"rank {self.rank}: inside {self.where(inside[0])} for "
+                f"{time.monotonic() - inside[1]:.0f} s")
+
+    def _answer(self) -> None:
+        while not self._closed.is_set():
+            try:
+                conn, _ = self._server.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn:
+                try:
+                    conn.sendall(self.position().encode() + b"\n")
+                except OSError:
+                    pass
+
+    def ask(self) -> list[str]:
+        """The peers that do not answer within PING_S, as "rank R on HOST"."""
+        if not self.peers:
+            return []
+        with ThreadPoolExecutor(max_workers=min(16, len(self.peers))) as pool:
+            answers = dict(zip(self.peers, pool.map(_ask, self.peers.values()), strict=True))
+        return [f"rank {r} on {self.peers[r][0]}" for r, said in answers.items() if not said]
+
+    def _watch(self) -> None:
+        said_for, next_at = None, 0.0
+        while not self._closed.wait(1.0):
+            inside = self.inside
+            if inside is None:
+                continue
+            waited = time.monotonic() - inside[1]
+            if waited < self.warn_after_s or (inside is said_for and time.monotonic() < next_at):
+                continue
+            silent = self.ask()
+            said_for, next_at = inside, time.monotonic() + REPEAT_S
+            if self.inside is not inside:  # (it ended while the peers were asked)
+                continue
+            self.asked, self.silent = True, silent
+            if not silent:  # (every peer is alive: a slow one, process 0's final evaluation)
+                continue
+            try:
+                self.out.write(
+                    f"warning: process {self.rank} is waiting for {', '.join(silent)}: no "
+                    f"answer for {waited:.0f} s inside {self.where(inside[0])} (stopped by "
+                    "SIGSTOP or Ctrl-Z, swapping, or its machine hung?); the run stops when "
+                    f"the wait reaches train.collective_timeout_s={self.timeout_s:g}\n")
+                self.out.flush()
+            except (OSError, ValueError):
+                pass
+
+
+def _ask(address: tuple[str, str, int]) -> str:
+    """What a peer's watch says of itself; "" when it does not answer."""
+    try:
+        with socket.create_connection(address[1:], timeout=PING_S) as conn:
+            return conn.recv(1024).decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def _outward_ip() -> str | None:
+    """The address of this host's interface toward the rendezvous (MASTER_ADDR), the one the
+    other processes reach it by; None if there is no IPv4 route to it."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((os.environ.get("MASTER_ADDR", "127.0.0.1"), 9))  # (no packet is sent)
+            return s.getsockname()[0]
+    except OSError:
+        return None
+
+
+_WATCH: Watch | None = None  # this process' watch, while it is in a process group
+
+
+@contextlib.contextmanager
+def waiting(what: str) -> Iterator[None]:
+    """Mark the code inside as waiting in a collective (`what`, e.g. "a barrier")."""
+    if _WATCH is None:
+        yield
+        return
+    with _WATCH.waiting(what):
+        yield
+
+
+def at_step(step: int) -> None:
+    """The step the waits are said to be at."""
+    if _WATCH is not None:
+        _WATCH.step = step
+
+
+def timed_out(e: BaseException) -> bool:
+    """Whether a collective failed because its wait reached the timeout (gloo's words)."""
+    text = str(e).lower()
+    return "timed out" in text or "timeout" in text
+
+
+def no_answer(world: World) -> str:
+    """A collective timed out: what was waited for, how long, and for whom, in words."""
+    w = _WATCH
+    where = w.left_in if w is not None and w.left_in else "a collective"
+    limit = f"train.collective_timeout_s={w.timeout_s if w is not None else 1800:g} s"
+    if w is not None and w.asked and not w.silent:
+        return (f"process {world.rank} waited {limit} inside {where} for the other processes, "
+                "which answer but did not come: they are slower than that allows (raise "
+                "train.collective_timeout_s)")
+    who = ", ".join(w.silent) if w is not None and w.silent else "another process"
+    return (f"process {world.rank} had no answer from {who} for {limit} inside {where}: a "
+            "process of this training is frozen (stopped by SIGSTOP or Ctrl-Z, swapping, or "
+            "its machine hung), or slower than that allows (raise train.collective_timeout_s)")
+
+
 def barrier(world: World) -> None:
     import torch.distributed as dist
 
     if world.active:
-        dist.barrier()
+        with waiting("a barrier"):
+            dist.barrier()
 
 
 def broadcast(world: World, obj: Any) -> Any:
@@ -165,7 +374,8 @@ def broadcast(world: World, obj: Any) -> Any:
     if not world.active:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    with waiting("a broadcast from process 0"):
+        dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
@@ -176,7 +386,8 @@ def gather(world: World, obj: Any) -> list[Any]:
     if not world.active:
         return [obj]
     out: list[Any] = [None] * world.size
-    dist.all_gather_object(out, obj)
+    with waiting("a gather"):
+        dist.all_gather_object(out, obj)
     return out
 
 
@@ -187,7 +398,8 @@ def agree_max(world: World, values: list[float]):
 
     t = torch.tensor(values, dtype=torch.float64)
     if world.active:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        with waiting("the all-reduce that starts each step"):
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t
 
 
@@ -350,7 +562,8 @@ def mean(world: World, t):
     import torch.distributed as dist
 
     if world.active:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        with waiting("the all-reduce of the losses"):
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
         t /= world.size
     return t
 

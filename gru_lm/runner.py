@@ -73,6 +73,8 @@ def train_run(config: Path | Config | None, overrides: list[str], *, name: str |
                     "it again from step 0")
         else:
             hint = "no run folder was made yet; start it again"
+        if distributed.timed_out(e):
+            raise GruLmError(f"{distributed.no_answer(world)}; {hint}") from None
         raise GruLmError("another process of this training stopped (killed, or failed: see "
                          f"its message); {hint}") from None
     finally:

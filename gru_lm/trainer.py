@@ -21,7 +21,16 @@ from gru_lm.config import Config
 from gru_lm.data import BatchLoader, Corpus, Cursor
 from gru_lm.decoding import Decoding
 from gru_lm.display import Reporter, TensorBoard, tensorboard_writer
-from gru_lm.distributed import SINGLE, World, agree_on_stop, mean, wrap
+from gru_lm.distributed import (
+    SINGLE,
+    World,
+    agree_on_stop,
+    at_step,
+    mean,
+    set_timeout,
+    waiting,
+    wrap,
+)
 from gru_lm.ema import EMA
 from gru_lm.errors import GruLmError, TrainingInterrupted
 from gru_lm.metrics import bits_per_char, evaluate, perplexity
@@ -70,6 +79,7 @@ class Trainer:
         self.loader = BatchLoader(corpus.train, t.batch_size, t.num_steps, t.sampler,
                                   seed=t.seed, split="train", part=(world.rank, world.size))
         self.ddp = wrap(world, model, self.device)  # the model, or DDP around it
+        set_timeout(world, t.collective_timeout_s)  # (a frozen peer ends the run after it)
         self.batches_per_epoch = self.loader.num_batches()
         self.progress = TrainProgress()
         self.ema = EMA(model, t.ema_decay) if t.ema_decay else None
@@ -178,6 +188,7 @@ class Trainer:
         start_wall = time.perf_counter() - p.elapsed_s
         self.model.train()
         while True:
+            at_step(p.step + 1)  # (what a wait for a peer is said to be in)
             # every rank stops at the same step, for the same reason
             p.elapsed_s, signum = agree_on_stop(self.world, time.perf_counter() - start_wall,
                                                 self._signals)
@@ -191,7 +202,8 @@ class Trainer:
                 g["lr"] = lr
             t0 = time.perf_counter()
             X, Y = self._next_batch()
-            self._interval_losses[self._interval_count] = self.train_step(X, Y)
+            with waiting("the gradient all-reduce"):  # (DDP's, in backward)
+                self._interval_losses[self._interval_count] = self.train_step(X, Y)
             self._interval_count += 1
             p.step += 1
             p.tokens_seen += tokens_per_step

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -221,12 +222,81 @@ def test_kill_9_of_the_launcher_stops_its_workers_and_frees_the_run(workdir):
     assert r.returncode == 0, r.stderr
 
 
+def test_the_watch_names_the_peer_that_does_not_answer(monkeypatch):
+    """A process inside a collective longer than half train.collective_timeout_s asks every
+    peer where it is; one line names those that do not answer (a frozen process: its
+    listening socket takes the connection, nobody answers), not the live ones."""
+    import io
+    import socket
+
+    from gru_lm import distributed
+
+    monkeypatch.setattr(distributed, "PING_S", 1.0)
+    out = io.StringIO()
+    me, live = distributed.Watch(0, timeout_s=2, out=out), distributed.Watch(1)
+    frozen = socket.create_server(("127.0.0.1", 0))  # (never accepts)
+    peers = {0: me.address, 1: live.address, 2: ("frozen-host", "127.0.0.1",
+                                                 frozen.getsockname()[1])}
+    try:
+        for w in (me, live):
+            w.begin(peers)
+        assert me.ask() == ["rank 2 on frozen-host"]
+        me.step = 7
+        with me.waiting("a barrier"):
+            deadline = time.monotonic() + 60
+            while not out.getvalue() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        said = out.getvalue()
+        assert said.startswith("warning: process 0 is waiting for rank 2 on frozen-host: no "
+                               "answer for "), said
+        assert "inside a barrier, at step 7" in said and "collective_timeout_s=2" in said
+        assert "rank 1" not in said and said.count("\n") == 1
+    finally:
+        me.close()
+        live.close()
+        frozen.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("frozen", [1, 0], ids=["rank-1", "rank-0-the-stores-host"])
+def test_a_frozen_peer_ends_the_run_after_the_collective_timeout_in_one_line(workdir, frozen):
+    """A process stopped by SIGSTOP inside training: the other says, after half of
+    train.collective_timeout_s, which rank it waits for, and when the timeout is reached stops
+    with one line that names the setting and how to resume (not gloo's 30 minutes)."""
+    timeout = 40  # (the warning comes at 20 s: well before the end, on a loaded machine too)
+    port = _free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "gru_lm", "train", *TINY, "--name", "frz",
+         "train.max_steps=1000000", "train.eval_interval=25",
+         f"train.collective_timeout_s={timeout}"],
+        env={**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+             "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "RANK": str(r), "LOCAL_RANK": str(r)},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    stopped, waiting = procs[frozen], procs[1 - frozen]
+    try:
+        _wait_until(waiting, Path("runs/frz/checkpoints/last.pt").exists)
+        stopped.send_signal(signal.SIGSTOP)
+        _, err = waiting.communicate(timeout=timeout + 120)  # (not a timing test: a bound)
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGCONT)
+            p.kill()
+            p.communicate()
+    assert waiting.returncode == 1, err
+    assert "Traceback" not in err, err
+    assert f"warning: process {1 - frozen} is waiting for rank {frozen} on " in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"error: process {1 - frozen} had no answer from rank {frozen} on "
+                           f"{socket.gethostname()} for train.collective_timeout_s={timeout} s "
+                           "inside "), err
+    assert last.endswith("resume with: gru-lm train --nproc 2 --resume runs/frz"), err
+    assert _weights("frz")["step"] > 0
+
+
 # ---------------------------------------------------------------- several nodes, restarts
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
