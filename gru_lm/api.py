@@ -323,6 +323,9 @@ def import_corpus(archive: str | Path, cache_dir: str | Path = "data") -> Import
     """Put the chinese-poetry files found in `archive` (`npm pack chinese-poetry@2.0.1`'s
     .tgz, another tar or zip, or a folder) where a download would: every file recognised by
     its pinned SHA-256; a damaged archive imports nothing."""
+    if not str(archive).strip():
+        raise GruLmError("give the archive to import: the .tgz that npm pack "
+                         "chinese-poetry@2.0.1 writes (or a folder holding the files)")
     return import_archive(Path(archive), Path(cache_dir))
 
 

@@ -49,7 +49,7 @@ def data_download(
     "gru-lm data import chinese-poetry-2.0.1.tgz --cache-dir /mnt/corpora/cache"))
 @handle_errors
 def data_import(
-    archive: Annotated[Path, typer.Argument(
+    archive: Annotated[str, typer.Argument(
         help="npm pack chinese-poetry@2.0.1's .tgz (or another tar, a zip or a folder holding "
         "the files).", show_default=False)],
     cache_dir: Annotated[Path, typer.Option(help="Download cache folder.")] = Path("data"),

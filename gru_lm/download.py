@@ -56,6 +56,7 @@ class Collection:
     build: Callable[[list[Path]], str]
     description: str = ""
     version: int = 1
+    elsewhere: str = ""  # how else to get the files, said when they cannot be had
     digest_name = "SHA-256"
 
     @property
@@ -128,7 +129,8 @@ register_dataset(
 for _corpus in poetry.CORPORA:
     register_dataset(Collection(name=_corpus.name, base_url=poetry.BASE_URL,
                                 folder=poetry.FOLDER, files=tuple(_corpus.files()),
-                                build=_corpus.text, description=_corpus.description))
+                                build=_corpus.text, description=_corpus.description,
+                                elsewhere=poetry.WITHOUT_GITHUB))
 
 
 def get_dataset(name: str) -> DatasetSpec | Collection:
@@ -365,14 +367,20 @@ def fetch_collection(spec: Collection, cache_dir: Path, *, offline: bool,
             f"offline and {len(missing)} of the {len(spec.files)} files of {spec.name} are not "
             f"available (the first: {missing[0][0]}); put {spec.base_url}'s files under their "
             f"paths into {where} (or set GRU_LM_DATA_DIR to a folder holding {spec.folder}/), "
-            "or unset GRU_LM_OFFLINE to download them")
+            "or allow downloads (no --offline, GRU_LM_OFFLINE unset)"
+            + (f"; {spec.elsewhere}" if spec.elsewhere else ""))
     with progress_bar(progress, f"{spec.name}: {len(missing)} files", len(missing),
                    count=True) as advance:
         for path, digest in missing:
-            download(spec.base_url + quote(path), digest,
-                     Path(cache_dir) / spec.folder / path, timeout=timeout,
-                     total_timeout_s=total_timeout_s, retries=retries, progress=False,
-                     algorithm="sha256")
+            try:
+                download(spec.base_url + quote(path), digest,
+                         Path(cache_dir) / spec.folder / path, timeout=timeout,
+                         total_timeout_s=total_timeout_s, retries=retries, progress=False,
+                         algorithm="sha256")
+            except DataError as e:  # (what else gets the files, where the host is not reached)
+                if not spec.elsewhere:
+                    raise
+                raise DataError(f"{e}; {spec.elsewhere}") from None
             advance(1)
     found = _collection_local(spec, cache_dir)
     if found is None:  # (a file vanished from the cache while the others downloaded)

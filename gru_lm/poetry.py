@@ -25,6 +25,11 @@ COMMIT = "99ebbef7e1345c0985c44b9fd96a3f9e776f117b"
 BASE_URL = f"https://raw.githubusercontent.com/{REPOSITORY}/{COMMIT}/"
 FOLDER = "chinese-poetry"  # under GRU_LM_DATA_DIR and data.cache_dir, files at their paths
 SUMS = Path(__file__).with_name("sums") / "chinese-poetry.sha256"
+# The same files, byte for byte, as an npm package (for networks that reach the npm registry
+# or a mirror of it, but not GitHub): gru-lm data import reads its archive.
+NPM_PACKAGE = "chinese-poetry@2.0.1"
+WITHOUT_GITHUB = (f"without GitHub: npm pack {NPM_PACKAGE}, then gru-lm data import "
+                  "chinese-poetry-2.0.1.tgz")
 
 
 def sums() -> dict[str, str]:

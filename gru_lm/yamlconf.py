@@ -142,7 +142,8 @@ def read_yaml(path: Path) -> dict[str, Any]:
     """Read a YAML config file into a dict, with file:line:column on syntax errors."""
     path = Path(path)
     if not path.exists():
-        raise ConfigError(f"config file {path} {missing_reason(path)}; {_missing_config(path)}")
+        shown = str(path) if str(path).isprintable() else repr(str(path))  # (one line)
+        raise ConfigError(f"config file {shown} {missing_reason(path)}; {_missing_config(path)}")
     if path.is_dir():
         raise ConfigError(f"config path {path} is a directory; pass a YAML file inside it")
     try:

@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import os
+import subprocess
 import tarfile
 import zipfile
 from pathlib import Path
@@ -199,7 +200,115 @@ def test_an_archive_without_the_files_is_refused(nowhere, pins):
                    "chinese-poetry that gru-lm pins", "nothing was imported")
     one_line_error(cli("data", "import", "absent.tgz"), "absent.tgz does not exist")
     Path("garbage.tgz").write_bytes(b"\x1f\x8b not really gzip")
-    one_line_error(cli("data", "import", "garbage.tgz"), "cannot be read to the end")
+    one_line_error(cli("data", "import", "garbage.tgz"), "garbage.tgz cannot be read to the end",
+                   "damaged or cut short")
+
+
+def _tar(dest: Path, members: dict[str, bytes], mode: str = "w") -> Path:
+    with tarfile.open(dest, mode) as t:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    return dest
+
+
+def test_a_tar_cut_between_two_members_imports_nothing(nowhere, pins):
+    """tarfile reads a tar cut at a header as a smaller whole one: its end is checked."""
+    _, body = pins
+    whole = _tar(Path("whole.tar"), {"a/lunyu.json": body, "b/other.json": b"{}" * 600})
+    second = tarfile.open(whole).getmembers()[1].offset
+    Path("cut.tar").write_bytes(whole.read_bytes()[:second])
+    one_line_error(cli("data", "import", "cut.tar"), "cut.tar cannot be read to the end",
+                   "before the tar's end-of-archive blocks", "nothing was imported")
+    assert not Path("data/chinese-poetry").exists()
+    assert import_archive(whole, Path("data")).files == 1  # the whole one imports
+
+
+@pytest.mark.parametrize("damage", ["xz", "encrypted", "method"])
+def test_damaged_compressed_or_encrypted_members_are_one_line(nowhere, pins, damage):
+    _, body = pins
+    if damage == "xz":
+        data = bytearray(_tar(Path("x.tar.xz"), {"a/lunyu.json": body * 50}, "w:xz")
+                         .read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        Path("x.tar.xz").write_bytes(bytes(data))
+        name = "x.tar.xz"
+    else:
+        with zipfile.ZipFile("x.zip", "w", zipfile.ZIP_DEFLATED) as z:
+            z.writestr("a/lunyu.json", body)
+        data = bytearray(Path("x.zip").read_bytes())
+        for sig in (b"PK\x03\x04", b"PK\x01\x02"):  # the local and the central headers
+            at = data.find(sig)
+            if damage == "encrypted":  # (what zip -P sets: bit 0 of the flags)
+                data[at + (6 if sig == b"PK\x03\x04" else 8)] |= 1
+            else:  # deflate64, which Python cannot read
+                data[at + (8 if sig == b"PK\x03\x04" else 10)] = 9
+        Path("x.zip").write_bytes(bytes(data))
+        name = "x.zip"
+    one_line_error(cli("data", "import", name), f"{name} cannot be read to the end",
+                   "nothing was imported")
+    assert not Path("data/chinese-poetry").exists()
+
+
+def test_what_is_no_archive_is_refused_before_it_is_read(nowhere, pins):
+    Path("notes.txt").write_text("hello\n")
+    one_line_error(cli("data", "import", "notes.txt"),
+                   "notes.txt is not a tar, .tgz, .tar.xz or zip archive, nor a folder")
+    os.mkfifo("pipe")  # (read, it would never end: refused by its kind)
+    one_line_error(cli("data", "import", "pipe"), "pipe is not a regular file or a folder")
+    one_line_error(cli("data", "import", ""), "give the archive to import")
+    assert not Path("data/chinese-poetry").exists()
+
+
+def test_a_tar_that_ends_with_a_zip_member_is_read_as_a_tar(nowhere, pins):
+    _, body = pins
+    inner = io.BytesIO()
+    with zipfile.ZipFile(inner, "w") as z:
+        z.writestr("x.txt", "not it")
+    _tar(Path("poly.tar"), {"a/lunyu.json": body, "inner.zip": inner.getvalue()})
+    assert import_archive(Path("poly.tar"), Path("data")).complete == ["lunyu"]
+
+
+def test_a_target_in_the_way_or_a_full_disk_imports_nothing(nowhere, pins, monkeypatch):
+    path, body = pins
+    archive = _tar(Path("a.tar"), {"a/lunyu.json": body})
+    (Path("data/chinese-poetry") / path).mkdir(parents=True)
+    one_line_error(cli("data", "import", archive), "is in the way (not a regular file)",
+                   "nothing was imported")
+    (Path("data/chinese-poetry") / path).rmdir()
+
+    def full(self, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    one_line_error(cli("data", "import", archive), "cannot write into data: No space left",
+                   "free disk space")
+    assert not any(p.is_file() for p in Path("data").rglob("*"))
+
+
+def test_a_killed_import_s_staging_is_removed_by_the_next(nowhere, pins):
+    _, body = pins
+    dead = subprocess.run(["true"], check=True)  # (a process id that is gone)
+    assert dead.returncode == 0
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    stale = Path("data") / f".import-{proc.pid}-x"
+    stale.mkdir(parents=True)
+    (stale / "0.json").write_bytes(body)
+    import_archive(_tar(Path("a.tar"), {"a/lunyu.json": body}), Path("data"))
+    assert not stale.exists()
+
+
+def test_without_the_poem_files_the_way_through_npm_is_said(nowhere, pins):
+    one_line_error(cli("data", "info", "data.dataset=lunyu", "data.preset=raw"),
+                   "offline and 1 of the 1 files of lunyu are not available",
+                   f"without GitHub: npm pack {NPM_PACKAGE}, then gru-lm data import")
+
+
+def test_a_config_name_with_a_line_break_stays_one_line(nowhere):
+    one_line_error(cli("config", "show", "--config", "tiny\n"), "config file 'tiny\\n' does "
+                   "not exist")
 
 
 def test_the_pins_are_those_of_every_corpus_file():
