@@ -35,7 +35,7 @@ from gru_lm.config import Config, validate
 from gru_lm.data import Vocab, vocab_from_dict
 from gru_lm.errors import DataError, GruLmError
 from gru_lm.models import RecurrentLM
-from gru_lm.utils import atomic_write_text, file_digest
+from gru_lm.utils import atomic_write_text, file_digest, remove_stale_staging
 
 WEIGHTS = "model.safetensors"
 ONNX = "model.onnx"
@@ -168,20 +168,6 @@ def _ours(out: Path, names: set[str]) -> dict[str, str]:
     return ours
 
 
-def _remove_stale_staging(out: Path) -> None:
-    """Staging folders left in `out` by an export that was killed (its process is gone)."""
-    for p in out.glob(f"{STAGING}*"):
-        pid = p.name.removeprefix(STAGING).split("-")[0]
-        if not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(p, ignore_errors=True)
-        except OSError:
-            pass
-
-
 @contextmanager
 def _staged(out: Path, fmt: str, names: set[str]):
     """A folder to write the export's files (`names`) into, published to `out` with their
@@ -203,7 +189,7 @@ def _staged(out: Path, fmt: str, names: set[str]):
     else:
         parent = out
         ours = _ours(out, names | {MANIFEST})
-        _remove_stale_staging(out)
+        remove_stale_staging(out, STAGING)
     tmp = Path(tempfile.mkdtemp(prefix=f"{STAGING}{os.getpid()}-", dir=parent))
     try:
         yield tmp

@@ -23,6 +23,7 @@ from pathlib import Path
 from gru_lm.download import DATASETS, Collection
 from gru_lm.errors import DataError
 from gru_lm.poetry import NPM_PACKAGE
+from gru_lm.utils import remove_stale_staging
 
 MAX_MEMBER_BYTES = 64 << 20  # larger members are no pinned file (the largest is 6.5 MB)
 STAGING = ".import-"  # + PID-: where an import reads an archive into before anything lands
@@ -113,20 +114,6 @@ def _members(archive: Path) -> Iterator[bytes]:
     yield from _tar_files(archive)
 
 
-def _remove_stale(cache_dir: Path) -> None:
-    """Staging folders left by imports that were killed (their process is gone)."""
-    for p in cache_dir.glob(f"{STAGING}*"):
-        pid = p.name.removeprefix(STAGING).split("-")[0]
-        if not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(p, ignore_errors=True)
-        except OSError:
-            pass
-
-
 def _check_archive(archive: Path, fix: str) -> None:
     """A regular file or a folder; a device, a pipe or nothing is refused before it is read."""
     try:
@@ -152,7 +139,7 @@ def import_archive(archive: Path, cache_dir: Path, folder: str = "chinese-poetry
     space = "free disk space or give --cache-dir a writable folder"
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        _remove_stale(cache_dir)
+        remove_stale_staging(cache_dir, STAGING)
         staging = Path(tempfile.mkdtemp(prefix=f"{STAGING}{os.getpid()}-", dir=cache_dir))
     except OSError as e:
         raise DataError(f"cannot write into {cache_dir}: {e.strerror or e}; {space}") from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import signal
 import tempfile
 from collections.abc import Callable, Iterator
@@ -65,6 +66,21 @@ def atomic_writer(path: Path, mode: str = "wb") -> Iterator[IO]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def remove_stale_staging(folder: Path, prefix: str) -> None:
+    """Remove the folders PREFIX + PID-... in `folder` whose process is gone: what a killed
+    writer (an export, an import) left while it staged its files."""
+    for p in Path(folder).glob(f"{prefix}*"):
+        pid = p.name.removeprefix(prefix).split("-")[0]
+        if not (pid.isdigit() and p.is_dir()):
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except OSError:  # (alive, another user's)
+            pass
 
 
 def _text(mode: str) -> dict:
