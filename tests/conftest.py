@@ -55,8 +55,8 @@ def one_line_error(r, *parts: str) -> None:
 
 
 def _corpora() -> Path:
-    """Where the tests read the corpora: GRU_LM_DATA_DIR as the session starts (CI sets it to
-    ../shared/data, which also holds chinese-poetry's files), else the folder of the copy of
+    """Where the tests read the corpora: GRU_LM_DATA_DIR as the session starts (.ci/run sets
+    it to a folder that also holds chinese-poetry's files), else the folder of the copy of
     The Time Machine that the package ships. No test assumes this repository's neighbours."""
     env = os.environ.get("GRU_LM_DATA_DIR")
     if env:

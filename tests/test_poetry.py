@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_shipped_sums_are_those_of_the_pinned_files():
-    shared = (poetry_dir() / "SHA256SUMS").read_text().split()
-    assert poetry.SUMS.read_text().split() == shared
+    found = (poetry_dir() / "SHA256SUMS").read_text().split()
+    assert poetry.SUMS.read_text().split() == found
     assert (poetry_dir() / "COMMIT").read_text().strip() == poetry.COMMIT
 
 

@@ -3,7 +3,6 @@ Chromium (Debian's package, driven by Playwright)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import shutil
@@ -159,11 +158,16 @@ def test_a_request_past_its_time_gets_504(served):
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@contextlib.contextmanager
-def page_of(url: str):
-    """The server's page in headless Chromium, once it shows the run's card."""
+@pytest.fixture
+def browser_page(served):
+    """The server's page in headless Chromium, once it shows the run's card, and the run;
+    skipped where there is no Chromium (.ci/run installs it)."""
+    if CHROMIUM is None:
+        pytest.skip("no Chromium on this machine (apt-get install chromium; .ci/run installs "
+                    "it)")
     from playwright.sync_api import sync_playwright
 
+    url, run = served()
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=[
             "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -173,51 +177,45 @@ def page_of(url: str):
             page.goto(url)
             page.wait_for_function("document.getElementById('card').textContent"
                                    ".includes('gru-scratch')")
-            yield page
+            yield page, run
         finally:
             browser.close()
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on this machine (apt-get install "
-                    "chromium; .ci/run installs it)")
-def test_the_page_continues_a_prefix_and_draws_the_gates_in_a_browser(served):
-    url, run = served()
-    with page_of(url) as page:
-        page.fill("#prefix", PREFIX)
-        page.fill("#length", "40")
-        page.fill("#temperature", "0.6")
-        page.click("#go")
-        page.wait_for_selector("#output[data-done=true]", timeout=60_000)
-        shown = page.text_content("#continuation")
-        assert shown == run.predict(PREFIX, 40).removeprefix(PREFIX)
-        page.wait_for_selector("#heat td", timeout=60_000)
-        cells = page.locator("#heat td")
-        assert cells.count() > 40
-        cells.nth(3).hover()
-        assert "character" in page.inner_text("#hover")
-        assert page.inner_text("#error") == ""
+def test_the_page_continues_a_prefix_and_draws_the_gates_in_a_browser(browser_page):
+    page, run = browser_page
+    page.fill("#prefix", PREFIX)
+    page.fill("#length", "40")
+    page.fill("#temperature", "0.6")
+    page.click("#go")
+    page.wait_for_selector("#output[data-done=true]", timeout=60_000)
+    shown = page.text_content("#continuation")
+    assert shown == run.predict(PREFIX, 40).removeprefix(PREFIX)
+    page.wait_for_selector("#heat td", timeout=60_000)
+    cells = page.locator("#heat td")
+    assert cells.count() > 40
+    cells.nth(3).hover()
+    assert "character" in page.inner_text("#hover")
+    assert page.inner_text("#error") == ""
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on this machine (apt-get install "
-                    "chromium; .ci/run installs it)")
-def test_the_page_says_errors_in_its_own_terms(served):
-    url, _ = served()
-    with page_of(url) as page:
-        page.fill("#prefix", PREFIX)
-        page.fill("#length", "5000")  # (this server takes at most 2,000)
-        page.click("#go")
-        error = page.inner_text("#error")
-        assert "Characters" in error and "2,000" in error and "num_chars" not in error
-        assert page.get_attribute("#length", "aria-invalid") == "true"
-        page.fill("#length", "40")
-        page.fill("#temperature", "1e39")  # (refused by the server, past float32)
-        page.click("#go")
-        page.wait_for_function("document.getElementById('error').textContent !== ''")
-        error = page.inner_text("#error")
-        assert error.startswith("Temperature 1e+39 is invalid"), error
-        assert "temperature" not in error and "greedy" not in error and "--" not in error
-        assert page.get_attribute("#temperature", "aria-invalid") == "true"
-        assert page.get_attribute("#length", "aria-invalid") is None
+def test_the_page_says_errors_in_its_own_terms(browser_page):
+    page, _ = browser_page
+    page.fill("#prefix", PREFIX)
+    page.fill("#length", "5000")  # (this server takes at most 2,000)
+    page.click("#go")
+    error = page.inner_text("#error")
+    assert "Characters" in error and "2,000" in error and "num_chars" not in error
+    assert page.get_attribute("#length", "aria-invalid") == "true"
+    page.fill("#length", "40")
+    page.fill("#temperature", "1e39")  # (refused by the server, past float32)
+    page.click("#go")
+    page.wait_for_function("document.getElementById('error').textContent !== ''")
+    error = page.inner_text("#error")
+    assert error.startswith("Temperature 1e+39 is invalid"), error
+    assert "temperature" not in error and "greedy" not in error and "--" not in error
+    assert page.get_attribute("#temperature", "aria-invalid") == "true"
+    assert page.get_attribute("#length", "aria-invalid") is None
 
 
 @pytest.mark.slow  # (a gru-lm serve process, stopped by a signal)
